@@ -1,0 +1,1 @@
+"""persistence_service: owns every database session; one unit of work per RPC."""

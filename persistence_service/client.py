@@ -1,0 +1,75 @@
+"""PersistenceClient: the typed way the other services call persistence; every call has a deadline."""
+
+from __future__ import annotations
+
+import grpc
+
+from tierwriter import runtime
+from tierwriter.persistence.v1 import persistence_service_pb2 as pb
+from tierwriter.persistence.v1 import persistence_service_pb2_grpc as pb_grpc
+
+# Argon2 verification and a job's stats are the slowest calls; neither takes near this long.
+DEFAULT_DEADLINE = 30.0
+
+
+class PersistenceClient:
+    """A channel to persistence_service and one method per RPC it is used for."""
+
+    def __init__(self, address: str, deadline: float = DEFAULT_DEADLINE) -> None:
+        self.address = address
+        self._deadline = deadline
+        self._channel = runtime.open_channel(address)
+        self._stub = pb_grpc.PersistenceServiceStub(self._channel)
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def __enter__(self) -> PersistenceClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def ensure_project(self, project: pb.Project) -> pb.Project:
+        return self._stub.EnsureProject(pb.EnsureProjectRequest(project=project), timeout=self._deadline)
+
+    def get_project(self, project_id: int) -> pb.Project:
+        return self._stub.GetProject(pb.GetProjectRequest(project_id=project_id), timeout=self._deadline)
+
+    def create_job(self, request: pb.CreateJobRequest) -> pb.Job:
+        return self._stub.CreateJob(request, timeout=self._deadline)
+
+    def record_titles(self, request: pb.RecordTitlesRequest) -> pb.Job:
+        return self._stub.RecordTitles(request, timeout=self._deadline)
+
+    def finish_job(self, job_id: int, status: str, error: str = "") -> pb.Job:
+        request = pb.FinishJobRequest(job_id=job_id, status=status, error=error)
+        return self._stub.FinishJob(request, timeout=self._deadline)
+
+    def get_job(self, job_id: int) -> pb.Job:
+        return self._stub.GetJob(pb.GetJobRequest(job_id=job_id), timeout=self._deadline)
+
+    def list_jobs(self, limit: int = 50) -> list[pb.Job]:
+        return list(self._stub.ListJobs(pb.ListJobsRequest(limit=limit), timeout=self._deadline).jobs)
+
+    def save_article(self, article: pb.Article) -> pb.SaveArticleResponse:
+        # wait_for_ready: a save should ride out a persistence restart rather than lose the article.
+        return self._stub.SaveArticle(
+            pb.SaveArticleRequest(article=article), timeout=self._deadline, wait_for_ready=True
+        )
+
+    def list_articles(self, job_id: int, tier: str = "") -> list[pb.Article]:
+        request = pb.ListArticlesRequest(job_id=job_id, tier=tier)
+        return list(self._stub.ListArticles(request, timeout=self._deadline).articles)
+
+    def set_publication(self, article_id: int, url: str, output_path: str) -> pb.Article:
+        request = pb.SetArticlePublicationRequest(article_id=article_id, url=url, output_path=output_path)
+        return self._stub.SetArticlePublication(request, timeout=self._deadline)
+
+    def job_stats(self, job_ids: list[int]) -> pb.GetJobStatsResponse:
+        return self._stub.GetJobStats(pb.GetJobStatsRequest(job_ids=job_ids), timeout=self._deadline)
+
+    def verify_credentials(self, username: str, password: str) -> pb.User:
+        request = pb.VerifyCredentialsRequest(username=username, password=password)
+        return self._stub.VerifyCredentials(request, timeout=self._deadline)

@@ -1,0 +1,86 @@
+"""Queries over one session. Repositories never commit; the unit of work does."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from persistence_service.models import Article, Job, Project, User
+
+
+def project_by_name(session: Session, name: str) -> Project | None:
+    """The project with this unique name, if any."""
+    return session.scalars(select(Project).where(Project.name == name)).one_or_none()
+
+
+def article_by_key(session: Session, job_id: int, tier: str, article_index: int) -> Article | None:
+    """The record for (job, tier, index), if any: the key of invariant 1."""
+    return session.scalars(
+        select(Article).where(
+            Article.job_id == job_id, Article.tier == tier, Article.article_index == article_index
+        )
+    ).one_or_none()
+
+
+def articles_of_job(session: Session, job_id: int, tier: str = "") -> Sequence[Article]:
+    """A job's records in (tier, index) order, optionally of one tier."""
+    query = select(Article).where(Article.job_id == job_id)
+    if tier:
+        query = query.where(Article.tier == tier)
+    return session.scalars(query.order_by(Article.tier, Article.article_index)).all()
+
+
+def recent_jobs(session: Session, limit: int) -> Sequence[Job]:
+    """Jobs, newest first."""
+    return session.scalars(select(Job).order_by(Job.id.desc()).limit(limit)).all()
+
+
+def jobs_by_ids(session: Session, job_ids: Sequence[int]) -> Sequence[Job]:
+    """The jobs with these ids, in id order."""
+    return session.scalars(select(Job).where(Job.id.in_(job_ids)).order_by(Job.id)).all()
+
+
+def user_by_name(session: Session, username: str) -> User | None:
+    """The user with this unique name, if any."""
+    return session.scalars(select(User).where(User.username == username)).one_or_none()
+
+
+def admin_exists(session: Session) -> bool:
+    """Whether any admin account exists."""
+    return session.scalars(select(User.id).where(User.role == "admin").limit(1)).first() is not None
+
+
+@dataclass(frozen=True)
+class StatusRow:
+    """Aggregates of one (job, tier, status) group of records."""
+
+    job_id: int
+    tier: str
+    status: str
+    records: int
+    api_calls: int
+    prompt_tokens: int
+    completion_tokens: int
+    words: int
+
+
+def article_totals(session: Session, job_ids: Sequence[int]) -> list[StatusRow]:
+    """Counts and sums grouped by (job, tier, status), straight from the records."""
+    query = (
+        select(
+            Article.job_id,
+            Article.tier,
+            Article.status,
+            func.count(Article.id),
+            func.coalesce(func.sum(Article.api_calls), 0),
+            func.coalesce(func.sum(Article.prompt_tokens), 0),
+            func.coalesce(func.sum(Article.completion_tokens), 0),
+            func.coalesce(func.sum(Article.word_count), 0),
+        )
+        .where(Article.job_id.in_(job_ids))
+        .group_by(Article.job_id, Article.tier, Article.status)
+    )
+    return [StatusRow(*(row[0], row[1], row[2]), *map(int, row[3:])) for row in session.execute(query)]

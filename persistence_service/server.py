@@ -1,0 +1,43 @@
+"""Start persistence_service: build_server for tests and the local stack, serve for production."""
+
+from __future__ import annotations
+
+import logging
+
+from persistence_service.config import Settings
+from persistence_service.servicer import PersistenceServicer
+from persistence_service.store import Store
+from persistence_service.unit_of_work import make_engine, make_session_factory
+from tierwriter import runtime
+from tierwriter.persistence.v1 import persistence_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = "tierwriter.persistence.v1.PersistenceService"
+
+
+def build_server(settings: Settings, address: str | None = None) -> tuple[runtime.RunningServer, Store]:
+    """Open the database, make sure an admin exists, and start serving on `address`."""
+    engine = make_engine(settings.database_url, pool_size=settings.persistence_threads)
+    store = Store(make_session_factory(engine))
+    admin_password = settings.admin_password.get_secret_value() if settings.admin_password else None
+    generated = store.ensure_admin(admin_password)
+    if generated:
+        # Shown once, on the console only: it is never logged or stored in clear.
+        print(f"Created user 'admin' with generated password: {generated}", flush=True)
+    running = runtime.build_server(
+        address or settings.persistence_address,
+        [(pb_grpc.add_PersistenceServiceServicer_to_server, PersistenceServicer(store), SERVICE_NAME)],
+        max_workers=settings.persistence_threads,
+    )
+    return running, store
+
+
+def serve(settings: Settings) -> None:
+    """Serve until SIGTERM/SIGINT, then stop gracefully."""
+    runtime.configure_logging(settings.log_level)
+    running, _ = build_server(settings)
+    log.info("persistence_service listening on port %d", running.port)
+    try:
+        runtime.wait_for_stop_signal()
+    finally:
+        running.stop()

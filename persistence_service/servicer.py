@@ -1,0 +1,239 @@
+"""PersistenceServicer: proto ⇄ records, store errors ⇄ status codes. No decisions here."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import grpc
+
+from persistence_service.models import Article, Job, Project, User
+from persistence_service.store import (
+    AuthenticationError,
+    Counts,
+    InvalidRecordError,
+    NotFoundError,
+    Store,
+)
+from tierwriter.persistence.v1 import persistence_service_pb2 as pb
+from tierwriter.persistence.v1 import persistence_service_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+
+
+@contextmanager
+def _status_codes(context: grpc.ServicerContext) -> Iterator[None]:
+    """Map the store's errors onto canonical status codes."""
+    try:
+        yield
+    except NotFoundError as e:
+        context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+    except InvalidRecordError as e:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    except AuthenticationError as e:
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+
+
+def project_to_proto(p: Project) -> pb.Project:
+    """A Project row as its message."""
+    return pb.Project(
+        id=p.id,
+        name=p.name,
+        main_keyword=p.main_keyword,
+        entities=p.entities,
+        related_searches=p.related_searches,
+        money_site_url=p.money_site_url,
+    )
+
+
+def job_to_proto(j: Job) -> pb.Job:
+    """A Job row as its message."""
+    return pb.Job(
+        id=j.id,
+        project_id=j.project_id,
+        status=j.status,
+        spec_json=json.dumps(j.spec),
+        max_workers=j.max_workers,
+        requested_articles=j.requested_articles,
+        error=j.error,
+        titles_json=json.dumps(j.titles),
+        created_at=j.created_at.timestamp(),
+        finished_at=j.finished_at.timestamp() if j.finished_at else 0.0,
+        title_api_calls=j.title_api_calls,
+        title_prompt_tokens=j.title_prompt_tokens,
+        title_completion_tokens=j.title_completion_tokens,
+        owner=j.owner,
+    )
+
+
+def article_to_proto(a: Article) -> pb.Article:
+    """An Article row as its message."""
+    return pb.Article(
+        id=a.id,
+        job_id=a.job_id,
+        project_id=a.project_id,
+        tier=a.tier,
+        article_index=a.article_index,
+        keyword=a.keyword,
+        title=a.title,
+        outline_json=json.dumps(a.outline) if a.outline is not None else "",
+        content=a.content,
+        word_count=a.word_count,
+        status=a.status,
+        error_stage=a.error_stage,
+        error=a.error,
+        site=a.site,
+        url=a.url,
+        output_path=a.output_path,
+        api_calls=a.api_calls,
+        prompt_tokens=a.prompt_tokens,
+        completion_tokens=a.completion_tokens,
+    )
+
+
+def article_from_proto(a: pb.Article) -> dict[str, Any]:
+    """The storable fields of an Article message (id, url and output_path are not taken)."""
+    try:
+        outline = json.loads(a.outline_json) if a.outline_json else None
+    except json.JSONDecodeError as e:
+        raise InvalidRecordError(f"article.outline_json: not valid JSON ({e.msg})") from e
+    return dict(
+        job_id=a.job_id,
+        project_id=a.project_id,
+        tier=a.tier,
+        article_index=a.article_index,
+        keyword=a.keyword,
+        title=a.title,
+        outline=outline,
+        content=a.content,
+        word_count=a.word_count,
+        status=a.status,
+        error_stage=a.error_stage,
+        error=a.error,
+        site=a.site,
+        api_calls=a.api_calls,
+        prompt_tokens=a.prompt_tokens,
+        completion_tokens=a.completion_tokens,
+    )
+
+
+def counts_to_proto(c: Counts) -> pb.ArticleCounts:
+    """Counts as their message."""
+    return pb.ArticleCounts(**vars(c))
+
+
+class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
+    """Translates PersistenceService calls onto the Store."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def _call(self, context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
+        with _status_codes(context):
+            return fn()
+        raise AssertionError("unreachable: abort raises")
+
+    def EnsureProject(self, request: pb.EnsureProjectRequest, context: grpc.ServicerContext) -> pb.Project:
+        p = request.project
+        fields = dict(
+            name=p.name,
+            main_keyword=p.main_keyword,
+            entities=list(p.entities),
+            related_searches=list(p.related_searches),
+            money_site_url=p.money_site_url,
+        )
+        return project_to_proto(self._call(context, lambda: self._store.ensure_project(fields)))
+
+    def GetProject(self, request: pb.GetProjectRequest, context: grpc.ServicerContext) -> pb.Project:
+        return project_to_proto(self._call(context, lambda: self._store.get_project(request.project_id)))
+
+    def CreateJob(self, request: pb.CreateJobRequest, context: grpc.ServicerContext) -> pb.Job:
+        try:
+            spec = json.loads(request.spec_json)
+        except json.JSONDecodeError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"spec_json: not valid JSON ({e.msg})")
+        job = self._call(
+            context,
+            lambda: self._store.create_job(
+                request.project_id, spec, request.max_workers, request.requested_articles, request.owner
+            ),
+        )
+        return job_to_proto(job)
+
+    def RecordTitles(self, request: pb.RecordTitlesRequest, context: grpc.ServicerContext) -> pb.Job:
+        job = self._call(
+            context,
+            lambda: self._store.record_titles(
+                request.job_id,
+                request.tier,
+                list(request.titles),
+                request.api_calls,
+                request.prompt_tokens,
+                request.completion_tokens,
+            ),
+        )
+        return job_to_proto(job)
+
+    def FinishJob(self, request: pb.FinishJobRequest, context: grpc.ServicerContext) -> pb.Job:
+        job = self._call(
+            context, lambda: self._store.finish_job(request.job_id, request.status, request.error)
+        )
+        return job_to_proto(job)
+
+    def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:
+        return job_to_proto(self._call(context, lambda: self._store.get_job(request.job_id)))
+
+    def ListJobs(self, request: pb.ListJobsRequest, context: grpc.ServicerContext) -> pb.ListJobsResponse:
+        jobs = self._call(context, lambda: self._store.list_jobs(request.limit or 50))
+        return pb.ListJobsResponse(jobs=[job_to_proto(j) for j in jobs])
+
+    def SaveArticle(
+        self, request: pb.SaveArticleRequest, context: grpc.ServicerContext
+    ) -> pb.SaveArticleResponse:
+        article, created = self._call(
+            context, lambda: self._store.save_article(article_from_proto(request.article))
+        )
+        return pb.SaveArticleResponse(article=article_to_proto(article), created=created)
+
+    def ListArticles(
+        self, request: pb.ListArticlesRequest, context: grpc.ServicerContext
+    ) -> pb.ListArticlesResponse:
+        articles = self._call(context, lambda: self._store.list_articles(request.job_id, request.tier))
+        return pb.ListArticlesResponse(articles=[article_to_proto(a) for a in articles])
+
+    def SetArticlePublication(
+        self, request: pb.SetArticlePublicationRequest, context: grpc.ServicerContext
+    ) -> pb.Article:
+        article = self._call(
+            context,
+            lambda: self._store.set_publication(request.article_id, request.url, request.output_path),
+        )
+        return article_to_proto(article)
+
+    def GetJobStats(
+        self, request: pb.GetJobStatsRequest, context: grpc.ServicerContext
+    ) -> pb.GetJobStatsResponse:
+        if not request.job_ids:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "job_ids: name at least one job")
+        stats = self._call(context, lambda: self._store.job_stats(list(request.job_ids)))
+        return pb.GetJobStatsResponse(
+            total_jobs=stats.total_jobs,
+            processed_jobs=stats.processed_jobs,
+            totals=counts_to_proto(stats.totals),
+            tiers=[
+                pb.TierStats(job_id=job_id, tier=tier, counts=counts_to_proto(c))
+                for (job_id, tier), c in stats.tiers.items()
+            ],
+            title_api_calls=stats.title_api_calls,
+            title_tokens=stats.title_tokens,
+        )
+
+    def VerifyCredentials(
+        self, request: pb.VerifyCredentialsRequest, context: grpc.ServicerContext
+    ) -> pb.User:
+        user: User = self._call(
+            context, lambda: self._store.verify_credentials(request.username, request.password)
+        )
+        return pb.User(id=user.id, username=user.username, role=user.role)

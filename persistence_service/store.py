@@ -1,0 +1,302 @@
+"""The decisions of persistence_service: each public method is one unit of work."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from persistence_service import repository
+from persistence_service.models import (
+    ARTICLE_STATUSES,
+    FINAL_JOB_STATUSES,
+    Article,
+    Job,
+    Project,
+    User,
+    utcnow,
+)
+from persistence_service.unit_of_work import UnitOfWork
+
+log = logging.getLogger(__name__)
+_hasher = PasswordHasher()
+
+
+class NotFoundError(Exception):
+    """The record asked for does not exist."""
+
+
+class InvalidRecordError(ValueError):
+    """A record to be stored breaks a rule; the message names the field."""
+
+
+class AuthenticationError(Exception):
+    """Username and password do not match an active user."""
+
+
+@dataclass
+class Counts:
+    """Article counts for one tier or a total; every number comes from the records."""
+
+    requested: int = 0
+    generated: int = 0
+    augmented: int = 0
+    failed: int = 0
+    api_calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    words: int = 0
+
+    def add(self, other: Counts) -> None:
+        """Add another count into this one."""
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass
+class Stats:
+    """GetJobStats' answer: per (job, tier) counts, their total, and the title costs."""
+
+    total_jobs: int
+    processed_jobs: int
+    totals: Counts
+    tiers: dict[tuple[int, str], Counts] = field(default_factory=dict)
+    title_api_calls: int = 0
+    title_tokens: int = 0
+
+
+class Store:
+    """Projects, jobs, articles and users; one fresh session per method call."""
+
+    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+        self._session_factory = session_factory
+
+    def _uow(self) -> UnitOfWork:
+        return UnitOfWork(self._session_factory)
+
+    # Projects -------------------------------------------------------------------------------
+
+    def ensure_project(self, fields: dict[str, Any]) -> Project:
+        """The project named fields["name"], created from `fields` if it does not exist yet.
+
+        Two jobs racing to create the same project both get the one that won."""
+        if not fields.get("name"):
+            raise InvalidRecordError("project.name: must not be empty")
+        with self._uow() as uow:
+            existing = repository.project_by_name(uow.session, fields["name"])
+            if existing is not None:
+                return existing
+            project = Project(**fields)
+            uow.session.add(project)
+            try:
+                uow.commit()
+                return project
+            except IntegrityError:
+                pass  # another call created it between our read and our insert
+        with self._uow() as uow:
+            found = repository.project_by_name(uow.session, fields["name"])
+            assert found is not None
+            return found
+
+    def get_project(self, project_id: int) -> Project:
+        """One project; NotFoundError names the id."""
+        with self._uow() as uow:
+            project = uow.session.get(Project, project_id)
+            if project is None:
+                raise NotFoundError(f"project {project_id} does not exist")
+            return project
+
+    # Jobs -----------------------------------------------------------------------------------
+
+    def create_job(
+        self, project_id: int, spec: dict[str, Any], max_workers: int, requested: int, owner: str
+    ) -> Job:
+        """A job record in status running."""
+        if max_workers < 1:
+            raise InvalidRecordError("max_workers: must be at least 1")
+        with self._uow() as uow:
+            if uow.session.get(Project, project_id) is None:
+                raise NotFoundError(f"project {project_id} does not exist")
+            job = Job(
+                project_id=project_id,
+                spec=spec,
+                max_workers=max_workers,
+                requested_articles=requested,
+                owner=owner,
+                status="running",
+                titles={},
+            )
+            uow.session.add(job)
+            uow.commit()
+            return job
+
+    def record_titles(
+        self, job_id: int, tier: str, titles: list[str], api_calls: int, prompt: int, completion: int
+    ) -> Job:
+        """Keep a tier's titles with the job and add what they cost."""
+        with self._uow() as uow:
+            job = self._job(uow.session, job_id)
+            job.titles = {**job.titles, tier: list(titles)}  # reassign: JSON columns track identity
+            job.title_api_calls += api_calls
+            job.title_prompt_tokens += prompt
+            job.title_completion_tokens += completion
+            uow.commit()
+            return job
+
+    def finish_job(self, job_id: int, status: str, error: str) -> Job:
+        """Set a job's final status."""
+        if status not in FINAL_JOB_STATUSES:
+            raise InvalidRecordError(f"status: must be one of {', '.join(FINAL_JOB_STATUSES)}")
+        with self._uow() as uow:
+            job = self._job(uow.session, job_id)
+            job.status, job.error, job.finished_at = status, error, utcnow()
+            uow.commit()
+            return job
+
+    def get_job(self, job_id: int) -> Job:
+        """One job; NotFoundError names the id."""
+        with self._uow() as uow:
+            return self._job(uow.session, job_id)
+
+    def list_jobs(self, limit: int) -> Sequence[Job]:
+        """Jobs, newest first."""
+        with self._uow() as uow:
+            return repository.recent_jobs(uow.session, limit)
+
+    @staticmethod
+    def _job(session: Session, job_id: int) -> Job:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise NotFoundError(f"job {job_id} does not exist")
+        return job
+
+    # Articles -------------------------------------------------------------------------------
+
+    def save_article(self, fields: dict[str, Any]) -> tuple[Article, bool]:
+        """Store an article's terminal record; (record, created).
+
+        Idempotent on (job, tier, index): when the record exists — a retried call, a restarted
+        generator — the stored one is returned unchanged and created is False."""
+        if fields.get("status") not in ARTICLE_STATUSES:
+            raise InvalidRecordError(f"article.status: must be one of {', '.join(ARTICLE_STATUSES)}")
+        if not fields.get("tier"):
+            raise InvalidRecordError("article.tier: must not be empty")
+        if fields.get("article_index", -1) < 0:
+            raise InvalidRecordError("article.article_index: must not be negative")
+        key = (fields["job_id"], fields["tier"], fields["article_index"])
+        with self._uow() as uow:
+            if uow.session.get(Job, fields["job_id"]) is None:
+                raise NotFoundError(f"job {fields['job_id']} does not exist")
+            existing = repository.article_by_key(uow.session, *key)
+            if existing is not None:
+                return existing, False
+            article = Article(**fields)
+            uow.session.add(article)
+            try:
+                uow.commit()
+                return article, True
+            except IntegrityError:
+                pass  # a concurrent save of the same key won the race
+        with self._uow() as uow:
+            found = repository.article_by_key(uow.session, *key)
+            if found is None:
+                raise
+            return found, False
+
+    def list_articles(self, job_id: int, tier: str = "") -> Sequence[Article]:
+        """A job's records in (tier, index) order."""
+        with self._uow() as uow:
+            self._job(uow.session, job_id)
+            return repository.articles_of_job(uow.session, job_id, tier)
+
+    def set_publication(self, article_id: int, url: str, output_path: str) -> Article:
+        """Record where post-processing published and wrote an article."""
+        with self._uow() as uow:
+            article = uow.session.get(Article, article_id)
+            if article is None:
+                raise NotFoundError(f"article {article_id} does not exist")
+            article.url, article.output_path = url, output_path
+            uow.commit()
+            return article
+
+    def job_stats(self, job_ids: Sequence[int]) -> Stats:
+        """Counts over the given jobs, computed from the records in one read."""
+        with self._uow() as uow:
+            jobs = repository.jobs_by_ids(uow.session, job_ids)
+            missing = set(job_ids) - {job.id for job in jobs}
+            if missing:
+                raise NotFoundError(f"job {min(missing)} does not exist")
+            stats = Stats(
+                total_jobs=len(jobs),
+                processed_jobs=sum(job.status == "completed" for job in jobs),
+                totals=Counts(),
+                title_api_calls=sum(job.title_api_calls for job in jobs),
+                title_tokens=sum(j.title_prompt_tokens + j.title_completion_tokens for j in jobs),
+            )
+            for job in jobs:  # every tier of the spec appears, even one with no record yet
+                for tier, spec in job.spec.get("tiers", {}).items():
+                    stats.tiers[(job.id, tier)] = Counts(requested=int(spec.get("count", 0)))
+            for row in repository.article_totals(uow.session, [job.id for job in jobs]):
+                counts = stats.tiers.setdefault((row.job_id, row.tier), Counts())
+                setattr(counts, row.status, getattr(counts, row.status) + row.records)
+                counts.api_calls += row.api_calls
+                counts.prompt_tokens += row.prompt_tokens
+                counts.completion_tokens += row.completion_tokens
+                if row.status != "failed":
+                    counts.words += row.words
+            for counts in stats.tiers.values():
+                stats.totals.add(counts)
+            return stats
+
+    # Users ----------------------------------------------------------------------------------
+
+    def ensure_admin(self, password: str | None) -> str | None:
+        """Create the `admin` user if no admin exists. Returns the password when it had to be
+        generated (the caller shows it once), else None. Never logs a password."""
+        with self._uow() as uow:
+            if repository.admin_exists(uow.session):
+                return None
+            generated = None if password else secrets.token_urlsafe(18)
+            uow.session.add(
+                User(username="admin", password_hash=_hasher.hash(password or generated), role="admin")
+            )
+            try:
+                uow.commit()
+            except IntegrityError:
+                return None  # another replica created it first
+            log.info("created the admin user")
+            return generated
+
+    def create_user(self, username: str, password: str, role: str = "user") -> User:
+        """A new active user with an argon2 hash of `password`."""
+        if not username or not password:
+            raise InvalidRecordError("username and password: must not be empty")
+        with self._uow() as uow:
+            user = User(username=username, password_hash=_hasher.hash(password), role=role)
+            uow.session.add(user)
+            try:
+                uow.commit()
+            except IntegrityError as e:
+                raise InvalidRecordError(f"username: {username!r} is taken") from e
+            return user
+
+    def verify_credentials(self, username: str, password: str) -> User:
+        """The active user with these credentials; AuthenticationError otherwise (the message
+        does not say which part was wrong)."""
+        with self._uow() as uow:
+            user = repository.user_by_name(uow.session, username)
+            if user is None or not user.active:
+                _hasher.hash(password)  # spend the same time as a real check
+                raise AuthenticationError("invalid username or password")
+            try:
+                _hasher.verify(user.password_hash, password)
+            except (VerificationError, InvalidHashError) as e:
+                raise AuthenticationError("invalid username or password") from e
+            return user

@@ -1,0 +1,71 @@
+"""The engine (built once per server) and the unit of work (one per RPC)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from persistence_service.models import Base
+
+
+def make_engine(database_url: str, pool_size: int) -> Engine:
+    """An engine for `database_url`; creates the tables if they are missing.
+
+    SQLite gets WAL (readers never block the writer) and a busy timeout (writers queue instead of
+    failing); PostgreSQL gets a pool as large as the server's thread pool, so no call waits."""
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        if url.database and url.database != ":memory:":
+            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, pool_pre_ping=True
+        )
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+    else:
+        engine = create_engine(url, pool_size=pool_size, max_overflow=4, pool_pre_ping=True)
+    Base.metadata.create_all(engine)
+    return engine
+
+
+class UnitOfWork:
+    """A session for one call: commit() makes the work stick; leaving the block without it
+    rolls back. Never shared between threads."""
+
+    session: Session
+
+    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+        self._session_factory = session_factory
+
+    def __enter__(self) -> UnitOfWork:
+        self.session = self._session_factory()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.session.rollback()  # a no-op after commit()
+        self.session.close()
+
+    def commit(self) -> None:
+        """Make this call's changes permanent."""
+        self.session.commit()
+
+
+def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions whose objects stay readable after commit (the servicer converts them after)."""
+    return sessionmaker(engine, expire_on_commit=False)

@@ -1,0 +1,121 @@
+"""What all three services share: gRPC server bootstrap with health and reflection, graceful stop,
+deadlines-by-default channels, and logging set up once."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger("tierwriter")
+
+# Large enough for a long article with its outline; a cap keeps one bad message from eating memory.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+Registrar = Callable[[Any, grpc.Server], None]
+
+
+@dataclass
+class RunningServer:
+    """A started gRPC server with its health servicer and the port it bound."""
+
+    server: grpc.Server
+    health: health.HealthServicer
+    port: int
+    service_names: Sequence[str]
+    executor: ThreadPoolExecutor
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Report NOT_SERVING, let in-flight RPCs finish within `grace`, then release the pool."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def build_server(
+    address: str,
+    services: Iterable[tuple[Registrar, Any, str]],
+    *,
+    max_workers: int,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
+) -> RunningServer:
+    """Bind `address` (port 0 picks a free one), register each (add_fn, servicer, full service
+    name) plus health and reflection, start, and mark every service SERVING."""
+    executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc")
+    server = grpc.server(
+        executor,
+        interceptors=list(interceptors),
+        options=CHANNEL_OPTIONS,
+        maximum_concurrent_rpcs=max_workers,
+    )
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names: list[str] = []
+    for add_to_server, servicer, name in services:
+        add_to_server(servicer, server)
+        names.append(name)
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        executor.shutdown(wait=False)
+        raise OSError(f"cannot listen on {address}: the address is taken or invalid")
+    server.start()
+    for name in [*names, ""]:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(server, health_servicer, port, names, executor)
+
+
+def wait_for_stop_signal() -> None:
+    """Block until SIGTERM or SIGINT (Ctrl-C); the caller then stops its servers gracefully."""
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def host_port(address: str, port: int) -> str:
+    """The dialable address of a server bound to `address` (whose port may have been 0)."""
+    host = address.rsplit(":", 1)[0]
+    if host in ("", "0.0.0.0", "[::]"):
+        host = "127.0.0.1"
+    return f"{host}:{port}"
+
+
+def open_channel(address: str) -> grpc.Channel:
+    """An insecure channel with the shared message-size caps."""
+    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Log to stderr with thread names (workers interleave); idempotent."""
+    root = logging.getLogger()
+    if not any(getattr(h, "_tierwriter", False) for h in root.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s")
+        )
+        handler._tierwriter = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(level.upper())
