@@ -8,7 +8,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
@@ -37,12 +37,17 @@ class RunningServer:
     port: int
     service_names: Sequence[str]
     executor: ThreadPoolExecutor
+    # Resources the servicers use (clients, engines, an embedded simulator): closed after the
+    # server has stopped, in reverse order of registration.
+    closers: list[Callable[[], None]] = field(default_factory=list)
 
     def stop(self, grace: float = 5.0) -> None:
-        """Report NOT_SERVING, let in-flight RPCs finish within `grace`, then release the pool."""
+        """Report NOT_SERVING, let in-flight RPCs finish within `grace`, then release the rest."""
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         self.executor.shutdown(wait=True, cancel_futures=True)
+        for close in reversed(self.closers):
+            close()
 
 
 def build_server(
@@ -51,6 +56,7 @@ def build_server(
     *,
     max_workers: int,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
+    closers: Sequence[Callable[[], None]] = (),
 ) -> RunningServer:
     """Bind `address` (port 0 picks a free one), register each (add_fn, servicer, full service
     name) plus health and reflection, start, and mark every service SERVING."""
@@ -71,11 +77,13 @@ def build_server(
     port = server.add_insecure_port(address)
     if port == 0:
         executor.shutdown(wait=False)
+        for close in reversed(closers):
+            close()
         raise OSError(f"cannot listen on {address}: the address is taken or invalid")
     server.start()
     for name in [*names, ""]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, health_servicer, port, names, executor)
+    return RunningServer(server, health_servicer, port, names, executor, list(closers))
 
 
 def wait_for_stop_signal() -> None:

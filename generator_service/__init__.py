@@ -1,0 +1,1 @@
+"""generator_service: turns article requests into stored articles via an OpenAI-compatible API."""

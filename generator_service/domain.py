@@ -1,0 +1,164 @@
+"""The generator's plain data: what a batch is, what an article task is, what events say."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class ProjectInfo:
+    """What the prompts need to know about the project."""
+
+    project_id: int
+    keyword: str
+    entities: list[str] = field(default_factory=list)
+    related_searches: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TierShape:
+    """The bounds every article of a tier must respect, as the user wrote them."""
+
+    name: str
+    count: int
+    min_word_count: int
+    max_word_count: int
+    min_h2: int
+    max_h2: int
+    min_h3: int
+    max_h3: int
+
+
+@dataclass(frozen=True)
+class StageModels:
+    """The model per stage; already resolved against the configured default."""
+
+    title: str
+    outline: str
+    content: str
+
+
+@dataclass(frozen=True)
+class BatchContext:
+    """Everything shared by the articles of one GenerateArticles stream."""
+
+    job_id: int
+    project: ProjectInfo
+    tier: TierShape
+    models: StageModels
+    max_workers: int
+    continue_on_error: bool
+
+
+@dataclass(frozen=True)
+class ArticleTask:
+    """One article to write."""
+
+    index: int
+    title: str
+    site: str = ""
+
+
+class EventKind(Enum):
+    """The steps an article goes through; names match the proto enum's suffixes."""
+
+    STARTED = "STARTED"
+    OUTLINE_STARTED = "OUTLINE_STARTED"
+    OUTLINE_DONE = "OUTLINE_DONE"
+    CONTENT_STARTED = "CONTENT_STARTED"
+    CONTENT_DONE = "CONTENT_DONE"
+    AUGMENTING = "AUGMENTING"
+    AUGMENTED = "AUGMENTED"
+    SAVED = "SAVED"
+    FAILED = "FAILED"
+    SKIPPED = "SKIPPED"
+
+
+@dataclass(frozen=True)
+class ArticleEvent:
+    """One step of one article; only the fields of its kind are set."""
+
+    kind: EventKind
+    tier: str
+    index: int
+    title: str = ""
+    site: str = ""
+    h2_count: int = 0
+    h3_count: int = 0
+    word_count: int = 0
+    min_word_count: int = 0
+    article_id: int = 0
+    status: str = ""
+    stage: str = ""
+    error: str = ""
+    traceback: str = ""
+
+    @property
+    def terminal(self) -> bool:
+        """SAVED, FAILED and SKIPPED end an article's events."""
+        return self.kind in (EventKind.SAVED, EventKind.FAILED, EventKind.SKIPPED)
+
+
+@dataclass
+class ArticleRecord:
+    """An article's terminal record as the generator hands it to persistence."""
+
+    job_id: int
+    project_id: int
+    tier: str
+    article_index: int
+    keyword: str
+    title: str
+    status: str
+    outline: list[dict[str, Any]] | None = None
+    content: str = ""
+    word_count: int = 0
+    error_stage: str = ""
+    error: str = ""
+    site: str = ""
+    api_calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class ArticleSaver(Protocol):
+    """Where terminal records go; returns (record id, created). Must be thread-safe."""
+
+    def save(self, record: ArticleRecord) -> tuple[int, bool]: ...
+
+
+class InvalidRequestError(ValueError):
+    """A request breaks a rule; the message names the field and the problem."""
+
+
+MAX_WORKERS_LIMIT = 256
+
+
+def validate_batch(batch: BatchContext) -> None:
+    """Raise InvalidRequestError for settings no article could be written with."""
+    tier = batch.tier
+    checks = [
+        (batch.job_id > 0, "settings.job_id: must be a positive job id"),
+        (1 <= batch.max_workers <= MAX_WORKERS_LIMIT,
+         f"settings.max_workers: must be between 1 and {MAX_WORKERS_LIMIT}, got {batch.max_workers}"),
+        (bool(tier.name), "settings.tier.name: must not be empty"),
+        (bool(batch.project.keyword.strip()), "settings.project.main_keyword: must not be empty"),
+        (0 < tier.min_word_count <= tier.max_word_count,
+         "settings.tier: need 0 < min_word_count <= max_word_count"),
+        (0 < tier.min_h2 <= tier.max_h2, "settings.tier: need 0 < min_h2_tags <= max_h2_tags"),
+        (0 <= tier.min_h3 <= tier.max_h3, "settings.tier: need 0 <= min_h3_tags <= max_h3_tags"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise InvalidRequestError(message)
+
+
+def validate_task(task: ArticleTask, tier: TierShape) -> None:
+    """Raise InvalidRequestError for an article request that does not fit its tier."""
+    if not 0 <= task.index < tier.count:
+        raise InvalidRequestError(
+            f"article.article_index: must be between 0 and {tier.count - 1}, got {task.index}")
+    if not task.title.strip():
+        raise InvalidRequestError(f"article.title: article {task.index} has an empty title")

@@ -1,0 +1,66 @@
+"""LlmClient: what the pipeline needs from a model; OpenAiLlm: that, through the openai SDK."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from openai import OpenAI
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One model reply and what it cost."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+class LlmClient(Protocol):
+    """One chat completion; must be safe to call from many threads at once."""
+
+    def complete(
+        self, *, model: str, system: str, prompt: str, max_tokens: int, temperature: float
+    ) -> Completion: ...
+
+
+class EmptyReplyError(Exception):
+    """The API answered without any text."""
+
+
+class OpenAiLlm:
+    """Any OpenAI-compatible endpoint (OpenAI, OpenRouter, vLLM, the simulator).
+
+    The SDK client is thread-safe and pools connections, so one instance serves every worker.
+    Rate limits (429 with Retry-After), 5xx, timeouts and dropped connections are retried by the
+    SDK with exponential backoff, up to `max_retries` times."""
+
+    def __init__(self, base_url: str | None, api_key: str, timeout: float, max_retries: int) -> None:
+        self._client = OpenAI(
+            base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries
+        )
+
+    def complete(
+        self, *, model: str, system: str, prompt: str, max_tokens: int, temperature: float
+    ) -> Completion:
+        response = self._client.chat.completions.create(
+            model=model,
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": prompt}],
+            max_tokens=max_tokens,
+            temperature=temperature,
+        )
+        if not response.choices or response.choices[0].message.content is None:
+            raise EmptyReplyError(f"model {model!r} returned no text")
+        usage = response.usage
+        return Completion(
+            text=response.choices[0].message.content,
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            finish_reason=response.choices[0].finish_reason or "",
+        )
+
+    def close(self) -> None:
+        """Close the SDK's connection pool."""
+        self._client.close()

@@ -1,0 +1,395 @@
+"""An OpenAI-compatible model simulator over real HTTP, for the demo, the tests and the benchmark.
+
+It understands tierwriter's prompts (generator_service.prompts): titles come back one per line,
+outlines as JSON within the asked ranges, articles as HTML about the keyword and entities that
+fall short of the asked lower bound by about `undershoot_mean` words, as real models do, and
+augmentations reach the asked minimum. It counts requests by kind and the peak in flight, so
+tests can check concurrency from the outside.
+
+    python -m generator_service.llm.simulator --port 8900 --latency 0.25
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from generator_service.text import count_words
+
+# --- what the simulator writes --------------------------------------------------------------
+
+_TITLE_PATTERNS = [
+    "The Complete Guide to {k}",
+    "{K}: What Every Beginner Should Know",
+    "How {e} Changes the Way You Approach {k}",
+    "{N} Mistakes to Avoid With {k}",
+    "Choosing the Right {e} for {k}",
+    "{K} Explained: {e}, {e2} and Beyond",
+    "Why {r} Matters More Than You Think",
+    "A Practical Look at {k} for {a}",
+    "{K} vs. Traditional Methods: An Honest Comparison",
+    "Getting Started With {k}: A {a} Checklist",
+    "{N} Expert Tips for Better {k}",
+    "Understanding {e} in Modern {k}",
+    "What {r} Really Means for Your Budget",
+    "The Hidden Costs of {k} and How to Control Them",
+    "{K} in {y}: Trends, Tools and Techniques",
+    "From {e} to {e2}: Building a {k} Workflow",
+    "Is {k} Worth It? A Look at {r}",
+    "Troubleshooting {e} Problems in {k}",
+    "{N} Questions to Ask Before Investing in {k}",
+    "Safety First: Working With {e} in {k}",
+]
+_AUDIENCES = ["Small Shops", "Engineers", "Hobbyists", "Manufacturers", "Startups", "Buyers",
+              "Students", "Plant Managers", "Designers", "Procurement Teams"]
+_H2_PATTERNS = ["What Is {k}?", "How {e} Works", "Key Benefits of {k}", "Choosing {e}",
+                "Common Challenges With {e}", "Costs and Budgeting", "{r}", "Best Practices",
+                "Maintenance and Care of {e}", "The Future of {k}", "Getting Started",
+                "Comparing {e} and {e2}"]
+_H3_PATTERNS = ["Core Principles", "Tools You Need", "Step-by-Step Process", "Real-World Example",
+                "Quality Checks", "Cost Factors", "Safety Considerations", "Common Mistakes",
+                "Expert Advice", "Materials Matter", "Measuring Results", "When to Upgrade"]
+_SENTENCES = [
+    "When people talk about {k}, they usually mean a process that rewards careful planning "
+    "and steady execution.",
+    "A well-chosen {e} can make the difference between a job that runs smoothly and one that "
+    "stalls halfway through.",
+    "Many readers first arrive here after searching for {r}, and the short answer is that it "
+    "depends on scale, materials and tolerances.",
+    "In practice, {e} and {e2} work together, so a change to one usually shows up in the other.",
+    "Experienced operators check the {e} before every run because small problems grow quickly "
+    "under load.",
+    "The most common mistake is treating {k} as a one-time purchase rather than an ongoing "
+    "practice that needs attention.",
+    "Documenting each step keeps results repeatable, which matters when several people share "
+    "the same equipment.",
+    "Costs fall when setup time falls, and setup time falls when the workflow around {e} is "
+    "standardised.",
+    "It helps to compare quotes side by side, since two providers of {k} can price the same "
+    "part very differently.",
+    "Precision is not only about the machine; the operator's habits and the quality of the "
+    "{e} play an equal part.",
+    "For smaller teams, starting with a modest {e} and upgrading later is often the most "
+    "sensible path.",
+    "Questions about {r} come up often, and the honest answer always starts with the "
+    "requirements of the part.",
+    "Good suppliers explain their process openly, including how they inspect work that "
+    "involves the {e}.",
+    "Over time, the data collected from each job shows where {k} can be made faster and more "
+    "reliable.",
+    "Training pays for itself quickly, because a confident operator gets more out of every "
+    "{e} on the floor.",
+    "Safety procedures are not optional: guards, clear floors and regular checks of the {e} "
+    "protect people and parts alike.",
+]
+
+
+def _fill(pattern: str, rng: random.Random, ctx: dict[str, Any]) -> str:
+    entities = ctx["entities"] or [ctx["keyword"]]
+    e, e2 = rng.choice(entities), rng.choice(entities)
+    return pattern.format(
+        k=ctx["keyword"], K=ctx["keyword"].title(), e=e, e2=e2,
+        r=rng.choice(ctx["related"] or [ctx["keyword"]]), a=rng.choice(_AUDIENCES),
+        N=rng.randint(3, 15), y=rng.choice([2025, 2026, 2027]),
+    )
+
+
+def _paragraph(rng: random.Random, ctx: dict[str, Any], words_left: int) -> str:
+    sentences: list[str] = []
+    while words_left > 0 and len(sentences) < 5:
+        sentence = _fill(rng.choice(_SENTENCES), rng, ctx)
+        words = sentence.split()
+        if len(words) > words_left:
+            sentence = " ".join(words[:words_left]).rstrip(",;") + "."
+        sentences.append(sentence)
+        words_left -= len(sentence.split())
+    return "<p>" + " ".join(sentences) + "</p>"
+
+
+def write_article(rng: random.Random, ctx: dict[str, Any], outline: list[dict[str, Any]], words: int) -> str:
+    """HTML following `outline` with close to `words` visible words (never fewer than 1 section)."""
+    if not outline:
+        outline = [{"h2": _fill(rng.choice(_H2_PATTERNS), rng, ctx), "h3": []}]
+    blocks: list[str] = []
+    for section in outline:
+        blocks.append(f"<h2>{section.get('h2', '')}</h2>")
+        blocks.extend(f"<h3>{h3}</h3>" for h3 in section.get("h3", []))
+    html = "\n".join(blocks)
+    # Spread paragraphs across the sections until the visible text reaches the target.
+    slots: list[list[str]] = [[] for _ in blocks]
+    slot, total = 0, count_words(html)
+    while total < words:
+        paragraph = _paragraph(rng, ctx, min(60, words - total))
+        slots[slot % len(slots)].append(paragraph)
+        total += count_words(paragraph)
+        slot += 1
+    return "\n".join(block + "".join("\n" + p for p in slots[i]) for i, block in enumerate(blocks))
+
+
+# --- the HTTP side ---------------------------------------------------------------------------
+
+
+@dataclass
+class SimulatorConfig:
+    """How the simulated model behaves."""
+
+    latency: float = 0.0  # seconds per request
+    undershoot_mean: float = 175.0  # words short of the asked lower bound
+    undershoot_jitter: float = 20.0  # standard deviation of the shortfall
+    seed: int = 7
+    # Test hook: every n-th outline request gets a reply that is not JSON (0: never).
+    garbage_outline_every: int = 0
+
+
+@dataclass
+class SimulatorStats:
+    """What the simulator has seen since it started or was last reset."""
+
+    requests: int = 0
+    by_kind: dict[str, int] = field(default_factory=dict)
+    in_flight: int = 0
+    peak_in_flight: int = 0
+
+
+class LlmSimulator:
+    """The simulator as an object: start(), .base_url, stats(), reset(), stop()."""
+
+    def __init__(self, config: SimulatorConfig | None = None, host: str = "127.0.0.1", port: int = 0):
+        self.config = config or SimulatorConfig()
+        self._lock = threading.Lock()
+        self._stats = SimulatorStats()
+        self._kinds: Counter[str] = Counter()
+        self._outline_requests = 0
+        self._sequence = 0
+        self._server = ThreadingHTTPServer((host, port), _make_handler(self))
+        self._server.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI base URL to point a client at."""
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def start(self) -> LlmSimulator:
+        """Serve in a background thread."""
+        self._thread = threading.Thread(target=self._server.serve_forever, name="llm-simulator", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close the socket."""
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread:
+            self._thread.join()
+
+    def __enter__(self) -> LlmSimulator:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+    def stats(self) -> SimulatorStats:
+        """A copy of the counters."""
+        with self._lock:
+            return SimulatorStats(self._stats.requests, dict(self._kinds), self._stats.in_flight,
+                                  self._stats.peak_in_flight)
+
+    def reset(self) -> None:
+        """Zero the counters (the peak too)."""
+        with self._lock:
+            self._stats = SimulatorStats(in_flight=self._stats.in_flight)
+            self._kinds.clear()
+
+    # Called by the handler threads.
+
+    def _enter(self, kind: str) -> tuple[random.Random, int]:
+        with self._lock:
+            self._stats.requests += 1
+            self._kinds[kind] += 1
+            self._stats.in_flight += 1
+            self._stats.peak_in_flight = max(self._stats.peak_in_flight, self._stats.in_flight)
+            self._sequence += 1
+            if kind == "outline":
+                self._outline_requests += 1
+            return random.Random(self.config.seed * 1_000_003 + self._sequence), self._outline_requests
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._stats.in_flight -= 1
+
+    def complete(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """Answer one chat completion request: (HTTP status, JSON body)."""
+        messages = body.get("messages") or []
+        if not isinstance(messages, list) or not messages:
+            return HTTPStatus.BAD_REQUEST, _error("messages: at least one message is required")
+        prompt = str(messages[-1].get("content", ""))
+        kind = _kind_of(prompt)
+        rng, outline_number = self._enter(kind)
+        try:
+            time.sleep(self.config.latency)
+            every = self.config.garbage_outline_every
+            if kind == "outline" and every and outline_number % every == 0:
+                text = "I'm sorry, but I can't produce an outline for that right now."
+            else:
+                text = self._reply(kind, prompt, rng)
+        finally:
+            self._leave()
+        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages) * 4 // 3
+        completion_tokens = len(text.split()) * 4 // 3
+        return HTTPStatus.OK, {
+            "id": f"chatcmpl-sim-{rng.getrandbits(48):x}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model", "simulator"),
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": text}}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+        }
+
+    def _reply(self, kind: str, prompt: str, rng: random.Random) -> str:
+        ctx = _context_of(prompt)
+        if kind == "titles":
+            count = int(_search(r"Write (\d+) distinct article titles", prompt, "5"))
+            return "\n".join(_fill(rng.choice(_TITLE_PATTERNS), rng, ctx) for _ in range(count))
+        if kind == "outline":
+            h2 = _range(r"between (\d+) and (\d+) H2", prompt, (3, 5))
+            h3 = _range(r"between (\d+) and (\d+) H3", prompt, (3, 8))
+            n2 = rng.randint(*h2)
+            n3 = rng.randint(max(h3[0], 0), max(h3[1], h3[0]))
+            sections = [{"h2": _fill(rng.choice(_H2_PATTERNS), rng, ctx), "h3": []} for _ in range(n2)]
+            for i in range(n3):
+                sections[i % n2]["h3"].append(_fill(rng.choice(_H3_PATTERNS), rng, ctx))
+            return "```json\n" + json.dumps({"outline": sections}) + "\n```"
+        if kind == "content":
+            low, _high = _range(r"Length: between (\d+) and (\d+) words", prompt, (800, 1200))
+            shortfall = max(0.0, rng.gauss(self.config.undershoot_mean, self.config.undershoot_jitter))
+            outline_json = prompt[prompt.find("{"):] if "{" in prompt else "{}"
+            try:
+                outline = json.loads(outline_json).get("outline", [])
+            except json.JSONDecodeError:
+                outline = []
+            return write_article(rng, ctx, outline, max(50, round(low - shortfall)))
+        if kind == "augment":
+            target = int(_search(r"at least (\d+) words", prompt, "1000"))
+            original = _search(r"<article>\n(.*)\n</article>", prompt, "", flags=re.DOTALL)
+            missing = target - count_words(original) + rng.randint(20, 120)
+            ctx["keyword"] = ctx["keyword"] if ctx["keyword"] != "the topic" else "this subject"
+            extra = "".join(_paragraph(rng, ctx, min(60, missing - i)) for i in range(0, missing, 60))
+            return original + "\n" + extra
+        return "This is the simulator. It answers tierwriter's prompts."
+
+
+def _kind_of(prompt: str) -> str:
+    if "distinct article titles" in prompt:
+        return "titles"
+    if prompt.startswith("Create an outline"):
+        return "outline"
+    if prompt.startswith("Write the article titled"):
+        return "content"
+    if "<article>" in prompt:
+        return "augment"
+    return "other"
+
+
+def _search(pattern: str, text: str, default: str, flags: int = 0) -> str:
+    match = re.search(pattern, text, flags)
+    return match.group(1) if match else default
+
+
+def _range(pattern: str, text: str, default: tuple[int, int]) -> tuple[int, int]:
+    match = re.search(pattern, text)
+    return (int(match.group(1)), int(match.group(2))) if match else default
+
+
+def _context_of(prompt: str) -> dict[str, Any]:
+    def items(label: str) -> list[str]:
+        value = _search(rf"^{label}: (.*)$", prompt, "", flags=re.MULTILINE)
+        return [] if value in ("", "none") else [v.strip() for v in value.split(",") if v.strip()]
+
+    keyword = _search(r"^Main keyword: (.*)$", prompt, "the topic", flags=re.MULTILINE)
+    return {"keyword": keyword, "entities": items("Entities"), "related": items("Related searches")}
+
+
+def _error(message: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": "invalid_request_error"}}
+
+
+def _make_handler(simulator: LlmSimulator) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as the SDK's connection pool expects
+
+        def do_GET(self) -> None:
+            if self.path.rstrip("/") == "/v1/models":
+                self._send(HTTPStatus.OK, {"object": "list", "data": [
+                    {"id": "simulator", "object": "model", "owned_by": "tierwriter"}]})
+            elif self.path.rstrip("/") == "/_simulator/stats":
+                self._send(HTTPStatus.OK, asdict(simulator.stats()))
+            else:
+                self._send(HTTPStatus.NOT_FOUND, _error(f"no route {self.path}"))
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length)
+            if self.path.rstrip("/") == "/_simulator/reset":
+                simulator.reset()
+                self._send(HTTPStatus.OK, {"reset": True})
+                return
+            if self.path.rstrip("/") != "/v1/chat/completions":
+                self._send(HTTPStatus.NOT_FOUND, _error(f"no route {self.path}"))
+                return
+            try:
+                body = json.loads(raw or b"{}")
+            except json.JSONDecodeError as e:
+                self._send(HTTPStatus.BAD_REQUEST, _error(f"request body is not JSON: {e.msg}"))
+                return
+            self._send(*simulator.complete(body))
+
+        def _send(self, status: int, payload: dict[str, Any]) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # one line per request would drown the console
+
+    return Handler
+
+
+def main() -> None:
+    """Run the simulator in the foreground until Ctrl-C."""
+    parser = argparse.ArgumentParser(description="OpenAI-compatible LLM simulator for tierwriter")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8900)
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds per request")
+    parser.add_argument("--undershoot", type=float, default=175.0, help="mean words short")
+    parser.add_argument("--jitter", type=float, default=20.0, help="std dev of the shortfall")
+    args = parser.parse_args()
+    config = SimulatorConfig(latency=args.latency, undershoot_mean=args.undershoot,
+                             undershoot_jitter=args.jitter)
+    simulator = LlmSimulator(config, args.host, args.port).start()
+    print(f"LLM simulator serving at {simulator.base_url}", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        simulator.stop()
+
+
+if __name__ == "__main__":
+    main()

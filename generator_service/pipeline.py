@@ -1,0 +1,187 @@
+"""ArticlePipeline: one article, outline → content → augmentation if short → saved record.
+
+No gRPC here: the servicer feeds tasks in and turns events into messages."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from generator_service import prompts
+from generator_service.domain import (
+    ArticleEvent,
+    ArticleRecord,
+    ArticleSaver,
+    ArticleTask,
+    BatchContext,
+    EventKind,
+)
+from generator_service.llm import Completion, LlmClient
+from generator_service.text import count_words, strip_fences
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[ArticleEvent], None]
+
+OUTLINE_MAX_TOKENS = 2000
+CONTENT_MAX_TOKENS = 8000
+_JSON_OBJECT = re.compile(r"\{.*\}", re.DOTALL)
+
+
+class OutlineError(ValueError):
+    """The model's outline reply cannot be used; the message says why."""
+
+
+class EmptyContentError(ValueError):
+    """The model's content reply has no visible words."""
+
+
+def parse_outline(reply: str) -> list[dict[str, Any]]:
+    """The outline sections [{"h2": str, "h3": [str, …]}, …] from a model reply.
+
+    Accepts fences and prose around the JSON; raises OutlineError naming what is wrong."""
+    text = strip_fences(reply)
+    match = _JSON_OBJECT.search(text)
+    snippet = " ".join(text.split())[:80]
+    if not match:
+        raise OutlineError(f"outline reply is not JSON: {snippet!r}")
+    try:
+        data = json.loads(match.group(0))
+    except json.JSONDecodeError as e:
+        raise OutlineError(f"outline reply is not valid JSON ({e.msg}): {snippet!r}") from e
+    sections = data.get("outline") if isinstance(data, dict) else None
+    if not isinstance(sections, list) or not sections:
+        raise OutlineError('outline reply has no non-empty "outline" list')
+    outline: list[dict[str, Any]] = []
+    for i, section in enumerate(sections):
+        if not isinstance(section, dict) or not isinstance(section.get("h2"), str):
+            raise OutlineError(f'outline section {i} has no "h2" text')
+        h3 = section.get("h3", [])
+        if not isinstance(h3, list) or not all(isinstance(h, str) for h in h3):
+            raise OutlineError(f'outline section {i}: "h3" must be a list of strings')
+        outline.append({"h2": section["h2"].strip(), "h3": [h.strip() for h in h3]})
+    return outline
+
+
+@dataclass
+class _Usage:
+    """What one article cost; owned by the one thread that writes the article."""
+
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, completion: Completion) -> str:
+        self.calls += 1
+        self.prompt_tokens += completion.prompt_tokens
+        self.completion_tokens += completion.completion_tokens
+        return completion.text
+
+
+class ArticlePipeline:
+    """Writes one article and stores its terminal record. Thread-safe: no state between calls."""
+
+    def __init__(self, llm: LlmClient, saver: ArticleSaver, word_count_compensation: int) -> None:
+        self._llm = llm
+        self._saver = saver
+        self._compensation = word_count_compensation
+
+    def content_bounds(self, min_words: int, max_words: int) -> tuple[int, int]:
+        """The word bounds the content prompt asks for: both raised by the compensation."""
+        return min_words + self._compensation, max_words + self._compensation
+
+    def run(self, batch: BatchContext, task: ArticleTask, emit: Emit) -> ArticleEvent:
+        """Write, store and report one article. Never raises: a failure becomes a failed record
+        and a FAILED event, which is also returned."""
+        tier, project = batch.tier, batch.project
+        usage = _Usage()
+        stage = "outline"
+
+        def event(kind: EventKind, **fields: Any) -> ArticleEvent:
+            e = ArticleEvent(kind=kind, tier=tier.name, index=task.index, **fields)
+            emit(e)
+            return e
+
+        def ask(model: str, prompt: prompts.Prompt, max_tokens: int) -> str:
+            reply = self._llm.complete(model=model, system=prompt.system, prompt=prompt.user,
+                                       max_tokens=max_tokens, temperature=0.7)
+            return usage.add(reply)
+
+        record = ArticleRecord(
+            job_id=batch.job_id, project_id=project.project_id, tier=tier.name,
+            article_index=task.index, keyword=project.keyword, title=task.title,
+            status="generated", site=task.site,
+        )
+        event(EventKind.STARTED, title=task.title, site=task.site)
+        try:
+            event(EventKind.OUTLINE_STARTED)
+            outline = parse_outline(ask(batch.models.outline, prompts.outline_prompt(
+                task.title, project.keyword, project.entities, project.related_searches,
+                (tier.min_h2, tier.max_h2), (tier.min_h3, tier.max_h3)), OUTLINE_MAX_TOKENS))
+            record.outline = outline
+            event(EventKind.OUTLINE_DONE, h2_count=len(outline),
+                  h3_count=sum(len(s["h3"]) for s in outline))
+
+            stage = "content"
+            event(EventKind.CONTENT_STARTED)
+            low, high = self.content_bounds(tier.min_word_count, tier.max_word_count)
+            content = strip_fences(ask(batch.models.content, prompts.content_prompt(
+                task.title, project.keyword, project.entities, project.related_searches,
+                outline, low, high), CONTENT_MAX_TOKENS))
+            words = count_words(content)
+            if words == 0:
+                raise EmptyContentError("content reply has no visible words")
+            event(EventKind.CONTENT_DONE, word_count=words)
+
+            # The threshold is the user's minimum, not the compensated one (invariant 4).
+            if words < tier.min_word_count:
+                stage = "augmentation"
+                event(EventKind.AUGMENTING, min_word_count=tier.min_word_count)
+                content = strip_fences(ask(batch.models.content, prompts.augment_prompt(
+                    content, words, tier.min_word_count), CONTENT_MAX_TOKENS))
+                words = count_words(content)
+                record.status = "augmented"
+                event(EventKind.AUGMENTED, word_count=words)
+
+            stage = "save"
+            record.content, record.word_count = content, words
+            self._fill_usage(record, usage)
+            article_id, _created = self._saver.save(record)
+            return event(EventKind.SAVED, article_id=article_id, status=record.status,
+                         word_count=words)
+        except Exception as e:  # one article's failure must never reach the other workers
+            return self._fail(batch, task, record, usage, stage, e, event)
+
+    def _fail(self, batch: BatchContext, task: ArticleTask, record: ArticleRecord, usage: _Usage,
+              stage: str, error: Exception, event: Callable[..., ArticleEvent]) -> ArticleEvent:
+        message = f"{type(error).__name__}: {error}"
+        trace = traceback.format_exc()
+        log.warning("job %d %s[%d] failed at %s: %s", batch.job_id, batch.tier.name, task.index,
+                    stage, message)
+        failed = ArticleRecord(
+            job_id=record.job_id, project_id=record.project_id, tier=record.tier,
+            article_index=record.article_index, keyword=record.keyword, title=record.title,
+            status="failed", outline=record.outline, site=record.site,
+            error_stage=stage, error=message,
+        )
+        self._fill_usage(failed, usage)
+        article_id = 0
+        try:
+            article_id, _created = self._saver.save(failed)
+        except Exception as save_error:  # the failure is reported either way
+            message += f" (and the failure record could not be saved: {type(save_error).__name__}: {save_error})"
+            log.error("job %d %s[%d]: failure record not saved: %s", batch.job_id,
+                      batch.tier.name, task.index, save_error)
+        return event(EventKind.FAILED, article_id=article_id, status="failed", stage=stage,
+                     error=message, traceback=trace)
+
+    @staticmethod
+    def _fill_usage(record: ArticleRecord, usage: _Usage) -> None:
+        record.api_calls = usage.calls
+        record.prompt_tokens = usage.prompt_tokens
+        record.completion_tokens = usage.completion_tokens

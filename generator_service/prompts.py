@@ -1,0 +1,89 @@
+"""The prompts tierwriter sends. Kept in one place: the simulator recognises these shapes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+SYSTEM = (
+    "You are an expert writer of long-form, factual web articles. Follow the instructions "
+    "exactly and return only what is asked for."
+)
+# The prompt lists at most this many titles to avoid; deduplication itself is done in code.
+MAX_TITLES_IN_PROMPT = 50
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A system message and a user prompt."""
+
+    system: str
+    user: str
+
+
+def _context(keyword: str, entities: list[str], related: list[str]) -> str:
+    return (
+        f"Main keyword: {keyword}\n"
+        f"Entities: {', '.join(entities) or 'none'}\n"
+        f"Related searches: {', '.join(related) or 'none'}\n"
+    )
+
+
+def titles_prompt(
+    keyword: str, entities: list[str], related: list[str], count: int, avoid: list[str]
+) -> Prompt:
+    """Ask for `count` titles, one per line."""
+    avoid_block = ""
+    if avoid:
+        shown = "\n".join(f"- {t}" for t in avoid[-MAX_TITLES_IN_PROMPT:])
+        avoid_block = f"Do not repeat or rephrase any of these existing titles:\n{shown}\n"
+    return Prompt(
+        SYSTEM,
+        f"Write {count} distinct article titles.\n"
+        + _context(keyword, entities, related)
+        + avoid_block
+        + "Return one title per line, without numbering or quotes.",
+    )
+
+
+def outline_prompt(
+    title: str, keyword: str, entities: list[str], related: list[str],
+    h2: tuple[int, int], h3: tuple[int, int],
+) -> Prompt:
+    """Ask for a JSON outline within the tier's heading ranges."""
+    return Prompt(
+        SYSTEM,
+        f'Create an outline for the article titled "{title}".\n'
+        + _context(keyword, entities, related)
+        + f"Use between {h2[0]} and {h2[1]} H2 sections and between {h3[0]} and {h3[1]} "
+        "H3 subsections in total.\n"
+        'Return only JSON of the form {"outline": [{"h2": "...", "h3": ["...", "..."]}]}.',
+    )
+
+
+def content_prompt(
+    title: str, keyword: str, entities: list[str], related: list[str],
+    outline: list[dict[str, Any]], min_words: int, max_words: int,
+) -> Prompt:
+    """Ask for the article body; the bounds given here already include the compensation."""
+    return Prompt(
+        SYSTEM,
+        f'Write the article titled "{title}" as an HTML fragment using only h2, h3, p, ul, ol, '
+        "li, strong and em tags (no html, head or body).\n"
+        + _context(keyword, entities, related)
+        + f"Length: between {min_words} and {max_words} words.\n"
+        + "Follow this outline, in order:\n"
+        + json.dumps({"outline": outline}, indent=2),
+    )
+
+
+def augment_prompt(content: str, word_count: int, target_words: int) -> Prompt:
+    """Ask to lengthen an article that came out below the tier's minimum."""
+    return Prompt(
+        SYSTEM,
+        f"The article below has {word_count} words; it needs at least {target_words} words. "
+        f"Expand it to at least {target_words} words by deepening its existing sections with "
+        "facts, examples and explanations, keeping every heading. Return the whole article as "
+        "an HTML fragment.\n<article>\n" + content + "\n</article>",
+    )

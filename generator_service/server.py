@@ -1,0 +1,71 @@
+"""Start generator_service: build_server for tests and the local stack, serve for production."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from generator_service.config import Settings
+from generator_service.llm import LlmClient, OpenAiLlm
+from generator_service.llm.simulator import LlmSimulator
+from generator_service.pipeline import ArticlePipeline
+from generator_service.saver import PersistenceSaver
+from generator_service.servicer import GeneratorServicer
+from generator_service.titles import TitleWriter
+from persistence_service.client import PersistenceClient
+from tierwriter import runtime
+from tierwriter.generator.v1 import generator_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = "tierwriter.generator.v1.GeneratorService"
+# A key the SDK accepts for endpoints that need none (vLLM, the simulator); not a secret.
+NO_KEY = "no-key-needed"
+
+
+def build_llm(settings: Settings, closers: list[Callable[[], None]]) -> OpenAiLlm:
+    """The openai-SDK client for the configured endpoint; with neither OPENAI_API_KEY nor
+    OPENAI_BASE_URL set, an embedded simulator is started and used."""
+    base_url = settings.openai_base_url
+    key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else NO_KEY
+    if settings.openai_api_key is None and base_url is None:
+        simulator = LlmSimulator().start()
+        closers.append(simulator.stop)
+        base_url = simulator.base_url
+        log.info("no OPENAI_API_KEY set: using the bundled LLM simulator at %s", base_url)
+    llm = OpenAiLlm(base_url, key, settings.llm_timeout_seconds, settings.llm_max_retries)
+    closers.append(llm.close)
+    return llm
+
+
+def build_server(
+    settings: Settings, address: str | None = None, llm: LlmClient | None = None
+) -> runtime.RunningServer:
+    """Start serving on `address` (default GENERATOR_ADDRESS), saving through PERSISTENCE_ADDRESS."""
+    closers: list[Callable[[], None]] = []
+    persistence = PersistenceClient(settings.persistence_address)
+    closers.append(persistence.close)
+    try:
+        model = llm or build_llm(settings, closers)
+        pipeline = ArticlePipeline(model, PersistenceSaver(persistence), settings.word_count_compensation)
+        servicer = GeneratorServicer(pipeline, TitleWriter(model), settings.default_model)
+        return runtime.build_server(
+            address or settings.generator_address,
+            [(pb_grpc.add_GeneratorServiceServicer_to_server, servicer, SERVICE_NAME)],
+            max_workers=settings.generator_threads,
+            closers=closers,
+        )
+    except BaseException:
+        for close in reversed(closers):
+            close()
+        raise
+
+
+def serve(settings: Settings) -> None:
+    """Serve until SIGTERM/SIGINT, then stop gracefully."""
+    runtime.configure_logging(settings.log_level)
+    running = build_server(settings)
+    log.info("generator_service listening on port %d", running.port)
+    try:
+        runtime.wait_for_stop_signal()
+    finally:
+        running.stop()

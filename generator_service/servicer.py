@@ -1,0 +1,142 @@
+"""GeneratorServicer: proto ⇄ domain objects, domain errors ⇄ status codes, stream plumbing."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+
+import grpc
+
+from generator_service.batch import ArticleBatch
+from generator_service.domain import (
+    MAX_WORKERS_LIMIT,
+    ArticleEvent,
+    ArticleTask,
+    BatchContext,
+    InvalidRequestError,
+    ProjectInfo,
+    StageModels,
+    TierShape,
+    validate_batch,
+    validate_task,
+)
+from generator_service.pipeline import ArticlePipeline
+from generator_service.titles import TitleWriter
+from tierwriter.generator.v1 import generator_service_pb2 as pb
+from tierwriter.generator.v1 import generator_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+MAX_TITLES = 10_000
+_DONE = object()
+
+
+def project_from_proto(p: pb.ProjectContext) -> ProjectInfo:
+    """The project context as a domain object."""
+    return ProjectInfo(p.project_id, p.main_keyword, list(p.entities), list(p.related_searches))
+
+
+def event_to_proto(e: ArticleEvent) -> pb.ArticleEvent:
+    """A domain event as its message."""
+    return pb.ArticleEvent(
+        kind=pb.ArticleEventKind.Value(f"ARTICLE_EVENT_KIND_{e.kind.value}"),
+        tier=e.tier, article_index=e.index, title=e.title, site=e.site, h2_count=e.h2_count,
+        h3_count=e.h3_count, word_count=e.word_count, min_word_count=e.min_word_count,
+        article_id=e.article_id, status=e.status, stage=e.stage, error=e.error,
+        traceback=e.traceback,
+    )
+
+
+class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
+    """Translates GeneratorService calls onto TitleWriter and ArticleBatch."""
+
+    def __init__(self, pipeline: ArticlePipeline, titles: TitleWriter, default_model: str) -> None:
+        self._pipeline = pipeline
+        self._titles = titles
+        self._default_model = default_model
+
+    def _model(self, name: str) -> str:
+        return name or self._default_model
+
+    def GenerateTitles(
+        self, request: pb.GenerateTitlesRequest, context: grpc.ServicerContext
+    ) -> pb.GenerateTitlesResponse:
+        if not 1 <= request.count <= MAX_TITLES:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"count: must be between 1 and {MAX_TITLES}, got {request.count}")
+        if not request.project.main_keyword.strip():
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "project.main_keyword: must not be empty")
+        parallel = min(max(request.max_parallel_calls, 1), MAX_WORKERS_LIMIT)
+        result = self._titles.write(project_from_proto(request.project), request.count,
+                                    self._model(request.model), parallel,
+                                    list(request.existing_titles))
+        return pb.GenerateTitlesResponse(
+            titles=result.titles, shortfall=result.shortfall, api_calls=result.api_calls,
+            prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+        )
+
+    def _batch_context(self, s: pb.BatchSettings) -> BatchContext:
+        t = s.tier
+        batch = BatchContext(
+            job_id=s.job_id,
+            project=project_from_proto(s.project),
+            tier=TierShape(t.name, t.count, t.min_word_count, t.max_word_count, t.min_h2_tags,
+                           t.max_h2_tags, t.min_h3_tags, t.max_h3_tags),
+            models=StageModels(self._model(s.models.title), self._model(s.models.outline),
+                               self._model(s.models.content)),
+            max_workers=s.max_workers,
+            continue_on_error=s.continue_on_error,
+        )
+        validate_batch(batch)
+        return batch
+
+    def GenerateArticles(
+        self, request_iterator: Iterator[pb.GenerateArticlesRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.GenerateArticlesResponse]:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("kind") != "settings":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "the first message of the stream must carry the batch settings")
+        try:
+            batch_context = self._batch_context(first.settings)
+        except InvalidRequestError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        batch = ArticleBatch(self._pipeline, batch_context)
+        # The caller went away (cancelled, deadline, crash): start nothing new.
+        context.add_callback(lambda: batch.stop("not started: the stream was cancelled"))
+
+        events: queue.Queue[object] = queue.Queue()
+        problems: list[str] = []
+
+        def tasks() -> Iterator[ArticleTask]:
+            for message in request_iterator:
+                if message.WhichOneof("kind") != "article":
+                    raise InvalidRequestError("only the first message may carry settings")
+                task = ArticleTask(message.article.article_index, message.article.title,
+                                   message.article.site)
+                validate_task(task, batch_context.tier)
+                yield task
+
+        def produce() -> None:
+            try:
+                batch.run(tasks(), events.put)
+            except InvalidRequestError as e:
+                problems.append(str(e))
+            except Exception as e:  # the request stream broke: finish what runs, start nothing
+                log.warning("job %d: request stream ended abnormally: %s", batch_context.job_id, e)
+                batch.stop("not started: the request stream broke")
+            finally:
+                events.put(_DONE)
+
+        producer = threading.Thread(target=produce, name=f"job{batch_context.job_id}-feed", daemon=True)
+        producer.start()
+        try:
+            while (item := events.get()) is not _DONE:
+                assert isinstance(item, ArticleEvent)
+                yield pb.GenerateArticlesResponse(event=event_to_proto(item))
+        finally:
+            # Also on cancellation: in-flight articles finish and are recorded before we return.
+            producer.join()
+        if problems:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problems[0])

@@ -1,0 +1,56 @@
+"""Text helpers the pipeline and the simulator share: word counting and fence cleanup."""
+
+from __future__ import annotations
+
+import re
+from html.parser import HTMLParser
+
+_WORD = re.compile(r"[^\W_]+(?:['’\-][^\W_]+)*")
+_FENCE = re.compile(r"^\s*```[a-zA-Z0-9_-]*[ \t]*\n(?P<body>.*?)\n?```\s*$", re.DOTALL)
+_INVISIBLE = {"script", "style", "head", "title", "template"}
+
+
+class _VisibleText(HTMLParser):
+    """Collects the text a reader sees: no tags, attributes, scripts or styles."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self._hidden_depth = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in _INVISIBLE:
+            self._hidden_depth += 1
+        else:
+            self.parts.append(" ")  # block and inline tags both separate words
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in _INVISIBLE and self._hidden_depth:
+            self._hidden_depth -= 1
+        else:
+            self.parts.append(" ")
+
+    def handle_data(self, data: str) -> None:
+        if not self._hidden_depth:
+            self.parts.append(data)
+
+
+def visible_text(html: str) -> str:
+    """The text of an HTML fragment as a reader sees it."""
+    parser = _VisibleText()
+    parser.feed(html)
+    parser.close()
+    return "".join(parser.parts)
+
+
+def count_words(html: str) -> int:
+    """Words in the visible text: tags, attributes and scripts do not count; "CNC's" and
+    "high-speed" are one word each, numbers count, punctuation does not."""
+    return len(_WORD.findall(visible_text(html)))
+
+
+def strip_fences(text: str) -> str:
+    """Remove a markdown code fence (```html … ```) that models like to wrap replies in."""
+    text = text.strip()
+    match = _FENCE.match(text)
+    return match.group("body").strip() if match else text
