@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
+import grpc
+
 from tierwriter import runtime
 from tierwriter.generator.v1 import generator_service_pb2 as pb
 from tierwriter.generator.v1 import generator_service_pb2_grpc as pb_grpc
@@ -25,13 +27,20 @@ class GeneratorClient:
         """Close the channel."""
         self._channel.close()
 
+    def _error(self, error: grpc.RpcError) -> runtime.ServiceCallError:
+        return runtime.ServiceCallError("generator_service", self.address, error)
+
     def generate_titles(self, request: pb.GenerateTitlesRequest) -> pb.GenerateTitlesResponse:
-        return self._stub.GenerateTitles(request, timeout=TITLES_DEADLINE)
+        try:
+            return self._stub.GenerateTitles(request, timeout=TITLES_DEADLINE)
+        except grpc.RpcError as e:
+            raise self._error(e) from e
 
     def generate_articles(
         self, settings: pb.BatchSettings, articles: Iterable[pb.ArticleRequest]
     ) -> Iterator[pb.ArticleEvent]:
-        """Send the settings, then every article; yield events as they come back."""
+        """Send the settings, then every article; yield events as they come back. Closing the
+        iterator early cancels the stream, and the generator starts no further article."""
 
         def requests() -> Iterator[pb.GenerateArticlesRequest]:
             yield pb.GenerateArticlesRequest(settings=settings)
@@ -42,5 +51,7 @@ class GeneratorClient:
         try:
             for response in responses:
                 yield response.event
+        except grpc.RpcError as e:
+            raise self._error(e) from e
         finally:
             responses.cancel()  # a no-op when the stream already ended

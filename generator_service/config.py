@@ -9,7 +9,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     """Every knob of generator_service, typed, with its default."""
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
 
     generator_address: str = Field("127.0.0.1:50052", alias="GENERATOR_ADDRESS")
     persistence_address: str = Field("127.0.0.1:50053", alias="PERSISTENCE_ADDRESS")

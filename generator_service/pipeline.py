@@ -161,8 +161,8 @@ class ArticlePipeline:
               stage: str, error: Exception, event: Callable[..., ArticleEvent]) -> ArticleEvent:
         message = f"{type(error).__name__}: {error}"
         trace = traceback.format_exc()
-        log.warning("job %d %s[%d] failed at %s: %s", batch.job_id, batch.tier.name, task.index,
-                    stage, message)
+        log.warning("job %d %s article %d/%d failed at %s: %s", batch.job_id, batch.tier.name,
+                    task.index + 1, batch.tier.count, stage, message)
         failed = ArticleRecord(
             job_id=record.job_id, project_id=record.project_id, tier=record.tier,
             article_index=record.article_index, keyword=record.keyword, title=record.title,
@@ -175,8 +175,8 @@ class ArticlePipeline:
             article_id, _created = self._saver.save(failed)
         except Exception as save_error:  # the failure is reported either way
             message += f" (and the failure record could not be saved: {type(save_error).__name__}: {save_error})"
-            log.error("job %d %s[%d]: failure record not saved: %s", batch.job_id,
-                      batch.tier.name, task.index, save_error)
+            log.error("job %d %s article %d/%d: failure record not saved: %s", batch.job_id,
+                      batch.tier.name, task.index + 1, batch.tier.count, save_error)
         return event(EventKind.FAILED, article_id=article_id, status="failed", stage=stage,
                      error=message, traceback=trace)
 

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import grpc
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+
 from tierwriter import runtime
 from tierwriter.persistence.v1 import persistence_service_pb2 as pb
 from tierwriter.persistence.v1 import persistence_service_pb2_grpc as pb_grpc
 
+R = TypeVar("R")
 # Argon2 verification and a job's stats are the slowest calls; neither takes near this long.
 DEFAULT_DEADLINE = 30.0
 
@@ -21,6 +27,12 @@ class PersistenceClient:
         self._channel = runtime.open_channel(address)
         self._stub = pb_grpc.PersistenceServiceStub(self._channel)
 
+    def _call(self, rpc: Callable[..., R], request: Any, **options: Any) -> R:
+        try:
+            return rpc(request, timeout=self._deadline, **options)
+        except grpc.RpcError as e:
+            raise runtime.ServiceCallError("persistence_service", self.address, e) from e
+
     def close(self) -> None:
         """Close the channel."""
         self._channel.close()
@@ -32,44 +44,42 @@ class PersistenceClient:
         self.close()
 
     def ensure_project(self, project: pb.Project) -> pb.Project:
-        return self._stub.EnsureProject(pb.EnsureProjectRequest(project=project), timeout=self._deadline)
+        return self._call(self._stub.EnsureProject, pb.EnsureProjectRequest(project=project))
 
     def get_project(self, project_id: int) -> pb.Project:
-        return self._stub.GetProject(pb.GetProjectRequest(project_id=project_id), timeout=self._deadline)
+        return self._call(self._stub.GetProject, pb.GetProjectRequest(project_id=project_id))
 
     def create_job(self, request: pb.CreateJobRequest) -> pb.Job:
-        return self._stub.CreateJob(request, timeout=self._deadline)
+        return self._call(self._stub.CreateJob, request)
 
     def record_titles(self, request: pb.RecordTitlesRequest) -> pb.Job:
-        return self._stub.RecordTitles(request, timeout=self._deadline)
+        return self._call(self._stub.RecordTitles, request)
 
     def finish_job(self, job_id: int, status: str, error: str = "") -> pb.Job:
         request = pb.FinishJobRequest(job_id=job_id, status=status, error=error)
-        return self._stub.FinishJob(request, timeout=self._deadline)
+        return self._call(self._stub.FinishJob, request)
 
     def get_job(self, job_id: int) -> pb.Job:
-        return self._stub.GetJob(pb.GetJobRequest(job_id=job_id), timeout=self._deadline)
+        return self._call(self._stub.GetJob, pb.GetJobRequest(job_id=job_id))
 
     def list_jobs(self, limit: int = 50) -> list[pb.Job]:
-        return list(self._stub.ListJobs(pb.ListJobsRequest(limit=limit), timeout=self._deadline).jobs)
+        return list(self._call(self._stub.ListJobs, pb.ListJobsRequest(limit=limit)).jobs)
 
     def save_article(self, article: pb.Article) -> pb.SaveArticleResponse:
         # wait_for_ready: a save should ride out a persistence restart rather than lose the article.
-        return self._stub.SaveArticle(
-            pb.SaveArticleRequest(article=article), timeout=self._deadline, wait_for_ready=True
-        )
+        return self._call(self._stub.SaveArticle, pb.SaveArticleRequest(article=article), wait_for_ready=True)
 
     def list_articles(self, job_id: int, tier: str = "") -> list[pb.Article]:
         request = pb.ListArticlesRequest(job_id=job_id, tier=tier)
-        return list(self._stub.ListArticles(request, timeout=self._deadline).articles)
+        return list(self._call(self._stub.ListArticles, request).articles)
 
     def set_publication(self, article_id: int, url: str, output_path: str) -> pb.Article:
         request = pb.SetArticlePublicationRequest(article_id=article_id, url=url, output_path=output_path)
-        return self._stub.SetArticlePublication(request, timeout=self._deadline)
+        return self._call(self._stub.SetArticlePublication, request)
 
     def job_stats(self, job_ids: list[int]) -> pb.GetJobStatsResponse:
-        return self._stub.GetJobStats(pb.GetJobStatsRequest(job_ids=job_ids), timeout=self._deadline)
+        return self._call(self._stub.GetJobStats, pb.GetJobStatsRequest(job_ids=job_ids))
 
     def verify_credentials(self, username: str, password: str) -> pb.User:
         request = pb.VerifyCredentialsRequest(username=username, password=password)
-        return self._stub.VerifyCredentials(request, timeout=self._deadline)
+        return self._call(self._stub.VerifyCredentials, request)

@@ -11,7 +11,7 @@ DEFAULT_DATABASE_URL = "sqlite:///data/tierwriter.db"
 class Settings(BaseSettings):
     """Every knob of persistence_service, typed, with its default."""
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
 
     database_url: str = Field(DEFAULT_DATABASE_URL, alias="DATABASE_URL")
     persistence_address: str = Field("127.0.0.1:50053", alias="PERSISTENCE_ADDRESS")

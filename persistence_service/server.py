@@ -16,26 +16,36 @@ SERVICE_NAME = "tierwriter.persistence.v1.PersistenceService"
 
 
 def build_server(settings: Settings, address: str | None = None) -> tuple[runtime.RunningServer, Store]:
-    """Open the database, make sure an admin exists, and start serving on `address`."""
+    """Open the database (creating missing tables) and start serving on `address`."""
     engine = make_engine(settings.database_url, pool_size=settings.persistence_threads)
     store = Store(make_session_factory(engine))
-    admin_password = settings.admin_password.get_secret_value() if settings.admin_password else None
-    generated = store.ensure_admin(admin_password)
-    if generated:
-        # Shown once, on the console only: it is never logged or stored in clear.
-        print(f"Created user 'admin' with generated password: {generated}", flush=True)
-    running = runtime.build_server(
-        address or settings.persistence_address,
-        [(pb_grpc.add_PersistenceServiceServicer_to_server, PersistenceServicer(store), SERVICE_NAME)],
-        max_workers=settings.persistence_threads,
-    )
+    try:
+        running = runtime.build_server(
+            address or settings.persistence_address,
+            [(pb_grpc.add_PersistenceServiceServicer_to_server, PersistenceServicer(store), SERVICE_NAME)],
+            max_workers=settings.persistence_threads,
+            closers=[engine.dispose],
+        )
+    except BaseException:
+        engine.dispose()
+        raise
     return running, store
+
+
+def bootstrap_admin(store: Store, settings: Settings) -> str | None:
+    """Create `admin` on first start with TIERWRITER_ADMIN_PASSWORD, or with a generated password
+    that is returned so the caller can show it once (it is never logged)."""
+    password = settings.admin_password.get_secret_value() if settings.admin_password else None
+    return store.ensure_admin(password)
 
 
 def serve(settings: Settings) -> None:
     """Serve until SIGTERM/SIGINT, then stop gracefully."""
     runtime.configure_logging(settings.log_level)
-    running, _ = build_server(settings)
+    running, store = build_server(settings)
+    generated = bootstrap_admin(store, settings)
+    if generated:
+        print(f"Created user 'admin' with generated password: {generated}", flush=True)
     log.info("persistence_service listening on port %d", running.port)
     try:
         runtime.wait_for_stop_signal()

@@ -227,7 +227,8 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
                 for (job_id, tier), c in stats.tiers.items()
             ],
             title_api_calls=stats.title_api_calls,
-            title_tokens=stats.title_tokens,
+            title_prompt_tokens=stats.title_prompt_tokens,
+            title_completion_tokens=stats.title_completion_tokens,
         )
 
     def VerifyCredentials(

@@ -69,7 +69,8 @@ class Stats:
     totals: Counts
     tiers: dict[tuple[int, str], Counts] = field(default_factory=dict)
     title_api_calls: int = 0
-    title_tokens: int = 0
+    title_prompt_tokens: int = 0
+    title_completion_tokens: int = 0
 
 
 class Store:
@@ -238,7 +239,8 @@ class Store:
                 processed_jobs=sum(job.status == "completed" for job in jobs),
                 totals=Counts(),
                 title_api_calls=sum(job.title_api_calls for job in jobs),
-                title_tokens=sum(j.title_prompt_tokens + j.title_completion_tokens for j in jobs),
+                title_prompt_tokens=sum(job.title_prompt_tokens for job in jobs),
+                title_completion_tokens=sum(job.title_completion_tokens for job in jobs),
             )
             for job in jobs:  # every tier of the spec appears, even one with no record yet
                 for tier, spec in job.spec.get("tiers", {}).items():

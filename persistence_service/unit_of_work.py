@@ -58,7 +58,8 @@ class UnitOfWork:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.session.rollback()  # a no-op after commit()
+        # close() rolls back whatever was not committed and detaches the objects without expiring
+        # them (rollback() would expire them), so the servicer can still read what was loaded.
         self.session.close()
 
     def commit(self) -> None:

@@ -127,3 +127,24 @@ def configure_logging(level: str = "INFO") -> None:
         handler._tierwriter = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(level.upper())
+
+
+class ServiceCallError(Exception):
+    """A call to one of our services failed; the message says which service, where, and what
+    to do. `code` is the gRPC status code for callers that branch on it."""
+
+    def __init__(self, service: str, address: str, error: grpc.RpcError) -> None:
+        self.service = service
+        self.address = address
+        self.code: grpc.StatusCode | None = error.code() if isinstance(error, grpc.Call) else None
+        self.details: str = (error.details() if isinstance(error, grpc.Call) else str(error)) or ""
+        super().__init__(self._describe())
+
+    def _describe(self) -> str:
+        if self.code == grpc.StatusCode.UNAVAILABLE:
+            hint = " (is it running?)" if "connect" in self.details.lower() else ""
+            return f"{self.service} at {self.address} is unavailable{hint}: {self.details}"
+        if self.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return f"{self.service} at {self.address} did not answer in time"
+        name = self.code.name if self.code else "error"
+        return f"{self.service} at {self.address} answered {name}: {self.details}"

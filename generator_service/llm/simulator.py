@@ -93,13 +93,18 @@ _SENTENCES = [
 ]
 
 
-def _fill(pattern: str, rng: random.Random, ctx: dict[str, Any]) -> str:
+def _headline(text: str) -> str:
+    """Capitalise each word's first letter, leaving the rest alone ("G-code" stays "G-code")."""
+    return " ".join(w[:1].upper() + w[1:] for w in text.split())
+
+
+def _fill(pattern: str, rng: random.Random, ctx: dict[str, Any], headline: bool = False) -> str:
     entities = ctx["entities"] or [ctx["keyword"]]
-    e, e2 = rng.choice(entities), rng.choice(entities)
+    case = _headline if headline else str
     return pattern.format(
-        k=ctx["keyword"], K=ctx["keyword"].title(), e=e, e2=e2,
-        r=rng.choice(ctx["related"] or [ctx["keyword"]]), a=rng.choice(_AUDIENCES),
-        N=rng.randint(3, 15), y=rng.choice([2025, 2026, 2027]),
+        k=case(ctx["keyword"]), K=_headline(ctx["keyword"]), e=case(rng.choice(entities)),
+        e2=case(rng.choice(entities)), r=case(rng.choice(ctx["related"] or [ctx["keyword"]])),
+        a=rng.choice(_AUDIENCES), N=rng.randint(3, 15), y=rng.choice([2025, 2026, 2027]),
     )
 
 
@@ -262,13 +267,15 @@ class LlmSimulator:
         ctx = _context_of(prompt)
         if kind == "titles":
             count = int(_search(r"Write (\d+) distinct article titles", prompt, "5"))
-            return "\n".join(_fill(rng.choice(_TITLE_PATTERNS), rng, ctx) for _ in range(count))
+            return "\n".join(_fill(rng.choice(_TITLE_PATTERNS), rng, ctx, headline=True)
+                             for _ in range(count))
         if kind == "outline":
             h2 = _range(r"between (\d+) and (\d+) H2", prompt, (3, 5))
             h3 = _range(r"between (\d+) and (\d+) H3", prompt, (3, 8))
             n2 = rng.randint(*h2)
             n3 = rng.randint(max(h3[0], 0), max(h3[1], h3[0]))
-            sections = [{"h2": _fill(rng.choice(_H2_PATTERNS), rng, ctx), "h3": []} for _ in range(n2)]
+            sections = [{"h2": _fill(rng.choice(_H2_PATTERNS), rng, ctx, headline=True), "h3": []}
+                        for _ in range(n2)]
             for i in range(n3):
                 sections[i % n2]["h3"].append(_fill(rng.choice(_H3_PATTERNS), rng, ctx))
             return "```json\n" + json.dumps({"outline": sections}) + "\n```"

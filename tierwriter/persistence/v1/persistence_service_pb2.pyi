@@ -707,15 +707,18 @@ class GetJobStatsResponse(_message.Message):
     TOTALS_FIELD_NUMBER: _builtins.int
     TIERS_FIELD_NUMBER: _builtins.int
     TITLE_API_CALLS_FIELD_NUMBER: _builtins.int
-    TITLE_TOKENS_FIELD_NUMBER: _builtins.int
+    TITLE_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    TITLE_COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     total_jobs: _builtins.int
     """Jobs asked about."""
     processed_jobs: _builtins.int
     """Jobs that reached status completed."""
     title_api_calls: _builtins.int
     """Model calls spent on titles."""
-    title_tokens: _builtins.int
-    """Tokens spent on titles (prompt + completion)."""
+    title_prompt_tokens: _builtins.int
+    """Prompt tokens spent on titles."""
+    title_completion_tokens: _builtins.int
+    """Completion tokens spent on titles."""
     @_builtins.property
     def totals(self) -> Global___ArticleCounts:
         """Sum over all tiers of all the jobs."""
@@ -732,11 +735,12 @@ class GetJobStatsResponse(_message.Message):
         totals: Global___ArticleCounts | None = ...,
         tiers: _abc.Iterable[Global___TierStats] | None = ...,
         title_api_calls: _builtins.int = ...,
-        title_tokens: _builtins.int = ...,
+        title_prompt_tokens: _builtins.int = ...,
+        title_completion_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["totals", b"totals"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["processed_jobs", b"processed_jobs", "tiers", b"tiers", "title_api_calls", b"title_api_calls", "title_tokens", b"title_tokens", "total_jobs", b"total_jobs", "totals", b"totals"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["processed_jobs", b"processed_jobs", "tiers", b"tiers", "title_api_calls", b"title_api_calls", "title_completion_tokens", b"title_completion_tokens", "title_prompt_tokens", b"title_prompt_tokens", "total_jobs", b"total_jobs", "totals", b"totals"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

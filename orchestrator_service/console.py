@@ -1,0 +1,102 @@
+"""How job events read on a terminal: the story's layout, one line per article step."""
+
+from __future__ import annotations
+
+from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
+
+RULE = "=" * 60
+
+
+def augmentation_rate(generated: int, augmented: int) -> float:
+    """Share of the articles that got content which needed augmentation (0.0 when none did)."""
+    written = generated + augmented
+    return augmented / written if written else 0.0
+
+
+def _article_lines(a: pb.ArticleProgress) -> list[str]:
+    prefix = f"[{a.tier}][{a.article_index + 1}/{a.tier_count}]"
+    step = a.step
+    if step == pb.ARTICLE_STEP_STARTED:
+        lines = [f'{prefix} Using title: "{a.title}"']
+        if a.site:
+            lines.insert(0, f"{prefix} Assigned to site: {a.site}")
+        return lines
+    if step == pb.ARTICLE_STEP_FAILED:
+        lines = [f"{prefix} FAILED at {a.stage}: {a.error}"]
+        lines += ["    " + line for line in a.traceback.rstrip().splitlines()]
+        lines.append(f"{prefix} Saved error record to database (ID: {a.article_id})" if a.article_id
+                     else f"{prefix} Error record NOT saved")
+        return lines
+    text = {
+        pb.ARTICLE_STEP_OUTLINE_STARTED: "Generating outline...",
+        pb.ARTICLE_STEP_OUTLINE_DONE: f"Generated outline: {a.h2_count} H2s, {a.h3_count} H3s",
+        pb.ARTICLE_STEP_CONTENT_STARTED: "Generating content...",
+        pb.ARTICLE_STEP_CONTENT_DONE: f"Generated content: {a.word_count:,} words",
+        pb.ARTICLE_STEP_AUGMENTING: f"Below minimum ({a.min_word_count:,}), augmenting...",
+        pb.ARTICLE_STEP_AUGMENTED: f"Augmented content: {a.word_count:,} words",
+        pb.ARTICLE_STEP_SAVED: f"Saved (ID: {a.article_id}, Status: {a.status})",
+        pb.ARTICLE_STEP_SKIPPED: f"Skipped ({a.error})",
+    }.get(step, f"step {step}")
+    return [f"{prefix} {text}"]
+
+
+def summary_lines(finished: pb.RunFinished) -> list[str]:
+    """The final summary: totals from the database, the cost, the time, where the files are."""
+    s = finished.summary
+    rate = augmentation_rate(s.generated_articles, s.augmented_articles)
+    lines = [
+        RULE,
+        "Summary" + ("" if finished.ok else " (run stopped early)"),
+        f"  Jobs:               {s.processed_jobs}/{s.total_jobs} processed",
+        f"  Articles requested: {s.requested_articles}",
+        f"  Generated:          {s.generated_articles}",
+        f"  Augmented:          {s.augmented_articles}",
+        f"  Failed:             {s.failed_articles}",
+    ]
+    not_recorded = s.requested_articles - s.generated_articles - s.augmented_articles - s.failed_articles
+    if not_recorded:
+        lines.append(f"  Not started:        {not_recorded}")
+    lines += [
+        f"  Augmentation rate:  {rate:.1%}",
+        f"  API calls:          {s.api_calls:,}",
+        f"  Tokens:             {s.prompt_tokens + s.completion_tokens:,} "
+        f"(prompt {s.prompt_tokens:,}, completion {s.completion_tokens:,})",
+        f"  Execution time:     {s.execution_seconds:.1f}s",
+        RULE,
+    ]
+    lines += [f"HTML files written under: {d}/" for d in s.output_dirs]
+    if finished.error:
+        lines.append(f"Error: {finished.error}")
+    return lines
+
+
+def event_lines(event: pb.JobEvent) -> list[str]:
+    """The console lines for one event."""
+    kind = event.WhichOneof("event")
+    if kind == "job_started":
+        j = event.job_started
+        return [f"Job {j.job_number + 1}/{j.job_count} (ID: {j.job_id}), project '{j.project}': "
+                f"{j.requested_articles} articles (concurrency: {j.max_workers})"]
+    if kind == "tier_started":
+        t = event.tier_started
+        return [f"  {t.tier}: Generating {t.count} articles (concurrency: {t.max_workers})",
+                f"[{t.tier}] Generating {t.count} titles in batches..."]
+    if kind == "titles_ready":
+        t = event.titles_ready
+        lines = [f"[{t.tier}] Generated {t.count} titles"]
+        if t.shortfall:
+            lines.append(f"[{t.tier}] Warning: the model gave {t.shortfall} titles too few; "
+                         f"the tier will have {t.count} articles")
+        return lines
+    if kind == "article":
+        return _article_lines(event.article)
+    if kind == "tier_finished":
+        t = event.tier_finished
+        lines = [f"[{t.tier}] Done: {t.generated} generated, {t.augmented} augmented, "
+                 f"{t.failed} failed; {t.files_written} pages written"]
+        if t.post_processing_error:
+            lines.append(f"[{t.tier}] Warning: post-processing failed: {t.post_processing_error}")
+        return lines
+    if kind == "run_finished":
+        return summary_lines(event.run_finished)
+    return []

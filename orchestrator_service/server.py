@@ -1,0 +1,46 @@
+"""Start orchestrator_service: build_server for tests and the local stack, serve for production."""
+
+from __future__ import annotations
+
+import logging
+
+from generator_service.client import GeneratorClient
+from orchestrator_service.config import Settings
+from orchestrator_service.runner import JobRunner
+from orchestrator_service.servicer import OrchestratorServicer
+from persistence_service.client import PersistenceClient
+from tierwriter import runtime
+from tierwriter.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = "tierwriter.orchestrator.v1.OrchestratorService"
+
+
+def build_server(settings: Settings, address: str | None = None) -> runtime.RunningServer:
+    """Start serving on `address` (default ORCHESTRATOR_ADDRESS)."""
+    persistence = PersistenceClient(settings.persistence_address)
+    generator = GeneratorClient(settings.generator_address)
+    try:
+        runner = JobRunner(settings, persistence, generator)
+        return runtime.build_server(
+            address or settings.orchestrator_address,
+            [(pb_grpc.add_OrchestratorServiceServicer_to_server,
+              OrchestratorServicer(runner, persistence), SERVICE_NAME)],
+            max_workers=settings.orchestrator_threads,
+            closers=[persistence.close, generator.close],
+        )
+    except BaseException:
+        persistence.close()
+        generator.close()
+        raise
+
+
+def serve(settings: Settings) -> None:
+    """Serve until SIGTERM/SIGINT, then stop gracefully."""
+    runtime.configure_logging(settings.log_level)
+    running = build_server(settings)
+    log.info("orchestrator_service listening on port %d", running.port)
+    try:
+        runtime.wait_for_stop_signal()
+    finally:
+        running.stop()

@@ -1,0 +1,120 @@
+"""LocalStack: all three services (and the simulator when no API key is set) in this process,
+on loopback. `tierwriter up`, `tierwriter demo`, the integration tests and the benchmark all start
+tierwriter this one way."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from pydantic import SecretStr
+
+from generator_service.config import Settings as GeneratorSettings
+from generator_service.llm.simulator import LlmSimulator, SimulatorConfig
+from generator_service.server import build_server as build_generator
+from orchestrator_service.config import Settings as OrchestratorSettings
+from orchestrator_service.server import build_server as build_orchestrator
+from persistence_service.config import Settings as PersistenceSettings
+from persistence_service.server import bootstrap_admin
+from persistence_service.server import build_server as build_persistence
+from persistence_service.store import Store
+from tierwriter import runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StackConfig:
+    """What differs between `up`, `demo`, a test and a benchmark run. Unset fields fall back to
+    the environment (DATABASE_URL, CONCURRENT_WORKERS, …) and then to the defaults."""
+
+    database_url: str | None = None
+    output_dir: Path | None = None
+    # Start the bundled simulator with this behaviour; None: use OPENAI_* from the environment,
+    # or a default simulator when neither OPENAI_API_KEY nor OPENAI_BASE_URL is set.
+    simulator: SimulatorConfig | None = None
+    concurrent_workers: int | None = None
+    word_count_compensation: int | None = None
+    admin_password: str | None = None
+    # "127.0.0.1:0" picks free ports (tests); None: the *_ADDRESS settings.
+    orchestrator_address: str | None = None
+    generator_address: str | None = None
+    persistence_address: str | None = None
+    templates_dir: Path | None = None
+
+
+def _given(**values: object) -> dict[str, object]:
+    """Only the values that were set, so the environment fills in the rest."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+@dataclass
+class LocalStack:
+    """Starts on __enter__, stops everything it started on __exit__, in reverse order."""
+
+    config: StackConfig = field(default_factory=StackConfig)
+    simulator: LlmSimulator | None = None
+    store: Store | None = None
+    admin_password_generated: str | None = None
+    orchestrator_address: str = ""
+    generator_address: str = ""
+    persistence_address: str = ""
+    _running: list[runtime.RunningServer] = field(default_factory=list)
+
+    def __enter__(self) -> LocalStack:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def _start(self) -> None:
+        c = self.config
+        generator_settings = GeneratorSettings(**_given(  # type: ignore[arg-type]
+            word_count_compensation=c.word_count_compensation))
+        if c.simulator is not None or (generator_settings.openai_api_key is None
+                                       and generator_settings.openai_base_url is None):
+            self.simulator = LlmSimulator(c.simulator or SimulatorConfig()).start()
+            generator_settings.openai_base_url = self.simulator.base_url
+            generator_settings.openai_api_key = None
+
+        persistence_settings = PersistenceSettings(**_given(  # type: ignore[arg-type]
+            database_url=c.database_url,
+            admin_password=SecretStr(c.admin_password) if c.admin_password else None))
+        persistence, self.store = build_persistence(persistence_settings, c.persistence_address)
+        self._running.append(persistence)
+        self.persistence_address = runtime.host_port(
+            c.persistence_address or persistence_settings.persistence_address, persistence.port)
+        self.admin_password_generated = bootstrap_admin(self.store, persistence_settings)
+
+        generator_settings.persistence_address = self.persistence_address
+        generator = build_generator(generator_settings, c.generator_address)
+        self._running.append(generator)
+        self.generator_address = runtime.host_port(
+            c.generator_address or generator_settings.generator_address, generator.port)
+
+        orchestrator_settings = OrchestratorSettings(**_given(  # type: ignore[arg-type]
+            concurrent_workers=c.concurrent_workers, output_dir=c.output_dir,
+            templates_dir=c.templates_dir))
+        orchestrator_settings.generator_address = self.generator_address
+        orchestrator_settings.persistence_address = self.persistence_address
+        orchestrator = build_orchestrator(orchestrator_settings, c.orchestrator_address)
+        self._running.append(orchestrator)
+        self.orchestrator_address = runtime.host_port(
+            c.orchestrator_address or orchestrator_settings.orchestrator_address, orchestrator.port)
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop every server this stack started (in-flight calls get `grace` seconds), then the
+        simulator."""
+        while self._running:
+            self._running.pop().stop(grace)
+        if self.simulator is not None:
+            self.simulator.stop()
+            self.simulator = None
