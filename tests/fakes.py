@@ -1,0 +1,127 @@
+"""Fakes for unit tests: a scripted LLM that tracks concurrency, and an in-memory saver."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from generator_service.domain import (
+    ArticleEvent,
+    ArticleRecord,
+    ArticleTask,
+    BatchContext,
+    ProjectInfo,
+    StageModels,
+    TierShape,
+)
+from generator_service.llm import Completion
+
+OUTLINE = json.dumps({"outline": [{"h2": "One", "h3": ["a", "b"]}, {"h2": "Two", "h3": ["c"]},
+                                  {"h2": "Three", "h3": []}]})
+
+
+def html_with_words(n: int) -> str:
+    """An HTML fragment with exactly n visible words (the heading counts 2)."""
+    return "<h2>Heading here</h2><p>" + " ".join(["word"] * (n - 2)) + "</p>"
+
+
+@dataclass
+class FakeLlm:
+    """Answers by prompt kind; `content_words` sets the content reply's length; `fail_when`
+    raises for prompts it matches. Records every prompt and the peak of concurrent calls."""
+
+    content_words: int = 1100
+    augmented_words: int = 1300
+    delay: float = 0.0
+    fail_when: Callable[[str], bool] = lambda _prompt: False
+    # Hold calls until this many have been in flight at once (or the timeout passes): makes a
+    # concurrency peak independent of machine speed. Once reached, nobody waits again.
+    gather: int = 0
+    gather_timeout: float = 5.0
+    prompts: list[str] = field(default_factory=list)
+    peak: int = 0
+    _in_flight: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _changed: threading.Condition = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._changed = threading.Condition(self._lock)
+
+    def complete(self, *, model: str, system: str, prompt: str, max_tokens: int,
+                 temperature: float) -> Completion:
+        with self._changed:
+            self.prompts.append(prompt)
+            self._in_flight += 1
+            self.peak = max(self.peak, self._in_flight)
+            self._changed.notify_all()
+            if self.gather:
+                self._changed.wait_for(lambda: self.peak >= self.gather, self.gather_timeout)
+        try:
+            time.sleep(self.delay)
+            if self.fail_when(prompt):
+                raise ConnectionError("simulated connection reset")
+            return Completion(self._reply(prompt), 10, 20, "stop")
+        finally:
+            with self._changed:
+                self._in_flight -= 1
+                self._changed.notify_all()
+
+    def _reply(self, prompt: str) -> str:
+        if prompt.startswith("Create an outline"):
+            return "```json\n" + OUTLINE + "\n```"
+        if prompt.startswith("Write the article titled"):
+            return "```html\n" + html_with_words(self.content_words) + "\n```"
+        if "<article>" in prompt:
+            return html_with_words(self.augmented_words)
+        return "Title"
+
+
+@dataclass
+class MemorySaver:
+    """Stores records in a dict keyed like the database: (job, tier, index)."""
+
+    records: dict[tuple[int, str, int], ArticleRecord] = field(default_factory=dict)
+    fail: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def save(self, record: ArticleRecord) -> tuple[int, bool]:
+        if self.fail:
+            raise ConnectionError("persistence is down")
+        key = (record.job_id, record.tier, record.article_index)
+        with self._lock:
+            created = key not in self.records
+            self.records.setdefault(key, record)
+            return list(self.records).index(key) + 1, created
+
+
+@dataclass
+class EventLog:
+    """A thread-safe emit target."""
+
+    events: list[ArticleEvent] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __call__(self, event: ArticleEvent) -> None:
+        with self._lock:
+            self.events.append(event)
+
+    def terminal(self) -> list[ArticleEvent]:
+        return [e for e in self.events if e.terminal]
+
+
+def batch_context(count: int = 10, max_workers: int = 5, continue_on_error: bool = True,
+                  min_words: int = 1000, max_words: int = 1500) -> BatchContext:
+    """A batch with one tier of `count` articles."""
+    return BatchContext(
+        job_id=1, project=ProjectInfo(1, "cnc machining", ["lathe"], ["cnc cost"]),
+        tier=TierShape("tier1", count, min_words, max_words, 2, 4, 2, 6),
+        models=StageModels("m-title", "m-outline", "m-content"),
+        max_workers=max_workers, continue_on_error=continue_on_error)
+
+
+def tasks(count: int) -> list[ArticleTask]:
+    """`count` article tasks with distinct titles."""
+    return [ArticleTask(i, f"Title {i}") for i in range(count)]

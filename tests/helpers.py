@@ -1,0 +1,89 @@
+"""Helpers shared by the tests: job files, running them, reading the database directly."""
+
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg2
+from sqlalchemy import create_engine, text
+
+TIER = {"count": 10, "min_word_count": 600, "max_word_count": 900, "min_h2_tags": 2,
+        "max_h2_tags": 4, "min_h3_tags": 2, "max_h3_tags": 6}
+
+
+@dataclass(frozen=True)
+class PostgresServer:
+    """A running throwaway cluster; trust authentication on loopback."""
+
+    host: str
+    port: int
+
+    def create_database(self, name: str) -> str:
+        """CREATE DATABASE name; its SQLAlchemy URL."""
+        connection = psycopg2.connect(host=self.host, port=self.port, user="postgres", dbname="postgres")
+        try:
+            connection.autocommit = True
+            with connection.cursor() as cursor:
+                cursor.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            connection.close()
+        return f"postgresql+psycopg2://postgres@{self.host}:{self.port}/{name}"
+
+
+def job_file(tiers: dict[str, dict[str, Any]] | None = None, **job: Any) -> str:
+    """A one-job file with a unique project; tiers default to one tier of 10."""
+    spec: dict[str, Any] = {
+        "project": {"name": f"test-{uuid.uuid4().hex[:10]}", "main_keyword": "cnc machining",
+                    "entities": ["lathe", "spindle"], "related_searches": ["cnc machining cost"],
+                    "money_site_url": "https://example.com/cnc"},
+        "tiers": tiers or {"tier1": copy.deepcopy(TIER)},
+    }
+    spec.update(job)
+    return json.dumps({"jobs": [spec]})
+
+
+def run_job(handle: Any, job_text: str) -> tuple[list[Any], Any]:
+    """Run a job file through the orchestrator as admin; (all events, the RunFinished)."""
+    from orchestrator_service.client import OrchestratorClient
+
+    with OrchestratorClient(handle.stack.orchestrator_address, "admin", handle.password) as client:
+        events = list(client.run_job(job_text))
+    assert events[-1].WhichOneof("event") == "run_finished"
+    return events, events[-1].run_finished
+
+
+def articles_of(events: list[Any]) -> list[Any]:
+    """The ArticleProgress events."""
+    return [e.article for e in events if e.WhichOneof("event") == "article"]
+
+
+def job_ids_of(events: list[Any]) -> list[int]:
+    """The ids of the jobs the run started."""
+    return [e.job_started.job_id for e in events if e.WhichOneof("event") == "job_started"]
+
+
+def rows_by_status(database_url: str, job_id: int) -> dict[str, int]:
+    """Counts of generated_content rows per status, read with SQL of our own (not our code)."""
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(
+                text("SELECT status, COUNT(*) FROM generated_content WHERE job_id = :j GROUP BY status"),
+                {"j": job_id}).all()
+    finally:
+        engine.dispose()
+    return {status: count for status, count in rows}
+
+
+def count_rows(database_url: str, table: str) -> int:
+    """Rows in a table."""
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            return int(connection.execute(text(f"SELECT COUNT(*) FROM {table}")).scalar_one())
+    finally:
+        engine.dispose()

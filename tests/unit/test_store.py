@@ -1,0 +1,74 @@
+"""Store: idempotent saves and exact stats under many threads, on a real SQLite file."""
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from persistence_service.store import AuthenticationError, InvalidRecordError, Store
+from persistence_service.unit_of_work import make_engine, make_session_factory
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}", pool_size=20)
+    return Store(make_session_factory(engine))
+
+
+def _job(store: Store, count: int) -> tuple[int, int]:
+    project = store.ensure_project({"name": "p", "main_keyword": "k", "entities": [],
+                                    "related_searches": [], "money_site_url": ""})
+    job = store.create_job(project.id, {"tiers": {"tier1": {"count": count}}}, 5, count, "admin")
+    return project.id, job.id
+
+
+def _article(project_id: int, job_id: int, index: int, status: str) -> dict[str, object]:
+    return dict(job_id=job_id, project_id=project_id, tier="tier1", article_index=index,
+                keyword="k", title=f"t{index}", status=status, api_calls=2, word_count=100,
+                prompt_tokens=3, completion_tokens=4)
+
+
+def test_stats_stay_exact_under_many_threads(store: Store) -> None:
+    project_id, job_id = _job(store, 200)
+    statuses = ["generated", "augmented", "failed", "generated"]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        list(pool.map(lambda i: store.save_article(_article(project_id, job_id, i, statuses[i % 4])),
+                      range(200)))
+    stats = store.job_stats([job_id])
+    assert (stats.totals.generated, stats.totals.augmented, stats.totals.failed) == (100, 50, 50)
+    assert stats.totals.requested == 200 and stats.totals.api_calls == 400
+    assert stats.totals.words == 150 * 100  # failed records' words do not count
+
+
+def test_concurrent_saves_of_one_key_store_exactly_one_record(store: Store) -> None:
+    project_id, job_id = _job(store, 1)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda _: store.save_article(_article(project_id, job_id, 0, "generated")),
+                                range(16)))
+    assert sum(created for _, created in results) == 1
+    assert len({article.id for article, _ in results}) == 1
+    assert len(store.list_articles(job_id)) == 1
+
+
+def test_a_repeated_save_returns_the_stored_record_unchanged(store: Store) -> None:
+    project_id, job_id = _job(store, 1)
+    first, created = store.save_article(_article(project_id, job_id, 0, "generated"))
+    again, created_again = store.save_article(_article(project_id, job_id, 0, "failed"))
+    assert created and not created_again and again.id == first.id and again.status == "generated"
+
+
+def test_a_bad_status_is_rejected_and_writes_nothing(store: Store) -> None:
+    project_id, job_id = _job(store, 1)
+    with pytest.raises(InvalidRecordError, match="article.status"):
+        store.save_article(_article(project_id, job_id, 0, "done"))
+    assert store.list_articles(job_id) == []
+
+
+def test_admin_is_created_once_and_passwords_are_checked(store: Store) -> None:
+    generated = store.ensure_admin(None)
+    assert generated and store.ensure_admin("other") is None
+    assert store.verify_credentials("admin", generated).role == "admin"
+    with pytest.raises(AuthenticationError):
+        store.verify_credentials("admin", "wrong")
+    with pytest.raises(AuthenticationError):
+        store.verify_credentials("nobody", generated)
