@@ -97,9 +97,9 @@ def start_stack(database_url: str, tmp_path: Path) -> Iterator[Callable[..., Sta
     from orchestrator_service.stack import LocalStack, StackConfig
 
     started: list[LocalStack] = []
+    password = uuid.uuid4().hex  # one per test: a second stack shares the database and its admin
 
     def start(**overrides: Any) -> StackHandle:
-        password = uuid.uuid4().hex
         config = StackConfig(
             database_url=overrides.pop("database_url", database_url),
             output_dir=tmp_path / f"output{len(started)}", admin_password=password,

@@ -48,9 +48,25 @@ _TITLE_PATTERNS = [
     "Troubleshooting {e} Problems in {k}",
     "{N} Questions to Ask Before Investing in {k}",
     "Safety First: Working With {e} in {k}",
+    "{N} Ways {e} Improves {k} Results",
+    "What Nobody Tells {a} About {k}",
+    "{K} on a Budget: Practical Advice for {a}",
+    "The {a} Guide to {e} and {e2}",
+    "How to Plan a {k} Project From Start to Finish",
+    "{N} Signs Your {e} Needs Attention",
+    "Everything {a} Should Know About {r}",
+    "Comparing {e} Options for {k} in {y}",
+    "Lessons Learned From {N} Years of {k}",
+    "A Beginner's Roadmap to {k} and {e}",
+    "{K} Myths That Cost {a} Money",
+    "The Real Difference Between {e} and {e2}",
+    "{N} Questions About {r}, Answered",
+    "How {a} Can Cut {k} Lead Times",
+    "Inside a Modern {k} Workshop: {e} at Work",
 ]
 _AUDIENCES = ["Small Shops", "Engineers", "Hobbyists", "Manufacturers", "Startups", "Buyers",
-              "Students", "Plant Managers", "Designers", "Procurement Teams"]
+              "Students", "Plant Managers", "Designers", "Procurement Teams", "Machinists",
+              "Product Teams", "Makers", "Inspectors", "Job Shops", "Contractors"]
 _H2_PATTERNS = ["What Is {k}?", "How {e} Works", "Key Benefits of {k}", "Choosing {e}",
                 "Common Challenges With {e}", "Costs and Budgeting", "{r}", "Best Practices",
                 "Maintenance and Care of {e}", "The Future of {k}", "Getting Started",
@@ -266,9 +282,18 @@ class LlmSimulator:
     def _reply(self, kind: str, prompt: str, rng: random.Random) -> str:
         ctx = _context_of(prompt)
         if kind == "titles":
+            # Like a good model: no title twice in one reply, none from the prompt's avoid list.
             count = int(_search(r"Write (\d+) distinct article titles", prompt, "5"))
-            return "\n".join(_fill(rng.choice(_TITLE_PATTERNS), rng, ctx, headline=True)
-                             for _ in range(count))
+            avoid = {line[2:].strip().lower() for line in prompt.splitlines() if line.startswith("- ")}
+            titles: list[str] = []
+            for _ in range(count * 20):
+                if len(titles) == count:
+                    break
+                title = _fill(rng.choice(_TITLE_PATTERNS), rng, ctx, headline=True)
+                if title.lower() not in avoid:
+                    avoid.add(title.lower())
+                    titles.append(title)
+            return "\n".join(titles)
         if kind == "outline":
             h2 = _range(r"between (\d+) and (\d+) H2", prompt, (3, 5))
             h3 = _range(r"between (\d+) and (\d+) H3", prompt, (3, 8))

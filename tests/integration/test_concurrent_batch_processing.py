@@ -1,0 +1,195 @@
+"""The batch pipeline through the three real services, on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import grpc
+import pytest
+
+from generator_service.llm.simulator import SimulatorConfig
+from orchestrator_service.client import OrchestratorClient
+from tests.helpers import TIER, articles_of, count_rows, job_file, job_ids_of, rows_by_status, run_job
+from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
+from tierwriter.runtime import ServiceCallError
+
+FAST = SimulatorConfig(latency=0.02)
+
+
+def tier(**overrides: object) -> dict[str, object]:
+    spec = copy.deepcopy(TIER)
+    spec.update(overrides)
+    return spec
+
+
+def terminal_steps(events: list[pb.JobEvent]) -> dict[tuple[str, int], int]:
+    terminal = {pb.ARTICLE_STEP_SAVED, pb.ARTICLE_STEP_FAILED, pb.ARTICLE_STEP_SKIPPED}
+    found: dict[tuple[str, int], int] = {}
+    for a in articles_of(events):
+        if a.step in terminal:
+            assert (a.tier, a.article_index) not in found, "two terminal events for one article"
+            found[(a.tier, a.article_index)] = a.step
+    return found
+
+
+def test_concurrent_tier_processing_10_articles(start_stack) -> None:
+    # The latency makes the five first calls overlap however slow the machine is.
+    handle = start_stack(simulator=SimulatorConfig(latency=0.3))
+    events, finished = run_job(handle, job_file(max_workers=5))
+    assert finished.ok, finished.error
+    assert handle.stack.simulator.stats().peak_in_flight == 5
+    s = finished.summary
+    assert s.generated_articles + s.augmented_articles == 10 and s.failed_articles == 0
+    assert len(terminal_steps(events)) == 10
+    assert [e.tier_started.max_workers for e in events if e.WhichOneof("event") == "tier_started"] == [5]
+
+
+def test_max_workers_1_is_strictly_sequential(start_stack) -> None:
+    handle = start_stack(simulator=SimulatorConfig(latency=0.05))
+    _, finished = run_job(handle, job_file({"tier1": tier(count=4)}, max_workers=1))
+    assert finished.ok
+    assert handle.stack.simulator.stats().peak_in_flight == 1
+
+
+def test_concurrent_workers_setting_applies_when_the_job_sets_none(start_stack) -> None:
+    handle = start_stack(simulator=SimulatorConfig(latency=0.3), concurrent_workers=3)
+    events, finished = run_job(handle, job_file({"tier1": tier(count=6)}))
+    assert finished.ok
+    assert events[0].job_started.max_workers == 3
+    assert handle.stack.simulator.stats().peak_in_flight == 3
+
+
+def test_concurrent_with_continue_on_error(start_stack) -> None:
+    # Every 3rd outline reply is not JSON: articles 3, 6 and 9 (in request order) fail.
+    handle = start_stack(simulator=SimulatorConfig(latency=0.02, garbage_outline_every=3))
+    events, finished = run_job(handle, job_file(max_workers=4, continue_on_error=True))
+    assert finished.ok, finished.error
+    job_id = job_ids_of(events)[0]
+    rows = rows_by_status(handle.database_url, job_id)
+    assert rows.get("failed") == 3 and sum(rows.values()) == 10
+    failed = [a for a in articles_of(events) if a.step == pb.ARTICLE_STEP_FAILED]
+    assert len(failed) == 3
+    assert all(a.stage == "outline" and "OutlineError" in a.error and a.article_id for a in failed)
+    assert all("Traceback" in a.traceback for a in failed)
+    assert finished.summary.failed_articles == 3 and finished.summary.processed_jobs == 1
+
+
+def test_without_continue_on_error_the_run_stops_with_a_clear_error(start_stack) -> None:
+    handle = start_stack(simulator=SimulatorConfig(latency=0.05, garbage_outline_every=3))
+    events, finished = run_job(handle, job_file(
+        {"tier1": tier(count=10), "tier2": tier(count=4)}, max_workers=2, continue_on_error=False))
+    assert not finished.ok
+    assert "continue_on_error is false" in finished.error and "OutlineError" in finished.error
+    job_id = job_ids_of(events)[0]
+    rows = rows_by_status(handle.database_url, job_id)
+    steps = terminal_steps(events)
+    skipped = [key for key, step in steps.items() if step == pb.ARTICLE_STEP_SKIPPED]
+    # Started articles all have a record; the skipped ones none; tier2 never started.
+    assert skipped and sum(rows.values()) == len(steps) - len(skipped)
+    assert rows.get("failed", 0) >= 1
+    assert not any(t == "tier2" for t, _ in steps)
+    started = [a for a in articles_of(events) if a.step == pb.ARTICLE_STEP_STARTED]
+    assert len(started) == sum(rows.values())
+    with OrchestratorClient(handle.stack.orchestrator_address, "admin", handle.password) as client:
+        job = client.get_job(job_id).job
+    assert job.status == "failed" and "continue_on_error is false" in job.error
+
+
+def test_stats_accuracy_concurrent(start_stack) -> None:
+    handle = start_stack(simulator=SimulatorConfig(latency=0.01, garbage_outline_every=5))
+    events, finished = run_job(handle, job_file(
+        {"tier1": tier(count=6), "tier2": tier(count=9, min_word_count=700)}, max_workers=6))
+    job_id = job_ids_of(events)[0]
+    rows = rows_by_status(handle.database_url, job_id)
+    s = finished.summary
+    assert (s.generated_articles, s.augmented_articles, s.failed_articles) == (
+        rows.get("generated", 0), rows.get("augmented", 0), rows.get("failed", 0))
+    assert sum(rows.values()) == s.requested_articles == 15
+    # The per-tier counts in the events and in GetJob agree with the rows too.
+    tier_events = [e.tier_finished for e in events if e.WhichOneof("event") == "tier_finished"]
+    assert sum(t.generated + t.augmented + t.failed for t in tier_events) == 15
+    with OrchestratorClient(handle.stack.orchestrator_address, "admin", handle.password) as client:
+        info = client.get_job(job_id).job
+    assert (info.generated_articles, info.augmented_articles, info.failed_articles) == (
+        s.generated_articles, s.augmented_articles, s.failed_articles)
+    # API calls in the summary are what the simulator answered.
+    assert s.api_calls == handle.stack.simulator.stats().requests
+
+
+def test_word_count_augmentation_reduction(start_stack) -> None:
+    job = job_file({"tier1": tier(count=20)}, max_workers=10)
+    with_compensation = start_stack(simulator=SimulatorConfig(latency=0.0, seed=11))
+    _, on = run_job(with_compensation, job)
+    without = start_stack(simulator=SimulatorConfig(latency=0.0, seed=11), word_count_compensation=0)
+    _, off = run_job(without, job)
+    rate_on = on.summary.augmented_articles / 20
+    rate_off = off.summary.augmented_articles / 20
+    assert rate_on < 0.2 and rate_off > 0.8, (rate_on, rate_off)
+    assert on.summary.api_calls < off.summary.api_calls
+
+
+def test_database_sessions_isolated_under_load(start_stack) -> None:
+    # 40 articles at 20 workers: every save is its own unit of work; none is lost or doubled.
+    handle = start_stack(simulator=SimulatorConfig(latency=0.01))
+    events, finished = run_job(handle, job_file({"tier1": tier(count=40)}, max_workers=20))
+    assert finished.ok, finished.error
+    rows = rows_by_status(handle.database_url, job_ids_of(events)[0])
+    assert sum(rows.values()) == 40 and "failed" not in rows
+
+
+def test_pages_are_written_for_every_stored_article(start_stack) -> None:
+    handle = start_stack(simulator=FAST)
+    events, finished = run_job(handle, job_file(
+        {"tier1": tier(count=4)}, deployment_targets=["one.example.net", "two.example.net"]))
+    job_id = job_ids_of(events)[0]
+    pages = sorted((handle.output_dir / str(job_id)).rglob("*.html"))
+    assert len(pages) == 4
+    assert {p.parent.name for p in pages} == {"one.example.net", "two.example.net"}
+    assert all("<script" not in p.read_text() for p in pages)
+    assert finished.summary.output_dirs == [str(handle.output_dir / str(job_id))]
+
+
+def test_a_bad_job_file_is_rejected_and_writes_nothing(start_stack) -> None:
+    handle = start_stack(simulator=FAST)
+    bad = json.loads(job_file())
+    bad["jobs"][0]["tiers"]["tier1"]["max_word_count"] = 10
+    with pytest.raises(ServiceCallError) as error:
+        run_job(handle, json.dumps(bad))
+    assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "jobs[0].tiers.tier1.max_word_count" in error.value.details
+    assert count_rows(handle.database_url, "jobs") == 0
+    assert count_rows(handle.database_url, "projects") == 0
+    assert handle.stack.simulator.stats().requests == 0
+
+
+def test_an_unknown_project_id_is_rejected_and_writes_nothing(start_stack) -> None:
+    handle = start_stack(simulator=FAST)
+    spec = json.loads(job_file())
+    del spec["jobs"][0]["project"]
+    spec["jobs"][0]["project_id"] = 999
+    with pytest.raises(ServiceCallError) as error:
+        run_job(handle, json.dumps(spec))
+    assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "jobs[0].project_id: project 999 does not exist" in error.value.details
+    assert count_rows(handle.database_url, "jobs") == 0
+
+
+@pytest.mark.parametrize("password", [None, "wrong"])
+def test_calls_without_valid_credentials_are_unauthenticated(start_stack, password) -> None:
+    handle = start_stack(simulator=FAST)
+    if password is None:
+        channel = grpc.insecure_channel(handle.stack.orchestrator_address)
+        from tierwriter.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
+
+        with channel, pytest.raises(grpc.RpcError) as raw:
+            pb_grpc.OrchestratorServiceStub(channel).ListJobs(pb.ListJobsRequest(), timeout=10)
+        assert raw.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        return
+    with OrchestratorClient(handle.stack.orchestrator_address, "admin", password) as client:
+        with pytest.raises(ServiceCallError) as error:
+            list(client.run_job(job_file()))
+    assert error.value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert "invalid username or password" in error.value.details
+    assert password not in str(error.value)
+    assert count_rows(handle.database_url, "jobs") == 0
