@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tierwriter.settings import ServiceSettings
 
 
-class Settings(BaseSettings):
+class Settings(ServiceSettings):
     """Every knob of generator_service, typed, with its default."""
-
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
 
     generator_address: str = Field("127.0.0.1:50052", alias="GENERATOR_ADDRESS")
     persistence_address: str = Field("127.0.0.1:50053", alias="PERSISTENCE_ADDRESS")
@@ -23,4 +22,3 @@ class Settings(BaseSettings):
     llm_max_retries: int = Field(3, ge=0, alias="LLM_MAX_RETRIES")
     # gRPC threads: each GenerateArticles stream holds one; articles run on the stream's own pool.
     generator_threads: int = Field(32, ge=2, alias="GENERATOR_THREADS")
-    log_level: str = Field("INFO", alias="LOG_LEVEL")

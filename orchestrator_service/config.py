@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tierwriter.settings import ServiceSettings
 
 
-class Settings(BaseSettings):
+class Settings(ServiceSettings):
     """Every knob of orchestrator_service, typed, with its default."""
-
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
 
     orchestrator_address: str = Field("127.0.0.1:50051", alias="ORCHESTRATOR_ADDRESS")
     generator_address: str = Field("127.0.0.1:50052", alias="GENERATOR_ADDRESS")
@@ -22,4 +21,3 @@ class Settings(BaseSettings):
     # A folder whose article.html replaces the bundled template.
     templates_dir: Path | None = Field(None, alias="TEMPLATES_DIR")
     orchestrator_threads: int = Field(16, ge=2, alias="ORCHESTRATOR_THREADS")
-    log_level: str = Field("INFO", alias="LOG_LEVEL")

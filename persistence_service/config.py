@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tierwriter.settings import ServiceSettings
 
 DEFAULT_DATABASE_URL = "sqlite:///data/tierwriter.db"
 
 
-class Settings(BaseSettings):
+class Settings(ServiceSettings):
     """Every knob of persistence_service, typed, with its default."""
-
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
 
     database_url: str = Field(DEFAULT_DATABASE_URL, alias="DATABASE_URL")
     persistence_address: str = Field("127.0.0.1:50053", alias="PERSISTENCE_ADDRESS")
     # gRPC threads; also the PostgreSQL pool size, so a call never waits for a connection.
     persistence_threads: int = Field(32, ge=1, alias="PERSISTENCE_THREADS")
     admin_password: SecretStr | None = Field(None, alias="TIERWRITER_ADMIN_PASSWORD")
-    log_level: str = Field("INFO", alias="LOG_LEVEL")

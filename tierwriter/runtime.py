@@ -112,8 +112,10 @@ def host_port(address: str, port: int) -> str:
 
 
 def open_channel(address: str) -> grpc.Channel:
-    """An insecure channel with the shared message-size caps."""
-    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    """An insecure channel with the shared message-size caps. Calls are spread round-robin over
+    every address the name resolves to (several generator replicas behind one DNS name)."""
+    return grpc.insecure_channel(
+        address, options=[*CHANNEL_OPTIONS, ("grpc.lb_policy_name", "round_robin")])
 
 
 def configure_logging(level: str = "INFO") -> None:

@@ -1,0 +1,23 @@
+# One image for all three services; docker-compose picks the service with `command`.
+FROM python:3.11-slim
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY tierwriter ./tierwriter
+COPY generator_service ./generator_service
+COPY orchestrator_service ./orchestrator_service
+COPY persistence_service ./persistence_service
+RUN pip install --no-cache-dir . \
+    && useradd --system --home /app tierwriter \
+    && mkdir -p /app/data /app/output \
+    && chown tierwriter /app/data /app/output
+USER tierwriter
+
+# Listen on every interface inside the container; compose decides what is published.
+ENV ORCHESTRATOR_ADDRESS=0.0.0.0:50051 \
+    GENERATOR_ADDRESS=0.0.0.0:50052 \
+    PERSISTENCE_ADDRESS=0.0.0.0:50053 \
+    PYTHONUNBUFFERED=1
+
+ENTRYPOINT ["python", "-m"]
+CMD ["orchestrator_service"]

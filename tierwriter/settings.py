@@ -1,0 +1,17 @@
+"""The base of every service's Settings: environment variables by their documented names."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    """Reads the environment (and a .env file); fields are set by alias (the variable's name) or
+    by field name; empty variables count as unset (compose passes `${VAR:-}` through as "")."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", populate_by_name=True, env_ignore_empty=True
+    )
+
+    log_level: str = Field("INFO", alias="LOG_LEVEL")
