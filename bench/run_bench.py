@@ -51,26 +51,54 @@ class Measurement:
 
 
 def job(articles: int) -> str:
-    return json.dumps({"jobs": [{
-        "project": {"name": f"bench-{uuid.uuid4().hex[:8]}", "main_keyword": "cnc machining",
-                    "entities": ["lathe", "spindle", "end mill"],
-                    "related_searches": ["cnc machining cost"]},
-        "tiers": {"tier1": {"count": articles, "min_word_count": 1000, "max_word_count": 1500,
-                            "min_h2_tags": 3, "max_h2_tags": 5, "min_h3_tags": 5, "max_h3_tags": 10}},
-    }]})
+    return json.dumps(
+        {
+            "jobs": [
+                {
+                    "project": {
+                        "name": f"bench-{uuid.uuid4().hex[:8]}",
+                        "main_keyword": "cnc machining",
+                        "entities": ["lathe", "spindle", "end mill"],
+                        "related_searches": ["cnc machining cost"],
+                    },
+                    "tiers": {
+                        "tier1": {
+                            "count": articles,
+                            "min_word_count": 1000,
+                            "max_word_count": 1500,
+                            "min_h2_tags": 3,
+                            "max_h2_tags": 5,
+                            "min_h3_tags": 5,
+                            "max_h3_tags": 10,
+                        }
+                    },
+                }
+            ]
+        }
+    )
 
 
-def measure(workers: int, articles: int, latency: float, compensation: int | None, seed: int) -> Measurement:
+def measure(
+    workers: int, articles: int, latency: float, compensation: int | None, seed: int
+) -> Measurement:
     """Run the job once on a fresh stack and database."""
     with tempfile.TemporaryDirectory(prefix="tierwriter-bench-") as tmp:
         password = uuid.uuid4().hex
         config = StackConfig(
-            database_url=f"sqlite:///{Path(tmp) / 'bench.db'}", output_dir=Path(tmp) / "output",
-            simulator=SimulatorConfig(latency=latency, seed=seed), concurrent_workers=workers,
-            word_count_compensation=compensation, admin_password=password,
-            orchestrator_address="127.0.0.1:0", generator_address="127.0.0.1:0",
-            persistence_address="127.0.0.1:0")
-        with LocalStack(config) as stack, OrchestratorClient(stack.orchestrator_address, "admin", password) as client:
+            database_url=f"sqlite:///{Path(tmp) / 'bench.db'}",
+            output_dir=Path(tmp) / "output",
+            simulator=SimulatorConfig(latency=latency, seed=seed),
+            concurrent_workers=workers,
+            word_count_compensation=compensation,
+            admin_password=password,
+            orchestrator_address="127.0.0.1:0",
+            generator_address="127.0.0.1:0",
+            persistence_address="127.0.0.1:0",
+        )
+        with (
+            LocalStack(config) as stack,
+            OrchestratorClient(stack.orchestrator_address, "admin", password) as client,
+        ):
             first_start = last_end = 0.0
             started = time.perf_counter()
             for event in client.run_job(job(articles)):
@@ -88,43 +116,65 @@ def measure(workers: int, articles: int, latency: float, compensation: int | Non
     if not finished.ok:
         raise SystemExit(f"benchmark run failed: {finished.error}")
     s = finished.summary
-    return Measurement(workers, articles, wall, last_end - first_start,
-                       kinds.get("outline", 0) + kinds.get("content", 0) + kinds.get("augment", 0),
-                       s.augmented_articles, s.generated_articles, s.failed_articles)
+    return Measurement(
+        workers,
+        articles,
+        wall,
+        last_end - first_start,
+        kinds.get("outline", 0) + kinds.get("content", 0) + kinds.get("augment", 0),
+        s.augmented_articles,
+        s.generated_articles,
+        s.failed_articles,
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--articles", type=int, default=100)
-    parser.add_argument("--latency", type=float, default=0.25, help="simulated seconds per model call")
+    parser.add_argument(
+        "--latency", type=float, default=0.25, help="simulated seconds per model call"
+    )
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 5, 10])
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
     if args.workers[0] != 1:
         args.workers.insert(0, 1)  # speedup is against workers=1
 
-    print(f"{args.articles} articles, one tier (1000-1500 words), simulated latency {args.latency}s a call\n")
-    print("| workers | wall time | speedup vs 1 | article phase | ideal bound | efficiency "
-          "| calls/article | augmentation rate |")
+    print(
+        f"{args.articles} articles, one tier (1000-1500 words), "
+        f"simulated latency {args.latency}s a call\n"
+    )
+    print(
+        "| workers | wall time | speedup vs 1 | article phase | ideal bound | efficiency "
+        "| calls/article | augmentation rate |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     baseline = None
     for workers in args.workers:
         m = measure(workers, args.articles, args.latency, None, args.seed)
         baseline = baseline or m.wall
         ideal = m.ideal(args.latency)
-        print(f"| {workers} | {m.wall:.2f} s | {baseline / m.wall:.2f}x | {m.article_phase:.2f} s "
-              f"| {ideal:.2f} s | {ideal / m.article_phase:.0%} | {m.calls_per_article:.2f} "
-              f"| {augmentation_rate(m.generated, m.augmented):.1%} |", flush=True)
+        print(
+            f"| {workers} | {m.wall:.2f} s | {baseline / m.wall:.2f}x | {m.article_phase:.2f} s "
+            f"| {ideal:.2f} s | {ideal / m.article_phase:.0%} | {m.calls_per_article:.2f} "
+            f"| {augmentation_rate(m.generated, m.augmented):.1%} |",
+            flush=True,
+        )
 
     top = max(args.workers)
-    print(f"\nWord-count compensation at workers={top} (the simulator undershoots the asked lower "
-          "bound by ~175 +/- 20 words):\n")
+    print(
+        f"\nWord-count compensation at workers={top} (the simulator undershoots the asked lower "
+        "bound by ~175 +/- 20 words):\n"
+    )
     print("| WORD_COUNT_COMPENSATION | augmentation rate | calls/article | wall time |")
     print("|---:|---:|---:|---:|")
     for compensation in (200, 0):
         m = measure(top, args.articles, args.latency, compensation, args.seed)
-        print(f"| {compensation} | {augmentation_rate(m.generated, m.augmented):.1%} "
-              f"| {m.calls_per_article:.2f} | {m.wall:.2f} s |", flush=True)
+        print(
+            f"| {compensation} | {augmentation_rate(m.generated, m.augmented):.1%} "
+            f"| {m.calls_per_article:.2f} | {m.wall:.2f} s |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

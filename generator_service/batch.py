@@ -38,9 +38,18 @@ class ArticleBatch:
 
     def _one(self, task: ArticleTask, emit: Emit) -> None:
         if self._stopped.is_set():
-            emit(ArticleEvent(EventKind.SKIPPED, self._context.tier.name, task.index,
-                              title=task.title, error=self._stop_reason))
+            emit(
+                ArticleEvent(
+                    EventKind.SKIPPED,
+                    self._context.tier.name,
+                    task.index,
+                    title=task.title,
+                    error=self._stop_reason,
+                )
+            )
             return
         outcome = self._pipeline.run(self._context, task, emit)
         if outcome.kind is EventKind.FAILED and not self._context.continue_on_error:
-            self.stop(f"not started: article {task.index + 1} failed and continue_on_error is false")
+            self.stop(
+                f"not started: article {task.index + 1} failed and continue_on_error is false"
+            )

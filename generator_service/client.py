@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 
 import grpc
 
@@ -38,7 +38,7 @@ class GeneratorClient:
 
     def generate_articles(
         self, settings: pb.BatchSettings, articles: Iterable[pb.ArticleRequest]
-    ) -> Iterator[pb.ArticleEvent]:
+    ) -> Generator[pb.ArticleEvent, None, None]:
         """Send the settings, then every article; yield events as they come back. Closing the
         iterator early cancels the stream, and the generator starts no further article."""
 

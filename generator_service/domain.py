@@ -141,12 +141,17 @@ def validate_batch(batch: BatchContext) -> None:
     tier = batch.tier
     checks = [
         (batch.job_id > 0, "settings.job_id: must be a positive job id"),
-        (1 <= batch.max_workers <= MAX_WORKERS_LIMIT,
-         f"settings.max_workers: must be between 1 and {MAX_WORKERS_LIMIT}, got {batch.max_workers}"),
+        (
+            1 <= batch.max_workers <= MAX_WORKERS_LIMIT,
+            f"settings.max_workers: must be between 1 and {MAX_WORKERS_LIMIT}, "
+            f"got {batch.max_workers}",
+        ),
         (bool(tier.name), "settings.tier.name: must not be empty"),
         (bool(batch.project.keyword.strip()), "settings.project.main_keyword: must not be empty"),
-        (0 < tier.min_word_count <= tier.max_word_count,
-         "settings.tier: need 0 < min_word_count <= max_word_count"),
+        (
+            0 < tier.min_word_count <= tier.max_word_count,
+            "settings.tier: need 0 < min_word_count <= max_word_count",
+        ),
         (0 < tier.min_h2 <= tier.max_h2, "settings.tier: need 0 < min_h2_tags <= max_h2_tags"),
         (0 <= tier.min_h3 <= tier.max_h3, "settings.tier: need 0 <= min_h3_tags <= max_h3_tags"),
     ]
@@ -159,6 +164,7 @@ def validate_task(task: ArticleTask, tier: TierShape) -> None:
     """Raise InvalidRequestError for an article request that does not fit its tier."""
     if not 0 <= task.index < tier.count:
         raise InvalidRequestError(
-            f"article.article_index: must be between 0 and {tier.count - 1}, got {task.index}")
+            f"article.article_index: must be between 0 and {tier.count - 1}, got {task.index}"
+        )
     if not task.title.strip():
         raise InvalidRequestError(f"article.title: article {task.index} has an empty title")

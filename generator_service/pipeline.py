@@ -108,31 +108,67 @@ class ArticlePipeline:
             return e
 
         def ask(model: str, prompt: prompts.Prompt, max_tokens: int) -> str:
-            reply = self._llm.complete(model=model, system=prompt.system, prompt=prompt.user,
-                                       max_tokens=max_tokens, temperature=0.7)
+            reply = self._llm.complete(
+                model=model,
+                system=prompt.system,
+                prompt=prompt.user,
+                max_tokens=max_tokens,
+                temperature=0.7,
+            )
             return usage.add(reply)
 
         record = ArticleRecord(
-            job_id=batch.job_id, project_id=project.project_id, tier=tier.name,
-            article_index=task.index, keyword=project.keyword, title=task.title,
-            status="generated", site=task.site,
+            job_id=batch.job_id,
+            project_id=project.project_id,
+            tier=tier.name,
+            article_index=task.index,
+            keyword=project.keyword,
+            title=task.title,
+            status="generated",
+            site=task.site,
         )
         event(EventKind.STARTED, title=task.title, site=task.site)
         try:
             event(EventKind.OUTLINE_STARTED)
-            outline = parse_outline(ask(batch.models.outline, prompts.outline_prompt(
-                task.title, project.keyword, project.entities, project.related_searches,
-                (tier.min_h2, tier.max_h2), (tier.min_h3, tier.max_h3)), OUTLINE_MAX_TOKENS))
+            outline = parse_outline(
+                ask(
+                    batch.models.outline,
+                    prompts.outline_prompt(
+                        task.title,
+                        project.keyword,
+                        project.entities,
+                        project.related_searches,
+                        (tier.min_h2, tier.max_h2),
+                        (tier.min_h3, tier.max_h3),
+                    ),
+                    OUTLINE_MAX_TOKENS,
+                )
+            )
             record.outline = outline
-            event(EventKind.OUTLINE_DONE, h2_count=len(outline),
-                  h3_count=sum(len(s["h3"]) for s in outline))
+            event(
+                EventKind.OUTLINE_DONE,
+                h2_count=len(outline),
+                h3_count=sum(len(s["h3"]) for s in outline),
+            )
 
             stage = "content"
             event(EventKind.CONTENT_STARTED)
             low, high = self.content_bounds(tier.min_word_count, tier.max_word_count)
-            content = strip_fences(ask(batch.models.content, prompts.content_prompt(
-                task.title, project.keyword, project.entities, project.related_searches,
-                outline, low, high), CONTENT_MAX_TOKENS))
+            content = strip_fences(
+                ask(
+                    batch.models.content,
+                    prompts.content_prompt(
+                        task.title,
+                        project.keyword,
+                        project.entities,
+                        project.related_searches,
+                        outline,
+                        low,
+                        high,
+                    ),
+                    CONTENT_MAX_TOKENS,
+                )
+            )
             words = count_words(content)
             if words == 0:
                 raise EmptyContentError("content reply has no visible words")
@@ -142,8 +178,13 @@ class ArticlePipeline:
             if words < tier.min_word_count:
                 stage = "augmentation"
                 event(EventKind.AUGMENTING, min_word_count=tier.min_word_count)
-                content = strip_fences(ask(batch.models.content, prompts.augment_prompt(
-                    content, words, tier.min_word_count), CONTENT_MAX_TOKENS))
+                content = strip_fences(
+                    ask(
+                        batch.models.content,
+                        prompts.augment_prompt(content, words, tier.min_word_count),
+                        CONTENT_MAX_TOKENS,
+                    )
+                )
                 words = count_words(content)
                 record.status = "augmented"
                 event(EventKind.AUGMENTED, word_count=words)
@@ -152,33 +193,71 @@ class ArticlePipeline:
             record.content, record.word_count = content, words
             self._fill_usage(record, usage)
             article_id, _created = self._saver.save(record)
-            return event(EventKind.SAVED, article_id=article_id, status=record.status,
-                         word_count=words)
+            return event(
+                EventKind.SAVED, article_id=article_id, status=record.status, word_count=words
+            )
         except Exception as e:  # one article's failure must never reach the other workers
             return self._fail(batch, task, record, usage, stage, e, event)
 
-    def _fail(self, batch: BatchContext, task: ArticleTask, record: ArticleRecord, usage: _Usage,
-              stage: str, error: Exception, event: Callable[..., ArticleEvent]) -> ArticleEvent:
+    def _fail(
+        self,
+        batch: BatchContext,
+        task: ArticleTask,
+        record: ArticleRecord,
+        usage: _Usage,
+        stage: str,
+        error: Exception,
+        event: Callable[..., ArticleEvent],
+    ) -> ArticleEvent:
         message = f"{type(error).__name__}: {error}"
         trace = traceback.format_exc()
-        log.warning("job %d %s article %d/%d failed at %s: %s", batch.job_id, batch.tier.name,
-                    task.index + 1, batch.tier.count, stage, message)
+        log.warning(
+            "job %d %s article %d/%d failed at %s: %s",
+            batch.job_id,
+            batch.tier.name,
+            task.index + 1,
+            batch.tier.count,
+            stage,
+            message,
+        )
         failed = ArticleRecord(
-            job_id=record.job_id, project_id=record.project_id, tier=record.tier,
-            article_index=record.article_index, keyword=record.keyword, title=record.title,
-            status="failed", outline=record.outline, site=record.site,
-            error_stage=stage, error=message,
+            job_id=record.job_id,
+            project_id=record.project_id,
+            tier=record.tier,
+            article_index=record.article_index,
+            keyword=record.keyword,
+            title=record.title,
+            status="failed",
+            outline=record.outline,
+            site=record.site,
+            error_stage=stage,
+            error=message,
         )
         self._fill_usage(failed, usage)
         article_id = 0
         try:
             article_id, _created = self._saver.save(failed)
         except Exception as save_error:  # the failure is reported either way
-            message += f" (and the failure record could not be saved: {type(save_error).__name__}: {save_error})"
-            log.error("job %d %s article %d/%d: failure record not saved: %s", batch.job_id,
-                      batch.tier.name, task.index + 1, batch.tier.count, save_error)
-        return event(EventKind.FAILED, article_id=article_id, status="failed", stage=stage,
-                     error=message, traceback=trace)
+            message += (
+                " (and the failure record could not be saved: "
+                f"{type(save_error).__name__}: {save_error})"
+            )
+            log.error(
+                "job %d %s article %d/%d: failure record not saved: %s",
+                batch.job_id,
+                batch.tier.name,
+                task.index + 1,
+                batch.tier.count,
+                save_error,
+            )
+        return event(
+            EventKind.FAILED,
+            article_id=article_id,
+            status="failed",
+            stage=stage,
+            error=message,
+            traceback=trace,
+        )
 
     @staticmethod
     def _fill_usage(record: ArticleRecord, usage: _Usage) -> None:

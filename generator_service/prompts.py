@@ -48,8 +48,12 @@ def titles_prompt(
 
 
 def outline_prompt(
-    title: str, keyword: str, entities: list[str], related: list[str],
-    h2: tuple[int, int], h3: tuple[int, int],
+    title: str,
+    keyword: str,
+    entities: list[str],
+    related: list[str],
+    h2: tuple[int, int],
+    h3: tuple[int, int],
 ) -> Prompt:
     """Ask for a JSON outline within the tier's heading ranges."""
     return Prompt(
@@ -63,8 +67,13 @@ def outline_prompt(
 
 
 def content_prompt(
-    title: str, keyword: str, entities: list[str], related: list[str],
-    outline: list[dict[str, Any]], min_words: int, max_words: int,
+    title: str,
+    keyword: str,
+    entities: list[str],
+    related: list[str],
+    outline: list[dict[str, Any]],
+    min_words: int,
+    max_words: int,
 ) -> Prompt:
     """Ask for the article body; the bounds given here already include the compensation."""
     return Prompt(

@@ -16,13 +16,24 @@ class PersistenceSaver:
         self._client = client
 
     def save(self, record: ArticleRecord) -> tuple[int, bool]:
-        response = self._client.save_article(persistence_pb.Article(
-            job_id=record.job_id, project_id=record.project_id, tier=record.tier,
-            article_index=record.article_index, keyword=record.keyword, title=record.title,
-            outline_json=json.dumps(record.outline) if record.outline is not None else "",
-            content=record.content, word_count=record.word_count, status=record.status,
-            error_stage=record.error_stage, error=record.error, site=record.site,
-            api_calls=record.api_calls, prompt_tokens=record.prompt_tokens,
-            completion_tokens=record.completion_tokens,
-        ))
+        response = self._client.save_article(
+            persistence_pb.Article(
+                job_id=record.job_id,
+                project_id=record.project_id,
+                tier=record.tier,
+                article_index=record.article_index,
+                keyword=record.keyword,
+                title=record.title,
+                outline_json=json.dumps(record.outline) if record.outline is not None else "",
+                content=record.content,
+                word_count=record.word_count,
+                status=record.status,
+                error_stage=record.error_stage,
+                error=record.error,
+                site=record.site,
+                api_calls=record.api_calls,
+                prompt_tokens=record.prompt_tokens,
+                completion_tokens=record.completion_tokens,
+            )
+        )
         return response.article.id, response.created

@@ -40,13 +40,16 @@ def build_llm(settings: Settings, closers: list[Callable[[], None]]) -> OpenAiLl
 def build_server(
     settings: Settings, address: str | None = None, llm: LlmClient | None = None
 ) -> runtime.RunningServer:
-    """Start serving on `address` (default GENERATOR_ADDRESS), saving through PERSISTENCE_ADDRESS."""
+    """Start serving on `address` (default GENERATOR_ADDRESS); articles are saved through
+    PERSISTENCE_ADDRESS."""
     closers: list[Callable[[], None]] = []
     persistence = PersistenceClient(settings.persistence_address)
     closers.append(persistence.close)
     try:
         model = llm or build_llm(settings, closers)
-        pipeline = ArticlePipeline(model, PersistenceSaver(persistence), settings.word_count_compensation)
+        pipeline = ArticlePipeline(
+            model, PersistenceSaver(persistence), settings.word_count_compensation
+        )
         servicer = GeneratorServicer(pipeline, TitleWriter(model), settings.default_model)
         return runtime.build_server(
             address or settings.generator_address,

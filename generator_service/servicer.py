@@ -24,6 +24,7 @@ from generator_service.domain import (
 )
 from generator_service.pipeline import ArticlePipeline
 from generator_service.titles import TitleWriter
+from tierwriter import runtime
 from tierwriter.generator.v1 import generator_service_pb2 as pb
 from tierwriter.generator.v1 import generator_service_pb2_grpc as pb_grpc
 
@@ -41,9 +42,18 @@ def event_to_proto(e: ArticleEvent) -> pb.ArticleEvent:
     """A domain event as its message."""
     return pb.ArticleEvent(
         kind=pb.ArticleEventKind.Value(f"ARTICLE_EVENT_KIND_{e.kind.value}"),
-        tier=e.tier, article_index=e.index, title=e.title, site=e.site, h2_count=e.h2_count,
-        h3_count=e.h3_count, word_count=e.word_count, min_word_count=e.min_word_count,
-        article_id=e.article_id, status=e.status, stage=e.stage, error=e.error,
+        tier=e.tier,
+        article_index=e.index,
+        title=e.title,
+        site=e.site,
+        h2_count=e.h2_count,
+        h3_count=e.h3_count,
+        word_count=e.word_count,
+        min_word_count=e.min_word_count,
+        article_id=e.article_id,
+        status=e.status,
+        stage=e.stage,
+        error=e.error,
         traceback=e.traceback,
     )
 
@@ -63,17 +73,29 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
         self, request: pb.GenerateTitlesRequest, context: grpc.ServicerContext
     ) -> pb.GenerateTitlesResponse:
         if not 1 <= request.count <= MAX_TITLES:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"count: must be between 1 and {MAX_TITLES}, got {request.count}")
+            runtime.abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"count: must be between 1 and {MAX_TITLES}, got {request.count}",
+            )
         if not request.project.main_keyword.strip():
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "project.main_keyword: must not be empty")
+            runtime.abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, "project.main_keyword: must not be empty"
+            )
         parallel = min(max(request.max_parallel_calls, 1), MAX_WORKERS_LIMIT)
-        result = self._titles.write(project_from_proto(request.project), request.count,
-                                    self._model(request.model), parallel,
-                                    list(request.existing_titles))
+        result = self._titles.write(
+            project_from_proto(request.project),
+            request.count,
+            self._model(request.model),
+            parallel,
+            list(request.existing_titles),
+        )
         return pb.GenerateTitlesResponse(
-            titles=result.titles, shortfall=result.shortfall, api_calls=result.api_calls,
-            prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+            titles=result.titles,
+            shortfall=result.shortfall,
+            api_calls=result.api_calls,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
         )
 
     def _batch_context(self, s: pb.BatchSettings) -> BatchContext:
@@ -81,10 +103,21 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
         batch = BatchContext(
             job_id=s.job_id,
             project=project_from_proto(s.project),
-            tier=TierShape(t.name, t.count, t.min_word_count, t.max_word_count, t.min_h2_tags,
-                           t.max_h2_tags, t.min_h3_tags, t.max_h3_tags),
-            models=StageModels(self._model(s.models.title), self._model(s.models.outline),
-                               self._model(s.models.content)),
+            tier=TierShape(
+                t.name,
+                t.count,
+                t.min_word_count,
+                t.max_word_count,
+                t.min_h2_tags,
+                t.max_h2_tags,
+                t.min_h3_tags,
+                t.max_h3_tags,
+            ),
+            models=StageModels(
+                self._model(s.models.title),
+                self._model(s.models.outline),
+                self._model(s.models.content),
+            ),
             max_workers=s.max_workers,
             continue_on_error=s.continue_on_error,
         )
@@ -96,12 +129,15 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
     ) -> Iterator[pb.GenerateArticlesResponse]:
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("kind") != "settings":
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          "the first message of the stream must carry the batch settings")
+            runtime.abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "the first message of the stream must carry the batch settings",
+            )
         try:
             batch_context = self._batch_context(first.settings)
         except InvalidRequestError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            runtime.abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         batch = ArticleBatch(self._pipeline, batch_context)
         # The caller went away (cancelled, deadline, crash): start nothing new.
         context.add_callback(lambda: batch.stop("not started: the stream was cancelled"))
@@ -113,8 +149,9 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
             for message in request_iterator:
                 if message.WhichOneof("kind") != "article":
                     raise InvalidRequestError("only the first message may carry settings")
-                task = ArticleTask(message.article.article_index, message.article.title,
-                                   message.article.site)
+                task = ArticleTask(
+                    message.article.article_index, message.article.title, message.article.site
+                )
                 validate_task(task, batch_context.tier)
                 yield task
 
@@ -129,7 +166,9 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
             finally:
                 events.put(_DONE)
 
-        producer = threading.Thread(target=produce, name=f"job{batch_context.job_id}-feed", daemon=True)
+        producer = threading.Thread(
+            target=produce, name=f"job{batch_context.job_id}-feed", daemon=True
+        )
         producer.start()
         try:
             while (item := events.get()) is not _DONE:
@@ -139,4 +178,4 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
             # Also on cancellation: in-flight articles finish and are recorded before we return.
             producer.join()
         if problems:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problems[0])
+            runtime.abort(context, grpc.StatusCode.INVALID_ARGUMENT, problems[0])

@@ -27,7 +27,7 @@ def normalise_title(title: str) -> str:
 
 def clean_title(line: str) -> str:
     """A reply line as a title: no list marker, quotes or surrounding space."""
-    return _NUMBERING.sub("", line).strip().strip("\"'“”‘’").strip()
+    return _NUMBERING.sub("", line).strip().strip("\"'\u201c\u201d\u2018\u2019").strip()
 
 
 @dataclass
@@ -47,19 +47,26 @@ class TitleWriter:
     def __init__(self, llm: LlmClient) -> None:
         self._llm = llm
 
-    def write(self, project: ProjectInfo, count: int, model: str, max_parallel: int,
-              existing: list[str]) -> TitlesResult:
+    def write(
+        self, project: ProjectInfo, count: int, model: str, max_parallel: int, existing: list[str]
+    ) -> TitlesResult:
         """`count` titles distinct from each other and from `existing` (after normalisation)."""
         result = TitlesResult()
         seen = {normalise_title(t) for t in existing}
-        with ThreadPoolExecutor(max_workers=max(1, max_parallel), thread_name_prefix="titles") as pool:
+        with ThreadPoolExecutor(
+            max_workers=max(1, max_parallel), thread_name_prefix="titles"
+        ) as pool:
             for _round in range(1 + TOP_UP_ROUNDS):
                 missing = count - len(result.titles)
                 if missing <= 0:
                     break
-                batches = [min(TITLES_PER_CALL, missing - i) for i in range(0, missing, TITLES_PER_CALL)]
+                batches = [
+                    min(TITLES_PER_CALL, missing - i) for i in range(0, missing, TITLES_PER_CALL)
+                ]
                 avoid = [*existing, *result.titles]
-                replies = pool.map(lambda n: self._ask(project, n, model, avoid), batches)
+                replies = pool.map(
+                    lambda n, avoid=avoid: self._ask(project, n, model, avoid), batches
+                )
                 for reply in replies:  # in submission order, so the result is deterministic
                     result.api_calls += 1
                     result.prompt_tokens += reply.prompt_tokens
@@ -74,6 +81,13 @@ class TitleWriter:
         return result
 
     def _ask(self, project: ProjectInfo, n: int, model: str, avoid: list[str]) -> Completion:
-        prompt = prompts.titles_prompt(project.keyword, project.entities, project.related_searches, n, avoid)
-        return self._llm.complete(model=model, system=prompt.system, prompt=prompt.user,
-                                  max_tokens=TITLES_MAX_TOKENS, temperature=0.9)
+        prompt = prompts.titles_prompt(
+            project.keyword, project.entities, project.related_searches, n, avoid
+        )
+        return self._llm.complete(
+            model=model,
+            system=prompt.system,
+            prompt=prompt.user,
+            max_tokens=TITLES_MAX_TOKENS,
+            temperature=0.9,
+        )

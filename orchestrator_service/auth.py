@@ -15,13 +15,15 @@ def basic_credentials(username: str, password: str) -> tuple[tuple[str, str], ..
     return ((METADATA_KEY, f"Basic {token}"),)
 
 
-def credentials_from_metadata(metadata: Iterable[tuple[str, str | bytes]]) -> tuple[str, str] | None:
+def credentials_from_metadata(
+    metadata: Iterable[tuple[str, str | bytes]],
+) -> tuple[str, str] | None:
     """(username, password) from call metadata, or None when absent or malformed."""
     for key, value in metadata:
         if key != METADATA_KEY or not isinstance(value, str) or not value.startswith("Basic "):
             continue
         try:
-            decoded = base64.b64decode(value[len("Basic "):], validate=True).decode()
+            decoded = base64.b64decode(value[len("Basic ") :], validate=True).decode()
         except (binascii.Error, UnicodeDecodeError):
             return None
         username, sep, password = decoded.partition(":")

@@ -20,6 +20,7 @@ from orchestrator_service.config import Settings
 from orchestrator_service.console import event_lines
 from orchestrator_service.stack import LocalStack, StackConfig
 from tierwriter import runtime
+from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 
 EXIT_OK = 0
 EXIT_RUN_FAILED = 1  # the run stopped early or a service failed during it
@@ -75,8 +76,10 @@ def _credentials(args: argparse.Namespace) -> tuple[str, str]:
     username = args.user or os.environ.get("TIERWRITER_USER", "")
     password = args.password or os.environ.get("TIERWRITER_PASSWORD", "")
     if not username or not password:
-        raise SystemExit("Error: credentials required: pass -u USER -p PASSWORD or set "
-                         "TIERWRITER_USER and TIERWRITER_PASSWORD")
+        raise SystemExit(
+            "Error: credentials required: pass -u USER -p PASSWORD or set "
+            "TIERWRITER_USER and TIERWRITER_PASSWORD"
+        )
     return username, password
 
 
@@ -90,11 +93,13 @@ def cmd_generate_batch(args: argparse.Namespace) -> int:
         return run_and_print(client, job_file, sys.stdout)
 
 
-def _job_row(j: object) -> str:
-    created = datetime.fromtimestamp(j.created_at, UTC).strftime("%Y-%m-%d %H:%M")  # type: ignore[attr-defined]
-    return (f"{j.job_id:>6}  {created}  {j.status:<10} {j.project[:24]:<24} "  # type: ignore[attr-defined]
-            f"{j.generated_articles:>5} {j.augmented_articles:>5} {j.failed_articles:>5} "  # type: ignore[attr-defined]
-            f"/{j.requested_articles:<5} w={j.max_workers}")  # type: ignore[attr-defined]
+def _job_row(j: pb.JobInfo) -> str:
+    created = datetime.fromtimestamp(j.created_at, UTC).strftime("%Y-%m-%d %H:%M")
+    return (
+        f"{j.job_id:>6}  {created}  {j.status:<10} {j.project[:24]:<24} "
+        f"{j.generated_articles:>5} {j.augmented_articles:>5} {j.failed_articles:>5} "
+        f"/{j.requested_articles:<5} w={j.max_workers}"
+    )
 
 
 def cmd_jobs_list(args: argparse.Namespace) -> int:
@@ -104,8 +109,10 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
         except runtime.ServiceCallError as e:
             print(f"Error: {e}", file=sys.stderr)
             return _exit_code_for(e)
-    print(f"{'ID':>6}  {'created (UTC)':<16}  {'status':<10} {'project':<24} {'gen':>5} {'aug':>5} "
-          f"{'fail':>5} /total")
+    print(
+        f"{'ID':>6}  {'created (UTC)':<16}  {'status':<10} {'project':<24} {'gen':>5} {'aug':>5} "
+        f"{'fail':>5} /total"
+    )
     for j in jobs:
         print(_job_row(j))
     return EXIT_OK
@@ -116,12 +123,16 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
         try:
             response = client.get_job(args.job_id)
         except runtime.ServiceCallError as e:
-            print(f"Error: {e.details if e.code == grpc.StatusCode.NOT_FOUND else e}", file=sys.stderr)
+            print(
+                f"Error: {e.details if e.code == grpc.StatusCode.NOT_FOUND else e}", file=sys.stderr
+            )
             return _exit_code_for(e)
     j = response.job
     print(f"Job {j.job_id}: project '{j.project}', status {j.status}, concurrency {j.max_workers}")
-    print(f"  articles: {j.generated_articles} generated, {j.augmented_articles} augmented, "
-          f"{j.failed_articles} failed of {j.requested_articles} requested")
+    print(
+        f"  articles: {j.generated_articles} generated, {j.augmented_articles} augmented, "
+        f"{j.failed_articles} failed of {j.requested_articles} requested"
+    )
     print(f"  API calls: {j.api_calls:,}; tokens: {j.tokens:,}")
     for t in response.tiers:
         print(f"  {t.tier}: {t.generated} generated, {t.augmented} augmented, {t.failed} failed")
@@ -134,11 +145,17 @@ def cmd_up(args: argparse.Namespace) -> int:
     runtime.configure_logging(os.environ.get("LOG_LEVEL", "INFO"))
     with LocalStack(StackConfig()) as stack:
         if stack.admin_password_generated:
-            print(f"Created user 'admin' with generated password: {stack.admin_password_generated}\n"
-                  "(shown once; set TIERWRITER_ADMIN_PASSWORD to choose it yourself)", flush=True)
-        print(f"orchestrator  {stack.orchestrator_address}\n"
-              f"generator     {stack.generator_address}\n"
-              f"persistence   {stack.persistence_address}", flush=True)
+            print(
+                f"Created user 'admin' with generated password: {stack.admin_password_generated}\n"
+                "(shown once; set TIERWRITER_ADMIN_PASSWORD to choose it yourself)",
+                flush=True,
+            )
+        print(
+            f"orchestrator  {stack.orchestrator_address}\n"
+            f"generator     {stack.generator_address}\n"
+            f"persistence   {stack.persistence_address}",
+            flush=True,
+        )
         if stack.simulator:
             print(f"LLM simulator {stack.simulator.base_url} (no OPENAI_API_KEY set)", flush=True)
         print("tierwriter is up. Ctrl-C stops every service.", flush=True)
@@ -156,16 +173,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     password = secrets.token_urlsafe(16)
     simulator = SimulatorConfig(latency=args.latency, garbage_outline_every=args.fail_every)
     config = StackConfig(
-        database_url=f"sqlite:///{DEMO_DATABASE}", output_dir=DEMO_OUTPUT, simulator=simulator,
-        admin_password=password, orchestrator_address="127.0.0.1:0",
-        generator_address="127.0.0.1:0", persistence_address="127.0.0.1:0")
-    print("tierwriter demo: the three services and the LLM simulator, on loopback, in this process.")
-    print(f"Database: {DEMO_DATABASE} (recreated each run); simulated latency {args.latency}s a call.")
+        database_url=f"sqlite:///{DEMO_DATABASE}",
+        output_dir=DEMO_OUTPUT,
+        simulator=simulator,
+        admin_password=password,
+        orchestrator_address="127.0.0.1:0",
+        generator_address="127.0.0.1:0",
+        persistence_address="127.0.0.1:0",
+    )
+    print(
+        "tierwriter demo: the three services and the LLM simulator, on loopback, in this process."
+    )
+    print(
+        f"Database: {DEMO_DATABASE} (recreated each run); simulated latency {args.latency}s a call."
+    )
     if args.fail_every:
-        print(f"The simulator returns a malformed outline for every {args.fail_every}th outline request,"
-              " to show a failure being recorded while the rest of the batch goes on.")
+        print(
+            f"The simulator returns a malformed outline for every {args.fail_every}th "
+            "outline request,"
+            " to show a failure being recorded while the rest of the batch goes on."
+        )
     print()
-    with LocalStack(config) as stack, OrchestratorClient(stack.orchestrator_address, "admin", password) as client:
+    with (
+        LocalStack(config) as stack,
+        OrchestratorClient(stack.orchestrator_address, "admin", password) as client,
+    ):
         return run_and_print(client, demo_job(), sys.stdout)
 
 
@@ -176,36 +208,58 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tierwriter",
         description="Generate batches of long-form articles with an LLM, concurrently.",
         epilog="Environment: ORCHESTRATOR_ADDRESS, TIERWRITER_USER, TIERWRITER_PASSWORD; the "
-               "services read CONCURRENT_WORKERS, WORD_COUNT_COMPENSATION, OPENAI_BASE_URL, "
-               "OPENAI_API_KEY, DATABASE_URL (see README).")
+        "services read CONCURRENT_WORKERS, WORD_COUNT_COMPENSATION, OPENAI_BASE_URL, "
+        "OPENAI_API_KEY, DATABASE_URL (see README).",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_client_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("-u", "--user", help="username (default: $TIERWRITER_USER)")
         p.add_argument("-p", "--password", help="password (default: $TIERWRITER_PASSWORD)")
-        p.add_argument("--address", default=address_default,
-                       help="orchestrator address (default: $ORCHESTRATOR_ADDRESS or %(default)s)")
+        p.add_argument(
+            "--address",
+            default=address_default,
+            help="orchestrator address (default: $ORCHESTRATOR_ADDRESS or %(default)s)",
+        )
         return p
 
-    batch = with_client_options(commands.add_parser(
-        "generate-batch", help="run a job file on a running tierwriter (see `up`)"))
+    batch = with_client_options(
+        commands.add_parser(
+            "generate-batch", help="run a job file on a running tierwriter (see `up`)"
+        )
+    )
     batch.add_argument("-j", "--job-file", required=True, help="the job file (JSON)")
     batch.set_defaults(handler=cmd_generate_batch)
 
-    up = commands.add_parser("up", help="start all services (and the simulator without an API key) "
-                                        "on loopback in the foreground; Ctrl-C stops them")
+    up = commands.add_parser(
+        "up",
+        help="start all services (and the simulator without an API key) "
+        "on loopback in the foreground; Ctrl-C stops them",
+    )
     up.set_defaults(handler=cmd_up)
 
-    demo = commands.add_parser("demo", help="run the bundled two-tier demo job end to end with no setup")
-    demo.add_argument("--latency", type=float, default=0.3,
-                      help="simulated seconds per model call (default: %(default)s)")
-    demo.add_argument("--fail-every", type=int, default=12, metavar="N",
-                      help="every N-th outline reply is malformed, to show failure handling; "
-                           "0 for none (default: %(default)s)")
+    demo = commands.add_parser(
+        "demo", help="run the bundled two-tier demo job end to end with no setup"
+    )
+    demo.add_argument(
+        "--latency",
+        type=float,
+        default=0.3,
+        help="simulated seconds per model call (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--fail-every",
+        type=int,
+        default=12,
+        metavar="N",
+        help="every N-th outline reply is malformed, to show failure handling; "
+        "0 for none (default: %(default)s)",
+    )
     demo.set_defaults(handler=cmd_demo)
 
     jobs = commands.add_parser("jobs", help="list or show jobs").add_subparsers(
-        dest="jobs_command", required=True, metavar="ACTION")
+        dest="jobs_command", required=True, metavar="ACTION"
+    )
     listing = with_client_options(jobs.add_parser("list", help="jobs, newest first"))
     listing.add_argument("--limit", type=int, default=50)
     listing.set_defaults(handler=cmd_jobs_list)

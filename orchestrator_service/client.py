@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
 
 import grpc
 
@@ -33,10 +33,11 @@ class OrchestratorClient:
     def _error(self, error: grpc.RpcError) -> runtime.ServiceCallError:
         return runtime.ServiceCallError("orchestrator_service", self.address, error)
 
-    def run_job(self, job_file: str) -> Iterator[pb.JobEvent]:
+    def run_job(self, job_file: str) -> Generator[pb.JobEvent, None, None]:
         """Events of the run, ending with RunFinished. Closing the iterator cancels the run."""
-        stream = self._stub.RunJob(pb.RunJobRequest(job_file=job_file), timeout=RUN_DEADLINE,
-                                   metadata=self._metadata)
+        stream = self._stub.RunJob(
+            pb.RunJobRequest(job_file=job_file), timeout=RUN_DEADLINE, metadata=self._metadata
+        )
         try:
             yield from stream
         except grpc.RpcError as e:
@@ -46,14 +47,18 @@ class OrchestratorClient:
 
     def get_job(self, job_id: int) -> pb.GetJobResponse:
         try:
-            return self._stub.GetJob(pb.GetJobRequest(job_id=job_id), timeout=DEADLINE,
-                                     metadata=self._metadata)
+            return self._stub.GetJob(
+                pb.GetJobRequest(job_id=job_id), timeout=DEADLINE, metadata=self._metadata
+            )
         except grpc.RpcError as e:
             raise self._error(e) from e
 
     def list_jobs(self, limit: int = 50) -> list[pb.JobInfo]:
         try:
-            return list(self._stub.ListJobs(pb.ListJobsRequest(limit=limit), timeout=DEADLINE,
-                                            metadata=self._metadata).jobs)
+            return list(
+                self._stub.ListJobs(
+                    pb.ListJobsRequest(limit=limit), timeout=DEADLINE, metadata=self._metadata
+                ).jobs
+            )
         except grpc.RpcError as e:
             raise self._error(e) from e

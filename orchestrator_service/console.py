@@ -24,8 +24,11 @@ def _article_lines(a: pb.ArticleProgress) -> list[str]:
     if step == pb.ARTICLE_STEP_FAILED:
         lines = [f"{prefix} FAILED at {a.stage}: {a.error}"]
         lines += ["    " + line for line in a.traceback.rstrip().splitlines()]
-        lines.append(f"{prefix} Saved error record to database (ID: {a.article_id})" if a.article_id
-                     else f"{prefix} Error record NOT saved")
+        lines.append(
+            f"{prefix} Saved error record to database (ID: {a.article_id})"
+            if a.article_id
+            else f"{prefix} Error record NOT saved"
+        )
         return lines
     text = {
         pb.ARTICLE_STEP_OUTLINE_STARTED: "Generating outline...",
@@ -53,7 +56,9 @@ def summary_lines(finished: pb.RunFinished) -> list[str]:
         f"  Augmented:          {s.augmented_articles}",
         f"  Failed:             {s.failed_articles}",
     ]
-    not_recorded = s.requested_articles - s.generated_articles - s.augmented_articles - s.failed_articles
+    not_recorded = (
+        s.requested_articles - s.generated_articles - s.augmented_articles - s.failed_articles
+    )
     if not_recorded:
         lines.append(f"  Not started:        {not_recorded}")
     lines += [
@@ -75,27 +80,37 @@ def event_lines(event: pb.JobEvent) -> list[str]:
     kind = event.WhichOneof("event")
     if kind == "job_started":
         j = event.job_started
-        return [f"Job {j.job_number + 1}/{j.job_count} (ID: {j.job_id}), project '{j.project}': "
-                f"{j.requested_articles} articles (concurrency: {j.max_workers})"]
+        return [
+            f"Job {j.job_number + 1}/{j.job_count} (ID: {j.job_id}), project '{j.project}': "
+            f"{j.requested_articles} articles (concurrency: {j.max_workers})"
+        ]
     if kind == "tier_started":
         t = event.tier_started
-        return [f"  {t.tier}: Generating {t.count} articles (concurrency: {t.max_workers})",
-                f"[{t.tier}] Generating {t.count} titles in batches..."]
+        return [
+            f"  {t.tier}: Generating {t.count} articles (concurrency: {t.max_workers})",
+            f"[{t.tier}] Generating {t.count} titles in batches...",
+        ]
     if kind == "titles_ready":
-        t = event.titles_ready
-        lines = [f"[{t.tier}] Generated {t.count} titles"]
-        if t.shortfall:
-            lines.append(f"[{t.tier}] Warning: the model gave {t.shortfall} titles too few; "
-                         f"the tier will have {t.count} articles")
+        titles = event.titles_ready
+        lines = [f"[{titles.tier}] Generated {titles.count} titles"]
+        if titles.shortfall:
+            lines.append(
+                f"[{titles.tier}] Warning: the model gave {titles.shortfall} titles too few; "
+                f"the tier will have {titles.count} articles"
+            )
         return lines
     if kind == "article":
         return _article_lines(event.article)
     if kind == "tier_finished":
-        t = event.tier_finished
-        lines = [f"[{t.tier}] Done: {t.generated} generated, {t.augmented} augmented, "
-                 f"{t.failed} failed; {t.files_written} pages written"]
-        if t.post_processing_error:
-            lines.append(f"[{t.tier}] Warning: post-processing failed: {t.post_processing_error}")
+        done = event.tier_finished
+        lines = [
+            f"[{done.tier}] Done: {done.generated} generated, {done.augmented} augmented, "
+            f"{done.failed} failed; {done.files_written} pages written"
+        ]
+        if done.post_processing_error:
+            lines.append(
+                f"[{done.tier}] Warning: post-processing failed: {done.post_processing_error}"
+            )
         return lines
     if kind == "run_finished":
         return summary_lines(event.run_finished)

@@ -57,10 +57,15 @@ class TierSpec(_Strict):
 
     @model_validator(mode="after")
     def _min_not_above_max(self) -> Self:
-        for low, high in [("min_word_count", "max_word_count"), ("min_h2_tags", "max_h2_tags"),
-                          ("min_h3_tags", "max_h3_tags")]:
+        for low, high in [
+            ("min_word_count", "max_word_count"),
+            ("min_h2_tags", "max_h2_tags"),
+            ("min_h3_tags", "max_h3_tags"),
+        ]:
             if getattr(self, low) > getattr(self, high):
-                raise ValueError(f"{low} ({getattr(self, low)}) is above {high} ({getattr(self, high)})")
+                raise ValueError(
+                    f"{low} ({getattr(self, low)}) is above {high} ({getattr(self, high)})"
+                )
         return self
 
 
@@ -143,7 +148,9 @@ def parse_job_file(text: str) -> JobFile:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise JobFileError(f"(file): not valid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+        raise JobFileError(
+            f"(file): not valid JSON at line {e.lineno} column {e.colno}: {e.msg}"
+        ) from e
     try:
         return JobFile.model_validate(data)
     except ValidationError as e:

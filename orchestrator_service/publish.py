@@ -20,8 +20,30 @@ BUNDLED_TEMPLATES = Path(__file__).parent / "templates"
 ARTICLE_TEMPLATE = "article.html"
 NO_SITE = "unassigned"
 # What the model may put in a body. No script, style, iframe, event handlers or javascript: URLs.
-ALLOWED_TAGS = {"h2", "h3", "h4", "p", "ul", "ol", "li", "strong", "em", "b", "i", "a",
-                "blockquote", "table", "thead", "tbody", "tr", "th", "td", "br", "code", "pre"}
+ALLOWED_TAGS = {
+    "h2",
+    "h3",
+    "h4",
+    "p",
+    "ul",
+    "ol",
+    "li",
+    "strong",
+    "em",
+    "b",
+    "i",
+    "a",
+    "blockquote",
+    "table",
+    "thead",
+    "tbody",
+    "tr",
+    "th",
+    "td",
+    "br",
+    "code",
+    "pre",
+}
 ALLOWED_ATTRIBUTES = {"a": {"href", "title"}}
 
 
@@ -65,8 +87,13 @@ def article_url(site: str, slug: str) -> str:
 
 def sanitise(html: str) -> str:
     """The model's HTML with only the allowlisted tags and attributes (nh3/ammonia)."""
-    return nh3.clean(html, tags=ALLOWED_TAGS, attributes=ALLOWED_ATTRIBUTES,
-                     url_schemes={"http", "https", "mailto"}, link_rel="noopener")
+    return nh3.clean(
+        html,
+        tags=ALLOWED_TAGS,
+        attributes=ALLOWED_ATTRIBUTES,
+        url_schemes={"http", "https", "mailto"},
+        link_rel="noopener",
+    )
 
 
 def template_environment(templates_dir: Path | None) -> jinja2.Environment:
@@ -85,14 +112,28 @@ def meta_description(html: str, limit: int = 155) -> str:
     return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + "…"
 
 
-def render_article(env: jinja2.Environment, *, title: str, content: str, keyword: str,
-                   site: str, url: str, tier: str) -> str:
+def render_article(
+    env: jinja2.Environment,
+    *,
+    title: str,
+    content: str,
+    keyword: str,
+    site: str,
+    url: str,
+    tier: str,
+) -> str:
     """One article page. Title and description are escaped by autoescape; the body is sanitised
     first and only then marked safe."""
     body = sanitise(content)
     return env.get_template(ARTICLE_TEMPLATE).render(
-        title=title, body=Markup(body), description=meta_description(body), keyword=keyword,
-        site=site or NO_SITE, url=url, tier=tier, word_count=count_words(body),
+        title=title,
+        body=Markup(body),
+        description=meta_description(body),
+        keyword=keyword,
+        site=site or NO_SITE,
+        url=url,
+        tier=tier,
+        word_count=count_words(body),
     )
 
 

@@ -9,7 +9,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +22,9 @@ from orchestrator_service.config import Settings
 from orchestrator_service.jobfile import JobFile, JobFileError, JobSpec, TierSpec, parse_job_file
 from persistence_service.client import PersistenceClient
 from tierwriter.generator.v1 import generator_service_pb2 as gen_pb
-from tierwriter.runtime import ServiceCallError
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 from tierwriter.persistence.v1 import persistence_service_pb2 as db_pb
+from tierwriter.runtime import ServiceCallError
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +40,27 @@ class TierOutcome:
     failure: str  # the first failure that stops the job (continue_on_error false), else ""
 
 
-def progress_from_generator(event: gen_pb.ArticleEvent, job_id: int, tier_count: int) -> pb.ArticleProgress:
+def progress_from_generator(
+    event: gen_pb.ArticleEvent, job_id: int, tier_count: int
+) -> pb.ArticleProgress:
     """A generator event as the public ArticleProgress (the enums share their suffixes)."""
     step_name = gen_pb.ArticleEventKind.Name(event.kind).removeprefix("ARTICLE_EVENT_KIND_")
     return pb.ArticleProgress(
-        job_id=job_id, step=pb.ArticleStep.Value(f"ARTICLE_STEP_{step_name}"), tier=event.tier,
-        article_index=event.article_index, tier_count=tier_count, title=event.title,
-        site=event.site, h2_count=event.h2_count, h3_count=event.h3_count,
-        word_count=event.word_count, min_word_count=event.min_word_count,
-        article_id=event.article_id, status=event.status, stage=event.stage, error=event.error,
+        job_id=job_id,
+        step=pb.ArticleStep.Value(f"ARTICLE_STEP_{step_name}"),
+        tier=event.tier,
+        article_index=event.article_index,
+        tier_count=tier_count,
+        title=event.title,
+        site=event.site,
+        h2_count=event.h2_count,
+        h3_count=event.h3_count,
+        word_count=event.word_count,
+        min_word_count=event.min_word_count,
+        article_id=event.article_id,
+        status=event.status,
+        stage=event.stage,
+        error=event.error,
         traceback=event.traceback,
     )
 
@@ -56,7 +68,9 @@ def progress_from_generator(event: gen_pb.ArticleEvent, job_id: int, tier_count:
 class JobRunner:
     """Runs job files. Thread-safe: each run keeps its state in local variables."""
 
-    def __init__(self, settings: Settings, persistence: PersistenceClient, generator: GeneratorClient) -> None:
+    def __init__(
+        self, settings: Settings, persistence: PersistenceClient, generator: GeneratorClient
+    ) -> None:
         self._settings = settings
         self._persistence = persistence
         self._generator = generator
@@ -73,7 +87,8 @@ class JobRunner:
                 except ServiceCallError as e:
                     if e.code == grpc.StatusCode.NOT_FOUND:
                         raise JobFileError(
-                            f"jobs[{n}].project_id: project {spec.project_id} does not exist") from e
+                            f"jobs[{n}].project_id: project {spec.project_id} does not exist"
+                        ) from e
                     raise
         return job_file
 
@@ -81,7 +96,9 @@ class JobRunner:
         """The job's max_workers, else CONCURRENT_WORKERS (default 5)."""
         return spec.max_workers or self._settings.concurrent_workers
 
-    def run(self, job_file: JobFile, owner: str, cancelled: threading.Event) -> Iterator[pb.JobEvent]:
+    def run(
+        self, job_file: JobFile, owner: str, cancelled: threading.Event
+    ) -> Iterator[pb.JobEvent]:
         """Run every job in order; the last event is always RunFinished."""
         started = time.monotonic()
         job_ids: list[int] = []
@@ -95,8 +112,10 @@ class JobRunner:
         yield pb.JobEvent(run_finished=self._finish(job_ids, error, time.monotonic() - started))
 
     def _finish(self, job_ids: list[int], error: str, elapsed: float) -> pb.RunFinished:
-        summary = pb.Summary(execution_seconds=elapsed, output_dirs=[
-            str(self._settings.output_dir / str(job_id)) for job_id in job_ids])
+        summary = pb.Summary(
+            execution_seconds=elapsed,
+            output_dirs=[str(self._settings.output_dir / str(job_id)) for job_id in job_ids],
+        )
         if job_ids:
             try:
                 stats = self._persistence.job_stats(job_ids)
@@ -104,37 +123,63 @@ class JobRunner:
                 error = error or str(e)
             else:
                 t = stats.totals
-                summary.MergeFrom(pb.Summary(
-                    total_jobs=stats.total_jobs, processed_jobs=stats.processed_jobs,
-                    requested_articles=t.requested, generated_articles=t.generated,
-                    augmented_articles=t.augmented, failed_articles=t.failed,
-                    api_calls=t.api_calls + stats.title_api_calls,
-                    prompt_tokens=t.prompt_tokens + stats.title_prompt_tokens,
-                    completion_tokens=t.completion_tokens + stats.title_completion_tokens,
-                ))
+                summary.MergeFrom(
+                    pb.Summary(
+                        total_jobs=stats.total_jobs,
+                        processed_jobs=stats.processed_jobs,
+                        requested_articles=t.requested,
+                        generated_articles=t.generated,
+                        augmented_articles=t.augmented,
+                        failed_articles=t.failed,
+                        api_calls=t.api_calls + stats.title_api_calls,
+                        prompt_tokens=t.prompt_tokens + stats.title_prompt_tokens,
+                        completion_tokens=t.completion_tokens + stats.title_completion_tokens,
+                    )
+                )
         return pb.RunFinished(ok=not error, error=error, summary=summary)
 
-    def _run_job(self, n: int, total: int, spec: JobSpec, owner: str,
-                 cancelled: threading.Event, job_ids: list[int]) -> Iterator[pb.JobEvent]:
+    def _run_job(
+        self,
+        n: int,
+        total: int,
+        spec: JobSpec,
+        owner: str,
+        cancelled: threading.Event,
+        job_ids: list[int],
+    ) -> Iterator[pb.JobEvent]:
         try:
             project = self._project(spec)
             workers = self.effective_workers(spec)
-            job = self._persistence.create_job(db_pb.CreateJobRequest(
-                project_id=project.id, spec_json=spec.model_dump_json(), max_workers=workers,
-                requested_articles=spec.requested_articles(), owner=owner))
+            job = self._persistence.create_job(
+                db_pb.CreateJobRequest(
+                    project_id=project.id,
+                    spec_json=spec.model_dump_json(),
+                    max_workers=workers,
+                    requested_articles=spec.requested_articles(),
+                    owner=owner,
+                )
+            )
         except ServiceCallError as e:
             raise JobStopped(str(e)) from e
         job_ids.append(job.id)
-        yield pb.JobEvent(job_started=pb.JobStarted(
-            job_id=job.id, project=project.name, max_workers=workers,
-            requested_articles=spec.requested_articles(), job_number=n, job_count=total))
+        yield pb.JobEvent(
+            job_started=pb.JobStarted(
+                job_id=job.id,
+                project=project.name,
+                max_workers=workers,
+                requested_articles=spec.requested_articles(),
+                job_number=n,
+                job_count=total,
+            )
+        )
 
         status, error = "failed", ""
         try:
             used_titles: list[str] = []
             for tier_name, tier in spec.ordered_tiers():
-                outcome = yield from self._run_tier(job.id, project, spec, tier_name, tier,
-                                                    workers, used_titles, cancelled)
+                outcome = yield from self._run_tier(
+                    job.id, project, spec, tier_name, tier, workers, used_titles, cancelled
+                )
                 if outcome.failure:
                     error = outcome.failure
                     break
@@ -157,46 +202,94 @@ class JobRunner:
             return self._persistence.get_project(spec.project_id)
         assert spec.project is not None
         p = spec.project
-        return self._persistence.ensure_project(db_pb.Project(
-            name=p.name, main_keyword=p.main_keyword, entities=p.entities,
-            related_searches=p.related_searches, money_site_url=p.money_site_url))
+        return self._persistence.ensure_project(
+            db_pb.Project(
+                name=p.name,
+                main_keyword=p.main_keyword,
+                entities=p.entities,
+                related_searches=p.related_searches,
+                money_site_url=p.money_site_url,
+            )
+        )
 
-    def _run_tier(self, job_id: int, project: db_pb.Project, spec: JobSpec, tier_name: str,
-                  tier: TierSpec, workers: int, used_titles: list[str],
-                  cancelled: threading.Event) -> Iterator[pb.JobEvent]:
-        yield pb.JobEvent(tier_started=pb.TierStarted(
-            job_id=job_id, tier=tier_name, count=tier.count, max_workers=workers))
+    def _run_tier(
+        self,
+        job_id: int,
+        project: db_pb.Project,
+        spec: JobSpec,
+        tier_name: str,
+        tier: TierSpec,
+        workers: int,
+        used_titles: list[str],
+        cancelled: threading.Event,
+    ) -> Generator[pb.JobEvent, None, TierOutcome]:
+        yield pb.JobEvent(
+            tier_started=pb.TierStarted(
+                job_id=job_id, tier=tier_name, count=tier.count, max_workers=workers
+            )
+        )
         context = gen_pb.ProjectContext(
-            project_id=project.id, main_keyword=project.main_keyword,
-            entities=project.entities, related_searches=project.related_searches)
+            project_id=project.id,
+            main_keyword=project.main_keyword,
+            entities=project.entities,
+            related_searches=project.related_searches,
+        )
 
-        titles = self._generator.generate_titles(gen_pb.GenerateTitlesRequest(
-            project=context, tier=tier_name, count=tier.count, model=spec.models.title,
-            max_parallel_calls=workers, existing_titles=used_titles))
+        titles = self._generator.generate_titles(
+            gen_pb.GenerateTitlesRequest(
+                project=context,
+                tier=tier_name,
+                count=tier.count,
+                model=spec.models.title,
+                max_parallel_calls=workers,
+                existing_titles=used_titles,
+            )
+        )
         used_titles.extend(titles.titles)
-        self._persistence.record_titles(db_pb.RecordTitlesRequest(
-            job_id=job_id, tier=tier_name, titles=titles.titles, api_calls=titles.api_calls,
-            prompt_tokens=titles.prompt_tokens, completion_tokens=titles.completion_tokens))
-        yield pb.JobEvent(titles_ready=pb.TitlesReady(
-            job_id=job_id, tier=tier_name, count=len(titles.titles), shortfall=titles.shortfall))
+        self._persistence.record_titles(
+            db_pb.RecordTitlesRequest(
+                job_id=job_id,
+                tier=tier_name,
+                titles=titles.titles,
+                api_calls=titles.api_calls,
+                prompt_tokens=titles.prompt_tokens,
+                completion_tokens=titles.completion_tokens,
+            )
+        )
+        yield pb.JobEvent(
+            titles_ready=pb.TitlesReady(
+                job_id=job_id, tier=tier_name, count=len(titles.titles), shortfall=titles.shortfall
+            )
+        )
 
         sites = spec.deployment_targets
         settings = gen_pb.BatchSettings(
-            job_id=job_id, project=context,
+            job_id=job_id,
+            project=context,
             tier=gen_pb.TierSpec(name=tier_name, **tier.model_dump()),
             models=gen_pb.Models(**spec.models.model_dump()),
-            max_workers=workers, continue_on_error=spec.continue_on_error)
-        requests = [gen_pb.ArticleRequest(article_index=i, title=title,
-                                          site=sites[i % len(sites)] if sites else "")
-                    for i, title in enumerate(titles.titles)]
+            max_workers=workers,
+            continue_on_error=spec.continue_on_error,
+        )
+        requests = [
+            gen_pb.ArticleRequest(
+                article_index=i, title=title, site=sites[i % len(sites)] if sites else ""
+            )
+            for i, title in enumerate(titles.titles)
+        ]
         failure = ""
         with closing(self._generator.generate_articles(settings, requests)) as events:
             for event in events:
                 yield pb.JobEvent(article=progress_from_generator(event, job_id, tier.count))
-                if (event.kind == gen_pb.ARTICLE_EVENT_KIND_FAILED and not failure
-                        and not spec.continue_on_error):
-                    failure = (f"{tier_name} article {event.article_index + 1}/{tier.count} failed "
-                               f"and continue_on_error is false: {event.error}")
+                if (
+                    event.kind == gen_pb.ARTICLE_EVENT_KIND_FAILED
+                    and not failure
+                    and not spec.continue_on_error
+                ):
+                    failure = (
+                        f"{tier_name} article {event.article_index + 1}/{tier.count} failed "
+                        f"and continue_on_error is false: {event.error}"
+                    )
                 if cancelled.is_set():
                     failure = "cancelled: the client disconnected"
                     break
@@ -206,23 +299,42 @@ class JobRunner:
         # Every article of the tier has its terminal record now: the stream only ends after each
         # one's SAVED, FAILED or SKIPPED (invariant 5).
         files, post_error = self._publish(job_id, tier_name, project)
-        counts = next(s.counts for s in self._persistence.job_stats([job_id]).tiers if s.tier == tier_name)
-        yield pb.JobEvent(tier_finished=pb.TierFinished(
-            job_id=job_id, tier=tier_name, generated=counts.generated, augmented=counts.augmented,
-            failed=counts.failed, files_written=files, post_processing_error=post_error))
+        counts = next(
+            s.counts for s in self._persistence.job_stats([job_id]).tiers if s.tier == tier_name
+        )
+        yield pb.JobEvent(
+            tier_finished=pb.TierFinished(
+                job_id=job_id,
+                tier=tier_name,
+                generated=counts.generated,
+                augmented=counts.augmented,
+                failed=counts.failed,
+                files_written=files,
+                post_processing_error=post_error,
+            )
+        )
         return TierOutcome(failure)
 
     def _publish(self, job_id: int, tier: str, project: db_pb.Project) -> tuple[int, str]:
         """URLs, then one HTML file per successful article. A failure here is reported, not
         fatal: the articles are stored either way."""
         try:
-            articles = [a for a in self._persistence.list_articles(job_id, tier) if a.status != "failed"]
+            articles = [
+                a for a in self._persistence.list_articles(job_id, tier) if a.status != "failed"
+            ]
             slugs = publish.assign_slugs([(a.id, a.site, a.title) for a in articles])
             for a in articles:
                 url = publish.article_url(a.site, slugs[a.id])
                 path = publish.output_path(self._settings.output_dir, job_id, a.site, slugs[a.id])
-                html = publish.render_article(self._templates, title=a.title, content=a.content,
-                                              keyword=project.main_keyword, site=a.site, url=url, tier=tier)
+                html = publish.render_article(
+                    self._templates,
+                    title=a.title,
+                    content=a.content,
+                    keyword=project.main_keyword,
+                    site=a.site,
+                    url=url,
+                    tier=tier,
+                )
                 _write_atomically(path, html)
                 self._persistence.set_publication(a.id, url, str(path))
             return len(articles), ""

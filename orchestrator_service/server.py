@@ -24,8 +24,13 @@ def build_server(settings: Settings, address: str | None = None) -> runtime.Runn
         runner = JobRunner(settings, persistence, generator)
         return runtime.build_server(
             address or settings.orchestrator_address,
-            [(pb_grpc.add_OrchestratorServiceServicer_to_server,
-              OrchestratorServicer(runner, persistence), SERVICE_NAME)],
+            [
+                (
+                    pb_grpc.add_OrchestratorServiceServicer_to_server,
+                    OrchestratorServicer(runner, persistence),
+                    SERVICE_NAME,
+                )
+            ],
             max_workers=settings.orchestrator_threads,
             closers=[persistence.close, generator.close],
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 from collections.abc import Iterator
+from typing import NoReturn
 
 import grpc
 
@@ -12,6 +13,7 @@ from orchestrator_service.auth import credentials_from_metadata
 from orchestrator_service.jobfile import JobFileError
 from orchestrator_service.runner import JobRunner
 from persistence_service.client import PersistenceClient
+from tierwriter import runtime
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 from tierwriter.persistence.v1 import persistence_service_pb2 as db_pb
@@ -22,18 +24,28 @@ from tierwriter.runtime import ServiceCallError
 _PASSED_THROUGH = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT}
 
 
-def _abort_for(context: grpc.ServicerContext, error: ServiceCallError) -> None:
-    code = error.code if error.code in _PASSED_THROUGH else grpc.StatusCode.UNAVAILABLE
-    context.abort(code, error.details if error.code in _PASSED_THROUGH else str(error))
+def _abort_for(context: grpc.ServicerContext, error: ServiceCallError) -> NoReturn:
+    if error.code in _PASSED_THROUGH:
+        runtime.abort(context, error.code, error.details)  # type: ignore[arg-type]
+    runtime.abort(context, grpc.StatusCode.UNAVAILABLE, str(error))
 
 
-def job_info(job: db_pb.Job, project: str, tiers: list[db_pb.TierStats], title_calls: int,
-             title_tokens: int) -> pb.JobInfo:
+def job_info(
+    job: db_pb.Job, project: str, tiers: list[db_pb.TierStats], title_calls: int, title_tokens: int
+) -> pb.JobInfo:
     """A stored job and its per-tier counts as the public JobInfo."""
     info = pb.JobInfo(
-        job_id=job.id, project=project, status=job.status, max_workers=job.max_workers,
-        requested_articles=job.requested_articles, error=job.error, created_at=job.created_at,
-        finished_at=job.finished_at, api_calls=title_calls, tokens=title_tokens)
+        job_id=job.id,
+        project=project,
+        status=job.status,
+        max_workers=job.max_workers,
+        requested_articles=job.requested_articles,
+        error=job.error,
+        created_at=job.created_at,
+        finished_at=job.finished_at,
+        api_calls=title_calls,
+        tokens=title_tokens,
+    )
     for t in tiers:
         info.generated_articles += t.counts.generated
         info.augmented_articles += t.counts.augmented
@@ -53,22 +65,28 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     def _authenticate(self, context: grpc.ServicerContext) -> db_pb.User:
         credentials = credentials_from_metadata(context.invocation_metadata())
         if credentials is None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          "credentials required: pass -u/-p or set TIERWRITER_USER and TIERWRITER_PASSWORD")
+            runtime.abort(
+                context,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "credentials required: pass -u/-p or set TIERWRITER_USER and TIERWRITER_PASSWORD",
+            )
         try:
             return self._persistence.verify_credentials(*credentials)
         except ServiceCallError as e:
             if e.code == grpc.StatusCode.UNAUTHENTICATED:
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid username or password")
+                runtime.abort(
+                    context, grpc.StatusCode.UNAUTHENTICATED, "invalid username or password"
+                )
             _abort_for(context, e)
-        raise AssertionError("unreachable: abort raises")
 
-    def RunJob(self, request: pb.RunJobRequest, context: grpc.ServicerContext) -> Iterator[pb.JobEvent]:
+    def RunJob(
+        self, request: pb.RunJobRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.JobEvent]:
         user = self._authenticate(context)
         try:
             job_file = self._runner.validate(request.job_file)
         except JobFileError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            runtime.abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except ServiceCallError as e:
             _abort_for(context, e)
         cancelled = threading.Event()
@@ -83,27 +101,52 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             project = self._persistence.get_project(job.project_id).name
         except ServiceCallError as e:
             _abort_for(context, e)
-        info = job_info(job, project, list(stats.tiers), stats.title_api_calls,
-                        stats.title_prompt_tokens + stats.title_completion_tokens)
-        tiers = [pb.TierFinished(job_id=job.id, tier=t.tier, generated=t.counts.generated,
-                                 augmented=t.counts.augmented, failed=t.counts.failed)
-                 for t in stats.tiers]
+        info = job_info(
+            job,
+            project,
+            list(stats.tiers),
+            stats.title_api_calls,
+            stats.title_prompt_tokens + stats.title_completion_tokens,
+        )
+        tiers = [
+            pb.TierFinished(
+                job_id=job.id,
+                tier=t.tier,
+                generated=t.counts.generated,
+                augmented=t.counts.augmented,
+                failed=t.counts.failed,
+            )
+            for t in stats.tiers
+        ]
         return pb.GetJobResponse(job=info, tiers=tiers)
 
-    def ListJobs(self, request: pb.ListJobsRequest, context: grpc.ServicerContext) -> pb.ListJobsResponse:
+    def ListJobs(
+        self, request: pb.ListJobsRequest, context: grpc.ServicerContext
+    ) -> pb.ListJobsResponse:
         self._authenticate(context)
         try:
             jobs = self._persistence.list_jobs(request.limit or 50)
             if not jobs:
                 return pb.ListJobsResponse()
             stats = self._persistence.job_stats([j.id for j in jobs])
-            names = {pid: self._persistence.get_project(pid).name for pid in {j.project_id for j in jobs}}
+            names = {
+                pid: self._persistence.get_project(pid).name for pid in {j.project_id for j in jobs}
+            }
         except ServiceCallError as e:
             _abort_for(context, e)
         tiers: dict[int, list[db_pb.TierStats]] = defaultdict(list)
         for t in stats.tiers:
             tiers[t.job_id].append(t)
         # Title costs are only reported in total by GetJobStats; per job they live on the job.
-        return pb.ListJobsResponse(jobs=[
-            job_info(j, names[j.project_id], tiers[j.id], j.title_api_calls,
-                     j.title_prompt_tokens + j.title_completion_tokens) for j in jobs])
+        return pb.ListJobsResponse(
+            jobs=[
+                job_info(
+                    j,
+                    names[j.project_id],
+                    tiers[j.id],
+                    j.title_api_calls,
+                    j.title_prompt_tokens + j.title_completion_tokens,
+                )
+                for j in jobs
+            ]
+        )

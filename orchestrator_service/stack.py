@@ -71,44 +71,62 @@ class LocalStack:
             raise
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
 
     def _start(self) -> None:
         c = self.config
-        generator_settings = GeneratorSettings(**_given(  # type: ignore[arg-type]
-            word_count_compensation=c.word_count_compensation))
-        if c.simulator is not None or (generator_settings.openai_api_key is None
-                                       and generator_settings.openai_base_url is None):
+        generator_settings = GeneratorSettings(
+            **_given(  # type: ignore[arg-type]
+                word_count_compensation=c.word_count_compensation
+            )
+        )
+        if c.simulator is not None or (
+            generator_settings.openai_api_key is None and generator_settings.openai_base_url is None
+        ):
             self.simulator = LlmSimulator(c.simulator or SimulatorConfig()).start()
             generator_settings.openai_base_url = self.simulator.base_url
             generator_settings.openai_api_key = None
 
-        persistence_settings = PersistenceSettings(**_given(  # type: ignore[arg-type]
-            database_url=c.database_url,
-            admin_password=SecretStr(c.admin_password) if c.admin_password else None))
+        persistence_settings = PersistenceSettings(
+            **_given(  # type: ignore[arg-type]
+                database_url=c.database_url,
+                admin_password=SecretStr(c.admin_password) if c.admin_password else None,
+            )
+        )
         persistence, self.store = build_persistence(persistence_settings, c.persistence_address)
         self._running.append(persistence)
         self.persistence_address = runtime.host_port(
-            c.persistence_address or persistence_settings.persistence_address, persistence.port)
+            c.persistence_address or persistence_settings.persistence_address, persistence.port
+        )
         self.admin_password_generated = bootstrap_admin(self.store, persistence_settings)
 
         generator_settings.persistence_address = self.persistence_address
         generator = build_generator(generator_settings, c.generator_address)
         self._running.append(generator)
         self.generator_address = runtime.host_port(
-            c.generator_address or generator_settings.generator_address, generator.port)
+            c.generator_address or generator_settings.generator_address, generator.port
+        )
 
-        orchestrator_settings = OrchestratorSettings(**_given(  # type: ignore[arg-type]
-            concurrent_workers=c.concurrent_workers, output_dir=c.output_dir,
-            templates_dir=c.templates_dir))
+        orchestrator_settings = OrchestratorSettings(
+            **_given(  # type: ignore[arg-type]
+                concurrent_workers=c.concurrent_workers,
+                output_dir=c.output_dir,
+                templates_dir=c.templates_dir,
+            )
+        )
         orchestrator_settings.generator_address = self.generator_address
         orchestrator_settings.persistence_address = self.persistence_address
         orchestrator = build_orchestrator(orchestrator_settings, c.orchestrator_address)
         self._running.append(orchestrator)
         self.orchestrator_address = runtime.host_port(
-            c.orchestrator_address or orchestrator_settings.orchestrator_address, orchestrator.port)
+            c.orchestrator_address or orchestrator_settings.orchestrator_address, orchestrator.port
+        )
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop every server this stack started (in-flight calls get `grace` seconds), then the

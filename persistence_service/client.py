@@ -1,8 +1,6 @@
-"""PersistenceClient: the typed way the other services call persistence; every call has a deadline."""
+"""PersistenceClient: how the other services call persistence; every call has a deadline."""
 
 from __future__ import annotations
-
-import grpc
 
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -67,14 +65,18 @@ class PersistenceClient:
 
     def save_article(self, article: pb.Article) -> pb.SaveArticleResponse:
         # wait_for_ready: a save should ride out a persistence restart rather than lose the article.
-        return self._call(self._stub.SaveArticle, pb.SaveArticleRequest(article=article), wait_for_ready=True)
+        return self._call(
+            self._stub.SaveArticle, pb.SaveArticleRequest(article=article), wait_for_ready=True
+        )
 
     def list_articles(self, job_id: int, tier: str = "") -> list[pb.Article]:
         request = pb.ListArticlesRequest(job_id=job_id, tier=tier)
         return list(self._call(self._stub.ListArticles, request).articles)
 
     def set_publication(self, article_id: int, url: str, output_path: str) -> pb.Article:
-        request = pb.SetArticlePublicationRequest(article_id=article_id, url=url, output_path=output_path)
+        request = pb.SetArticlePublicationRequest(
+            article_id=article_id, url=url, output_path=output_path
+        )
         return self._call(self._stub.SetArticlePublication, request)
 
     def job_stats(self, job_ids: list[int]) -> pb.GetJobStatsResponse:

@@ -15,14 +15,22 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "tierwriter.persistence.v1.PersistenceService"
 
 
-def build_server(settings: Settings, address: str | None = None) -> tuple[runtime.RunningServer, Store]:
+def build_server(
+    settings: Settings, address: str | None = None
+) -> tuple[runtime.RunningServer, Store]:
     """Open the database (creating missing tables) and start serving on `address`."""
     engine = make_engine(settings.database_url, pool_size=settings.persistence_threads)
     store = Store(make_session_factory(engine))
     try:
         running = runtime.build_server(
             address or settings.persistence_address,
-            [(pb_grpc.add_PersistenceServiceServicer_to_server, PersistenceServicer(store), SERVICE_NAME)],
+            [
+                (
+                    pb_grpc.add_PersistenceServiceServicer_to_server,
+                    PersistenceServicer(store),
+                    SERVICE_NAME,
+                )
+            ],
             max_workers=settings.persistence_threads,
             closers=[engine.dispose],
         )

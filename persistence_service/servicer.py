@@ -17,6 +17,7 @@ from persistence_service.store import (
     NotFoundError,
     Store,
 )
+from tierwriter import runtime
 from tierwriter.persistence.v1 import persistence_service_pb2 as pb
 from tierwriter.persistence.v1 import persistence_service_pb2_grpc as pb_grpc
 
@@ -29,11 +30,11 @@ def _status_codes(context: grpc.ServicerContext) -> Iterator[None]:
     try:
         yield
     except NotFoundError as e:
-        context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        runtime.abort(context, grpc.StatusCode.NOT_FOUND, str(e))
     except InvalidRecordError as e:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        runtime.abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
     except AuthenticationError as e:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+        runtime.abort(context, grpc.StatusCode.UNAUTHENTICATED, str(e))
 
 
 def project_to_proto(p: Project) -> pb.Project:
@@ -133,9 +134,11 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
     def _call(self, context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
         with _status_codes(context):
             return fn()
-        raise AssertionError("unreachable: abort raises")
+        raise AssertionError("unreachable: _status_codes aborts or re-raises")
 
-    def EnsureProject(self, request: pb.EnsureProjectRequest, context: grpc.ServicerContext) -> pb.Project:
+    def EnsureProject(
+        self, request: pb.EnsureProjectRequest, context: grpc.ServicerContext
+    ) -> pb.Project:
         p = request.project
         fields = dict(
             name=p.name,
@@ -146,23 +149,35 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
         )
         return project_to_proto(self._call(context, lambda: self._store.ensure_project(fields)))
 
-    def GetProject(self, request: pb.GetProjectRequest, context: grpc.ServicerContext) -> pb.Project:
-        return project_to_proto(self._call(context, lambda: self._store.get_project(request.project_id)))
+    def GetProject(
+        self, request: pb.GetProjectRequest, context: grpc.ServicerContext
+    ) -> pb.Project:
+        return project_to_proto(
+            self._call(context, lambda: self._store.get_project(request.project_id))
+        )
 
     def CreateJob(self, request: pb.CreateJobRequest, context: grpc.ServicerContext) -> pb.Job:
         try:
             spec = json.loads(request.spec_json)
         except json.JSONDecodeError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"spec_json: not valid JSON ({e.msg})")
+            runtime.abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, f"spec_json: not valid JSON ({e.msg})"
+            )
         job = self._call(
             context,
             lambda: self._store.create_job(
-                request.project_id, spec, request.max_workers, request.requested_articles, request.owner
+                request.project_id,
+                spec,
+                request.max_workers,
+                request.requested_articles,
+                request.owner,
             ),
         )
         return job_to_proto(job)
 
-    def RecordTitles(self, request: pb.RecordTitlesRequest, context: grpc.ServicerContext) -> pb.Job:
+    def RecordTitles(
+        self, request: pb.RecordTitlesRequest, context: grpc.ServicerContext
+    ) -> pb.Job:
         job = self._call(
             context,
             lambda: self._store.record_titles(
@@ -185,7 +200,9 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:
         return job_to_proto(self._call(context, lambda: self._store.get_job(request.job_id)))
 
-    def ListJobs(self, request: pb.ListJobsRequest, context: grpc.ServicerContext) -> pb.ListJobsResponse:
+    def ListJobs(
+        self, request: pb.ListJobsRequest, context: grpc.ServicerContext
+    ) -> pb.ListJobsResponse:
         jobs = self._call(context, lambda: self._store.list_jobs(request.limit or 50))
         return pb.ListJobsResponse(jobs=[job_to_proto(j) for j in jobs])
 
@@ -200,7 +217,9 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
     def ListArticles(
         self, request: pb.ListArticlesRequest, context: grpc.ServicerContext
     ) -> pb.ListArticlesResponse:
-        articles = self._call(context, lambda: self._store.list_articles(request.job_id, request.tier))
+        articles = self._call(
+            context, lambda: self._store.list_articles(request.job_id, request.tier)
+        )
         return pb.ListArticlesResponse(articles=[article_to_proto(a) for a in articles])
 
     def SetArticlePublication(
@@ -208,7 +227,9 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
     ) -> pb.Article:
         article = self._call(
             context,
-            lambda: self._store.set_publication(request.article_id, request.url, request.output_path),
+            lambda: self._store.set_publication(
+                request.article_id, request.url, request.output_path
+            ),
         )
         return article_to_proto(article)
 
@@ -216,7 +237,9 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
         self, request: pb.GetJobStatsRequest, context: grpc.ServicerContext
     ) -> pb.GetJobStatsResponse:
         if not request.job_ids:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "job_ids: name at least one job")
+            runtime.abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, "job_ids: name at least one job"
+            )
         stats = self._call(context, lambda: self._store.job_stats(list(request.job_ids)))
         return pb.GetJobStatsResponse(
             total_jobs=stats.total_jobs,

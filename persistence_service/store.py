@@ -139,7 +139,13 @@ class Store:
             return job
 
     def record_titles(
-        self, job_id: int, tier: str, titles: list[str], api_calls: int, prompt: int, completion: int
+        self,
+        job_id: int,
+        tier: str,
+        titles: list[str],
+        api_calls: int,
+        prompt: int,
+        completion: int,
     ) -> Job:
         """Keep a tier's titles with the job and add what they cost."""
         with self._uow() as uow:
@@ -186,7 +192,9 @@ class Store:
         Idempotent on (job, tier, index): when the record exists — a retried call, a restarted
         generator — the stored one is returned unchanged and created is False."""
         if fields.get("status") not in ARTICLE_STATUSES:
-            raise InvalidRecordError(f"article.status: must be one of {', '.join(ARTICLE_STATUSES)}")
+            raise InvalidRecordError(
+                f"article.status: must be one of {', '.join(ARTICLE_STATUSES)}"
+            )
         if not fields.get("tier"):
             raise InvalidRecordError("article.tier: must not be empty")
         if fields.get("article_index", -1) < 0:
@@ -266,8 +274,13 @@ class Store:
             if repository.admin_exists(uow.session):
                 return None
             generated = None if password else secrets.token_urlsafe(18)
+            secret = password or generated or ""
             uow.session.add(
-                User(username="admin", password_hash=_hasher.hash(password or generated), role="admin")
+                User(
+                    username="admin",
+                    password_hash=_hasher.hash(secret),
+                    role="admin",
+                )
             )
             try:
                 uow.commit()

@@ -52,22 +52,46 @@ def postgres_server() -> Iterator[PostgresServer]:
     data, port = base / "data", _free_port()
 
     def run(*args: str) -> None:
-        subprocess.run([*as_postgres, *args], check=True, capture_output=True, text=True, timeout=120)
+        subprocess.run(
+            [*as_postgres, *args], check=True, capture_output=True, text=True, timeout=120
+        )
 
     try:
-        run(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8",
-            "--no-sync")
-        run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(base / "postgres.log"), "-w", "start",
-            "-o", f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off "
-                  "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300")
+        run(
+            str(bindir / "initdb"),
+            "-D",
+            str(data),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        )
+        run(
+            str(bindir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(base / "postgres.log"),
+            "-w",
+            "start",
+            "-o",
+            f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300",
+        )
     except subprocess.CalledProcessError as e:
         shutil.rmtree(base, ignore_errors=True)
         pytest.fail(f"could not start PostgreSQL: {e.stderr or e.stdout}")
     try:
         yield PostgresServer(host="127.0.0.1", port=port)
     finally:
-        subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w",
-                        "stop"], capture_output=True, timeout=120)
+        subprocess.run(
+            [*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
+            capture_output=True,
+            timeout=120,
+        )
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -102,12 +126,18 @@ def start_stack(database_url: str, tmp_path: Path) -> Iterator[Callable[..., Sta
     def start(**overrides: Any) -> StackHandle:
         config = StackConfig(
             database_url=overrides.pop("database_url", database_url),
-            output_dir=tmp_path / f"output{len(started)}", admin_password=password,
-            orchestrator_address="127.0.0.1:0", generator_address="127.0.0.1:0",
-            persistence_address="127.0.0.1:0", **overrides)
+            output_dir=tmp_path / f"output{len(started)}",
+            admin_password=password,
+            orchestrator_address="127.0.0.1:0",
+            generator_address="127.0.0.1:0",
+            persistence_address="127.0.0.1:0",
+            **overrides,
+        )
         stack = LocalStack(config).__enter__()
         started.append(stack)
-        return StackHandle(stack, config.database_url or "", config.output_dir or tmp_path, password)
+        return StackHandle(
+            stack, config.database_url or "", config.output_dir or tmp_path, password
+        )
 
     try:
         yield start

@@ -19,8 +19,15 @@ from generator_service.domain import (
 )
 from generator_service.llm import Completion
 
-OUTLINE = json.dumps({"outline": [{"h2": "One", "h3": ["a", "b"]}, {"h2": "Two", "h3": ["c"]},
-                                  {"h2": "Three", "h3": []}]})
+OUTLINE = json.dumps(
+    {
+        "outline": [
+            {"h2": "One", "h3": ["a", "b"]},
+            {"h2": "Two", "h3": ["c"]},
+            {"h2": "Three", "h3": []},
+        ]
+    }
+)
 
 
 def html_with_words(n: int) -> str:
@@ -50,8 +57,9 @@ class FakeLlm:
     def __post_init__(self) -> None:
         self._changed = threading.Condition(self._lock)
 
-    def complete(self, *, model: str, system: str, prompt: str, max_tokens: int,
-                 temperature: float) -> Completion:
+    def complete(
+        self, *, model: str, system: str, prompt: str, max_tokens: int, temperature: float
+    ) -> Completion:
         with self._changed:
             self.prompts.append(prompt)
             self._in_flight += 1
@@ -112,14 +120,22 @@ class EventLog:
         return [e for e in self.events if e.terminal]
 
 
-def batch_context(count: int = 10, max_workers: int = 5, continue_on_error: bool = True,
-                  min_words: int = 1000, max_words: int = 1500) -> BatchContext:
+def batch_context(
+    count: int = 10,
+    max_workers: int = 5,
+    continue_on_error: bool = True,
+    min_words: int = 1000,
+    max_words: int = 1500,
+) -> BatchContext:
     """A batch with one tier of `count` articles."""
     return BatchContext(
-        job_id=1, project=ProjectInfo(1, "cnc machining", ["lathe"], ["cnc cost"]),
+        job_id=1,
+        project=ProjectInfo(1, "cnc machining", ["lathe"], ["cnc cost"]),
         tier=TierShape("tier1", count, min_words, max_words, 2, 4, 2, 6),
         models=StageModels("m-title", "m-outline", "m-content"),
-        max_workers=max_workers, continue_on_error=continue_on_error)
+        max_workers=max_workers,
+        continue_on_error=continue_on_error,
+    )
 
 
 def tasks(count: int) -> list[ArticleTask]:

@@ -11,8 +11,15 @@ from typing import Any
 import psycopg2
 from sqlalchemy import create_engine, text
 
-TIER = {"count": 10, "min_word_count": 600, "max_word_count": 900, "min_h2_tags": 2,
-        "max_h2_tags": 4, "min_h3_tags": 2, "max_h3_tags": 6}
+TIER = {
+    "count": 10,
+    "min_word_count": 600,
+    "max_word_count": 900,
+    "min_h2_tags": 2,
+    "max_h2_tags": 4,
+    "min_h3_tags": 2,
+    "max_h3_tags": 6,
+}
 
 
 @dataclass(frozen=True)
@@ -24,7 +31,9 @@ class PostgresServer:
 
     def create_database(self, name: str) -> str:
         """CREATE DATABASE name; its SQLAlchemy URL."""
-        connection = psycopg2.connect(host=self.host, port=self.port, user="postgres", dbname="postgres")
+        connection = psycopg2.connect(
+            host=self.host, port=self.port, user="postgres", dbname="postgres"
+        )
         try:
             connection.autocommit = True
             with connection.cursor() as cursor:
@@ -37,9 +46,13 @@ class PostgresServer:
 def job_file(tiers: dict[str, dict[str, Any]] | None = None, **job: Any) -> str:
     """A one-job file with a unique project; tiers default to one tier of 10."""
     spec: dict[str, Any] = {
-        "project": {"name": f"test-{uuid.uuid4().hex[:10]}", "main_keyword": "cnc machining",
-                    "entities": ["lathe", "spindle"], "related_searches": ["cnc machining cost"],
-                    "money_site_url": "https://example.com/cnc"},
+        "project": {
+            "name": f"test-{uuid.uuid4().hex[:10]}",
+            "main_keyword": "cnc machining",
+            "entities": ["lathe", "spindle"],
+            "related_searches": ["cnc machining cost"],
+            "money_site_url": "https://example.com/cnc",
+        },
         "tiers": tiers or {"tier1": copy.deepcopy(TIER)},
     }
     spec.update(job)
@@ -72,8 +85,12 @@ def rows_by_status(database_url: str, job_id: int) -> dict[str, int]:
     try:
         with engine.connect() as connection:
             rows = connection.execute(
-                text("SELECT status, COUNT(*) FROM generated_content WHERE job_id = :j GROUP BY status"),
-                {"j": job_id}).all()
+                text(
+                    "SELECT status, COUNT(*) FROM generated_content"
+                    " WHERE job_id = :j GROUP BY status"
+                ),
+                {"j": job_id},
+            ).all()
     finally:
         engine.dispose()
     return {status: count for status, count in rows}

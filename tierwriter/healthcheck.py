@@ -1,6 +1,6 @@
 """Exit 0 when the gRPC service at ADDRESS reports SERVING, 1 otherwise (container probes).
 
-    python -m tierwriter.healthcheck 127.0.0.1:50051 [SERVICE]
+python -m tierwriter.healthcheck 127.0.0.1:50051 [SERVICE]
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ def check(address: str, service: str = "", timeout: float = 3.0) -> bool:
     with grpc.insecure_channel(address) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
         except grpc.RpcError:
             return False
     return reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -25,4 +26,4 @@ def check(address: str, service: str = "", timeout: float = 3.0) -> bool:
 if __name__ == "__main__":
     if len(sys.argv) not in (2, 3):
         sys.exit(__doc__)
-    sys.exit(0 if check(*sys.argv[1:]) else 1)
+    sys.exit(0 if check(sys.argv[1], sys.argv[2] if len(sys.argv) == 3 else "") else 1)

@@ -37,7 +37,9 @@ class OpenAiLlm:
     Rate limits (429 with Retry-After), 5xx, timeouts and dropped connections are retried by the
     SDK with exponential backoff, up to `max_retries` times."""
 
-    def __init__(self, base_url: str | None, api_key: str, timeout: float, max_retries: int) -> None:
+    def __init__(
+        self, base_url: str | None, api_key: str, timeout: float, max_retries: int
+    ) -> None:
         self._client = OpenAI(
             base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries
         )

@@ -66,20 +66,68 @@ _TITLE_PATTERNS = [
 ]
 # Half the titles get one of these: with the patterns above they allow tens of thousands of
 # distinct titles, as a real model would write for a tier of thousands.
-_SUBTITLES = [": A Guide for {a}", " in {y}", ": {N} Things to Check", " ({N} Expert Tips)",
-              ": What {a} Get Wrong", ": The {y} Edition", " for {a}", ": Costs, Tools and Tips",
-              ": A Practical Checklist", ": Lessons From {N} Projects", " Without the Guesswork",
-              ": {e} Edition", ": Questions {a} Ask", ": From Basics to Best Practice"]
-_AUDIENCES = ["Small Shops", "Engineers", "Hobbyists", "Manufacturers", "Startups", "Buyers",
-              "Students", "Plant Managers", "Designers", "Procurement Teams", "Machinists",
-              "Product Teams", "Makers", "Inspectors", "Job Shops", "Contractors"]
-_H2_PATTERNS = ["What Is {k}?", "How {e} Works", "Key Benefits of {k}", "Choosing {e}",
-                "Common Challenges With {e}", "Costs and Budgeting", "{r}", "Best Practices",
-                "Maintenance and Care of {e}", "The Future of {k}", "Getting Started",
-                "Comparing {e} and {e2}"]
-_H3_PATTERNS = ["Core Principles", "Tools You Need", "Step-by-Step Process", "Real-World Example",
-                "Quality Checks", "Cost Factors", "Safety Considerations", "Common Mistakes",
-                "Expert Advice", "Materials Matter", "Measuring Results", "When to Upgrade"]
+_SUBTITLES = [
+    ": A Guide for {a}",
+    " in {y}",
+    ": {N} Things to Check",
+    " ({N} Expert Tips)",
+    ": What {a} Get Wrong",
+    ": The {y} Edition",
+    " for {a}",
+    ": Costs, Tools and Tips",
+    ": A Practical Checklist",
+    ": Lessons From {N} Projects",
+    " Without the Guesswork",
+    ": {e} Edition",
+    ": Questions {a} Ask",
+    ": From Basics to Best Practice",
+]
+_AUDIENCES = [
+    "Small Shops",
+    "Engineers",
+    "Hobbyists",
+    "Manufacturers",
+    "Startups",
+    "Buyers",
+    "Students",
+    "Plant Managers",
+    "Designers",
+    "Procurement Teams",
+    "Machinists",
+    "Product Teams",
+    "Makers",
+    "Inspectors",
+    "Job Shops",
+    "Contractors",
+]
+_H2_PATTERNS = [
+    "What Is {k}?",
+    "How {e} Works",
+    "Key Benefits of {k}",
+    "Choosing {e}",
+    "Common Challenges With {e}",
+    "Costs and Budgeting",
+    "{r}",
+    "Best Practices",
+    "Maintenance and Care of {e}",
+    "The Future of {k}",
+    "Getting Started",
+    "Comparing {e} and {e2}",
+]
+_H3_PATTERNS = [
+    "Core Principles",
+    "Tools You Need",
+    "Step-by-Step Process",
+    "Real-World Example",
+    "Quality Checks",
+    "Cost Factors",
+    "Safety Considerations",
+    "Common Mistakes",
+    "Expert Advice",
+    "Materials Matter",
+    "Measuring Results",
+    "When to Upgrade",
+]
 _SENTENCES = [
     "When people talk about {k}, they usually mean a process that rewards careful planning "
     "and steady execution.",
@@ -125,9 +173,14 @@ def _fill(pattern: str, rng: random.Random, ctx: dict[str, Any], headline: bool 
     case = _headline if headline else str
     e, e2 = rng.sample(entities, 2) if len(entities) > 1 else (entities[0], entities[0])
     return pattern.format(
-        k=case(ctx["keyword"]), K=_headline(ctx["keyword"]), e=case(e), e2=case(e2),
+        k=case(ctx["keyword"]),
+        K=_headline(ctx["keyword"]),
+        e=case(e),
+        e2=case(e2),
         r=case(rng.choice(ctx["related"] or [ctx["keyword"]])),
-        a=rng.choice(_AUDIENCES), N=rng.randint(3, 15), y=rng.choice([2025, 2026, 2027]),
+        a=rng.choice(_AUDIENCES),
+        N=rng.randint(3, 15),
+        y=rng.choice([2025, 2026, 2027]),
     )
 
 
@@ -143,7 +196,9 @@ def _paragraph(rng: random.Random, ctx: dict[str, Any], words_left: int) -> str:
     return "<p>" + " ".join(sentences) + "</p>"
 
 
-def write_article(rng: random.Random, ctx: dict[str, Any], outline: list[dict[str, Any]], words: int) -> str:
+def write_article(
+    rng: random.Random, ctx: dict[str, Any], outline: list[dict[str, Any]], words: int
+) -> str:
     """HTML following `outline` with close to `words` visible words (never fewer than 1 section)."""
     if not outline:
         outline = [{"h2": _fill(rng.choice(_H2_PATTERNS), rng, ctx), "h3": []}]
@@ -191,13 +246,14 @@ class SimulatorStats:
 class LlmSimulator:
     """The simulator as an object: start(), .base_url, stats(), reset(), stop()."""
 
-    def __init__(self, config: SimulatorConfig | None = None, host: str = "127.0.0.1", port: int = 0):
+    def __init__(
+        self, config: SimulatorConfig | None = None, host: str = "127.0.0.1", port: int = 0
+    ):
         self.config = config or SimulatorConfig()
         self._lock = threading.Lock()
         self._stats = SimulatorStats()
         self._kinds: Counter[str] = Counter()
         self._outline_requests = 0
-        self._sequence = 0
         self._titles_written: dict[str, set[str]] = {}  # per keyword, lowercased
         self._server = ThreadingHTTPServer((host, port), _make_handler(self))
         self._server.daemon_threads = True
@@ -207,11 +263,13 @@ class LlmSimulator:
     def base_url(self) -> str:
         """The OpenAI base URL to point a client at."""
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}/v1"
+        return f"http://{host.decode() if isinstance(host, bytes) else host}:{port}/v1"
 
     def start(self) -> LlmSimulator:
         """Serve in a background thread."""
-        self._thread = threading.Thread(target=self._server.serve_forever, name="llm-simulator", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="llm-simulator", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -231,8 +289,12 @@ class LlmSimulator:
     def stats(self) -> SimulatorStats:
         """A copy of the counters."""
         with self._lock:
-            return SimulatorStats(self._stats.requests, dict(self._kinds), self._stats.in_flight,
-                                  self._stats.peak_in_flight)
+            return SimulatorStats(
+                self._stats.requests,
+                dict(self._kinds),
+                self._stats.in_flight,
+                self._stats.peak_in_flight,
+            )
 
     def reset(self) -> None:
         """Zero the counters (the peak too)."""
@@ -242,16 +304,16 @@ class LlmSimulator:
 
     # Called by the handler threads.
 
-    def _enter(self, kind: str) -> tuple[random.Random, int]:
+    def _enter(self, kind: str) -> int:
+        """Count the request in; returns how many outline requests there have been."""
         with self._lock:
             self._stats.requests += 1
             self._kinds[kind] += 1
             self._stats.in_flight += 1
             self._stats.peak_in_flight = max(self._stats.peak_in_flight, self._stats.in_flight)
-            self._sequence += 1
             if kind == "outline":
                 self._outline_requests += 1
-            return random.Random(self.config.seed * 1_000_003 + self._sequence), self._outline_requests
+            return self._outline_requests
 
     def _leave(self) -> None:
         with self._lock:
@@ -264,7 +326,10 @@ class LlmSimulator:
             return HTTPStatus.BAD_REQUEST, _error("messages: at least one message is required")
         prompt = str(messages[-1].get("content", ""))
         kind = _kind_of(prompt)
-        rng, outline_number = self._enter(kind)
+        # Seeded by the prompt, not by arrival order: the same job gets the same replies however
+        # its requests interleave, so runs at different concurrency are comparable.
+        rng = random.Random(f"{self.config.seed}:{prompt}")
+        outline_number = self._enter(kind)
         try:
             time.sleep(self.config.latency)
             every = self.config.garbage_outline_every
@@ -281,32 +346,47 @@ class LlmSimulator:
             "object": "chat.completion",
             "created": int(time.time()),
             "model": body.get("model", "simulator"),
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": text}}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": text},
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
         }
 
     def _reply(self, kind: str, prompt: str, rng: random.Random) -> str:
         ctx = _context_of(prompt)
         if kind == "titles":
             count = int(_search(r"Write (\d+) distinct article titles", prompt, "5"))
-            listed = {line[2:].strip().lower() for line in prompt.splitlines() if line.startswith("- ")}
+            listed = {
+                line[2:].strip().lower() for line in prompt.splitlines() if line.startswith("- ")
+            }
             return "\n".join(self._new_titles(rng, ctx, count, listed))
         if kind == "outline":
             h2 = _range(r"between (\d+) and (\d+) H2", prompt, (3, 5))
             h3 = _range(r"between (\d+) and (\d+) H3", prompt, (3, 8))
             n2 = rng.randint(*h2)
             n3 = rng.randint(max(h3[0], 0), max(h3[1], h3[0]))
-            sections = [{"h2": _fill(rng.choice(_H2_PATTERNS), rng, ctx, headline=True), "h3": []}
-                        for _ in range(n2)]
+            h3s: list[list[str]] = [[] for _ in range(n2)]
             for i in range(n3):
-                sections[i % n2]["h3"].append(_fill(rng.choice(_H3_PATTERNS), rng, ctx))
+                h3s[i % n2].append(_fill(rng.choice(_H3_PATTERNS), rng, ctx))
+            sections = [
+                {"h2": _fill(rng.choice(_H2_PATTERNS), rng, ctx, headline=True), "h3": h3}
+                for h3 in h3s
+            ]
             return "```json\n" + json.dumps({"outline": sections}) + "\n```"
         if kind == "content":
             low, _high = _range(r"Length: between (\d+) and (\d+) words", prompt, (800, 1200))
-            shortfall = max(0.0, rng.gauss(self.config.undershoot_mean, self.config.undershoot_jitter))
-            outline_json = prompt[prompt.find("{"):] if "{" in prompt else "{}"
+            shortfall = max(
+                0.0, rng.gauss(self.config.undershoot_mean, self.config.undershoot_jitter)
+            )
+            outline_json = prompt[prompt.find("{") :] if "{" in prompt else "{}"
             try:
                 outline = json.loads(outline_json).get("outline", [])
             except json.JSONDecodeError:
@@ -317,11 +397,15 @@ class LlmSimulator:
             original = _search(r"<article>\n(.*)\n</article>", prompt, "", flags=re.DOTALL)
             missing = target - count_words(original) + rng.randint(20, 120)
             ctx["keyword"] = ctx["keyword"] if ctx["keyword"] != "the topic" else "this subject"
-            extra = "".join(_paragraph(rng, ctx, min(60, missing - i)) for i in range(0, missing, 60))
+            extra = "".join(
+                _paragraph(rng, ctx, min(60, missing - i)) for i in range(0, missing, 60)
+            )
             return original + "\n" + extra
         return "This is the simulator. It answers tierwriter's prompts."
 
-    def _new_titles(self, rng: random.Random, ctx: dict[str, Any], count: int, listed: set[str]) -> list[str]:
+    def _new_titles(
+        self, rng: random.Random, ctx: dict[str, Any], count: int, listed: set[str]
+    ) -> list[str]:
         """Titles this simulator never wrote before for the keyword and the prompt does not list:
         a good model does not repeat itself. Past its phrase space it numbers the parts."""
         titles: list[str] = []
@@ -386,8 +470,13 @@ def _make_handler(simulator: LlmSimulator) -> type[BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:
             if self.path.rstrip("/") == "/v1/models":
-                self._send(HTTPStatus.OK, {"object": "list", "data": [
-                    {"id": "simulator", "object": "model", "owned_by": "tierwriter"}]})
+                self._send(
+                    HTTPStatus.OK,
+                    {
+                        "object": "list",
+                        "data": [{"id": "simulator", "object": "model", "owned_by": "tierwriter"}],
+                    },
+                )
             elif self.path.rstrip("/") == "/_simulator/stats":
                 self._send(HTTPStatus.OK, asdict(simulator.stats()))
             else:
@@ -433,8 +522,9 @@ def main() -> None:
     parser.add_argument("--undershoot", type=float, default=175.0, help="mean words short")
     parser.add_argument("--jitter", type=float, default=20.0, help="std dev of the shortfall")
     args = parser.parse_args()
-    config = SimulatorConfig(latency=args.latency, undershoot_mean=args.undershoot,
-                             undershoot_jitter=args.jitter)
+    config = SimulatorConfig(
+        latency=args.latency, undershoot_mean=args.undershoot, undershoot_jitter=args.jitter
+    )
     simulator = LlmSimulator(config, args.host, args.port).start()
     print(f"LLM simulator serving at {simulator.base_url}", flush=True)
     try:

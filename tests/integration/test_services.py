@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
@@ -41,42 +40,84 @@ def test_every_service_serves_health_and_reflection(start_stack, service: str) -
     handle = start_stack(simulator=SimulatorConfig())
     with grpc.insecure_channel(getattr(handle.stack, service)) as channel:
         health = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=SERVICES[service]), timeout=10)
+            health_pb2.HealthCheckRequest(service=SERVICES[service]), timeout=10
+        )
         assert health.status == health_pb2.HealthCheckResponse.SERVING
-        reply = next(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+        reply = next(
+            reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+            )
+        )
         names = {s.name for s in reply.list_services_response.service}
         assert {SERVICES[service], "grpc.health.v1.Health"} <= names
 
 
 def _settings(**overrides: object) -> gen_pb.BatchSettings:
     settings = gen_pb.BatchSettings(
-        job_id=1, project=gen_pb.ProjectContext(project_id=1, main_keyword="k"),
-        tier=gen_pb.TierSpec(name="tier1", count=2, min_word_count=100, max_word_count=200,
-                             min_h2_tags=1, max_h2_tags=2, min_h3_tags=0, max_h3_tags=2),
-        max_workers=2)
+        job_id=1,
+        project=gen_pb.ProjectContext(project_id=1, main_keyword="k"),
+        tier=gen_pb.TierSpec(
+            name="tier1",
+            count=2,
+            min_word_count=100,
+            max_word_count=200,
+            min_h2_tags=1,
+            max_h2_tags=2,
+            min_h3_tags=0,
+            max_h3_tags=2,
+        ),
+        max_workers=2,
+    )
     for name, value in overrides.items():
         setattr(settings, name, value)
     return settings
 
 
-@pytest.mark.parametrize("messages, problem", [
-    ([], "first message of the stream must carry the batch settings"),
-    ([gen_pb.GenerateArticlesRequest(article=gen_pb.ArticleRequest(title="t"))], "first message"),
-    ([gen_pb.GenerateArticlesRequest(settings=_settings(max_workers=0))], "settings.max_workers"),
-    ([gen_pb.GenerateArticlesRequest(settings=_settings(max_workers=1000))], "settings.max_workers"),
-    ([gen_pb.GenerateArticlesRequest(settings=_settings()),
-      gen_pb.GenerateArticlesRequest(article=gen_pb.ArticleRequest(article_index=7, title="t"))],
-     "article.article_index: must be between 0 and 1, got 7"),
-    ([gen_pb.GenerateArticlesRequest(settings=_settings()),
-      gen_pb.GenerateArticlesRequest(article=gen_pb.ArticleRequest(article_index=0, title=" "))],
-     "article.title"),
-])
-def test_generator_rejects_bad_streams_with_invalid_argument(start_stack, messages, problem) -> None:
+@pytest.mark.parametrize(
+    "messages, problem",
+    [
+        ([], "first message of the stream must carry the batch settings"),
+        (
+            [gen_pb.GenerateArticlesRequest(article=gen_pb.ArticleRequest(title="t"))],
+            "first message",
+        ),
+        (
+            [gen_pb.GenerateArticlesRequest(settings=_settings(max_workers=0))],
+            "settings.max_workers",
+        ),
+        (
+            [gen_pb.GenerateArticlesRequest(settings=_settings(max_workers=1000))],
+            "settings.max_workers",
+        ),
+        (
+            [
+                gen_pb.GenerateArticlesRequest(settings=_settings()),
+                gen_pb.GenerateArticlesRequest(
+                    article=gen_pb.ArticleRequest(article_index=7, title="t")
+                ),
+            ],
+            "article.article_index: must be between 0 and 1, got 7",
+        ),
+        (
+            [
+                gen_pb.GenerateArticlesRequest(settings=_settings()),
+                gen_pb.GenerateArticlesRequest(
+                    article=gen_pb.ArticleRequest(article_index=0, title=" ")
+                ),
+            ],
+            "article.title",
+        ),
+    ],
+)
+def test_generator_rejects_bad_streams_with_invalid_argument(
+    start_stack, messages, problem
+) -> None:
     handle = start_stack(simulator=SimulatorConfig())
-    with grpc.insecure_channel(handle.stack.generator_address) as channel:
-        with pytest.raises(grpc.RpcError) as error:
-            list(gen_grpc.GeneratorServiceStub(channel).GenerateArticles(iter(messages), timeout=10))
+    with (
+        grpc.insecure_channel(handle.stack.generator_address) as channel,
+        pytest.raises(grpc.RpcError) as error,
+    ):
+        list(gen_grpc.GeneratorServiceStub(channel).GenerateArticles(iter(messages), timeout=10))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert problem in error.value.details()
     assert handle.stack.simulator.stats().requests == 0
@@ -84,31 +125,57 @@ def test_generator_rejects_bad_streams_with_invalid_argument(start_stack, messag
 
 def test_generator_rejects_a_bad_title_count(start_stack) -> None:
     handle = start_stack(simulator=SimulatorConfig())
-    with grpc.insecure_channel(handle.stack.generator_address) as channel:
-        with pytest.raises(grpc.RpcError) as error:
-            gen_grpc.GeneratorServiceStub(channel).GenerateTitles(gen_pb.GenerateTitlesRequest(
-                project=gen_pb.ProjectContext(main_keyword="k"), count=0), timeout=10)
+    with (
+        grpc.insecure_channel(handle.stack.generator_address) as channel,
+        pytest.raises(grpc.RpcError) as error,
+    ):
+        gen_grpc.GeneratorServiceStub(channel).GenerateTitles(
+            gen_pb.GenerateTitlesRequest(project=gen_pb.ProjectContext(main_keyword="k"), count=0),
+            timeout=10,
+        )
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "count: must be between 1 and 10000" in error.value.details()
 
 
-@pytest.mark.parametrize("call, code, problem", [
-    (lambda s: s.GetJob(db_pb.GetJobRequest(job_id=424242), timeout=10),
-     grpc.StatusCode.NOT_FOUND, "job 424242 does not exist"),
-    (lambda s: s.SaveArticle(db_pb.SaveArticleRequest(article=db_pb.Article(
-        job_id=1, tier="tier1", status="finished")), timeout=10),
-     grpc.StatusCode.INVALID_ARGUMENT, "article.status: must be one of generated, augmented, failed"),
-    (lambda s: s.GetJobStats(db_pb.GetJobStatsRequest(), timeout=10),
-     grpc.StatusCode.INVALID_ARGUMENT, "job_ids: name at least one job"),
-    (lambda s: s.VerifyCredentials(db_pb.VerifyCredentialsRequest(username="admin", password="x"),
-                                   timeout=10),
-     grpc.StatusCode.UNAUTHENTICATED, "invalid username or password"),
-])
+@pytest.mark.parametrize(
+    "call, code, problem",
+    [
+        (
+            lambda s: s.GetJob(db_pb.GetJobRequest(job_id=424242), timeout=10),
+            grpc.StatusCode.NOT_FOUND,
+            "job 424242 does not exist",
+        ),
+        (
+            lambda s: s.SaveArticle(
+                db_pb.SaveArticleRequest(
+                    article=db_pb.Article(job_id=1, tier="tier1", status="finished")
+                ),
+                timeout=10,
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "article.status: must be one of generated, augmented, failed",
+        ),
+        (
+            lambda s: s.GetJobStats(db_pb.GetJobStatsRequest(), timeout=10),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "job_ids: name at least one job",
+        ),
+        (
+            lambda s: s.VerifyCredentials(
+                db_pb.VerifyCredentialsRequest(username="admin", password="x"), timeout=10
+            ),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "invalid username or password",
+        ),
+    ],
+)
 def test_persistence_maps_errors_to_status_codes(start_stack, call, code, problem) -> None:
     handle = start_stack(simulator=SimulatorConfig())
-    with grpc.insecure_channel(handle.stack.persistence_address) as channel:
-        with pytest.raises(grpc.RpcError) as error:
-            call(db_grpc.PersistenceServiceStub(channel))
+    with (
+        grpc.insecure_channel(handle.stack.persistence_address) as channel,
+        pytest.raises(grpc.RpcError) as error,
+    ):
+        call(db_grpc.PersistenceServiceStub(channel))
     assert error.value.code() == code and problem in error.value.details()
 
 
@@ -126,14 +193,25 @@ def test_an_unreachable_generator_fails_the_job_with_a_message_naming_it(start_s
 
 def test_sigterm_stops_a_service_gracefully(tmp_path: Path) -> None:
     port = _free_port()
-    env = {**os.environ, "PERSISTENCE_ADDRESS": f"127.0.0.1:{port}",
-           "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite'}", "TIERWRITER_ADMIN_PASSWORD": "pw-for-test"}
-    with subprocess.Popen([sys.executable, "-m", "persistence_service"], cwd=tmp_path, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
+    env = {
+        **os.environ,
+        "PERSISTENCE_ADDRESS": f"127.0.0.1:{port}",
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite'}",
+        "TIERWRITER_ADMIN_PASSWORD": "pw-for-test",
+    }
+    with subprocess.Popen(
+        [sys.executable, "-m", "persistence_service"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as process:
         try:
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
                 health = health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(), timeout=30, wait_for_ready=True)
+                    health_pb2.HealthCheckRequest(), timeout=30, wait_for_ready=True
+                )
             assert health.status == health_pb2.HealthCheckResponse.SERVING
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=30) == 0

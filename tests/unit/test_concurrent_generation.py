@@ -12,14 +12,16 @@ def test_exactly_max_workers_articles_are_in_flight() -> None:
     # Each call waits until 5 are in flight, so a peak below 5 would show as a timeout-made 4.
     llm = FakeLlm(gather=5, gather_timeout=10)
     ArticleBatch(ArticlePipeline(llm, MemorySaver(), 200), batch_context(10, max_workers=5)).run(
-        tasks(10), EventLog())
+        tasks(10), EventLog()
+    )
     assert llm.peak == 5
 
 
 def test_sequential_fallback_max_workers_1() -> None:
     llm, log = FakeLlm(delay=0.01, gather=2, gather_timeout=0.05), EventLog()
     ArticleBatch(ArticlePipeline(llm, MemorySaver(), 200), batch_context(6, max_workers=1)).run(
-        tasks(6), log)
+        tasks(6), log
+    )
     assert llm.peak == 1
     # Strictly one after the other: each article's events end before the next one's start.
     order = [e.index for e in log.events]
@@ -40,8 +42,9 @@ def test_one_article_exception_does_not_disturb_the_others() -> None:
 def test_without_continue_on_error_no_article_starts_after_a_failure() -> None:
     llm = FakeLlm(fail_when=lambda p: '"Title 0"' in p)
     saver, log = MemorySaver(), EventLog()
-    ArticleBatch(ArticlePipeline(llm, saver, 200),
-                 batch_context(10, max_workers=1, continue_on_error=False)).run(tasks(10), log)
+    ArticleBatch(
+        ArticlePipeline(llm, saver, 200), batch_context(10, max_workers=1, continue_on_error=False)
+    ).run(tasks(10), log)
     kinds = [e.kind for e in log.terminal()]
     assert kinds == [EventKind.FAILED] + [EventKind.SKIPPED] * 9
     assert len(saver.records) == 1  # skipped articles have no record; a resume can pick them up
@@ -52,11 +55,14 @@ def test_in_flight_articles_finish_after_a_failure() -> None:
     # Article 0 fails while 1-4 are in flight: those four still finish and are recorded.
     llm = FakeLlm(gather=5, gather_timeout=10, fail_when=lambda p: '"Title 0"' in p)
     saver, log = MemorySaver(), EventLog()
-    ArticleBatch(ArticlePipeline(llm, saver, 200),
-                 batch_context(10, max_workers=5, continue_on_error=False)).run(tasks(10), log)
+    ArticleBatch(
+        ArticlePipeline(llm, saver, 200), batch_context(10, max_workers=5, continue_on_error=False)
+    ).run(tasks(10), log)
     by_index = {e.index: e.kind for e in log.terminal()}
     assert by_index[0] is EventKind.FAILED
-    assert len(by_index) == 10 and len(saver.records) == sum(k is not EventKind.SKIPPED for k in by_index.values())
+    assert len(by_index) == 10 and len(saver.records) == sum(
+        k is not EventKind.SKIPPED for k in by_index.values()
+    )
     assert EventKind.SKIPPED in by_index.values()
 
 

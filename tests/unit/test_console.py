@@ -5,39 +5,71 @@ from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 
 
 def article(**fields: object) -> pb.JobEvent:
-    return pb.JobEvent(article=pb.ArticleProgress(tier="tier2", tier_count=10, article_index=0, **fields))
+    return pb.JobEvent(
+        article=pb.ArticleProgress(tier="tier2", tier_count=10, article_index=0, **fields)
+    )
 
 
 def test_concurrency_is_shown_at_tier_start() -> None:
-    lines = event_lines(pb.JobEvent(tier_started=pb.TierStarted(tier="tier1", count=10, max_workers=5)))
+    lines = event_lines(
+        pb.JobEvent(tier_started=pb.TierStarted(tier="tier1", count=10, max_workers=5))
+    )
     assert lines[0] == "  tier1: Generating 10 articles (concurrency: 5)"
 
 
 def test_article_steps_read_like_the_story() -> None:
     assert event_lines(article(step=pb.ARTICLE_STEP_CONTENT_DONE, word_count=1020)) == [
-        "[tier2][1/10] Generated content: 1,020 words"]
+        "[tier2][1/10] Generated content: 1,020 words"
+    ]
     assert event_lines(article(step=pb.ARTICLE_STEP_AUGMENTING, min_word_count=1000)) == [
-        "[tier2][1/10] Below minimum (1,000), augmenting..."]
+        "[tier2][1/10] Below minimum (1,000), augmenting..."
+    ]
     assert event_lines(article(step=pb.ARTICLE_STEP_SAVED, article_id=45, status="generated")) == [
-        "[tier2][1/10] Saved (ID: 45, Status: generated)"]
+        "[tier2][1/10] Saved (ID: 45, Status: generated)"
+    ]
 
 
 def test_a_failure_shows_its_traceback_and_record() -> None:
-    lines = event_lines(article(step=pb.ARTICLE_STEP_FAILED, stage="content", article_id=7,
-                                error="TimeoutError: slow", traceback="Traceback...\n  line\n"))
+    lines = event_lines(
+        article(
+            step=pb.ARTICLE_STEP_FAILED,
+            stage="content",
+            article_id=7,
+            error="TimeoutError: slow",
+            traceback="Traceback...\n  line\n",
+        )
+    )
     assert lines[0] == "[tier2][1/10] FAILED at content: TimeoutError: slow"
     assert lines[1:3] == ["    Traceback...", "      line"]
     assert lines[-1] == "[tier2][1/10] Saved error record to database (ID: 7)"
 
 
 def test_summary_shows_totals_rate_calls_and_time() -> None:
-    summary = pb.Summary(total_jobs=1, processed_jobs=1, requested_articles=10, generated_articles=8,
-                         augmented_articles=1, failed_articles=1, api_calls=21, prompt_tokens=100,
-                         completion_tokens=900, execution_seconds=12.34, output_dirs=["output/3"])
-    text = "\n".join(event_lines(pb.JobEvent(run_finished=pb.RunFinished(ok=True, summary=summary))))
-    for expected in ("Jobs:               1/1 processed", "Failed:             1",
-                     "Augmentation rate:  11.1%", "API calls:          21",
-                     "Tokens:             1,000", "Execution time:     12.3s", "output/3/"):
+    summary = pb.Summary(
+        total_jobs=1,
+        processed_jobs=1,
+        requested_articles=10,
+        generated_articles=8,
+        augmented_articles=1,
+        failed_articles=1,
+        api_calls=21,
+        prompt_tokens=100,
+        completion_tokens=900,
+        execution_seconds=12.34,
+        output_dirs=["output/3"],
+    )
+    text = "\n".join(
+        event_lines(pb.JobEvent(run_finished=pb.RunFinished(ok=True, summary=summary)))
+    )
+    for expected in (
+        "Jobs:               1/1 processed",
+        "Failed:             1",
+        "Augmentation rate:  11.1%",
+        "API calls:          21",
+        "Tokens:             1,000",
+        "Execution time:     12.3s",
+        "output/3/",
+    ):
         assert expected in text
 
 

@@ -9,15 +9,21 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_generated_code_is_not_stale(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("generate_protos", ROOT / "scripts" / "generate_protos.py")
+    spec = importlib.util.spec_from_file_location(
+        "generate_protos", ROOT / "scripts" / "generate_protos.py"
+    )
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     sys.modules["generate_protos"] = module
     spec.loader.exec_module(module)
     module.generate(tmp_path)
     fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*_pb2*") if p.is_file())
-    committed = sorted(p.relative_to(ROOT) for p in (ROOT / "tierwriter").rglob("*_pb2*") if p.is_file())
+    committed = sorted(
+        p.relative_to(ROOT) for p in (ROOT / "tierwriter").rglob("*_pb2*") if p.is_file()
+    )
     assert fresh, "protoc generated nothing"
-    assert fresh == committed, "generated files differ from the committed ones (added or removed protos?)"
+    assert fresh == committed, (
+        "generated files differ from the committed ones (added or removed protos?)"
+    )
     stale = [str(p) for p in fresh if not filecmp.cmp(tmp_path / p, ROOT / p, shallow=False)]
     assert not stale, f"regenerate with `python scripts/generate_protos.py`: {stale}"

@@ -27,26 +27,45 @@ def test_tiers_run_in_numeric_order() -> None:
     assert [name for name, _ in spec.ordered_tiers()] == ["tier1", "tier2", "tier10"]
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("", "(file): the job file is empty"),
-    ("{", "(file): not valid JSON at line 1"),
-    ('{"jobs": []}', "jobs: List should have at least 1 item"),
-    (job(max_workers=0), "jobs[0].max_workers: Input should be greater than or equal to 1"),
-    (job(max_workers=257), "jobs[0].max_workers: Input should be less than or equal to 256"),
-    (job(max_workers="five"), "jobs[0].max_workers: Input should be a valid integer"),
-    (job(tiers={}), "jobs[0].tiers: name at least one tier"),
-    (job(tiers={"first": TIER}), "jobs[0].tiers: tier names are tier1, tier2"),
-    (job(tiers={"tier1": {**TIER, "min_word_count": 1000}}),
-     "jobs[0].tiers.tier1: min_word_count (1000) is above max_word_count (900)"),
-    (job(tiers={"tier1": {**TIER, "count": 0}}), "jobs[0].tiers.tier1.count: Input should be greater"),
-    (job(tiers={"tier1": {**TIER, "colour": "red"}}), "jobs[0].tiers.tier1.colour: Extra inputs"),
-    (job(project=None), "jobs[0]: give either project (inline) or project_id"),
-    (job(project_id=4), "jobs[0]: give either project (inline) or project_id, not both"),
-    (job(deployment_targets=["not a host"]), "jobs[0].deployment_targets: [0] 'not a host' is not"),
-    (job(project={"name": "p", "main_keyword": "k", "money_site_url": "ftp://x"}),
-     "jobs[0].project.money_site_url: must be an http:// or https:// URL"),
-    (job(project={"name": "", "main_keyword": "k"}), "jobs[0].project.name: String should have at least 1"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("", "(file): the job file is empty"),
+        ("{", "(file): not valid JSON at line 1"),
+        ('{"jobs": []}', "jobs: List should have at least 1 item"),
+        (job(max_workers=0), "jobs[0].max_workers: Input should be greater than or equal to 1"),
+        (job(max_workers=257), "jobs[0].max_workers: Input should be less than or equal to 256"),
+        (job(max_workers="five"), "jobs[0].max_workers: Input should be a valid integer"),
+        (job(tiers={}), "jobs[0].tiers: name at least one tier"),
+        (job(tiers={"first": TIER}), "jobs[0].tiers: tier names are tier1, tier2"),
+        (
+            job(tiers={"tier1": {**TIER, "min_word_count": 1000}}),
+            "jobs[0].tiers.tier1: min_word_count (1000) is above max_word_count (900)",
+        ),
+        (
+            job(tiers={"tier1": {**TIER, "count": 0}}),
+            "jobs[0].tiers.tier1.count: Input should be greater",
+        ),
+        (
+            job(tiers={"tier1": {**TIER, "colour": "red"}}),
+            "jobs[0].tiers.tier1.colour: Extra inputs",
+        ),
+        (job(project=None), "jobs[0]: give either project (inline) or project_id"),
+        (job(project_id=4), "jobs[0]: give either project (inline) or project_id, not both"),
+        (
+            job(deployment_targets=["not a host"]),
+            "jobs[0].deployment_targets: [0] 'not a host' is not",
+        ),
+        (
+            job(project={"name": "p", "main_keyword": "k", "money_site_url": "ftp://x"}),
+            "jobs[0].project.money_site_url: must be an http:// or https:// URL",
+        ),
+        (
+            job(project={"name": "", "main_keyword": "k"}),
+            "jobs[0].project.name: String should have at least 1",
+        ),
+    ],
+)
 def test_bad_job_files_are_rejected_naming_the_field(text: str, expected: str) -> None:
     with pytest.raises(JobFileError) as error:
         parse_job_file(text)

@@ -2,11 +2,11 @@
 
 import re
 
+import pytest
+
 from generator_service.domain import ArticleTask, EventKind
 from generator_service.pipeline import ArticlePipeline, OutlineError, parse_outline
 from tests.fakes import EventLog, FakeLlm, MemorySaver, batch_context
-
-import pytest
 
 
 def _content_bounds(prompt_log: list[str]) -> tuple[int, int]:
@@ -19,14 +19,16 @@ def _content_bounds(prompt_log: list[str]) -> tuple[int, int]:
 def test_word_count_compensation_reaches_the_prompt() -> None:
     llm = FakeLlm()
     ArticlePipeline(llm, MemorySaver(), 200).run(
-        batch_context(min_words=1000, max_words=1500), ArticleTask(0, "T"), EventLog())
+        batch_context(min_words=1000, max_words=1500), ArticleTask(0, "T"), EventLog()
+    )
     assert _content_bounds(llm.prompts) == (1200, 1700)
 
 
 def test_compensation_is_configurable() -> None:
     llm = FakeLlm()
     ArticlePipeline(llm, MemorySaver(), 0).run(
-        batch_context(min_words=1000, max_words=1500), ArticleTask(0, "T"), EventLog())
+        batch_context(min_words=1000, max_words=1500), ArticleTask(0, "T"), EventLog()
+    )
     assert _content_bounds(llm.prompts) == (1000, 1500)
 
 
@@ -46,9 +48,15 @@ def test_content_below_the_minimum_is_augmented_once() -> None:
     assert outcome.status == "augmented" and record.status == "augmented"
     assert record.word_count == 1050 and record.api_calls == 3
     assert [e.kind for e in log.events] == [
-        EventKind.STARTED, EventKind.OUTLINE_STARTED, EventKind.OUTLINE_DONE,
-        EventKind.CONTENT_STARTED, EventKind.CONTENT_DONE, EventKind.AUGMENTING,
-        EventKind.AUGMENTED, EventKind.SAVED]
+        EventKind.STARTED,
+        EventKind.OUTLINE_STARTED,
+        EventKind.OUTLINE_DONE,
+        EventKind.CONTENT_STARTED,
+        EventKind.CONTENT_DONE,
+        EventKind.AUGMENTING,
+        EventKind.AUGMENTED,
+        EventKind.SAVED,
+    ]
     augmenting = next(e for e in log.events if e.kind is EventKind.AUGMENTING)
     assert augmenting.min_word_count == 1000
 
@@ -73,7 +81,8 @@ def test_an_exception_becomes_a_failed_record_and_event() -> None:
 
 def test_a_failure_whose_record_cannot_be_saved_is_still_reported() -> None:
     outcome = ArticlePipeline(FakeLlm(), MemorySaver(fail=True), 200).run(
-        batch_context(), ArticleTask(0, "T"), EventLog())
+        batch_context(), ArticleTask(0, "T"), EventLog()
+    )
     assert outcome.kind is EventKind.FAILED and outcome.stage == "save"
     assert "failure record could not be saved" in outcome.error and outcome.article_id == 0
 
@@ -83,14 +92,17 @@ def test_outline_parsing_accepts_fences_and_prose() -> None:
     assert outline == [{"h2": "A", "h3": ["x"]}]
 
 
-@pytest.mark.parametrize("reply, problem", [
-    ("no json here", "not JSON"),
-    ('{"outline": [', "not JSON"),
-    ('{"outline": [{"h2": "x",}]}', "not valid JSON"),
-    ('{"sections": []}', '"outline" list'),
-    ('{"outline": [{"title": "x"}]}', 'section 0 has no "h2"'),
-    ('{"outline": [{"h2": "x", "h3": "y"}]}', '"h3" must be a list'),
-])
+@pytest.mark.parametrize(
+    "reply, problem",
+    [
+        ("no json here", "not JSON"),
+        ('{"outline": [', "not JSON"),
+        ('{"outline": [{"h2": "x",}]}', "not valid JSON"),
+        ('{"sections": []}', '"outline" list'),
+        ('{"outline": [{"title": "x"}]}', 'section 0 has no "h2"'),
+        ('{"outline": [{"h2": "x", "h3": "y"}]}', '"h3" must be a list'),
+    ],
+)
 def test_unusable_outlines_are_rejected_with_a_reason(reply: str, problem: str) -> None:
     with pytest.raises(OutlineError, match=re.escape(problem)):
         parse_outline(reply)

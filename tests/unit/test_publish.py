@@ -27,8 +27,10 @@ def test_urls_use_the_site_when_there_is_one() -> None:
 
 
 def test_scripts_handlers_and_javascript_urls_do_not_survive() -> None:
-    dirty = ('<p onclick="steal()">Hi<script>alert(1)</script><a href="javascript:alert(2)">x</a>'
-             '<iframe src="https://evil"></iframe><style>p{}</style></p>')
+    dirty = (
+        '<p onclick="steal()">Hi<script>alert(1)</script><a href="javascript:alert(2)">x</a>'
+        '<iframe src="https://evil"></iframe><style>p{}</style></p>'
+    )
     clean = sanitise(dirty)
     for bad in ("<script", "onclick", "javascript:", "<iframe", "<style"):
         assert bad not in clean.lower()
@@ -36,8 +38,14 @@ def test_scripts_handlers_and_javascript_urls_do_not_survive() -> None:
 
 
 def test_title_is_escaped_and_body_is_sanitised_in_the_page() -> None:
-    page = render_article(template_environment(None), title="<img src=x onerror=alert(1)>",
-                          content="<h2>Ok</h2><p>Fine <b>bold</b></p><script>x()</script>",
-                          keyword="k", site="a.com", url="https://a.com/p.html", tier="tier1")
+    page = render_article(
+        template_environment(None),
+        title="<img src=x onerror=alert(1)>",
+        content="<h2>Ok</h2><p>Fine <b>bold</b></p><script>x()</script>",
+        keyword="k",
+        site="a.com",
+        url="https://a.com/p.html",
+        tier="tier1",
+    )
     assert "<img" not in page and "&lt;img" in page
     assert "<script>x()" not in page and "<h2>Ok</h2>" in page

@@ -16,24 +16,45 @@ def store(tmp_path: Path) -> Store:
 
 
 def _job(store: Store, count: int) -> tuple[int, int]:
-    project = store.ensure_project({"name": "p", "main_keyword": "k", "entities": [],
-                                    "related_searches": [], "money_site_url": ""})
+    project = store.ensure_project(
+        {
+            "name": "p",
+            "main_keyword": "k",
+            "entities": [],
+            "related_searches": [],
+            "money_site_url": "",
+        }
+    )
     job = store.create_job(project.id, {"tiers": {"tier1": {"count": count}}}, 5, count, "admin")
     return project.id, job.id
 
 
 def _article(project_id: int, job_id: int, index: int, status: str) -> dict[str, object]:
-    return dict(job_id=job_id, project_id=project_id, tier="tier1", article_index=index,
-                keyword="k", title=f"t{index}", status=status, api_calls=2, word_count=100,
-                prompt_tokens=3, completion_tokens=4)
+    return dict(
+        job_id=job_id,
+        project_id=project_id,
+        tier="tier1",
+        article_index=index,
+        keyword="k",
+        title=f"t{index}",
+        status=status,
+        api_calls=2,
+        word_count=100,
+        prompt_tokens=3,
+        completion_tokens=4,
+    )
 
 
 def test_stats_stay_exact_under_many_threads(store: Store) -> None:
     project_id, job_id = _job(store, 200)
     statuses = ["generated", "augmented", "failed", "generated"]
     with ThreadPoolExecutor(max_workers=16) as pool:
-        list(pool.map(lambda i: store.save_article(_article(project_id, job_id, i, statuses[i % 4])),
-                      range(200)))
+        list(
+            pool.map(
+                lambda i: store.save_article(_article(project_id, job_id, i, statuses[i % 4])),
+                range(200),
+            )
+        )
     stats = store.job_stats([job_id])
     assert (stats.totals.generated, stats.totals.augmented, stats.totals.failed) == (100, 50, 50)
     assert stats.totals.requested == 200 and stats.totals.api_calls == 400
@@ -43,8 +64,12 @@ def test_stats_stay_exact_under_many_threads(store: Store) -> None:
 def test_concurrent_saves_of_one_key_store_exactly_one_record(store: Store) -> None:
     project_id, job_id = _job(store, 1)
     with ThreadPoolExecutor(max_workers=8) as pool:
-        results = list(pool.map(lambda _: store.save_article(_article(project_id, job_id, 0, "generated")),
-                                range(16)))
+        results = list(
+            pool.map(
+                lambda _: store.save_article(_article(project_id, job_id, 0, "generated")),
+                range(16),
+            )
+        )
     assert sum(created for _, created in results) == 1
     assert len({article.id for article, _ in results}) == 1
     assert len(store.list_articles(job_id)) == 1
@@ -59,7 +84,7 @@ def test_a_repeated_save_returns_the_stored_record_unchanged(store: Store) -> No
 
 def test_a_bad_status_is_rejected_and_writes_nothing(store: Store) -> None:
     project_id, job_id = _job(store, 1)
-    with pytest.raises(InvalidRecordError, match="article.status"):
+    with pytest.raises(InvalidRecordError, match=r"article\.status"):
         store.save_article(_article(project_id, job_id, 0, "done"))
     assert store.list_articles(job_id) == []
 

@@ -4,7 +4,10 @@ from generator_service.text import count_words, strip_fences
 
 
 def test_words_are_counted_on_the_text_not_the_tags() -> None:
-    html = '<h2 class="big title">CNC machining</h2><p>The <a href="https://x.y/a-b-c">lathe</a> runs.</p>'
+    html = (
+        '<h2 class="big title">CNC machining</h2>'
+        '<p>The <a href="https://x.y/a-b-c">lathe</a> runs.</p>'
+    )
     assert count_words(html) == 5
 
 

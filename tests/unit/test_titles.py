@@ -40,7 +40,9 @@ def test_duplicates_are_dropped_and_topped_up() -> None:
 
 
 def test_titles_used_earlier_in_the_job_are_not_repeated() -> None:
-    result = TitleWriter(ScriptedTitles("Alpha\nBeta\nGamma")).write(PROJECT, 2, "m", 1, existing=["ALPHA"])
+    result = TitleWriter(ScriptedTitles("Alpha\nBeta\nGamma")).write(
+        PROJECT, 2, "m", 1, existing=["ALPHA"]
+    )
     assert result.titles == ["Beta", "Gamma"]
 
 
