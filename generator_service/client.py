@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterable, Iterator
+import threading
+from collections.abc import Generator, Iterator, Sequence
 
 import grpc
 
@@ -13,6 +14,15 @@ from tierwriter.generator.v1 import generator_service_pb2_grpc as pb_grpc
 TITLES_DEADLINE = 600.0  # many title calls may queue behind a slow model
 # A stream carries a whole tier: long, but bounded, so a hung generator cannot hang a job forever.
 ARTICLES_DEADLINE = 24 * 3600.0
+# How often an open request stream checks whether the caller asked to stop.
+STOP_POLL_SECONDS = 0.2
+TERMINAL_KINDS = frozenset(
+    {
+        pb.ARTICLE_EVENT_KIND_SAVED,
+        pb.ARTICLE_EVENT_KIND_FAILED,
+        pb.ARTICLE_EVENT_KIND_SKIPPED,
+    }
+)
 
 
 class GeneratorClient:
@@ -37,21 +47,42 @@ class GeneratorClient:
             raise self._error(e) from e
 
     def generate_articles(
-        self, settings: pb.BatchSettings, articles: Iterable[pb.ArticleRequest]
+        self,
+        settings: pb.BatchSettings,
+        articles: Sequence[pb.ArticleRequest],
+        stop: threading.Event,
+        stop_reason: str = "the job was cancelled",
     ) -> Generator[pb.ArticleEvent, None, None]:
-        """Send the settings, then every article; yield events as they come back. Closing the
-        iterator early cancels the stream, and the generator starts no further article."""
+        """Send the settings and every article; yield events as they come back until each
+        article has had its terminal event. Setting `stop` asks the generator to start no
+        further article; the events of those in flight, and SKIPPED for the rest, still come.
+        Closing the iterator early cancels the stream outright."""
+        all_terminal = threading.Event()
+        if not articles:
+            all_terminal.set()  # nothing to wait for: close our side right after the settings
 
         def requests() -> Iterator[pb.GenerateArticlesRequest]:
             yield pb.GenerateArticlesRequest(settings=settings)
             for article in articles:
                 yield pb.GenerateArticlesRequest(article=article)
+            # Our side stays open so that a stop can still be sent; it closes once every
+            # article is terminal (the generator then ends the stream) or right after a stop.
+            while not all_terminal.is_set():
+                if stop.wait(STOP_POLL_SECONDS):
+                    yield pb.GenerateArticlesRequest(stop=pb.StopBatch(reason=stop_reason))
+                    return
 
         responses = self._stub.GenerateArticles(requests(), timeout=ARTICLES_DEADLINE)
+        remaining = len(articles)
         try:
             for response in responses:
+                if response.event.kind in TERMINAL_KINDS:
+                    remaining -= 1
+                    if remaining == 0:
+                        all_terminal.set()
                 yield response.event
         except grpc.RpcError as e:
             raise self._error(e) from e
         finally:
+            all_terminal.set()
             responses.cancel()  # a no-op when the stream already ended

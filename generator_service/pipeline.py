@@ -20,6 +20,7 @@ from generator_service.domain import (
     ArticleTask,
     BatchContext,
     EventKind,
+    TierShape,
 )
 from generator_service.llm import Completion, LlmClient
 from generator_service.text import count_words, strip_fences
@@ -66,6 +67,21 @@ def parse_outline(reply: str) -> list[dict[str, Any]]:
             raise OutlineError(f'outline section {i}: "h3" must be a list of strings')
         outline.append({"h2": section["h2"].strip(), "h3": [h.strip() for h in h3]})
     return outline
+
+
+def fit_outline(outline: list[dict[str, Any]], tier: TierShape) -> list[dict[str, Any]]:
+    """The outline cut down to the tier's maxima: H2 sections beyond max_h2, then H3s beyond
+    max_h3 in total, counted from the end. Too few headings are kept as they are: filling them
+    in needs another model call."""
+    sections = [{"h2": s["h2"], "h3": list(s["h3"])} for s in outline[: tier.max_h2]]
+    excess = sum(len(s["h3"]) for s in sections) - tier.max_h3
+    for section in reversed(sections):
+        if excess <= 0:
+            break
+        cut = min(excess, len(section["h3"]))
+        del section["h3"][len(section["h3"]) - cut :]
+        excess -= cut
+    return sections
 
 
 @dataclass
@@ -130,20 +146,16 @@ class ArticlePipeline:
         event(EventKind.STARTED, title=task.title, site=task.site)
         try:
             event(EventKind.OUTLINE_STARTED)
-            outline = parse_outline(
-                ask(
-                    batch.models.outline,
-                    prompts.outline_prompt(
-                        task.title,
-                        project.keyword,
-                        project.entities,
-                        project.related_searches,
-                        (tier.min_h2, tier.max_h2),
-                        (tier.min_h3, tier.max_h3),
-                    ),
-                    OUTLINE_MAX_TOKENS,
-                )
+            outline_request = prompts.outline_prompt(
+                task.title,
+                project.keyword,
+                project.entities,
+                project.related_searches,
+                (tier.min_h2, tier.max_h2),
+                (tier.min_h3, tier.max_h3),
             )
+            reply = ask(batch.models.outline, outline_request, OUTLINE_MAX_TOKENS)
+            outline = fit_outline(parse_outline(reply), tier)
             record.outline = outline
             event(
                 EventKind.OUTLINE_DONE,
@@ -154,21 +166,16 @@ class ArticlePipeline:
             stage = "content"
             event(EventKind.CONTENT_STARTED)
             low, high = self.content_bounds(tier.min_word_count, tier.max_word_count)
-            content = strip_fences(
-                ask(
-                    batch.models.content,
-                    prompts.content_prompt(
-                        task.title,
-                        project.keyword,
-                        project.entities,
-                        project.related_searches,
-                        outline,
-                        low,
-                        high,
-                    ),
-                    CONTENT_MAX_TOKENS,
-                )
+            content_request = prompts.content_prompt(
+                task.title,
+                project.keyword,
+                project.entities,
+                project.related_searches,
+                outline,
+                low,
+                high,
             )
+            content = strip_fences(ask(batch.models.content, content_request, CONTENT_MAX_TOKENS))
             words = count_words(content)
             if words == 0:
                 raise EmptyContentError("content reply has no visible words")

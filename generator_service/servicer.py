@@ -147,7 +147,11 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
 
         def tasks() -> Iterator[ArticleTask]:
             for message in request_iterator:
-                if message.WhichOneof("kind") != "article":
+                kind = message.WhichOneof("kind")
+                if kind == "stop":
+                    batch.stop(f"not started: {message.stop.reason or 'the batch was stopped'}")
+                    continue
+                if kind != "article":
                     raise InvalidRequestError("only the first message may carry settings")
                 task = ArticleTask(
                     message.article.article_index, message.article.title, message.article.site

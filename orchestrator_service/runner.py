@@ -9,7 +9,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +27,9 @@ from tierwriter.persistence.v1 import persistence_service_pb2 as db_pb
 from tierwriter.runtime import ServiceCallError
 
 log = logging.getLogger(__name__)
+
+
+CANCELLED = "cancelled: the client disconnected or the server is stopping"
 
 
 class JobStopped(Exception):
@@ -75,6 +78,8 @@ class JobRunner:
         self._persistence = persistence
         self._generator = generator
         self._templates = publish.template_environment(settings.templates_dir)
+        self._lock = threading.Lock()
+        self._active: dict[threading.Thread, threading.Event] = {}  # running jobs, by thread
 
     def validate(self, text: str) -> JobFile:
         """The job file, checked completely before anything is written: schema, then that every
@@ -95,6 +100,46 @@ class JobRunner:
     def effective_workers(self, spec: JobSpec) -> int:
         """The job's max_workers, else CONCURRENT_WORKERS (default 5)."""
         return spec.max_workers or self._settings.concurrent_workers
+
+    def launch(
+        self,
+        job_file: JobFile,
+        owner: str,
+        cancelled: threading.Event,
+        emit: Callable[[pb.JobEvent | None], None],
+    ) -> None:
+        """Run the job file on a thread of its own and emit its events, then None. The thread,
+        not the RPC, owns the job: after a cancel it still stops the generator, waits for the
+        in-flight articles and records the final status."""
+
+        def work() -> None:
+            try:
+                for event in self.run(job_file, owner, cancelled):
+                    emit(event)
+            except Exception as e:  # run() reports its own failures; this is a last resort
+                log.exception("job runner crashed")
+                emit(
+                    pb.JobEvent(run_finished=pb.RunFinished(ok=False, error=f"internal error: {e}"))
+                )
+            finally:
+                with self._lock:
+                    self._active.pop(threading.current_thread(), None)
+                emit(None)
+
+        thread = threading.Thread(target=work, name="job-runner")
+        with self._lock:
+            self._active[thread] = cancelled
+        thread.start()
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Cancel every running job and wait (up to `timeout` each) until it has recorded its
+        final status. Called on shutdown, before the clients close."""
+        with self._lock:
+            active = list(self._active.items())
+        for _, cancelled in active:
+            cancelled.set()
+        for thread, _ in active:
+            thread.join(timeout)
 
     def run(
         self, job_file: JobFile, owner: str, cancelled: threading.Event
@@ -177,6 +222,9 @@ class JobRunner:
         try:
             used_titles: list[str] = []
             for tier_name, tier in spec.ordered_tiers():
+                if cancelled.is_set():
+                    error = CANCELLED
+                    break
                 outcome = yield from self._run_tier(
                     job.id, project, spec, tier_name, tier, workers, used_titles, cancelled
                 )
@@ -186,9 +234,9 @@ class JobRunner:
             status = "failed" if error else "completed"
         except ServiceCallError as e:
             error = str(e)
-        except GeneratorExit:  # the caller went away mid-stream
-            error = "cancelled: the client disconnected"
-            raise
+        except Exception as e:  # a bug must still end the job with a status and a reason
+            log.exception("job %d: unexpected error", job.id)
+            error = f"internal error: {type(e).__name__}: {e}"
         finally:
             try:
                 self._persistence.finish_job(job.id, status, error)
@@ -278,7 +326,11 @@ class JobRunner:
             for i, title in enumerate(titles.titles)
         ]
         failure = ""
-        with closing(self._generator.generate_articles(settings, requests)) as events:
+        # A cancel becomes a stop message: nothing new starts, in-flight articles finish and are
+        # recorded, and the stream still ends only when every article is terminal.
+        with closing(
+            self._generator.generate_articles(settings, requests, stop=cancelled)
+        ) as events:
             for event in events:
                 yield pb.JobEvent(article=progress_from_generator(event, job_id, tier.count))
                 if (
@@ -290,9 +342,8 @@ class JobRunner:
                         f"{tier_name} article {event.article_index + 1}/{tier.count} failed "
                         f"and continue_on_error is false: {event.error}"
                     )
-                if cancelled.is_set():
-                    failure = "cancelled: the client disconnected"
-                    break
+        if cancelled.is_set() and not failure:
+            failure = CANCELLED
         if titles.shortfall and not failure:
             log.warning("job %d %s: %d titles short", job_id, tier_name, titles.shortfall)
 

@@ -32,7 +32,8 @@ def build_server(settings: Settings, address: str | None = None) -> runtime.Runn
                 )
             ],
             max_workers=settings.orchestrator_threads,
-            closers=[persistence.close, generator.close],
+            # Closed in reverse: running jobs wind down while their clients still work.
+            closers=[persistence.close, generator.close, runner.close],
         )
     except BaseException:
         persistence.close()

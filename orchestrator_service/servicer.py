@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections import defaultdict
 from collections.abc import Iterator
@@ -90,8 +91,11 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         except ServiceCallError as e:
             _abort_for(context, e)
         cancelled = threading.Event()
-        context.add_callback(cancelled.set)
-        yield from self._runner.run(job_file, user.username, cancelled)
+        context.add_callback(cancelled.set)  # fires on cancel; after the last event, harmlessly
+        events: queue.Queue[pb.JobEvent | None] = queue.Queue()
+        self._runner.launch(job_file, user.username, cancelled, events.put)
+        while (event := events.get()) is not None:
+            yield event
 
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.GetJobResponse:
         self._authenticate(context)

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import os
+import queue
+import re
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import TextIO
 
 from generator_service.llm.simulator import SimulatorConfig
 from tests.helpers import job_file
@@ -152,3 +159,108 @@ def test_help_lists_every_command() -> None:
     result = tierwriter("--help", cwd=ROOT)
     for command in ("generate-batch", "up", "demo", "jobs"):
         assert command in result.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _Lines:
+    """The lines a subprocess prints, collected by a thread (select() on a buffered text pipe
+    misses lines already in Python's buffer)."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        assert process.stdout is not None
+        self._queue: queue.Queue[str] = queue.Queue()
+        self._thread = threading.Thread(target=self._pump, args=(process.stdout,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream: TextIO) -> None:
+        for line in stream:
+            self._queue.put(line)
+        self._queue.put("")  # end of output
+
+    def until(self, marker: str, timeout: float = 60) -> str:
+        """Everything printed up to and including the line that contains `marker`."""
+        seen, deadline = "", time.monotonic() + timeout
+        while marker not in seen:
+            try:
+                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"{marker!r} not printed within {timeout}s:\n{seen}") from None
+            if not line:
+                raise AssertionError(f"the process ended before printing {marker!r}:\n{seen}")
+            seen += line
+        return seen
+
+    def rest(self) -> str:
+        """Everything printed after the last `until`, once the process has ended."""
+        self._thread.join(timeout=30)
+        return "".join(iter(self._queue.get_nowait, ""))
+
+
+def test_up_serves_until_ctrl_c_and_prints_the_generated_password_once(tmp_path: Path) -> None:
+    ports = [_free_port() for _ in range(3)]
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "TIERWRITER_ADMIN_PASSWORD")
+    }
+    env.update(
+        ORCHESTRATOR_ADDRESS=f"127.0.0.1:{ports[0]}",
+        GENERATOR_ADDRESS=f"127.0.0.1:{ports[1]}",
+        PERSISTENCE_ADDRESS=f"127.0.0.1:{ports[2]}",
+        DATABASE_URL=f"sqlite:///{tmp_path}/tw.db",
+        OUTPUT_DIR=str(tmp_path / "out"),
+        LOG_LEVEL="WARNING",
+    )
+    command = [sys.executable, "-m", "orchestrator_service.cli", "up"]
+    with subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as process:
+        try:
+            output = _Lines(process)
+            banner = output.until("tierwriter is up")
+            password = re.search(r"generated password: (\S+)", banner)
+            assert password, banner
+            assert "LLM simulator http://127.0.0.1:" in banner
+
+            job = tmp_path / "job.json"
+            job.write_text(
+                job_file({"tier1": {"count": 2, "min_word_count": 300, "max_word_count": 400}})
+            )
+            run = tierwriter(
+                "generate-batch",
+                "-j",
+                str(job),
+                "-u",
+                "admin",
+                "-p",
+                password.group(1),
+                "--address",
+                f"127.0.0.1:{ports[0]}",
+                cwd=tmp_path,
+            )
+            assert run.returncode == 0, run.stdout + run.stderr
+            assert len(list((tmp_path / "out").rglob("*.html"))) == 2
+
+            process.send_signal(signal.SIGINT)
+            assert process.wait(timeout=60) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert "Stopping" in output.rest()
+
+    # A second start finds the admin: no new password is printed.
+    with subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as again:
+        try:
+            assert "generated password" not in _Lines(again).until("tierwriter is up")
+            again.send_signal(signal.SIGTERM)
+            assert again.wait(timeout=60) == 0
+        finally:
+            if again.poll() is None:
+                again.kill()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 
 import grpc
 import pytest
@@ -228,3 +229,34 @@ def test_calls_without_valid_credentials_are_unauthenticated(start_stack, passwo
     assert "invalid username or password" in error.value.details
     assert password not in str(error.value)
     assert count_rows(handle.database_url, "jobs") == 0
+
+
+def test_a_disconnected_client_cancels_the_run_and_in_flight_articles_are_recorded(
+    start_stack,
+) -> None:
+    handle = start_stack(simulator=SimulatorConfig(latency=0.2))
+    saved = 0
+    with OrchestratorClient(handle.stack.orchestrator_address, "admin", handle.password) as client:
+        stream = client.run_job(job_file({"tier1": tier(count=20)}, max_workers=2))
+        for event in stream:
+            if event.WhichOneof("event") == "job_started":
+                job_id = event.job_started.job_id
+            if (
+                event.WhichOneof("event") == "article"
+                and event.article.step == pb.ARTICLE_STEP_SAVED
+            ):
+                saved += 1
+                if saved == 2:
+                    break
+        stream.close()  # what Ctrl-C in `generate-batch` does
+        deadline = time.monotonic() + 30
+        while (job := client.get_job(job_id).job).status == "running":
+            assert time.monotonic() < deadline, "the job never left running"
+            time.sleep(0.1)
+    assert job.status == "failed" and "cancelled" in job.error
+    rows = rows_by_status(handle.database_url, job_id)
+    # The two seen, plus at most the two that were in flight: nothing new started.
+    assert 2 <= sum(rows.values()) <= 4
+    requests = handle.stack.simulator.stats().requests
+    time.sleep(0.5)
+    assert handle.stack.simulator.stats().requests == requests

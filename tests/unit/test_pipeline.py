@@ -4,8 +4,8 @@ import re
 
 import pytest
 
-from generator_service.domain import ArticleTask, EventKind
-from generator_service.pipeline import ArticlePipeline, OutlineError, parse_outline
+from generator_service.domain import ArticleTask, EventKind, TierShape
+from generator_service.pipeline import ArticlePipeline, OutlineError, fit_outline, parse_outline
 from tests.fakes import EventLog, FakeLlm, MemorySaver, batch_context
 
 
@@ -106,3 +106,30 @@ def test_outline_parsing_accepts_fences_and_prose() -> None:
 def test_unusable_outlines_are_rejected_with_a_reason(reply: str, problem: str) -> None:
     with pytest.raises(OutlineError, match=re.escape(problem)):
         parse_outline(reply)
+
+
+def _shape(min_h2: int, max_h2: int, min_h3: int, max_h3: int) -> TierShape:
+    return TierShape("tier1", 1, 100, 200, min_h2, max_h2, min_h3, max_h3)
+
+
+def test_an_outline_over_the_maxima_is_trimmed_from_the_end() -> None:
+    outline = [{"h2": f"S{i}", "h3": [f"S{i}.{j}" for j in range(3)]} for i in range(6)]
+    fitted = fit_outline(outline, _shape(2, 4, 0, 7))
+    assert [s["h2"] for s in fitted] == ["S0", "S1", "S2", "S3"]
+    assert sum(len(s["h3"]) for s in fitted) == 7
+    assert fitted[0]["h3"] == ["S0.0", "S0.1", "S0.2"] and fitted[3]["h3"] == []
+    assert len(outline[0]["h3"]) == 3  # the model's outline itself is not changed
+
+
+def test_an_outline_within_the_ranges_is_unchanged() -> None:
+    outline = [{"h2": "A", "h3": ["a"]}, {"h2": "B", "h3": ["b", "c"]}]
+    assert fit_outline(outline, _shape(2, 4, 1, 5)) == outline
+
+
+def test_the_stored_outline_respects_the_tier_maxima() -> None:
+    saver = MemorySaver()
+    context = batch_context()  # 2-4 H2s, 2-6 H3s; the fake answers 3 H2s with 3 H3s
+    tight = type(context)(**{**vars(context), "tier": _shape(1, 2, 0, 1)})
+    ArticlePipeline(FakeLlm(), saver, 200).run(tight, ArticleTask(0, "T"), EventLog())
+    outline = saver.records[(1, "tier1", 0)].outline
+    assert outline is not None and len(outline) == 2 and sum(len(s["h3"]) for s in outline) == 1

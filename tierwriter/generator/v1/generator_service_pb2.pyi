@@ -365,6 +365,7 @@ class GenerateArticlesRequest(_message.Message):
 
     SETTINGS_FIELD_NUMBER: _builtins.int
     ARTICLE_FIELD_NUMBER: _builtins.int
+    STOP_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def settings(self) -> Global___BatchSettings:
         """Must be the first message of the stream."""
@@ -373,21 +374,48 @@ class GenerateArticlesRequest(_message.Message):
     def article(self) -> Global___ArticleRequest:
         """Every later message."""
 
+    @_builtins.property
+    def stop(self) -> Global___StopBatch:
+        """Start no further article: in-flight ones finish and are recorded, the rest are SKIPPED."""
+
     def __init__(
         self,
         *,
         settings: Global___BatchSettings | None = ...,
         article: Global___ArticleRequest | None = ...,
+        stop: Global___StopBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["article", b"article", "kind", b"kind", "settings", b"settings"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["article", b"article", "kind", b"kind", "settings", b"settings", "stop", b"stop"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["article", b"article", "kind", b"kind", "settings", b"settings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["article", b"article", "kind", b"kind", "settings", b"settings", "stop", b"stop"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["settings", "article"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["settings", "article", "stop"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___GenerateArticlesRequest: _TypeAlias = GenerateArticlesRequest  # noqa: Y015
+
+@_typing.final
+class StopBatch(_message.Message):
+    """Asks the generator to start no further article of the stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """Why, for the SKIPPED events (e.g. "the job was cancelled")."""
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopBatch: _TypeAlias = StopBatch  # noqa: Y015
 
 @_typing.final
 class ArticleEvent(_message.Message):

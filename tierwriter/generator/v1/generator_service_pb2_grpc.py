@@ -59,8 +59,9 @@ class GeneratorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GenerateArticles(self, request_iterator, context):
-        """The first request carries the batch settings, every later one an article. Events stream
-        back as each article moves through outline, content, augmentation and save.
+        """The first request carries the batch settings, every later one an article, optionally a stop
+        last. Events stream back as each article moves through outline, content, augmentation and
+        save. The caller closes its side once every article had its terminal event (or after a stop).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
