@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 from generator_service.domain import ArticleRecord
 from persistence_service.client import PersistenceClient
@@ -16,24 +17,11 @@ class PersistenceSaver:
         self._client = client
 
     def save(self, record: ArticleRecord) -> tuple[int, bool]:
+        fields = asdict(record)
+        outline = fields.pop("outline")
         response = self._client.save_article(
             persistence_pb.Article(
-                job_id=record.job_id,
-                project_id=record.project_id,
-                tier=record.tier,
-                article_index=record.article_index,
-                keyword=record.keyword,
-                title=record.title,
-                outline_json=json.dumps(record.outline) if record.outline is not None else "",
-                content=record.content,
-                word_count=record.word_count,
-                status=record.status,
-                error_stage=record.error_stage,
-                error=record.error,
-                site=record.site,
-                api_calls=record.api_calls,
-                prompt_tokens=record.prompt_tokens,
-                completion_tokens=record.completion_tokens,
+                **fields, outline_json=json.dumps(outline) if outline is not None else ""
             )
         )
         return response.article.id, response.created

@@ -66,9 +66,4 @@ def build_server(
 def serve(settings: Settings) -> None:
     """Serve until SIGTERM/SIGINT, then stop gracefully."""
     runtime.configure_logging(settings.log_level)
-    running = build_server(settings)
-    log.info("generator_service listening on port %d", running.port)
-    try:
-        runtime.wait_for_stop_signal()
-    finally:
-        running.stop()
+    runtime.serve_until_stopped(build_server(settings), "generator_service")

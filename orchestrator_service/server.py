@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 from generator_service.client import GeneratorClient
 from orchestrator_service.config import Settings
 from orchestrator_service.runner import JobRunner
@@ -12,7 +10,6 @@ from persistence_service.client import PersistenceClient
 from tierwriter import runtime
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 
-log = logging.getLogger(__name__)
 SERVICE_NAME = "tierwriter.orchestrator.v1.OrchestratorService"
 
 
@@ -44,9 +41,4 @@ def build_server(settings: Settings, address: str | None = None) -> runtime.Runn
 def serve(settings: Settings) -> None:
     """Serve until SIGTERM/SIGINT, then stop gracefully."""
     runtime.configure_logging(settings.log_level)
-    running = build_server(settings)
-    log.info("orchestrator_service listening on port %d", running.port)
-    try:
-        runtime.wait_for_stop_signal()
-    finally:
-        running.stop()
+    runtime.serve_until_stopped(build_server(settings), "orchestrator_service")

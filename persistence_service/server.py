@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 from persistence_service.config import Settings
 from persistence_service.servicer import PersistenceServicer
 from persistence_service.store import Store
@@ -11,7 +9,6 @@ from persistence_service.unit_of_work import make_engine, make_session_factory
 from tierwriter import runtime
 from tierwriter.persistence.v1 import persistence_service_pb2_grpc as pb_grpc
 
-log = logging.getLogger(__name__)
 SERVICE_NAME = "tierwriter.persistence.v1.PersistenceService"
 
 
@@ -54,8 +51,4 @@ def serve(settings: Settings) -> None:
     generated = bootstrap_admin(store, settings)
     if generated:
         print(f"Created user 'admin' with generated password: {generated}", flush=True)
-    log.info("persistence_service listening on port %d", running.port)
-    try:
-        runtime.wait_for_stop_signal()
-    finally:
-        running.stop()
+    runtime.serve_until_stopped(running, "persistence_service")

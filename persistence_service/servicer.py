@@ -69,28 +69,21 @@ def job_to_proto(j: Job) -> pb.Job:
     )
 
 
+# Fields an article record and its message share, name for name and type for type.
+ARTICLE_FIELDS = (
+    "job_id", "project_id", "tier", "article_index", "keyword", "title", "content", "word_count",
+    "status", "error_stage", "error", "site", "api_calls", "prompt_tokens", "completion_tokens",
+)  # fmt: skip
+
+
 def article_to_proto(a: Article) -> pb.Article:
     """An Article row as its message."""
     return pb.Article(
+        **{name: getattr(a, name) for name in ARTICLE_FIELDS},
         id=a.id,
-        job_id=a.job_id,
-        project_id=a.project_id,
-        tier=a.tier,
-        article_index=a.article_index,
-        keyword=a.keyword,
-        title=a.title,
         outline_json=json.dumps(a.outline) if a.outline is not None else "",
-        content=a.content,
-        word_count=a.word_count,
-        status=a.status,
-        error_stage=a.error_stage,
-        error=a.error,
-        site=a.site,
         url=a.url,
         output_path=a.output_path,
-        api_calls=a.api_calls,
-        prompt_tokens=a.prompt_tokens,
-        completion_tokens=a.completion_tokens,
     )
 
 
@@ -100,24 +93,7 @@ def article_from_proto(a: pb.Article) -> dict[str, Any]:
         outline = json.loads(a.outline_json) if a.outline_json else None
     except json.JSONDecodeError as e:
         raise InvalidRecordError(f"article.outline_json: not valid JSON ({e.msg})") from e
-    return dict(
-        job_id=a.job_id,
-        project_id=a.project_id,
-        tier=a.tier,
-        article_index=a.article_index,
-        keyword=a.keyword,
-        title=a.title,
-        outline=outline,
-        content=a.content,
-        word_count=a.word_count,
-        status=a.status,
-        error_stage=a.error_stage,
-        error=a.error,
-        site=a.site,
-        api_calls=a.api_calls,
-        prompt_tokens=a.prompt_tokens,
-        completion_tokens=a.completion_tokens,
-    )
+    return {**{name: getattr(a, name) for name in ARTICLE_FIELDS}, "outline": outline}
 
 
 def counts_to_proto(c: Counts) -> pb.ArticleCounts:

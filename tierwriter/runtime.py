@@ -112,6 +112,15 @@ def wait_for_stop_signal() -> None:
             signal.signal(s, handler)
 
 
+def serve_until_stopped(running: RunningServer, name: str) -> None:
+    """The body of every service's `serve`: run until SIGTERM/SIGINT, then stop gracefully."""
+    log.info("%s listening on port %d", name, running.port)
+    try:
+        wait_for_stop_signal()
+    finally:
+        running.stop()
+
+
 def host_port(address: str, port: int) -> str:
     """The dialable address of a server bound to `address` (whose port may have been 0)."""
     host = address.rsplit(":", 1)[0]
