@@ -20,11 +20,13 @@ class ArticleBatch:
         self._pipeline = pipeline
         self._context = context
         self._stopped = threading.Event()
+        self._lock = threading.Lock()  # guards _stop_reason: workers and the feed may race
         self._stop_reason = ""
 
     def stop(self, reason: str) -> None:
-        """Start no further article; in-flight ones finish."""
-        self._stop_reason = self._stop_reason or reason
+        """Start no further article; in-flight ones finish. The first reason given is kept."""
+        with self._lock:
+            self._stop_reason = self._stop_reason or reason
         self._stopped.set()
 
     def run(self, tasks: Iterable[ArticleTask], emit: Emit) -> None:
@@ -36,6 +38,10 @@ class ArticleBatch:
             for task in tasks:
                 pool.submit(self._one, task, emit)
 
+    def _reason(self) -> str:
+        with self._lock:
+            return self._stop_reason
+
     def _one(self, task: ArticleTask, emit: Emit) -> None:
         if self._stopped.is_set():
             emit(
@@ -44,7 +50,7 @@ class ArticleBatch:
                     self._context.tier.name,
                     task.index,
                     title=task.title,
-                    error=self._stop_reason,
+                    error=self._reason(),
                 )
             )
             return

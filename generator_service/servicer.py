@@ -146,6 +146,7 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
         problems: list[str] = []
 
         def tasks() -> Iterator[ArticleTask]:
+            seen: set[int] = set()  # owned by the feed thread
             for message in request_iterator:
                 kind = message.WhichOneof("kind")
                 if kind == "stop":
@@ -157,6 +158,11 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
                     message.article.article_index, message.article.title, message.article.site
                 )
                 validate_task(task, batch_context.tier)
+                if task.index in seen:
+                    raise InvalidRequestError(
+                        f"article.article_index: article {task.index} was sent twice"
+                    )
+                seen.add(task.index)
                 yield task
 
         def produce() -> None:

@@ -260,3 +260,18 @@ def test_a_disconnected_client_cancels_the_run_and_in_flight_articles_are_record
     requests = handle.stack.simulator.stats().requests
     time.sleep(0.5)
     assert handle.stack.simulator.stats().requests == requests
+
+
+def test_a_file_with_two_jobs_runs_both_and_sums_them(start_stack) -> None:
+    handle = start_stack(simulator=FAST)
+    first = json.loads(job_file({"tier1": tier(count=3)}))["jobs"][0]
+    second = json.loads(job_file({"tier1": tier(count=2), "tier2": tier(count=4)}, max_workers=2))
+    events, finished = run_job(handle, json.dumps({"jobs": [first, second["jobs"][0]]}))
+    assert finished.ok, finished.error
+    started = [e.job_started for e in events if e.WhichOneof("event") == "job_started"]
+    assert [(j.job_number, j.job_count, j.max_workers) for j in started] == [(0, 2, 5), (1, 2, 2)]
+    s = finished.summary
+    assert (s.total_jobs, s.processed_jobs, s.requested_articles) == (2, 2, 9)
+    assert s.generated_articles + s.augmented_articles == 9
+    assert sum(sum(rows_by_status(handle.database_url, j.job_id).values()) for j in started) == 9
+    assert len(s.output_dirs) == 2

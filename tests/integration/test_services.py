@@ -221,3 +221,27 @@ def test_sigterm_stops_a_service_gracefully(tmp_path: Path) -> None:
         output = process.stdout.read() if process.stdout else ""
     assert "received SIGTERM, stopping" in output
     assert "pw-for-test" not in output
+
+
+def test_generator_rejects_an_article_sent_twice_and_writes_it_once(start_stack) -> None:
+    handle = start_stack(simulator=SimulatorConfig())
+    events, _ = run_job(
+        handle, job_file({"tier1": {"count": 1, "min_word_count": 100, "max_word_count": 200}})
+    )
+    job_id = events[0].job_started.job_id
+    settings = _settings(job_id=job_id)
+    article = gen_pb.ArticleRequest(article_index=1, title="Twice")
+    messages = [
+        gen_pb.GenerateArticlesRequest(settings=settings),
+        gen_pb.GenerateArticlesRequest(article=article),
+        gen_pb.GenerateArticlesRequest(article=article),
+    ]
+    with (
+        grpc.insecure_channel(handle.stack.generator_address) as channel,
+        pytest.raises(grpc.RpcError) as error,
+    ):
+        list(gen_grpc.GeneratorServiceStub(channel).GenerateArticles(iter(messages), timeout=30))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "article.article_index: article 1 was sent twice" in error.value.details()
+    outlines = handle.stack.simulator.stats().by_kind.get("outline", 0)
+    assert outlines == 2  # the job's one article, and the first copy; never the second
