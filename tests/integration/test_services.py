@@ -191,16 +191,19 @@ def test_an_unreachable_generator_fails_the_job_with_a_message_naming_it(start_s
     assert finished.summary.processed_jobs == 0 and finished.summary.total_jobs == 1
 
 
-def test_sigterm_stops_a_service_gracefully(tmp_path: Path) -> None:
-    port = _free_port()
-    env = {
-        **os.environ,
-        "PERSISTENCE_ADDRESS": f"127.0.0.1:{port}",
-        "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite'}",
-        "TIERWRITER_ADMIN_PASSWORD": "pw-for-test",
-    }
+@pytest.mark.parametrize(
+    "module", ["persistence_service", "generator_service", "orchestrator_service"]
+)
+def test_sigterm_stops_a_service_gracefully(tmp_path: Path, module: str) -> None:
+    ports = {name: _free_port() for name in ("PERSISTENCE", "GENERATOR", "ORCHESTRATOR")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+    env.update({f"{name}_ADDRESS": f"127.0.0.1:{port}" for name, port in ports.items()})
+    env.update(
+        DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite'}", TIERWRITER_ADMIN_PASSWORD="pw-for-test"
+    )
+    own = f"127.0.0.1:{ports[module.split('_')[0].upper()]}"
     with subprocess.Popen(
-        [sys.executable, "-m", "persistence_service"],
+        [sys.executable, "-m", module],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
@@ -208,7 +211,7 @@ def test_sigterm_stops_a_service_gracefully(tmp_path: Path) -> None:
         text=True,
     ) as process:
         try:
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with grpc.insecure_channel(own) as channel:
                 health = health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(), timeout=30, wait_for_ready=True
                 )
@@ -219,6 +222,7 @@ def test_sigterm_stops_a_service_gracefully(tmp_path: Path) -> None:
             if process.poll() is None:
                 process.kill()
         output = process.stdout.read() if process.stdout else ""
+    assert f"{module} listening on port" in output
     assert "received SIGTERM, stopping" in output
     assert "pw-for-test" not in output
 
