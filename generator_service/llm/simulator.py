@@ -231,6 +231,9 @@ class SimulatorConfig:
     seed: int = 7
     # Test hook: every n-th outline request gets a reply that is not JSON (0: never).
     garbage_outline_every: int = 0
+    # Test hook: every n-th chat request is refused with 429 and `retry-after-ms` (0: never).
+    rate_limit_every: int = 0
+    rate_limit_retry_after_ms: int = 20
 
 
 @dataclass
@@ -241,6 +244,7 @@ class SimulatorStats:
     by_kind: dict[str, int] = field(default_factory=dict)
     in_flight: int = 0
     peak_in_flight: int = 0
+    rate_limited: int = 0  # requests refused with 429 (not counted in `requests`)
 
 
 class LlmSimulator:
@@ -254,6 +258,7 @@ class LlmSimulator:
         self._stats = SimulatorStats()
         self._kinds: Counter[str] = Counter()
         self._outline_requests = 0
+        self._arrivals = 0  # chat requests received, refused ones included
         self._titles_written: dict[str, set[str]] = {}  # per keyword, lowercased
         self._server = ThreadingHTTPServer((host, port), _make_handler(self))
         self._server.daemon_threads = True
@@ -294,6 +299,7 @@ class LlmSimulator:
                 dict(self._kinds),
                 self._stats.in_flight,
                 self._stats.peak_in_flight,
+                self._stats.rate_limited,
             )
 
     def reset(self) -> None:
@@ -319,11 +325,28 @@ class LlmSimulator:
         with self._lock:
             self._stats.in_flight -= 1
 
-    def complete(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        """Answer one chat completion request: (HTTP status, JSON body)."""
+    def _rate_limited(self) -> bool:
+        with self._lock:
+            self._arrivals += 1
+            every = self.config.rate_limit_every
+            if every and self._arrivals % every == 0:
+                self._stats.rate_limited += 1
+                return True
+            return False
+
+    def complete(self, body: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """Answer one chat completion request: (HTTP status, JSON body, extra headers)."""
         messages = body.get("messages") or []
         if not isinstance(messages, list) or not messages:
-            return HTTPStatus.BAD_REQUEST, _error("messages: at least one message is required")
+            return (
+                HTTPStatus.BAD_REQUEST,
+                _error("messages: at least one message is required"),
+                {},
+            )
+        if self._rate_limited():
+            retry_ms = self.config.rate_limit_retry_after_ms
+            refusal = _error("Rate limit exceeded (simulated)", "rate_limit_error")
+            return HTTPStatus.TOO_MANY_REQUESTS, refusal, {"retry-after-ms": str(retry_ms)}
         prompt = str(messages[-1].get("content", ""))
         kind = _kind_of(prompt)
         # Seeded by the prompt, not by arrival order: the same job gets the same replies however
@@ -341,7 +364,7 @@ class LlmSimulator:
             self._leave()
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages) * 4 // 3
         completion_tokens = len(text.split()) * 4 // 3
-        return HTTPStatus.OK, {
+        reply = {
             "id": f"chatcmpl-sim-{rng.getrandbits(48):x}",
             "object": "chat.completion",
             "created": int(time.time()),
@@ -359,6 +382,7 @@ class LlmSimulator:
                 "total_tokens": prompt_tokens + completion_tokens,
             },
         }
+        return HTTPStatus.OK, reply, {}
 
     def _reply(self, kind: str, prompt: str, rng: random.Random) -> str:
         ctx = _context_of(prompt)
@@ -457,8 +481,8 @@ def _context_of(prompt: str) -> dict[str, Any]:
     return {"keyword": keyword, "entities": items("Entities"), "related": items("Related searches")}
 
 
-def _error(message: str) -> dict[str, Any]:
-    return {"error": {"message": message, "type": "invalid_request_error"}}
+def _error(message: str, kind: str = "invalid_request_error") -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind}}
 
 
 def _make_handler(simulator: LlmSimulator) -> type[BaseHTTPRequestHandler]:
@@ -499,9 +523,13 @@ def _make_handler(simulator: LlmSimulator) -> type[BaseHTTPRequestHandler]:
                 return
             self._send(*simulator.complete(body))
 
-        def _send(self, status: int, payload: dict[str, Any]) -> None:
+        def _send(
+            self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None
+        ) -> None:
             data = json.dumps(payload).encode()
             self.send_response(status)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()

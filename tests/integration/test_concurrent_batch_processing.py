@@ -275,3 +275,24 @@ def test_a_file_with_two_jobs_runs_both_and_sums_them(start_stack) -> None:
     assert s.generated_articles + s.augmented_articles == 9
     assert sum(sum(rows_by_status(handle.database_url, j.job_id).values()) for j in started) == 9
     assert len(s.output_dirs) == 2
+
+
+def test_rate_limits_are_retried_by_the_sdk_honouring_retry_after(start_stack) -> None:
+    # Sequential, so the refused arrivals (every 3rd) are deterministic: a retry never is one.
+    handle = start_stack(simulator=SimulatorConfig(rate_limit_every=3))
+    _, finished = run_job(handle, job_file({"tier1": tier(count=4)}, max_workers=1))
+    stats = handle.stack.simulator.stats()
+    assert finished.ok and finished.summary.failed_articles == 0
+    assert stats.rate_limited >= 3
+    assert finished.summary.api_calls == stats.requests  # refused attempts are not counted
+
+
+def test_with_retries_off_a_rate_limit_is_a_recorded_failure(start_stack, monkeypatch) -> None:
+    monkeypatch.setenv("LLM_MAX_RETRIES", "0")
+    handle = start_stack(simulator=SimulatorConfig(rate_limit_every=3))
+    events, finished = run_job(handle, job_file({"tier1": tier(count=4)}, max_workers=1))
+    failed = [a for a in articles_of(events) if a.step == pb.ARTICLE_STEP_FAILED]
+    assert failed and all(a.error.startswith("RateLimitError:") for a in failed)
+    rows = rows_by_status(handle.database_url, job_ids_of(events)[0])
+    assert rows.get("failed") == len(failed) and sum(rows.values()) == 4
+    assert finished.ok and finished.summary.failed_articles == len(failed)  # the batch went on
