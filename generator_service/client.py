@@ -14,7 +14,7 @@ from tierwriter.generator.v1 import generator_service_pb2_grpc as pb_grpc
 TITLES_DEADLINE = 600.0  # many title calls may queue behind a slow model
 # A stream carries a whole tier: long, but bounded, so a hung generator cannot hang a job forever.
 ARTICLES_DEADLINE = 24 * 3600.0
-# How often an open request stream checks whether the caller asked to stop.
+# How often an open request stream checks whether the caller asked to stop (cancel latency).
 STOP_POLL_SECONDS = 0.2
 TERMINAL_KINDS = frozenset(
     {
@@ -67,8 +67,9 @@ class GeneratorClient:
                 yield pb.GenerateArticlesRequest(article=article)
             # Our side stays open so that a stop can still be sent; it closes once every
             # article is terminal (the generator then ends the stream) or right after a stop.
-            while not all_terminal.is_set():
-                if stop.wait(STOP_POLL_SECONDS):
+            # Wait on all_terminal, not on stop: the end of a tier must not wait out a poll.
+            while not all_terminal.wait(STOP_POLL_SECONDS):
+                if stop.is_set():
                     yield pb.GenerateArticlesRequest(stop=pb.StopBatch(reason=stop_reason))
                     return
 
