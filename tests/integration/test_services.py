@@ -249,3 +249,15 @@ def test_generator_rejects_an_article_sent_twice_and_writes_it_once(start_stack)
     assert "article.article_index: article 1 was sent twice" in error.value.details()
     outlines = handle.stack.simulator.stats().by_kind.get("outline", 0)
     assert outlines == 2  # the job's one article, and the first copy; never the second
+
+
+def test_the_container_health_probe_tells_serving_from_down(start_stack) -> None:
+    handle = start_stack(simulator=SimulatorConfig())
+    address = handle.stack.orchestrator_address
+    probe = [sys.executable, "-m", "tierwriter.healthcheck"]
+    assert subprocess.run([*probe, address], timeout=30).returncode == 0
+    assert (
+        subprocess.run([*probe, address, SERVICES["orchestrator_address"]], timeout=30).returncode
+        == 0
+    )
+    assert subprocess.run([*probe, f"127.0.0.1:{_free_port()}"], timeout=30).returncode == 1
