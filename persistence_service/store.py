@@ -99,11 +99,12 @@ class Store:
             try:
                 uow.commit()
                 return project
-            except IntegrityError:
-                pass  # another call created it between our read and our insert
+            except IntegrityError as e:
+                conflict = e  # most likely another call created it between our read and insert
         with self._uow() as uow:
             found = repository.project_by_name(uow.session, fields["name"])
-            assert found is not None
+            if found is None:
+                raise InvalidRecordError(f"project: not stored: {conflict.orig}") from conflict
             return found
 
     def get_project(self, project_id: int) -> Project:
@@ -211,12 +212,12 @@ class Store:
             try:
                 uow.commit()
                 return article, True
-            except IntegrityError:
-                pass  # a concurrent save of the same key won the race
+            except IntegrityError as e:
+                conflict = e  # a concurrent save of the same key won, or a reference is bad
         with self._uow() as uow:
             found = repository.article_by_key(uow.session, *key)
-            if found is None:
-                raise
+            if found is None:  # not a race: e.g. project_id names no project
+                raise InvalidRecordError(f"article: not stored: {conflict.orig}") from conflict
             return found, False
 
     def list_articles(self, job_id: int, tier: str = "") -> Sequence[Article]:

@@ -97,3 +97,10 @@ def test_admin_is_created_once_and_passwords_are_checked(store: Store) -> None:
         store.verify_credentials("admin", "wrong")
     with pytest.raises(AuthenticationError):
         store.verify_credentials("nobody", generated)
+
+
+def test_a_record_with_an_unknown_project_is_rejected_naming_the_problem(store: Store) -> None:
+    project_id, job_id = _job(store, 1)
+    with pytest.raises(InvalidRecordError, match=r"article: not stored"):
+        store.save_article(_article(project_id + 99, job_id, 0, "generated"))
+    assert store.list_articles(job_id) == []
