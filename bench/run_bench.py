@@ -84,16 +84,13 @@ def measure(
     """Run the job once on a fresh stack and database."""
     with tempfile.TemporaryDirectory(prefix="tierwriter-bench-") as tmp:
         password = uuid.uuid4().hex
-        config = StackConfig(
+        config = StackConfig.on_loopback(
             database_url=f"sqlite:///{Path(tmp) / 'bench.db'}",
             output_dir=Path(tmp) / "output",
             simulator=SimulatorConfig(latency=latency, seed=seed),
             concurrent_workers=workers,
             word_count_compensation=compensation,
             admin_password=password,
-            orchestrator_address="127.0.0.1:0",
-            generator_address="127.0.0.1:0",
-            persistence_address="127.0.0.1:0",
         )
         with (
             LocalStack(config) as stack,

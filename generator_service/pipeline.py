@@ -9,7 +9,7 @@ import logging
 import re
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from generator_service import prompts
@@ -227,18 +227,9 @@ class ArticlePipeline:
             stage,
             message,
         )
-        failed = ArticleRecord(
-            job_id=record.job_id,
-            project_id=record.project_id,
-            tier=record.tier,
-            article_index=record.article_index,
-            keyword=record.keyword,
-            title=record.title,
-            status="failed",
-            outline=record.outline,
-            site=record.site,
-            error_stage=stage,
-            error=message,
+        # The same record, minus any content written before the failure.
+        failed = replace(
+            record, status="failed", content="", word_count=0, error_stage=stage, error=message
         )
         self._fill_usage(failed, usage)
         article_id = 0

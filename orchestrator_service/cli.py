@@ -172,14 +172,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         Path(f"{DEMO_DATABASE}{suffix}").unlink(missing_ok=True)
     password = secrets.token_urlsafe(16)
     simulator = SimulatorConfig(latency=args.latency, garbage_outline_every=args.fail_every)
-    config = StackConfig(
+    config = StackConfig.on_loopback(
         database_url=f"sqlite:///{DEMO_DATABASE}",
         output_dir=DEMO_OUTPUT,
         simulator=simulator,
         admin_password=password,
-        orchestrator_address="127.0.0.1:0",
-        generator_address="127.0.0.1:0",
-        persistence_address="127.0.0.1:0",
     )
     print(
         "tierwriter demo: the three services and the LLM simulator, on loopback, in this process."

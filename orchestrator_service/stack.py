@@ -8,6 +8,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from pydantic import SecretStr
 
@@ -43,6 +44,14 @@ class StackConfig:
     generator_address: str | None = None
     persistence_address: str | None = None
     templates_dir: Path | None = None
+
+    @classmethod
+    def on_loopback(cls, **fields: Any) -> StackConfig:
+        """A config whose three services listen on free 127.0.0.1 ports (demo, tests, bench)."""
+        free = "127.0.0.1:0"
+        return cls(
+            orchestrator_address=free, generator_address=free, persistence_address=free, **fields
+        )
 
 
 def _given(**values: object) -> dict[str, object]:

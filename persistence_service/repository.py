@@ -83,6 +83,4 @@ def article_totals(session: Session, job_ids: Sequence[int]) -> list[StatusRow]:
         .where(Article.job_id.in_(job_ids))
         .group_by(Article.job_id, Article.tier, Article.status)
     )
-    return [
-        StatusRow(*(row[0], row[1], row[2]), *map(int, row[3:])) for row in session.execute(query)
-    ]
+    return [StatusRow(row[0], row[1], row[2], *map(int, row[3:])) for row in session.execute(query)]

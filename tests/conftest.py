@@ -124,13 +124,10 @@ def start_stack(database_url: str, tmp_path: Path) -> Iterator[Callable[..., Sta
     password = uuid.uuid4().hex  # one per test: a second stack shares the database and its admin
 
     def start(**overrides: Any) -> StackHandle:
-        config = StackConfig(
+        config = StackConfig.on_loopback(
             database_url=overrides.pop("database_url", database_url),
             output_dir=tmp_path / f"output{len(started)}",
             admin_password=password,
-            orchestrator_address="127.0.0.1:0",
-            generator_address="127.0.0.1:0",
-            persistence_address="127.0.0.1:0",
             **overrides,
         )
         stack = LocalStack(config).__enter__()
