@@ -74,6 +74,7 @@ class EventKind(Enum):
     SAVED = "SAVED"
     FAILED = "FAILED"
     SKIPPED = "SKIPPED"
+    OUTLINE_REPAIRING = "OUTLINE_REPAIRING"
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class ArticleEvent:
     site: str = ""
     h2_count: int = 0
     h3_count: int = 0
+    outline_fix: str = ""
     word_count: int = 0
     min_word_count: int = 0
     article_id: int = 0

@@ -4,9 +4,7 @@ No gRPC here: the servicer feeds tasks in and turns events into messages."""
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -20,9 +18,17 @@ from generator_service.domain import (
     ArticleTask,
     BatchContext,
     EventKind,
-    TierShape,
 )
 from generator_service.llm import Completion, LlmClient
+from generator_service.outline import (
+    FittedOutline,
+    Outline,
+    OutlineError,
+    fit_outline,
+    outline_problem,
+    parse_outline,
+    section_budgets,
+)
 from generator_service.text import count_words, strip_fences
 
 log = logging.getLogger(__name__)
@@ -31,57 +37,10 @@ Emit = Callable[[ArticleEvent], None]
 
 OUTLINE_MAX_TOKENS = 2000
 CONTENT_MAX_TOKENS = 8000
-_JSON_OBJECT = re.compile(r"\{.*\}", re.DOTALL)
-
-
-class OutlineError(ValueError):
-    """The model's outline reply cannot be used; the message says why."""
 
 
 class EmptyContentError(ValueError):
     """The model's content reply has no visible words."""
-
-
-def parse_outline(reply: str) -> list[dict[str, Any]]:
-    """The outline sections [{"h2": str, "h3": [str, …]}, …] from a model reply.
-
-    Accepts fences and prose around the JSON; raises OutlineError naming what is wrong."""
-    text = strip_fences(reply)
-    match = _JSON_OBJECT.search(text)
-    snippet = " ".join(text.split())[:80]
-    if not match:
-        raise OutlineError(f"outline reply is not JSON: {snippet!r}")
-    try:
-        data = json.loads(match.group(0))
-    except json.JSONDecodeError as e:
-        raise OutlineError(f"outline reply is not valid JSON ({e.msg}): {snippet!r}") from e
-    sections = data.get("outline") if isinstance(data, dict) else None
-    if not isinstance(sections, list) or not sections:
-        raise OutlineError('outline reply has no non-empty "outline" list')
-    outline: list[dict[str, Any]] = []
-    for i, section in enumerate(sections):
-        if not isinstance(section, dict) or not isinstance(section.get("h2"), str):
-            raise OutlineError(f'outline section {i} has no "h2" text')
-        h3 = section.get("h3", [])
-        if not isinstance(h3, list) or not all(isinstance(h, str) for h in h3):
-            raise OutlineError(f'outline section {i}: "h3" must be a list of strings')
-        outline.append({"h2": section["h2"].strip(), "h3": [h.strip() for h in h3]})
-    return outline
-
-
-def fit_outline(outline: list[dict[str, Any]], tier: TierShape) -> list[dict[str, Any]]:
-    """The outline cut down to the tier's maxima: H2 sections beyond max_h2, then H3s beyond
-    max_h3 in total, counted from the end. Too few headings are kept as they are: filling them
-    in needs another model call."""
-    sections = [{"h2": s["h2"], "h3": list(s["h3"])} for s in outline[: tier.max_h2]]
-    excess = sum(len(s["h3"]) for s in sections) - tier.max_h3
-    for section in reversed(sections):
-        if excess <= 0:
-            break
-        cut = min(excess, len(section["h3"]))
-        del section["h3"][len(section["h3"]) - cut :]
-        excess -= cut
-    return sections
 
 
 @dataclass
@@ -155,12 +114,13 @@ class ArticlePipeline:
                 (tier.min_h3, tier.max_h3),
             )
             reply = ask(batch.models.outline, outline_request, OUTLINE_MAX_TOKENS)
-            outline = fit_outline(parse_outline(reply), tier)
-            record.outline = outline
+            fitted = self._usable_outline(batch, task, reply, ask, event)
+            outline = record.outline = fitted.sections
             event(
                 EventKind.OUTLINE_DONE,
-                h2_count=len(outline),
-                h3_count=sum(len(s["h3"]) for s in outline),
+                h2_count=fitted.h2_count,
+                h3_count=fitted.h3_count,
+                outline_fix=fitted.fix,
             )
 
             stage = "content"
@@ -172,6 +132,7 @@ class ArticlePipeline:
                 project.entities,
                 project.related_searches,
                 outline,
+                section_budgets(outline, (low + high) // 2),
                 low,
                 high,
             )
@@ -205,6 +166,37 @@ class ArticlePipeline:
             )
         except Exception as e:  # one article's failure must never reach the other workers
             return self._fail(batch, task, record, usage, stage, e, event)
+
+    @staticmethod
+    def _usable_outline(
+        batch: BatchContext,
+        task: ArticleTask,
+        reply: str,
+        ask: Callable[[str, prompts.Prompt, int], str],
+        event: Callable[..., ArticleEvent],
+    ) -> FittedOutline:
+        """The outline from `reply`; when it is not JSON or out of range, one repair request, and
+        then whatever parsed is fitted to the tier. OutlineError says what could not be fixed."""
+        tier = batch.tier
+        outline: Outline | None = None
+        try:
+            outline = parse_outline(reply)
+            problem = outline_problem(outline, tier)
+        except OutlineError as e:
+            problem = str(e)
+        if problem:
+            event(EventKind.OUTLINE_REPAIRING, error=problem)
+            repair = prompts.outline_repair_prompt(
+                task.title, (tier.min_h2, tier.max_h2), (tier.min_h3, tier.max_h3), problem, reply
+            )
+            repaired = ask(batch.models.outline, repair, OUTLINE_MAX_TOKENS)
+            try:
+                outline = parse_outline(repaired)
+            except OutlineError as e:
+                if outline is None:  # neither reply parsed: nothing to fit
+                    raise OutlineError(f"{e} (also after one repair request)") from e
+        assert outline is not None
+        return fit_outline(outline, tier, batch.project)
 
     def _fail(
         self,

@@ -66,24 +66,46 @@ def outline_prompt(
     )
 
 
+def outline_repair_prompt(
+    title: str, h2: tuple[int, int], h3: tuple[int, int], problem: str, previous_reply: str
+) -> Prompt:
+    """Ask once more for an outline, saying what was wrong with the last one."""
+    shown = previous_reply.strip()[:2000] or "(empty)"
+    return Prompt(
+        SYSTEM,
+        f'Repair the outline for the article titled "{title}". Your previous reply could not be '
+        f"used: {problem}.\n"
+        f"Use between {h2[0]} and {h2[1]} H2 sections and between {h3[0]} and {h3[1]} "
+        "H3 subsections in total.\n"
+        'Return only JSON of the form {"outline": [{"h2": "...", "h3": ["...", "..."]}]}.\n'
+        f"Previous reply:\n{shown}",
+    )
+
+
 def content_prompt(
     title: str,
     keyword: str,
     entities: list[str],
     related: list[str],
     outline: list[dict[str, Any]],
+    budgets: list[int],
     min_words: int,
     max_words: int,
 ) -> Prompt:
-    """Ask for the article body; the bounds given here already include the compensation."""
+    """Ask for the article body: the outline's headings in order, each H2 section with its own
+    word budget. The bounds given here already include the compensation."""
+    sections = [
+        {**section, "words": words} for section, words in zip(outline, budgets, strict=True)
+    ]
     return Prompt(
         SYSTEM,
         f'Write the article titled "{title}" as an HTML fragment using only h2, h3, p, ul, ol, '
         "li, strong and em tags (no html, head or body).\n"
         + _context(keyword, entities, related)
         + f"Length: between {min_words} and {max_words} words.\n"
-        + "Follow this outline, in order:\n"
-        + json.dumps({"outline": outline}, indent=2),
+        + "Use exactly these headings, in order, as <h2> and <h3> elements. Give each H2 section "
+        '(with its H3s) about the number of words in its "words" field:\n'
+        + json.dumps({"outline": sections}, indent=2),
     )
 
 

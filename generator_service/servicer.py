@@ -47,6 +47,7 @@ def event_to_proto(e: ArticleEvent) -> pb.ArticleEvent:
         title=e.title,
         site=e.site,
         h2_count=e.h2_count,
+        outline_fix=e.outline_fix,
         h3_count=e.h3_count,
         word_count=e.word_count,
         min_word_count=e.min_word_count,

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -17,7 +18,7 @@ import grpc
 from generator_service.llm.simulator import SimulatorConfig
 from orchestrator_service.client import OrchestratorClient
 from orchestrator_service.config import Settings
-from orchestrator_service.console import event_lines
+from orchestrator_service.console import event_lines, post_processing_lines
 from orchestrator_service.stack import LocalStack, StackConfig
 from tierwriter import runtime
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
@@ -38,10 +39,21 @@ def demo_job() -> str:
     return resources.files("orchestrator_service").joinpath("jobs/demo.json").read_text("utf-8")
 
 
+# Codes whose message is meant for the user as it is (no service address around it).
+_SHOWN_AS_IS = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
 def _exit_code_for(error: runtime.ServiceCallError) -> int:
     return {
         grpc.StatusCode.INVALID_ARGUMENT: EXIT_BAD_INPUT,
         grpc.StatusCode.NOT_FOUND: EXIT_BAD_INPUT,
+        grpc.StatusCode.ALREADY_EXISTS: EXIT_BAD_INPUT,
+        grpc.StatusCode.FAILED_PRECONDITION: EXIT_BAD_INPUT,
         grpc.StatusCode.UNAUTHENTICATED: EXIT_UNAUTHENTICATED,
         grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE,
     }.get(error.code, EXIT_RUN_FAILED)  # type: ignore[arg-type]
@@ -141,6 +153,103 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _client_command(args: argparse.Namespace, action: Callable[[OrchestratorClient], int]) -> int:
+    """Run `action` with a client; a failed call prints its reason and gives its exit code."""
+    with OrchestratorClient(args.address, *_credentials(args)) as client:
+        try:
+            return action(client)
+        except runtime.ServiceCallError as e:
+            shown = e.details if e.code in _SHOWN_AS_IS else str(e)
+            print(f"Error: {shown}", file=sys.stderr)
+            return _exit_code_for(e)
+
+
+def cmd_jobs_publish(args: argparse.Namespace) -> int:
+    def publish(client: OrchestratorClient) -> int:
+        steps = client.publish_job(args.job_id)
+        for step in steps:
+            for line in post_processing_lines(step):
+                print(line)
+        return EXIT_RUN_FAILED if any(step.error for step in steps) else EXIT_OK
+
+    return _client_command(args, publish)
+
+
+def _project_json(args: argparse.Namespace) -> str | None:
+    if args.file:
+        return Path(args.file).read_text(encoding="utf-8")
+    if not args.name or not args.keyword:
+        return None
+    return json.dumps(
+        {
+            "name": args.name,
+            "main_keyword": args.keyword,
+            "entities": args.entity or [],
+            "related_searches": args.related or [],
+            "money_site_url": args.money_site_url or "",
+        }
+    )
+
+
+def _print_project(p: pb.Project) -> None:
+    print(f"Project {p.id}: {p.name}")
+    print(f"  main keyword:     {p.main_keyword}")
+    print(f"  entities:         {', '.join(p.entities) or '-'}")
+    print(f"  related searches: {', '.join(p.related_searches) or '-'}")
+    print(f"  money site:       {p.money_site_url or '-'}")
+
+
+def cmd_projects_create(args: argparse.Namespace) -> int:
+    try:
+        project_json = _project_json(args)
+    except (OSError, UnicodeDecodeError) as e:
+        print(f"Error: cannot read project file {args.file}: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if project_json is None:
+        print("Error: give -f PROJECT_FILE, or --name and --keyword", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    def create(client: OrchestratorClient) -> int:
+        _print_project(client.create_project(project_json))
+        return EXIT_OK
+
+    return _client_command(args, create)
+
+
+def cmd_projects_list(args: argparse.Namespace) -> int:
+    def listing(client: OrchestratorClient) -> int:
+        print(f"{'ID':>6}  {'name':<32} {'main keyword':<32} money site")
+        for p in client.list_projects():
+            print(f"{p.id:>6}  {p.name[:32]:<32} {p.main_keyword[:32]:<32} {p.money_site_url}")
+        return EXIT_OK
+
+    return _client_command(args, listing)
+
+
+def cmd_projects_show(args: argparse.Namespace) -> int:
+    def show(client: OrchestratorClient) -> int:
+        ref = args.project
+        project = (
+            client.get_project(project_id=int(ref))
+            if ref.isdigit()
+            else client.get_project(name=ref)
+        )
+        _print_project(project)
+        return EXIT_OK
+
+    return _client_command(args, show)
+
+
+def cmd_sites_list(args: argparse.Namespace) -> int:
+    def listing(client: OrchestratorClient) -> int:
+        print(f"{'hostname':<40} template set")
+        for site in client.list_sites():
+            print(f"{site.hostname:<40} {site.template or '(default)'}")
+        return EXIT_OK
+
+    return _client_command(args, listing)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     runtime.configure_logging(os.environ.get("LOG_LEVEL", "INFO"))
     with LocalStack(StackConfig()) as stack:
@@ -171,7 +280,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for suffix in ("", "-wal", "-shm"):
         Path(f"{DEMO_DATABASE}{suffix}").unlink(missing_ok=True)
     password = secrets.token_urlsafe(16)
-    simulator = SimulatorConfig(latency=args.latency, garbage_outline_every=args.fail_every)
+    simulator = SimulatorConfig(
+        latency=args.latency,
+        garbage_outline_every=args.fail_every,
+        short_outline_every=args.repair_every,
+    )
     config = StackConfig.on_loopback(
         database_url=f"sqlite:///{DEMO_DATABASE}",
         output_dir=DEMO_OUTPUT,
@@ -189,6 +302,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"The simulator returns a malformed outline for every {args.fail_every}th "
             "outline request,"
             " to show a failure being recorded while the rest of the batch goes on."
+        )
+    if args.repair_every:
+        print(
+            f"Every {args.repair_every}th outline comes back with too few sections, to show the "
+            "one repair request."
         )
     print()
     with (
@@ -252,9 +370,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="every N-th outline reply is malformed, to show failure handling; "
         "0 for none (default: %(default)s)",
     )
+    demo.add_argument(
+        "--repair-every",
+        type=int,
+        default=7,
+        metavar="N",
+        help="every N-th outline has too few sections and gets a repair request; "
+        "0 for none (default: %(default)s)",
+    )
     demo.set_defaults(handler=cmd_demo)
 
-    jobs = commands.add_parser("jobs", help="list or show jobs").add_subparsers(
+    jobs = commands.add_parser("jobs", help="list, show or publish jobs").add_subparsers(
         dest="jobs_command", required=True, metavar="ACTION"
     )
     listing = with_client_options(jobs.add_parser("list", help="jobs, newest first"))
@@ -263,6 +389,46 @@ def build_parser() -> argparse.ArgumentParser:
     show = with_client_options(jobs.add_parser("show", help="one job with its per-tier counts"))
     show.add_argument("job_id", type=int)
     show.set_defaults(handler=cmd_jobs_show)
+    republish = with_client_options(
+        jobs.add_parser(
+            "publish",
+            help="run a finished job's post-processing again (URLs kept; links, pages and "
+            "files remade), e.g. after changing a site template",
+        )
+    )
+    republish.add_argument("job_id", type=int)
+    republish.set_defaults(handler=cmd_jobs_publish)
+
+    projects = commands.add_parser("projects", help="create, list or show projects")
+    project_actions = projects.add_subparsers(
+        dest="projects_command", required=True, metavar="ACTION"
+    )
+    create = with_client_options(
+        project_actions.add_parser(
+            "create", help="create a project from a project file or from flags"
+        )
+    )
+    create.add_argument(
+        "-f", "--file", help="project file: the job file's `project` object as JSON"
+    )
+    create.add_argument("--name", help="unique project name")
+    create.add_argument("--keyword", help="main keyword")
+    create.add_argument("--entity", action="append", help="an entity (repeat for more)")
+    create.add_argument("--related", action="append", help="a related search (repeat for more)")
+    create.add_argument("--money-site-url", help="the site tier-1 articles link to")
+    create.set_defaults(handler=cmd_projects_create)
+    project_list = with_client_options(project_actions.add_parser("list", help="projects"))
+    project_list.set_defaults(handler=cmd_projects_list)
+    project_show = with_client_options(project_actions.add_parser("show", help="one project"))
+    project_show.add_argument("project", help="the project's id or name")
+    project_show.set_defaults(handler=cmd_projects_show)
+
+    sites = commands.add_parser("sites", help="list the sites jobs publish on")
+    site_actions = sites.add_subparsers(dest="sites_command", required=True, metavar="ACTION")
+    site_list = with_client_options(
+        site_actions.add_parser("list", help="sites with their template sets")
+    )
+    site_list.set_defaults(handler=cmd_sites_list)
     return parser
 
 

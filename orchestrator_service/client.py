@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
+from typing import Any, TypeVar
 
 import grpc
 
@@ -11,7 +12,9 @@ from tierwriter import runtime
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 
+R = TypeVar("R")
 DEADLINE = 30.0
+PUBLISH_DEADLINE = 600.0  # re-rendering and writing thousands of pages
 RUN_DEADLINE = 7 * 24 * 3600.0  # a batch of thousands of articles may take days at low concurrency
 
 
@@ -45,20 +48,34 @@ class OrchestratorClient:
         finally:
             stream.cancel()
 
-    def get_job(self, job_id: int) -> pb.GetJobResponse:
+    def _call(self, rpc: Callable[..., R], request: Any, timeout: float = DEADLINE) -> R:
         try:
-            return self._stub.GetJob(
-                pb.GetJobRequest(job_id=job_id), timeout=DEADLINE, metadata=self._metadata
-            )
+            return rpc(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise self._error(e) from e
 
+    def get_job(self, job_id: int) -> pb.GetJobResponse:
+        return self._call(self._stub.GetJob, pb.GetJobRequest(job_id=job_id))
+
     def list_jobs(self, limit: int = 50) -> list[pb.JobInfo]:
-        try:
-            return list(
-                self._stub.ListJobs(
-                    pb.ListJobsRequest(limit=limit), timeout=DEADLINE, metadata=self._metadata
-                ).jobs
-            )
-        except grpc.RpcError as e:
-            raise self._error(e) from e
+        return list(self._call(self._stub.ListJobs, pb.ListJobsRequest(limit=limit)).jobs)
+
+    def publish_job(self, job_id: int) -> list[pb.PostProcessingStep]:
+        request = pb.PublishJobRequest(job_id=job_id)
+        return list(self._call(self._stub.PublishJob, request, PUBLISH_DEADLINE).steps)
+
+    def create_project(self, project_json: str) -> pb.Project:
+        return self._call(
+            self._stub.CreateProject, pb.CreateProjectRequest(project_json=project_json)
+        )
+
+    def get_project(self, project_id: int = 0, name: str = "") -> pb.Project:
+        return self._call(
+            self._stub.GetProject, pb.GetProjectRequest(project_id=project_id, name=name)
+        )
+
+    def list_projects(self) -> list[pb.Project]:
+        return list(self._call(self._stub.ListProjects, pb.ListProjectsRequest()).projects)
+
+    def list_sites(self) -> list[pb.Site]:
+        return list(self._call(self._stub.ListSites, pb.ListSitesRequest()).sites)

@@ -32,7 +32,9 @@ def _article_lines(a: pb.ArticleProgress) -> list[str]:
         return lines
     text = {
         pb.ARTICLE_STEP_OUTLINE_STARTED: "Generating outline...",
-        pb.ARTICLE_STEP_OUTLINE_DONE: f"Generated outline: {a.h2_count} H2s, {a.h3_count} H3s",
+        pb.ARTICLE_STEP_OUTLINE_REPAIRING: f"Outline unusable ({a.error}), asking once more...",
+        pb.ARTICLE_STEP_OUTLINE_DONE: f"Generated outline: {a.h2_count} H2s, {a.h3_count} H3s"
+        + (f" ({a.outline_fix})" if a.outline_fix else ""),
         pb.ARTICLE_STEP_CONTENT_STARTED: "Generating content...",
         pb.ARTICLE_STEP_CONTENT_DONE: f"Generated content: {a.word_count:,} words",
         pb.ARTICLE_STEP_AUGMENTING: f"Below minimum ({a.min_word_count:,}), augmenting...",
@@ -41,6 +43,37 @@ def _article_lines(a: pb.ArticleProgress) -> list[str]:
         pb.ARTICLE_STEP_SKIPPED: f"Skipped ({a.error})",
     }.get(step, f"step {step}")
     return [f"{prefix} {text}"]
+
+
+STEP_NAMES = {
+    pb.POST_STEP_URLS: "URLs",
+    pb.POST_STEP_LINKS: "Interlinking",
+    pb.POST_STEP_TEMPLATES: "Templating",
+    pb.POST_STEP_EXPORT: "Export",
+}
+STEP_UNITS = {
+    pb.POST_STEP_URLS: "URLs",
+    pb.POST_STEP_LINKS: "links placed",
+    pb.POST_STEP_TEMPLATES: "pages rendered",
+    pb.POST_STEP_EXPORT: "pages written",
+}
+
+
+def post_processing_lines(step: pb.PostProcessingStep) -> list[str]:
+    """One post-processing step: what it made, then each article it left out and why."""
+    prefix = f"[post-processing] {STEP_NAMES.get(step.step, step.step)}"
+    if step.error:
+        lines = [f"{prefix}: FAILED: {step.error}"]
+    else:
+        lines = [
+            f"{prefix}: {step.count:,} {STEP_UNITS.get(step.step, '')}"
+            + (f" ({step.detail})" if step.detail else "")
+        ]
+    lines += [
+        f"[post-processing]   skipped {s.tier} article {s.article_index + 1}: {s.reason}"
+        for s in step.skipped
+    ]
+    return lines
 
 
 def summary_lines(finished: pb.RunFinished) -> list[str]:
@@ -56,8 +89,14 @@ def summary_lines(finished: pb.RunFinished) -> list[str]:
         f"  Augmented:          {s.augmented_articles}",
         f"  Failed:             {s.failed_articles}",
     ]
+    if s.title_shortfall:
+        lines.append(f"  Title shortfall:    {s.title_shortfall} (the model ran out of new titles)")
     not_recorded = (
-        s.requested_articles - s.generated_articles - s.augmented_articles - s.failed_articles
+        s.requested_articles
+        - s.generated_articles
+        - s.augmented_articles
+        - s.failed_articles
+        - s.title_shortfall
     )
     if not_recorded:
         lines.append(f"  Not started:        {not_recorded}")
@@ -66,10 +105,12 @@ def summary_lines(finished: pb.RunFinished) -> list[str]:
         f"  API calls:          {s.api_calls:,}",
         f"  Tokens:             {s.prompt_tokens + s.completion_tokens:,} "
         f"(prompt {s.prompt_tokens:,}, completion {s.completion_tokens:,})",
+        f"  Links placed:       {s.links_placed:,}",
+        f"  Pages written:      {s.pages_written:,}",
         f"  Execution time:     {s.execution_seconds:.1f}s",
         RULE,
     ]
-    lines += [f"HTML files written under: {d}/" for d in s.output_dirs]
+    lines += [f"Open {d}/index.html to browse the sites" for d in s.output_dirs]
     if finished.error:
         lines.append(f"Error: {finished.error}")
     return lines
@@ -95,23 +136,21 @@ def event_lines(event: pb.JobEvent) -> list[str]:
         lines = [f"[{titles.tier}] Generated {titles.count} titles"]
         if titles.shortfall:
             lines.append(
-                f"[{titles.tier}] Warning: the model gave {titles.shortfall} titles too few; "
-                f"the tier will have {titles.count} articles"
+                f"[{titles.tier}] Warning: after the top-up rounds the model still gave "
+                f"{titles.shortfall} distinct titles too few; the tier will have {titles.count} "
+                "articles"
             )
         return lines
     if kind == "article":
         return _article_lines(event.article)
     if kind == "tier_finished":
         done = event.tier_finished
-        lines = [
+        return [
             f"[{done.tier}] Done: {done.generated} generated, {done.augmented} augmented, "
-            f"{done.failed} failed; {done.files_written} pages written"
+            f"{done.failed} failed"
         ]
-        if done.post_processing_error:
-            lines.append(
-                f"[{done.tier}] Warning: post-processing failed: {done.post_processing_error}"
-            )
-        return lines
+    if kind == "post_processing":
+        return post_processing_lines(event.post_processing)
     if kind == "run_finished":
         return summary_lines(event.run_finished)
     return []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -12,6 +12,8 @@ MAX_TIERS = 10
 MAX_ARTICLES_PER_TIER = 10_000
 MAX_JOB_FILE_BYTES = 1024 * 1024
 _TIER_NAME = re.compile(r"^tier([1-9][0-9]?)$")
+# A template set is a folder under TEMPLATES_DIR: a plain name, never a path.
+_TEMPLATE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
 _HOSTNAME = re.compile(
     r"^(?=.{1,253}$)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z][a-z0-9-]{0,61}[a-z0-9]$"
 )
@@ -44,6 +46,40 @@ class ProjectSpec(_Strict):
         return value
 
 
+class SiteSpec(_Strict):
+    """A deployment target: a hostname, and optionally the template set its pages use."""
+
+    hostname: Annotated[str, Field(max_length=253)]
+    template: str = ""
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname(cls, value: str) -> str:
+        value = value.lower()
+        if not _HOSTNAME.match(value):
+            raise ValueError(f"{value[:80]!r} is not a valid hostname")
+        return value
+
+    @field_validator("template")
+    @classmethod
+    def _template_name(cls, value: str) -> str:
+        if value and not _TEMPLATE_NAME.match(value):
+            raise ValueError(
+                "a template set is a folder name under TEMPLATES_DIR: letters, digits, - and _"
+            )
+        return value
+
+
+def _site_list(value: Any) -> Any:
+    """A hostname alone stands for {"hostname": …}."""
+    if isinstance(value, list):
+        return [{"hostname": item} if isinstance(item, str) else item for item in value]
+    return value
+
+
+Sites = Annotated[list[SiteSpec], Field(max_length=1000)]
+
+
 class TierSpec(_Strict):
     """How many articles a tier has and the shape each must take."""
 
@@ -54,6 +90,13 @@ class TierSpec(_Strict):
     max_h2_tags: Annotated[int, Field(ge=1, le=50)] = 5
     min_h3_tags: Annotated[int, Field(ge=0, le=200)] = 3
     max_h3_tags: Annotated[int, Field(ge=0, le=200)] = 8
+    # This tier's own sites; None: the job's deployment_targets.
+    deployment_targets: Sites | None = None
+
+    @field_validator("deployment_targets", mode="before")
+    @classmethod
+    def _sites(cls, value: Any) -> Any:
+        return _site_list(value)
 
     @model_validator(mode="after")
     def _min_not_above_max(self) -> Self:
@@ -84,9 +127,14 @@ class JobSpec(_Strict):
     project_id: Annotated[int, Field(ge=1)] | None = None
     tiers: dict[str, TierSpec]
     models: ModelsSpec = ModelsSpec()
-    deployment_targets: Annotated[list[str], Field(max_length=1000)] = []
+    deployment_targets: Sites = []
     max_workers: Annotated[int, Field(ge=1, le=256)] | None = None
     continue_on_error: bool = True
+    # Also link each article to the next one of its tier on the same site.
+    see_also_links: bool = False
+    # "absolute": links are https://{hostname}/{slug}.html, ready to deploy. "relative": links
+    # between the exported pages are relative paths, to browse the output folder locally.
+    link_style: Literal["absolute", "relative"] = "absolute"
 
     @field_validator("tiers")
     @classmethod
@@ -100,19 +148,41 @@ class JobSpec(_Strict):
                 raise ValueError(f"tier names are tier1, tier2, …; got {name!r}")
         return tiers
 
-    @field_validator("deployment_targets")
+    @field_validator("deployment_targets", mode="before")
     @classmethod
-    def _hostnames(cls, targets: list[str]) -> list[str]:
-        for i, host in enumerate(targets):
-            if not _HOSTNAME.match(host.strip().lower()):
-                raise ValueError(f"[{i}] {host[:80]!r} is not a valid hostname")
-        return [host.strip().lower() for host in targets]
+    def _sites(cls, value: Any) -> Any:
+        return _site_list(value)
 
     @model_validator(mode="after")
     def _one_project(self) -> Self:
         if (self.project is None) == (self.project_id is None):
             raise ValueError("give either project (inline) or project_id, not both or neither")
         return self
+
+    @model_validator(mode="after")
+    def _one_template_per_site(self) -> Self:
+        templates: dict[str, str] = {}
+        for site in self.all_sites():
+            if site.template and templates.setdefault(site.hostname, site.template) != (
+                site.template
+            ):
+                raise ValueError(
+                    f"deployment_targets: {site.hostname} is given two templates, "
+                    f"{templates[site.hostname]!r} and {site.template!r}"
+                )
+        return self
+
+    def all_sites(self) -> list[SiteSpec]:
+        """Every site the job publishes on: the job's targets, then the tiers' own."""
+        sites = list(self.deployment_targets)
+        for _name, tier in self.ordered_tiers():
+            sites.extend(tier.deployment_targets or [])
+        return sites
+
+    def sites_of(self, tier: TierSpec) -> list[str]:
+        """The hostnames a tier's articles go to in turn: its own targets, else the job's."""
+        targets = tier.deployment_targets if tier.deployment_targets else self.deployment_targets
+        return [site.hostname for site in targets]
 
     def ordered_tiers(self) -> list[tuple[str, TierSpec]]:
         """Tiers in link order: tier1 first."""
@@ -127,6 +197,30 @@ class JobFile(_Strict):
     """A job file: one or more jobs, run in order."""
 
     jobs: Annotated[list[JobSpec], Field(min_length=1, max_length=100)]
+
+
+def parse_project_file(text: str) -> ProjectSpec:
+    """A project file (the job file's `project` object on its own), validated like a job file."""
+    if not text.strip():
+        raise JobFileError("(file): the project file is empty")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise JobFileError(
+            f"(file): not valid JSON at line {e.lineno} column {e.colno}: {e.msg}"
+        ) from e
+    try:
+        return ProjectSpec.model_validate(data)
+    except ValidationError as e:
+        raise JobFileError("invalid project:\n  " + _problems(e)) from e
+
+
+def _problems(error: ValidationError) -> str:
+    problems = []
+    for err in error.errors(include_url=False):
+        message = err["msg"].removeprefix("Value error, ")
+        problems.append(f"{_location(err['loc'])}: {message}")
+    return "\n  ".join(problems)
 
 
 def _location(loc: tuple[Any, ...]) -> str:
@@ -154,8 +248,4 @@ def parse_job_file(text: str) -> JobFile:
     try:
         return JobFile.model_validate(data)
     except ValidationError as e:
-        problems = []
-        for err in e.errors(include_url=False):
-            message = err["msg"].removeprefix("Value error, ")
-            problems.append(f"{_location(err['loc'])}: {message}")
-        raise JobFileError("invalid job file:\n  " + "\n  ".join(problems)) from e
+        raise JobFileError("invalid job file:\n  " + _problems(e)) from e

@@ -1,7 +1,6 @@
-"""Post-processing of a tier, in order: a URL per article, then one HTML file per article.
+"""The publishing parts of post-processing: slugs and URLs, sanitising, templates, output paths.
 
-Plain functions over article records; the runner calls them after every article of the tier has
-its terminal record."""
+Plain functions; orchestrator_service.postprocess runs them in order over a job's records."""
 
 from __future__ import annotations
 
@@ -18,6 +17,8 @@ from generator_service.text import count_words, visible_text
 
 BUNDLED_TEMPLATES = Path(__file__).parent / "templates"
 ARTICLE_TEMPLATE = "article.html"
+INDEX_TEMPLATE = "index.html"
+JOB_INDEX_TEMPLATE = "job_index.html"
 NO_SITE = "unassigned"
 # What the model may put in a body. No script, style, iframe, event handlers or javascript: URLs.
 ALLOWED_TAGS = {
@@ -48,12 +49,13 @@ ALLOWED_ATTRIBUTES = {"a": {"href", "title"}}
 
 
 @dataclass(frozen=True)
-class Publication:
-    """Where one article is published and written."""
+class IndexEntry:
+    """One article as a site's index page lists it."""
 
-    article_id: int
-    url: str
-    path: Path
+    title: str
+    href: str
+    description: str
+    tier: str
 
 
 def slugify(title: str, max_length: int = 80) -> str:
@@ -64,14 +66,16 @@ def slugify(title: str, max_length: int = 80) -> str:
     return slug[:max_length].rstrip("-") or "article"
 
 
-def assign_slugs(articles: list[tuple[int, str, str]]) -> dict[int, str]:
-    """(article id, site, title) → slug, unique per site: repeats get -2, -3, …; stable for
-    the same input order."""
-    taken: dict[str, set[str]] = {}
+def assign_slugs(
+    articles: list[tuple[int, str, str]], taken: dict[str, set[str]] | None = None
+) -> dict[int, str]:
+    """(article id, site, title) → slug, unique per site: a slug in `taken[site]` or given
+    earlier in the list gets -2, -3, …; the same input gives the same slugs."""
+    used_by_site = {site: set(slugs) for site, slugs in (taken or {}).items()}
     slugs: dict[int, str] = {}
     for article_id, site, title in articles:
         base = slug = slugify(title)
-        used = taken.setdefault(site, set())
+        used = used_by_site.setdefault(site, set())
         n = 2
         while slug in used:
             slug, n = f"{base}-{n}", n + 1
@@ -83,6 +87,11 @@ def assign_slugs(articles: list[tuple[int, str, str]]) -> dict[int, str]:
 def article_url(site: str, slug: str) -> str:
     """https://{site}/{slug}.html, or a site-relative /{slug}.html when no site is assigned."""
     return f"https://{site}/{slug}.html" if site else f"/{slug}.html"
+
+
+def slug_of(url: str) -> str:
+    """The slug of a URL made by article_url."""
+    return url.rsplit("/", 1)[-1].removesuffix(".html")
 
 
 def sanitise(html: str) -> str:
@@ -97,7 +106,8 @@ def sanitise(html: str) -> str:
 
 
 def template_environment(templates_dir: Path | None) -> jinja2.Environment:
-    """Jinja2 with autoescape on; a custom folder's templates win over the bundled ones."""
+    """Jinja2 with autoescape on. TEMPLATES_DIR's own article.html and index.html win over the
+    bundled ones; its subfolders are template sets that sites can name."""
     folders = [str(templates_dir)] if templates_dir else []
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader([*folders, str(BUNDLED_TEMPLATES)]),
@@ -112,31 +122,84 @@ def meta_description(html: str, limit: int = 155) -> str:
     return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + "…"
 
 
+def has_template_set(env: jinja2.Environment, template_set: str) -> bool:
+    """Whether TEMPLATES_DIR has the folder `template_set` with an article.html in it."""
+    try:
+        env.get_template(f"{template_set}/{ARTICLE_TEMPLATE}")
+    except jinja2.TemplateNotFound:
+        return False
+    return True
+
+
+def site_template(env: jinja2.Environment, template_set: str, name: str) -> jinja2.Template:
+    """`name` (article.html or index.html) from the site's template set, else the default."""
+    candidates = [f"{template_set}/{name}", name] if template_set else [name]
+    return env.select_template(candidates)
+
+
 def render_article(
-    env: jinja2.Environment,
+    template: jinja2.Template,
     *,
     title: str,
-    content: str,
+    body: str,
     keyword: str,
     site: str,
     url: str,
     tier: str,
+    index_href: str = "index.html",
 ) -> str:
     """One article page. Title and description are escaped by autoescape; the body is sanitised
     first and only then marked safe."""
-    body = sanitise(content)
-    return env.get_template(ARTICLE_TEMPLATE).render(
+    clean = sanitise(body)
+    return template.render(
         title=title,
-        body=Markup(body),
-        description=meta_description(body),
+        body=Markup(clean),
+        description=meta_description(clean),
         keyword=keyword,
         site=site or NO_SITE,
         url=url,
         tier=tier,
-        word_count=count_words(body),
+        word_count=count_words(clean),
+        index_href=index_href,
     )
+
+
+def render_index(
+    template: jinja2.Template, *, site: str, keyword: str, entries: list[IndexEntry]
+) -> str:
+    """A site's index.html: every article published on it, linked."""
+    return template.render(site=site or NO_SITE, keyword=keyword, entries=entries)
+
+
+def render_job_index(
+    env: jinja2.Environment,
+    *,
+    job_id: int,
+    project: str,
+    money_site_url: str,
+    sites: list[tuple[str, int]],
+    titles_files: list[str],
+) -> str:
+    """output/<job id>/index.html: the job's sites, each with its page count, and title lists."""
+    return env.get_template(JOB_INDEX_TEMPLATE).render(
+        job_id=job_id,
+        project=project,
+        money_site_url=money_site_url,
+        sites=[(site or NO_SITE, count) for site, count in sites],
+        titles_files=titles_files,
+    )
+
+
+def job_dir(output_root: Path, job_id: int) -> Path:
+    """output/<job id>"""
+    return output_root / str(job_id)
 
 
 def output_path(output_root: Path, job_id: int, site: str, slug: str) -> Path:
     """output/<job id>/<site>/<slug>.html"""
-    return output_root / str(job_id) / (site or NO_SITE) / f"{slug}.html"
+    return job_dir(output_root, job_id) / (site or NO_SITE) / f"{slug}.html"
+
+
+def titles_path(output_root: Path, job_id: int, tier: str) -> Path:
+    """output/<job id>/titles-<tier>.txt"""
+    return job_dir(output_root, job_id) / f"titles-{tier}.txt"

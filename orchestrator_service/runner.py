@@ -1,18 +1,16 @@
 """JobRunner: runs a validated job file across the generator and persistence, as a stream of
-JobEvents. Per job: project → job record → per tier: titles → article stream → (all terminal)
-→ post-processing → tier stats; then the run's summary, from the database."""
+JobEvents. Per job: project and sites → job record → per tier: titles → article stream → tier
+stats; then (every article terminal) post-processing; then the run's summary, from the
+database."""
 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from contextlib import closing
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 
@@ -20,6 +18,7 @@ from generator_service.client import GeneratorClient
 from orchestrator_service import publish
 from orchestrator_service.config import Settings
 from orchestrator_service.jobfile import JobFile, JobFileError, JobSpec, TierSpec, parse_job_file
+from orchestrator_service.postprocess import JobPublisher, write_atomically
 from persistence_service.client import PersistenceClient
 from tierwriter.generator.v1 import generator_service_pb2 as gen_pb
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
@@ -58,6 +57,7 @@ def progress_from_generator(
         site=event.site,
         h2_count=event.h2_count,
         h3_count=event.h3_count,
+        outline_fix=event.outline_fix,
         word_count=event.word_count,
         min_word_count=event.min_word_count,
         article_id=event.article_id,
@@ -78,6 +78,7 @@ class JobRunner:
         self._persistence = persistence
         self._generator = generator
         self._templates = publish.template_environment(settings.templates_dir)
+        self.publisher = JobPublisher(persistence, self._templates, settings.output_dir)
         self._lock = threading.Lock()
         self._active: dict[threading.Thread, threading.Event] = {}  # running jobs, by thread
 
@@ -86,6 +87,14 @@ class JobRunner:
         project_id exists. JobFileError names the field and the problem."""
         job_file = parse_job_file(text)
         for n, spec in enumerate(job_file.jobs):
+            for site in spec.all_sites():
+                if site.template and not publish.has_template_set(self._templates, site.template):
+                    where = self._settings.templates_dir or "(TEMPLATES_DIR is not set)"
+                    raise JobFileError(
+                        f"jobs[{n}].deployment_targets: {site.hostname}: template set "
+                        f"{site.template!r} not found in {where}: it needs "
+                        f"{site.template}/{publish.ARTICLE_TEMPLATE}"
+                    )
             if spec.project_id is not None:
                 try:
                     self._persistence.get_project(spec.project_id)
@@ -148,18 +157,28 @@ class JobRunner:
         started = time.monotonic()
         job_ids: list[int] = []
         error = ""
+        published = pb.Summary()  # links and pages, as the post-processing steps report them
         for n, spec in enumerate(job_file.jobs):
             try:
-                yield from self._run_job(n, len(job_file.jobs), spec, owner, cancelled, job_ids)
+                for event in self._run_job(n, len(job_file.jobs), spec, owner, cancelled, job_ids):
+                    if event.WhichOneof("event") == "post_processing":
+                        step = event.post_processing
+                        if step.step == pb.POST_STEP_LINKS:
+                            published.links_placed += step.count
+                        elif step.step == pb.POST_STEP_EXPORT:
+                            published.pages_written += step.count
+                    yield event
             except JobStopped as e:
                 error = str(e)
                 break
-        yield pb.JobEvent(run_finished=self._finish(job_ids, error, time.monotonic() - started))
+        finished = self._finish(job_ids, error, time.monotonic() - started)
+        finished.summary.MergeFrom(published)
+        yield pb.JobEvent(run_finished=finished)
 
     def _finish(self, job_ids: list[int], error: str, elapsed: float) -> pb.RunFinished:
         summary = pb.Summary(
             execution_seconds=elapsed,
-            output_dirs=[str(self._settings.output_dir / str(job_id)) for job_id in job_ids],
+            output_dirs=[str(publish.job_dir(self._settings.output_dir, j)) for j in job_ids],
         )
         if job_ids:
             try:
@@ -179,6 +198,7 @@ class JobRunner:
                         api_calls=t.api_calls + stats.title_api_calls,
                         prompt_tokens=t.prompt_tokens + stats.title_prompt_tokens,
                         completion_tokens=t.completion_tokens + stats.title_completion_tokens,
+                        title_shortfall=stats.title_shortfall,
                     )
                 )
         return pb.RunFinished(ok=not error, error=error, summary=summary)
@@ -194,6 +214,9 @@ class JobRunner:
     ) -> Iterator[pb.JobEvent]:
         try:
             project = self._project(spec)
+            self._persistence.ensure_sites(
+                [db_pb.Site(hostname=s.hostname, template=s.template) for s in spec.all_sites()]
+            )
             workers = self.effective_workers(spec)
             job = self._persistence.create_job(
                 db_pb.CreateJobRequest(
@@ -220,7 +243,8 @@ class JobRunner:
 
         status, error = "failed", ""
         try:
-            used_titles: list[str] = []
+            # Titles must differ from the project's earlier jobs' and from this job's other tiers.
+            used_titles = self._persistence.project_titles(project.id, exclude_job_id=job.id)
             for tier_name, tier in spec.ordered_tiers():
                 if cancelled.is_set():
                     error = CANCELLED
@@ -231,6 +255,13 @@ class JobRunner:
                 if outcome.failure:
                     error = outcome.failure
                     break
+            # Every article of the job has its terminal record now (invariant 5).
+            if cancelled.is_set():
+                yield self._not_published(job.id, "the job was cancelled")
+            else:
+                yield from (
+                    pb.JobEvent(post_processing=step) for step in self.publisher.publish(job.id)
+                )
             status = "failed" if error else "completed"
         except ServiceCallError as e:
             error = str(e)
@@ -302,7 +333,12 @@ class JobRunner:
                 api_calls=titles.api_calls,
                 prompt_tokens=titles.prompt_tokens,
                 completion_tokens=titles.completion_tokens,
+                shortfall=titles.shortfall,
             )
+        )
+        write_atomically(
+            publish.titles_path(self._settings.output_dir, job_id, tier_name),
+            "".join(f"{title}\n" for title in titles.titles),
         )
         yield pb.JobEvent(
             titles_ready=pb.TitlesReady(
@@ -310,11 +346,11 @@ class JobRunner:
             )
         )
 
-        sites = spec.deployment_targets
+        sites = spec.sites_of(tier)
         settings = gen_pb.BatchSettings(
             job_id=job_id,
             project=context,
-            tier=gen_pb.TierSpec(name=tier_name, **tier.model_dump()),
+            tier=gen_pb.TierSpec(name=tier_name, **tier.model_dump(exclude={"deployment_targets"})),
             models=gen_pb.Models(**spec.models.model_dump()),
             max_workers=workers,
             continue_on_error=spec.continue_on_error,
@@ -347,9 +383,6 @@ class JobRunner:
         if titles.shortfall and not failure:
             log.warning("job %d %s: %d titles short", job_id, tier_name, titles.shortfall)
 
-        # Every article of the tier has its terminal record now: the stream only ends after each
-        # one's SAVED, FAILED or SKIPPED (invariant 5).
-        files, post_error = self._publish(job_id, tier_name, project)
         counts = next(
             s.counts for s in self._persistence.job_stats([job_id]).tiers if s.tier == tier_name
         )
@@ -360,48 +393,16 @@ class JobRunner:
                 generated=counts.generated,
                 augmented=counts.augmented,
                 failed=counts.failed,
-                files_written=files,
-                post_processing_error=post_error,
             )
         )
         return TierOutcome(failure)
 
-    def _publish(self, job_id: int, tier: str, project: db_pb.Project) -> tuple[int, str]:
-        """URLs, then one HTML file per successful article. A failure here is reported, not
-        fatal: the articles are stored either way."""
-        try:
-            articles = [
-                a for a in self._persistence.list_articles(job_id, tier) if a.status != "failed"
-            ]
-            slugs = publish.assign_slugs([(a.id, a.site, a.title) for a in articles])
-            for a in articles:
-                url = publish.article_url(a.site, slugs[a.id])
-                path = publish.output_path(self._settings.output_dir, job_id, a.site, slugs[a.id])
-                html = publish.render_article(
-                    self._templates,
-                    title=a.title,
-                    content=a.content,
-                    keyword=project.main_keyword,
-                    site=a.site,
-                    url=url,
-                    tier=tier,
-                )
-                _write_atomically(path, html)
-                self._persistence.set_publication(a.id, url, str(path))
-            return len(articles), ""
-        except Exception as e:  # reported in TierFinished; the articles are stored either way
-            log.exception("job %d %s: post-processing failed", job_id, tier)
-            return 0, f"{type(e).__name__}: {e}"
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: no half-written page is ever seen."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    @staticmethod
+    def _not_published(job_id: int, why: str) -> pb.JobEvent:
+        return pb.JobEvent(
+            post_processing=pb.PostProcessingStep(
+                job_id=job_id,
+                step=pb.POST_STEP_URLS,
+                error=f"not run: {why}; `tierwriter jobs publish {job_id}` runs it later",
+            )
+        )

@@ -11,7 +11,7 @@ from typing import NoReturn
 import grpc
 
 from orchestrator_service.auth import credentials_from_metadata
-from orchestrator_service.jobfile import JobFileError
+from orchestrator_service.jobfile import JobFileError, parse_project_file
 from orchestrator_service.runner import JobRunner
 from persistence_service.client import PersistenceClient
 from tierwriter import runtime
@@ -22,13 +22,29 @@ from tierwriter.runtime import ServiceCallError
 
 # Codes of a dependency that a client of ours should see as they are; anything else means our
 # dependency is in trouble, which to our client is UNAVAILABLE.
-_PASSED_THROUGH = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT}
+_PASSED_THROUGH = {
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.ALREADY_EXISTS,
+}
 
 
 def _abort_for(context: grpc.ServicerContext, error: ServiceCallError) -> NoReturn:
     if error.code in _PASSED_THROUGH:
         runtime.abort(context, error.code, error.details)  # type: ignore[arg-type]
     runtime.abort(context, grpc.StatusCode.UNAVAILABLE, str(error))
+
+
+def project_to_public(p: db_pb.Project) -> pb.Project:
+    """A stored project as the public message (the fields are the same)."""
+    return pb.Project(
+        id=p.id,
+        name=p.name,
+        main_keyword=p.main_keyword,
+        entities=p.entities,
+        related_searches=p.related_searches,
+        money_site_url=p.money_site_url,
+    )
 
 
 def job_info(
@@ -153,4 +169,71 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                 )
                 for j in jobs
             ]
+        )
+
+    def PublishJob(
+        self, request: pb.PublishJobRequest, context: grpc.ServicerContext
+    ) -> pb.PublishJobResponse:
+        self._authenticate(context)
+        try:
+            job = self._persistence.get_job(request.job_id)
+            if job.status == "running":
+                runtime.abort(
+                    context,
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"job {job.id} is still running: it is published when its articles are done",
+                )
+            steps = list(self._runner.publisher.publish(job.id))
+        except ServiceCallError as e:
+            _abort_for(context, e)
+        return pb.PublishJobResponse(steps=steps)
+
+    def CreateProject(
+        self, request: pb.CreateProjectRequest, context: grpc.ServicerContext
+    ) -> pb.Project:
+        self._authenticate(context)
+        try:
+            spec = parse_project_file(request.project_json)
+        except JobFileError as e:
+            runtime.abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        try:
+            project = self._persistence.create_project(db_pb.Project(**spec.model_dump()))
+        except ServiceCallError as e:
+            _abort_for(context, e)
+        return project_to_public(project)
+
+    def GetProject(
+        self, request: pb.GetProjectRequest, context: grpc.ServicerContext
+    ) -> pb.Project:
+        self._authenticate(context)
+        if not request.project_id and not request.name:
+            runtime.abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, "give a project id or a project name"
+            )
+        try:
+            project = self._persistence.get_project(request.project_id, request.name)
+        except ServiceCallError as e:
+            _abort_for(context, e)
+        return project_to_public(project)
+
+    def ListProjects(
+        self, request: pb.ListProjectsRequest, context: grpc.ServicerContext
+    ) -> pb.ListProjectsResponse:
+        self._authenticate(context)
+        try:
+            projects = self._persistence.list_projects()
+        except ServiceCallError as e:
+            _abort_for(context, e)
+        return pb.ListProjectsResponse(projects=[project_to_public(p) for p in projects])
+
+    def ListSites(
+        self, request: pb.ListSitesRequest, context: grpc.ServicerContext
+    ) -> pb.ListSitesResponse:
+        self._authenticate(context)
+        try:
+            sites = self._persistence.list_sites()
+        except ServiceCallError as e:
+            _abort_for(context, e)
+        return pb.ListSitesResponse(
+            sites=[pb.Site(hostname=s.hostname, template=s.template) for s in sites]
         )

@@ -44,8 +44,25 @@ class PersistenceClient:
     def ensure_project(self, project: pb.Project) -> pb.Project:
         return self._call(self._stub.EnsureProject, pb.EnsureProjectRequest(project=project))
 
-    def get_project(self, project_id: int) -> pb.Project:
-        return self._call(self._stub.GetProject, pb.GetProjectRequest(project_id=project_id))
+    def create_project(self, project: pb.Project) -> pb.Project:
+        return self._call(self._stub.CreateProject, pb.CreateProjectRequest(project=project))
+
+    def get_project(self, project_id: int = 0, name: str = "") -> pb.Project:
+        request = pb.GetProjectRequest(project_id=project_id, name=name)
+        return self._call(self._stub.GetProject, request)
+
+    def list_projects(self) -> list[pb.Project]:
+        return list(self._call(self._stub.ListProjects, pb.ListProjectsRequest()).projects)
+
+    def project_titles(self, project_id: int, exclude_job_id: int = 0) -> list[str]:
+        request = pb.ListProjectTitlesRequest(project_id=project_id, exclude_job_id=exclude_job_id)
+        return list(self._call(self._stub.ListProjectTitles, request).titles)
+
+    def ensure_sites(self, sites: list[pb.Site]) -> list[pb.Site]:
+        return list(self._call(self._stub.EnsureSites, pb.EnsureSitesRequest(sites=sites)).sites)
+
+    def list_sites(self) -> list[pb.Site]:
+        return list(self._call(self._stub.ListSites, pb.ListSitesRequest()).sites)
 
     def create_job(self, request: pb.CreateJobRequest) -> pb.Job:
         return self._call(self._stub.CreateJob, request)
@@ -73,9 +90,19 @@ class PersistenceClient:
         request = pb.ListArticlesRequest(job_id=job_id, tier=tier)
         return list(self._call(self._stub.ListArticles, request).articles)
 
-    def set_publication(self, article_id: int, url: str, output_path: str) -> pb.Article:
+    def set_urls(self, job_id: int, urls: dict[int, str]) -> int:
+        request = pb.SetArticleUrlsRequest(
+            job_id=job_id, urls=[pb.ArticleUrl(article_id=i, url=u) for i, u in urls.items()]
+        )
+        return self._call(self._stub.SetArticleUrls, request).updated
+
+    def taken_urls(self, hostnames: list[str], exclude_job_id: int) -> list[str]:
+        request = pb.ListTakenUrlsRequest(hostnames=hostnames, exclude_job_id=exclude_job_id)
+        return list(self._call(self._stub.ListTakenUrls, request).urls)
+
+    def set_publication(self, article_id: int, output_path: str, html: str) -> pb.Article:
         request = pb.SetArticlePublicationRequest(
-            article_id=article_id, url=url, output_path=output_path
+            article_id=article_id, output_path=output_path, html=html
         )
         return self._call(self._stub.SetArticlePublication, request)
 

@@ -5,7 +5,17 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 ARTICLE_STATUSES = ("generated", "augmented", "failed")
@@ -52,6 +62,7 @@ class Job(Base):
     title_api_calls: Mapped[int] = mapped_column(Integer, default=0)
     title_prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
     title_completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    title_shortfall: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -62,7 +73,18 @@ class Article(Base):
 
     __tablename__ = "generated_content"
     # The key of invariant 1: one record per (job, tier, article index), whatever retries happen.
-    __table_args__ = (UniqueConstraint("job_id", "tier", "article_index", name="uq_article_key"),)
+    __table_args__ = (
+        UniqueConstraint("job_id", "tier", "article_index", name="uq_article_key"),
+        # A URL names one page: two jobs publishing on one site never share a slug. Partial, so
+        # the many records without a URL yet do not collide.
+        Index(
+            "uq_article_url",
+            "url",
+            unique=True,
+            sqlite_where=text("url != ''"),
+            postgresql_where=text("url != ''"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
@@ -80,9 +102,21 @@ class Article(Base):
     site: Mapped[str] = mapped_column(String(300), default="")
     url: Mapped[str] = mapped_column(String(2000), default="")
     output_path: Mapped[str] = mapped_column(String(2000), default="")
+    html: Mapped[str] = mapped_column(Text, default="")  # the final page, as written
     api_calls: Mapped[int] = mapped_column(Integer, default=0)
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Site(Base):
+    """A site articles are published on; its pages use its template set, if it names one."""
+
+    __tablename__ = "sites"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(253), unique=True)
+    template: Mapped[str] = mapped_column(String(200), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -8,12 +8,46 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from persistence_service.models import Article, Job, Project, User
+from persistence_service.models import Article, Job, Project, Site, User
 
 
 def project_by_name(session: Session, name: str) -> Project | None:
     """The project with this unique name, if any."""
     return session.scalars(select(Project).where(Project.name == name)).one_or_none()
+
+
+def all_projects(session: Session) -> Sequence[Project]:
+    """Every project, by name."""
+    return session.scalars(select(Project).order_by(Project.name)).all()
+
+
+def jobs_of_project(session: Session, project_id: int) -> Sequence[Job]:
+    """The project's jobs, oldest first."""
+    return session.scalars(select(Job).where(Job.project_id == project_id).order_by(Job.id)).all()
+
+
+def sites_by_hostname(session: Session, sites: Sequence[tuple[str, str]]) -> Sequence[Site]:
+    """The stored sites among the (hostname, template) pairs."""
+    hostnames = [hostname for hostname, _ in sites]
+    return session.scalars(select(Site).where(Site.hostname.in_(hostnames))).all()
+
+
+def all_sites(session: Session) -> Sequence[Site]:
+    """Every site, by hostname."""
+    return session.scalars(select(Site).order_by(Site.hostname)).all()
+
+
+def articles_by_ids(session: Session, article_ids: Sequence[int]) -> Sequence[Article]:
+    """The records with these ids."""
+    return session.scalars(select(Article).where(Article.id.in_(article_ids))).all()
+
+
+def urls_on_sites(session: Session, hostnames: Sequence[str], exclude_job_id: int) -> list[str]:
+    """URLs other jobs' records hold on these sites."""
+    query = select(Article.url).where(
+        Article.site.in_(hostnames), Article.url != "", Article.job_id != exclude_job_id
+    )
+    return list(session.scalars(query))
 
 
 def article_by_key(session: Session, job_id: int, tier: str, article_index: int) -> Article | None:

@@ -9,9 +9,10 @@ from typing import Any, TypeVar
 
 import grpc
 
-from persistence_service.models import Article, Job, Project, User
+from persistence_service.models import Article, Job, Project, Site, User
 from persistence_service.store import (
     AuthenticationError,
+    ConflictError,
     Counts,
     InvalidRecordError,
     NotFoundError,
@@ -33,6 +34,8 @@ def _status_codes(context: grpc.ServicerContext) -> Iterator[None]:
         runtime.abort(context, grpc.StatusCode.NOT_FOUND, str(e))
     except InvalidRecordError as e:
         runtime.abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    except ConflictError as e:
+        runtime.abort(context, grpc.StatusCode.ALREADY_EXISTS, str(e))
     except AuthenticationError as e:
         runtime.abort(context, grpc.StatusCode.UNAUTHENTICATED, str(e))
 
@@ -47,6 +50,22 @@ def project_to_proto(p: Project) -> pb.Project:
         related_searches=p.related_searches,
         money_site_url=p.money_site_url,
     )
+
+
+def project_fields(p: pb.Project) -> dict[str, Any]:
+    """The storable fields of a Project message (`id` is not taken)."""
+    return dict(
+        name=p.name.strip(),
+        main_keyword=p.main_keyword.strip(),
+        entities=list(p.entities),
+        related_searches=list(p.related_searches),
+        money_site_url=p.money_site_url.strip(),
+    )
+
+
+def site_to_proto(s: Site) -> pb.Site:
+    """A Site row as its message."""
+    return pb.Site(id=s.id, hostname=s.hostname, template=s.template)
 
 
 def job_to_proto(j: Job) -> pb.Job:
@@ -66,6 +85,7 @@ def job_to_proto(j: Job) -> pb.Job:
         title_prompt_tokens=j.title_prompt_tokens,
         title_completion_tokens=j.title_completion_tokens,
         owner=j.owner,
+        title_shortfall=j.title_shortfall,
     )
 
 
@@ -84,11 +104,13 @@ def article_to_proto(a: Article) -> pb.Article:
         outline_json=json.dumps(a.outline) if a.outline is not None else "",
         url=a.url,
         output_path=a.output_path,
+        html=a.html,
     )
 
 
 def article_from_proto(a: pb.Article) -> dict[str, Any]:
-    """The storable fields of an Article message (id, url and output_path are not taken)."""
+    """The storable fields of an Article message (id, url, output_path and html are not
+    taken: post-processing sets them)."""
     try:
         outline = json.loads(a.outline_json) if a.outline_json else None
     except json.JSONDecodeError as e:
@@ -115,22 +137,53 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
     def EnsureProject(
         self, request: pb.EnsureProjectRequest, context: grpc.ServicerContext
     ) -> pb.Project:
-        p = request.project
-        fields = dict(
-            name=p.name,
-            main_keyword=p.main_keyword,
-            entities=list(p.entities),
-            related_searches=list(p.related_searches),
-            money_site_url=p.money_site_url,
-        )
+        fields = project_fields(request.project)
         return project_to_proto(self._call(context, lambda: self._store.ensure_project(fields)))
+
+    def CreateProject(
+        self, request: pb.CreateProjectRequest, context: grpc.ServicerContext
+    ) -> pb.Project:
+        fields = project_fields(request.project)
+        return project_to_proto(self._call(context, lambda: self._store.create_project(fields)))
 
     def GetProject(
         self, request: pb.GetProjectRequest, context: grpc.ServicerContext
     ) -> pb.Project:
+        if not request.project_id and not request.name:
+            runtime.abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, "give project_id or name of a project"
+            )
         return project_to_proto(
-            self._call(context, lambda: self._store.get_project(request.project_id))
+            self._call(context, lambda: self._store.get_project(request.project_id, request.name))
         )
+
+    def ListProjects(
+        self, request: pb.ListProjectsRequest, context: grpc.ServicerContext
+    ) -> pb.ListProjectsResponse:
+        projects = self._call(context, self._store.list_projects)
+        return pb.ListProjectsResponse(projects=[project_to_proto(p) for p in projects])
+
+    def ListProjectTitles(
+        self, request: pb.ListProjectTitlesRequest, context: grpc.ServicerContext
+    ) -> pb.ListProjectTitlesResponse:
+        titles = self._call(
+            context,
+            lambda: self._store.project_titles(request.project_id, request.exclude_job_id),
+        )
+        return pb.ListProjectTitlesResponse(titles=titles)
+
+    def EnsureSites(
+        self, request: pb.EnsureSitesRequest, context: grpc.ServicerContext
+    ) -> pb.EnsureSitesResponse:
+        pairs = [(s.hostname.strip().lower(), s.template.strip()) for s in request.sites]
+        sites = self._call(context, lambda: self._store.ensure_sites(pairs))
+        return pb.EnsureSitesResponse(sites=[site_to_proto(s) for s in sites])
+
+    def ListSites(
+        self, request: pb.ListSitesRequest, context: grpc.ServicerContext
+    ) -> pb.ListSitesResponse:
+        sites = self._call(context, self._store.list_sites)
+        return pb.ListSitesResponse(sites=[site_to_proto(s) for s in sites])
 
     def CreateJob(self, request: pb.CreateJobRequest, context: grpc.ServicerContext) -> pb.Job:
         try:
@@ -163,6 +216,7 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
                 request.api_calls,
                 request.prompt_tokens,
                 request.completion_tokens,
+                request.shortfall,
             ),
         )
         return job_to_proto(job)
@@ -198,13 +252,31 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
         )
         return pb.ListArticlesResponse(articles=[article_to_proto(a) for a in articles])
 
+    def SetArticleUrls(
+        self, request: pb.SetArticleUrlsRequest, context: grpc.ServicerContext
+    ) -> pb.SetArticleUrlsResponse:
+        urls = {u.article_id: u.url for u in request.urls}
+        if len(urls) != len(request.urls):
+            runtime.abort(context, grpc.StatusCode.INVALID_ARGUMENT, "urls: an article repeats")
+        updated = self._call(context, lambda: self._store.set_urls(request.job_id, urls))
+        return pb.SetArticleUrlsResponse(updated=updated)
+
+    def ListTakenUrls(
+        self, request: pb.ListTakenUrlsRequest, context: grpc.ServicerContext
+    ) -> pb.ListTakenUrlsResponse:
+        urls = self._call(
+            context,
+            lambda: self._store.taken_urls(list(request.hostnames), request.exclude_job_id),
+        )
+        return pb.ListTakenUrlsResponse(urls=urls)
+
     def SetArticlePublication(
         self, request: pb.SetArticlePublicationRequest, context: grpc.ServicerContext
     ) -> pb.Article:
         article = self._call(
             context,
             lambda: self._store.set_publication(
-                request.article_id, request.url, request.output_path
+                request.article_id, request.output_path, request.html
             ),
         )
         return article_to_proto(article)
@@ -228,6 +300,7 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
             title_api_calls=stats.title_api_calls,
             title_prompt_tokens=stats.title_prompt_tokens,
             title_completion_tokens=stats.title_completion_tokens,
+            title_shortfall=stats.title_shortfall,
         )
 
     def VerifyCredentials(

@@ -20,6 +20,7 @@ from persistence_service.models import (
     Article,
     Job,
     Project,
+    Site,
     User,
     utcnow,
 )
@@ -35,6 +36,10 @@ class NotFoundError(Exception):
 
 class InvalidRecordError(ValueError):
     """A record to be stored breaks a rule; the message names the field."""
+
+
+class ConflictError(Exception):
+    """The record would take a unique name or URL that another record holds."""
 
 
 class AuthenticationError(Exception):
@@ -71,6 +76,7 @@ class Stats:
     title_api_calls: int = 0
     title_prompt_tokens: int = 0
     title_completion_tokens: int = 0
+    title_shortfall: int = 0
 
 
 class Store:
@@ -107,13 +113,81 @@ class Store:
                 raise InvalidRecordError(f"project: not stored: {conflict.orig}") from conflict
             return found
 
-    def get_project(self, project_id: int) -> Project:
-        """One project; NotFoundError names the id."""
+    def create_project(self, fields: dict[str, Any]) -> Project:
+        """A new project; ConflictError when the name is taken."""
+        if not fields.get("name"):
+            raise InvalidRecordError("project.name: must not be empty")
+        if not fields.get("main_keyword"):
+            raise InvalidRecordError("project.main_keyword: must not be empty")
         with self._uow() as uow:
-            project = uow.session.get(Project, project_id)
-            if project is None:
-                raise NotFoundError(f"project {project_id} does not exist")
+            project = Project(**fields)
+            uow.session.add(project)
+            try:
+                uow.commit()
+            except IntegrityError as e:
+                raise ConflictError(f"project {fields['name']!r} already exists") from e
             return project
+
+    def get_project(self, project_id: int = 0, name: str = "") -> Project:
+        """One project by id, or by name when the id is 0; NotFoundError names what was asked."""
+        with self._uow() as uow:
+            if project_id:
+                project = uow.session.get(Project, project_id)
+                wanted = str(project_id)
+            else:
+                project = repository.project_by_name(uow.session, name)
+                wanted = repr(name)
+            if project is None:
+                raise NotFoundError(f"project {wanted} does not exist")
+            return project
+
+    def list_projects(self) -> Sequence[Project]:
+        """Every project, by name."""
+        with self._uow() as uow:
+            return repository.all_projects(uow.session)
+
+    def project_titles(self, project_id: int, exclude_job_id: int = 0) -> list[str]:
+        """The titles of the project's jobs (but `exclude_job_id`), oldest job first."""
+        with self._uow() as uow:
+            if uow.session.get(Project, project_id) is None:
+                raise NotFoundError(f"project {project_id} does not exist")
+            titles: list[str] = []
+            for job in repository.jobs_of_project(uow.session, project_id):
+                if job.id != exclude_job_id:
+                    for tier_titles in job.titles.values():
+                        titles.extend(tier_titles)
+            return titles
+
+    # Sites ----------------------------------------------------------------------------------
+
+    def ensure_sites(self, sites: Sequence[tuple[str, str]]) -> list[Site]:
+        """(hostname, template) pairs as stored sites: missing ones are created, a given
+        template replaces the stored one, an empty one leaves it. In request order."""
+        for hostname, _template in sites:
+            if not hostname:
+                raise InvalidRecordError("site.hostname: must not be empty")
+        for _attempt in range(2):  # a concurrent job may create one of them between read and write
+            with self._uow() as uow:
+                stored = {s.hostname: s for s in repository.sites_by_hostname(uow.session, sites)}
+                for hostname, template in sites:
+                    site = stored.get(hostname)
+                    if site is None:
+                        site = stored[hostname] = Site(hostname=hostname, template=template)
+                        uow.session.add(site)
+                    elif template:
+                        site.template = template
+                try:
+                    uow.commit()
+                except IntegrityError as e:
+                    conflict = e
+                    continue
+                return [stored[hostname] for hostname, _ in sites]
+        raise InvalidRecordError(f"sites: not stored: {conflict.orig}") from conflict
+
+    def list_sites(self) -> Sequence[Site]:
+        """Every site, by hostname."""
+        with self._uow() as uow:
+            return repository.all_sites(uow.session)
 
     # Jobs -----------------------------------------------------------------------------------
 
@@ -147,14 +221,16 @@ class Store:
         api_calls: int,
         prompt: int,
         completion: int,
+        shortfall: int = 0,
     ) -> Job:
-        """Keep a tier's titles with the job and add what they cost."""
+        """Keep a tier's titles with the job and add what they cost and how many are missing."""
         with self._uow() as uow:
             job = self._job(uow.session, job_id)
             job.titles = {**job.titles, tier: list(titles)}  # reassign: JSON columns track identity
             job.title_api_calls += api_calls
             job.title_prompt_tokens += prompt
             job.title_completion_tokens += completion
+            job.title_shortfall += shortfall
             uow.commit()
             return job
 
@@ -226,13 +302,37 @@ class Store:
             self._job(uow.session, job_id)
             return repository.articles_of_job(uow.session, job_id, tier)
 
-    def set_publication(self, article_id: int, url: str, output_path: str) -> Article:
-        """Record where post-processing published and wrote an article."""
+    def set_urls(self, job_id: int, urls: dict[int, str]) -> int:
+        """Give the job's articles their URLs, all in one commit or none. ConflictError when a
+        URL is held by another article (a concurrent job on the same site took it first)."""
+        with self._uow() as uow:
+            self._job(uow.session, job_id)
+            articles = {a.id: a for a in repository.articles_by_ids(uow.session, list(urls))}
+            for article_id, url in urls.items():
+                article = articles.get(article_id)
+                if article is None or article.job_id != job_id:
+                    raise NotFoundError(f"article {article_id} of job {job_id} does not exist")
+                if not url:
+                    raise InvalidRecordError(f"urls[{article_id}]: must not be empty")
+                article.url = url
+            try:
+                uow.commit()
+            except IntegrityError as e:
+                raise ConflictError(f"urls: a URL is already taken: {e.orig}") from e
+            return len(urls)
+
+    def taken_urls(self, hostnames: Sequence[str], exclude_job_id: int) -> list[str]:
+        """URLs that other jobs' articles hold on these sites."""
+        with self._uow() as uow:
+            return repository.urls_on_sites(uow.session, hostnames, exclude_job_id)
+
+    def set_publication(self, article_id: int, output_path: str, html: str) -> Article:
+        """Record the page post-processing rendered for an article and where it wrote it."""
         with self._uow() as uow:
             article = uow.session.get(Article, article_id)
             if article is None:
                 raise NotFoundError(f"article {article_id} does not exist")
-            article.url, article.output_path = url, output_path
+            article.output_path, article.html = output_path, html
             uow.commit()
             return article
 
@@ -250,6 +350,7 @@ class Store:
                 title_api_calls=sum(job.title_api_calls for job in jobs),
                 title_prompt_tokens=sum(job.title_prompt_tokens for job in jobs),
                 title_completion_tokens=sum(job.title_completion_tokens for job in jobs),
+                title_shortfall=sum(job.title_shortfall for job in jobs),
             )
             for job in jobs:  # every tier of the spec appears, even one with no record yet
                 for tier, spec in job.spec.get("tiers", {}).items():

@@ -44,6 +44,8 @@ class FakeLlm:
     augmented_words: int = 1300
     delay: float = 0.0
     fail_when: Callable[[str], bool] = lambda _prompt: False
+    # Replies to outline and outline-repair prompts, in order; OUTLINE once they run out.
+    outlines: list[str] = field(default_factory=list)
     # Hold calls until this many have been in flight at once (or the timeout passes): makes a
     # concurrency peak independent of machine speed. Once reached, nobody waits again.
     gather: int = 0
@@ -78,8 +80,10 @@ class FakeLlm:
                 self._changed.notify_all()
 
     def _reply(self, prompt: str) -> str:
-        if prompt.startswith("Create an outline"):
-            return "```json\n" + OUTLINE + "\n```"
+        if prompt.startswith(("Create an outline", "Repair the outline")):
+            with self._lock:
+                scripted = self.outlines.pop(0) if self.outlines else None
+            return scripted if scripted is not None else "```json\n" + OUTLINE + "\n```"
         if prompt.startswith("Write the article titled"):
             return "```html\n" + html_with_words(self.content_words) + "\n```"
         if "<article>" in prompt:

@@ -6,6 +6,7 @@ import copy
 import json
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psycopg2
@@ -102,5 +103,28 @@ def count_rows(database_url: str, table: str) -> int:
     try:
         with engine.connect() as connection:
             return int(connection.execute(text(f"SELECT COUNT(*) FROM {table}")).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def article_pages(folder: Path) -> list[Path]:
+    """The exported article pages under `folder` (index pages left out), sorted."""
+    return sorted(p for p in folder.rglob("*.html") if p.name != "index.html")
+
+
+def article_rows(database_url: str, job_id: int) -> list[dict[str, Any]]:
+    """A job's generated_content rows as dicts, in (tier, index) order, read with our own SQL."""
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(
+                text(
+                    "SELECT id, tier, article_index, title, status, site, url, output_path,"
+                    " outline, content, html FROM generated_content WHERE job_id = :j"
+                    " ORDER BY tier, article_index"
+                ),
+                {"j": job_id},
+            ).mappings()
+            return [dict(row) for row in rows]
     finally:
         engine.dispose()

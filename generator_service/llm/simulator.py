@@ -199,23 +199,41 @@ def _paragraph(rng: random.Random, ctx: dict[str, Any], words_left: int) -> str:
 def write_article(
     rng: random.Random, ctx: dict[str, Any], outline: list[dict[str, Any]], words: int
 ) -> str:
-    """HTML following `outline` with close to `words` visible words (never fewer than 1 section)."""
+    """HTML following `outline`'s headings with close to `words` visible words, spread over the
+    sections by their "words" budgets when the outline has them (never fewer than 1 section)."""
     if not outline:
         outline = [{"h2": _fill(rng.choice(_H2_PATTERNS), rng, ctx), "h3": []}]
-    blocks: list[str] = []
-    for section in outline:
-        blocks.append(f"<h2>{section.get('h2', '')}</h2>")
-        blocks.extend(f"<h3>{h3}</h3>" for h3 in section.get("h3", []))
-    html = "\n".join(blocks)
-    # Spread paragraphs across the sections until the visible text reaches the target.
-    slots: list[list[str]] = [[] for _ in blocks]
-    slot, total = 0, count_words(html)
-    while total < words:
-        paragraph = _paragraph(rng, ctx, min(60, words - total))
-        slots[slot % len(slots)].append(paragraph)
-        total += count_words(paragraph)
-        slot += 1
-    return "\n".join(block + "".join("\n" + p for p in slots[i]) for i, block in enumerate(blocks))
+    weights = [max(1, int(section.get("words") or 1)) for section in outline]
+    sections: list[str] = []
+    written = 0
+    for n, section in enumerate(outline):
+        blocks = [f"<h2>{section.get('h2', '')}</h2>"]
+        blocks += [f"<h3>{h3}</h3>" for h3 in section.get("h3", [])]
+        # This section's share of the words, and paragraphs spread over its blocks to reach it.
+        target = round(words * sum(weights[: n + 1]) / sum(weights)) - written
+        slots: list[list[str]] = [[] for _ in blocks]
+        total, slot = count_words("".join(blocks)), 0
+        while total < target:
+            paragraph = _paragraph(rng, ctx, min(60, target - total))
+            slots[slot % len(slots)].append(paragraph)
+            total += count_words(paragraph)
+            slot += 1
+        written += total
+        sections.append(
+            "\n".join(block + "".join("\n" + p for p in slots[i]) for i, block in enumerate(blocks))
+        )
+    return "\n".join(sections)
+
+
+def inject(html: str, payloads: list[str]) -> str:
+    """`html` with every payload placed in it: inside paragraphs, between blocks, at the end."""
+    if not payloads:
+        return html
+    parts = html.split("</p>")
+    for i, payload in enumerate(payloads):
+        at = i % len(parts)
+        parts[at] = parts[at] + (" " + payload if i % 2 else "\n" + payload + "\n")
+    return "</p>".join(parts)
 
 
 # --- the HTTP side ---------------------------------------------------------------------------
@@ -229,8 +247,16 @@ class SimulatorConfig:
     undershoot_mean: float = 175.0  # words short of the asked lower bound
     undershoot_jitter: float = 20.0  # standard deviation of the shortfall
     seed: int = 7
-    # Test hook: every n-th outline request gets a reply that is not JSON (0: never).
+    # Test hook: every n-th outline request gets a reply that is not JSON, and so does the repair
+    # request for that title (0: never): the article fails at its outline.
     garbage_outline_every: int = 0
+    # Test hook: every n-th outline request has one H2 section too few (0: never): the repair
+    # request gets a good outline.
+    short_outline_every: int = 0
+    # Test hook: every titles reply is the same few titles, as a model stuck in a loop.
+    repeat_titles: bool = False
+    # Test hook: hostile markup (XSS payloads) placed in every article and title the model writes.
+    payloads: list[str] = field(default_factory=list)
     # Test hook: every n-th chat request is refused with 429 and `retry-after-ms` (0: never).
     rate_limit_every: int = 0
     rate_limit_retry_after_ms: int = 20
@@ -260,6 +286,7 @@ class LlmSimulator:
         self._outline_requests = 0
         self._arrivals = 0  # chat requests received, refused ones included
         self._titles_written: dict[str, set[str]] = {}  # per keyword, lowercased
+        self._broken_titles: set[str] = set()  # garbage outlines, repair included
         self._server = ThreadingHTTPServer((host, port), _make_handler(self))
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -355,11 +382,7 @@ class LlmSimulator:
         outline_number = self._enter(kind)
         try:
             time.sleep(self.config.latency)
-            every = self.config.garbage_outline_every
-            if kind == "outline" and every and outline_number % every == 0:
-                text = "I'm sorry, but I can't produce an outline for that right now."
-            else:
-                text = self._reply(kind, prompt, rng)
+            text = self._reply(kind, prompt, rng, outline_number)
         finally:
             self._leave()
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages) * 4 // 3
@@ -384,17 +407,34 @@ class LlmSimulator:
         }
         return HTTPStatus.OK, reply, {}
 
-    def _reply(self, kind: str, prompt: str, rng: random.Random) -> str:
+    def _reply(self, kind: str, prompt: str, rng: random.Random, outline_number: int) -> str:
         ctx = _context_of(prompt)
+        config = self.config
         if kind == "titles":
             count = int(_search(r"Write (\d+) distinct article titles", prompt, "5"))
+            if config.repeat_titles:
+                return "\n".join(_fill(p, rng, ctx, headline=True) for p in _TITLE_PATTERNS[:3])
             listed = {
                 line[2:].strip().lower() for line in prompt.splitlines() if line.startswith("- ")
             }
-            return "\n".join(self._new_titles(rng, ctx, count, listed))
-        if kind == "outline":
+            titles = self._new_titles(rng, ctx, count, listed)
+            if config.payloads:
+                titles = [
+                    f"{t} {config.payloads[i % len(config.payloads)]}" for i, t in enumerate(titles)
+                ]
+            return "\n".join(titles)
+        if kind in ("outline", "outline_repair"):
+            title = _search(r'article titled "(.*?)"\.(?:\s|$)', prompt, "")
+            with self._lock:
+                if kind == "outline" and _nth(outline_number, config.garbage_outline_every):
+                    self._broken_titles.add(title)
+                broken = title in self._broken_titles
+            if broken:
+                return "I'm sorry, but I can't produce an outline for that right now."
             h2 = _range(r"between (\d+) and (\d+) H2", prompt, (3, 5))
             h3 = _range(r"between (\d+) and (\d+) H3", prompt, (3, 8))
+            if kind == "outline" and _nth(outline_number, config.short_outline_every):
+                h2 = (max(1, h2[0] - 1), max(1, h2[0] - 1))
             n2 = rng.randint(*h2)
             n3 = rng.randint(max(h3[0], 0), max(h3[1], h3[0]))
             h3s: list[list[str]] = [[] for _ in range(n2)]
@@ -415,7 +455,8 @@ class LlmSimulator:
                 outline = json.loads(outline_json).get("outline", [])
             except json.JSONDecodeError:
                 outline = []
-            return write_article(rng, ctx, outline, max(50, round(low - shortfall)))
+            article = write_article(rng, ctx, outline, max(50, round(low - shortfall)))
+            return inject(article, config.payloads)
         if kind == "augment":
             target = int(_search(r"at least (\d+) words", prompt, "1000"))
             original = _search(r"<article>\n(.*)\n</article>", prompt, "", flags=re.DOTALL)
@@ -450,11 +491,17 @@ class LlmSimulator:
         return titles
 
 
+def _nth(number: int, every: int) -> bool:
+    return bool(every) and number % every == 0
+
+
 def _kind_of(prompt: str) -> str:
     if "distinct article titles" in prompt:
         return "titles"
     if prompt.startswith("Create an outline"):
         return "outline"
+    if prompt.startswith("Repair the outline"):
+        return "outline_repair"
     if prompt.startswith("Write the article titled"):
         return "content"
     if "<article>" in prompt:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 from generator_service.llm.simulator import SimulatorConfig
-from tests.helpers import job_file
+from tests.helpers import article_pages, job_file
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,8 +50,13 @@ def test_demo_runs_end_to_end_with_no_setup(tmp_path: Path) -> None:
         "Execution time:",
     ):
         assert line in out
-    pages = list((tmp_path / "output" / "demo").rglob("*.html"))
+    assert "Outline unusable" in out and "asking once more" in out
+    assert "[post-processing] Interlinking:" in out and "skipped tier" in out
+    pages = article_pages(tmp_path / "output" / "demo")
     assert len(pages) == 14  # 15 articles, one failed on purpose
+    job_dir = tmp_path / "output" / "demo" / "1"
+    assert (job_dir / "index.html").is_file() and (job_dir / "titles-tier2.txt").is_file()
+    assert {p.parent.name for p in pages} == {"blog-one.example.net", "blog-two.example.net"}
 
 
 def test_generate_batch_prints_progress_and_exit_codes(start_stack, tmp_path: Path) -> None:
@@ -244,7 +249,7 @@ def test_up_serves_until_ctrl_c_and_prints_the_generated_password_once(tmp_path:
                 cwd=tmp_path,
             )
             assert run.returncode == 0, run.stdout + run.stderr
-            assert len(list((tmp_path / "out").rglob("*.html"))) == 2
+            assert len(article_pages(tmp_path / "out")) == 2
 
             process.send_signal(signal.SIGINT)
             assert process.wait(timeout=60) == 0

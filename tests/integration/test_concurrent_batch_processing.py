@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from typing import Any
 
 import grpc
 import pytest
@@ -13,6 +14,7 @@ from generator_service.llm.simulator import SimulatorConfig
 from orchestrator_service.client import OrchestratorClient
 from tests.helpers import (
     TIER,
+    article_pages,
     articles_of,
     count_rows,
     job_file,
@@ -26,8 +28,8 @@ from tierwriter.runtime import ServiceCallError
 FAST = SimulatorConfig(latency=0.02)
 
 
-def tier(**overrides: object) -> dict[str, object]:
-    spec = copy.deepcopy(TIER)
+def tier(**overrides: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = copy.deepcopy(TIER)
     spec.update(overrides)
     return spec
 
@@ -177,7 +179,7 @@ def test_pages_are_written_for_every_stored_article(start_stack) -> None:
         ),
     )
     job_id = job_ids_of(events)[0]
-    pages = sorted((handle.output_dir / str(job_id)).rglob("*.html"))
+    pages = article_pages(handle.output_dir / str(job_id))
     assert len(pages) == 4
     assert {p.parent.name for p in pages} == {"one.example.net", "two.example.net"}
     assert all("<script" not in p.read_text() for p in pages)

@@ -1,10 +1,12 @@
 """The console layout of the story."""
 
+from typing import Any
+
 from orchestrator_service.console import augmentation_rate, event_lines
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 
 
-def article(**fields: object) -> pb.JobEvent:
+def article(**fields: Any) -> pb.JobEvent:
     return pb.JobEvent(
         article=pb.ArticleProgress(tier="tier2", tier_count=10, article_index=0, **fields)
     )

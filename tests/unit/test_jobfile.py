@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from orchestrator_service.jobfile import JobFileError, parse_job_file
+from orchestrator_service.jobfile import JobFileError, parse_job_file, parse_project_file
 
 TIER = {"count": 3, "min_word_count": 600, "max_word_count": 900}
 
@@ -54,7 +54,24 @@ def test_tiers_run_in_numeric_order() -> None:
         (job(project_id=4), "jobs[0]: give either project (inline) or project_id, not both"),
         (
             job(deployment_targets=["not a host"]),
-            "jobs[0].deployment_targets: [0] 'not a host' is not",
+            "jobs[0].deployment_targets[0].hostname: 'not a host' is not",
+        ),
+        (
+            job(deployment_targets=[{"hostname": "a.example.net", "template": "../../etc"}]),
+            "jobs[0].deployment_targets[0].template: a template set is a folder name",
+        ),
+        (
+            job(
+                deployment_targets=[
+                    {"hostname": "a.example.net", "template": "one"},
+                    {"hostname": "a.example.net", "template": "two"},
+                ]
+            ),
+            "a.example.net is given two templates, 'one' and 'two'",
+        ),
+        (
+            job(link_style="local"),
+            "jobs[0].link_style: Input should be 'absolute' or 'relative'",
         ),
         (
             job(project={"name": "p", "main_keyword": "k", "money_site_url": "ftp://x"}),
@@ -74,4 +91,38 @@ def test_bad_job_files_are_rejected_naming_the_field(text: str, expected: str) -
 
 def test_deployment_targets_are_normalised_to_lowercase() -> None:
     spec = parse_job_file(job(deployment_targets=["Blog.Example.NET"])).jobs[0]
-    assert spec.deployment_targets == ["blog.example.net"]
+    assert [site.hostname for site in spec.deployment_targets] == ["blog.example.net"]
+
+
+def test_a_tier_goes_to_its_own_sites_or_else_the_jobs() -> None:
+    tiers = {
+        "tier1": {"count": 2, "min_word_count": 600, "max_word_count": 900},
+        "tier2": {
+            "count": 4,
+            "min_word_count": 600,
+            "max_word_count": 900,
+            "deployment_targets": ["c.example.net"],
+        },
+    }
+    spec = parse_job_file(
+        job(
+            tiers=tiers,
+            deployment_targets=["a.example.net", {"hostname": "b.example.net", "template": "mag"}],
+        )
+    ).jobs[0]
+    assert spec.sites_of(spec.tiers["tier1"]) == ["a.example.net", "b.example.net"]
+    assert spec.sites_of(spec.tiers["tier2"]) == ["c.example.net"]
+    assert [(s.hostname, s.template) for s in spec.all_sites()] == [
+        ("a.example.net", ""),
+        ("b.example.net", "mag"),
+        ("c.example.net", ""),
+    ]
+
+
+def test_a_project_file_is_validated_like_a_job_files_project() -> None:
+    project = parse_project_file('{"name": "p", "main_keyword": "k", "entities": ["e"]}')
+    assert (project.name, project.entities) == ("p", ["e"])
+    with pytest.raises(JobFileError, match="main_keyword: Field required"):
+        parse_project_file('{"name": "p"}')
+    with pytest.raises(JobFileError, match="not valid JSON at line 1"):
+        parse_project_file("{")

@@ -1,11 +1,19 @@
 """ArticlePipeline: compensation in the prompt, the augmentation threshold, failure records."""
 
+import json
 import re
 
 import pytest
 
-from generator_service.domain import ArticleTask, EventKind, TierShape
-from generator_service.pipeline import ArticlePipeline, OutlineError, fit_outline, parse_outline
+from generator_service.domain import ArticleTask, EventKind, ProjectInfo, TierShape
+from generator_service.outline import (
+    OutlineError,
+    fit_outline,
+    outline_problem,
+    parse_outline,
+    section_budgets,
+)
+from generator_service.pipeline import ArticlePipeline
 from tests.fakes import EventLog, FakeLlm, MemorySaver, batch_context
 
 
@@ -112,24 +120,104 @@ def _shape(min_h2: int, max_h2: int, min_h3: int, max_h3: int) -> TierShape:
     return TierShape("tier1", 1, 100, 200, min_h2, max_h2, min_h3, max_h3)
 
 
+PROJECT = ProjectInfo(1, "cnc machining", ["lathe", "spindle"], ["cnc cost", "cnc near me"])
+
+
+def _outline_json(h3_per_section: list[int]) -> str:
+    sections = [
+        {"h2": f"S{i}", "h3": [f"S{i}.{j}" for j in range(n)]} for i, n in enumerate(h3_per_section)
+    ]
+    return json.dumps({"outline": sections})
+
+
 def test_an_outline_over_the_maxima_is_trimmed_from_the_end() -> None:
     outline = [{"h2": f"S{i}", "h3": [f"S{i}.{j}" for j in range(3)]} for i in range(6)]
-    fitted = fit_outline(outline, _shape(2, 4, 0, 7))
-    assert [s["h2"] for s in fitted] == ["S0", "S1", "S2", "S3"]
-    assert sum(len(s["h3"]) for s in fitted) == 7
-    assert fitted[0]["h3"] == ["S0.0", "S0.1", "S0.2"] and fitted[3]["h3"] == []
+    fitted = fit_outline(outline, _shape(2, 4, 0, 7), PROJECT)
+    assert [s["h2"] for s in fitted.sections] == ["S0", "S1", "S2", "S3"]
+    assert fitted.h3_count == 7 and fitted.fix == "2 H2s cut, 5 H3s cut"
+    assert fitted.sections[0]["h3"] == ["S0.0", "S0.1", "S0.2"] and fitted.sections[3]["h3"] == []
     assert len(outline[0]["h3"]) == 3  # the model's outline itself is not changed
 
 
 def test_an_outline_within_the_ranges_is_unchanged() -> None:
     outline = [{"h2": "A", "h3": ["a"]}, {"h2": "B", "h3": ["b", "c"]}]
-    assert fit_outline(outline, _shape(2, 4, 1, 5)) == outline
+    fitted = fit_outline(outline, _shape(2, 4, 1, 5), PROJECT)
+    assert fitted.sections == outline and fitted.fix == ""
+    assert outline_problem(outline, _shape(2, 4, 1, 5)) == ""
 
 
-def test_the_stored_outline_respects_the_tier_maxima() -> None:
-    saver = MemorySaver()
-    context = batch_context()  # 2-4 H2s, 2-6 H3s; the fake answers 3 H2s with 3 H3s
-    tight = type(context)(**{**vars(context), "tier": _shape(1, 2, 0, 1)})
-    ArticlePipeline(FakeLlm(), saver, 200).run(tight, ArticleTask(0, "T"), EventLog())
+def test_missing_headings_are_padded_from_related_searches_and_entities() -> None:
+    outline = [{"h2": "A", "h3": ["a"]}, {"h2": "B", "h3": []}]
+    fitted = fit_outline(outline, _shape(3, 4, 4, 6), PROJECT)
+    assert [s["h2"] for s in fitted.sections] == ["A", "B", "Cnc cost"]
+    assert (fitted.h2_count, fitted.h3_count) == (3, 4)
+    padded = sorted(h for s in fitted.sections for h in s["h3"] if h != "a")
+    assert padded == ["Cnc near me", "Working With Lathe", "Working With Spindle"]
+    assert [len(s["h3"]) for s in fitted.sections] == [2, 1, 1]  # the thinnest sections first
+    assert fitted.fix == "1 H2s padded, 3 H3s padded"
+
+
+def test_an_outline_that_cannot_be_padded_fails_with_the_reason() -> None:
+    outline = [{"h2": "A", "h3": []}]
+    with pytest.raises(OutlineError, match="1 H2 sections, the tier needs at least 4"):
+        fit_outline(outline, _shape(4, 5, 0, 5), PROJECT)
+    with pytest.raises(OutlineError, match="0 H3 subsections, the tier needs at least 9"):
+        fit_outline(outline, _shape(1, 2, 9, 9), PROJECT)
+
+
+@pytest.mark.parametrize(
+    "h3s, tier, problem",
+    [
+        ([1, 1], _shape(3, 5, 0, 9), "2 H2 sections, the tier needs 3 to 5"),
+        ([4, 4, 4], _shape(3, 5, 0, 9), "12 H3 subsections, the tier needs 0 to 9"),
+        ([0] * 6, _shape(3, 5, 1, 9), "6 H2 sections, the tier needs 3 to 5; 0 H3 subsections"),
+    ],
+)
+def test_out_of_range_outlines_are_named(h3s: list[int], tier: TierShape, problem: str) -> None:
+    assert outline_problem(parse_outline(_outline_json(h3s)), tier).startswith(problem)
+
+
+def test_an_out_of_range_outline_gets_one_repair_request() -> None:
+    # The tier needs 2-4 H2s; the first reply has 1, the repair has 3.
+    llm, saver, log = FakeLlm(outlines=[_outline_json([2])]), MemorySaver(), EventLog()
+    outcome = ArticlePipeline(llm, saver, 200).run(batch_context(), ArticleTask(0, "T"), log)
+    assert outcome.kind is EventKind.SAVED
+    repairs = [p for p in llm.prompts if p.startswith("Repair the outline")]
+    assert len(repairs) == 1 and "1 H2 sections, the tier needs 2 to 4" in repairs[0]
+    repairing = next(e for e in log.events if e.kind is EventKind.OUTLINE_REPAIRING)
+    assert "1 H2 sections" in repairing.error
+    record = saver.records[(1, "tier1", 0)]
+    assert record.outline is not None and len(record.outline) == 3 and record.api_calls == 3
+
+
+def test_a_repair_that_is_still_out_of_range_is_fitted() -> None:
+    # Both replies have 1 H2 where 2-4 are needed: padded from a related search, not failed.
+    llm, saver = FakeLlm(outlines=[_outline_json([2]), _outline_json([3])]), MemorySaver()
+    outcome = ArticlePipeline(llm, saver, 200).run(batch_context(), ArticleTask(0, "T"), EventLog())
+    assert outcome.kind is EventKind.SAVED
     outline = saver.records[(1, "tier1", 0)].outline
-    assert outline is not None and len(outline) == 2 and sum(len(s["h3"]) for s in outline) == 1
+    assert outline is not None and [s["h2"] for s in outline] == ["S0", "Cnc cost"]
+
+
+def test_garbage_twice_fails_the_article_at_its_outline_with_the_reason() -> None:
+    llm, saver = FakeLlm(outlines=["no idea", "still no idea"]), MemorySaver()
+    outcome = ArticlePipeline(llm, saver, 200).run(batch_context(), ArticleTask(0, "T"), EventLog())
+    assert outcome.kind is EventKind.FAILED and outcome.stage == "outline"
+    assert "not JSON" in outcome.error and "after one repair request" in outcome.error
+    assert saver.records[(1, "tier1", 0)].api_calls == 2
+
+
+def test_the_content_prompt_gives_each_section_its_word_budget() -> None:
+    llm = FakeLlm()
+    ArticlePipeline(llm, MemorySaver(), 200).run(batch_context(), ArticleTask(0, "T"), EventLog())
+    prompt = next(p for p in llm.prompts if p.startswith("Write the article titled"))
+    sections = json.loads(prompt[prompt.index("{") :])["outline"]
+    assert [s["h2"] for s in sections] == ["One", "Two", "Three"]
+    budgets = [s["words"] for s in sections]
+    assert sum(budgets) == (1200 + 1700) // 2 and budgets[0] > budgets[1] > budgets[2]
+
+
+def test_section_budgets_sum_to_the_target() -> None:
+    outline = [{"h2": "a", "h3": ["x"] * n} for n in (0, 1, 5)]
+    for total in (1, 7, 999, 1450):
+        assert sum(section_budgets(outline, total)) == total

@@ -1,6 +1,7 @@
 """Post-processing helpers: slugs, URLs, sanitising and escaping."""
 
 from orchestrator_service.publish import (
+    ARTICLE_TEMPLATE,
     article_url,
     assign_slugs,
     render_article,
@@ -39,9 +40,9 @@ def test_scripts_handlers_and_javascript_urls_do_not_survive() -> None:
 
 def test_title_is_escaped_and_body_is_sanitised_in_the_page() -> None:
     page = render_article(
-        template_environment(None),
+        template_environment(None).get_template(ARTICLE_TEMPLATE),
         title="<img src=x onerror=alert(1)>",
-        content="<h2>Ok</h2><p>Fine <b>bold</b></p><script>x()</script>",
+        body="<h2>Ok</h2><p>Fine <b>bold</b></p><script>x()</script>",
         keyword="k",
         site="a.com",
         url="https://a.com/p.html",

@@ -47,6 +47,8 @@ class _ArticleEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Arti
     """The article failed; `stage`, `error` and `traceback` are set, `article_id` if the record was saved."""
     ARTICLE_EVENT_KIND_SKIPPED: _ArticleEventKind.ValueType  # 10
     """The article never started (an earlier failure with continue_on_error false); `error` says why."""
+    ARTICLE_EVENT_KIND_OUTLINE_REPAIRING: _ArticleEventKind.ValueType  # 11
+    """The outline was unusable; one repair request started. `error` says what was wrong."""
 
 class ArticleEventKind(_ArticleEventKind, metaclass=_ArticleEventKindEnumTypeWrapper):
     """What happened to an article."""
@@ -73,6 +75,8 @@ ARTICLE_EVENT_KIND_FAILED: ArticleEventKind.ValueType  # 9
 """The article failed; `stage`, `error` and `traceback` are set, `article_id` if the record was saved."""
 ARTICLE_EVENT_KIND_SKIPPED: ArticleEventKind.ValueType  # 10
 """The article never started (an earlier failure with continue_on_error false); `error` says why."""
+ARTICLE_EVENT_KIND_OUTLINE_REPAIRING: ArticleEventKind.ValueType  # 11
+"""The outline was unusable; one repair request started. `error` says what was wrong."""
 Global___ArticleEventKind: _TypeAlias = ArticleEventKind  # noqa: Y015
 
 @_typing.final
@@ -430,6 +434,7 @@ class ArticleEvent(_message.Message):
     SITE_FIELD_NUMBER: _builtins.int
     H2_COUNT_FIELD_NUMBER: _builtins.int
     H3_COUNT_FIELD_NUMBER: _builtins.int
+    OUTLINE_FIX_FIELD_NUMBER: _builtins.int
     WORD_COUNT_FIELD_NUMBER: _builtins.int
     MIN_WORD_COUNT_FIELD_NUMBER: _builtins.int
     ARTICLE_ID_FIELD_NUMBER: _builtins.int
@@ -451,6 +456,8 @@ class ArticleEvent(_message.Message):
     """H2 headings in the outline (OUTLINE_DONE)."""
     h3_count: _builtins.int
     """H3 headings in the outline (OUTLINE_DONE)."""
+    outline_fix: _builtins.str
+    """How the outline was made to fit the tier, e.g. "2 H3s padded" (OUTLINE_DONE); empty if it fit."""
     word_count: _builtins.int
     """Counted words (CONTENT_DONE, AUGMENTED, SAVED)."""
     min_word_count: _builtins.int
@@ -462,7 +469,7 @@ class ArticleEvent(_message.Message):
     stage: _builtins.str
     """The stage that failed: outline, content, augmentation or save (FAILED)."""
     error: _builtins.str
-    """Error class and message (FAILED, SKIPPED)."""
+    """Error class and message (FAILED, SKIPPED); the outline's problem (OUTLINE_REPAIRING)."""
     traceback: _builtins.str
     """Full traceback for the console; never stored (FAILED)."""
     def __init__(
@@ -475,6 +482,7 @@ class ArticleEvent(_message.Message):
         site: _builtins.str = ...,
         h2_count: _builtins.int = ...,
         h3_count: _builtins.int = ...,
+        outline_fix: _builtins.str = ...,
         word_count: _builtins.int = ...,
         min_word_count: _builtins.int = ...,
         article_id: _builtins.int = ...,
@@ -485,7 +493,7 @@ class ArticleEvent(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["article_id", b"article_id", "article_index", b"article_index", "error", b"error", "h2_count", b"h2_count", "h3_count", b"h3_count", "kind", b"kind", "min_word_count", b"min_word_count", "site", b"site", "stage", b"stage", "status", b"status", "tier", b"tier", "title", b"title", "traceback", b"traceback", "word_count", b"word_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["article_id", b"article_id", "article_index", b"article_index", "error", b"error", "h2_count", b"h2_count", "h3_count", b"h3_count", "kind", b"kind", "min_word_count", b"min_word_count", "outline_fix", b"outline_fix", "site", b"site", "stage", b"stage", "status", b"status", "tier", b"tier", "title", b"title", "traceback", b"traceback", "word_count", b"word_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,15 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n5tierwriter/orchestrator/v1/orchestrator_service.proto\x12\x1atierwriter.orchestrator.v1\"!\n\rRunJobRequest\x12\x10\n\x08job_file\x18\x01 \x01(\t\"\x85\x01\n\nJobStarted\x12\x0e\n\x06job_id\x18\x01 \x01(\x03\x12\x0f\n\x07project\x18\x02 \x01(\t\x12\x13\n\x0bmax_workers\x18\x03 \x01(\x05\x12\x1a\n\x12requested_articles\x18\x04 \x01(\x05\x12\x12\n\njob_number\x18\x05 \x01(\x05\x12\x11\n\tjob_count\x18\x06 \x01(\x05\"O\n\x0bTierStarted\x12\x0e\n\x06job_id\x18\x01 \x01(\x03\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12\x13\n\x0bmax_workers\x18\x04 \x01(\x05\"M\n\x0bTitlesReady\x12\x0e\n\x06job_id\x18\x01 \x01(\x03\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12\x11\n\tshortfall\x18\x04 \x01(\x05\"\xd3\x02\n\x0f\x41rticleProgress\x12\x0e\n\x06job_id\x18\x01 \x01(\x03\x12\x35\n\x04step\x18\x02 \x01(\x0e\x32\'.tierwriter.orchestrator.v1.ArticleStep\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x15\n\rarticle_index\x18\x04 \x01(\x05\x12\x12\n\ntier_count\x18\x05 \x01(\x05\x12\r\n\x05title\x18\x06 \x01(\t\x12\x0c\n\x04site\x18\x07 \x01(\t\x12\x10\n\x08h2_count\x18\x08 \x01(\x05\x12\x10\n\x08h3_count\x18\t \x01(\x05\x12\x12\n\nword_count\x18\n \x01(\x05\x12\x16\n\x0emin_word_count\x18\x0b \x01(\x05\x12\x12\n\narticle_id\x18\x0c \x01(\x03\x12\x0e\n\x06status\x18\r \x01(\t\x12\r\n\x05stage\x18\x0e \x01(\t\x12\r\n\x05\x65rror\x18\x0f \x01(\t\x12\x11\n\ttraceback\x18\x10 \x01(\t\"\x98\x01\n\x0cTierFinished\x12\x0e\n\x06job_id\x18\x01 \x01(\x03\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x11\n\tgenerated\x18\x03 \x01(\x05\x12\x11\n\taugmented\x18\x04 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x05\x12\x15\n\rfiles_written\x18\x06 \x01(\x05\x12\x1d\n\x15post_processing_error\x18\x07 \x01(\t\"\x97\x02\n\x07Summary\x12\x12\n\ntotal_jobs\x18\x01 \x01(\x05\x12\x16\n\x0eprocessed_jobs\x18\x02 \x01(\x05\x12\x1a\n\x12requested_articles\x18\x03 \x01(\x05\x12\x1a\n\x12generated_articles\x18\x04 \x01(\x05\x12\x1a\n\x12\x61ugmented_articles\x18\x05 \x01(\x05\x12\x17\n\x0f\x66\x61iled_articles\x18\x06 \x01(\x05\x12\x11\n\tapi_calls\x18\x07 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x08 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\t \x01(\x03\x12\x19\n\x11\x65xecution_seconds\x18\n \x01(\x01\x12\x13\n\x0boutput_dirs\x18\x0b \x03(\t\"^\n\x0bRunFinished\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x34\n\x07summary\x18\x03 \x01(\x0b\x32#.tierwriter.orchestrator.v1.Summary\"\x98\x03\n\x08JobEvent\x12=\n\x0bjob_started\x18\x01 \x01(\x0b\x32&.tierwriter.orchestrator.v1.JobStartedH\x00\x12?\n\x0ctier_started\x18\x02 \x01(\x0b\x32\'.tierwriter.orchestrator.v1.TierStartedH\x00\x12?\n\x0ctitles_ready\x18\x03 \x01(\x0b\x32\'.tierwriter.orchestrator.v1.TitlesReadyH\x00\x12>\n\x07\x61rticle\x18\x04 \x01(\x0b\x32+.tierwriter.orchestrator.v1.ArticleProgressH\x00\x12\x41\n\rtier_finished\x18\x05 \x01(\x0b\x32(.tierwriter.orchestrator.v1.TierFinishedH\x00\x12?\n\x0crun_finished\x18\x06 \x01(\x0b\x32\'.tierwriter.orchestrator.v1.RunFinishedH\x00\x42\x07\n\x05\x65vent\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\x03\"\x97\x02\n\x07JobInfo\x12\x0e\n\x06job_id\x18\x01 \x01(\x03\x12\x0f\n\x07project\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x13\n\x0bmax_workers\x18\x04 \x01(\x05\x12\x1a\n\x12requested_articles\x18\x05 \x01(\x05\x12\x1a\n\x12generated_articles\x18\x06 \x01(\x05\x12\x1a\n\x12\x61ugmented_articles\x18\x07 \x01(\x05\x12\x17\n\x0f\x66\x61iled_articles\x18\x08 \x01(\x05\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x12\n\ncreated_at\x18\n \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x0b \x01(\x01\x12\x11\n\tapi_calls\x18\x0c \x01(\x05\x12\x0e\n\x06tokens\x18\r \x01(\x03\"{\n\x0eGetJobResponse\x12\x30\n\x03job\x18\x01 \x01(\x0b\x32#.tierwriter.orchestrator.v1.JobInfo\x12\x37\n\x05tiers\x18\x02 \x03(\x0b\x32(.tierwriter.orchestrator.v1.TierFinished\" \n\x0fListJobsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\"E\n\x10ListJobsResponse\x12\x31\n\x04jobs\x18\x01 \x03(\x0b\x32#.tierwriter.orchestrator.v1.JobInfo*\xcb\x02\n\x0b\x41rticleStep\x12\x1c\n\x18\x41RTICLE_STEP_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41RTICLE_STEP_STARTED\x10\x01\x12 \n\x1c\x41RTICLE_STEP_OUTLINE_STARTED\x10\x02\x12\x1d\n\x19\x41RTICLE_STEP_OUTLINE_DONE\x10\x03\x12 \n\x1c\x41RTICLE_STEP_CONTENT_STARTED\x10\x04\x12\x1d\n\x19\x41RTICLE_STEP_CONTENT_DONE\x10\x05\x12\x1b\n\x17\x41RTICLE_STEP_AUGMENTING\x10\x06\x12\x1a\n\x16\x41RTICLE_STEP_AUGMENTED\x10\x07\x12\x16\n\x12\x41RTICLE_STEP_SAVED\x10\x08\x12\x17\n\x13\x41RTICLE_STEP_FAILED\x10\t\x12\x18\n\x14\x41RTICLE_STEP_SKIPPED\x10\n2\xba\x02\n\x13OrchestratorService\x12[\n\x06RunJob\x12).tierwriter.orchestrator.v1.RunJobRequest\x1a$.tierwriter.orchestrator.v1.JobEvent0\x01\x12_\n\x06GetJob\x12).tierwriter.orchestrator.v1.GetJobRequest\x1a*.tierwriter.orchestrator.v1.GetJobResponse\x12\x65\n\x08ListJobs\x12+.tierwriter.orchestrator.v1.ListJobsRequest\x1a,.tierwriter.orchestrator.v1.ListJobsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n5tierwriter/orchestrator/v1/orchestrator_service.proto\x12\x1atierwriter.orchestrator.v1\"!\n\rRunJobRequest\x12\x10\n\x08job_file\x18\x01 \x01(\t\"\x85\x01\n\nJobStarted\x12\x0e\n\x06job_id\x18\x01 \x01(\x03\x12\x0f\n\x07project\x18\x02 \x01(\t\x12\x13\n\x0bmax_workers\x18\x03 \x01(\x05\x12\x1a\n\x12requested_articles\x18\x04 \x01(\x05\x12\x12\n\njob_number\x18\x05 \x01(\x05\x12\x11\n\tjob_count\x18\x06 \x01(\x05\"O\n\x0bTierStarted\x12\x0e\n\x06job_id\x18\x01 \x01(\x03\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12\x13\n\x0bmax_workers\x18\x04 \x01(\x05\"M\n\x0bTitlesReady\x12\x0e\n\x06job_id\x18\x01 \x01(\x03\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12\x11\n\tshortfall\x18\x04 \x01(\x05\"\xe8\x02\n\x0f\x41rticleProgress\x12\x0e\n\x06job_id\x18\x01 \x01(\x03\x12\x35\n\x04step\x18\x02 \x01(\x0e\x32\'.tierwriter.orchestrator.v1.ArticleStep\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x15\n\rarticle_index\x18\x04 \x01(\x05\x12\x12\n\ntier_count\x18\x05 \x01(\x05\x12\r\n\x05title\x18\x06 \x01(\t\x12\x0c\n\x04site\x18\x07 \x01(\t\x12\x10\n\x08h2_count\x18\x08 \x01(\x05\x12\x10\n\x08h3_count\x18\t \x01(\x05\x12\x12\n\nword_count\x18\n \x01(\x05\x12\x16\n\x0emin_word_count\x18\x0b \x01(\x05\x12\x12\n\narticle_id\x18\x0c \x01(\x03\x12\x0e\n\x06status\x18\r \x01(\t\x12\r\n\x05stage\x18\x0e \x01(\t\x12\r\n\x05\x65rror\x18\x0f \x01(\t\x12\x11\n\ttraceback\x18\x10 \x01(\t\x12\x13\n\x0boutline_fix\x18\x11 \x01(\t\"n\n\x0cTierFinished\x12\x0e\n\x06job_id\x18\x01 \x01(\x03\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x11\n\tgenerated\x18\x03 \x01(\x05\x12\x11\n\taugmented\x18\x04 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x05J\x04\x08\x06\x10\x07J\x04\x08\x07\x10\x08\"E\n\x0eSkippedArticle\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\x15\n\rarticle_index\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xc3\x01\n\x12PostProcessingStep\x12\x0e\n\x06job_id\x18\x01 \x01(\x03\x12\x32\n\x04step\x18\x02 \x01(\x0e\x32$.tierwriter.orchestrator.v1.PostStep\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12;\n\x07skipped\x18\x05 \x03(\x0b\x32*.tierwriter.orchestrator.v1.SkippedArticle\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"\xdd\x02\n\x07Summary\x12\x12\n\ntotal_jobs\x18\x01 \x01(\x05\x12\x16\n\x0eprocessed_jobs\x18\x02 \x01(\x05\x12\x1a\n\x12requested_articles\x18\x03 \x01(\x05\x12\x1a\n\x12generated_articles\x18\x04 \x01(\x05\x12\x1a\n\x12\x61ugmented_articles\x18\x05 \x01(\x05\x12\x17\n\x0f\x66\x61iled_articles\x18\x06 \x01(\x05\x12\x11\n\tapi_calls\x18\x07 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x08 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\t \x01(\x03\x12\x19\n\x11\x65xecution_seconds\x18\n \x01(\x01\x12\x13\n\x0boutput_dirs\x18\x0b \x03(\t\x12\x17\n\x0ftitle_shortfall\x18\x0c \x01(\x05\x12\x14\n\x0clinks_placed\x18\r \x01(\x05\x12\x15\n\rpages_written\x18\x0e \x01(\x05\"^\n\x0bRunFinished\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x34\n\x07summary\x18\x03 \x01(\x0b\x32#.tierwriter.orchestrator.v1.Summary\"\xe3\x03\n\x08JobEvent\x12=\n\x0bjob_started\x18\x01 \x01(\x0b\x32&.tierwriter.orchestrator.v1.JobStartedH\x00\x12?\n\x0ctier_started\x18\x02 \x01(\x0b\x32\'.tierwriter.orchestrator.v1.TierStartedH\x00\x12?\n\x0ctitles_ready\x18\x03 \x01(\x0b\x32\'.tierwriter.orchestrator.v1.TitlesReadyH\x00\x12>\n\x07\x61rticle\x18\x04 \x01(\x0b\x32+.tierwriter.orchestrator.v1.ArticleProgressH\x00\x12\x41\n\rtier_finished\x18\x05 \x01(\x0b\x32(.tierwriter.orchestrator.v1.TierFinishedH\x00\x12I\n\x0fpost_processing\x18\x07 \x01(\x0b\x32..tierwriter.orchestrator.v1.PostProcessingStepH\x00\x12?\n\x0crun_finished\x18\x06 \x01(\x0b\x32\'.tierwriter.orchestrator.v1.RunFinishedH\x00\x42\x07\n\x05\x65vent\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\x03\"\x97\x02\n\x07JobInfo\x12\x0e\n\x06job_id\x18\x01 \x01(\x03\x12\x0f\n\x07project\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x13\n\x0bmax_workers\x18\x04 \x01(\x05\x12\x1a\n\x12requested_articles\x18\x05 \x01(\x05\x12\x1a\n\x12generated_articles\x18\x06 \x01(\x05\x12\x1a\n\x12\x61ugmented_articles\x18\x07 \x01(\x05\x12\x17\n\x0f\x66\x61iled_articles\x18\x08 \x01(\x05\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x12\n\ncreated_at\x18\n \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x0b \x01(\x01\x12\x11\n\tapi_calls\x18\x0c \x01(\x05\x12\x0e\n\x06tokens\x18\r \x01(\x03\"{\n\x0eGetJobResponse\x12\x30\n\x03job\x18\x01 \x01(\x0b\x32#.tierwriter.orchestrator.v1.JobInfo\x12\x37\n\x05tiers\x18\x02 \x03(\x0b\x32(.tierwriter.orchestrator.v1.TierFinished\" \n\x0fListJobsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\"E\n\x10ListJobsResponse\x12\x31\n\x04jobs\x18\x01 \x03(\x0b\x32#.tierwriter.orchestrator.v1.JobInfo\"#\n\x11PublishJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\x03\"S\n\x12PublishJobResponse\x12=\n\x05steps\x18\x01 \x03(\x0b\x32..tierwriter.orchestrator.v1.PostProcessingStep\"}\n\x07Project\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0cmain_keyword\x18\x03 \x01(\t\x12\x10\n\x08\x65ntities\x18\x04 \x03(\t\x12\x18\n\x10related_searches\x18\x05 \x03(\t\x12\x16\n\x0emoney_site_url\x18\x06 \x01(\t\",\n\x14\x43reateProjectRequest\x12\x14\n\x0cproject_json\x18\x01 \x01(\t\"5\n\x11GetProjectRequest\x12\x12\n\nproject_id\x18\x01 \x01(\x03\x12\x0c\n\x04name\x18\x02 \x01(\t\"\x15\n\x13ListProjectsRequest\"M\n\x14ListProjectsResponse\x12\x35\n\x08projects\x18\x01 \x03(\x0b\x32#.tierwriter.orchestrator.v1.Project\"\x12\n\x10ListSitesRequest\"*\n\x04Site\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x10\n\x08template\x18\x02 \x01(\t\"D\n\x11ListSitesResponse\x12/\n\x05sites\x18\x01 \x03(\x0b\x32 .tierwriter.orchestrator.v1.Site*\xef\x02\n\x0b\x41rticleStep\x12\x1c\n\x18\x41RTICLE_STEP_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41RTICLE_STEP_STARTED\x10\x01\x12 \n\x1c\x41RTICLE_STEP_OUTLINE_STARTED\x10\x02\x12\x1d\n\x19\x41RTICLE_STEP_OUTLINE_DONE\x10\x03\x12 \n\x1c\x41RTICLE_STEP_CONTENT_STARTED\x10\x04\x12\x1d\n\x19\x41RTICLE_STEP_CONTENT_DONE\x10\x05\x12\x1b\n\x17\x41RTICLE_STEP_AUGMENTING\x10\x06\x12\x1a\n\x16\x41RTICLE_STEP_AUGMENTED\x10\x07\x12\x16\n\x12\x41RTICLE_STEP_SAVED\x10\x08\x12\x17\n\x13\x41RTICLE_STEP_FAILED\x10\t\x12\x18\n\x14\x41RTICLE_STEP_SKIPPED\x10\n\x12\"\n\x1e\x41RTICLE_STEP_OUTLINE_REPAIRING\x10\x0b*}\n\x08PostStep\x12\x19\n\x15POST_STEP_UNSPECIFIED\x10\x00\x12\x12\n\x0ePOST_STEP_URLS\x10\x01\x12\x13\n\x0fPOST_STEP_LINKS\x10\x02\x12\x17\n\x13POST_STEP_TEMPLATES\x10\x03\x12\x14\n\x10POST_STEP_EXPORT\x10\x04\x32\xce\x06\n\x13OrchestratorService\x12[\n\x06RunJob\x12).tierwriter.orchestrator.v1.RunJobRequest\x1a$.tierwriter.orchestrator.v1.JobEvent0\x01\x12_\n\x06GetJob\x12).tierwriter.orchestrator.v1.GetJobRequest\x1a*.tierwriter.orchestrator.v1.GetJobResponse\x12\x65\n\x08ListJobs\x12+.tierwriter.orchestrator.v1.ListJobsRequest\x1a,.tierwriter.orchestrator.v1.ListJobsResponse\x12k\n\nPublishJob\x12-.tierwriter.orchestrator.v1.PublishJobRequest\x1a..tierwriter.orchestrator.v1.PublishJobResponse\x12\x66\n\rCreateProject\x12\x30.tierwriter.orchestrator.v1.CreateProjectRequest\x1a#.tierwriter.orchestrator.v1.Project\x12`\n\nGetProject\x12-.tierwriter.orchestrator.v1.GetProjectRequest\x1a#.tierwriter.orchestrator.v1.Project\x12q\n\x0cListProjects\x12/.tierwriter.orchestrator.v1.ListProjectsRequest\x1a\x30.tierwriter.orchestrator.v1.ListProjectsResponse\x12h\n\tListSites\x12,.tierwriter.orchestrator.v1.ListSitesRequest\x1a-.tierwriter.orchestrator.v1.ListSitesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tierwriter.orchestrator.v1.orchestrator_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ARTICLESTEP']._serialized_start=2248
-  _globals['_ARTICLESTEP']._serialized_end=2579
+  _globals['_ARTICLESTEP']._serialized_start=3226
+  _globals['_ARTICLESTEP']._serialized_end=3593
+  _globals['_POSTSTEP']._serialized_start=3595
+  _globals['_POSTSTEP']._serialized_end=3720
   _globals['_RUNJOBREQUEST']._serialized_start=85
   _globals['_RUNJOBREQUEST']._serialized_end=118
   _globals['_JOBSTARTED']._serialized_start=121
@@ -42,25 +44,49 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TITLESREADY']._serialized_start=337
   _globals['_TITLESREADY']._serialized_end=414
   _globals['_ARTICLEPROGRESS']._serialized_start=417
-  _globals['_ARTICLEPROGRESS']._serialized_end=756
-  _globals['_TIERFINISHED']._serialized_start=759
-  _globals['_TIERFINISHED']._serialized_end=911
-  _globals['_SUMMARY']._serialized_start=914
-  _globals['_SUMMARY']._serialized_end=1193
-  _globals['_RUNFINISHED']._serialized_start=1195
-  _globals['_RUNFINISHED']._serialized_end=1289
-  _globals['_JOBEVENT']._serialized_start=1292
-  _globals['_JOBEVENT']._serialized_end=1700
-  _globals['_GETJOBREQUEST']._serialized_start=1702
-  _globals['_GETJOBREQUEST']._serialized_end=1733
-  _globals['_JOBINFO']._serialized_start=1736
-  _globals['_JOBINFO']._serialized_end=2015
-  _globals['_GETJOBRESPONSE']._serialized_start=2017
-  _globals['_GETJOBRESPONSE']._serialized_end=2140
-  _globals['_LISTJOBSREQUEST']._serialized_start=2142
-  _globals['_LISTJOBSREQUEST']._serialized_end=2174
-  _globals['_LISTJOBSRESPONSE']._serialized_start=2176
-  _globals['_LISTJOBSRESPONSE']._serialized_end=2245
-  _globals['_ORCHESTRATORSERVICE']._serialized_start=2582
-  _globals['_ORCHESTRATORSERVICE']._serialized_end=2896
+  _globals['_ARTICLEPROGRESS']._serialized_end=777
+  _globals['_TIERFINISHED']._serialized_start=779
+  _globals['_TIERFINISHED']._serialized_end=889
+  _globals['_SKIPPEDARTICLE']._serialized_start=891
+  _globals['_SKIPPEDARTICLE']._serialized_end=960
+  _globals['_POSTPROCESSINGSTEP']._serialized_start=963
+  _globals['_POSTPROCESSINGSTEP']._serialized_end=1158
+  _globals['_SUMMARY']._serialized_start=1161
+  _globals['_SUMMARY']._serialized_end=1510
+  _globals['_RUNFINISHED']._serialized_start=1512
+  _globals['_RUNFINISHED']._serialized_end=1606
+  _globals['_JOBEVENT']._serialized_start=1609
+  _globals['_JOBEVENT']._serialized_end=2092
+  _globals['_GETJOBREQUEST']._serialized_start=2094
+  _globals['_GETJOBREQUEST']._serialized_end=2125
+  _globals['_JOBINFO']._serialized_start=2128
+  _globals['_JOBINFO']._serialized_end=2407
+  _globals['_GETJOBRESPONSE']._serialized_start=2409
+  _globals['_GETJOBRESPONSE']._serialized_end=2532
+  _globals['_LISTJOBSREQUEST']._serialized_start=2534
+  _globals['_LISTJOBSREQUEST']._serialized_end=2566
+  _globals['_LISTJOBSRESPONSE']._serialized_start=2568
+  _globals['_LISTJOBSRESPONSE']._serialized_end=2637
+  _globals['_PUBLISHJOBREQUEST']._serialized_start=2639
+  _globals['_PUBLISHJOBREQUEST']._serialized_end=2674
+  _globals['_PUBLISHJOBRESPONSE']._serialized_start=2676
+  _globals['_PUBLISHJOBRESPONSE']._serialized_end=2759
+  _globals['_PROJECT']._serialized_start=2761
+  _globals['_PROJECT']._serialized_end=2886
+  _globals['_CREATEPROJECTREQUEST']._serialized_start=2888
+  _globals['_CREATEPROJECTREQUEST']._serialized_end=2932
+  _globals['_GETPROJECTREQUEST']._serialized_start=2934
+  _globals['_GETPROJECTREQUEST']._serialized_end=2987
+  _globals['_LISTPROJECTSREQUEST']._serialized_start=2989
+  _globals['_LISTPROJECTSREQUEST']._serialized_end=3010
+  _globals['_LISTPROJECTSRESPONSE']._serialized_start=3012
+  _globals['_LISTPROJECTSRESPONSE']._serialized_end=3089
+  _globals['_LISTSITESREQUEST']._serialized_start=3091
+  _globals['_LISTSITESREQUEST']._serialized_end=3109
+  _globals['_SITE']._serialized_start=3111
+  _globals['_SITE']._serialized_end=3153
+  _globals['_LISTSITESRESPONSE']._serialized_start=3155
+  _globals['_LISTSITESRESPONSE']._serialized_end=3223
+  _globals['_ORCHESTRATORSERVICE']._serialized_start=3723
+  _globals['_ORCHESTRATORSERVICE']._serialized_end=4569
 # @@protoc_insertion_point(module_scope)

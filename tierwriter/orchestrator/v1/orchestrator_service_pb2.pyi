@@ -47,6 +47,8 @@ class _ArticleStepEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ArticleSt
     """The article failed."""
     ARTICLE_STEP_SKIPPED: _ArticleStep.ValueType  # 10
     """The article never started."""
+    ARTICLE_STEP_OUTLINE_REPAIRING: _ArticleStep.ValueType  # 11
+    """The outline was unusable; one repair request started (`error` says why)."""
 
 class ArticleStep(_ArticleStep, metaclass=_ArticleStepEnumTypeWrapper):
     """What happened to an article."""
@@ -73,7 +75,43 @@ ARTICLE_STEP_FAILED: ArticleStep.ValueType  # 9
 """The article failed."""
 ARTICLE_STEP_SKIPPED: ArticleStep.ValueType  # 10
 """The article never started."""
+ARTICLE_STEP_OUTLINE_REPAIRING: ArticleStep.ValueType  # 11
+"""The outline was unusable; one repair request started (`error` says why)."""
 Global___ArticleStep: _TypeAlias = ArticleStep  # noqa: Y015
+
+class _PostStep:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PostStepEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PostStep.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    POST_STEP_UNSPECIFIED: _PostStep.ValueType  # 0
+    """Never sent."""
+    POST_STEP_URLS: _PostStep.ValueType  # 1
+    """Every successful article got its URL: https://{hostname}/{slug}.html."""
+    POST_STEP_LINKS: _PostStep.ValueType  # 2
+    """Links were placed: tier 1 to the money site, tier N+1 to tier N, optional see-also."""
+    POST_STEP_TEMPLATES: _PostStep.ValueType  # 3
+    """Pages were rendered through the sites' templates, bodies sanitised."""
+    POST_STEP_EXPORT: _PostStep.ValueType  # 4
+    """Pages and each site's index.html were written, and the records updated."""
+
+class PostStep(_PostStep, metaclass=_PostStepEnumTypeWrapper):
+    """A post-processing step; they run once per job, in this order, after every article of the job
+    has its terminal record.
+    """
+
+POST_STEP_UNSPECIFIED: PostStep.ValueType  # 0
+"""Never sent."""
+POST_STEP_URLS: PostStep.ValueType  # 1
+"""Every successful article got its URL: https://{hostname}/{slug}.html."""
+POST_STEP_LINKS: PostStep.ValueType  # 2
+"""Links were placed: tier 1 to the money site, tier N+1 to tier N, optional see-also."""
+POST_STEP_TEMPLATES: PostStep.ValueType  # 3
+"""Pages were rendered through the sites' templates, bodies sanitised."""
+POST_STEP_EXPORT: PostStep.ValueType  # 4
+"""Pages and each site's index.html were written, and the records updated."""
+Global___PostStep: _TypeAlias = PostStep  # noqa: Y015
 
 @_typing.final
 class RunJobRequest(_message.Message):
@@ -229,6 +267,7 @@ class ArticleProgress(_message.Message):
     STAGE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     TRACEBACK_FIELD_NUMBER: _builtins.int
+    OUTLINE_FIX_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     """The job's id."""
     step: Global___ArticleStep.ValueType
@@ -261,6 +300,8 @@ class ArticleProgress(_message.Message):
     """Error class and message (FAILED, SKIPPED)."""
     traceback: _builtins.str
     """Full traceback (FAILED)."""
+    outline_fix: _builtins.str
+    """How the outline was made to fit the tier (OUTLINE_DONE); empty if it fit."""
     def __init__(
         self,
         *,
@@ -280,10 +321,11 @@ class ArticleProgress(_message.Message):
         stage: _builtins.str = ...,
         error: _builtins.str = ...,
         traceback: _builtins.str = ...,
+        outline_fix: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["article_id", b"article_id", "article_index", b"article_index", "error", b"error", "h2_count", b"h2_count", "h3_count", b"h3_count", "job_id", b"job_id", "min_word_count", b"min_word_count", "site", b"site", "stage", b"stage", "status", b"status", "step", b"step", "tier", b"tier", "tier_count", b"tier_count", "title", b"title", "traceback", b"traceback", "word_count", b"word_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["article_id", b"article_id", "article_index", b"article_index", "error", b"error", "h2_count", b"h2_count", "h3_count", b"h3_count", "job_id", b"job_id", "min_word_count", b"min_word_count", "outline_fix", b"outline_fix", "site", b"site", "stage", b"stage", "status", b"status", "step", b"step", "tier", b"tier", "tier_count", b"tier_count", "title", b"title", "traceback", b"traceback", "word_count", b"word_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -291,7 +333,7 @@ Global___ArticleProgress: _TypeAlias = ArticleProgress  # noqa: Y015
 
 @_typing.final
 class TierFinished(_message.Message):
-    """A tier's articles all have terminal records and were post-processed."""
+    """A tier's articles all have terminal records."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -300,8 +342,6 @@ class TierFinished(_message.Message):
     GENERATED_FIELD_NUMBER: _builtins.int
     AUGMENTED_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
-    FILES_WRITTEN_FIELD_NUMBER: _builtins.int
-    POST_PROCESSING_ERROR_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     """The job's id."""
     tier: _builtins.str
@@ -312,10 +352,6 @@ class TierFinished(_message.Message):
     """Records augmented."""
     failed: _builtins.int
     """Records failed."""
-    files_written: _builtins.int
-    """HTML files written."""
-    post_processing_error: _builtins.str
-    """A post-processing problem, if any; the articles are stored regardless."""
     def __init__(
         self,
         *,
@@ -324,16 +360,88 @@ class TierFinished(_message.Message):
         generated: _builtins.int = ...,
         augmented: _builtins.int = ...,
         failed: _builtins.int = ...,
-        files_written: _builtins.int = ...,
-        post_processing_error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["augmented", b"augmented", "failed", b"failed", "files_written", b"files_written", "generated", b"generated", "job_id", b"job_id", "post_processing_error", b"post_processing_error", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["augmented", b"augmented", "failed", b"failed", "generated", b"generated", "job_id", b"job_id", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TierFinished: _TypeAlias = TierFinished  # noqa: Y015
+
+@_typing.final
+class SkippedArticle(_message.Message):
+    """An article post-processing left out, and why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIER_FIELD_NUMBER: _builtins.int
+    ARTICLE_INDEX_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    tier: _builtins.str
+    """The tier's name."""
+    article_index: _builtins.int
+    """Zero-based index within the tier."""
+    reason: _builtins.str
+    """Why, e.g. "failed at outline: OutlineError: …"."""
+    def __init__(
+        self,
+        *,
+        tier: _builtins.str = ...,
+        article_index: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["article_index", b"article_index", "reason", b"reason", "tier", b"tier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SkippedArticle: _TypeAlias = SkippedArticle  # noqa: Y015
+
+@_typing.final
+class PostProcessingStep(_message.Message):
+    """One post-processing step of one job is done."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.int
+    """The job's id."""
+    step: Global___PostStep.ValueType
+    """Which step."""
+    count: _builtins.int
+    """What the step made: URLs, links, pages or files."""
+    detail: _builtins.str
+    """What was made, in words, e.g. "5 to the money site, 10 to tier 1"."""
+    error: _builtins.str
+    """Set when the step failed: the articles are stored, the later steps did not run."""
+    @_builtins.property
+    def skipped(self) -> _containers.RepeatedCompositeFieldContainer[Global___SkippedArticle]:
+        """Articles left out, and why (URLS lists them; later steps only add new ones)."""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.int = ...,
+        step: Global___PostStep.ValueType = ...,
+        count: _builtins.int = ...,
+        detail: _builtins.str = ...,
+        skipped: _abc.Iterable[Global___SkippedArticle] | None = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "detail", b"detail", "error", b"error", "job_id", b"job_id", "skipped", b"skipped", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PostProcessingStep: _TypeAlias = PostProcessingStep  # noqa: Y015
 
 @_typing.final
 class Summary(_message.Message):
@@ -352,6 +460,9 @@ class Summary(_message.Message):
     COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     EXECUTION_SECONDS_FIELD_NUMBER: _builtins.int
     OUTPUT_DIRS_FIELD_NUMBER: _builtins.int
+    TITLE_SHORTFALL_FIELD_NUMBER: _builtins.int
+    LINKS_PLACED_FIELD_NUMBER: _builtins.int
+    PAGES_WRITTEN_FIELD_NUMBER: _builtins.int
     total_jobs: _builtins.int
     """Jobs in the job file."""
     processed_jobs: _builtins.int
@@ -372,6 +483,12 @@ class Summary(_message.Message):
     """Completion tokens, titles included."""
     execution_seconds: _builtins.float
     """Wall time of the whole run in seconds."""
+    title_shortfall: _builtins.int
+    """Titles the model did not deliver: articles never requested."""
+    links_placed: _builtins.int
+    """Links placed by post-processing."""
+    pages_written: _builtins.int
+    """Article pages written by post-processing."""
     @_builtins.property
     def output_dirs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Where the HTML files were written, one folder per job."""
@@ -390,10 +507,13 @@ class Summary(_message.Message):
         completion_tokens: _builtins.int = ...,
         execution_seconds: _builtins.float = ...,
         output_dirs: _abc.Iterable[_builtins.str] | None = ...,
+        title_shortfall: _builtins.int = ...,
+        links_placed: _builtins.int = ...,
+        pages_written: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "augmented_articles", b"augmented_articles", "completion_tokens", b"completion_tokens", "execution_seconds", b"execution_seconds", "failed_articles", b"failed_articles", "generated_articles", b"generated_articles", "output_dirs", b"output_dirs", "processed_jobs", b"processed_jobs", "prompt_tokens", b"prompt_tokens", "requested_articles", b"requested_articles", "total_jobs", b"total_jobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "augmented_articles", b"augmented_articles", "completion_tokens", b"completion_tokens", "execution_seconds", b"execution_seconds", "failed_articles", b"failed_articles", "generated_articles", b"generated_articles", "links_placed", b"links_placed", "output_dirs", b"output_dirs", "pages_written", b"pages_written", "processed_jobs", b"processed_jobs", "prompt_tokens", b"prompt_tokens", "requested_articles", b"requested_articles", "title_shortfall", b"title_shortfall", "total_jobs", b"total_jobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -442,6 +562,7 @@ class JobEvent(_message.Message):
     TITLES_READY_FIELD_NUMBER: _builtins.int
     ARTICLE_FIELD_NUMBER: _builtins.int
     TIER_FINISHED_FIELD_NUMBER: _builtins.int
+    POST_PROCESSING_FIELD_NUMBER: _builtins.int
     RUN_FINISHED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def job_started(self) -> Global___JobStarted:
@@ -464,6 +585,10 @@ class JobEvent(_message.Message):
         """A tier is done."""
 
     @_builtins.property
+    def post_processing(self) -> Global___PostProcessingStep:
+        """A post-processing step of a job is done."""
+
+    @_builtins.property
     def run_finished(self) -> Global___RunFinished:
         """The run is over; always the last event."""
 
@@ -475,13 +600,14 @@ class JobEvent(_message.Message):
         titles_ready: Global___TitlesReady | None = ...,
         article: Global___ArticleProgress | None = ...,
         tier_finished: Global___TierFinished | None = ...,
+        post_processing: Global___PostProcessingStep | None = ...,
         run_finished: Global___RunFinished | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["article", b"article", "event", b"event", "job_started", b"job_started", "run_finished", b"run_finished", "tier_finished", b"tier_finished", "tier_started", b"tier_started", "titles_ready", b"titles_ready"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["article", b"article", "event", b"event", "job_started", b"job_started", "post_processing", b"post_processing", "run_finished", b"run_finished", "tier_finished", b"tier_finished", "tier_started", b"tier_started", "titles_ready", b"titles_ready"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["article", b"article", "event", b"event", "job_started", b"job_started", "run_finished", b"run_finished", "tier_finished", b"tier_finished", "tier_started", b"tier_started", "titles_ready", b"titles_ready"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["article", b"article", "event", b"event", "job_started", b"job_started", "post_processing", b"post_processing", "run_finished", b"run_finished", "tier_finished", b"tier_finished", "tier_started", b"tier_started", "titles_ready", b"titles_ready"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["job_started", "tier_started", "titles_ready", "article", "tier_finished", "run_finished"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["job_started", "tier_started", "titles_ready", "article", "tier_finished", "post_processing", "run_finished"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
@@ -654,3 +780,251 @@ class ListJobsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListJobsResponse: _TypeAlias = ListJobsResponse  # noqa: Y015
+
+@_typing.final
+class PublishJobRequest(_message.Message):
+    """Request for PublishJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.int
+    """The job's id."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishJobRequest: _TypeAlias = PublishJobRequest  # noqa: Y015
+
+@_typing.final
+class PublishJobResponse(_message.Message):
+    """Response of PublishJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEPS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___PostProcessingStep]:
+        """The steps, in order."""
+
+    def __init__(
+        self,
+        *,
+        steps: _abc.Iterable[Global___PostProcessingStep] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["steps", b"steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishJobResponse: _TypeAlias = PublishJobResponse  # noqa: Y015
+
+@_typing.final
+class Project(_message.Message):
+    """A project: the subject a job's articles are about."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    MAIN_KEYWORD_FIELD_NUMBER: _builtins.int
+    ENTITIES_FIELD_NUMBER: _builtins.int
+    RELATED_SEARCHES_FIELD_NUMBER: _builtins.int
+    MONEY_SITE_URL_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """The project's id."""
+    name: _builtins.str
+    """Unique name."""
+    main_keyword: _builtins.str
+    """The keyword every article is about."""
+    money_site_url: _builtins.str
+    """The site tier-1 articles link to."""
+    @_builtins.property
+    def entities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Entities the articles should mention."""
+
+    @_builtins.property
+    def related_searches(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Related searches the articles should answer."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        name: _builtins.str = ...,
+        main_keyword: _builtins.str = ...,
+        entities: _abc.Iterable[_builtins.str] | None = ...,
+        related_searches: _abc.Iterable[_builtins.str] | None = ...,
+        money_site_url: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entities", b"entities", "id", b"id", "main_keyword", b"main_keyword", "money_site_url", b"money_site_url", "name", b"name", "related_searches", b"related_searches"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Project: _TypeAlias = Project  # noqa: Y015
+
+@_typing.final
+class CreateProjectRequest(_message.Message):
+    """Request for CreateProject."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_JSON_FIELD_NUMBER: _builtins.int
+    project_json: _builtins.str
+    """The project as a project file describes it (JSON, the job file's `project` object)."""
+    def __init__(
+        self,
+        *,
+        project_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["project_json", b"project_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateProjectRequest: _TypeAlias = CreateProjectRequest  # noqa: Y015
+
+@_typing.final
+class GetProjectRequest(_message.Message):
+    """Request for GetProject."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    project_id: _builtins.int
+    """The project's id, or 0 to find it by name."""
+    name: _builtins.str
+    """The project's name."""
+    def __init__(
+        self,
+        *,
+        project_id: _builtins.int = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "project_id", b"project_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetProjectRequest: _TypeAlias = GetProjectRequest  # noqa: Y015
+
+@_typing.final
+class ListProjectsRequest(_message.Message):
+    """Request for ListProjects."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListProjectsRequest: _TypeAlias = ListProjectsRequest  # noqa: Y015
+
+@_typing.final
+class ListProjectsResponse(_message.Message):
+    """Response of ListProjects."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def projects(self) -> _containers.RepeatedCompositeFieldContainer[Global___Project]:
+        """Projects, by name."""
+
+    def __init__(
+        self,
+        *,
+        projects: _abc.Iterable[Global___Project] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["projects", b"projects"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListProjectsResponse: _TypeAlias = ListProjectsResponse  # noqa: Y015
+
+@_typing.final
+class ListSitesRequest(_message.Message):
+    """Request for ListSites."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSitesRequest: _TypeAlias = ListSitesRequest  # noqa: Y015
+
+@_typing.final
+class Site(_message.Message):
+    """A site articles are published on."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOSTNAME_FIELD_NUMBER: _builtins.int
+    TEMPLATE_FIELD_NUMBER: _builtins.int
+    hostname: _builtins.str
+    """Unique hostname."""
+    template: _builtins.str
+    """Its template set under TEMPLATES_DIR; empty for the default."""
+    def __init__(
+        self,
+        *,
+        hostname: _builtins.str = ...,
+        template: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hostname", b"hostname", "template", b"template"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Site: _TypeAlias = Site  # noqa: Y015
+
+@_typing.final
+class ListSitesResponse(_message.Message):
+    """Response of ListSites."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SITES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def sites(self) -> _containers.RepeatedCompositeFieldContainer[Global___Site]:
+        """Sites, by hostname."""
+
+    def __init__(
+        self,
+        *,
+        sites: _abc.Iterable[Global___Site] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sites", b"sites"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSitesResponse: _TypeAlias = ListSitesResponse  # noqa: Y015

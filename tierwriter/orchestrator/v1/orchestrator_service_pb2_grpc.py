@@ -51,6 +51,31 @@ class OrchestratorServiceStub:
                 request_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListJobsRequest.SerializeToString,
                 response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListJobsResponse.FromString,
                 _registered_method=True)
+        self.PublishJob = channel.unary_unary(
+                '/tierwriter.orchestrator.v1.OrchestratorService/PublishJob',
+                request_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.PublishJobRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.PublishJobResponse.FromString,
+                _registered_method=True)
+        self.CreateProject = channel.unary_unary(
+                '/tierwriter.orchestrator.v1.OrchestratorService/CreateProject',
+                request_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.CreateProjectRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.Project.FromString,
+                _registered_method=True)
+        self.GetProject = channel.unary_unary(
+                '/tierwriter.orchestrator.v1.OrchestratorService/GetProject',
+                request_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.GetProjectRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.Project.FromString,
+                _registered_method=True)
+        self.ListProjects = channel.unary_unary(
+                '/tierwriter.orchestrator.v1.OrchestratorService/ListProjects',
+                request_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListProjectsRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListProjectsResponse.FromString,
+                _registered_method=True)
+        self.ListSites = channel.unary_unary(
+                '/tierwriter.orchestrator.v1.OrchestratorService/ListSites',
+                request_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListSitesRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListSitesResponse.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServiceServicer:
@@ -79,6 +104,42 @@ class OrchestratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PublishJob(self, request, context):
+        """Runs a finished job's post-processing again (URLs kept, links, pages, files), e.g. after a
+        template changed. FAILED_PRECONDITION while the job is still running.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateProject(self, request, context):
+        """Creates a project; ALREADY_EXISTS if the name is taken.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetProject(self, request, context):
+        """Returns one project by id or name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListProjects(self, request, context):
+        """Lists projects, by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSites(self, request, context):
+        """Lists the sites jobs have published on, by hostname.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +157,31 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.ListJobs,
                     request_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListJobsRequest.FromString,
                     response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'PublishJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishJob,
+                    request_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.PublishJobRequest.FromString,
+                    response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.PublishJobResponse.SerializeToString,
+            ),
+            'CreateProject': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateProject,
+                    request_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.CreateProjectRequest.FromString,
+                    response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.Project.SerializeToString,
+            ),
+            'GetProject': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetProject,
+                    request_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.GetProjectRequest.FromString,
+                    response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.Project.SerializeToString,
+            ),
+            'ListProjects': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListProjects,
+                    request_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListProjectsRequest.FromString,
+                    response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListProjectsResponse.SerializeToString,
+            ),
+            'ListSites': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSites,
+                    request_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListSitesRequest.FromString,
+                    response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListSitesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -181,6 +267,141 @@ class OrchestratorService:
             '/tierwriter.orchestrator.v1.OrchestratorService/ListJobs',
             tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListJobsRequest.SerializeToString,
             tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.orchestrator.v1.OrchestratorService/PublishJob',
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.PublishJobRequest.SerializeToString,
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.PublishJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateProject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.orchestrator.v1.OrchestratorService/CreateProject',
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.CreateProjectRequest.SerializeToString,
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.Project.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetProject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.orchestrator.v1.OrchestratorService/GetProject',
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.GetProjectRequest.SerializeToString,
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.Project.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListProjects(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.orchestrator.v1.OrchestratorService/ListProjects',
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListProjectsRequest.SerializeToString,
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListProjectsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSites(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.orchestrator.v1.OrchestratorService/ListSites',
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListSitesRequest.SerializeToString,
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListSitesResponse.FromString,
             options,
             channel_credentials,
             insecure,

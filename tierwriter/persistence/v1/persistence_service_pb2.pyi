@@ -89,26 +89,264 @@ class EnsureProjectRequest(_message.Message):
 Global___EnsureProjectRequest: _TypeAlias = EnsureProjectRequest  # noqa: Y015
 
 @_typing.final
+class CreateProjectRequest(_message.Message):
+    """Request for CreateProject."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def project(self) -> Global___Project:
+        """The new project; `id` is ignored."""
+
+    def __init__(
+        self,
+        *,
+        project: Global___Project | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["project", b"project"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["project", b"project"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateProjectRequest: _TypeAlias = CreateProjectRequest  # noqa: Y015
+
+@_typing.final
 class GetProjectRequest(_message.Message):
     """Request for GetProject."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     PROJECT_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
     project_id: _builtins.int
-    """The project's id."""
+    """The project's id; or 0 to look it up by `name`."""
+    name: _builtins.str
+    """The project's name, when `project_id` is 0."""
     def __init__(
         self,
         *,
         project_id: _builtins.int = ...,
+        name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["project_id", b"project_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "project_id", b"project_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetProjectRequest: _TypeAlias = GetProjectRequest  # noqa: Y015
+
+@_typing.final
+class ListProjectsRequest(_message.Message):
+    """Request for ListProjects."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListProjectsRequest: _TypeAlias = ListProjectsRequest  # noqa: Y015
+
+@_typing.final
+class ListProjectsResponse(_message.Message):
+    """Response of ListProjects."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def projects(self) -> _containers.RepeatedCompositeFieldContainer[Global___Project]:
+        """Projects, by name."""
+
+    def __init__(
+        self,
+        *,
+        projects: _abc.Iterable[Global___Project] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["projects", b"projects"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListProjectsResponse: _TypeAlias = ListProjectsResponse  # noqa: Y015
+
+@_typing.final
+class ListProjectTitlesRequest(_message.Message):
+    """Request for ListProjectTitles."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    EXCLUDE_JOB_ID_FIELD_NUMBER: _builtins.int
+    project_id: _builtins.int
+    """The project's id."""
+    exclude_job_id: _builtins.int
+    """Leave out this job's titles (the job asking); 0 for none."""
+    def __init__(
+        self,
+        *,
+        project_id: _builtins.int = ...,
+        exclude_job_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exclude_job_id", b"exclude_job_id", "project_id", b"project_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListProjectTitlesRequest: _TypeAlias = ListProjectTitlesRequest  # noqa: Y015
+
+@_typing.final
+class ListProjectTitlesResponse(_message.Message):
+    """Response of ListProjectTitles."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TITLES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def titles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every title of the project's other jobs, oldest job first."""
+
+    def __init__(
+        self,
+        *,
+        titles: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["titles", b"titles"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListProjectTitlesResponse: _TypeAlias = ListProjectTitlesResponse  # noqa: Y015
+
+@_typing.final
+class Site(_message.Message):
+    """A site articles are published on."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    HOSTNAME_FIELD_NUMBER: _builtins.int
+    TEMPLATE_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Database id."""
+    hostname: _builtins.str
+    """Unique hostname, e.g. blog-one.example.net."""
+    template: _builtins.str
+    """The template set under TEMPLATES_DIR its pages use; empty for the default."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        hostname: _builtins.str = ...,
+        template: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hostname", b"hostname", "id", b"id", "template", b"template"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Site: _TypeAlias = Site  # noqa: Y015
+
+@_typing.final
+class EnsureSitesRequest(_message.Message):
+    """Request for EnsureSites."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SITES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def sites(self) -> _containers.RepeatedCompositeFieldContainer[Global___Site]:
+        """The sites; an empty `template` leaves a stored one as it is."""
+
+    def __init__(
+        self,
+        *,
+        sites: _abc.Iterable[Global___Site] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sites", b"sites"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnsureSitesRequest: _TypeAlias = EnsureSitesRequest  # noqa: Y015
+
+@_typing.final
+class EnsureSitesResponse(_message.Message):
+    """Response of EnsureSites."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SITES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def sites(self) -> _containers.RepeatedCompositeFieldContainer[Global___Site]:
+        """The stored sites, in request order."""
+
+    def __init__(
+        self,
+        *,
+        sites: _abc.Iterable[Global___Site] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sites", b"sites"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnsureSitesResponse: _TypeAlias = EnsureSitesResponse  # noqa: Y015
+
+@_typing.final
+class ListSitesRequest(_message.Message):
+    """Request for ListSites."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSitesRequest: _TypeAlias = ListSitesRequest  # noqa: Y015
+
+@_typing.final
+class ListSitesResponse(_message.Message):
+    """Response of ListSites."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SITES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def sites(self) -> _containers.RepeatedCompositeFieldContainer[Global___Site]:
+        """Sites, by hostname."""
+
+    def __init__(
+        self,
+        *,
+        sites: _abc.Iterable[Global___Site] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sites", b"sites"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSitesResponse: _TypeAlias = ListSitesResponse  # noqa: Y015
 
 @_typing.final
 class Job(_message.Message):
@@ -130,6 +368,7 @@ class Job(_message.Message):
     TITLE_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     TITLE_COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
+    TITLE_SHORTFALL_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Database id."""
     project_id: _builtins.int
@@ -158,6 +397,8 @@ class Job(_message.Message):
     """Completion tokens spent on titles."""
     owner: _builtins.str
     """The owner's username."""
+    title_shortfall: _builtins.int
+    """Titles the model did not deliver, over all tiers (those articles were never requested)."""
     def __init__(
         self,
         *,
@@ -175,10 +416,11 @@ class Job(_message.Message):
         title_prompt_tokens: _builtins.int = ...,
         title_completion_tokens: _builtins.int = ...,
         owner: _builtins.str = ...,
+        title_shortfall: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "id", b"id", "max_workers", b"max_workers", "owner", b"owner", "project_id", b"project_id", "requested_articles", b"requested_articles", "spec_json", b"spec_json", "status", b"status", "title_api_calls", b"title_api_calls", "title_completion_tokens", b"title_completion_tokens", "title_prompt_tokens", b"title_prompt_tokens", "titles_json", b"titles_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "id", b"id", "max_workers", b"max_workers", "owner", b"owner", "project_id", b"project_id", "requested_articles", b"requested_articles", "spec_json", b"spec_json", "status", b"status", "title_api_calls", b"title_api_calls", "title_completion_tokens", b"title_completion_tokens", "title_prompt_tokens", b"title_prompt_tokens", "title_shortfall", b"title_shortfall", "titles_json", b"titles_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -234,6 +476,7 @@ class RecordTitlesRequest(_message.Message):
     API_CALLS_FIELD_NUMBER: _builtins.int
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    SHORTFALL_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     """The job's id."""
     tier: _builtins.str
@@ -244,6 +487,8 @@ class RecordTitlesRequest(_message.Message):
     """Prompt tokens spent on them."""
     completion_tokens: _builtins.int
     """Completion tokens spent on them."""
+    shortfall: _builtins.int
+    """Titles short of the tier's count after the bounded top-ups."""
     @_builtins.property
     def titles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The tier's titles in article order."""
@@ -257,10 +502,11 @@ class RecordTitlesRequest(_message.Message):
         api_calls: _builtins.int = ...,
         prompt_tokens: _builtins.int = ...,
         completion_tokens: _builtins.int = ...,
+        shortfall: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "completion_tokens", b"completion_tokens", "job_id", b"job_id", "prompt_tokens", b"prompt_tokens", "tier", b"tier", "titles", b"titles"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "completion_tokens", b"completion_tokens", "job_id", b"job_id", "prompt_tokens", b"prompt_tokens", "shortfall", b"shortfall", "tier", b"tier", "titles", b"titles"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -389,6 +635,7 @@ class Article(_message.Message):
     API_CALLS_FIELD_NUMBER: _builtins.int
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    HTML_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Database id."""
     job_id: _builtins.int
@@ -427,6 +674,8 @@ class Article(_message.Message):
     """Prompt tokens spent on this article."""
     completion_tokens: _builtins.int
     """Completion tokens spent on this article."""
+    html: _builtins.str
+    """The final page as written, set by post-processing."""
     def __init__(
         self,
         *,
@@ -449,10 +698,11 @@ class Article(_message.Message):
         api_calls: _builtins.int = ...,
         prompt_tokens: _builtins.int = ...,
         completion_tokens: _builtins.int = ...,
+        html: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "article_index", b"article_index", "completion_tokens", b"completion_tokens", "content", b"content", "error", b"error", "error_stage", b"error_stage", "id", b"id", "job_id", b"job_id", "keyword", b"keyword", "outline_json", b"outline_json", "output_path", b"output_path", "project_id", b"project_id", "prompt_tokens", b"prompt_tokens", "site", b"site", "status", b"status", "tier", b"tier", "title", b"title", "url", b"url", "word_count", b"word_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "article_index", b"article_index", "completion_tokens", b"completion_tokens", "content", b"content", "error", b"error", "error_stage", b"error_stage", "html", b"html", "id", b"id", "job_id", b"job_id", "keyword", b"keyword", "outline_json", b"outline_json", "output_path", b"output_path", "project_id", b"project_id", "prompt_tokens", b"prompt_tokens", "site", b"site", "status", b"status", "tier", b"tier", "title", b"title", "url", b"url", "word_count", b"word_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -561,30 +811,158 @@ class ListArticlesResponse(_message.Message):
 Global___ListArticlesResponse: _TypeAlias = ListArticlesResponse  # noqa: Y015
 
 @_typing.final
+class ArticleUrl(_message.Message):
+    """One article's URL."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARTICLE_ID_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    article_id: _builtins.int
+    """The article's id."""
+    url: _builtins.str
+    """Its URL: https://{hostname}/{slug}.html."""
+    def __init__(
+        self,
+        *,
+        article_id: _builtins.int = ...,
+        url: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["article_id", b"article_id", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ArticleUrl: _TypeAlias = ArticleUrl  # noqa: Y015
+
+@_typing.final
+class SetArticleUrlsRequest(_message.Message):
+    """Request for SetArticleUrls."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    URLS_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.int
+    """The job the articles belong to."""
+    @_builtins.property
+    def urls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ArticleUrl]:
+        """The URLs to set."""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.int = ...,
+        urls: _abc.Iterable[Global___ArticleUrl] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "urls", b"urls"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetArticleUrlsRequest: _TypeAlias = SetArticleUrlsRequest  # noqa: Y015
+
+@_typing.final
+class SetArticleUrlsResponse(_message.Message):
+    """Response of SetArticleUrls."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPDATED_FIELD_NUMBER: _builtins.int
+    updated: _builtins.int
+    """URLs set."""
+    def __init__(
+        self,
+        *,
+        updated: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["updated", b"updated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetArticleUrlsResponse: _TypeAlias = SetArticleUrlsResponse  # noqa: Y015
+
+@_typing.final
+class ListTakenUrlsRequest(_message.Message):
+    """Request for ListTakenUrls."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXCLUDE_JOB_ID_FIELD_NUMBER: _builtins.int
+    HOSTNAMES_FIELD_NUMBER: _builtins.int
+    exclude_job_id: _builtins.int
+    """Leave out this job's articles."""
+    @_builtins.property
+    def hostnames(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The sites' hostnames."""
+
+    def __init__(
+        self,
+        *,
+        exclude_job_id: _builtins.int = ...,
+        hostnames: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exclude_job_id", b"exclude_job_id", "hostnames", b"hostnames"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTakenUrlsRequest: _TypeAlias = ListTakenUrlsRequest  # noqa: Y015
+
+@_typing.final
+class ListTakenUrlsResponse(_message.Message):
+    """Response of ListTakenUrls."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URLS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def urls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """URLs in use."""
+
+    def __init__(
+        self,
+        *,
+        urls: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["urls", b"urls"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTakenUrlsResponse: _TypeAlias = ListTakenUrlsResponse  # noqa: Y015
+
+@_typing.final
 class SetArticlePublicationRequest(_message.Message):
     """Request for SetArticlePublication."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     ARTICLE_ID_FIELD_NUMBER: _builtins.int
-    URL_FIELD_NUMBER: _builtins.int
     OUTPUT_PATH_FIELD_NUMBER: _builtins.int
+    HTML_FIELD_NUMBER: _builtins.int
     article_id: _builtins.int
     """The article's id."""
-    url: _builtins.str
-    """The URL it is published at."""
     output_path: _builtins.str
     """The HTML file it was written to."""
+    html: _builtins.str
+    """The final page."""
     def __init__(
         self,
         *,
         article_id: _builtins.int = ...,
-        url: _builtins.str = ...,
         output_path: _builtins.str = ...,
+        html: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["article_id", b"article_id", "output_path", b"output_path", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["article_id", b"article_id", "html", b"html", "output_path", b"output_path"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -709,6 +1087,7 @@ class GetJobStatsResponse(_message.Message):
     TITLE_API_CALLS_FIELD_NUMBER: _builtins.int
     TITLE_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     TITLE_COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    TITLE_SHORTFALL_FIELD_NUMBER: _builtins.int
     total_jobs: _builtins.int
     """Jobs asked about."""
     processed_jobs: _builtins.int
@@ -719,6 +1098,8 @@ class GetJobStatsResponse(_message.Message):
     """Prompt tokens spent on titles."""
     title_completion_tokens: _builtins.int
     """Completion tokens spent on titles."""
+    title_shortfall: _builtins.int
+    """Titles the model did not deliver, over the jobs."""
     @_builtins.property
     def totals(self) -> Global___ArticleCounts:
         """Sum over all tiers of all the jobs."""
@@ -737,10 +1118,11 @@ class GetJobStatsResponse(_message.Message):
         title_api_calls: _builtins.int = ...,
         title_prompt_tokens: _builtins.int = ...,
         title_completion_tokens: _builtins.int = ...,
+        title_shortfall: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["totals", b"totals"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["processed_jobs", b"processed_jobs", "tiers", b"tiers", "title_api_calls", b"title_api_calls", "title_completion_tokens", b"title_completion_tokens", "title_prompt_tokens", b"title_prompt_tokens", "total_jobs", b"total_jobs", "totals", b"totals"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["processed_jobs", b"processed_jobs", "tiers", b"tiers", "title_api_calls", b"title_api_calls", "title_completion_tokens", b"title_completion_tokens", "title_prompt_tokens", b"title_prompt_tokens", "title_shortfall", b"title_shortfall", "total_jobs", b"total_jobs", "totals", b"totals"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -41,10 +41,35 @@ class PersistenceServiceStub:
                 request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.EnsureProjectRequest.SerializeToString,
                 response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Project.FromString,
                 _registered_method=True)
+        self.CreateProject = channel.unary_unary(
+                '/tierwriter.persistence.v1.PersistenceService/CreateProject',
+                request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.CreateProjectRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Project.FromString,
+                _registered_method=True)
         self.GetProject = channel.unary_unary(
                 '/tierwriter.persistence.v1.PersistenceService/GetProject',
                 request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetProjectRequest.SerializeToString,
                 response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Project.FromString,
+                _registered_method=True)
+        self.ListProjects = channel.unary_unary(
+                '/tierwriter.persistence.v1.PersistenceService/ListProjects',
+                request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListProjectsRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListProjectsResponse.FromString,
+                _registered_method=True)
+        self.ListProjectTitles = channel.unary_unary(
+                '/tierwriter.persistence.v1.PersistenceService/ListProjectTitles',
+                request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListProjectTitlesRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListProjectTitlesResponse.FromString,
+                _registered_method=True)
+        self.EnsureSites = channel.unary_unary(
+                '/tierwriter.persistence.v1.PersistenceService/EnsureSites',
+                request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.EnsureSitesRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.EnsureSitesResponse.FromString,
+                _registered_method=True)
+        self.ListSites = channel.unary_unary(
+                '/tierwriter.persistence.v1.PersistenceService/ListSites',
+                request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListSitesRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListSitesResponse.FromString,
                 _registered_method=True)
         self.CreateJob = channel.unary_unary(
                 '/tierwriter.persistence.v1.PersistenceService/CreateJob',
@@ -81,6 +106,16 @@ class PersistenceServiceStub:
                 request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListArticlesRequest.SerializeToString,
                 response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListArticlesResponse.FromString,
                 _registered_method=True)
+        self.SetArticleUrls = channel.unary_unary(
+                '/tierwriter.persistence.v1.PersistenceService/SetArticleUrls',
+                request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetArticleUrlsRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetArticleUrlsResponse.FromString,
+                _registered_method=True)
+        self.ListTakenUrls = channel.unary_unary(
+                '/tierwriter.persistence.v1.PersistenceService/ListTakenUrls',
+                request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListTakenUrlsRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListTakenUrlsResponse.FromString,
+                _registered_method=True)
         self.SetArticlePublication = channel.unary_unary(
                 '/tierwriter.persistence.v1.PersistenceService/SetArticlePublication',
                 request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetArticlePublicationRequest.SerializeToString,
@@ -110,8 +145,43 @@ class PersistenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateProject(self, request, context):
+        """Creates a project; ALREADY_EXISTS if the name is taken.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetProject(self, request, context):
-        """Returns one project by id; NOT_FOUND if there is none.
+        """Returns one project by id or by name; NOT_FOUND if there is none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListProjects(self, request, context):
+        """Lists projects, by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListProjectTitles(self, request, context):
+        """Titles used by the project's jobs, for deduplication across jobs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EnsureSites(self, request, context):
+        """Creates the sites that do not exist yet and sets the templates that are given; returns all.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSites(self, request, context):
+        """Lists sites, by hostname.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -167,8 +237,22 @@ class PersistenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetArticleUrls(self, request, context):
+        """Gives articles their URLs, all or none; ALREADY_EXISTS if a URL is taken by another article.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTakenUrls(self, request, context):
+        """Lists the URLs articles of other jobs hold on the given sites.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetArticlePublication(self, request, context):
-        """Records where a post-processed article was published and written.
+        """Records the page a post-processed article was rendered into and where it was written.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -196,10 +280,35 @@ def add_PersistenceServiceServicer_to_server(servicer, server):
                     request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.EnsureProjectRequest.FromString,
                     response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Project.SerializeToString,
             ),
+            'CreateProject': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateProject,
+                    request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.CreateProjectRequest.FromString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Project.SerializeToString,
+            ),
             'GetProject': grpc.unary_unary_rpc_method_handler(
                     servicer.GetProject,
                     request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetProjectRequest.FromString,
                     response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Project.SerializeToString,
+            ),
+            'ListProjects': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListProjects,
+                    request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListProjectsRequest.FromString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListProjectsResponse.SerializeToString,
+            ),
+            'ListProjectTitles': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListProjectTitles,
+                    request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListProjectTitlesRequest.FromString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListProjectTitlesResponse.SerializeToString,
+            ),
+            'EnsureSites': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnsureSites,
+                    request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.EnsureSitesRequest.FromString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.EnsureSitesResponse.SerializeToString,
+            ),
+            'ListSites': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSites,
+                    request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListSitesRequest.FromString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListSitesResponse.SerializeToString,
             ),
             'CreateJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateJob,
@@ -235,6 +344,16 @@ def add_PersistenceServiceServicer_to_server(servicer, server):
                     servicer.ListArticles,
                     request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListArticlesRequest.FromString,
                     response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListArticlesResponse.SerializeToString,
+            ),
+            'SetArticleUrls': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetArticleUrls,
+                    request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetArticleUrlsRequest.FromString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetArticleUrlsResponse.SerializeToString,
+            ),
+            'ListTakenUrls': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTakenUrls,
+                    request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListTakenUrlsRequest.FromString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListTakenUrlsResponse.SerializeToString,
             ),
             'SetArticlePublication': grpc.unary_unary_rpc_method_handler(
                     servicer.SetArticlePublication,
@@ -292,6 +411,33 @@ class PersistenceService:
             _registered_method=True)
 
     @staticmethod
+    def CreateProject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.persistence.v1.PersistenceService/CreateProject',
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.CreateProjectRequest.SerializeToString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Project.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def GetProject(request,
             target,
             options=(),
@@ -308,6 +454,114 @@ class PersistenceService:
             '/tierwriter.persistence.v1.PersistenceService/GetProject',
             tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetProjectRequest.SerializeToString,
             tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Project.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListProjects(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.persistence.v1.PersistenceService/ListProjects',
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListProjectsRequest.SerializeToString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListProjectsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListProjectTitles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.persistence.v1.PersistenceService/ListProjectTitles',
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListProjectTitlesRequest.SerializeToString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListProjectTitlesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnsureSites(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.persistence.v1.PersistenceService/EnsureSites',
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.EnsureSitesRequest.SerializeToString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.EnsureSitesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSites(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.persistence.v1.PersistenceService/ListSites',
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListSitesRequest.SerializeToString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListSitesResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -497,6 +751,60 @@ class PersistenceService:
             '/tierwriter.persistence.v1.PersistenceService/ListArticles',
             tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListArticlesRequest.SerializeToString,
             tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListArticlesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetArticleUrls(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.persistence.v1.PersistenceService/SetArticleUrls',
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetArticleUrlsRequest.SerializeToString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetArticleUrlsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTakenUrls(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.persistence.v1.PersistenceService/ListTakenUrls',
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListTakenUrlsRequest.SerializeToString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListTakenUrlsResponse.FromString,
             options,
             channel_credentials,
             insecure,

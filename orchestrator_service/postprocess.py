@@ -1,0 +1,264 @@
+"""JobPublisher: a job's post-processing, in order, once every article of the job has its terminal
+record: URLs → interlinking → templating → export. Each step reports what it made as a
+PostProcessingStep; a step that fails reports its error and the later steps do not run (the
+articles stay stored either way, and `tierwriter jobs publish` runs it all again)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import jinja2
+
+from orchestrator_service import interlink, publish
+from orchestrator_service.interlink import Published
+from orchestrator_service.jobfile import JobSpec
+from persistence_service.client import PersistenceClient
+from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
+from tierwriter.persistence.v1 import persistence_service_pb2 as db_pb
+from tierwriter.runtime import ServiceCallError
+
+log = logging.getLogger(__name__)
+
+# Another job on the same site may take a slug between our read of the taken URLs and our write.
+URL_ATTEMPTS = 3
+
+
+@dataclass
+class _Page:
+    """One successful article on its way to a file."""
+
+    record: db_pb.Article
+    published: Published
+    body: str = ""
+    html: str = ""
+    path: Path = field(default_factory=Path)
+
+
+def tier_number(tier: str) -> int:
+    """tier1 → 1."""
+    return int(tier.removeprefix("tier"))
+
+
+class JobPublisher:
+    """Runs post-processing for one job at a time; holds no state between calls."""
+
+    def __init__(
+        self, persistence: PersistenceClient, templates: jinja2.Environment, output_root: Path
+    ) -> None:
+        self._persistence = persistence
+        self._templates = templates
+        self._output_root = output_root
+
+    def publish(self, job_id: int) -> Iterator[pb.PostProcessingStep]:
+        """The four steps' reports, in order; stops after a step that failed."""
+        job = self._persistence.get_job(job_id)
+        spec = JobSpec.model_validate(json.loads(job.spec_json))
+        project = self._persistence.get_project(job.project_id)
+        records = sorted(
+            self._persistence.list_articles(job_id),
+            key=lambda a: (tier_number(a.tier), a.article_index),
+        )
+        skipped = [
+            pb.SkippedArticle(
+                tier=a.tier,
+                article_index=a.article_index,
+                reason=f"failed at {a.error_stage}: {a.error}",
+            )
+            for a in records
+            if a.status == "failed"
+        ]
+        successful = [a for a in records if a.status != "failed"]
+        pages: list[_Page] = []
+
+        def urls() -> tuple[int, str]:
+            nonlocal pages
+            pages, detail = self._urls(job_id, successful)
+            return len(pages), detail
+
+        steps = [
+            (pb.POST_STEP_URLS, urls),
+            (pb.POST_STEP_LINKS, lambda: self._links(spec, project, pages)),
+            (pb.POST_STEP_TEMPLATES, lambda: self._render(pages)),
+            (pb.POST_STEP_EXPORT, lambda: self._export(job_id, project, pages)),
+        ]
+        for step, run in steps:
+            report = pb.PostProcessingStep(job_id=job_id, step=step)
+            if step == pb.POST_STEP_URLS:
+                report.skipped.extend(skipped)
+            try:
+                report.count, report.detail = run()
+            except (ServiceCallError, OSError, jinja2.TemplateError, ValueError) as e:
+                log.exception("job %d: post-processing failed", job_id)
+                report.error = f"{type(e).__name__}: {e}"
+                yield report
+                return
+            yield report
+
+    # URLs -----------------------------------------------------------------------------------
+
+    def _urls(self, job_id: int, articles: list[db_pb.Article]) -> tuple[list[_Page], str]:
+        """Every successful article's URL. A URL stored before (an earlier run of this job) is
+        kept, so URLs are stable across a resume or a re-publish; new slugs avoid every slug
+        already used on the site, by this job or another."""
+        kept = {a.id: a.url for a in articles if a.url}
+        new: dict[int, str] = {}
+        for attempt in range(1, URL_ATTEMPTS + 1):
+            taken: dict[str, set[str]] = {}
+            sites = sorted({a.site for a in articles})
+            for url in self._persistence.taken_urls(sites, job_id) if sites else []:
+                site = url.split("/")[2] if url.startswith("https://") else ""
+                taken.setdefault(site, set()).add(publish.slug_of(url))
+            for a in articles:
+                if a.id in kept:
+                    taken.setdefault(a.site, set()).add(publish.slug_of(kept[a.id]))
+            slugs = publish.assign_slugs(
+                [(a.id, a.site, a.title) for a in articles if a.id not in kept], taken
+            )
+            new = {
+                a.id: publish.article_url(a.site, slugs[a.id]) for a in articles if a.id in slugs
+            }
+            try:
+                if new:
+                    self._persistence.set_urls(job_id, new)
+                break
+            except ServiceCallError as e:
+                if e.code != grpc.StatusCode.ALREADY_EXISTS or attempt == URL_ATTEMPTS:
+                    raise
+        urls = {**kept, **new}
+        pages = [
+            _Page(
+                a,
+                Published(
+                    a.id,
+                    tier_number(a.tier),
+                    a.article_index,
+                    a.site,
+                    publish.slug_of(urls[a.id]),
+                    urls[a.id],
+                    a.title,
+                ),
+            )
+            for a in articles
+        ]
+        detail = f"{len(new)} made" + (f", {len(kept)} kept from an earlier run" if kept else "")
+        return pages, detail
+
+    # Interlinking ---------------------------------------------------------------------------
+
+    def _links(self, spec: JobSpec, project: db_pb.Project, pages: list[_Page]) -> tuple[int, str]:
+        tiers: dict[int, list[Published]] = {tier_number(name): [] for name in spec.tiers}
+        for page in pages:
+            tiers.setdefault(page.published.tier, []).append(page.published)
+        anchors = interlink.AnchorTexts(
+            project.main_keyword, list(project.entities), list(project.related_searches)
+        )
+        plan = interlink.plan_links(
+            tiers, project.money_site_url, anchors, spec.link_style, spec.see_also_links
+        )
+        by_source: dict[int, list[interlink.Link]] = {}
+        for link in plan.links:
+            by_source.setdefault(link.source_id, []).append(link)
+        for page in pages:
+            links = by_source.get(page.record.id, [])
+            page.body = interlink.place_links(page.record.content, links, seed=page.record.id)
+        parts = [
+            f"{plan.count('money')} to the money site",
+            f"{plan.count('up')} up a tier",
+        ]
+        if spec.see_also_links:
+            parts.append(f"{plan.count('see_also')} see-also")
+        return len(plan.links), "; ".join([", ".join(parts), *plan.notes])
+
+    # Templating -----------------------------------------------------------------------------
+
+    def _render(self, pages: list[_Page]) -> tuple[int, str]:
+        template_sets = {s.hostname: s.template for s in self._persistence.list_sites()}
+        missing = sorted(
+            {
+                f"{site} ({name})"
+                for site, name in template_sets.items()
+                if name and not publish.has_template_set(self._templates, name)
+            }
+        )
+        for page in pages:
+            site = page.published.site
+            name = template_sets.get(site, "")
+            template = publish.site_template(self._templates, name, publish.ARTICLE_TEMPLATE)
+            page.html = publish.render_article(
+                template,
+                title=page.record.title,
+                body=page.body,
+                keyword=page.record.keyword,
+                site=site,
+                url=page.published.url,
+                tier=page.record.tier,
+            )
+        used = sorted({template_sets.get(p.published.site, "") or "default" for p in pages})
+        detail = f"template sets: {', '.join(used) or 'none'}"
+        if missing:
+            detail += f"; not found in TEMPLATES_DIR, default used: {', '.join(missing)}"
+        return len(pages), detail
+
+    # Export ---------------------------------------------------------------------------------
+
+    def _export(self, job_id: int, project: db_pb.Project, pages: list[_Page]) -> tuple[int, str]:
+        root = self._output_root
+        template_sets = {s.hostname: s.template for s in self._persistence.list_sites()}
+        by_site: dict[str, list[_Page]] = {}
+        for page in pages:
+            page.path = publish.output_path(root, job_id, page.published.site, page.published.slug)
+            write_atomically(page.path, page.html)
+            self._persistence.set_publication(page.record.id, str(page.path), page.html)
+            by_site.setdefault(page.published.site, []).append(page)
+        for site, site_pages in by_site.items():
+            entries = [
+                publish.IndexEntry(
+                    title=p.record.title,
+                    href=p.path.name,
+                    description=publish.meta_description(publish.sanitise(p.record.content)),
+                    tier=p.record.tier,
+                )
+                for p in site_pages
+            ]
+            template = publish.site_template(
+                self._templates, template_sets.get(site, ""), publish.INDEX_TEMPLATE
+            )
+            index = publish.render_index(
+                template, site=site, keyword=project.main_keyword, entries=entries
+            )
+            write_atomically(site_pages[0].path.parent / "index.html", index)
+        job_dir = publish.job_dir(root, job_id)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        titles_files = sorted(p.name for p in job_dir.glob("titles-*.txt"))
+        write_atomically(
+            job_dir / "index.html",
+            publish.render_job_index(
+                self._templates,
+                job_id=job_id,
+                project=project.name,
+                money_site_url=project.money_site_url,
+                sites=[(site, len(site_pages)) for site, site_pages in sorted(by_site.items())],
+                titles_files=titles_files,
+            ),
+        )
+        return len(pages), f"{len(by_site)} site indexes, under {job_dir}/"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename: no half-written page is ever seen."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
