@@ -119,8 +119,8 @@ def article_rows(database_url: str, job_id: int) -> list[dict[str, Any]]:
         with engine.connect() as connection:
             rows = connection.execute(
                 text(
-                    "SELECT id, tier, article_index, title, status, site, url, output_path,"
-                    " outline, content, html FROM generated_content WHERE job_id = :j"
+                    "SELECT id, tier, article_index, title, status, error, site, url,"
+                    " output_path, outline, content, html FROM generated_content WHERE job_id = :j"
                     " ORDER BY tier, article_index"
                 ),
                 {"j": job_id},

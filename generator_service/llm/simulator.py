@@ -18,6 +18,7 @@ import re
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -412,8 +413,19 @@ class LlmSimulator:
         config = self.config
         if kind == "titles":
             count = int(_search(r"Write (\d+) distinct article titles", prompt, "5"))
-            if config.repeat_titles:
-                return "\n".join(_fill(p, rng, ctx, headline=True) for p in _TITLE_PATTERNS[:3])
+            if config.repeat_titles:  # the same three, dressed differently each time
+                dressings: list[Callable[[str], str]] = [
+                    str,
+                    str.upper,
+                    str.lower,
+                    lambda t: f"  {t}!",
+                    lambda t: f'"{t}?"',
+                ]
+                fixed = random.Random(ctx["keyword"])
+                return "\n".join(
+                    rng.choice(dressings)(_fill(p, fixed, ctx, headline=True))
+                    for p in _TITLE_PATTERNS[:3]
+                )
             listed = {
                 line[2:].strip().lower() for line in prompt.splitlines() if line.startswith("- ")
             }

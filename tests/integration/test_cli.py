@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -269,3 +270,63 @@ def test_up_serves_until_ctrl_c_and_prints_the_generated_password_once(tmp_path:
         finally:
             if again.poll() is None:
                 again.kill()
+
+
+def test_projects_sites_and_publish_from_the_command_line(start_stack, tmp_path: Path) -> None:
+    handle = start_stack(simulator=SimulatorConfig(latency=0.0))
+    env = {
+        "TIERWRITER_USER": "admin",
+        "TIERWRITER_PASSWORD": handle.password,
+        "ORCHESTRATOR_ADDRESS": handle.stack.orchestrator_address,
+    }
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return tierwriter(*args, cwd=tmp_path, env=env)
+
+    by_flags = run(
+        "projects", "create", "--name", "lathes", "--keyword", "cnc lathe",
+        "--entity", "chuck", "--entity", "tailstock", "--money-site-url", "https://example.com",
+    )  # fmt: skip
+    assert by_flags.returncode == 0, by_flags.stderr
+    assert "Project 1: lathes" in by_flags.stdout and "chuck, tailstock" in by_flags.stdout
+    project_file = tmp_path / "project.json"
+    project_file.write_text('{"name": "mills", "main_keyword": "cnc mill"}')
+    assert run("projects", "create", "-f", str(project_file)).returncode == 0
+    again = run("projects", "create", "-f", str(project_file))
+    assert again.returncode == 2 and "project 'mills' already exists" in again.stderr
+    project_file.write_text('{"name": "x"}')
+    invalid = run("projects", "create", "-f", str(project_file))
+    assert invalid.returncode == 2 and "main_keyword: Field required" in invalid.stderr
+
+    listed = run("projects", "list")
+    assert listed.returncode == 0 and "lathes" in listed.stdout and "mills" in listed.stdout
+    assert "cnc lathe" in run("projects", "show", "lathes").stdout
+    assert "cnc mill" in run("projects", "show", "2").stdout
+    unknown = run("projects", "show", "nope")
+    assert unknown.returncode == 2 and "project 'nope' does not exist" in unknown.stderr
+
+    # A job that names the project by id, on a site; then its post-processing again.
+    job = tmp_path / "job.json"
+    job.write_text(
+        json.dumps(
+            {
+                "jobs": [
+                    {
+                        "project_id": 1,
+                        "tiers": {
+                            "tier1": {"count": 2, "min_word_count": 300, "max_word_count": 400}
+                        },
+                        "deployment_targets": ["lathes.example.net"],
+                    }
+                ]
+            }
+        )
+    )
+    ran = run("generate-batch", "-j", str(job))
+    assert ran.returncode == 0, ran.stderr
+    assert "[post-processing] Export: 2 pages written" in ran.stdout
+    assert "lathes.example.net" in run("sites", "list").stdout
+    published = run("jobs", "publish", "1")
+    assert published.returncode == 0, published.stderr
+    assert "URLs: 2 URLs (0 made, 2 kept from an earlier run)" in published.stdout
+    assert run("jobs", "publish", "99").returncode == 2

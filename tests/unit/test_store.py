@@ -5,7 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from persistence_service.store import AuthenticationError, InvalidRecordError, Store
+from persistence_service.store import (
+    AuthenticationError,
+    ConflictError,
+    InvalidRecordError,
+    NotFoundError,
+    Store,
+)
 from persistence_service.unit_of_work import make_engine, make_session_factory
 
 
@@ -104,3 +110,48 @@ def test_a_record_with_an_unknown_project_is_rejected_naming_the_problem(store: 
     with pytest.raises(InvalidRecordError, match=r"article: not stored"):
         store.save_article(_article(project_id + 99, job_id, 0, "generated"))
     assert store.list_articles(job_id) == []
+
+
+def test_a_project_name_is_created_once(store: Store) -> None:
+    fields = {"name": "cnc", "main_keyword": "cnc machining", "entities": ["lathe"]}
+    created = store.create_project(fields)
+    with pytest.raises(ConflictError, match="'cnc' already exists"):
+        store.create_project(fields)
+    assert store.get_project(name="cnc").id == created.id == store.get_project(created.id).id
+    assert [p.name for p in store.list_projects()] == ["cnc"]
+    with pytest.raises(NotFoundError, match="project 'nope' does not exist"):
+        store.get_project(name="nope")
+
+
+def test_project_titles_come_from_the_other_jobs(store: Store) -> None:
+    project_id, first = _job(store, 2)
+    store.record_titles(first, "tier1", ["A", "B"], 1, 10, 20, shortfall=0)
+    second = store.create_job(project_id, {"tiers": {}}, 5, 2, "admin").id
+    store.record_titles(second, "tier1", ["C"], 1, 10, 20, shortfall=1)
+    assert store.project_titles(project_id, exclude_job_id=second) == ["A", "B"]
+    assert store.project_titles(project_id) == ["A", "B", "C"]
+    assert store.job_stats([first, second]).title_shortfall == 1
+
+
+def test_sites_are_created_once_and_keep_a_template_until_given_another(store: Store) -> None:
+    store.ensure_sites([("a.net", "magazine"), ("b.net", "")])
+    sites = store.ensure_sites([("a.net", ""), ("c.net", "")])
+    assert [(s.hostname, s.template) for s in sites] == [("a.net", "magazine"), ("c.net", "")]
+    store.ensure_sites([("a.net", "plain")])
+    assert [(s.hostname, s.template) for s in store.list_sites()] == [
+        ("a.net", "plain"),
+        ("b.net", ""),
+        ("c.net", ""),
+    ]
+
+
+def test_a_url_belongs_to_one_article_and_a_conflict_changes_nothing(store: Store) -> None:
+    project_id, job_id = _job(store, 3)
+    ids = [store.save_article(_article(project_id, job_id, i, "generated"))[0].id for i in range(3)]
+    store.set_urls(job_id, {ids[0]: "https://a.net/x.html"})
+    with pytest.raises(ConflictError):
+        store.set_urls(job_id, {ids[1]: "https://a.net/y.html", ids[2]: "https://a.net/x.html"})
+    assert [a.url for a in store.list_articles(job_id)] == ["https://a.net/x.html", "", ""]
+    other = store.create_job(project_id, {"tiers": {}}, 5, 1, "admin").id
+    assert store.taken_urls(["a.net"], exclude_job_id=other) == []  # site of _article is ""
+    assert store.taken_urls([""], exclude_job_id=other) == ["https://a.net/x.html"]
