@@ -54,8 +54,13 @@ class ArticleBatch:
                 )
             )
             return
-        outcome = self._pipeline.run(self._context, task, emit)
-        if outcome.kind is EventKind.FAILED and not self._context.continue_on_error:
-            self.stop(
-                f"not started: article {task.index + 1} failed and continue_on_error is false"
-            )
+
+        def emit_and_stop(event: ArticleEvent) -> None:
+            # Stop before the FAILED event goes out: whoever sees it can count on no new start.
+            if event.kind is EventKind.FAILED and not self._context.continue_on_error:
+                self.stop(
+                    f"not started: article {task.index + 1} failed and continue_on_error is false"
+                )
+            emit(event)
+
+        self._pipeline.run(self._context, task, emit_and_stop)

@@ -3,7 +3,7 @@
 import threading
 
 from generator_service.batch import ArticleBatch
-from generator_service.domain import EventKind
+from generator_service.domain import ArticleEvent, EventKind
 from generator_service.pipeline import ArticlePipeline
 from tests.fakes import EventLog, FakeLlm, MemorySaver, batch_context, tasks
 
@@ -52,18 +52,32 @@ def test_without_continue_on_error_no_article_starts_after_a_failure() -> None:
 
 
 def test_in_flight_articles_finish_after_a_failure() -> None:
-    # Article 0 fails while 1-4 are in flight: those four still finish and are recorded.
-    llm = FakeLlm(gather=5, gather_timeout=10, fail_when=lambda p: '"Title 0"' in p)
+    # Article 0 fails while 1-4 are in flight: those four still finish and are recorded, and
+    # nothing new starts. The others' calls wait until the failure is out, so the test does not
+    # depend on which thread the scheduler runs first.
+    failure_seen = threading.Event()
+
+    def fail_first_hold_others(prompt: str) -> bool:
+        if '"Title 0"' in prompt:
+            return True
+        return not failure_seen.wait(10) and False
+
+    llm = FakeLlm(gather=5, gather_timeout=10, fail_when=fail_first_hold_others)
     saver, log = MemorySaver(), EventLog()
+
+    def emit(event: ArticleEvent) -> None:
+        log(event)
+        if event.kind is EventKind.FAILED:
+            failure_seen.set()
+
     ArticleBatch(
         ArticlePipeline(llm, saver, 200), batch_context(10, max_workers=5, continue_on_error=False)
-    ).run(tasks(10), log)
+    ).run(tasks(10), emit)
     by_index = {e.index: e.kind for e in log.terminal()}
     assert by_index[0] is EventKind.FAILED
-    assert len(by_index) == 10 and len(saver.records) == sum(
-        k is not EventKind.SKIPPED for k in by_index.values()
-    )
-    assert EventKind.SKIPPED in by_index.values()
+    assert all(by_index[i] is EventKind.SAVED for i in range(1, 5))
+    assert all(by_index[i] is EventKind.SKIPPED for i in range(5, 10))
+    assert len(saver.records) == 5
 
 
 def test_stop_starts_no_new_article() -> None:
