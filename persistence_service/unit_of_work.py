@@ -10,11 +10,11 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from persistence_service.models import Base
+from persistence_service.migrate import upgrade_schema
 
 
 def make_engine(database_url: str, pool_size: int) -> Engine:
-    """An engine for `database_url`; creates the tables if they are missing.
+    """An engine for `database_url`, its schema migrated to the newest revision.
 
     SQLite gets WAL (readers never block the writer) and a busy timeout (writers queue instead of
     failing); PostgreSQL gets a pool as large as the server's thread pool, so no call waits."""
@@ -35,7 +35,7 @@ def make_engine(database_url: str, pool_size: int) -> Engine:
             cursor.close()
     else:
         engine = create_engine(url, pool_size=pool_size, max_overflow=4, pool_pre_ping=True)
-    Base.metadata.create_all(engine)
+    upgrade_schema(engine)
     return engine
 
 

@@ -1,0 +1,45 @@
+"""The database schema, kept up to date by Alembic migrations (persistence_service/migrations).
+
+Every persistence_service start runs `upgrade_schema`: a new database gets every migration, an
+older one the missing ones, with its data kept. Changing models.py means adding a migration:
+    alembic -x url=sqlite:///data/tierwriter.db revision --autogenerate -m "what changed"
+is not wired up; write it by hand next to the others and let tests/unit/test_migrations.py
+check that the migrated schema equals the models."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, Engine, inspect, text
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+# The first release created its tables without Alembic; such a database is at this revision.
+FIRST_RELEASE = "0001"
+# Any number, the same in every replica: concurrent starts on PostgreSQL migrate one at a time.
+_PG_LOCK_KEY = 7_305_118
+
+
+def alembic_config(connection: Connection) -> Config:
+    """An Alembic config that runs on `connection` (no alembic.ini, no URL)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = connection
+    return config
+
+
+def upgrade_schema(engine: Engine) -> None:
+    """Bring the database to the newest schema, in one transaction."""
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
+        config = alembic_config(connection)
+        tables = set(inspect(connection).get_table_names())
+        if "alembic_version" not in tables and "jobs" in tables:
+            log.info("database from the first release: marking it as revision %s", FIRST_RELEASE)
+            command.stamp(config, FIRST_RELEASE)
+        command.upgrade(config, "head")

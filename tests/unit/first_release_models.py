@@ -1,0 +1,99 @@
+"""The database tables of the first release (commit d9fb2ae), kept for the migration test."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+ARTICLE_STATUSES = ("generated", "augmented", "failed")
+JOB_STATUSES = ("pending", "running", "completed", "failed")
+FINAL_JOB_STATUSES = ("completed", "failed")
+
+
+def utcnow() -> datetime:
+    """Timezone-aware now, so SQLite and PostgreSQL store the same thing."""
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every table."""
+
+
+class Project(Base):
+    """The subject a job's articles are about; found again by its unique name."""
+
+    __tablename__ = "projects"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    main_keyword: Mapped[str] = mapped_column(String(500))
+    entities: Mapped[list[str]] = mapped_column(JSON, default=list)
+    related_searches: Mapped[list[str]] = mapped_column(JSON, default=list)
+    money_site_url: Mapped[str] = mapped_column(String(2000), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Job(Base):
+    """One entry of a job file, run once."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    owner: Mapped[str] = mapped_column(String(200), default="")
+    status: Mapped[str] = mapped_column(String(20), default="running")
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    max_workers: Mapped[int] = mapped_column(Integer)
+    requested_articles: Mapped[int] = mapped_column(Integer)
+    titles: Mapped[dict[str, list[str]]] = mapped_column(JSON, default=dict)
+    title_api_calls: Mapped[int] = mapped_column(Integer, default=0)
+    title_prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    title_completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Article(Base):
+    """An article request's one terminal record: generated, augmented or failed."""
+
+    __tablename__ = "generated_content"
+    # The key of invariant 1: one record per (job, tier, article index), whatever retries happen.
+    __table_args__ = (UniqueConstraint("job_id", "tier", "article_index", name="uq_article_key"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    tier: Mapped[str] = mapped_column(String(50))
+    article_index: Mapped[int] = mapped_column(Integer)
+    keyword: Mapped[str] = mapped_column(String(500))
+    title: Mapped[str] = mapped_column(String(1000))
+    outline: Mapped[Any] = mapped_column(JSON, nullable=True)
+    content: Mapped[str] = mapped_column(Text, default="")
+    word_count: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(20))
+    error_stage: Mapped[str] = mapped_column(String(50), default="")
+    error: Mapped[str] = mapped_column(Text, default="")
+    site: Mapped[str] = mapped_column(String(300), default="")
+    url: Mapped[str] = mapped_column(String(2000), default="")
+    output_path: Mapped[str] = mapped_column(String(2000), default="")
+    api_calls: Mapped[int] = mapped_column(Integer, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class User(Base):
+    """An account; the password is stored only as an argon2 hash."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    username: Mapped[str] = mapped_column(String(200), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(500))
+    role: Mapped[str] = mapped_column(String(20), default="user")
+    active: Mapped[bool] = mapped_column(default=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
