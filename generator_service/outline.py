@@ -81,11 +81,11 @@ def outline_problem(outline: Outline, tier: TierShape) -> str:
     problems = []
     if not tier.min_h2 <= len(outline) <= tier.max_h2:
         problems.append(
-            f"{len(outline)} H2 sections, the tier needs {tier.min_h2} to {tier.max_h2}"
+            f"H2 sections: {len(outline)}, the tier needs {tier.min_h2} to {tier.max_h2}"
         )
     h3 = h3_total(outline)
     if not tier.min_h3 <= h3 <= tier.max_h3:
-        problems.append(f"{h3} H3 subsections, the tier needs {tier.min_h3} to {tier.max_h3}")
+        problems.append(f"H3 subsections: {h3}, the tier needs {tier.min_h3} to {tier.max_h3}")
     return "; ".join(problems)
 
 
@@ -125,7 +125,7 @@ def fit_outline(outline: Outline, tier: TierShape, project: ProjectInfo) -> Fitt
         fresh = [h for h in h2_pool if _key(h) not in used]
         if len(fresh) < missing_h2:
             raise OutlineError(
-                f"outline has {len(sections)} H2 sections, the tier needs at least {tier.min_h2}, "
+                f"H2 sections: {len(sections)}, the tier needs at least {tier.min_h2}, "
                 f"and the project's related searches give only {len(fresh)} more to pad with"
             )
         for _ in range(missing_h2):
@@ -145,7 +145,7 @@ def fit_outline(outline: Outline, tier: TierShape, project: ProjectInfo) -> Fitt
         fresh = [h for h in h3_pool if _key(h) not in used]
         if len(fresh) < missing_h3:
             raise OutlineError(
-                f"outline has {h3_total(sections)} H3 subsections, the tier needs at least "
+                f"H3 subsections: {h3_total(sections)}, the tier needs at least "
                 f"{tier.min_h3}, and the project's related searches and entities give only "
                 f"{len(fresh)} more to pad with"
             )

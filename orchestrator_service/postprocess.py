@@ -47,7 +47,7 @@ def tier_number(tier: str) -> int:
 
 
 class JobPublisher:
-    """Runs post-processing for one job at a time; holds no state between calls."""
+    """Runs a job's post-processing. Thread-safe: the state of a run lives in the run."""
 
     def __init__(
         self, persistence: PersistenceClient, templates: jinja2.Environment, output_root: Path
@@ -75,6 +75,7 @@ class JobPublisher:
             if a.status == "failed"
         ]
         successful = [a for a in records if a.status != "failed"]
+        template_sets = {s.hostname: s.template for s in self._persistence.list_sites()}
         pages: list[_Page] = []
 
         def urls() -> tuple[int, str]:
@@ -85,8 +86,8 @@ class JobPublisher:
         steps = [
             (pb.POST_STEP_URLS, urls),
             (pb.POST_STEP_LINKS, lambda: self._links(spec, project, pages)),
-            (pb.POST_STEP_TEMPLATES, lambda: self._render(pages)),
-            (pb.POST_STEP_EXPORT, lambda: self._export(job_id, project, pages)),
+            (pb.POST_STEP_TEMPLATES, lambda: self._render(pages, template_sets)),
+            (pb.POST_STEP_EXPORT, lambda: self._export(job_id, project, pages, template_sets)),
         ]
         for step, run in steps:
             report = pb.PostProcessingStep(job_id=job_id, step=step)
@@ -147,7 +148,7 @@ class JobPublisher:
             )
             for a in articles
         ]
-        detail = f"{len(new)} made" + (f", {len(kept)} kept from an earlier run" if kept else "")
+        detail = f"{len(new)} new" + (f", {len(kept)} kept from an earlier run" if kept else "")
         return pages, detail
 
     # Interlinking ---------------------------------------------------------------------------
@@ -178,8 +179,7 @@ class JobPublisher:
 
     # Templating -----------------------------------------------------------------------------
 
-    def _render(self, pages: list[_Page]) -> tuple[int, str]:
-        template_sets = {s.hostname: s.template for s in self._persistence.list_sites()}
+    def _render(self, pages: list[_Page], template_sets: dict[str, str]) -> tuple[int, str]:
         missing = sorted(
             {
                 f"{site} ({name})"
@@ -208,9 +208,14 @@ class JobPublisher:
 
     # Export ---------------------------------------------------------------------------------
 
-    def _export(self, job_id: int, project: db_pb.Project, pages: list[_Page]) -> tuple[int, str]:
+    def _export(
+        self,
+        job_id: int,
+        project: db_pb.Project,
+        pages: list[_Page],
+        template_sets: dict[str, str],
+    ) -> tuple[int, str]:
         root = self._output_root
-        template_sets = {s.hostname: s.template for s in self._persistence.list_sites()}
         by_site: dict[str, list[_Page]] = {}
         for page in pages:
             page.path = publish.output_path(root, job_id, page.published.site, page.published.slug)

@@ -1,10 +1,9 @@
 """The database schema, kept up to date by Alembic migrations (persistence_service/migrations).
 
 Every persistence_service start runs `upgrade_schema`: a new database gets every migration, an
-older one the missing ones, with its data kept. Changing models.py means adding a migration:
-    alembic -x url=sqlite:///data/tierwriter.db revision --autogenerate -m "what changed"
-is not wired up; write it by hand next to the others and let tests/unit/test_migrations.py
-check that the migrated schema equals the models."""
+older one the missing ones, with its data kept. Changing models.py means adding a revision to
+migrations/versions/ (next number, `down_revision` the previous one); tests/unit/test_migrations.py
+fails until the migrated schema equals the models again."""
 
 from __future__ import annotations
 

@@ -328,5 +328,5 @@ def test_projects_sites_and_publish_from_the_command_line(start_stack, tmp_path:
     assert "lathes.example.net" in run("sites", "list").stdout
     published = run("jobs", "publish", "1")
     assert published.returncode == 0, published.stderr
-    assert "URLs: 2 URLs (0 made, 2 kept from an earlier run)" in published.stdout
+    assert "URLs: 2 URLs (0 new, 2 kept from an earlier run)" in published.stdout
     assert run("jobs", "publish", "99").returncode == 2

@@ -169,9 +169,7 @@ def test_outlines_are_repaired_once_and_kept_in_range(start_stack) -> None:
     events, finished = run_job(handle, job_file({"tier1": tier(6, **shape)}))
     assert finished.ok and finished.summary.failed_articles == 0
     repairs = [a for a in articles_of(events) if a.step == pb.ARTICLE_STEP_OUTLINE_REPAIRING]
-    assert len(repairs) == 3 and all(
-        "H2 sections, the tier needs 3 to 4" in a.error for a in repairs
-    )
+    assert len(repairs) == 3 and all(", the tier needs 3 to 4" in a.error for a in repairs)
     assert handle.stack.simulator.stats().by_kind["outline_repair"] == 3
     for r in article_rows(handle.database_url, job_ids_of(events)[0]):
         outline = r["outline"] if isinstance(r["outline"], list) else json.loads(r["outline"])
@@ -224,7 +222,7 @@ def test_slugs_are_unique_per_site_across_jobs_and_stable_on_republish(start_sta
         with pytest.raises(ServiceCallError) as missing:
             c.publish_job(9999)
     assert missing.value.code == grpc.StatusCode.NOT_FOUND
-    assert steps[0].detail == "0 made, 3 kept from an earlier run" and not steps[-1].error
+    assert steps[0].detail == "0 new, 3 kept from an earlier run" and not steps[-1].error
     assert [r["url"] for r in article_rows(handle.database_url, first)] == urls_first
 
 

@@ -159,18 +159,18 @@ def test_missing_headings_are_padded_from_related_searches_and_entities() -> Non
 
 def test_an_outline_that_cannot_be_padded_fails_with_the_reason() -> None:
     outline = [{"h2": "A", "h3": []}]
-    with pytest.raises(OutlineError, match="1 H2 sections, the tier needs at least 4"):
+    with pytest.raises(OutlineError, match="H2 sections: 1, the tier needs at least 4"):
         fit_outline(outline, _shape(4, 5, 0, 5), PROJECT)
-    with pytest.raises(OutlineError, match="0 H3 subsections, the tier needs at least 9"):
+    with pytest.raises(OutlineError, match="H3 subsections: 0, the tier needs at least 9"):
         fit_outline(outline, _shape(1, 2, 9, 9), PROJECT)
 
 
 @pytest.mark.parametrize(
     "h3s, tier, problem",
     [
-        ([1, 1], _shape(3, 5, 0, 9), "2 H2 sections, the tier needs 3 to 5"),
-        ([4, 4, 4], _shape(3, 5, 0, 9), "12 H3 subsections, the tier needs 0 to 9"),
-        ([0] * 6, _shape(3, 5, 1, 9), "6 H2 sections, the tier needs 3 to 5; 0 H3 subsections"),
+        ([1, 1], _shape(3, 5, 0, 9), "H2 sections: 2, the tier needs 3 to 5"),
+        ([4, 4, 4], _shape(3, 5, 0, 9), "H3 subsections: 12, the tier needs 0 to 9"),
+        ([0] * 6, _shape(3, 5, 1, 9), "H2 sections: 6, the tier needs 3 to 5; H3 subsections: 0"),
     ],
 )
 def test_out_of_range_outlines_are_named(h3s: list[int], tier: TierShape, problem: str) -> None:
@@ -183,9 +183,9 @@ def test_an_out_of_range_outline_gets_one_repair_request() -> None:
     outcome = ArticlePipeline(llm, saver, 200).run(batch_context(), ArticleTask(0, "T"), log)
     assert outcome.kind is EventKind.SAVED
     repairs = [p for p in llm.prompts if p.startswith("Repair the outline")]
-    assert len(repairs) == 1 and "1 H2 sections, the tier needs 2 to 4" in repairs[0]
+    assert len(repairs) == 1 and "H2 sections: 1, the tier needs 2 to 4" in repairs[0]
     repairing = next(e for e in log.events if e.kind is EventKind.OUTLINE_REPAIRING)
-    assert "1 H2 sections" in repairing.error
+    assert "H2 sections: 1" in repairing.error
     record = saver.records[(1, "tier1", 0)]
     assert record.outline is not None and len(record.outline) == 3 and record.api_calls == 3
 
