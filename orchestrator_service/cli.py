@@ -114,45 +114,6 @@ def _job_row(j: pb.JobInfo) -> str:
     )
 
 
-def cmd_jobs_list(args: argparse.Namespace) -> int:
-    with OrchestratorClient(args.address, *_credentials(args)) as client:
-        try:
-            jobs = client.list_jobs(args.limit)
-        except runtime.ServiceCallError as e:
-            print(f"Error: {e}", file=sys.stderr)
-            return _exit_code_for(e)
-    print(
-        f"{'ID':>6}  {'created (UTC)':<16}  {'status':<10} {'project':<24} {'gen':>5} {'aug':>5} "
-        f"{'fail':>5} /total"
-    )
-    for j in jobs:
-        print(_job_row(j))
-    return EXIT_OK
-
-
-def cmd_jobs_show(args: argparse.Namespace) -> int:
-    with OrchestratorClient(args.address, *_credentials(args)) as client:
-        try:
-            response = client.get_job(args.job_id)
-        except runtime.ServiceCallError as e:
-            print(
-                f"Error: {e.details if e.code == grpc.StatusCode.NOT_FOUND else e}", file=sys.stderr
-            )
-            return _exit_code_for(e)
-    j = response.job
-    print(f"Job {j.job_id}: project '{j.project}', status {j.status}, concurrency {j.max_workers}")
-    print(
-        f"  articles: {j.generated_articles} generated, {j.augmented_articles} augmented, "
-        f"{j.failed_articles} failed of {j.requested_articles} requested"
-    )
-    print(f"  API calls: {j.api_calls:,}; tokens: {j.tokens:,}")
-    for t in response.tiers:
-        print(f"  {t.tier}: {t.generated} generated, {t.augmented} augmented, {t.failed} failed")
-    if j.error:
-        print(f"  error: {j.error}")
-    return EXIT_OK
-
-
 def _client_command(args: argparse.Namespace, action: Callable[[OrchestratorClient], int]) -> int:
     """Run `action` with a client; a failed call prints its reason and gives its exit code."""
     with OrchestratorClient(args.address, *_credentials(args)) as client:
@@ -162,6 +123,42 @@ def _client_command(args: argparse.Namespace, action: Callable[[OrchestratorClie
             shown = e.details if e.code in _SHOWN_AS_IS else str(e)
             print(f"Error: {shown}", file=sys.stderr)
             return _exit_code_for(e)
+
+
+def cmd_jobs_list(args: argparse.Namespace) -> int:
+    def listing(client: OrchestratorClient) -> int:
+        jobs = client.list_jobs(args.limit)
+        print(
+            f"{'ID':>6}  {'created (UTC)':<16}  {'status':<10} {'project':<24} {'gen':>5} "
+            f"{'aug':>5} {'fail':>5} /total"
+        )
+        for j in jobs:
+            print(_job_row(j))
+        return EXIT_OK
+
+    return _client_command(args, listing)
+
+
+def cmd_jobs_show(args: argparse.Namespace) -> int:
+    def show(client: OrchestratorClient) -> int:
+        response = client.get_job(args.job_id)
+        j = response.job
+        print(
+            f"Job {j.job_id}: project '{j.project}', status {j.status}, concurrency {j.max_workers}"
+        )
+        print(
+            f"  articles: {j.generated_articles} generated, {j.augmented_articles} augmented, "
+            f"{j.failed_articles} failed of {j.requested_articles} requested"
+        )
+        print(f"  API calls: {j.api_calls:,}; tokens: {j.tokens:,}")
+        for t in response.tiers:
+            counts = f"{t.generated} generated, {t.augmented} augmented, {t.failed} failed"
+            print(f"  {t.tier}: {counts}")
+        if j.error:
+            print(f"  error: {j.error}")
+        return EXIT_OK
+
+    return _client_command(args, show)
 
 
 def cmd_jobs_publish(args: argparse.Namespace) -> int:

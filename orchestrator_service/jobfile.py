@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -19,6 +19,7 @@ _HOSTNAME = re.compile(
 )
 
 Text = Annotated[str, Field(min_length=1, max_length=500)]
+Parsed = TypeVar("Parsed", bound=BaseModel)
 
 
 class JobFileError(ValueError):
@@ -199,22 +200,6 @@ class JobFile(_Strict):
     jobs: Annotated[list[JobSpec], Field(min_length=1, max_length=100)]
 
 
-def parse_project_file(text: str) -> ProjectSpec:
-    """A project file (the job file's `project` object on its own), validated like a job file."""
-    if not text.strip():
-        raise JobFileError("(file): the project file is empty")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise JobFileError(
-            f"(file): not valid JSON at line {e.lineno} column {e.colno}: {e.msg}"
-        ) from e
-    try:
-        return ProjectSpec.model_validate(data)
-    except ValidationError as e:
-        raise JobFileError("invalid project:\n  " + _problems(e)) from e
-
-
 def _problems(error: ValidationError) -> str:
     problems = []
     for err in error.errors(include_url=False):
@@ -233,12 +218,11 @@ def _location(loc: tuple[Any, ...]) -> str:
     return path or "(file)"
 
 
-def parse_job_file(text: str) -> JobFile:
-    """The validated job file; JobFileError lists every problem as `field: problem`."""
+def _parse(text: str, model: type[Parsed], what: str) -> Parsed:
     if len(text.encode()) > MAX_JOB_FILE_BYTES:
         raise JobFileError(f"(file): larger than {MAX_JOB_FILE_BYTES // 1024} KiB")
     if not text.strip():
-        raise JobFileError("(file): the job file is empty")
+        raise JobFileError(f"(file): the {what} is empty")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -246,6 +230,16 @@ def parse_job_file(text: str) -> JobFile:
             f"(file): not valid JSON at line {e.lineno} column {e.colno}: {e.msg}"
         ) from e
     try:
-        return JobFile.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
-        raise JobFileError("invalid job file:\n  " + _problems(e)) from e
+        raise JobFileError(f"invalid {what}:\n  " + _problems(e)) from e
+
+
+def parse_job_file(text: str) -> JobFile:
+    """The validated job file; JobFileError lists every problem as `field: problem`."""
+    return _parse(text, JobFile, "job file")
+
+
+def parse_project_file(text: str) -> ProjectSpec:
+    """A project file (the job file's `project` object on its own), validated the same way."""
+    return _parse(text, ProjectSpec, "project file")
