@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TextIO
 
 from generator_service.llm.simulator import SimulatorConfig
-from tests.helpers import article_pages, job_file
+from tests.helpers import article_pages, article_rows, job_file
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,6 +58,14 @@ def test_demo_runs_end_to_end_with_no_setup(tmp_path: Path) -> None:
     job_dir = tmp_path / "output" / "demo" / "1"
     assert (job_dir / "index.html").is_file() and (job_dir / "titles-tier2.txt").is_file()
     assert {p.parent.name for p in pages} == {"blog-one.example.net", "blog-two.example.net"}
+    # A reader can click from a tier-2 page to a tier-1 page to the money site, on disk.
+    rows = article_rows(f"sqlite:///{tmp_path / 'data' / 'demo.db'}", 1)
+    tier1_pages = {(tmp_path / r["output_path"]).resolve() for r in rows if r["tier"] == "tier1"}
+    tier2 = tmp_path / next(r["output_path"] for r in rows if r["tier"] == "tier2" and r["url"])
+    body = tier2.read_text().split("<article>")[1]
+    targets = {(tier2.parent / h).resolve() for h in re.findall(r'<a href="([^"]+)"', body)}
+    tier1_page = next(iter(targets & tier1_pages))
+    assert 'href="https://example.com/cnc"' in tier1_page.read_text()
 
 
 def test_generate_batch_prints_progress_and_exit_codes(start_stack, tmp_path: Path) -> None:
