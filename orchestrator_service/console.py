@@ -63,7 +63,7 @@ def post_processing_lines(step: pb.PostProcessingStep) -> list[str]:
     """One post-processing step: what it made, then each article it left out and why."""
     prefix = f"[post-processing] {STEP_NAMES.get(step.step, step.step)}"
     if step.error:
-        lines = [f"{prefix}: FAILED: {step.error}"]
+        lines = [f"{prefix}: {step.error}"]
     else:
         lines = [
             f"{prefix}: {step.count:,} {STEP_UNITS.get(step.step, '')}"

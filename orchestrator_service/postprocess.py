@@ -97,7 +97,10 @@ class JobPublisher:
                 report.count, report.detail = run()
             except (ServiceCallError, OSError, jinja2.TemplateError, ValueError) as e:
                 log.exception("job %d: post-processing failed", job_id)
-                report.error = f"{type(e).__name__}: {e}"
+                report.error = (
+                    f"failed: {type(e).__name__}: {e}; the articles are stored, "
+                    f"`tierwriter jobs publish {job_id}` runs it again"
+                )
                 yield report
                 return
             yield report

@@ -158,6 +158,7 @@ class JobRunner:
         job_ids: list[int] = []
         error = ""
         published = pb.Summary()  # links and pages, as the post-processing steps report them
+        unpublished: list[str] = []  # jobs whose articles are stored but not (all) published
         for n, spec in enumerate(job_file.jobs):
             try:
                 for event in self._run_job(n, len(job_file.jobs), spec, owner, cancelled, job_ids):
@@ -167,10 +168,14 @@ class JobRunner:
                             published.links_placed += step.count
                         elif step.step == pb.POST_STEP_EXPORT:
                             published.pages_written += step.count
+                        if step.error:
+                            unpublished.append(f"job {step.job_id}: post-processing {step.error}")
                     yield event
             except JobStopped as e:
                 error = str(e)
                 break
+        # A job whose export failed still ran: later jobs go on, but the run is not ok.
+        error = error or "; ".join(unpublished)
         finished = self._finish(job_ids, error, time.monotonic() - started)
         finished.summary.MergeFrom(published)
         yield pb.JobEvent(run_finished=finished)

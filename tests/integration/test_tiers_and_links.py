@@ -260,3 +260,23 @@ def test_a_tier_can_have_its_own_sites(start_stack) -> None:
     rows = article_rows(handle.database_url, job_ids_of(events)[0])
     assert [r["site"] for r in rows if r["tier"] == "tier1"] == SITES
     assert {r["site"] for r in rows if r["tier"] == "tier2"} == {"three.example.net"}
+
+
+def test_a_failed_export_is_reported_and_publish_runs_it_again(start_stack) -> None:
+    handle = start_stack(simulator=SimulatorConfig(latency=0.0))
+    # The fresh database's first job is job 1; a file where its site folder must go breaks export.
+    blocker = handle.output_dir / "1" / SITES[0]
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("not a folder")
+    events, finished = run_job(handle, job_file({"tier1": tier(2)}, deployment_targets=SITES[:1]))
+    steps = steps_of(events)
+    assert [s.step for s in steps][-1] == pb.POST_STEP_EXPORT
+    assert "failed: " in steps[-1].error and "jobs publish 1" in steps[-1].error
+    assert not finished.ok and "job 1: post-processing failed" in finished.error
+    assert finished.summary.generated_articles + finished.summary.augmented_articles == 2
+
+    blocker.unlink()
+    with OrchestratorClient(handle.stack.orchestrator_address, "admin", handle.password) as c:
+        again = c.publish_job(1)
+    assert not any(s.error for s in again) and again[-1].count == 2
+    assert len(article_pages(handle.output_dir / "1")) == 2
