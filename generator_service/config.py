@@ -18,7 +18,11 @@ class Settings(ServiceSettings):
     # Added to both word bounds in the content prompt: models undershoot by ~150-200 words.
     word_count_compensation: int = Field(200, ge=0, alias="WORD_COUNT_COMPENSATION")
     llm_timeout_seconds: float = Field(180.0, gt=0, alias="LLM_TIMEOUT_SECONDS")
-    # The openai SDK's own retries: 429, 5xx, timeouts and connection errors, honouring Retry-After.
-    llm_max_retries: int = Field(3, ge=0, alias="LLM_MAX_RETRIES")
+    # Retries of a model call after 429, 5xx, timeouts and lost connections (0: none).
+    llm_max_retries: int = Field(3, ge=0, le=20, alias="LLM_MAX_RETRIES")
+    # Exponential backoff with full jitter: the n-th retry waits up to base * 2^(n-1) seconds,
+    # at most the maximum, and never less than the server's Retry-After.
+    llm_backoff_seconds: float = Field(1.0, gt=0, alias="LLM_BACKOFF_SECONDS")
+    llm_backoff_max_seconds: float = Field(30.0, gt=0, alias="LLM_BACKOFF_MAX_SECONDS")
     # gRPC threads: each GenerateArticles stream holds one; articles run on the stream's own pool.
     generator_threads: int = Field(32, ge=2, alias="GENERATOR_THREADS")

@@ -75,6 +75,8 @@ class EventKind(Enum):
     FAILED = "FAILED"
     SKIPPED = "SKIPPED"
     OUTLINE_REPAIRING = "OUTLINE_REPAIRING"
+    RETRYING = "RETRYING"
+    RETRY_SUCCEEDED = "RETRY_SUCCEEDED"
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,8 @@ class ArticleEvent:
     stage: str = ""
     error: str = ""
     traceback: str = ""
+    attempt: int = 0
+    retry_delay: float = 0.0
 
     @property
     def terminal(self) -> bool:

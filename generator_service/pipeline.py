@@ -20,6 +20,7 @@ from generator_service.domain import (
     EventKind,
 )
 from generator_service.llm import Completion, LlmClient
+from generator_service.llm.client import RetryNotice
 from generator_service.outline import (
     FittedOutline,
     Outline,
@@ -37,10 +38,16 @@ Emit = Callable[[ArticleEvent], None]
 
 OUTLINE_MAX_TOKENS = 2000
 CONTENT_MAX_TOKENS = 8000
+# A reply cut off by the token limit is continued at most this often before the article fails.
+MAX_CONTINUATIONS = 2
 
 
 class EmptyContentError(ValueError):
     """The model's content reply has no visible words."""
+
+
+class TruncatedReplyError(ValueError):
+    """The model's reply stayed cut off by the token limit after the bounded continuations."""
 
 
 @dataclass
@@ -51,11 +58,10 @@ class _Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
-    def add(self, completion: Completion) -> str:
+    def add(self, completion: Completion) -> None:
         self.calls += 1
         self.prompt_tokens += completion.prompt_tokens
         self.completion_tokens += completion.completion_tokens
-        return completion.text
 
 
 class ArticlePipeline:
@@ -83,14 +89,49 @@ class ArticlePipeline:
             return e
 
         def ask(model: str, prompt: prompts.Prompt, max_tokens: int) -> str:
+            """One model reply; a reply cut off by the token limit is continued, at most
+            MAX_CONTINUATIONS times, or the article fails with that reason."""
+            reply = call(model, prompt, max_tokens)
+            text = reply.text
+            for _ in range(MAX_CONTINUATIONS):
+                if reply.finish_reason != "length":
+                    break
+                text = strip_fences(text)  # a cut-off reply has half a fence at most
+                reply = call(model, prompts.continuation_prompt(prompt, text), max_tokens)
+                text += "\n" + strip_fences(reply.text)
+            if reply.finish_reason == "length":
+                raise TruncatedReplyError(
+                    f"the reply was cut off by the token limit ({max_tokens} tokens) and "
+                    f"{MAX_CONTINUATIONS} continuations did not finish it"
+                )
+            return text
+
+        def call(model: str, prompt: prompts.Prompt, max_tokens: int) -> Completion:
+            retried = False
+
+            def on_retry(notice: RetryNotice) -> None:
+                nonlocal retried
+                retried = True
+                event(
+                    EventKind.RETRYING,
+                    stage=stage,
+                    error=notice.reason,
+                    attempt=notice.attempt,
+                    retry_delay=notice.delay,
+                )
+
             reply = self._llm.complete(
                 model=model,
                 system=prompt.system,
                 prompt=prompt.user,
                 max_tokens=max_tokens,
                 temperature=0.7,
+                on_retry=on_retry,
             )
-            return usage.add(reply)
+            if retried:
+                event(EventKind.RETRY_SUCCEEDED, stage=stage)
+            usage.add(reply)
+            return reply
 
         record = ArticleRecord(
             job_id=batch.job_id,

@@ -118,3 +118,16 @@ def augment_prompt(content: str, word_count: int, target_words: int) -> Prompt:
         "facts, examples and explanations, keeping every heading. Return the whole article as "
         "an HTML fragment.\n<article>\n" + content + "\n</article>",
     )
+
+
+def continuation_prompt(original: Prompt, text_so_far: str) -> Prompt:
+    """Ask to go on with a reply that the token limit cut off."""
+    return Prompt(
+        original.system,
+        "Continue the text below exactly where it stops, without repeating anything, in the same "
+        "format, and finish it.\n<original-request>\n"
+        + original.user
+        + "\n</original-request>\n<text-so-far>\n"
+        + text_so_far[-4000:]
+        + "\n</text-so-far>",
+    )

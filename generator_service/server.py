@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from generator_service.config import Settings
 from generator_service.llm import LlmClient, OpenAiLlm
+from generator_service.llm.retry import RetryingLlm, RetryPolicy
 from generator_service.llm.simulator import LlmSimulator
 from generator_service.pipeline import ArticlePipeline
 from generator_service.saver import PersistenceSaver
@@ -32,7 +33,7 @@ def build_llm(settings: Settings, closers: list[Callable[[], None]]) -> OpenAiLl
         closers.append(simulator.stop)
         base_url = simulator.base_url
         log.info("no OPENAI_API_KEY set: using the bundled LLM simulator at %s", base_url)
-    llm = OpenAiLlm(base_url, key, settings.llm_timeout_seconds, settings.llm_max_retries)
+    llm = OpenAiLlm(base_url, key, settings.llm_timeout_seconds)
     closers.append(llm.close)
     return llm
 
@@ -46,7 +47,12 @@ def build_server(
     persistence = PersistenceClient(settings.persistence_address)
     closers.append(persistence.close)
     try:
-        model = llm or build_llm(settings, closers)
+        policy = RetryPolicy(
+            attempts=settings.llm_max_retries + 1,
+            base_delay=settings.llm_backoff_seconds,
+            max_delay=settings.llm_backoff_max_seconds,
+        )
+        model = RetryingLlm(llm or build_llm(settings, closers), policy)
         pipeline = ArticlePipeline(
             model, PersistenceSaver(persistence), settings.word_count_compensation
         )

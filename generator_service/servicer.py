@@ -56,6 +56,8 @@ def event_to_proto(e: ArticleEvent) -> pb.ArticleEvent:
         stage=e.stage,
         error=e.error,
         traceback=e.traceback,
+        attempt=e.attempt,
+        retry_delay=e.retry_delay,
     )
 
 
@@ -97,6 +99,7 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
             api_calls=result.api_calls,
             prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens,
+            error=result.error,
         )
 
     def _batch_context(self, s: pb.BatchSettings) -> BatchContext:

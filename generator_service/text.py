@@ -7,6 +7,8 @@ from html.parser import HTMLParser
 
 _WORD = re.compile(r"[^\W_]+(?:['\u2019\-][^\W_]+)*")  # CNC's, CNC\u2019s, high-speed
 _FENCE = re.compile(r"^\s*```[a-zA-Z0-9_-]*[ \t]*\n(?P<body>.*?)\n?```\s*$", re.DOTALL)
+_OPENING_FENCE = re.compile(r"^```[a-zA-Z0-9_-]*[ \t]*\n")
+_CLOSING_FENCE = re.compile(r"\n```$")
 _INVISIBLE = {"script", "style", "head", "title", "template"}
 
 
@@ -50,7 +52,10 @@ def count_words(html: str) -> int:
 
 
 def strip_fences(text: str) -> str:
-    """Remove a markdown code fence (```html … ```) that models like to wrap replies in."""
+    """Remove a markdown code fence (```html … ```) that models like to wrap replies in, also
+    half of one: a reply cut off by the token limit has the opening fence only."""
     text = text.strip()
     match = _FENCE.match(text)
-    return match.group("body").strip() if match else text
+    if match:
+        return match.group("body").strip()
+    return _OPENING_FENCE.sub("", _CLOSING_FENCE.sub("", text)).strip()

@@ -35,7 +35,8 @@ class TitlesResult:
     """Titles in order, what is missing, and what they cost."""
 
     titles: list[str] = field(default_factory=list)
-    shortfall: int = 0
+    shortfall: int = 0  # the model ran out of new titles
+    error: str = ""  # a call failed after its retries: the missing titles could not be made
     api_calls: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -58,26 +59,34 @@ class TitleWriter:
         ) as pool:
             for _round in range(1 + TOP_UP_ROUNDS):
                 missing = count - len(result.titles)
-                if missing <= 0:
+                if missing <= 0 or result.error:
                     break
                 batches = [
                     min(TITLES_PER_CALL, missing - i) for i in range(0, missing, TITLES_PER_CALL)
                 ]
                 avoid = [*existing, *result.titles]
-                replies = pool.map(
-                    lambda n, avoid=avoid: self._ask(project, n, model, avoid), batches
-                )
-                for reply in replies:  # in submission order, so the result is deterministic
+                futures = [pool.submit(self._ask, project, n, model, avoid) for n in batches]
+                for future in futures:  # in submission order, so the result is deterministic
+                    try:
+                        reply = future.result()
+                    except Exception as e:  # retries are spent: the missing titles fail
+                        result.error = result.error or f"{type(e).__name__}: {e}"
+                        continue
                     result.api_calls += 1
                     result.prompt_tokens += reply.prompt_tokens
                     result.completion_tokens += reply.completion_tokens
-                    for line in reply.text.splitlines():
+                    lines = reply.text.splitlines()
+                    if reply.finish_reason == "length":  # cut off: the last line may be half
+                        lines = lines[:-1]
+                    for line in lines:
                         title = clean_title(line)
                         key = normalise_title(title)
                         if key and key not in seen and len(result.titles) < count:
                             seen.add(key)
                             result.titles.append(title)
-        result.shortfall = count - len(result.titles)
+        missing = count - len(result.titles)
+        # Titles the model could not be asked for (an error) are failures, not a shortfall.
+        result.shortfall = 0 if result.error else missing
         return result
 
     def _ask(self, project: ProjectInfo, n: int, model: str, avoid: list[str]) -> Completion:

@@ -13,6 +13,11 @@ def augmentation_rate(generated: int, augmented: int) -> float:
     return augmented / written if written else 0.0
 
 
+def _seconds(delay: float) -> str:
+    """2.0 → "2s", 0.25 → "0.3s": how long a wait reads on the console."""
+    return f"{round(delay, 1):g}s"
+
+
 def _article_lines(a: pb.ArticleProgress) -> list[str]:
     prefix = f"[{a.tier}][{a.article_index + 1}/{a.tier_count}]"
     step = a.step
@@ -33,6 +38,8 @@ def _article_lines(a: pb.ArticleProgress) -> list[str]:
     text = {
         pb.ARTICLE_STEP_OUTLINE_STARTED: "Generating outline...",
         pb.ARTICLE_STEP_OUTLINE_REPAIRING: f"Outline unusable ({a.error}), asking once more...",
+        pb.ARTICLE_STEP_RETRYING: f"API Error: {a.error}, retrying in {_seconds(a.retry_delay)}...",
+        pb.ARTICLE_STEP_RETRY_SUCCEEDED: "Retry successful",
         pb.ARTICLE_STEP_OUTLINE_DONE: f"Generated outline: {a.h2_count} H2s, {a.h3_count} H3s"
         + (f" ({a.outline_fix})" if a.outline_fix else ""),
         pb.ARTICLE_STEP_CONTENT_STARTED: "Generating content...",
@@ -134,6 +141,11 @@ def event_lines(event: pb.JobEvent) -> list[str]:
     if kind == "titles_ready":
         titles = event.titles_ready
         lines = [f"[{titles.tier}] Generated {titles.count} titles"]
+        if titles.error:
+            lines.append(
+                f"[{titles.tier}] Title generation failed after retries ({titles.error}); "
+                f"{titles.failed} articles recorded as failed at stage titles"
+            )
         if titles.shortfall:
             lines.append(
                 f"[{titles.tier}] Warning: after the top-up rounds the model still gave "

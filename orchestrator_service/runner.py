@@ -65,6 +65,8 @@ def progress_from_generator(
         stage=event.stage,
         error=event.error,
         traceback=event.traceback,
+        attempt=event.attempt,
+        retry_delay=event.retry_delay,
     )
 
 
@@ -319,6 +321,7 @@ class JobRunner:
             related_searches=project.related_searches,
         )
 
+        sites_of_tier = spec.sites_of(tier)
         titles = self._generator.generate_titles(
             gen_pb.GenerateTitlesRequest(
                 project=context,
@@ -345,13 +348,41 @@ class JobRunner:
             publish.titles_path(self._settings.output_dir, job_id, tier_name),
             "".join(f"{title}\n" for title in titles.titles),
         )
+        # Titles the model could not be asked for are articles that failed at stage `titles`:
+        # each gets its record, so every requested article still ends as exactly one.
+        untitled = range(len(titles.titles), tier.count - titles.shortfall) if titles.error else []
+        for index in untitled:
+            self._persistence.save_article(
+                db_pb.Article(
+                    job_id=job_id,
+                    project_id=project.id,
+                    tier=tier_name,
+                    article_index=index,
+                    keyword=project.main_keyword,
+                    title="",
+                    status="failed",
+                    error_stage="titles",
+                    error=titles.error,
+                    site=sites_of_tier[index % len(sites_of_tier)] if sites_of_tier else "",
+                )
+            )
         yield pb.JobEvent(
             titles_ready=pb.TitlesReady(
-                job_id=job_id, tier=tier_name, count=len(titles.titles), shortfall=titles.shortfall
+                job_id=job_id,
+                tier=tier_name,
+                count=len(titles.titles),
+                shortfall=titles.shortfall,
+                error=titles.error,
+                failed=len(untitled),
             )
         )
+        if untitled and not spec.continue_on_error:
+            yield self._tier_finished(job_id, tier_name)
+            return TierOutcome(
+                f"{tier_name}: titles failed and continue_on_error is false: {titles.error}"
+            )
 
-        sites = spec.sites_of(tier)
+        sites = sites_of_tier
         settings = gen_pb.BatchSettings(
             job_id=job_id,
             project=context,
@@ -388,19 +419,23 @@ class JobRunner:
         if titles.shortfall and not failure:
             log.warning("job %d %s: %d titles short", job_id, tier_name, titles.shortfall)
 
+        yield self._tier_finished(job_id, tier_name)
+        return TierOutcome(failure)
+
+    def _tier_finished(self, job_id: int, tier: str) -> pb.JobEvent:
+        """The tier's counts, from its records."""
         counts = next(
-            s.counts for s in self._persistence.job_stats([job_id]).tiers if s.tier == tier_name
+            s.counts for s in self._persistence.job_stats([job_id]).tiers if s.tier == tier
         )
-        yield pb.JobEvent(
+        return pb.JobEvent(
             tier_finished=pb.TierFinished(
                 job_id=job_id,
-                tier=tier_name,
+                tier=tier,
                 generated=counts.generated,
                 augmented=counts.augmented,
                 failed=counts.failed,
             )
         )
-        return TierOutcome(failure)
 
     @staticmethod
     def _not_published(job_id: int, why: str) -> pb.JobEvent:

@@ -18,6 +18,7 @@ from generator_service.domain import (
     TierShape,
 )
 from generator_service.llm import Completion
+from generator_service.llm.client import OnRetry, RetryNotice
 
 OUTLINE = json.dumps(
     {
@@ -46,6 +47,11 @@ class FakeLlm:
     fail_when: Callable[[str], bool] = lambda _prompt: False
     # Replies to outline and outline-repair prompts, in order; OUTLINE once they run out.
     outlines: list[str] = field(default_factory=list)
+    # Content calls report this many retries to on_retry first, as a retrying client would.
+    content_retries: int = 0
+    # The first this-many content replies (continuations included) end with finish_reason
+    # "length", as a reply cut off by the token limit.
+    truncated_replies: int = 0
     # Hold calls until this many have been in flight at once (or the timeout passes): makes a
     # concurrency peak independent of machine speed. Once reached, nobody waits again.
     gather: int = 0
@@ -60,7 +66,14 @@ class FakeLlm:
         self._changed = threading.Condition(self._lock)
 
     def complete(
-        self, *, model: str, system: str, prompt: str, max_tokens: int, temperature: float
+        self,
+        *,
+        model: str,
+        system: str,
+        prompt: str,
+        max_tokens: int,
+        temperature: float,
+        on_retry: OnRetry | None = None,
     ) -> Completion:
         with self._changed:
             self.prompts.append(prompt)
@@ -73,7 +86,16 @@ class FakeLlm:
             time.sleep(self.delay)
             if self.fail_when(prompt):
                 raise ConnectionError("simulated connection reset")
-            return Completion(self._reply(prompt), 10, 20, "stop")
+            finish = "stop"
+            if prompt.startswith(("Write the article titled", "Continue the text")):
+                for attempt in range(1, self.content_retries + 1):
+                    if on_retry:
+                        on_retry(RetryNotice(attempt, "Rate limit exceeded", 2.0))
+                with self._lock:
+                    if self.truncated_replies > 0:
+                        self.truncated_replies -= 1
+                        finish = "length"
+            return Completion(self._reply(prompt), 10, 20, finish)
         finally:
             with self._changed:
                 self._in_flight -= 1
@@ -86,6 +108,8 @@ class FakeLlm:
             return scripted if scripted is not None else "```json\n" + OUTLINE + "\n```"
         if prompt.startswith("Write the article titled"):
             return "```html\n" + html_with_words(self.content_words) + "\n```"
+        if prompt.startswith("Continue the text"):
+            return "<p>" + " ".join(["more"] * 50) + "</p>"
         if "<article>" in prompt:
             return html_with_words(self.augmented_words)
         return "Title"

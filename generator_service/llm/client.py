@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,11 +19,31 @@ class Completion:
     finish_reason: str
 
 
+@dataclass(frozen=True)
+class RetryNotice:
+    """One failed try of a model call that will be retried."""
+
+    attempt: int  # the try that failed, from 1
+    reason: str  # e.g. "Rate limit exceeded", "Server error 503", "Timed out"
+    delay: float  # seconds until the next try
+
+
+OnRetry = Callable[[RetryNotice], None]
+
+
 class LlmClient(Protocol):
-    """One chat completion; must be safe to call from many threads at once."""
+    """One chat completion; must be safe to call from many threads at once. A client that
+    retries tells `on_retry` about each retry before it waits."""
 
     def complete(
-        self, *, model: str, system: str, prompt: str, max_tokens: int, temperature: float
+        self,
+        *,
+        model: str,
+        system: str,
+        prompt: str,
+        max_tokens: int,
+        temperature: float,
+        on_retry: OnRetry | None = None,
     ) -> Completion: ...
 
 
@@ -34,18 +55,21 @@ class OpenAiLlm:
     """Any OpenAI-compatible endpoint (OpenAI, OpenRouter, vLLM, the simulator).
 
     The SDK client is thread-safe and pools connections, so one instance serves every worker.
-    Rate limits (429 with Retry-After), 5xx, timeouts and dropped connections are retried by the
-    SDK with exponential backoff, up to `max_retries` times."""
+    It makes one try per call (the SDK's own retries are off): RetryingLlm retries, so that
+    every retry can be reported."""
 
-    def __init__(
-        self, base_url: str | None, api_key: str, timeout: float, max_retries: int
-    ) -> None:
-        self._client = OpenAI(
-            base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries
-        )
+    def __init__(self, base_url: str | None, api_key: str, timeout: float) -> None:
+        self._client = OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
 
     def complete(
-        self, *, model: str, system: str, prompt: str, max_tokens: int, temperature: float
+        self,
+        *,
+        model: str,
+        system: str,
+        prompt: str,
+        max_tokens: int,
+        temperature: float,
+        on_retry: OnRetry | None = None,
     ) -> Completion:
         response = self._client.chat.completions.create(
             model=model,

@@ -261,6 +261,16 @@ class SimulatorConfig:
     # Test hook: every n-th chat request is refused with 429 and `retry-after-ms` (0: never).
     rate_limit_every: int = 0
     rate_limit_retry_after_ms: int = 20
+    # Fault injection: the share of chat requests (0.0-1.0 each, drawn from a seeded random
+    # sequence) refused with 429 + retry-after-ms, failing with 500, stalling `stall_seconds`
+    # before answering (past a client's timeout), or answered cut off (finish_reason "length").
+    rate_limit_share: float = 0.0
+    server_error_share: float = 0.0
+    stall_share: float = 0.0
+    stall_seconds: float = 2.0
+    truncate_share: float = 0.0
+    # The share of outline (and repair) requests answered with text that is not JSON.
+    garbage_outline_share: float = 0.0
 
 
 @dataclass
@@ -272,6 +282,9 @@ class SimulatorStats:
     in_flight: int = 0
     peak_in_flight: int = 0
     rate_limited: int = 0  # requests refused with 429 (not counted in `requests`)
+    # Injected faults by kind: rate_limit, server_error, stall (not counted in `requests`),
+    # truncated, garbage_outline (answered, so counted in `requests` too).
+    faults: dict[str, int] = field(default_factory=dict)
 
 
 class LlmSimulator:
@@ -286,6 +299,8 @@ class LlmSimulator:
         self._kinds: Counter[str] = Counter()
         self._outline_requests = 0
         self._arrivals = 0  # chat requests received, refused ones included
+        self._faults: Counter[str] = Counter()
+        self._fault_rng = random.Random(f"faults:{self.config.seed}")
         self._titles_written: dict[str, set[str]] = {}  # per keyword, lowercased
         self._broken_titles: set[str] = set()  # garbage outlines, repair included
         self._server = ThreadingHTTPServer((host, port), _make_handler(self))
@@ -328,6 +343,7 @@ class LlmSimulator:
                 self._stats.in_flight,
                 self._stats.peak_in_flight,
                 self._stats.rate_limited,
+                dict(self._faults),
             )
 
     def reset(self) -> None:
@@ -335,6 +351,7 @@ class LlmSimulator:
         with self._lock:
             self._stats = SimulatorStats(in_flight=self._stats.in_flight)
             self._kinds.clear()
+            self._faults.clear()
 
     # Called by the handler threads.
 
@@ -362,6 +379,33 @@ class LlmSimulator:
                 return True
             return False
 
+    def _draw_fault(self) -> str:
+        """The fault this request gets, if any: "", rate_limit, server_error, stall, truncate."""
+        config = self.config
+        with self._lock:
+            u = self._fault_rng.random()
+            for name, share in (
+                ("rate_limit", config.rate_limit_share),
+                ("server_error", config.server_error_share),
+                ("stall", config.stall_share),
+                ("truncate", config.truncate_share),
+            ):
+                if u < share:
+                    if name != "truncate":  # counted when the cut-off reply goes out
+                        self._faults[name] += 1
+                    if name == "rate_limit":
+                        self._stats.rate_limited += 1
+                    return name
+                u -= share
+            return ""
+
+    def _garbage_outline(self) -> bool:
+        with self._lock:
+            if self._fault_rng.random() < self.config.garbage_outline_share:
+                self._faults["garbage_outline"] += 1
+                return True
+            return False
+
     def complete(self, body: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, str]]:
         """Answer one chat completion request: (HTTP status, JSON body, extra headers)."""
         messages = body.get("messages") or []
@@ -371,10 +415,17 @@ class LlmSimulator:
                 _error("messages: at least one message is required"),
                 {},
             )
-        if self._rate_limited():
-            retry_ms = self.config.rate_limit_retry_after_ms
+        fault = "rate_limit" if self._rate_limited() else self._draw_fault()
+        if fault == "rate_limit":
+            retry_after = {"retry-after-ms": str(self.config.rate_limit_retry_after_ms)}
             refusal = _error("Rate limit exceeded (simulated)", "rate_limit_error")
-            return HTTPStatus.TOO_MANY_REQUESTS, refusal, {"retry-after-ms": str(retry_ms)}
+            return HTTPStatus.TOO_MANY_REQUESTS, refusal, retry_after
+        if fault == "server_error":
+            failure = _error("Internal error (simulated)", "server_error")
+            return HTTPStatus.INTERNAL_SERVER_ERROR, failure, {}
+        if fault == "stall":
+            time.sleep(self.config.stall_seconds)  # the client has given up by now
+            return HTTPStatus.GATEWAY_TIMEOUT, _error("Stalled (simulated)", "server_error"), {}
         prompt = str(messages[-1].get("content", ""))
         kind = _kind_of(prompt)
         # Seeded by the prompt, not by arrival order: the same job gets the same replies however
@@ -383,9 +434,17 @@ class LlmSimulator:
         outline_number = self._enter(kind)
         try:
             time.sleep(self.config.latency)
-            text = self._reply(kind, prompt, rng, outline_number)
+            if kind in ("outline", "outline_repair") and self._garbage_outline():
+                text = "Here is an outline: {'outline': [ oops"
+            else:
+                text = self._reply(kind, prompt, rng, outline_number)
         finally:
             self._leave()
+        finish_reason = "stop"
+        if fault == "truncate":
+            with self._lock:
+                self._faults["truncated"] += 1
+            text, finish_reason = text[: len(text) // 2], "length"
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages) * 4 // 3
         completion_tokens = len(text.split()) * 4 // 3
         reply = {
@@ -396,7 +455,7 @@ class LlmSimulator:
             "choices": [
                 {
                     "index": 0,
-                    "finish_reason": "stop",
+                    "finish_reason": finish_reason,
                     "message": {"role": "assistant", "content": text},
                 }
             ],
@@ -469,6 +528,8 @@ class LlmSimulator:
                 outline = []
             article = write_article(rng, ctx, outline, max(50, round(low - shortfall)))
             return inject(article, config.payloads)
+        if kind == "continue":  # the rest of a reply that was cut off: a few more paragraphs
+            return "\n".join(_paragraph(rng, ctx, 60) for _ in range(rng.randint(1, 3)))
         if kind == "augment":
             target = int(_search(r"at least (\d+) words", prompt, "1000"))
             original = _search(r"<article>\n(.*)\n</article>", prompt, "", flags=re.DOTALL)
@@ -508,6 +569,8 @@ def _nth(number: int, every: int) -> bool:
 
 
 def _kind_of(prompt: str) -> str:
+    if prompt.startswith("Continue the text"):
+        return "continue"
     if "distinct article titles" in prompt:
         return "titles"
     if prompt.startswith("Create an outline"):
@@ -586,13 +649,16 @@ def _make_handler(simulator: LlmSimulator) -> type[BaseHTTPRequestHandler]:
             self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None
         ) -> None:
             data = json.dumps(payload).encode()
-            self.send_response(status)
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            try:
+                self.send_response(status)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True  # the client gave up (a stall outlived its timeout)
 
         def log_message(self, format: str, *args: Any) -> None:
             pass  # one line per request would drown the console

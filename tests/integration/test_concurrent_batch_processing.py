@@ -12,6 +12,7 @@ import pytest
 
 from generator_service.llm.simulator import SimulatorConfig
 from orchestrator_service.client import OrchestratorClient
+from orchestrator_service.console import event_lines
 from tests.helpers import (
     TIER,
     article_pages,
@@ -279,14 +280,21 @@ def test_a_file_with_two_jobs_runs_both_and_sums_them(start_stack) -> None:
     assert len(s.output_dirs) == 2
 
 
-def test_rate_limits_are_retried_by_the_sdk_honouring_retry_after(start_stack) -> None:
+def test_rate_limits_are_retried_honouring_retry_after_and_shown(start_stack) -> None:
     # Sequential, so the refused arrivals (every 3rd) are deterministic: a retry never is one.
     handle = start_stack(simulator=SimulatorConfig(rate_limit_every=3))
-    _, finished = run_job(handle, job_file({"tier1": tier(count=4)}, max_workers=1))
+    events, finished = run_job(handle, job_file({"tier1": tier(count=4)}, max_workers=1))
     stats = handle.stack.simulator.stats()
     assert finished.ok and finished.summary.failed_articles == 0
     assert stats.rate_limited >= 3
     assert finished.summary.api_calls == stats.requests  # refused attempts are not counted
+    retries = [a for a in articles_of(events) if a.step == pb.ARTICLE_STEP_RETRYING]
+    succeeded = [a for a in articles_of(events) if a.step == pb.ARTICLE_STEP_RETRY_SUCCEEDED]
+    assert retries and len(succeeded) == len(retries)  # each refusal retried once, then fine
+    assert all(a.error == "Rate limit exceeded" and a.retry_delay >= 0.02 for a in retries)
+    lines = [line for event in events for line in event_lines(event)]
+    assert any("API Error: Rate limit exceeded, retrying in" in line for line in lines)
+    assert any(line.endswith("Retry successful") for line in lines)
 
 
 def test_with_retries_off_a_rate_limit_is_a_recorded_failure(start_stack, monkeypatch) -> None:

@@ -49,6 +49,12 @@ class _ArticleEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Arti
     """The article never started (an earlier failure with continue_on_error false); `error` says why."""
     ARTICLE_EVENT_KIND_OUTLINE_REPAIRING: _ArticleEventKind.ValueType  # 11
     """The outline was unusable; one repair request started. `error` says what was wrong."""
+    ARTICLE_EVENT_KIND_RETRYING: _ArticleEventKind.ValueType  # 12
+    """A model call failed in a way another try can fix; `stage`, `error` (the reason),
+    `attempt` (the try that failed) and `retry_delay` are set.
+    """
+    ARTICLE_EVENT_KIND_RETRY_SUCCEEDED: _ArticleEventKind.ValueType  # 13
+    """A model call that was retried succeeded; `stage` is set."""
 
 class ArticleEventKind(_ArticleEventKind, metaclass=_ArticleEventKindEnumTypeWrapper):
     """What happened to an article."""
@@ -77,6 +83,12 @@ ARTICLE_EVENT_KIND_SKIPPED: ArticleEventKind.ValueType  # 10
 """The article never started (an earlier failure with continue_on_error false); `error` says why."""
 ARTICLE_EVENT_KIND_OUTLINE_REPAIRING: ArticleEventKind.ValueType  # 11
 """The outline was unusable; one repair request started. `error` says what was wrong."""
+ARTICLE_EVENT_KIND_RETRYING: ArticleEventKind.ValueType  # 12
+"""A model call failed in a way another try can fix; `stage`, `error` (the reason),
+`attempt` (the try that failed) and `retry_delay` are set.
+"""
+ARTICLE_EVENT_KIND_RETRY_SUCCEEDED: ArticleEventKind.ValueType  # 13
+"""A model call that was retried succeeded; `stage` is set."""
 Global___ArticleEventKind: _TypeAlias = ArticleEventKind  # noqa: Y015
 
 @_typing.final
@@ -254,6 +266,7 @@ class GenerateTitlesResponse(_message.Message):
     API_CALLS_FIELD_NUMBER: _builtins.int
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
     shortfall: _builtins.int
     """How many titles short of `count` the model stayed after the bounded top-ups."""
     api_calls: _builtins.int
@@ -262,6 +275,10 @@ class GenerateTitlesResponse(_message.Message):
     """Prompt tokens spent on titles."""
     completion_tokens: _builtins.int
     """Completion tokens spent on titles."""
+    error: _builtins.str
+    """Set when a model call failed after its retries: the titles missing from `count` could not
+    be made (they are not a shortfall).
+    """
     @_builtins.property
     def titles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Distinct titles, at most `count` of them."""
@@ -274,10 +291,11 @@ class GenerateTitlesResponse(_message.Message):
         api_calls: _builtins.int = ...,
         prompt_tokens: _builtins.int = ...,
         completion_tokens: _builtins.int = ...,
+        error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "completion_tokens", b"completion_tokens", "prompt_tokens", b"prompt_tokens", "shortfall", b"shortfall", "titles", b"titles"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "completion_tokens", b"completion_tokens", "error", b"error", "prompt_tokens", b"prompt_tokens", "shortfall", b"shortfall", "titles", b"titles"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -442,6 +460,8 @@ class ArticleEvent(_message.Message):
     STAGE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     TRACEBACK_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    RETRY_DELAY_FIELD_NUMBER: _builtins.int
     kind: Global___ArticleEventKind.ValueType
     """What happened."""
     tier: _builtins.str
@@ -472,6 +492,10 @@ class ArticleEvent(_message.Message):
     """Error class and message (FAILED, SKIPPED); the outline's problem (OUTLINE_REPAIRING)."""
     traceback: _builtins.str
     """Full traceback for the console; never stored (FAILED)."""
+    attempt: _builtins.int
+    """The try of a model call that failed, from 1 (RETRYING)."""
+    retry_delay: _builtins.float
+    """Seconds until the next try (RETRYING)."""
     def __init__(
         self,
         *,
@@ -490,10 +514,12 @@ class ArticleEvent(_message.Message):
         stage: _builtins.str = ...,
         error: _builtins.str = ...,
         traceback: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        retry_delay: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["article_id", b"article_id", "article_index", b"article_index", "error", b"error", "h2_count", b"h2_count", "h3_count", b"h3_count", "kind", b"kind", "min_word_count", b"min_word_count", "outline_fix", b"outline_fix", "site", b"site", "stage", b"stage", "status", b"status", "tier", b"tier", "title", b"title", "traceback", b"traceback", "word_count", b"word_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["article_id", b"article_id", "article_index", b"article_index", "attempt", b"attempt", "error", b"error", "h2_count", b"h2_count", "h3_count", b"h3_count", "kind", b"kind", "min_word_count", b"min_word_count", "outline_fix", b"outline_fix", "retry_delay", b"retry_delay", "site", b"site", "stage", b"stage", "status", b"status", "tier", b"tier", "title", b"title", "traceback", b"traceback", "word_count", b"word_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -49,6 +49,10 @@ class _ArticleStepEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ArticleSt
     """The article never started."""
     ARTICLE_STEP_OUTLINE_REPAIRING: _ArticleStep.ValueType  # 11
     """The outline was unusable; one repair request started (`error` says why)."""
+    ARTICLE_STEP_RETRYING: _ArticleStep.ValueType  # 12
+    """A model call failed and is retried (`error` says why, `retry_delay` when)."""
+    ARTICLE_STEP_RETRY_SUCCEEDED: _ArticleStep.ValueType  # 13
+    """A retried model call succeeded."""
 
 class ArticleStep(_ArticleStep, metaclass=_ArticleStepEnumTypeWrapper):
     """What happened to an article."""
@@ -77,6 +81,10 @@ ARTICLE_STEP_SKIPPED: ArticleStep.ValueType  # 10
 """The article never started."""
 ARTICLE_STEP_OUTLINE_REPAIRING: ArticleStep.ValueType  # 11
 """The outline was unusable; one repair request started (`error` says why)."""
+ARTICLE_STEP_RETRYING: ArticleStep.ValueType  # 12
+"""A model call failed and is retried (`error` says why, `retry_delay` when)."""
+ARTICLE_STEP_RETRY_SUCCEEDED: ArticleStep.ValueType  # 13
+"""A retried model call succeeded."""
 Global___ArticleStep: _TypeAlias = ArticleStep  # noqa: Y015
 
 class _PostStep:
@@ -221,6 +229,8 @@ class TitlesReady(_message.Message):
     TIER_FIELD_NUMBER: _builtins.int
     COUNT_FIELD_NUMBER: _builtins.int
     SHORTFALL_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     """The job's id."""
     tier: _builtins.str
@@ -229,6 +239,10 @@ class TitlesReady(_message.Message):
     """Titles made."""
     shortfall: _builtins.int
     """Titles the model did not deliver after the bounded top-ups."""
+    error: _builtins.str
+    """Set when a model call for titles failed after its retries."""
+    failed: _builtins.int
+    """Articles recorded as failed at stage `titles` because of that error."""
     def __init__(
         self,
         *,
@@ -236,10 +250,12 @@ class TitlesReady(_message.Message):
         tier: _builtins.str = ...,
         count: _builtins.int = ...,
         shortfall: _builtins.int = ...,
+        error: _builtins.str = ...,
+        failed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "job_id", b"job_id", "shortfall", b"shortfall", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "error", b"error", "failed", b"failed", "job_id", b"job_id", "shortfall", b"shortfall", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -268,6 +284,8 @@ class ArticleProgress(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     TRACEBACK_FIELD_NUMBER: _builtins.int
     OUTLINE_FIX_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    RETRY_DELAY_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     """The job's id."""
     step: Global___ArticleStep.ValueType
@@ -302,6 +320,10 @@ class ArticleProgress(_message.Message):
     """Full traceback (FAILED)."""
     outline_fix: _builtins.str
     """How the outline was made to fit the tier (OUTLINE_DONE); empty if it fit."""
+    attempt: _builtins.int
+    """The try of a model call that failed, from 1 (RETRYING)."""
+    retry_delay: _builtins.float
+    """Seconds until the next try (RETRYING)."""
     def __init__(
         self,
         *,
@@ -322,10 +344,12 @@ class ArticleProgress(_message.Message):
         error: _builtins.str = ...,
         traceback: _builtins.str = ...,
         outline_fix: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        retry_delay: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["article_id", b"article_id", "article_index", b"article_index", "error", b"error", "h2_count", b"h2_count", "h3_count", b"h3_count", "job_id", b"job_id", "min_word_count", b"min_word_count", "outline_fix", b"outline_fix", "site", b"site", "stage", b"stage", "status", b"status", "step", b"step", "tier", b"tier", "tier_count", b"tier_count", "title", b"title", "traceback", b"traceback", "word_count", b"word_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["article_id", b"article_id", "article_index", b"article_index", "attempt", b"attempt", "error", b"error", "h2_count", b"h2_count", "h3_count", b"h3_count", "job_id", b"job_id", "min_word_count", b"min_word_count", "outline_fix", b"outline_fix", "retry_delay", b"retry_delay", "site", b"site", "stage", b"stage", "status", b"status", "step", b"step", "tier", b"tier", "tier_count", b"tier_count", "title", b"title", "traceback", b"traceback", "word_count", b"word_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
