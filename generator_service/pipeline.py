@@ -50,6 +50,16 @@ class TruncatedReplyError(ValueError):
     """The model's reply stayed cut off by the token limit after the bounded continuations."""
 
 
+def _parse(reply: Completion) -> Outline:
+    """parse_outline, saying so when the reply was cut off by the token limit."""
+    try:
+        return parse_outline(reply.text)
+    except OutlineError as e:
+        if reply.finish_reason == "length":
+            raise OutlineError(f"outline reply was cut off by the token limit: {e}") from e
+        raise
+
+
 @dataclass
 class _Usage:
     """What one article cost; owned by the one thread that writes the article."""
@@ -154,8 +164,14 @@ class ArticlePipeline:
                 (tier.min_h2, tier.max_h2),
                 (tier.min_h3, tier.max_h3),
             )
-            reply = ask(batch.models.outline, outline_request, OUTLINE_MAX_TOKENS)
-            fitted = self._usable_outline(batch, task, reply, ask, event)
+
+            # Outlines are not continued when cut off: half a JSON document gets a repair instead.
+            def ask_outline(prompt: prompts.Prompt) -> Completion:
+                return call(batch.models.outline, prompt, OUTLINE_MAX_TOKENS)
+
+            fitted = self._usable_outline(
+                batch, task, ask_outline(outline_request), ask_outline, event
+            )
             outline = record.outline = fitted.sections
             event(
                 EventKind.OUTLINE_DONE,
@@ -212,27 +228,31 @@ class ArticlePipeline:
     def _usable_outline(
         batch: BatchContext,
         task: ArticleTask,
-        reply: str,
-        ask: Callable[[str, prompts.Prompt, int], str],
+        reply: Completion,
+        ask_outline: Callable[[prompts.Prompt], Completion],
         event: Callable[..., ArticleEvent],
     ) -> FittedOutline:
-        """The outline from `reply`; when it is not JSON or out of range, one repair request, and
-        then whatever parsed is fitted to the tier. OutlineError says what could not be fixed."""
+        """The outline from `reply`; when it is not JSON (cut off included) or out of range, one
+        repair request, and then whatever parsed is fitted to the tier. OutlineError says what
+        could not be fixed."""
         tier = batch.tier
         outline: Outline | None = None
         try:
-            outline = parse_outline(reply)
+            outline = _parse(reply)
             problem = outline_problem(outline, tier)
         except OutlineError as e:
             problem = str(e)
         if problem:
             event(EventKind.OUTLINE_REPAIRING, error=problem)
             repair = prompts.outline_repair_prompt(
-                task.title, (tier.min_h2, tier.max_h2), (tier.min_h3, tier.max_h3), problem, reply
+                task.title,
+                (tier.min_h2, tier.max_h2),
+                (tier.min_h3, tier.max_h3),
+                problem,
+                reply.text,
             )
-            repaired = ask(batch.models.outline, repair, OUTLINE_MAX_TOKENS)
             try:
-                outline = parse_outline(repaired)
+                outline = _parse(ask_outline(repair))
             except OutlineError as e:
                 if outline is None:  # neither reply parsed: nothing to fit
                     raise OutlineError(f"{e} (also after one repair request)") from e

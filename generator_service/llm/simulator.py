@@ -237,6 +237,8 @@ def inject(html: str, payloads: list[str]) -> str:
     return "</p>".join(parts)
 
 
+_GOLDEN = (5**0.5 - 1) / 2  # drives the fault schedule: see LlmSimulator._draw_fault
+
 # --- the HTTP side ---------------------------------------------------------------------------
 
 
@@ -261,8 +263,8 @@ class SimulatorConfig:
     # Test hook: every n-th chat request is refused with 429 and `retry-after-ms` (0: never).
     rate_limit_every: int = 0
     rate_limit_retry_after_ms: int = 20
-    # Fault injection: the share of chat requests (0.0-1.0 each, drawn from a seeded random
-    # sequence) refused with 429 + retry-after-ms, failing with 500, stalling `stall_seconds`
+    # Fault injection: the share of chat requests (0.0-1.0 each, spread evenly over the
+    # arrivals) refused with 429 + retry-after-ms, failing with 500, stalling `stall_seconds`
     # before answering (past a client's timeout), or answered cut off (finish_reason "length").
     rate_limit_share: float = 0.0
     server_error_share: float = 0.0
@@ -300,7 +302,8 @@ class LlmSimulator:
         self._outline_requests = 0
         self._arrivals = 0  # chat requests received, refused ones included
         self._faults: Counter[str] = Counter()
-        self._fault_rng = random.Random(f"faults:{self.config.seed}")
+        self._fault_draws = 0  # requests that could get a fault
+        self._outline_draws = 0  # outline requests that could be answered with garbage
         self._titles_written: dict[str, set[str]] = {}  # per keyword, lowercased
         self._broken_titles: set[str] = set()  # garbage outlines, repair included
         self._server = ThreadingHTTPServer((host, port), _make_handler(self))
@@ -380,10 +383,15 @@ class LlmSimulator:
             return False
 
     def _draw_fault(self) -> str:
-        """The fault this request gets, if any: "", rate_limit, server_error, stall, truncate."""
+        """The fault this request gets, if any: "", rate_limit, server_error, stall, truncate.
+
+        Arrival k draws u = frac(k * golden ratio): a low-discrepancy sequence, so after any
+        number of requests each fault has hit its share of them to within a request or two,
+        which lets tests assert the shares exactly rather than statistically."""
         config = self.config
         with self._lock:
-            u = self._fault_rng.random()
+            self._fault_draws += 1
+            u = (self._fault_draws * _GOLDEN + self.config.seed * _GOLDEN**2) % 1.0
             for name, share in (
                 ("rate_limit", config.rate_limit_share),
                 ("server_error", config.server_error_share),
@@ -401,7 +409,8 @@ class LlmSimulator:
 
     def _garbage_outline(self) -> bool:
         with self._lock:
-            if self._fault_rng.random() < self.config.garbage_outline_share:
+            self._outline_draws += 1
+            if (self._outline_draws * _GOLDEN) % 1.0 < self.config.garbage_outline_share:
                 self._faults["garbage_outline"] += 1
                 return True
             return False
