@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,14 +21,26 @@ class ArticleBatch:
         self._pipeline = pipeline
         self._context = context
         self._stopped = threading.Event()
-        self._lock = threading.Lock()  # guards _stop_reason: workers and the feed may race
+        self._lock = threading.Lock()  # guards the stop state: workers and the feed may race
         self._stop_reason = ""
+        self._abandon_at: float | None = None  # monotonic time after which in-flight ones stop
 
-    def stop(self, reason: str) -> None:
-        """Start no further article; in-flight ones finish. The first reason given is kept."""
+    def stop(self, reason: str, grace_seconds: float = 0.0) -> None:
+        """Start no further article; in-flight ones finish. With `grace_seconds`, those still
+        running after it stop before their next model call and are recorded as failed. The
+        first reason given is kept."""
         with self._lock:
             self._stop_reason = self._stop_reason or reason
+            if grace_seconds > 0 and self._abandon_at is None:
+                self._abandon_at = time.monotonic() + grace_seconds
         self._stopped.set()
+
+    def _abandoned(self) -> str:
+        """Why an in-flight article must stop now, or "" while it may go on."""
+        with self._lock:
+            if self._abandon_at is not None and time.monotonic() >= self._abandon_at:
+                return "cancelled: " + self._stop_reason.removeprefix("not started: ")
+            return ""
 
     def run(self, tasks: Iterable[ArticleTask], emit: Emit) -> None:
         """Run every task; returns when each has had its terminal event."""
@@ -63,4 +76,4 @@ class ArticleBatch:
                 )
             emit(event)
 
-        self._pipeline.run(self._context, task, emit_and_stop)
+        self._pipeline.run(self._context, task, emit_and_stop, self._abandoned)

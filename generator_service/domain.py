@@ -50,6 +50,7 @@ class BatchContext:
     models: StageModels
     max_workers: int
     continue_on_error: bool
+    replace_failed: bool = False  # a resume retrying failed articles
 
 
 @dataclass(frozen=True)
@@ -130,9 +131,10 @@ class ArticleRecord:
 
 
 class ArticleSaver(Protocol):
-    """Where terminal records go; returns (record id, created). Must be thread-safe."""
+    """Where terminal records go; returns (record id, created). Must be thread-safe. With
+    `replace_failed`, a stored failed record of the same key is replaced."""
 
-    def save(self, record: ArticleRecord) -> tuple[int, bool]: ...
+    def save(self, record: ArticleRecord, replace_failed: bool = False) -> tuple[int, bool]: ...
 
 
 class InvalidRequestError(ValueError):

@@ -46,6 +46,10 @@ class EmptyContentError(ValueError):
     """The model's content reply has no visible words."""
 
 
+class ArticleCancelledError(Exception):
+    """The job was cancelled and the in-flight article's grace period ran out."""
+
+
 class TruncatedReplyError(ValueError):
     """The model's reply stayed cut off by the token limit after the bounded continuations."""
 
@@ -86,7 +90,13 @@ class ArticlePipeline:
         """The word bounds the content prompt asks for: both raised by the compensation."""
         return min_words + self._compensation, max_words + self._compensation
 
-    def run(self, batch: BatchContext, task: ArticleTask, emit: Emit) -> ArticleEvent:
+    def run(
+        self,
+        batch: BatchContext,
+        task: ArticleTask,
+        emit: Emit,
+        abandoned: Callable[[], str] = lambda: "",
+    ) -> ArticleEvent:
         """Write, store and report one article. Never raises: a failure becomes a failed record
         and a FAILED event, which is also returned."""
         tier, project = batch.tier, batch.project
@@ -117,6 +127,8 @@ class ArticlePipeline:
             return text
 
         def call(model: str, prompt: prompts.Prompt, max_tokens: int) -> Completion:
+            if why := abandoned():  # cancelled and out of grace: no further model call
+                raise ArticleCancelledError(why)
             retried = False
 
             def on_retry(notice: RetryNotice) -> None:
@@ -217,7 +229,7 @@ class ArticlePipeline:
             stage = "save"
             record.content, record.word_count = content, words
             self._fill_usage(record, usage)
-            article_id, _created = self._saver.save(record)
+            article_id, _created = self._saver.save(record, batch.replace_failed)
             return event(
                 EventKind.SAVED, article_id=article_id, status=record.status, word_count=words
             )
@@ -287,7 +299,7 @@ class ArticlePipeline:
         self._fill_usage(failed, usage)
         article_id = 0
         try:
-            article_id, _created = self._saver.save(failed)
+            article_id, _created = self._saver.save(failed, batch.replace_failed)
         except Exception as save_error:  # the failure is reported either way
             message += (
                 " (and the failure record could not be saved: "

@@ -16,12 +16,13 @@ class PersistenceSaver:
     def __init__(self, client: PersistenceClient) -> None:
         self._client = client
 
-    def save(self, record: ArticleRecord) -> tuple[int, bool]:
+    def save(self, record: ArticleRecord, replace_failed: bool = False) -> tuple[int, bool]:
         fields = asdict(record)
         outline = fields.pop("outline")
         response = self._client.save_article(
             persistence_pb.Article(
                 **fields, outline_json=json.dumps(outline) if outline is not None else ""
-            )
+            ),
+            replace_failed=replace_failed,
         )
         return response.article.id, response.created

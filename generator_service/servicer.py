@@ -124,6 +124,7 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
             ),
             max_workers=s.max_workers,
             continue_on_error=s.continue_on_error,
+            replace_failed=s.replace_failed,
         )
         validate_batch(batch)
         return batch
@@ -154,7 +155,8 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
             for message in request_iterator:
                 kind = message.WhichOneof("kind")
                 if kind == "stop":
-                    batch.stop(f"not started: {message.stop.reason or 'the batch was stopped'}")
+                    reason = message.stop.reason or "the batch was stopped"
+                    batch.stop(f"not started: {reason}", message.stop.grace_seconds)
                     continue
                 if kind != "article":
                     raise InvalidRequestError("only the first message may carry settings")

@@ -128,10 +128,18 @@ def event_lines(event: pb.JobEvent) -> list[str]:
     kind = event.WhichOneof("event")
     if kind == "job_started":
         j = event.job_started
+        if j.resumed:
+            return [
+                f"Resuming job {j.job_id}, project '{j.project}': {j.requested_articles} articles "
+                f"(concurrency: {j.max_workers}); only those without a record are generated"
+            ]
         return [
             f"Job {j.job_number + 1}/{j.job_count} (ID: {j.job_id}), project '{j.project}': "
             f"{j.requested_articles} articles (concurrency: {j.max_workers})"
         ]
+    if kind == "notice":
+        n = event.notice
+        return [f"[{n.tier or f'job {n.job_id}'}] {n.message}"]
     if kind == "tier_started":
         t = event.tier_started
         return [

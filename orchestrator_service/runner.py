@@ -1,16 +1,18 @@
-"""JobRunner: runs a validated job file across the generator and persistence, as a stream of
-JobEvents. Per job: project and sites → job record → per tier: titles → article stream → tier
-stats; then (every article terminal) post-processing; then the run's summary, from the
-database."""
+"""JobRunner: runs a validated job file (or resumes a stored job) across the generator and
+persistence, as a stream of JobEvents. Per job: project and sites → job record → per tier:
+titles → article stream (only the articles without a terminal record; re-sent to a generator
+that answers again when one is lost) → tier stats; then (every article terminal)
+post-processing; then the run's summary, from the database."""
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -28,11 +30,41 @@ from tierwriter.runtime import ServiceCallError
 log = logging.getLogger(__name__)
 
 
-CANCELLED = "cancelled: the client disconnected or the server is stopping"
+CLIENT_GONE = "the client disconnected"
+SERVER_STOPPING = "the orchestrator is stopping"
+# A lost generator shows as one of these on the article stream; anything else is not retried.
+_GENERATOR_LOST = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.CANCELLED,
+}
+_RECONNECT_MAX_DELAY = 30.0
 
 
 class JobStopped(Exception):
     """A job ended early; the message says why and is shown to the user."""
+
+
+@dataclass
+class Cancellation:
+    """How a run is stopped: the event its generator streams watch, and the first reason."""
+
+    event: threading.Event = field(default_factory=threading.Event)
+    reason: str = ""
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def cancel(self, reason: str) -> None:
+        with self._lock:
+            self.reason = self.reason or reason
+        self.event.set()
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+    @property
+    def message(self) -> str:
+        return f"cancelled: {self.reason or 'the job was cancelled'}"
 
 
 @dataclass(frozen=True)
@@ -81,8 +113,10 @@ class JobRunner:
         self._generator = generator
         self._templates = publish.template_environment(settings.templates_dir)
         self.publisher = JobPublisher(persistence, self._templates, settings.output_dir)
-        self._lock = threading.Lock()
-        self._active: dict[threading.Thread, threading.Event] = {}  # running jobs, by thread
+        self._lock = threading.Lock()  # guards the two maps below
+        self._active: dict[threading.Thread, Cancellation] = {}  # running runs, by thread
+        self._jobs: dict[int, Cancellation] = {}  # running jobs, by id
+        self._recovered = False  # whether jobs left running by a dead orchestrator were marked
 
     def validate(self, text: str) -> JobFile:
         """The job file, checked completely before anything is written: schema, then that every
@@ -112,20 +146,33 @@ class JobRunner:
         """The job's max_workers, else CONCURRENT_WORKERS (default 5)."""
         return spec.max_workers or self._settings.concurrent_workers
 
+    def recover_interrupted(self) -> None:
+        """Mark the jobs a dead orchestrator left `running` as `interrupted`, once, before this
+        orchestrator starts or reports any job (a job runs only inside a live orchestrator;
+        with one orchestrator per database, every job running before we started is orphaned).
+        `tierwriter jobs resume ID` finishes them."""
+        with self._lock:
+            if self._recovered:
+                return
+            for job_id in self._persistence.interrupt_running_jobs():
+                log.warning(
+                    "job %d was left running by a stopped orchestrator: interrupted", job_id
+                )
+            self._recovered = True
+
     def launch(
         self,
-        job_file: JobFile,
-        owner: str,
-        cancelled: threading.Event,
+        events: Iterator[pb.JobEvent],
+        cancellation: Cancellation,
         emit: Callable[[pb.JobEvent | None], None],
     ) -> None:
-        """Run the job file on a thread of its own and emit its events, then None. The thread,
-        not the RPC, owns the job: after a cancel it still stops the generator, waits for the
-        in-flight articles and records the final status."""
+        """Drive `events` (a run or a resume) on a thread of its own and emit them, then None.
+        The thread, not the RPC, owns the job: after a cancel it still stops the generator,
+        waits for the in-flight articles and records the final status."""
 
         def work() -> None:
             try:
-                for event in self.run(job_file, owner, cancelled):
+                for event in events:
                     emit(event)
             except Exception as e:  # run() reports its own failures; this is a last resort
                 log.exception("job runner crashed")
@@ -139,43 +186,99 @@ class JobRunner:
 
         thread = threading.Thread(target=work, name="job-runner")
         with self._lock:
-            self._active[thread] = cancelled
+            self._active[thread] = cancellation
         thread.start()
+
+    def cancel(self, job_id: int, reason: str) -> bool:
+        """Cancel a job running here (and the rest of its run); False if it does not run here."""
+        with self._lock:
+            cancellation = self._jobs.get(job_id)
+        if cancellation is None:
+            return False
+        cancellation.cancel(reason)
+        return True
 
     def close(self, timeout: float = 60.0) -> None:
         """Cancel every running job and wait (up to `timeout` each) until it has recorded its
         final status. Called on shutdown, before the clients close."""
         with self._lock:
             active = list(self._active.items())
-        for _, cancelled in active:
-            cancelled.set()
+        for _, cancellation in active:
+            cancellation.cancel(SERVER_STOPPING)
         for thread, _ in active:
             thread.join(timeout)
 
     def run(
-        self, job_file: JobFile, owner: str, cancelled: threading.Event
+        self, job_file: JobFile, owner: str, cancellation: Cancellation
     ) -> Iterator[pb.JobEvent]:
         """Run every job in order; the last event is always RunFinished."""
         started = time.monotonic()
         job_ids: list[int] = []
+
+        def jobs() -> Iterator[pb.JobEvent]:
+            for n, spec in enumerate(job_file.jobs):
+                yield from self._new_job(n, len(job_file.jobs), spec, owner, cancellation, job_ids)
+
+        yield from self._summarised(jobs(), job_ids, started)
+
+    def resume(
+        self, job_id: int, retry_failed: bool, cancellation: Cancellation
+    ) -> Iterator[pb.JobEvent]:
+        """Finish a stored job that is not running: generate exactly the articles without a
+        terminal record (with `retry_failed`, the failed ones too), reusing its titles, then
+        post-process the whole job. Raises ServiceCallError (before any event) when the job
+        does not exist or is running."""
+        job = self._persistence.reopen_job(job_id)  # FAILED_PRECONDITION if it is running
+        return self._resumed(job, retry_failed, cancellation)
+
+    def _resumed(
+        self, job: db_pb.Job, retry_failed: bool, cancellation: Cancellation
+    ) -> Iterator[pb.JobEvent]:
+        job_id, started = job.id, time.monotonic()
+
+        def jobs() -> Iterator[pb.JobEvent]:
+            try:
+                spec = JobSpec.model_validate(json.loads(job.spec_json))
+                project = self._persistence.get_project(job.project_id)
+            except (ServiceCallError, ValueError) as e:
+                self._persistence.finish_job(job_id, "failed", f"cannot resume: {e}")
+                raise JobStopped(f"job {job_id}: cannot resume: {e}") from e
+            yield pb.JobEvent(
+                job_started=pb.JobStarted(
+                    job_id=job_id,
+                    project=project.name,
+                    max_workers=job.max_workers,
+                    requested_articles=job.requested_articles,
+                    job_count=1,
+                    resumed=True,
+                )
+            )
+            yield from self._work(
+                job, project, spec, cancellation, json.loads(job.titles_json), retry_failed
+            )
+
+        yield from self._summarised(jobs(), [job_id], started)
+
+    def _summarised(
+        self, jobs: Iterator[pb.JobEvent], job_ids: list[int], started: float
+    ) -> Iterator[pb.JobEvent]:
+        """The jobs' events, then RunFinished with the summary from the database."""
         error = ""
         published = pb.Summary()  # links and pages, as the post-processing steps report them
         unpublished: list[str] = []  # jobs whose articles are stored but not (all) published
-        for n, spec in enumerate(job_file.jobs):
-            try:
-                for event in self._run_job(n, len(job_file.jobs), spec, owner, cancelled, job_ids):
-                    if event.WhichOneof("event") == "post_processing":
-                        step = event.post_processing
-                        if step.step == pb.POST_STEP_LINKS:
-                            published.links_placed += step.count
-                        elif step.step == pb.POST_STEP_EXPORT:
-                            published.pages_written += step.count
-                        if step.error:
-                            unpublished.append(f"job {step.job_id}: post-processing {step.error}")
-                    yield event
-            except JobStopped as e:
-                error = str(e)
-                break
+        try:
+            for event in jobs:
+                if event.WhichOneof("event") == "post_processing":
+                    step = event.post_processing
+                    if step.step == pb.POST_STEP_LINKS:
+                        published.links_placed += step.count
+                    elif step.step == pb.POST_STEP_EXPORT:
+                        published.pages_written += step.count
+                    if step.error:
+                        unpublished.append(f"job {step.job_id}: post-processing {step.error}")
+                yield event
+        except JobStopped as e:
+            error = str(e)
         # A job whose export failed still ran: later jobs go on, but the run is not ok.
         error = error or "; ".join(unpublished)
         finished = self._finish(job_ids, error, time.monotonic() - started)
@@ -210,13 +313,13 @@ class JobRunner:
                 )
         return pb.RunFinished(ok=not error, error=error, summary=summary)
 
-    def _run_job(
+    def _new_job(
         self,
         n: int,
         total: int,
         spec: JobSpec,
         owner: str,
-        cancelled: threading.Event,
+        cancellation: Cancellation,
         job_ids: list[int],
     ) -> Iterator[pb.JobEvent]:
         try:
@@ -224,12 +327,11 @@ class JobRunner:
             self._persistence.ensure_sites(
                 [db_pb.Site(hostname=s.hostname, template=s.template) for s in spec.all_sites()]
             )
-            workers = self.effective_workers(spec)
             job = self._persistence.create_job(
                 db_pb.CreateJobRequest(
                     project_id=project.id,
                     spec_json=spec.model_dump_json(),
-                    max_workers=workers,
+                    max_workers=self.effective_workers(spec),
                     requested_articles=spec.requested_articles(),
                     owner=owner,
                 )
@@ -241,41 +343,60 @@ class JobRunner:
             job_started=pb.JobStarted(
                 job_id=job.id,
                 project=project.name,
-                max_workers=workers,
-                requested_articles=spec.requested_articles(),
+                max_workers=job.max_workers,
+                requested_articles=job.requested_articles,
                 job_number=n,
                 job_count=total,
             )
         )
+        yield from self._work(job, project, spec, cancellation, {}, retry_failed=False)
 
+    def _work(
+        self,
+        job: db_pb.Job,
+        project: db_pb.Project,
+        spec: JobSpec,
+        cancellation: Cancellation,
+        titles: dict[str, list[str]],
+        retry_failed: bool,
+    ) -> Iterator[pb.JobEvent]:
+        """A job's tiers, post-processing and final status; for a new job `titles` is empty,
+        for a resumed one it holds the tiers' stored titles."""
+        with self._lock:
+            self._jobs[job.id] = cancellation
         status, error = "failed", ""
         try:
-            # Titles must differ from the project's earlier jobs' and from this job's other tiers.
-            used_titles = self._persistence.project_titles(project.id, exclude_job_id=job.id)
+            # Titles must differ from the project's other jobs' and from this job's other tiers.
+            used = self._persistence.project_titles(project.id, exclude_job_id=job.id)
+            used += [title for tier_titles in titles.values() for title in tier_titles]
             for tier_name, tier in spec.ordered_tiers():
-                if cancelled.is_set():
-                    error = CANCELLED
+                if cancellation.is_set():
+                    error = cancellation.message
                     break
                 outcome = yield from self._run_tier(
-                    job.id, project, spec, tier_name, tier, workers, used_titles, cancelled
-                )
+                    job, project, spec, tier_name, tier, used, titles.get(tier_name), retry_failed,
+                    cancellation,
+                )  # fmt: skip
                 if outcome.failure:
                     error = outcome.failure
                     break
             # Every article of the job has its terminal record now (invariant 5).
-            if cancelled.is_set():
+            if cancellation.is_set():
                 yield self._not_published(job.id, "the job was cancelled")
             else:
                 yield from (
                     pb.JobEvent(post_processing=step) for step in self.publisher.publish(job.id)
                 )
-            status = "failed" if error else "completed"
+            status = "cancelled" if cancellation.is_set() else "failed" if error else "completed"
+            error = cancellation.message if cancellation.is_set() else error
         except ServiceCallError as e:
             error = str(e)
         except Exception as e:  # a bug must still end the job with a status and a reason
             log.exception("job %d: unexpected error", job.id)
             error = f"internal error: {type(e).__name__}: {e}"
         finally:
+            with self._lock:
+                self._jobs.pop(job.id, None)
             try:
                 self._persistence.finish_job(job.id, status, error)
             except ServiceCallError as e:
@@ -300,15 +421,17 @@ class JobRunner:
 
     def _run_tier(
         self,
-        job_id: int,
+        job: db_pb.Job,
         project: db_pb.Project,
         spec: JobSpec,
         tier_name: str,
         tier: TierSpec,
-        workers: int,
         used_titles: list[str],
-        cancelled: threading.Event,
+        stored_titles: list[str] | None,
+        retry_failed: bool,
+        cancellation: Cancellation,
     ) -> Generator[pb.JobEvent, None, TierOutcome]:
+        job_id, workers = job.id, job.max_workers
         yield pb.JobEvent(
             tier_started=pb.TierStarted(
                 job_id=job_id, tier=tier_name, count=tier.count, max_workers=workers
@@ -320,69 +443,40 @@ class JobRunner:
             entities=project.entities,
             related_searches=project.related_searches,
         )
+        sites = spec.sites_of(tier)
+        records = {a.article_index: a for a in self._persistence.list_articles(job_id, tier_name)}
 
-        sites_of_tier = spec.sites_of(tier)
-        titles = self._generator.generate_titles(
-            gen_pb.GenerateTitlesRequest(
-                project=context,
-                tier=tier_name,
-                count=tier.count,
-                model=spec.models.title,
-                max_parallel_calls=workers,
-                existing_titles=used_titles,
+        # Titles: a new tier gets all of them; a resumed one keeps its own, and gets new ones
+        # only for articles that failed at `titles` when those are retried.
+        titles = list(stored_titles or [])
+        want = tier.count if stored_titles is None else 0
+        if stored_titles is not None and retry_failed:
+            want = sum(
+                1
+                for index, record in records.items()
+                if index >= len(titles) and record.error_stage == "titles"
             )
-        )
-        used_titles.extend(titles.titles)
-        self._persistence.record_titles(
-            db_pb.RecordTitlesRequest(
-                job_id=job_id,
-                tier=tier_name,
-                titles=titles.titles,
-                api_calls=titles.api_calls,
-                prompt_tokens=titles.prompt_tokens,
-                completion_tokens=titles.completion_tokens,
-                shortfall=titles.shortfall,
+        if want:
+            made = yield from self._titles(
+                job, project, spec, tier_name, context, titles, want, used_titles, retry_failed
             )
-        )
-        write_atomically(
-            publish.titles_path(self._settings.output_dir, job_id, tier_name),
-            "".join(f"{title}\n" for title in titles.titles),
-        )
-        # Titles the model could not be asked for are articles that failed at stage `titles`:
-        # each gets its record, so every requested article still ends as exactly one.
-        untitled = range(len(titles.titles), tier.count - titles.shortfall) if titles.error else []
-        for index in untitled:
-            self._persistence.save_article(
-                db_pb.Article(
-                    job_id=job_id,
-                    project_id=project.id,
-                    tier=tier_name,
-                    article_index=index,
-                    keyword=project.main_keyword,
-                    title="",
-                    status="failed",
-                    error_stage="titles",
-                    error=titles.error,
-                    site=sites_of_tier[index % len(sites_of_tier)] if sites_of_tier else "",
-                )
-            )
-        yield pb.JobEvent(
-            titles_ready=pb.TitlesReady(
-                job_id=job_id,
-                tier=tier_name,
-                count=len(titles.titles),
-                shortfall=titles.shortfall,
-                error=titles.error,
-                failed=len(untitled),
-            )
-        )
-        if untitled and not spec.continue_on_error:
-            yield self._tier_finished(job_id, tier_name)
-            return TierOutcome(
-                f"{tier_name}: titles failed and continue_on_error is false: {titles.error}"
-            )
+            if made.failure:
+                yield self._tier_finished(job_id, tier_name)
+                return made
+        used_titles.extend(t for t in titles if t not in used_titles)
 
-        sites = sites_of_tier
+        # Exactly the articles that have no terminal record yet (and, retrying, the failed).
+        def pending() -> list[int]:
+            current = {
+                a.article_index: a.status
+                for a in self._persistence.list_articles(job_id, tier_name)
+            }
+            return [
+                i
+                for i in range(len(titles))
+                if i not in current or (retry_failed and current[i] == "failed")
+            ]
+
         settings = gen_pb.BatchSettings(
             job_id=job_id,
             project=context,
@@ -390,37 +484,149 @@ class JobRunner:
             models=gen_pb.Models(**spec.models.model_dump()),
             max_workers=workers,
             continue_on_error=spec.continue_on_error,
+            replace_failed=retry_failed,
         )
-        requests = [
-            gen_pb.ArticleRequest(
-                article_index=i, title=title, site=sites[i % len(sites)] if sites else ""
-            )
-            for i, title in enumerate(titles.titles)
-        ]
         failure = ""
-        # A cancel becomes a stop message: nothing new starts, in-flight articles finish and are
-        # recorded, and the stream still ends only when every article is terminal.
-        with closing(
-            self._generator.generate_articles(settings, requests, stop=cancelled)
-        ) as events:
-            for event in events:
-                yield pb.JobEvent(article=progress_from_generator(event, job_id, tier.count))
-                if (
-                    event.kind == gen_pb.ARTICLE_EVENT_KIND_FAILED
-                    and not failure
-                    and not spec.continue_on_error
-                ):
-                    failure = (
-                        f"{tier_name} article {event.article_index + 1}/{tier.count} failed "
-                        f"and continue_on_error is false: {event.error}"
+        todo = pending()
+        for attempt in range(self._settings.generator_reconnect_attempts + 1):
+            requests = [
+                gen_pb.ArticleRequest(
+                    article_index=i, title=titles[i], site=sites[i % len(sites)] if sites else ""
+                )
+                for i in todo
+            ]
+            try:
+                # A cancel becomes a stop message: nothing new starts, in-flight articles finish
+                # (or stop after the grace period) and are recorded; the stream still ends only
+                # when every article is terminal.
+                with closing(
+                    self._generator.generate_articles(
+                        settings,
+                        requests,
+                        stop=cancellation.event,
+                        stop_reason=cancellation.reason or "the job was cancelled",
+                        grace_seconds=self._settings.cancel_grace_seconds,
                     )
-        if cancelled.is_set() and not failure:
-            failure = CANCELLED
-        if titles.shortfall and not failure:
-            log.warning("job %d %s: %d titles short", job_id, tier_name, titles.shortfall)
-
+                ) as events:
+                    for event in events:
+                        yield pb.JobEvent(
+                            article=progress_from_generator(event, job_id, tier.count)
+                        )
+                        if (
+                            event.kind == gen_pb.ARTICLE_EVENT_KIND_FAILED
+                            and not failure
+                            and not spec.continue_on_error
+                        ):
+                            failure = (
+                                f"{tier_name} article {event.article_index + 1}/{tier.count} "
+                                f"failed and continue_on_error is false: {event.error}"
+                            )
+                break
+            except ServiceCallError as e:
+                if e.code not in _GENERATOR_LOST or cancellation.is_set() or failure:
+                    raise
+                if attempt == self._settings.generator_reconnect_attempts:
+                    raise
+                delay = min(_RECONNECT_MAX_DELAY, 2.0**attempt)
+                yield pb.JobEvent(
+                    notice=pb.Notice(
+                        job_id=job_id,
+                        tier=tier_name,
+                        message=f"lost the generator ({e.details}); trying "
+                        f"again in {delay:g}s ({attempt + 1}/"
+                        f"{self._settings.generator_reconnect_attempts})",
+                    )
+                )
+                cancellation.event.wait(delay)
+                todo = pending()  # what the lost generator saved is not generated again
+                yield pb.JobEvent(
+                    notice=pb.Notice(
+                        job_id=job_id,
+                        tier=tier_name,
+                        message=f"sending the {len(todo)} articles without a record again",
+                    )
+                )
+        if cancellation.is_set() and not failure:
+            failure = cancellation.message
         yield self._tier_finished(job_id, tier_name)
         return TierOutcome(failure)
+
+    def _titles(
+        self,
+        job: db_pb.Job,
+        project: db_pb.Project,
+        spec: JobSpec,
+        tier_name: str,
+        context: gen_pb.ProjectContext,
+        titles: list[str],
+        want: int,
+        used_titles: list[str],
+        retry_failed: bool,
+    ) -> Generator[pb.JobEvent, None, TierOutcome]:
+        """`want` more titles appended to `titles` (kept with the job and written beside the
+        output). Articles whose title could not be made (the model failed) get failed records
+        at stage `titles`, so every requested article still ends as exactly one record."""
+        tier = spec.tiers[tier_name]
+        sites = spec.sites_of(tier)
+        made = self._generator.generate_titles(
+            gen_pb.GenerateTitlesRequest(
+                project=context,
+                tier=tier_name,
+                count=want,
+                model=spec.models.title,
+                max_parallel_calls=job.max_workers,
+                existing_titles=[*used_titles, *titles],
+            )
+        )
+        first_new = len(titles)
+        titles.extend(made.titles)
+        self._persistence.record_titles(
+            db_pb.RecordTitlesRequest(
+                job_id=job.id,
+                tier=tier_name,
+                titles=titles,
+                api_calls=made.api_calls,
+                prompt_tokens=made.prompt_tokens,
+                completion_tokens=made.completion_tokens,
+                shortfall=made.shortfall,
+            )
+        )
+        write_atomically(
+            publish.titles_path(self._settings.output_dir, job.id, tier_name),
+            "".join(f"{title}\n" for title in titles),
+        )
+        untitled = range(len(titles), first_new + want - made.shortfall) if made.error else []
+        for index in untitled:
+            self._persistence.save_article(
+                db_pb.Article(
+                    job_id=job.id,
+                    project_id=project.id,
+                    tier=tier_name,
+                    article_index=index,
+                    keyword=project.main_keyword,
+                    title="",
+                    status="failed",
+                    error_stage="titles",
+                    error=made.error,
+                    site=sites[index % len(sites)] if sites else "",
+                ),
+                replace_failed=retry_failed,
+            )
+        yield pb.JobEvent(
+            titles_ready=pb.TitlesReady(
+                job_id=job.id,
+                tier=tier_name,
+                count=len(made.titles),
+                shortfall=made.shortfall,
+                error=made.error,
+                failed=len(untitled),
+            )
+        )
+        if untitled and not spec.continue_on_error:
+            return TierOutcome(
+                f"{tier_name}: titles failed and continue_on_error is false: {made.error}"
+            )
+        return TierOutcome("")
 
     def _tier_finished(self, job_id: int, tier: str) -> pb.JobEvent:
         """The tier's counts, from its records."""

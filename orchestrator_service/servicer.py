@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import queue
-import threading
 from collections import defaultdict
 from collections.abc import Iterator
 from typing import NoReturn
@@ -12,7 +11,7 @@ import grpc
 
 from orchestrator_service.auth import credentials_from_metadata
 from orchestrator_service.jobfile import JobFileError, parse_project_file
-from orchestrator_service.runner import JobRunner
+from orchestrator_service.runner import CLIENT_GONE, Cancellation, JobRunner
 from persistence_service.client import PersistenceClient
 from tierwriter import runtime
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
@@ -26,6 +25,7 @@ _PASSED_THROUGH = {
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
@@ -88,7 +88,10 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                 "credentials required: pass -u/-p or set TIERWRITER_USER and TIERWRITER_PASSWORD",
             )
         try:
-            return self._persistence.verify_credentials(*credentials)
+            user = self._persistence.verify_credentials(*credentials)
+            # Before any job is started or shown: jobs a dead orchestrator left running.
+            self._runner.recover_interrupted()
+            return user
         except ServiceCallError as e:
             if e.code == grpc.StatusCode.UNAUTHENTICATED:
                 runtime.abort(
@@ -106,12 +109,54 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             runtime.abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except ServiceCallError as e:
             _abort_for(context, e)
-        cancelled = threading.Event()
-        context.add_callback(cancelled.set)  # fires on cancel; after the last event, harmlessly
-        events: queue.Queue[pb.JobEvent | None] = queue.Queue()
-        self._runner.launch(job_file, user.username, cancelled, events.put)
-        while (event := events.get()) is not None:
+        cancellation = Cancellation()
+        yield from self._stream(
+            context, self._runner.run(job_file, user.username, cancellation), cancellation
+        )
+
+    def ResumeJob(
+        self, request: pb.ResumeJobRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.JobEvent]:
+        self._authenticate(context)
+        cancellation = Cancellation()
+        try:
+            events = self._runner.resume(request.job_id, request.retry_failed, cancellation)
+        except ServiceCallError as e:
+            _abort_for(context, e)
+        yield from self._stream(context, events, cancellation)
+
+    def _stream(
+        self,
+        context: grpc.ServicerContext,
+        events: Iterator[pb.JobEvent],
+        cancellation: Cancellation,
+    ) -> Iterator[pb.JobEvent]:
+        """Run `events` on the runner's thread and pass them on; the client going away cancels
+        (the callback also fires after the last event, harmlessly)."""
+        context.add_callback(lambda: cancellation.cancel(CLIENT_GONE))
+        queued: queue.Queue[pb.JobEvent | None] = queue.Queue()
+        self._runner.launch(events, cancellation, queued.put)
+        while (event := queued.get()) is not None:
             yield event
+
+    def CancelJob(
+        self, request: pb.CancelJobRequest, context: grpc.ServicerContext
+    ) -> pb.CancelJobResponse:
+        user = self._authenticate(context)
+        if self._runner.cancel(request.job_id, f"cancelled by {user.username}"):
+            return pb.CancelJobResponse(
+                message=f"job {request.job_id} is being cancelled: no new article starts; those "
+                "in flight finish (or stop after the grace period) and are recorded"
+            )
+        try:
+            job = self._persistence.get_job(request.job_id)
+        except ServiceCallError as e:
+            _abort_for(context, e)
+        runtime.abort(
+            context,
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"job {job.id} is not running here (status {job.status})",
+        )
 
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.GetJobResponse:
         self._authenticate(context)

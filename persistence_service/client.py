@@ -74,17 +74,25 @@ class PersistenceClient:
         request = pb.FinishJobRequest(job_id=job_id, status=status, error=error)
         return self._call(self._stub.FinishJob, request)
 
+    def reopen_job(self, job_id: int) -> pb.Job:
+        return self._call(self._stub.ReopenJob, pb.ReopenJobRequest(job_id=job_id))
+
+    def interrupt_running_jobs(self) -> list[int]:
+        request = pb.InterruptRunningJobsRequest()
+        return list(self._call(self._stub.InterruptRunningJobs, request).job_ids)
+
     def get_job(self, job_id: int) -> pb.Job:
         return self._call(self._stub.GetJob, pb.GetJobRequest(job_id=job_id))
 
     def list_jobs(self, limit: int = 50) -> list[pb.Job]:
         return list(self._call(self._stub.ListJobs, pb.ListJobsRequest(limit=limit)).jobs)
 
-    def save_article(self, article: pb.Article) -> pb.SaveArticleResponse:
+    def save_article(
+        self, article: pb.Article, replace_failed: bool = False
+    ) -> pb.SaveArticleResponse:
         # wait_for_ready: a save should ride out a persistence restart rather than lose the article.
-        return self._call(
-            self._stub.SaveArticle, pb.SaveArticleRequest(article=article), wait_for_ready=True
-        )
+        request = pb.SaveArticleRequest(article=article, replace_failed=replace_failed)
+        return self._call(self._stub.SaveArticle, request, wait_for_ready=True)
 
     def list_articles(self, job_id: int, tier: str = "") -> list[pb.Article]:
         request = pb.ListArticlesRequest(job_id=job_id, tier=tier)

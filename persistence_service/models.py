@@ -19,8 +19,9 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 ARTICLE_STATUSES = ("generated", "augmented", "failed")
-JOB_STATUSES = ("pending", "running", "completed", "failed")
-FINAL_JOB_STATUSES = ("completed", "failed")
+JOB_STATUSES = ("running", "completed", "failed", "cancelled", "interrupted")
+# A job in one of these is not running; all but `completed` can be resumed.
+FINAL_JOB_STATUSES = ("completed", "failed", "cancelled", "interrupted")
 
 
 def utcnow() -> datetime:

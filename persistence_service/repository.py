@@ -67,6 +67,11 @@ def articles_of_job(session: Session, job_id: int, tier: str = "") -> Sequence[A
     return session.scalars(query.order_by(Article.tier, Article.article_index)).all()
 
 
+def jobs_with_status(session: Session, status: str) -> Sequence[Job]:
+    """The jobs in this status, oldest first."""
+    return session.scalars(select(Job).where(Job.status == status).order_by(Job.id)).all()
+
+
 def recent_jobs(session: Session, limit: int) -> Sequence[Job]:
     """Jobs, newest first."""
     return session.scalars(select(Job).order_by(Job.id.desc()).limit(limit)).all()

@@ -16,6 +16,7 @@ from persistence_service.store import (
     Counts,
     InvalidRecordError,
     NotFoundError,
+    StateError,
     Store,
 )
 from tierwriter import runtime
@@ -36,6 +37,8 @@ def _status_codes(context: grpc.ServicerContext) -> Iterator[None]:
         runtime.abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
     except ConflictError as e:
         runtime.abort(context, grpc.StatusCode.ALREADY_EXISTS, str(e))
+    except StateError as e:
+        runtime.abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(e))
     except AuthenticationError as e:
         runtime.abort(context, grpc.StatusCode.UNAUTHENTICATED, str(e))
 
@@ -227,6 +230,15 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
         )
         return job_to_proto(job)
 
+    def ReopenJob(self, request: pb.ReopenJobRequest, context: grpc.ServicerContext) -> pb.Job:
+        return job_to_proto(self._call(context, lambda: self._store.reopen_job(request.job_id)))
+
+    def InterruptRunningJobs(
+        self, request: pb.InterruptRunningJobsRequest, context: grpc.ServicerContext
+    ) -> pb.InterruptRunningJobsResponse:
+        job_ids = self._call(context, self._store.interrupt_running_jobs)
+        return pb.InterruptRunningJobsResponse(job_ids=job_ids)
+
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:
         return job_to_proto(self._call(context, lambda: self._store.get_job(request.job_id)))
 
@@ -240,7 +252,10 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
         self, request: pb.SaveArticleRequest, context: grpc.ServicerContext
     ) -> pb.SaveArticleResponse:
         article, created = self._call(
-            context, lambda: self._store.save_article(article_from_proto(request.article))
+            context,
+            lambda: self._store.save_article(
+                article_from_proto(request.article), request.replace_failed
+            ),
         )
         return pb.SaveArticleResponse(article=article_to_proto(article), created=created)
 

@@ -42,6 +42,10 @@ class ConflictError(Exception):
     """The record would take a unique name or URL that another record holds."""
 
 
+class StateError(Exception):
+    """The record is not in a state that allows this change (e.g. resuming a running job)."""
+
+
 class AuthenticationError(Exception):
     """Username and password do not match an active user."""
 
@@ -244,6 +248,28 @@ class Store:
             uow.commit()
             return job
 
+    def reopen_job(self, job_id: int) -> Job:
+        """Set a job that is not running back to running, to resume it. StateError when it is
+        running already: one job never runs twice at once."""
+        with self._uow() as uow:
+            job = self._job(uow.session, job_id, for_update=True)
+            if job.status == "running":
+                raise StateError(f"job {job_id} is running; cancel it first or wait for it")
+            job.status, job.error, job.finished_at = "running", "", None
+            uow.commit()
+            return job
+
+    def interrupt_running_jobs(self) -> list[int]:
+        """Mark every running job interrupted: called when an orchestrator starts, since a job
+        can only be running inside an orchestrator that is alive."""
+        with self._uow() as uow:
+            jobs = repository.jobs_with_status(uow.session, "running")
+            for job in jobs:
+                job.status, job.finished_at = "interrupted", utcnow()
+                job.error = "interrupted: the orchestrator stopped while the job ran"
+            uow.commit()
+            return [job.id for job in jobs]
+
     def get_job(self, job_id: int) -> Job:
         """One job; NotFoundError names the id."""
         with self._uow() as uow:
@@ -255,19 +281,23 @@ class Store:
             return repository.recent_jobs(uow.session, limit)
 
     @staticmethod
-    def _job(session: Session, job_id: int) -> Job:
-        job = session.get(Job, job_id)
+    def _job(session: Session, job_id: int, for_update: bool = False) -> Job:
+        job = session.get(Job, job_id, with_for_update=for_update)
         if job is None:
             raise NotFoundError(f"job {job_id} does not exist")
         return job
 
     # Articles -------------------------------------------------------------------------------
 
-    def save_article(self, fields: dict[str, Any]) -> tuple[Article, bool]:
+    def save_article(
+        self, fields: dict[str, Any], replace_failed: bool = False
+    ) -> tuple[Article, bool]:
         """Store an article's terminal record; (record, created).
 
         Idempotent on (job, tier, index): when the record exists — a retried call, a restarted
-        generator — the stored one is returned unchanged and created is False."""
+        generator — the stored one is returned unchanged and created is False. With
+        `replace_failed` (a resume retrying failed articles), a stored *failed* record is
+        replaced in place by this one: still one record per key."""
         if fields.get("status") not in ARTICLE_STATUSES:
             raise InvalidRecordError(
                 f"article.status: must be one of {', '.join(ARTICLE_STATUSES)}"
@@ -281,6 +311,12 @@ class Store:
             if uow.session.get(Job, fields["job_id"]) is None:
                 raise NotFoundError(f"job {fields['job_id']} does not exist")
             existing = repository.article_by_key(uow.session, *key)
+            if existing is not None and replace_failed and existing.status == "failed":
+                for name, value in fields.items():
+                    setattr(existing, name, value)
+                existing.created_at = utcnow()
+                uow.commit()
+                return existing, True
             if existing is not None:
                 return existing, False
             article = Article(**fields)

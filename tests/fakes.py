@@ -123,7 +123,7 @@ class MemorySaver:
     fail: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def save(self, record: ArticleRecord) -> tuple[int, bool]:
+    def save(self, record: ArticleRecord, replace_failed: bool = False) -> tuple[int, bool]:
         if self.fail:
             raise ConnectionError("persistence is down")
         key = (record.job_id, record.tier, record.article_index)

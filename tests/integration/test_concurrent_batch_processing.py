@@ -256,7 +256,7 @@ def test_a_disconnected_client_cancels_the_run_and_in_flight_articles_are_record
         while (job := client.get_job(job_id).job).status == "running":
             assert time.monotonic() < deadline, "the job never left running"
             time.sleep(0.1)
-    assert job.status == "failed" and "cancelled" in job.error
+    assert job.status == "cancelled" and "cancelled: the client disconnected" in job.error
     rows = rows_by_status(handle.database_url, job_id)
     # The two seen, plus at most the two that were in flight: nothing new started.
     assert 2 <= sum(rows.values()) <= 4

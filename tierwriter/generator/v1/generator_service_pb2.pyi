@@ -313,12 +313,15 @@ class BatchSettings(_message.Message):
     MODELS_FIELD_NUMBER: _builtins.int
     MAX_WORKERS_FIELD_NUMBER: _builtins.int
     CONTINUE_ON_ERROR_FIELD_NUMBER: _builtins.int
+    REPLACE_FAILED_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     """The job the articles belong to."""
     max_workers: _builtins.int
     """Articles in flight at once; 1 means strictly sequential."""
     continue_on_error: _builtins.bool
     """When false, no article starts after the first failure."""
+    replace_failed: _builtins.bool
+    """A resume retrying failures: a stored failed record of an article is replaced by the new one."""
     @_builtins.property
     def project(self) -> Global___ProjectContext:
         """The project context for the prompts."""
@@ -340,10 +343,11 @@ class BatchSettings(_message.Message):
         models: Global___Models | None = ...,
         max_workers: _builtins.int = ...,
         continue_on_error: _builtins.bool = ...,
+        replace_failed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["models", b"models", "project", b"project", "tier", b"tier"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["continue_on_error", b"continue_on_error", "job_id", b"job_id", "max_workers", b"max_workers", "models", b"models", "project", b"project", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["continue_on_error", b"continue_on_error", "job_id", b"job_id", "max_workers", b"max_workers", "models", b"models", "project", b"project", "replace_failed", b"replace_failed", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -424,16 +428,22 @@ class StopBatch(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REASON_FIELD_NUMBER: _builtins.int
+    GRACE_SECONDS_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
     """Why, for the SKIPPED events (e.g. "the job was cancelled")."""
+    grace_seconds: _builtins.float
+    """In-flight articles get this long to finish; after it, each stops before its next model call
+    and is recorded as failed with reason "cancelled". 0: no limit.
+    """
     def __init__(
         self,
         *,
         reason: _builtins.str = ...,
+        grace_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grace_seconds", b"grace_seconds", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

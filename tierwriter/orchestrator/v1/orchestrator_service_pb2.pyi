@@ -155,6 +155,7 @@ class JobStarted(_message.Message):
     REQUESTED_ARTICLES_FIELD_NUMBER: _builtins.int
     JOB_NUMBER_FIELD_NUMBER: _builtins.int
     JOB_COUNT_FIELD_NUMBER: _builtins.int
+    RESUMED_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     """The job's id."""
     project: _builtins.str
@@ -167,6 +168,8 @@ class JobStarted(_message.Message):
     """Zero-based position of the job in the job file."""
     job_count: _builtins.int
     """Jobs in the job file."""
+    resumed: _builtins.bool
+    """True when this is a resumed job."""
     def __init__(
         self,
         *,
@@ -176,14 +179,45 @@ class JobStarted(_message.Message):
         requested_articles: _builtins.int = ...,
         job_number: _builtins.int = ...,
         job_count: _builtins.int = ...,
+        resumed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_count", b"job_count", "job_id", b"job_id", "job_number", b"job_number", "max_workers", b"max_workers", "project", b"project", "requested_articles", b"requested_articles"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_count", b"job_count", "job_id", b"job_id", "job_number", b"job_number", "max_workers", b"max_workers", "project", b"project", "requested_articles", b"requested_articles", "resumed", b"resumed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobStarted: _TypeAlias = JobStarted  # noqa: Y015
+
+@_typing.final
+class Notice(_message.Message):
+    """Something the user should know that is not an article's step, e.g. a lost generator."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.int
+    """The job's id."""
+    tier: _builtins.str
+    """The tier it concerns, if any."""
+    message: _builtins.str
+    """What happened and what tierwriter does about it."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.int = ...,
+        tier: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "message", b"message", "tier", b"tier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Notice: _TypeAlias = Notice  # noqa: Y015
 
 @_typing.final
 class TierStarted(_message.Message):
@@ -587,6 +621,7 @@ class JobEvent(_message.Message):
     ARTICLE_FIELD_NUMBER: _builtins.int
     TIER_FINISHED_FIELD_NUMBER: _builtins.int
     POST_PROCESSING_FIELD_NUMBER: _builtins.int
+    NOTICE_FIELD_NUMBER: _builtins.int
     RUN_FINISHED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def job_started(self) -> Global___JobStarted:
@@ -613,6 +648,10 @@ class JobEvent(_message.Message):
         """A post-processing step of a job is done."""
 
     @_builtins.property
+    def notice(self) -> Global___Notice:
+        """Something the user should know."""
+
+    @_builtins.property
     def run_finished(self) -> Global___RunFinished:
         """The run is over; always the last event."""
 
@@ -625,13 +664,14 @@ class JobEvent(_message.Message):
         article: Global___ArticleProgress | None = ...,
         tier_finished: Global___TierFinished | None = ...,
         post_processing: Global___PostProcessingStep | None = ...,
+        notice: Global___Notice | None = ...,
         run_finished: Global___RunFinished | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["article", b"article", "event", b"event", "job_started", b"job_started", "post_processing", b"post_processing", "run_finished", b"run_finished", "tier_finished", b"tier_finished", "tier_started", b"tier_started", "titles_ready", b"titles_ready"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["article", b"article", "event", b"event", "job_started", b"job_started", "notice", b"notice", "post_processing", b"post_processing", "run_finished", b"run_finished", "tier_finished", b"tier_finished", "tier_started", b"tier_started", "titles_ready", b"titles_ready"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["article", b"article", "event", b"event", "job_started", b"job_started", "post_processing", b"post_processing", "run_finished", b"run_finished", "tier_finished", b"tier_finished", "tier_started", b"tier_started", "titles_ready", b"titles_ready"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["article", b"article", "event", b"event", "job_started", b"job_started", "notice", b"notice", "post_processing", b"post_processing", "run_finished", b"run_finished", "tier_finished", b"tier_finished", "tier_started", b"tier_started", "titles_ready", b"titles_ready"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["job_started", "tier_started", "titles_ready", "article", "tier_finished", "post_processing", "run_finished"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["job_started", "tier_started", "titles_ready", "article", "tier_finished", "post_processing", "notice", "run_finished"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
@@ -683,7 +723,7 @@ class JobInfo(_message.Message):
     project: _builtins.str
     """The project's name."""
     status: _builtins.str
-    """pending, running, completed or failed."""
+    """running, completed, failed, cancelled or interrupted."""
     max_workers: _builtins.int
     """The concurrency it ran with."""
     requested_articles: _builtins.int
@@ -1052,3 +1092,73 @@ class ListSitesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListSitesResponse: _TypeAlias = ListSitesResponse  # noqa: Y015
+
+@_typing.final
+class CancelJobRequest(_message.Message):
+    """Request for CancelJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.int
+    """The job's id."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelJobRequest: _TypeAlias = CancelJobRequest  # noqa: Y015
+
+@_typing.final
+class CancelJobResponse(_message.Message):
+    """Response of CancelJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    message: _builtins.str
+    """What happens now, for the user."""
+    def __init__(
+        self,
+        *,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelJobResponse: _TypeAlias = CancelJobResponse  # noqa: Y015
+
+@_typing.final
+class ResumeJobRequest(_message.Message):
+    """Request for ResumeJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    RETRY_FAILED_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.int
+    """The job's id."""
+    retry_failed: _builtins.bool
+    """Also generate the articles whose record is `failed` (the record is replaced)."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.int = ...,
+        retry_failed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "retry_failed", b"retry_failed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeJobRequest: _TypeAlias = ResumeJobRequest  # noqa: Y015

@@ -46,6 +46,16 @@ class OrchestratorServiceStub:
                 request_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.GetJobRequest.SerializeToString,
                 response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.GetJobResponse.FromString,
                 _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/tierwriter.orchestrator.v1.OrchestratorService/CancelJob',
+                request_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.CancelJobResponse.FromString,
+                _registered_method=True)
+        self.ResumeJob = channel.unary_stream(
+                '/tierwriter.orchestrator.v1.OrchestratorService/ResumeJob',
+                request_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ResumeJobRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.JobEvent.FromString,
+                _registered_method=True)
         self.ListJobs = channel.unary_unary(
                 '/tierwriter.orchestrator.v1.OrchestratorService/ListJobs',
                 request_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListJobsRequest.SerializeToString,
@@ -92,6 +102,24 @@ class OrchestratorServiceServicer:
 
     def GetJob(self, request, context):
         """Returns one job with its stats.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Cancels a running job (and the rest of the job file it runs in): no article starts, those
+        in flight finish or stop after the grace period, the job ends `cancelled`.
+        FAILED_PRECONDITION when the job is not running here.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeJob(self, request, context):
+        """Finishes a job that is not running (failed, cancelled, interrupted): exactly the articles
+        without a terminal record are generated, then the whole job is post-processed.
+        FAILED_PRECONDITION while it runs.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -152,6 +180,16 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.GetJob,
                     request_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.GetJobRequest.FromString,
                     response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.GetJobResponse.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.CancelJobRequest.FromString,
+                    response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.CancelJobResponse.SerializeToString,
+            ),
+            'ResumeJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.ResumeJob,
+                    request_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ResumeJobRequest.FromString,
+                    response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.JobEvent.SerializeToString,
             ),
             'ListJobs': grpc.unary_unary_rpc_method_handler(
                     servicer.ListJobs,
@@ -240,6 +278,60 @@ class OrchestratorService:
             '/tierwriter.orchestrator.v1.OrchestratorService/GetJob',
             tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.GetJobRequest.SerializeToString,
             tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.GetJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.orchestrator.v1.OrchestratorService/CancelJob',
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.CancelJobRequest.SerializeToString,
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.CancelJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tierwriter.orchestrator.v1.OrchestratorService/ResumeJob',
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ResumeJobRequest.SerializeToString,
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.JobEvent.FromString,
             options,
             channel_credentials,
             insecure,

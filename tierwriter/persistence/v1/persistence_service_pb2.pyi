@@ -374,7 +374,7 @@ class Job(_message.Message):
     project_id: _builtins.int
     """The project's id."""
     status: _builtins.str
-    """pending, running, completed or failed."""
+    """running, completed, failed, cancelled or interrupted."""
     spec_json: _builtins.str
     """The job's entry of the job file, as JSON."""
     max_workers: _builtins.int
@@ -524,7 +524,7 @@ class FinishJobRequest(_message.Message):
     job_id: _builtins.int
     """The job's id."""
     status: _builtins.str
-    """completed or failed."""
+    """completed, failed, cancelled or interrupted."""
     error: _builtins.str
     """Why the job failed; empty when it did not."""
     def __init__(
@@ -541,6 +541,69 @@ class FinishJobRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FinishJobRequest: _TypeAlias = FinishJobRequest  # noqa: Y015
+
+@_typing.final
+class ReopenJobRequest(_message.Message):
+    """Request for ReopenJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.int
+    """The job's id."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReopenJobRequest: _TypeAlias = ReopenJobRequest  # noqa: Y015
+
+@_typing.final
+class InterruptRunningJobsRequest(_message.Message):
+    """Request for InterruptRunningJobs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InterruptRunningJobsRequest: _TypeAlias = InterruptRunningJobsRequest  # noqa: Y015
+
+@_typing.final
+class InterruptRunningJobsResponse(_message.Message):
+    """Response of InterruptRunningJobs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The jobs now marked interrupted."""
+
+    def __init__(
+        self,
+        *,
+        job_ids: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_ids", b"job_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InterruptRunningJobsResponse: _TypeAlias = InterruptRunningJobsResponse  # noqa: Y015
 
 @_typing.final
 class GetJobRequest(_message.Message):
@@ -715,6 +778,9 @@ class SaveArticleRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ARTICLE_FIELD_NUMBER: _builtins.int
+    REPLACE_FAILED_FIELD_NUMBER: _builtins.int
+    replace_failed: _builtins.bool
+    """Replace a stored record of the same key if it is `failed` (a resume retrying failures)."""
     @_builtins.property
     def article(self) -> Global___Article:
         """The record; `id`, `url` and `output_path` are ignored."""
@@ -723,10 +789,11 @@ class SaveArticleRequest(_message.Message):
         self,
         *,
         article: Global___Article | None = ...,
+        replace_failed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["article", b"article"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["article", b"article"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["article", b"article", "replace_failed", b"replace_failed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -86,6 +86,16 @@ class PersistenceServiceStub:
                 request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.FinishJobRequest.SerializeToString,
                 response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Job.FromString,
                 _registered_method=True)
+        self.ReopenJob = channel.unary_unary(
+                '/tierwriter.persistence.v1.PersistenceService/ReopenJob',
+                request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ReopenJobRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Job.FromString,
+                _registered_method=True)
+        self.InterruptRunningJobs = channel.unary_unary(
+                '/tierwriter.persistence.v1.PersistenceService/InterruptRunningJobs',
+                request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.InterruptRunningJobsRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.InterruptRunningJobsResponse.FromString,
+                _registered_method=True)
         self.GetJob = channel.unary_unary(
                 '/tierwriter.persistence.v1.PersistenceService/GetJob',
                 request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetJobRequest.SerializeToString,
@@ -208,6 +218,21 @@ class PersistenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReopenJob(self, request, context):
+        """Sets a job that is not running back to running, to resume it; FAILED_PRECONDITION if it is
+        running.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InterruptRunningJobs(self, request, context):
+        """Marks every running job interrupted (an orchestrator calls it when it starts).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetJob(self, request, context):
         """Returns one job by id; NOT_FOUND if there is none.
         """
@@ -324,6 +349,16 @@ def add_PersistenceServiceServicer_to_server(servicer, server):
                     servicer.FinishJob,
                     request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.FinishJobRequest.FromString,
                     response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Job.SerializeToString,
+            ),
+            'ReopenJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReopenJob,
+                    request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ReopenJobRequest.FromString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Job.SerializeToString,
+            ),
+            'InterruptRunningJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.InterruptRunningJobs,
+                    request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.InterruptRunningJobsRequest.FromString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.InterruptRunningJobsResponse.SerializeToString,
             ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
@@ -643,6 +678,60 @@ class PersistenceService:
             '/tierwriter.persistence.v1.PersistenceService/FinishJob',
             tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.FinishJobRequest.SerializeToString,
             tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReopenJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.persistence.v1.PersistenceService/ReopenJob',
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ReopenJobRequest.SerializeToString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InterruptRunningJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.persistence.v1.PersistenceService/InterruptRunningJobs',
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.InterruptRunningJobsRequest.SerializeToString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.InterruptRunningJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,
