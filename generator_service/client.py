@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 
 import grpc
 
@@ -51,7 +51,7 @@ class GeneratorClient:
         settings: pb.BatchSettings,
         articles: Sequence[pb.ArticleRequest],
         stop: threading.Event,
-        stop_reason: str = "the job was cancelled",
+        stop_reason: Callable[[], str] = lambda: "the job was cancelled",
         grace_seconds: float = 0.0,
     ) -> Generator[pb.ArticleEvent, None, None]:
         """Send the settings and every article; yield events as they come back until each
@@ -72,7 +72,7 @@ class GeneratorClient:
             # Wait on all_terminal, not on stop: the end of a tier must not wait out a poll.
             while not all_terminal.wait(STOP_POLL_SECONDS):
                 if stop.is_set():
-                    stop_message = pb.StopBatch(reason=stop_reason, grace_seconds=grace_seconds)
+                    stop_message = pb.StopBatch(reason=stop_reason(), grace_seconds=grace_seconds)
                     yield pb.GenerateArticlesRequest(stop=stop_message)
                     return
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import secrets
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from importlib import resources
@@ -16,7 +18,7 @@ from typing import TextIO
 import grpc
 
 from generator_service.llm.simulator import SimulatorConfig
-from orchestrator_service.client import OrchestratorClient
+from orchestrator_service.client import EventStream, OrchestratorClient
 from orchestrator_service.config import Settings
 from orchestrator_service.console import event_lines, post_processing_lines
 from orchestrator_service.stack import LocalStack, StackConfig
@@ -59,29 +61,68 @@ def _exit_code_for(error: runtime.ServiceCallError) -> int:
     }.get(error.code, EXIT_RUN_FAILED)  # type: ignore[arg-type]
 
 
-def run_and_print(client: OrchestratorClient, job_file: str, out: TextIO) -> int:
-    """Run a job file, print every event as it arrives, return the exit code."""
-    stream = client.run_job(job_file)
-    try:
-        for event in stream:
-            for line in event_lines(event):
-                print(line, file=out, flush=True)
-            if event.WhichOneof("event") == "run_finished":
-                return EXIT_OK if event.run_finished.ok else EXIT_RUN_FAILED
-    except runtime.ServiceCallError as e:
-        if e.code == grpc.StatusCode.INVALID_ARGUMENT:
-            print(f"Error: {e.details}", file=sys.stderr)
-        else:
-            print(f"Error: {e}", file=sys.stderr)
-        return _exit_code_for(e)
-    except KeyboardInterrupt:
-        stream.close()  # cancels the run: no new article starts, those in flight are recorded
-        print("\nCancelled: no new article starts; those in flight are recorded.", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    finally:
-        stream.close()
+def run_and_print(client: OrchestratorClient, stream: EventStream, out: TextIO) -> int:
+    """Print every event of a run (or resume) as it arrives; return the exit code. The first
+    Ctrl-C cancels the running job cleanly and waits for its summary; a second leaves at once.
+
+    A thread reads the stream: a Ctrl-C landing inside gRPC's own wait would corrupt the call,
+    while one landing in queue.get() is harmless."""
+    received: queue.Queue[pb.JobEvent | runtime.ServiceCallError | None] = queue.Queue()
+
+    def read() -> None:
+        try:
+            for event in stream:
+                received.put(event)
+        except runtime.ServiceCallError as e:
+            received.put(e)
+        finally:
+            received.put(None)
+
+    reader = threading.Thread(target=read, name="events", daemon=True)
+    running: list[int] = []  # ids of the jobs that started, in order
+    cancelling = False
+    with stream:
+        reader.start()
+        while True:
+            try:
+                item = received.get(timeout=0.2)
+                if item is None:
+                    break
+                if isinstance(item, runtime.ServiceCallError):
+                    shown = item.details if item.code in _SHOWN_AS_IS else str(item)
+                    print(f"Error: {shown}", file=sys.stderr)
+                    return _exit_code_for(item)
+                if item.WhichOneof("event") == "job_started":
+                    running.append(item.job_started.job_id)
+                for line in event_lines(item):
+                    print(line, file=out, flush=True)
+                if item.WhichOneof("event") == "run_finished":
+                    if cancelling:
+                        return EXIT_INTERRUPTED
+                    return EXIT_OK if item.run_finished.ok else EXIT_RUN_FAILED
+            except queue.Empty:
+                continue
+            except KeyboardInterrupt:
+                if cancelling or not running:
+                    stream.close()  # cancels the run; in-flight articles are still recorded
+                    print("\nLeft at once: the job is cancelled on the server.", file=sys.stderr)
+                    return EXIT_INTERRUPTED
+                cancelling = True
+                _cancel(client, running[-1])
     print("Error: the orchestrator ended the stream without a summary", file=sys.stderr)
     return EXIT_RUN_FAILED
+
+
+def _cancel(client: OrchestratorClient, job_id: int) -> None:
+    try:
+        message = client.cancel_job(job_id)
+    except runtime.ServiceCallError as e:
+        message = f"could not cancel job {job_id}: {e.details}"
+    print(
+        f"\nCtrl-C: {message}. Waiting for the summary; press Ctrl-C again to leave at once.",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _credentials(args: argparse.Namespace) -> tuple[str, str]:
@@ -102,7 +143,7 @@ def cmd_generate_batch(args: argparse.Namespace) -> int:
         print(f"Error: cannot read job file {args.job_file}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     with OrchestratorClient(args.address, *_credentials(args)) as client:
-        return run_and_print(client, job_file, sys.stdout)
+        return run_and_print(client, client.run_job(job_file), sys.stdout)
 
 
 def _job_row(j: pb.JobInfo) -> str:
@@ -159,6 +200,19 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return _client_command(args, show)
+
+
+def cmd_jobs_cancel(args: argparse.Namespace) -> int:
+    def cancel(client: OrchestratorClient) -> int:
+        print(client.cancel_job(args.job_id))
+        return EXIT_OK
+
+    return _client_command(args, cancel)
+
+
+def cmd_jobs_resume(args: argparse.Namespace) -> int:
+    with OrchestratorClient(args.address, *_credentials(args)) as client:
+        return run_and_print(client, client.resume_job(args.job_id, args.retry_failed), sys.stdout)
 
 
 def cmd_jobs_publish(args: argparse.Namespace) -> int:
@@ -310,7 +364,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         LocalStack(config) as stack,
         OrchestratorClient(stack.orchestrator_address, "admin", password) as client,
     ):
-        return run_and_print(client, demo_job(), sys.stdout)
+        return run_and_print(client, client.run_job(demo_job()), sys.stdout)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -377,15 +431,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(handler=cmd_demo)
 
-    jobs = commands.add_parser("jobs", help="list, show or publish jobs").add_subparsers(
-        dest="jobs_command", required=True, metavar="ACTION"
-    )
+    jobs = commands.add_parser(
+        "jobs", help="list, show, cancel, resume or publish jobs"
+    ).add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
     listing = with_client_options(jobs.add_parser("list", help="jobs, newest first"))
     listing.add_argument("--limit", type=int, default=50)
     listing.set_defaults(handler=cmd_jobs_list)
     show = with_client_options(jobs.add_parser("show", help="one job with its per-tier counts"))
     show.add_argument("job_id", type=int)
     show.set_defaults(handler=cmd_jobs_show)
+    cancel = with_client_options(
+        jobs.add_parser(
+            "cancel",
+            help="cancel a running job: nothing new starts, articles in flight finish (or stop "
+            "after CANCEL_GRACE_SECONDS) and are recorded; the job ends cancelled",
+        )
+    )
+    cancel.add_argument("job_id", type=int)
+    cancel.set_defaults(handler=cmd_jobs_cancel)
+    resume = with_client_options(
+        jobs.add_parser(
+            "resume",
+            help="finish a failed, cancelled or interrupted job: only the articles without a "
+            "record are generated (titles reused), then the whole job is post-processed",
+        )
+    )
+    resume.add_argument("job_id", type=int)
+    resume.add_argument(
+        "--retry-failed", action="store_true", help="also generate the articles that failed"
+    )
+    resume.set_defaults(handler=cmd_jobs_resume)
     republish = with_client_options(
         jobs.add_parser(
             "publish",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -16,6 +16,35 @@ R = TypeVar("R")
 DEADLINE = 30.0
 PUBLISH_DEADLINE = 600.0  # re-rendering and writing thousands of pages
 RUN_DEADLINE = 7 * 24 * 3600.0  # a batch of thousands of articles may take days at low concurrency
+
+
+class EventStream:
+    """The JobEvents of a RunJob or ResumeJob call. Iterating may be interrupted (Ctrl-C) and
+    taken up again; close() cancels the call, which cancels the run."""
+
+    def __init__(
+        self, call: Any, to_error: Callable[[grpc.RpcError], runtime.ServiceCallError]
+    ) -> None:
+        self._call = call
+        self._to_error = to_error
+
+    def __iter__(self) -> Iterator[pb.JobEvent]:
+        return self
+
+    def __next__(self) -> pb.JobEvent:
+        try:
+            return next(self._call)
+        except grpc.RpcError as e:
+            raise self._to_error(e) from e
+
+    def close(self) -> None:
+        self._call.cancel()  # a no-op once the call has ended
+
+    def __enter__(self) -> EventStream:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
 
 class OrchestratorClient:
@@ -36,17 +65,20 @@ class OrchestratorClient:
     def _error(self, error: grpc.RpcError) -> runtime.ServiceCallError:
         return runtime.ServiceCallError("orchestrator_service", self.address, error)
 
-    def run_job(self, job_file: str) -> Generator[pb.JobEvent, None, None]:
-        """Events of the run, ending with RunFinished. Closing the iterator cancels the run."""
-        stream = self._stub.RunJob(
-            pb.RunJobRequest(job_file=job_file), timeout=RUN_DEADLINE, metadata=self._metadata
-        )
-        try:
-            yield from stream
-        except grpc.RpcError as e:
-            raise self._error(e) from e
-        finally:
-            stream.cancel()
+    def run_job(self, job_file: str) -> EventStream:
+        """Events of the run, ending with RunFinished. Closing the stream cancels the run."""
+        request = pb.RunJobRequest(job_file=job_file)
+        call = self._stub.RunJob(request, timeout=RUN_DEADLINE, metadata=self._metadata)
+        return EventStream(call, self._error)
+
+    def resume_job(self, job_id: int, retry_failed: bool = False) -> EventStream:
+        """Events of the resumed job, ending with RunFinished."""
+        request = pb.ResumeJobRequest(job_id=job_id, retry_failed=retry_failed)
+        call = self._stub.ResumeJob(request, timeout=RUN_DEADLINE, metadata=self._metadata)
+        return EventStream(call, self._error)
+
+    def cancel_job(self, job_id: int) -> str:
+        return self._call(self._stub.CancelJob, pb.CancelJobRequest(job_id=job_id)).message
 
     def _call(self, rpc: Callable[..., R], request: Any, timeout: float = DEADLINE) -> R:
         try:

@@ -117,7 +117,8 @@ def summary_lines(finished: pb.RunFinished) -> list[str]:
         f"  Execution time:     {s.execution_seconds:.1f}s",
         RULE,
     ]
-    lines += [f"Open {d}/index.html to browse the sites" for d in s.output_dirs]
+    if s.pages_written:
+        lines += [f"Open {d}/index.html to browse the sites" for d in s.output_dirs]
     if finished.error:
         lines.append(f"Error: {finished.error}")
     return lines

@@ -504,7 +504,7 @@ class JobRunner:
                         settings,
                         requests,
                         stop=cancellation.event,
-                        stop_reason=cancellation.reason or "the job was cancelled",
+                        stop_reason=lambda: cancellation.reason or "the job was cancelled",
                         grace_seconds=self._settings.cancel_grace_seconds,
                     )
                 ) as events:

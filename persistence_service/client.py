@@ -25,9 +25,11 @@ class PersistenceClient:
         self._channel = runtime.open_channel(address)
         self._stub = pb_grpc.PersistenceServiceStub(self._channel)
 
-    def _call(self, rpc: Callable[..., R], request: Any, **options: Any) -> R:
+    def _call(self, rpc: Callable[..., R], request: Any) -> R:
+        # wait_for_ready: a call made while persistence restarts waits for it (up to the
+        # deadline) instead of failing at once.
         try:
-            return rpc(request, timeout=self._deadline, **options)
+            return rpc(request, timeout=self._deadline, wait_for_ready=True)
         except grpc.RpcError as e:
             raise runtime.ServiceCallError("persistence_service", self.address, e) from e
 
@@ -90,9 +92,8 @@ class PersistenceClient:
     def save_article(
         self, article: pb.Article, replace_failed: bool = False
     ) -> pb.SaveArticleResponse:
-        # wait_for_ready: a save should ride out a persistence restart rather than lose the article.
         request = pb.SaveArticleRequest(article=article, replace_failed=replace_failed)
-        return self._call(self._stub.SaveArticle, request, wait_for_ready=True)
+        return self._call(self._stub.SaveArticle, request)
 
     def list_articles(self, job_id: int, tier: str = "") -> list[pb.Article]:
         request = pb.ListArticlesRequest(job_id=job_id, tier=tier)

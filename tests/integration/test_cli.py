@@ -15,8 +15,11 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+import pytest
+
 from generator_service.llm.simulator import SimulatorConfig
-from tests.helpers import article_pages, article_rows, job_file
+from orchestrator_service.client import OrchestratorClient
+from tests.helpers import article_pages, article_rows, job_file, rows_by_status
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -338,3 +341,48 @@ def test_projects_sites_and_publish_from_the_command_line(start_stack, tmp_path:
     assert published.returncode == 0, published.stderr
     assert "URLs: 2 URLs (0 new, 2 kept from an earlier run)" in published.stdout
     assert run("jobs", "publish", "99").returncode == 2
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_cancels_the_job_cleanly_and_twice_leaves_at_once(
+    start_stack, tmp_path: Path, presses: int
+) -> None:
+    handle = start_stack(simulator=SimulatorConfig(latency=0.1))
+    job = tmp_path / "job.json"
+    job.write_text(
+        job_file({"tier1": {"count": 20, "min_word_count": 300, "max_word_count": 400}},
+                 max_workers=2)
+    )  # fmt: skip
+    env = {
+        **os.environ,
+        "TIERWRITER_USER": "admin",
+        "TIERWRITER_PASSWORD": handle.password,
+        "ORCHESTRATOR_ADDRESS": handle.stack.orchestrator_address,
+    }
+    command = [sys.executable, "-m", "orchestrator_service.cli", "generate-batch", "-j", str(job)]
+    with subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as process:
+        try:
+            output = _Lines(process)
+            output.until("Saved (ID:")
+            process.send_signal(signal.SIGINT)
+            if presses == 2:
+                output.until("press Ctrl-C again")
+                process.send_signal(signal.SIGINT)
+            assert process.wait(timeout=60) == 130
+        finally:
+            if process.poll() is None:
+                process.kill()
+    rest = output.rest()
+    with OrchestratorClient(handle.stack.orchestrator_address, "admin", handle.password) as c:
+        deadline = time.monotonic() + 30
+        while (status := c.get_job(1).job.status) == "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    assert status == "cancelled"
+    if presses == 1:
+        assert "Summary (run stopped early)" in rest and "cancelled by admin" in rest
+    else:
+        assert "Left at once" in rest and "Summary" not in rest
+    assert sum(rows_by_status(handle.database_url, 1).values()) < 20

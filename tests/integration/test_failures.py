@@ -4,12 +4,24 @@ from __future__ import annotations
 
 from typing import Any
 
+import grpc
+import pytest
 from sqlalchemy import create_engine, text
 
 from generator_service.llm.simulator import SimulatorConfig
+from orchestrator_service.client import OrchestratorClient
 from orchestrator_service.console import event_lines
-from tests.helpers import TIER, articles_of, job_file, job_ids_of, rows_by_status, run_job
+from tests.helpers import (
+    TIER,
+    article_rows,
+    articles_of,
+    job_file,
+    job_ids_of,
+    rows_by_status,
+    run_job,
+)
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
+from tierwriter.runtime import ServiceCallError
 
 # Each way of failing on at least 10% of the calls; a stall outlives the client's timeout.
 CHAOS = SimulatorConfig(
@@ -92,3 +104,111 @@ def test_a_batch_of_200_under_a_failing_api_ends_with_one_record_each(
     lines = [line for event in events for line in event_lines(event)]
     assert any("API Error: Timed out, retrying in" in line for line in lines)
     assert any("Outline unusable" in line for line in lines)
+
+
+def _consume_until(stream: Any, predicate: Any) -> list[pb.JobEvent]:
+    events = []
+    for event in stream:
+        events.append(event)
+        if predicate(event, events):
+            break
+    return events
+
+
+def _saved(events: list[pb.JobEvent]) -> int:
+    return sum(
+        e.WhichOneof("event") == "article" and e.article.step == pb.ARTICLE_STEP_SAVED
+        for e in events
+    )
+
+
+def test_cancel_mid_job_then_resume_finishes_it_paying_once(start_stack) -> None:
+    handle = start_stack(simulator=SimulatorConfig(latency=0.05))
+    with OrchestratorClient(handle.stack.orchestrator_address, "admin", handle.password) as c:
+        stream = c.run_job(job_file({"tier1": tier(12), "tier2": tier(8)}, max_workers=2))
+        events = _consume_until(stream, lambda _e, seen: _saved(seen) >= 3)
+        job_id = job_ids_of(events)[0]
+        with pytest.raises(ServiceCallError) as running:
+            list(c.resume_job(job_id))
+        assert running.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "is running" in running.value.details
+        assert "is being cancelled" in c.cancel_job(job_id)
+        events += list(stream)
+        finished = events[-1].run_finished
+        assert not finished.ok and "cancelled by admin" in finished.error
+        job = c.get_job(job_id).job
+        assert job.status == "cancelled"
+        before = rows_by_status(handle.database_url, job_id)
+        assert 3 <= sum(before.values()) < 20
+        # Finished articles stay; nothing new started after the cancel except those in flight.
+        assert sum(before.values()) <= _saved(events) + 2
+
+        resumed = list(c.resume_job(job_id))
+    done = resumed[-1].run_finished
+    assert done.ok, done.error
+    assert resumed[0].job_started.resumed
+    rows = rows_by_status(handle.database_url, job_id)
+    assert sum(rows.values()) == 20 and duplicate_keys(handle.database_url, job_id) == 0
+    assert (done.summary.generated_articles + done.summary.augmented_articles) == 20
+    # Each article's outline was asked for exactly once over the two runs: nothing paid twice.
+    assert handle.stack.simulator.stats().by_kind["outline"] == 20
+    restarted = [a for a in articles_of(resumed) if a.step == pb.ARTICLE_STEP_STARTED]
+    assert len(restarted) == 20 - sum(before.values())
+
+
+def test_in_flight_articles_past_the_grace_period_are_recorded_cancelled_and_retried(
+    start_stack, monkeypatch
+) -> None:
+    monkeypatch.setenv("CANCEL_GRACE_SECONDS", "0.01")
+    handle = start_stack(simulator=SimulatorConfig(latency=0.3))
+    with OrchestratorClient(handle.stack.orchestrator_address, "admin", handle.password) as c:
+        stream = c.run_job(job_file({"tier1": tier(6)}, max_workers=3))
+        events = _consume_until(
+            stream,
+            lambda e, _s: (
+                e.WhichOneof("event") == "article"
+                and e.article.step == pb.ARTICLE_STEP_OUTLINE_STARTED
+            ),
+        )
+        job_id = job_ids_of(events)[0]
+        c.cancel_job(job_id)
+        events += list(stream)
+        rows = article_rows(handle.database_url, job_id)
+        cancelled = [r for r in rows if r["status"] == "failed"]
+        assert cancelled and all(
+            "ArticleCancelledError: cancelled: cancelled by admin" in r["error"] for r in cancelled
+        )
+        assert len(rows) <= 3  # only those in flight have records
+        resumed = list(c.resume_job(job_id, retry_failed=True))
+    assert resumed[-1].run_finished.ok, resumed[-1].run_finished.error
+    rows = article_rows(handle.database_url, job_id)
+    assert len(rows) == 6 and {r["status"] for r in rows} <= {"generated", "augmented"}
+    assert duplicate_keys(handle.database_url, job_id) == 0
+
+
+def test_a_job_left_running_by_a_dead_orchestrator_is_interrupted_then_resumed(
+    start_stack,
+) -> None:
+    handle = start_stack(simulator=SimulatorConfig(latency=0.0))
+    events, _ = run_job(handle, job_file({"tier1": tier(4)}))
+    job_id = job_ids_of(events)[0]
+    # What a killed orchestrator leaves behind: a job still marked running, records missing.
+    engine = create_engine(handle.database_url)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE jobs SET status = 'running' WHERE id = :j"), {"j": job_id})
+        connection.execute(
+            text("DELETE FROM generated_content WHERE job_id = :j AND article_index >= 2"),
+            {"j": job_id},
+        )
+    engine.dispose()
+    handle.stack.stop()
+    again = start_stack(simulator=SimulatorConfig(latency=0.0))  # same database
+    with OrchestratorClient(again.stack.orchestrator_address, "admin", again.password) as c:
+        listed = {j.job_id: j for j in c.list_jobs()}
+        assert listed[job_id].status == "interrupted"
+        assert "orchestrator stopped" in listed[job_id].error
+        resumed = list(c.resume_job(job_id))
+    assert resumed[-1].run_finished.ok
+    started = [a.article_index for a in articles_of(resumed) if a.step == pb.ARTICLE_STEP_STARTED]
+    assert sorted(started) == [2, 3]
+    assert sum(rows_by_status(again.database_url, job_id).values()) == 4
