@@ -1,0 +1,219 @@
+"""Crashes: each service runs as its own process, and one is killed with SIGKILL mid-job.
+Every requested article still ends as exactly one record, and nothing finished is paid twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from generator_service.llm.simulator import LlmSimulator, SimulatorConfig
+from orchestrator_service.client import OrchestratorClient
+from tests.helpers import articles_of, job_file, rows_by_status
+from tests.integration.test_failures import duplicate_keys
+from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
+
+MODULES = {
+    "persistence": "persistence_service",
+    "generator": "generator_service",
+    "orchestrator": "orchestrator_service",
+}
+PASSWORD = "crash-test-password"
+ARTICLES = 24
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Services:
+    """The three services as subprocesses on fixed loopback ports, started and killed by PID."""
+
+    def __init__(self, tmp: Path, database_url: str, simulator: LlmSimulator) -> None:
+        self.ports = {name: _free_port() for name in MODULES}
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+        self.env.update(
+            {f"{name.upper()}_ADDRESS": f"127.0.0.1:{port}" for name, port in self.ports.items()}
+        )
+        self.env.update(
+            DATABASE_URL=database_url,
+            TIERWRITER_ADMIN_PASSWORD=PASSWORD,
+            OPENAI_BASE_URL=simulator.base_url,
+            OPENAI_API_KEY="not-a-secret",
+            OUTPUT_DIR=str(tmp / "output"),
+            LOG_LEVEL="WARNING",
+        )
+        self.tmp = tmp
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def address(self, name: str) -> str:
+        return f"127.0.0.1:{self.ports[name]}"
+
+    def start(self, name: str) -> None:
+        log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 - the process owns it
+        self.processes[name] = subprocess.Popen(
+            [sys.executable, "-m", MODULES[name]],
+            cwd=self.tmp,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        with grpc.insecure_channel(self.address(name)) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=60, wait_for_ready=True
+            )
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+    def kill(self, name: str) -> None:
+        process = self.processes.pop(name)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+    def stop_all(self) -> None:
+        for name in list(self.processes):
+            process = self.processes.pop(name)
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture
+def services(tmp_path: Path, database_url: str) -> Iterator[tuple[Services, LlmSimulator]]:
+    with LlmSimulator(SimulatorConfig(latency=0.15)) as simulator:
+        running = Services(tmp_path, database_url, simulator)
+        try:
+            for name in ("persistence", "generator", "orchestrator"):
+                running.start(name)
+            yield running, simulator
+        finally:
+            running.stop_all()
+
+
+class Run:
+    """A RunJob consumed on a thread, so the test can kill things while it goes."""
+
+    def __init__(self, address: str, job: str) -> None:
+        self.events: list[pb.JobEvent] = []
+        self.error: BaseException | None = None
+        self._client = OrchestratorClient(address, "admin", PASSWORD)
+        self._thread = threading.Thread(target=self._consume, args=(job,), daemon=True)
+        self._thread.start()
+
+    def _consume(self, job: str) -> None:
+        try:
+            for event in self._client.run_job(job):
+                self.events.append(event)
+        except BaseException as e:  # the orchestrator dying ends the stream with an error
+            self.error = e
+
+    def saved(self) -> set[int]:
+        return {
+            a.article_index for a in articles_of(self.events) if a.step == pb.ARTICLE_STEP_SAVED
+        }
+
+    def wait_saved(self, count: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.saved()) < count:
+            assert time.monotonic() < deadline, f"fewer than {count} articles saved"
+            time.sleep(0.05)
+
+    def finish(self, timeout: float = 120) -> Any:
+        self._thread.join(timeout)
+        self._client.__exit__()
+        assert not self._thread.is_alive(), "the run did not end"
+        return self.events[-1].run_finished if self.events else None
+
+
+def _job() -> str:
+    tier1 = {"count": ARTICLES, "min_word_count": 300, "max_word_count": 400}
+    return job_file({"tier1": tier1}, max_workers=3)
+
+
+def test_a_killed_generator_is_waited_for_and_only_unrecorded_articles_are_resent(
+    services: tuple[Services, LlmSimulator], database_url: str
+) -> None:
+    running, _simulator = services
+    run = Run(running.address("orchestrator"), _job())
+    run.wait_saved(5)
+    running.kill("generator")
+    saved_before = run.saved()
+    time.sleep(1.0)
+    running.start("generator")
+    finished = run.finish()
+    assert finished is not None and finished.ok, (run.error, finished)
+
+    assert sum(rows_by_status(database_url, 1).values()) == ARTICLES
+    assert duplicate_keys(database_url, 1) == 0
+    notices = [e.notice.message for e in run.events if e.WhichOneof("event") == "notice"]
+    assert any("lost the generator" in n for n in notices), notices
+    # After the loss, no article saved before it was started again.
+    lost_at = next(i for i, e in enumerate(run.events) if e.WhichOneof("event") == "notice")
+    restarted = {
+        a.article_index
+        for a in articles_of(run.events[lost_at:])
+        if a.step == pb.ARTICLE_STEP_STARTED
+    }
+    assert restarted and not restarted & saved_before
+
+
+def test_a_killed_persistence_loses_nothing_and_saves_nothing_twice(
+    services: tuple[Services, LlmSimulator], database_url: str
+) -> None:
+    running, _simulator = services
+    run = Run(running.address("orchestrator"), _job())
+    run.wait_saved(5)
+    running.kill("persistence")
+    time.sleep(1.5)  # saves made meanwhile wait for it
+    running.start("persistence")
+    finished = run.finish()
+    assert finished is not None and finished.ok, (run.error, finished)
+    rows = rows_by_status(database_url, 1)
+    assert sum(rows.values()) == ARTICLES and duplicate_keys(database_url, 1) == 0
+    s = finished.summary
+    assert s.generated_articles + s.augmented_articles + s.failed_articles == ARTICLES
+
+
+def test_a_killed_orchestrator_leaves_the_job_interrupted_and_resume_pays_only_the_rest(
+    services: tuple[Services, LlmSimulator], database_url: str
+) -> None:
+    running, simulator = services
+    run = Run(running.address("orchestrator"), _job())
+    run.wait_saved(5)
+    running.kill("orchestrator")
+    run.finish()
+    assert run.error is not None  # the client saw its stream die
+    # The generator finishes what it had in flight (the stream's end starts nothing new).
+    deadline = time.monotonic() + 30
+    while simulator.stats().in_flight:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    recorded = sum(rows_by_status(database_url, 1).values())
+    assert 5 <= recorded < ARTICLES
+    outlines_before = simulator.stats().by_kind["outline"]
+
+    running.start("orchestrator")
+    with OrchestratorClient(running.address("orchestrator"), "admin", PASSWORD) as client:
+        assert client.get_job(1).job.status == "interrupted"
+        resumed = list(client.resume_job(1))
+    assert resumed[-1].run_finished.ok, resumed[-1].run_finished.error
+    assert sum(rows_by_status(database_url, 1).values()) == ARTICLES
+    assert duplicate_keys(database_url, 1) == 0
+    # Exactly the missing articles were generated: one outline call each, none twice.
+    assert simulator.stats().by_kind["outline"] - outlines_before == ARTICLES - recorded
