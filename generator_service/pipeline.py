@@ -291,6 +291,7 @@ class ArticlePipeline:
             batch.tier.count,
             stage,
             message,
+            exc_info=error,  # the traceback goes to the log (and the event), not the database
         )
         # The same record, minus any content written before the failure.
         failed = replace(

@@ -17,3 +17,5 @@ class Settings(ServiceSettings):
     # gRPC threads; also the PostgreSQL pool size, so a call never waits for a connection.
     persistence_threads: int = Field(32, ge=1, alias="PERSISTENCE_THREADS")
     admin_password: SecretStr | None = Field(None, alias="TIERWRITER_ADMIN_PASSWORD")
+    # At start, how long to wait for the database to answer (health NOT_SERVING meanwhile).
+    database_wait_seconds: float = Field(120.0, ge=0, alias="DATABASE_WAIT_SECONDS")

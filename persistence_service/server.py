@@ -2,21 +2,34 @@
 
 from __future__ import annotations
 
+import logging
+import time
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
+
 from persistence_service.config import Settings
+from persistence_service.migrate import upgrade_schema
 from persistence_service.servicer import PersistenceServicer
 from persistence_service.store import Store
 from persistence_service.unit_of_work import make_engine, make_session_factory
 from tierwriter import runtime
 from tierwriter.persistence.v1 import persistence_service_pb2_grpc as pb_grpc
 
+log = logging.getLogger(__name__)
 SERVICE_NAME = "tierwriter.persistence.v1.PersistenceService"
 
 
 def build_server(
-    settings: Settings, address: str | None = None
+    settings: Settings, address: str | None = None, wait_for_database: bool = False
 ) -> tuple[runtime.RunningServer, Store]:
-    """Open the database (creating missing tables) and start serving on `address`."""
-    engine = make_engine(settings.database_url, pool_size=settings.persistence_threads)
+    """Open the database, bring its schema up to date, and serve on `address`. With
+    `wait_for_database`, the server answers NOT_SERVING while the database is waited for (up to
+    DATABASE_WAIT_SECONDS), and the caller reports SERVING when it is ready (set_serving);
+    without, the database must answer now and the server is SERVING on return."""
+    engine = make_engine(
+        settings.database_url, pool_size=settings.persistence_threads, migrate=False
+    )
     store = Store(make_session_factory(engine))
     try:
         running = runtime.build_server(
@@ -30,11 +43,34 @@ def build_server(
             ],
             max_workers=settings.persistence_threads,
             closers=[engine.dispose],
+            serving=False,
         )
     except BaseException:
         engine.dispose()
         raise
+    try:
+        _migrate(engine, settings.database_wait_seconds if wait_for_database else 0.0)
+    except BaseException:
+        running.stop(0)
+        raise
+    if not wait_for_database:
+        running.set_serving()
     return running, store
+
+
+def _migrate(engine: Engine, wait_seconds: float) -> None:
+    """upgrade_schema, retried while the database does not answer, for up to `wait_seconds`."""
+    deadline, delay = time.monotonic() + wait_seconds, 0.5
+    while True:
+        try:
+            upgrade_schema(engine)
+            return
+        except OperationalError as e:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("the database does not answer yet (%s); trying again", e.orig)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 def bootstrap_admin(store: Store, settings: Settings) -> str | None:
@@ -47,8 +83,9 @@ def bootstrap_admin(store: Store, settings: Settings) -> str | None:
 def serve(settings: Settings) -> None:
     """Serve until SIGTERM/SIGINT, then stop gracefully."""
     runtime.configure_logging(settings.log_level)
-    running, store = build_server(settings)
+    running, store = build_server(settings, wait_for_database=True)
     generated = bootstrap_admin(store, settings)
     if generated:
         print(f"Created user 'admin' with generated password: {generated}", flush=True)
-    runtime.serve_until_stopped(running, "persistence_service")
+    # SERVING only once the admin exists and SIGTERM is handled.
+    runtime.serve_until_stopped(running, "persistence_service", on_ready=running.set_serving)

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import grpc
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from persistence_service.models import Article, Job, Project, Site, User
 from persistence_service.store import (
@@ -39,6 +40,10 @@ def _status_codes(context: grpc.ServicerContext) -> Iterator[None]:
         runtime.abort(context, grpc.StatusCode.ALREADY_EXISTS, str(e))
     except StateError as e:
         runtime.abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(e))
+    except (OperationalError, InterfaceError) as e:  # the database went away: worth a retry
+        runtime.abort(
+            context, grpc.StatusCode.UNAVAILABLE, f"the database is unavailable: {e.orig}"
+        )
     except AuthenticationError as e:
         runtime.abort(context, grpc.StatusCode.UNAUTHENTICATED, str(e))
 

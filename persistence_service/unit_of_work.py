@@ -13,8 +13,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from persistence_service.migrate import upgrade_schema
 
 
-def make_engine(database_url: str, pool_size: int) -> Engine:
-    """An engine for `database_url`, its schema migrated to the newest revision.
+def make_engine(database_url: str, pool_size: int, migrate: bool = True) -> Engine:
+    """An engine for `database_url`; with `migrate`, its schema brought to the newest revision
+    now (which needs the database to answer).
 
     SQLite gets WAL (readers never block the writer) and a busy timeout (writers queue instead of
     failing); PostgreSQL gets a pool as large as the server's thread pool, so no call waits."""
@@ -35,7 +36,8 @@ def make_engine(database_url: str, pool_size: int) -> Engine:
             cursor.close()
     else:
         engine = create_engine(url, pool_size=pool_size, max_overflow=4, pool_pre_ping=True)
-    upgrade_schema(engine)
+    if migrate:
+        upgrade_schema(engine)
     return engine
 
 

@@ -41,6 +41,11 @@ class RunningServer:
     # server has stopped, in reverse order of registration.
     closers: list[Callable[[], None]] = field(default_factory=list)
 
+    def set_serving(self) -> None:
+        """Report SERVING for every service (a server built with serving=False is ready now)."""
+        for name in [*self.service_names, ""]:
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
     def stop(self, grace: float = 5.0) -> None:
         """Report NOT_SERVING, let in-flight RPCs finish within `grace`, then release the rest."""
         self.health.enter_graceful_shutdown()
@@ -57,9 +62,11 @@ def build_server(
     max_workers: int,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     closers: Sequence[Callable[[], None]] = (),
+    serving: bool = True,
 ) -> RunningServer:
     """Bind `address` (port 0 picks a free one), register each (add_fn, servicer, full service
-    name) plus health and reflection, start, and mark every service SERVING."""
+    name) plus health and reflection, start, and mark every service SERVING — or, with
+    serving=False, NOT_SERVING until the caller's set_serving() (a dependency is not ready)."""
     executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc")
     server = grpc.server(
         executor,
@@ -83,9 +90,13 @@ def build_server(
             close()
         raise OSError(f"cannot listen on {address}: the address is taken or invalid")
     server.start()
-    for name in [*names, ""]:
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, health_servicer, port, names, executor, list(closers))
+    running = RunningServer(server, health_servicer, port, names, executor, list(closers))
+    if serving:
+        running.set_serving()
+    else:
+        for name in [*names, ""]:
+            health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    return running
 
 
 def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
@@ -95,8 +106,9 @@ def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) ->
     raise AssertionError("unreachable: ServicerContext.abort raises")
 
 
-def wait_for_stop_signal() -> None:
-    """Block until SIGTERM or SIGINT (Ctrl-C); the caller then stops its servers gracefully."""
+def wait_for_stop_signal(on_ready: Callable[[], None] | None = None) -> None:
+    """Block until SIGTERM or SIGINT (Ctrl-C); the caller then stops its servers gracefully.
+    `on_ready` runs once the signals are caught, e.g. to report SERVING only then."""
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -105,6 +117,8 @@ def wait_for_stop_signal() -> None:
 
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
+        if on_ready:
+            on_ready()
         while not stop.wait(0.5):
             pass
     finally:
@@ -112,11 +126,13 @@ def wait_for_stop_signal() -> None:
             signal.signal(s, handler)
 
 
-def serve_until_stopped(running: RunningServer, name: str) -> None:
+def serve_until_stopped(
+    running: RunningServer, name: str, on_ready: Callable[[], None] | None = None
+) -> None:
     """The body of every service's `serve`: run until SIGTERM/SIGINT, then stop gracefully."""
     log.info("%s listening on port %d", name, running.port)
     try:
-        wait_for_stop_signal()
+        wait_for_stop_signal(on_ready)
     finally:
         running.stop()
 

@@ -89,13 +89,15 @@ def test_concurrent_with_continue_on_error(start_stack) -> None:
     assert finished.summary.failed_articles == 3 and finished.summary.processed_jobs == 1
 
 
-def test_without_continue_on_error_the_run_stops_with_a_clear_error(start_stack) -> None:
+@pytest.mark.parametrize("workers", [1, 2, 50])
+def test_without_continue_on_error_the_run_stops_with_a_clear_error(start_stack, workers) -> None:
+    # The same behaviour with one worker or fifty: the 3rd outline fails, nothing new starts.
     handle = start_stack(simulator=SimulatorConfig(latency=0.05, garbage_outline_every=3))
     events, finished = run_job(
         handle,
         job_file(
-            {"tier1": tier(count=10), "tier2": tier(count=4)},
-            max_workers=2,
+            {"tier1": tier(count=60), "tier2": tier(count=4)},
+            max_workers=workers,
             continue_on_error=False,
         ),
     )

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
+import socketserver
 import subprocess
 import sys
+import threading
+import time
+import uuid
 from pathlib import Path
 
 import grpc
@@ -261,3 +266,78 @@ def test_the_container_health_probe_tells_serving_from_down(start_stack) -> None
         == 0
     )
     assert subprocess.run([*probe, f"127.0.0.1:{_free_port()}"], timeout=30).returncode == 1
+
+
+class _Forwarder(socketserver.ThreadingTCPServer):
+    """A TCP pipe from a loopback port to `upstream`: the database "comes up" when it starts."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, port: int, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        super().__init__(("127.0.0.1", port), _Pipe)
+
+
+class _Pipe(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        assert isinstance(self.server, _Forwarder)
+        with socket.create_connection(self.server.upstream) as upstream:
+
+            def pump(source: socket.socket, target: socket.socket) -> None:
+                try:
+                    while data := source.recv(65536):
+                        target.sendall(data)
+                except OSError:
+                    pass
+                finally:
+                    with contextlib.suppress(OSError):
+                        target.shutdown(socket.SHUT_WR)
+
+            back = threading.Thread(target=pump, args=(upstream, self.request), daemon=True)
+            back.start()
+            pump(self.request, upstream)
+            back.join()
+
+
+@pytest.mark.postgres
+def test_persistence_is_not_serving_until_its_database_answers(tmp_path: Path, postgres_server):
+    url = postgres_server.create_database(f"tw_{uuid.uuid4().hex[:12]}")
+    db_port, own_port = _free_port(), _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+    env.update(
+        DATABASE_URL=url.replace(f":{postgres_server.port}/", f":{db_port}/"),
+        PERSISTENCE_ADDRESS=f"127.0.0.1:{own_port}",
+        TIERWRITER_ADMIN_PASSWORD="pw-for-test",
+        DATABASE_WAIT_SECONDS="60",
+    )
+    with subprocess.Popen(
+        [sys.executable, "-m", "persistence_service"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as process:
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{own_port}") as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                request = health_pb2.HealthCheckRequest()
+                status = health.Check(request, timeout=30, wait_for_ready=True).status
+                assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+                with _Forwarder(db_port, (postgres_server.host, postgres_server.port)) as forwarder:
+                    threading.Thread(target=forwarder.serve_forever, daemon=True).start()
+                    deadline = time.monotonic() + 30
+                    while health.Check(request, timeout=5).status != (
+                        health_pb2.HealthCheckResponse.SERVING
+                    ):
+                        assert time.monotonic() < deadline, "never became SERVING"
+                        time.sleep(0.2)
+                    process.send_signal(signal.SIGTERM)
+                    assert process.wait(timeout=30) == 0
+                    forwarder.shutdown()
+        finally:
+            if process.poll() is None:
+                process.kill()
+        output = process.stdout.read() if process.stdout else ""
+    assert "the database does not answer yet" in output
