@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,3 +129,23 @@ def article_rows(database_url: str, job_id: int) -> list[dict[str, Any]]:
             return [dict(row) for row in rows]
     finally:
         engine.dispose()
+
+
+def wait_until_serving(address: str, timeout: float = 60.0) -> None:
+    """Block until the gRPC health service at `address` reports SERVING (a service may answer
+    NOT_SERVING first, e.g. persistence while its database is not ready)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"{address} did not become SERVING within {timeout}s"
+            status = health.Check(
+                health_pb2.HealthCheckRequest(), timeout=remaining, wait_for_ready=True
+            ).status
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                return
+            time.sleep(0.1)

@@ -14,13 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from generator_service.llm.simulator import LlmSimulator, SimulatorConfig
 from orchestrator_service.client import OrchestratorClient
-from tests.helpers import articles_of, job_file, rows_by_status
+from tests.helpers import articles_of, job_file, rows_by_status, wait_until_serving
 from tests.integration.test_failures import duplicate_keys
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 
@@ -72,11 +70,7 @@ class Services:
             stderr=subprocess.STDOUT,
         )
         log.close()
-        with grpc.insecure_channel(self.address(name)) as channel:
-            health = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=60, wait_for_ready=True
-            )
-        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        wait_until_serving(self.address(name))
 
     def kill(self, name: str) -> None:
         process = self.processes.pop(name)

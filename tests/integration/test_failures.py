@@ -61,7 +61,7 @@ def test_a_batch_of_200_under_a_failing_api_ends_with_one_record_each(
     start_stack, monkeypatch
 ) -> None:
     monkeypatch.setenv("LLM_TIMEOUT_SECONDS", "0.4")
-    monkeypatch.setenv("LLM_MAX_RETRIES", "6")
+    monkeypatch.setenv("LLM_MAX_RETRIES", "10")
     monkeypatch.setenv("LLM_BACKOFF_SECONDS", "0.01")
     monkeypatch.setenv("LLM_BACKOFF_MAX_SECONDS", "0.1")
     handle = start_stack(simulator=CHAOS)

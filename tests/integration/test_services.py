@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from generator_service.llm.simulator import SimulatorConfig
-from tests.helpers import job_file, rows_by_status, run_job
+from tests.helpers import job_file, rows_by_status, run_job, wait_until_serving
 from tierwriter.generator.v1 import generator_service_pb2 as gen_pb
 from tierwriter.generator.v1 import generator_service_pb2_grpc as gen_grpc
 from tierwriter.persistence.v1 import persistence_service_pb2 as db_pb
@@ -216,11 +216,7 @@ def test_sigterm_stops_a_service_gracefully(tmp_path: Path, module: str) -> None
         text=True,
     ) as process:
         try:
-            with grpc.insecure_channel(own) as channel:
-                health = health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(), timeout=30, wait_for_ready=True
-                )
-            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            wait_until_serving(own)
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=30) == 0
         finally:

@@ -59,6 +59,7 @@ def test_summary_shows_totals_rate_calls_and_time() -> None:
         completion_tokens=900,
         execution_seconds=12.34,
         output_dirs=["output/3"],
+        pages_written=9,
     )
     text = "\n".join(
         event_lines(pb.JobEvent(run_finished=pb.RunFinished(ok=True, summary=summary)))
