@@ -14,7 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from generator_service.llm.simulator import LlmSimulator, SimulatorConfig
 from orchestrator_service.client import OrchestratorClient
@@ -211,3 +213,30 @@ def test_a_killed_orchestrator_leaves_the_job_interrupted_and_resume_pays_only_t
     assert duplicate_keys(database_url, 1) == 0
     # Exactly the missing articles were generated: one outline call each, none twice.
     assert simulator.stats().by_kind["outline"] - outlines_before == ARTICLES - recorded
+
+
+def test_sigterm_on_the_generator_drains_it_and_the_job_still_completes(
+    services: tuple[Services, LlmSimulator], database_url: str
+) -> None:
+    running, _simulator = services
+    run = Run(running.address("orchestrator"), _job())
+    run.wait_saved(5)
+    process = running.processes.pop("generator")
+    process.send_signal(signal.SIGTERM)
+    # While it drains, its health says NOT_SERVING (or it is already gone).
+    with grpc.insecure_channel(running.address("generator")) as channel:
+        try:
+            status = (
+                health_pb2_grpc.HealthStub(channel)
+                .Check(health_pb2.HealthCheckRequest(), timeout=2)
+                .status
+            )
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAVAILABLE
+    assert process.wait(timeout=60) == 0
+    running.start("generator")
+    finished = run.finish()
+    assert finished is not None and finished.ok, (run.error, finished)
+    assert sum(rows_by_status(database_url, 1).values()) == ARTICLES
+    assert duplicate_keys(database_url, 1) == 0
