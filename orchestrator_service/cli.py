@@ -335,6 +335,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         latency=args.latency,
         garbage_outline_every=args.fail_every,
         short_outline_every=args.repair_every,
+        rate_limit_every=args.rate_limit_every,
+        rate_limit_retry_after_ms=500,
     )
     config = StackConfig.on_loopback(
         database_url=f"sqlite:///{DEMO_DATABASE}",
@@ -353,6 +355,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"The simulator returns a malformed outline for every {args.fail_every}th "
             "outline request,"
             " to show a failure being recorded while the rest of the batch goes on."
+        )
+    if args.rate_limit_every:
+        print(
+            f"Every {args.rate_limit_every}th model call is refused with 429 and Retry-After, to "
+            "show a retry."
         )
     if args.repair_every:
         print(
@@ -427,6 +434,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=7,
         metavar="N",
         help="every N-th outline has too few sections and gets a repair request; "
+        "0 for none (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--rate-limit-every",
+        type=int,
+        default=15,
+        metavar="N",
+        help="every N-th model call gets a 429 with Retry-After and is retried; "
         "0 for none (default: %(default)s)",
     )
     demo.set_defaults(handler=cmd_demo)

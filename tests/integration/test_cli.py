@@ -55,6 +55,7 @@ def test_demo_runs_end_to_end_with_no_setup(tmp_path: Path) -> None:
     ):
         assert line in out
     assert "Outline unusable" in out and "asking once more" in out
+    assert "API Error: Rate limit exceeded, retrying in" in out and "Retry successful" in out
     assert "[post-processing] Interlinking:" in out and "skipped tier" in out
     pages = article_pages(tmp_path / "output" / "demo")
     assert len(pages) == 14  # 15 articles, one failed on purpose
