@@ -117,6 +117,7 @@ class JobRunner:
         self._active: dict[threading.Thread, Cancellation] = {}  # running runs, by thread
         self._jobs: dict[int, Cancellation] = {}  # running jobs, by id
         self._recovered = False  # whether jobs left running by a dead orchestrator were marked
+        self._recovery_lock = threading.Lock()  # its own: recovery waits on persistence
 
     def validate(self, text: str) -> JobFile:
         """The job file, checked completely before anything is written: schema, then that every
@@ -151,7 +152,7 @@ class JobRunner:
         orchestrator starts or reports any job (a job runs only inside a live orchestrator;
         with one orchestrator per database, every job running before we started is orphaned).
         `tierwriter jobs resume ID` finishes them."""
-        with self._lock:
+        with self._recovery_lock:
             if self._recovered:
                 return
             for job_id in self._persistence.interrupt_running_jobs():
@@ -444,13 +445,18 @@ class JobRunner:
             related_searches=project.related_searches,
         )
         sites = spec.sites_of(tier)
-        records = {a.article_index: a for a in self._persistence.list_articles(job_id, tier_name)}
+        resuming = stored_titles is not None  # else the tier never started: it has no records
+        records = (
+            {a.article_index: a for a in self._persistence.list_articles(job_id, tier_name)}
+            if resuming
+            else {}
+        )
 
         # Titles: a new tier gets all of them; a resumed one keeps its own, and gets new ones
         # only for articles that failed at `titles` when those are retried.
         titles = list(stored_titles or [])
-        want = tier.count if stored_titles is None else 0
-        if stored_titles is not None and retry_failed:
+        want = 0 if resuming else tier.count
+        if resuming and retry_failed:
             want = sum(
                 1
                 for index, record in records.items()
@@ -463,7 +469,6 @@ class JobRunner:
             if made.failure:
                 yield self._tier_finished(job_id, tier_name)
                 return made
-        used_titles.extend(t for t in titles if t not in used_titles)
 
         # Exactly the articles that have no terminal record yet (and, retrying, the failed).
         def pending() -> list[int]:
@@ -487,7 +492,7 @@ class JobRunner:
             replace_failed=retry_failed,
         )
         failure = ""
-        todo = pending()
+        todo = pending() if resuming else list(range(len(titles)))
         for attempt in range(self._settings.generator_reconnect_attempts + 1):
             requests = [
                 gen_pb.ArticleRequest(
@@ -580,6 +585,7 @@ class JobRunner:
         )
         first_new = len(titles)
         titles.extend(made.titles)
+        used_titles.extend(made.titles)  # later tiers must differ from these too
         self._persistence.record_titles(
             db_pb.RecordTitlesRequest(
                 job_id=job.id,
