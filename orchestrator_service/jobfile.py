@@ -26,8 +26,21 @@ class JobFileError(ValueError):
     """A job file that cannot run; the message names each field and its problem."""
 
 
+# Control characters and unpaired surrogates: PostgreSQL refuses NUL, protobuf cannot encode a
+# lone surrogate, and neither belongs in a title, a keyword or a hostname.
+_UNPRINTABLE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    @field_validator("*")
+    @classmethod
+    def _printable(cls, value: Any) -> Any:
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str) and _UNPRINTABLE.search(text):
+                raise ValueError("contains a control character or an unpaired surrogate")
+        return value
 
 
 class ProjectSpec(_Strict):
