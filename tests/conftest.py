@@ -127,7 +127,7 @@ def start_stack(database_url: str, tmp_path: Path) -> Iterator[Callable[..., Sta
         config = StackConfig.on_loopback(
             database_url=overrides.pop("database_url", database_url),
             output_dir=tmp_path / f"output{len(started)}",
-            admin_password=password,
+            admin_password=overrides.pop("admin_password", password),
             **overrides,
         )
         stack = LocalStack(config).__enter__()

@@ -6,15 +6,18 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, inspect, text
 
-from generator_service.llm.simulator import SimulatorConfig
+from generator_service.llm.simulator import LlmSimulator, SimulatorConfig
 from orchestrator_service import cli
-from tests.helpers import TIER
+from orchestrator_service.client import OrchestratorClient
+from tests.helpers import TIER, job_file
+from tierwriter.runtime import ServiceCallError
 
 BASE: dict[str, Any] = {
     "project": {"name": "limits", "main_keyword": "cnc machining"},
@@ -136,3 +139,49 @@ def test_every_bad_job_file_is_rejected_naming_the_field_and_writes_nothing(
         assert expected in err, (n, text_[:80], err)
     assert _database_state(handle.database_url) == before
     assert handle.stack.simulator.stats().requests == 0
+
+
+API_KEY = "sk-test-RECOGNISABLE-api-key-5c1e7"
+ADMIN_PASSWORD = "pw-RECOGNISABLE-admin-9f2d4"
+
+
+def test_no_secret_reaches_logs_events_the_database_or_the_output(
+    start_stack, monkeypatch, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    caplog.set_level(logging.DEBUG)  # every level, the SDK's and gRPC's debug logs included
+    with LlmSimulator(SimulatorConfig(rate_limit_every=4, garbage_outline_every=3)) as simulator:
+        monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+        monkeypatch.setenv("OPENAI_BASE_URL", simulator.base_url)
+        monkeypatch.setenv("TIERWRITER_ADMIN_PASSWORD", ADMIN_PASSWORD)
+        handle = start_stack(admin_password=None)  # the password comes from the environment
+        with OrchestratorClient(handle.stack.orchestrator_address, "admin", ADMIN_PASSWORD) as c:
+            events = list(c.run_job(job_file({"tier1": {**TIER, "count": 4}})))
+            with pytest.raises(ServiceCallError) as denied:
+                OrchestratorClient(handle.stack.orchestrator_address, "admin", "wrong").list_jobs()
+        handle.stack.stop()
+    assert events[-1].run_finished.summary.requested_articles == 4
+    assert simulator.stats().rate_limited > 0  # retries happened and were logged
+    places = {
+        "logs": caplog.text,
+        "console": "".join(capsys.readouterr()),
+        "events": "\n".join(str(e) for e in events) + str(denied.value),
+        "database": str(_database_state_as_text(handle.database_url)),
+        "output": "\n".join(
+            p.read_text(errors="replace") for p in handle.output_dir.rglob("*") if p.is_file()
+        ),
+    }
+    for where, text_ in places.items():
+        for secret in (API_KEY, ADMIN_PASSWORD):
+            assert secret not in text_, f"{secret} leaked into the {where}"
+
+
+def _database_state_as_text(database_url: str) -> list[Any]:
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            return [
+                connection.execute(text(f"SELECT * FROM {table}")).all()
+                for table in sorted(inspect(connection).get_table_names())
+            ]
+    finally:
+        engine.dispose()
