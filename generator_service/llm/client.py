@@ -51,6 +51,15 @@ class EmptyReplyError(Exception):
     """The API answered without any text."""
 
 
+class ReplyTooLargeError(Exception):
+    """The API answered with more text than any tierwriter prompt asks for."""
+
+
+# Far beyond the longest reply tierwriter asks for (8,000 tokens of content, ~32,000 characters);
+# anything larger is refused before it is parsed, stored or rendered.
+MAX_REPLY_CHARS = 400_000
+
+
 class OpenAiLlm:
     """Any OpenAI-compatible endpoint (OpenAI, OpenRouter, vLLM, the simulator).
 
@@ -79,6 +88,11 @@ class OpenAiLlm:
         )
         if not response.choices or response.choices[0].message.content is None:
             raise EmptyReplyError(f"model {model!r} returned no text")
+        if len(response.choices[0].message.content) > MAX_REPLY_CHARS:
+            raise ReplyTooLargeError(
+                f"model {model!r} returned {len(response.choices[0].message.content):,} "
+                f"characters; at most {MAX_REPLY_CHARS:,} are accepted"
+            )
         usage = response.usage
         return Completion(
             text=response.choices[0].message.content,

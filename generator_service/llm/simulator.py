@@ -273,6 +273,8 @@ class SimulatorConfig:
     truncate_share: float = 0.0
     # The share of outline (and repair) requests answered with text that is not JSON.
     garbage_outline_share: float = 0.0
+    # Test hook: this many characters appended to every reply (a runaway model).
+    reply_padding: int = 0
 
 
 @dataclass
@@ -449,6 +451,7 @@ class LlmSimulator:
                 text = self._reply(kind, prompt, rng, outline_number)
         finally:
             self._leave()
+        text += " " * self.config.reply_padding
         finish_reason = "stop"
         if fault == "truncate":
             with self._lock:

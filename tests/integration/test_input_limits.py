@@ -185,3 +185,12 @@ def _database_state_as_text(database_url: str) -> list[Any]:
             ]
     finally:
         engine.dispose()
+
+
+def test_a_runaway_reply_is_refused_before_it_is_parsed(start_stack) -> None:
+    handle = start_stack(simulator=SimulatorConfig(reply_padding=500_000))
+    with OrchestratorClient(handle.stack.orchestrator_address, "admin", handle.password) as c:
+        events = list(c.run_job(job_file({"tier1": {**TIER, "count": 2}})))
+    ready = next(e.titles_ready for e in events if e.WhichOneof("event") == "titles_ready")
+    assert "ReplyTooLargeError" in ready.error and "at most 400,000 are accepted" in ready.error
+    assert events[-1].run_finished.summary.failed_articles == 2
