@@ -10,6 +10,7 @@ import grpc
 from tierwriter import runtime
 from tierwriter.generator.v1 import generator_service_pb2 as pb
 from tierwriter.generator.v1 import generator_service_pb2_grpc as pb_grpc
+from tierwriter.service_auth import token_metadata
 
 TITLES_DEADLINE = 600.0  # many title calls may queue behind a slow model
 # A stream carries a whole tier: long, but bounded, so a hung generator cannot hang a job forever.
@@ -28,8 +29,9 @@ TERMINAL_KINDS = frozenset(
 class GeneratorClient:
     """A channel to generator_service."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, service_token: str | None = None) -> None:
         self.address = address
+        self._metadata = token_metadata(service_token)
         self._channel = runtime.open_channel(address)
         self._stub = pb_grpc.GeneratorServiceStub(self._channel)
 
@@ -42,7 +44,9 @@ class GeneratorClient:
 
     def generate_titles(self, request: pb.GenerateTitlesRequest) -> pb.GenerateTitlesResponse:
         try:
-            return self._stub.GenerateTitles(request, timeout=TITLES_DEADLINE)
+            return self._stub.GenerateTitles(
+                request, timeout=TITLES_DEADLINE, metadata=self._metadata
+            )
         except grpc.RpcError as e:
             raise self._error(e) from e
 
@@ -76,7 +80,9 @@ class GeneratorClient:
                     yield pb.GenerateArticlesRequest(stop=stop_message)
                     return
 
-        responses = self._stub.GenerateArticles(requests(), timeout=ARTICLES_DEADLINE)
+        responses = self._stub.GenerateArticles(
+            requests(), timeout=ARTICLES_DEADLINE, metadata=self._metadata
+        )
         remaining = len(articles)
         try:
             for response in responses:

@@ -16,6 +16,7 @@ from generator_service.titles import TitleWriter
 from persistence_service.client import PersistenceClient
 from tierwriter import runtime
 from tierwriter.generator.v1 import generator_service_pb2_grpc as pb_grpc
+from tierwriter.service_auth import ServiceTokenInterceptor, required_token
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "tierwriter.generator.v1.GeneratorService"
@@ -44,7 +45,11 @@ def build_server(
     """Start serving on `address` (default GENERATOR_ADDRESS); articles are saved through
     PERSISTENCE_ADDRESS."""
     closers: list[Callable[[], None]] = []
-    persistence = PersistenceClient(settings.persistence_address)
+    listen = address or settings.generator_address
+    token = required_token(settings.service_token_value(), listen, "generator_service")
+    persistence = PersistenceClient(
+        settings.persistence_address, service_token=settings.service_token_value()
+    )
     closers.append(persistence.close)
     try:
         policy = RetryPolicy(
@@ -58,9 +63,10 @@ def build_server(
         )
         servicer = GeneratorServicer(pipeline, TitleWriter(model), settings.default_model)
         return runtime.build_server(
-            address or settings.generator_address,
+            listen,
             [(pb_grpc.add_GeneratorServiceServicer_to_server, servicer, SERVICE_NAME)],
             max_workers=settings.generator_threads,
+            interceptors=[ServiceTokenInterceptor(token, [SERVICE_NAME])] if token else [],
             closers=closers,
         )
     except BaseException:

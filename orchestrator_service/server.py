@@ -15,8 +15,9 @@ SERVICE_NAME = "tierwriter.orchestrator.v1.OrchestratorService"
 
 def build_server(settings: Settings, address: str | None = None) -> runtime.RunningServer:
     """Start serving on `address` (default ORCHESTRATOR_ADDRESS)."""
-    persistence = PersistenceClient(settings.persistence_address)
-    generator = GeneratorClient(settings.generator_address)
+    token = settings.service_token_value()
+    persistence = PersistenceClient(settings.persistence_address, service_token=token)
+    generator = GeneratorClient(settings.generator_address, service_token=token)
     try:
         runner = JobRunner(settings, persistence, generator)
         return runtime.build_server(

@@ -5,6 +5,7 @@ tierwriter this one way."""
 from __future__ import annotations
 
 import logging
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -22,6 +23,7 @@ from persistence_service.server import bootstrap_admin
 from persistence_service.server import build_server as build_persistence
 from persistence_service.store import Store
 from tierwriter import runtime
+from tierwriter.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,7 @@ class LocalStack:
     simulator: LlmSimulator | None = None
     store: Store | None = None
     admin_password_generated: str | None = None
+    service_token: str = ""  # what tests calling the internal services directly must present
     orchestrator_address: str = ""
     generator_address: str = ""
     persistence_address: str = ""
@@ -90,9 +93,13 @@ class LocalStack:
 
     def _start(self) -> None:
         c = self.config
+        # The three services trust each other by this token; generated unless SERVICE_TOKEN is
+        # set, so even the in-process stack refuses outside callers of its internal services.
+        token = SecretStr(ServiceSettings().service_token_value() or secrets.token_urlsafe(32))
+        self.service_token = token.get_secret_value()
         generator_settings = GeneratorSettings(
             **_given(  # type: ignore[arg-type]
-                word_count_compensation=c.word_count_compensation
+                word_count_compensation=c.word_count_compensation, service_token=token
             )
         )
         if c.simulator is not None or (
@@ -106,6 +113,7 @@ class LocalStack:
             **_given(  # type: ignore[arg-type]
                 database_url=c.database_url,
                 admin_password=SecretStr(c.admin_password) if c.admin_password else None,
+                service_token=token,
             )
         )
         persistence, self.store = build_persistence(persistence_settings, c.persistence_address)
@@ -127,6 +135,7 @@ class LocalStack:
                 concurrent_workers=c.concurrent_workers,
                 output_dir=c.output_dir,
                 templates_dir=c.templates_dir,
+                service_token=token,
             )
         )
         orchestrator_settings.generator_address = self.generator_address

@@ -10,6 +10,7 @@ import grpc
 from tierwriter import runtime
 from tierwriter.persistence.v1 import persistence_service_pb2 as pb
 from tierwriter.persistence.v1 import persistence_service_pb2_grpc as pb_grpc
+from tierwriter.service_auth import token_metadata
 
 R = TypeVar("R")
 # Argon2 verification and a job's stats are the slowest calls; neither takes near this long.
@@ -19,9 +20,12 @@ DEFAULT_DEADLINE = 30.0
 class PersistenceClient:
     """A channel to persistence_service and one method per RPC it is used for."""
 
-    def __init__(self, address: str, deadline: float = DEFAULT_DEADLINE) -> None:
+    def __init__(
+        self, address: str, deadline: float = DEFAULT_DEADLINE, service_token: str | None = None
+    ) -> None:
         self.address = address
         self._deadline = deadline
+        self._metadata = token_metadata(service_token)
         self._channel = runtime.open_channel(address)
         self._stub = pb_grpc.PersistenceServiceStub(self._channel)
 
@@ -29,7 +33,9 @@ class PersistenceClient:
         # wait_for_ready: a call made while persistence restarts waits for it (up to the
         # deadline) instead of failing at once.
         try:
-            return rpc(request, timeout=self._deadline, wait_for_ready=True)
+            return rpc(
+                request, timeout=self._deadline, wait_for_ready=True, metadata=self._metadata
+            )
         except grpc.RpcError as e:
             raise runtime.ServiceCallError("persistence_service", self.address, e) from e
 

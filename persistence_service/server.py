@@ -15,6 +15,7 @@ from persistence_service.store import Store
 from persistence_service.unit_of_work import make_engine, make_session_factory
 from tierwriter import runtime
 from tierwriter.persistence.v1 import persistence_service_pb2_grpc as pb_grpc
+from tierwriter.service_auth import ServiceTokenInterceptor, required_token
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "tierwriter.persistence.v1.PersistenceService"
@@ -27,13 +28,15 @@ def build_server(
     `wait_for_database`, the server answers NOT_SERVING while the database is waited for (up to
     DATABASE_WAIT_SECONDS), and the caller reports SERVING when it is ready (set_serving);
     without, the database must answer now and the server is SERVING on return."""
+    listen = address or settings.persistence_address
+    token = required_token(settings.service_token_value(), listen, "persistence_service")
     engine = make_engine(
         settings.database_url, pool_size=settings.persistence_threads, migrate=False
     )
     store = Store(make_session_factory(engine))
     try:
         running = runtime.build_server(
-            address or settings.persistence_address,
+            listen,
             [
                 (
                     pb_grpc.add_PersistenceServiceServicer_to_server,
@@ -42,6 +45,7 @@ def build_server(
                 )
             ],
             max_workers=settings.persistence_threads,
+            interceptors=[ServiceTokenInterceptor(token, [SERVICE_NAME])] if token else [],
             closers=[engine.dispose],
             serving=False,
         )

@@ -149,3 +149,46 @@ def wait_until_serving(address: str, timeout: float = 60.0) -> None:
             if status == health_pb2.HealthCheckResponse.SERVING:
                 return
             time.sleep(0.1)
+
+
+def internal_channel(address: str, service_token: str) -> Any:
+    """A channel to generator_service or persistence_service that presents the stack's service
+    token, as the other services do."""
+    import grpc
+
+    from tierwriter.service_auth import token_metadata
+
+    @dataclass(frozen=True)
+    class Details(grpc.ClientCallDetails):
+        method: str
+        timeout: float | None
+        metadata: Any
+        credentials: Any
+        wait_for_ready: bool | None
+        compression: Any
+
+    class WithToken(
+        grpc.UnaryUnaryClientInterceptor,
+        grpc.UnaryStreamClientInterceptor,
+        grpc.StreamUnaryClientInterceptor,
+        grpc.StreamStreamClientInterceptor,
+    ):
+        def _details(self, d: Any) -> Any:
+            metadata = [*(d.metadata or ()), *token_metadata(service_token)]
+            return Details(
+                d.method, d.timeout, metadata, d.credentials, d.wait_for_ready, d.compression
+            )
+
+        def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+            return continuation(self._details(details), request)
+
+        def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+            return continuation(self._details(details), request)
+
+        def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+            return continuation(self._details(details), requests)
+
+        def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+            return continuation(self._details(details), requests)
+
+    return grpc.intercept_channel(grpc.insecure_channel(address), WithToken())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -15,3 +15,9 @@ class ServiceSettings(BaseSettings):
     )
 
     log_level: str = Field("INFO", alias="LOG_LEVEL")
+    # Shared by the three services: generator and persistence answer only calls that carry it.
+    service_token: SecretStr | None = Field(None, alias="SERVICE_TOKEN")
+
+    def service_token_value(self) -> str | None:
+        """The token as text, for the clients and interceptors that need it (never logged)."""
+        return self.service_token.get_secret_value() if self.service_token else None

@@ -55,6 +55,7 @@ class Services:
             OPENAI_API_KEY="not-a-secret",
             OUTPUT_DIR=str(tmp / "output"),
             LOG_LEVEL="WARNING",
+            SERVICE_TOKEN="crash-test-service-token",
         )
         self.tmp = tmp
         self.processes: dict[str, subprocess.Popen[bytes]] = {}

@@ -20,11 +20,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from generator_service.llm.simulator import SimulatorConfig
-from tests.helpers import job_file, rows_by_status, run_job, wait_until_serving
+from tests.helpers import (
+    internal_channel,
+    job_file,
+    rows_by_status,
+    run_job,
+    wait_until_serving,
+)
 from tierwriter.generator.v1 import generator_service_pb2 as gen_pb
 from tierwriter.generator.v1 import generator_service_pb2_grpc as gen_grpc
 from tierwriter.persistence.v1 import persistence_service_pb2 as db_pb
 from tierwriter.persistence.v1 import persistence_service_pb2_grpc as db_grpc
+from tierwriter.service_auth import required_token, token_metadata
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = {
@@ -119,7 +126,7 @@ def test_generator_rejects_bad_streams_with_invalid_argument(
 ) -> None:
     handle = start_stack(simulator=SimulatorConfig())
     with (
-        grpc.insecure_channel(handle.stack.generator_address) as channel,
+        internal_channel(handle.stack.generator_address, handle.stack.service_token) as channel,
         pytest.raises(grpc.RpcError) as error,
     ):
         list(gen_grpc.GeneratorServiceStub(channel).GenerateArticles(iter(messages), timeout=10))
@@ -131,7 +138,7 @@ def test_generator_rejects_bad_streams_with_invalid_argument(
 def test_generator_rejects_a_bad_title_count(start_stack) -> None:
     handle = start_stack(simulator=SimulatorConfig())
     with (
-        grpc.insecure_channel(handle.stack.generator_address) as channel,
+        internal_channel(handle.stack.generator_address, handle.stack.service_token) as channel,
         pytest.raises(grpc.RpcError) as error,
     ):
         gen_grpc.GeneratorServiceStub(channel).GenerateTitles(
@@ -177,7 +184,7 @@ def test_generator_rejects_a_bad_title_count(start_stack) -> None:
 def test_persistence_maps_errors_to_status_codes(start_stack, call, code, problem) -> None:
     handle = start_stack(simulator=SimulatorConfig())
     with (
-        grpc.insecure_channel(handle.stack.persistence_address) as channel,
+        internal_channel(handle.stack.persistence_address, handle.stack.service_token) as channel,
         pytest.raises(grpc.RpcError) as error,
     ):
         call(db_grpc.PersistenceServiceStub(channel))
@@ -242,7 +249,7 @@ def test_generator_rejects_an_article_sent_twice_and_writes_it_once(start_stack)
         gen_pb.GenerateArticlesRequest(article=article),
     ]
     with (
-        grpc.insecure_channel(handle.stack.generator_address) as channel,
+        internal_channel(handle.stack.generator_address, handle.stack.service_token) as channel,
         pytest.raises(grpc.RpcError) as error,
     ):
         list(gen_grpc.GeneratorServiceStub(channel).GenerateArticles(iter(messages), timeout=30))
@@ -337,3 +344,51 @@ def test_persistence_is_not_serving_until_its_database_answers(tmp_path: Path, p
                 process.kill()
         output = process.stdout.read() if process.stdout else ""
     assert "the database does not answer yet" in output
+
+
+@pytest.mark.parametrize("token", [None, "a-wrong-token"])
+def test_internal_services_answer_only_the_other_services(start_stack, token) -> None:
+    handle = start_stack(simulator=SimulatorConfig())
+    metadata = token_metadata(token)
+    for address, call in [
+        (
+            handle.stack.persistence_address,
+            lambda channel: db_grpc.PersistenceServiceStub(channel).ListJobs(
+                db_pb.ListJobsRequest(), timeout=10, metadata=metadata
+            ),
+        ),
+        (
+            handle.stack.generator_address,
+            lambda channel: gen_grpc.GeneratorServiceStub(channel).GenerateTitles(
+                gen_pb.GenerateTitlesRequest(), timeout=10, metadata=metadata
+            ),
+        ),
+        (
+            handle.stack.generator_address,
+            lambda channel: list(
+                gen_grpc.GeneratorServiceStub(channel).GenerateArticles(
+                    iter([]), timeout=10, metadata=metadata
+                )
+            ),
+        ),
+    ]:
+        with grpc.insecure_channel(address) as channel:
+            with pytest.raises(grpc.RpcError) as error:
+                call(channel)
+            assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "answers only tierwriter's own services" in error.value.details()
+            # Health stays open for probes.
+            health = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=10
+            )
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert handle.stack.simulator.stats().requests == 0
+
+
+def test_a_service_listening_beyond_loopback_needs_a_service_token() -> None:
+    assert required_token(None, "127.0.0.1:50052", "generator_service") is None
+    assert required_token("t", "0.0.0.0:50052", "generator_service") == "t"
+    with pytest.raises(
+        ValueError, match=r"SERVICE_TOKEN must be set to listen on 0\.0\.0\.0:50053"
+    ):
+        required_token(None, "0.0.0.0:50053", "persistence_service")
