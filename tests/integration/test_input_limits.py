@@ -143,6 +143,7 @@ def test_every_bad_job_file_is_rejected_naming_the_field_and_writes_nothing(
 
 API_KEY = "sk-test-RECOGNISABLE-api-key-5c1e7"
 ADMIN_PASSWORD = "pw-RECOGNISABLE-admin-9f2d4"
+SERVICE_TOKEN = "st-RECOGNISABLE-service-token-77ab0"
 
 
 def test_no_secret_reaches_logs_events_the_database_or_the_output(
@@ -153,6 +154,7 @@ def test_no_secret_reaches_logs_events_the_database_or_the_output(
         monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
         monkeypatch.setenv("OPENAI_BASE_URL", simulator.base_url)
         monkeypatch.setenv("TIERWRITER_ADMIN_PASSWORD", ADMIN_PASSWORD)
+        monkeypatch.setenv("SERVICE_TOKEN", SERVICE_TOKEN)
         handle = start_stack(admin_password=None)  # the password comes from the environment
         with OrchestratorClient(handle.stack.orchestrator_address, "admin", ADMIN_PASSWORD) as c:
             events = list(c.run_job(job_file({"tier1": {**TIER, "count": 4}})))
@@ -171,7 +173,7 @@ def test_no_secret_reaches_logs_events_the_database_or_the_output(
         ),
     }
     for where, text_ in places.items():
-        for secret in (API_KEY, ADMIN_PASSWORD):
+        for secret in (API_KEY, ADMIN_PASSWORD, SERVICE_TOKEN):
             assert secret not in text_, f"{secret} leaked into the {where}"
 
 
