@@ -32,7 +32,6 @@ class Published:
 
     article_id: int
     tier: int  # 1, 2, …
-    index: int
     site: str
     slug: str
     url: str

@@ -142,7 +142,6 @@ class JobPublisher:
                 Published(
                     a.id,
                     tier_number(a.tier),
-                    a.article_index,
                     a.site,
                     publish.slug_of(urls[a.id]),
                     urls[a.id],

@@ -409,16 +409,7 @@ class JobRunner:
         if spec.project_id is not None:
             return self._persistence.get_project(spec.project_id)
         assert spec.project is not None
-        p = spec.project
-        return self._persistence.ensure_project(
-            db_pb.Project(
-                name=p.name,
-                main_keyword=p.main_keyword,
-                entities=p.entities,
-                related_searches=p.related_searches,
-                money_site_url=p.money_site_url,
-            )
-        )
+        return self._persistence.ensure_project(db_pb.Project(**spec.project.model_dump()))
 
     def _run_tier(
         self,
@@ -446,11 +437,11 @@ class JobRunner:
         )
         sites = spec.sites_of(tier)
         resuming = stored_titles is not None  # else the tier never started: it has no records
-        records = (
-            {a.article_index: a for a in self._persistence.list_articles(job_id, tier_name)}
-            if resuming
-            else {}
-        )
+
+        def stored_now() -> dict[int, db_pb.Article]:
+            return {a.article_index: a for a in self._persistence.list_articles(job_id, tier_name)}
+
+        records = stored_now() if resuming else {}
 
         # Titles: a new tier gets all of them; a resumed one keeps its own, and gets new ones
         # only for articles that failed at `titles` when those are retried.
@@ -471,15 +462,11 @@ class JobRunner:
                 return made
 
         # Exactly the articles that have no terminal record yet (and, retrying, the failed).
-        def pending() -> list[int]:
-            current = {
-                a.article_index: a.status
-                for a in self._persistence.list_articles(job_id, tier_name)
-            }
+        def pending(stored: dict[int, db_pb.Article]) -> list[int]:
             return [
                 i
                 for i in range(len(titles))
-                if i not in current or (retry_failed and current[i] == "failed")
+                if i not in stored or (retry_failed and stored[i].status == "failed")
             ]
 
         settings = gen_pb.BatchSettings(
@@ -492,7 +479,8 @@ class JobRunner:
             replace_failed=retry_failed,
         )
         failure = ""
-        todo = pending() if resuming else list(range(len(titles)))
+        # Read before the titles: records they add replace failed ones, so the set is the same.
+        todo = pending(records)
         for attempt in range(self._settings.generator_reconnect_attempts + 1):
             requests = [
                 gen_pb.ArticleRequest(
@@ -543,7 +531,7 @@ class JobRunner:
                     )
                 )
                 cancellation.event.wait(delay)
-                todo = pending()  # what the lost generator saved is not generated again
+                todo = pending(stored_now())  # what the lost generator saved is not redone
                 yield pb.JobEvent(
                     notice=pb.Notice(
                         job_id=job_id,

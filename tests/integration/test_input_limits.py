@@ -106,6 +106,10 @@ def _database_state(database_url: str) -> Any:
             p.name: hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(path.parent.glob(path.name + "*"))
         }
+    return _rows_of_every_table(database_url)
+
+
+def _rows_of_every_table(database_url: str) -> dict[str, Any]:
     engine = create_engine(database_url)
     try:
         with engine.connect() as connection:
@@ -167,7 +171,7 @@ def test_no_secret_reaches_logs_events_the_database_or_the_output(
         "logs": caplog.text,
         "console": "".join(capsys.readouterr()),
         "events": "\n".join(str(e) for e in events) + str(denied.value),
-        "database": str(_database_state_as_text(handle.database_url)),
+        "database": str(_rows_of_every_table(handle.database_url)),
         "output": "\n".join(
             p.read_text(errors="replace") for p in handle.output_dir.rglob("*") if p.is_file()
         ),
@@ -175,18 +179,6 @@ def test_no_secret_reaches_logs_events_the_database_or_the_output(
     for where, text_ in places.items():
         for secret in (API_KEY, ADMIN_PASSWORD, SERVICE_TOKEN):
             assert secret not in text_, f"{secret} leaked into the {where}"
-
-
-def _database_state_as_text(database_url: str) -> list[Any]:
-    engine = create_engine(database_url)
-    try:
-        with engine.connect() as connection:
-            return [
-                connection.execute(text(f"SELECT * FROM {table}")).all()
-                for table in sorted(inspect(connection).get_table_names())
-            ]
-    finally:
-        engine.dispose()
 
 
 def test_a_runaway_reply_is_refused_before_it_is_parsed(start_stack) -> None:

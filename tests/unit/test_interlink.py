@@ -22,7 +22,6 @@ def articles(tier: int, count: int, sites: tuple[str, ...] = ("a.net", "b.net"))
         Published(
             article_id=tier * 1000 + i,
             tier=tier,
-            index=i,
             site=sites[i % len(sites)],
             slug=f"t{tier}-{i}",
             url=f"https://{sites[i % len(sites)]}/t{tier}-{i}.html",

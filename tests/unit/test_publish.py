@@ -47,14 +47,8 @@ def test_scripts_handlers_and_javascript_urls_do_not_survive() -> None:
 
 
 def test_title_is_escaped_and_body_is_sanitised_in_the_page() -> None:
-    page = render_article(
-        template_environment(None).get_template(ARTICLE_TEMPLATE),
-        title="<img src=x onerror=alert(1)>",
-        body="<h2>Ok</h2><p>Fine <b>bold</b></p><script>x()</script>",
-        keyword="k",
-        site="a.com",
-        url="https://a.com/p.html",
-        tier="tier1",
+    page = _page(
+        "<img src=x onerror=alert(1)>", "<h2>Ok</h2><p>Fine <b>bold</b></p><script>x()</script>"
     )
     assert "<img" not in page and "&lt;img" in page
     assert "<script>x()" not in page and "<h2>Ok</h2>" in page
