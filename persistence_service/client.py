@@ -55,12 +55,13 @@ class PersistenceClient:
     def create_project(self, project: pb.Project) -> pb.Project:
         return self._call(self._stub.CreateProject, pb.CreateProjectRequest(project=project))
 
-    def get_project(self, project_id: int = 0, name: str = "") -> pb.Project:
-        request = pb.GetProjectRequest(project_id=project_id, name=name)
+    def get_project(self, project_id: int = 0, name: str = "", owner: str = "") -> pb.Project:
+        request = pb.GetProjectRequest(project_id=project_id, name=name, owner=owner)
         return self._call(self._stub.GetProject, request)
 
-    def list_projects(self) -> list[pb.Project]:
-        return list(self._call(self._stub.ListProjects, pb.ListProjectsRequest()).projects)
+    def list_projects(self, owner: str = "") -> list[pb.Project]:
+        request = pb.ListProjectsRequest(owner=owner)
+        return list(self._call(self._stub.ListProjects, request).projects)
 
     def project_titles(self, project_id: int, exclude_job_id: int = 0) -> list[str]:
         request = pb.ListProjectTitlesRequest(project_id=project_id, exclude_job_id=exclude_job_id)
@@ -69,8 +70,8 @@ class PersistenceClient:
     def ensure_sites(self, sites: list[pb.Site]) -> list[pb.Site]:
         return list(self._call(self._stub.EnsureSites, pb.EnsureSitesRequest(sites=sites)).sites)
 
-    def list_sites(self) -> list[pb.Site]:
-        return list(self._call(self._stub.ListSites, pb.ListSitesRequest()).sites)
+    def list_sites(self, owner: str = "") -> list[pb.Site]:
+        return list(self._call(self._stub.ListSites, pb.ListSitesRequest(owner=owner)).sites)
 
     def create_job(self, request: pb.CreateJobRequest) -> pb.Job:
         return self._call(self._stub.CreateJob, request)
@@ -92,8 +93,9 @@ class PersistenceClient:
     def get_job(self, job_id: int) -> pb.Job:
         return self._call(self._stub.GetJob, pb.GetJobRequest(job_id=job_id))
 
-    def list_jobs(self, limit: int = 50) -> list[pb.Job]:
-        return list(self._call(self._stub.ListJobs, pb.ListJobsRequest(limit=limit)).jobs)
+    def list_jobs(self, limit: int = 50, owner: str = "") -> list[pb.Job]:
+        request = pb.ListJobsRequest(limit=limit, owner=owner)
+        return list(self._call(self._stub.ListJobs, request).jobs)
 
     def save_article(
         self, article: pb.Article, replace_failed: bool = False
@@ -127,3 +129,24 @@ class PersistenceClient:
     def verify_credentials(self, username: str, password: str) -> pb.User:
         request = pb.VerifyCredentialsRequest(username=username, password=password)
         return self._call(self._stub.VerifyCredentials, request)
+
+    def create_user(self, username: str, password: str, role: str) -> pb.User:
+        request = pb.CreateUserRequest(username=username, password=password, role=role)
+        return self._call(self._stub.CreateUser, request)
+
+    def get_user(self, username: str) -> pb.User:
+        return self._call(self._stub.GetUser, pb.GetUserRequest(username=username))
+
+    def list_users(self) -> list[pb.User]:
+        return list(self._call(self._stub.ListUsers, pb.ListUsersRequest()).users)
+
+    def set_user_active(self, username: str, active: bool) -> pb.User:
+        request = pb.SetUserActiveRequest(username=username, active=active)
+        return self._call(self._stub.SetUserActive, request)
+
+    def set_password(self, username: str, password: str) -> pb.User:
+        request = pb.SetPasswordRequest(username=username, password=password)
+        return self._call(self._stub.SetPassword, request)
+
+    def stored_secret(self, name: str) -> str:
+        return self._call(self._stub.GetStoredSecret, pb.GetStoredSecretRequest(name=name)).value

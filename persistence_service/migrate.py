@@ -33,12 +33,31 @@ def alembic_config(connection: Connection) -> Config:
 
 def upgrade_schema(engine: Engine) -> None:
     """Bring the database to the newest schema, in one transaction."""
-    with engine.begin() as connection:
-        if connection.dialect.name == "postgresql":
-            connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
-        config = alembic_config(connection)
-        tables = set(inspect(connection).get_table_names())
-        if "alembic_version" not in tables and "jobs" in tables:
-            log.info("database from the first release: marking it as revision %s", FIRST_RELEASE)
-            command.stamp(config, FIRST_RELEASE)
-        command.upgrade(config, "head")
+    with engine.connect() as connection:
+        sqlite = connection.dialect.name == "sqlite"
+        if sqlite:
+            # SQLite changes a constraint by rebuilding the table, which foreign keys pointing at
+            # it would refuse; its documented procedure turns them off (only possible outside a
+            # transaction) and checks them all before they are on again.
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()  # ends SQLAlchemy's autobegun transaction; the pragma holds
+        try:
+            with connection.begin():
+                _upgrade(connection)
+                if sqlite and connection.exec_driver_sql("PRAGMA foreign_key_check").first():
+                    raise RuntimeError("the migration left records pointing at nothing")
+        finally:
+            if sqlite:
+                connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+                connection.commit()
+
+
+def _upgrade(connection: Connection) -> None:
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
+    config = alembic_config(connection)
+    tables = set(inspect(connection).get_table_names())
+    if "alembic_version" not in tables and "jobs" in tables:
+        log.info("database from the first release: marking it as revision %s", FIRST_RELEASE)
+        command.stamp(config, FIRST_RELEASE)
+    command.upgrade(config, "head")

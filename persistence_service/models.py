@@ -34,12 +34,15 @@ class Base(DeclarativeBase):
 
 
 class Project(Base):
-    """The subject a job's articles are about; found again by its unique name."""
+    """The subject a job's articles are about; its owner finds it again by name (names are unique
+    per owner, so two users never see or block each other's)."""
 
     __tablename__ = "projects"
+    __table_args__ = (UniqueConstraint("owner", "name", name="uq_project_owner_name"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(200), unique=True)
+    owner: Mapped[str] = mapped_column(String(200), default="")
+    name: Mapped[str] = mapped_column(String(200))
     main_keyword: Mapped[str] = mapped_column(String(500))
     entities: Mapped[list[str]] = mapped_column(JSON, default=list)
     related_searches: Mapped[list[str]] = mapped_column(JSON, default=list)
@@ -131,4 +134,15 @@ class User(Base):
     password_hash: Mapped[str] = mapped_column(String(500))
     role: Mapped[str] = mapped_column(String(20), default="user")
     active: Mapped[bool] = mapped_column(default=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class StoredSecret(Base):
+    """A secret the services generated once and share through the database (the token signing
+    secret when TOKEN_SIGNING_SECRET is not set)."""
+
+    __tablename__ = "service_secrets"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -11,14 +11,18 @@ from sqlalchemy.orm import Session
 from persistence_service.models import Article, Job, Project, Site, User
 
 
-def project_by_name(session: Session, name: str) -> Project | None:
-    """The project with this unique name, if any."""
-    return session.scalars(select(Project).where(Project.name == name)).one_or_none()
+def project_by_name(session: Session, owner: str, name: str) -> Project | None:
+    """The owner's project with this name (unique per owner), if any."""
+    query = select(Project).where(Project.owner == owner, Project.name == name)
+    return session.scalars(query).one_or_none()
 
 
-def all_projects(session: Session) -> Sequence[Project]:
-    """Every project, by name."""
-    return session.scalars(select(Project).order_by(Project.name)).all()
+def projects_of(session: Session, owner: str) -> Sequence[Project]:
+    """The owner's projects (everyone's when `owner` is empty), by name."""
+    query = select(Project).order_by(Project.name, Project.owner)
+    if owner:
+        query = query.where(Project.owner == owner)
+    return session.scalars(query).all()
 
 
 def jobs_of_project(session: Session, project_id: int) -> Sequence[Job]:
@@ -32,9 +36,13 @@ def sites_by_hostname(session: Session, sites: Sequence[tuple[str, str]]) -> Seq
     return session.scalars(select(Site).where(Site.hostname.in_(hostnames))).all()
 
 
-def all_sites(session: Session) -> Sequence[Site]:
-    """Every site, by hostname."""
-    return session.scalars(select(Site).order_by(Site.hostname)).all()
+def sites_of(session: Session, owner: str) -> Sequence[Site]:
+    """The sites the owner's jobs have records on (every site when `owner` is empty)."""
+    query = select(Site).order_by(Site.hostname)
+    if owner:
+        used = select(Article.site).join(Job, Job.id == Article.job_id).where(Job.owner == owner)
+        query = query.where(Site.hostname.in_(used))
+    return session.scalars(query).all()
 
 
 def articles_by_ids(session: Session, article_ids: Sequence[int]) -> Sequence[Article]:
@@ -72,9 +80,12 @@ def jobs_with_status(session: Session, status: str) -> Sequence[Job]:
     return session.scalars(select(Job).where(Job.status == status).order_by(Job.id)).all()
 
 
-def recent_jobs(session: Session, limit: int) -> Sequence[Job]:
-    """Jobs, newest first."""
-    return session.scalars(select(Job).order_by(Job.id.desc()).limit(limit)).all()
+def recent_jobs(session: Session, limit: int, owner: str = "") -> Sequence[Job]:
+    """The owner's jobs (everyone's when `owner` is empty), newest first."""
+    query = select(Job).order_by(Job.id.desc()).limit(limit)
+    if owner:
+        query = query.where(Job.owner == owner)
+    return session.scalars(query).all()
 
 
 def jobs_by_ids(session: Session, job_ids: Sequence[int]) -> Sequence[Job]:
@@ -82,9 +93,23 @@ def jobs_by_ids(session: Session, job_ids: Sequence[int]) -> Sequence[Job]:
     return session.scalars(select(Job).where(Job.id.in_(job_ids)).order_by(Job.id)).all()
 
 
-def user_by_name(session: Session, username: str) -> User | None:
+def user_by_name(session: Session, username: str, for_update: bool = False) -> User | None:
     """The user with this unique name, if any."""
-    return session.scalars(select(User).where(User.username == username)).one_or_none()
+    query = select(User).where(User.username == username)
+    if for_update:
+        query = query.with_for_update()
+    return session.scalars(query).one_or_none()
+
+
+def all_users(session: Session) -> Sequence[User]:
+    """Every user, by name."""
+    return session.scalars(select(User).order_by(User.username)).all()
+
+
+def active_admins(session: Session) -> int:
+    """How many admin accounts are active."""
+    query = select(func.count(User.id)).where(User.role == "admin", User.active.is_(True))
+    return int(session.scalar(query) or 0)
 
 
 def admin_exists(session: Session) -> bool:

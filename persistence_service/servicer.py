@@ -57,17 +57,30 @@ def project_to_proto(p: Project) -> pb.Project:
         entities=p.entities,
         related_searches=p.related_searches,
         money_site_url=p.money_site_url,
+        owner=p.owner,
     )
 
 
 def project_fields(p: pb.Project) -> dict[str, Any]:
     """The storable fields of a Project message (`id` is not taken)."""
     return dict(
+        owner=p.owner,
         name=p.name.strip(),
         main_keyword=p.main_keyword.strip(),
         entities=list(p.entities),
         related_searches=list(p.related_searches),
         money_site_url=p.money_site_url.strip(),
+    )
+
+
+def user_to_proto(u: User) -> pb.User:
+    """A User row as its message (never the hash)."""
+    return pb.User(
+        id=u.id,
+        username=u.username,
+        role=u.role,
+        active=u.active,
+        created_at=u.created_at.timestamp(),
     )
 
 
@@ -162,13 +175,16 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
                 context, grpc.StatusCode.INVALID_ARGUMENT, "give project_id or name of a project"
             )
         return project_to_proto(
-            self._call(context, lambda: self._store.get_project(request.project_id, request.name))
+            self._call(
+                context,
+                lambda: self._store.get_project(request.project_id, request.name, request.owner),
+            )
         )
 
     def ListProjects(
         self, request: pb.ListProjectsRequest, context: grpc.ServicerContext
     ) -> pb.ListProjectsResponse:
-        projects = self._call(context, self._store.list_projects)
+        projects = self._call(context, lambda: self._store.list_projects(request.owner))
         return pb.ListProjectsResponse(projects=[project_to_proto(p) for p in projects])
 
     def ListProjectTitles(
@@ -190,7 +206,7 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
     def ListSites(
         self, request: pb.ListSitesRequest, context: grpc.ServicerContext
     ) -> pb.ListSitesResponse:
-        sites = self._call(context, self._store.list_sites)
+        sites = self._call(context, lambda: self._store.list_sites(request.owner))
         return pb.ListSitesResponse(sites=[site_to_proto(s) for s in sites])
 
     def CreateJob(self, request: pb.CreateJobRequest, context: grpc.ServicerContext) -> pb.Job:
@@ -250,7 +266,9 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
     def ListJobs(
         self, request: pb.ListJobsRequest, context: grpc.ServicerContext
     ) -> pb.ListJobsResponse:
-        jobs = self._call(context, lambda: self._store.list_jobs(request.limit or 50))
+        jobs = self._call(
+            context, lambda: self._store.list_jobs(request.limit or 50, request.owner)
+        )
         return pb.ListJobsResponse(jobs=[job_to_proto(j) for j in jobs])
 
     def SaveArticle(
@@ -329,4 +347,45 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
         user: User = self._call(
             context, lambda: self._store.verify_credentials(request.username, request.password)
         )
-        return pb.User(id=user.id, username=user.username, role=user.role)
+        return user_to_proto(user)
+
+    def CreateUser(self, request: pb.CreateUserRequest, context: grpc.ServicerContext) -> pb.User:
+        return user_to_proto(
+            self._call(
+                context,
+                lambda: self._store.create_user(request.username, request.password, request.role),
+            )
+        )
+
+    def GetUser(self, request: pb.GetUserRequest, context: grpc.ServicerContext) -> pb.User:
+        return user_to_proto(self._call(context, lambda: self._store.get_user(request.username)))
+
+    def ListUsers(
+        self, request: pb.ListUsersRequest, context: grpc.ServicerContext
+    ) -> pb.ListUsersResponse:
+        users = self._call(context, self._store.list_users)
+        return pb.ListUsersResponse(users=[user_to_proto(u) for u in users])
+
+    def SetUserActive(
+        self, request: pb.SetUserActiveRequest, context: grpc.ServicerContext
+    ) -> pb.User:
+        return user_to_proto(
+            self._call(
+                context, lambda: self._store.set_user_active(request.username, request.active)
+            )
+        )
+
+    def SetPassword(self, request: pb.SetPasswordRequest, context: grpc.ServicerContext) -> pb.User:
+        return user_to_proto(
+            self._call(
+                context, lambda: self._store.set_password(request.username, request.password)
+            )
+        )
+
+    def GetStoredSecret(
+        self, request: pb.GetStoredSecretRequest, context: grpc.ServicerContext
+    ) -> pb.GetStoredSecretResponse:
+        if not request.name:
+            runtime.abort(context, grpc.StatusCode.INVALID_ARGUMENT, "name: must not be empty")
+        value = self._call(context, lambda: self._store.stored_secret(request.name))
+        return pb.GetStoredSecretResponse(value=value)

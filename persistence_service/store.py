@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from persistence_service.models import (
     Job,
     Project,
     Site,
+    StoredSecret,
     User,
     utcnow,
 )
@@ -48,6 +50,32 @@ class StateError(Exception):
 
 class AuthenticationError(Exception):
     """Username and password do not match an active user."""
+
+
+ROLES = ("admin", "user")
+# Usernames appear in logs, paths of nothing, and messages: a plain, printable alphabet.
+USERNAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+# Argon2 hashes any length, but a megabyte password per login would be a cheap way to burn CPU.
+PASSWORD_MIN, PASSWORD_MAX = 8, 1024
+
+
+def check_username(username: str) -> None:
+    """InvalidRecordError naming the field unless `username` is 1-64 letters, digits, . _ @ -
+    (starting with a letter or digit)."""
+    if not USERNAME_PATTERN.fullmatch(username):
+        raise InvalidRecordError(
+            "username: 1-64 characters of letters, digits, '.', '_', '@' or '-', starting with "
+            "a letter or digit"
+        )
+
+
+def check_password(password: str) -> None:
+    """InvalidRecordError naming the field unless the password's length is within the limits
+    (the message never repeats the password)."""
+    if not PASSWORD_MIN <= len(password) <= PASSWORD_MAX:
+        raise InvalidRecordError(
+            f"password: must be {PASSWORD_MIN} to {PASSWORD_MAX} characters long"
+        )
 
 
 @dataclass
@@ -95,13 +123,13 @@ class Store:
     # Projects -------------------------------------------------------------------------------
 
     def ensure_project(self, fields: dict[str, Any]) -> Project:
-        """The project named fields["name"], created from `fields` if it does not exist yet.
-
-        Two jobs racing to create the same project both get the one that won."""
+        """fields["owner"]'s project named fields["name"], created from `fields` if it does not
+        exist yet. Two jobs racing to create the same project both get the one that won."""
         if not fields.get("name"):
             raise InvalidRecordError("project.name: must not be empty")
+        owner = fields.get("owner", "")
         with self._uow() as uow:
-            existing = repository.project_by_name(uow.session, fields["name"])
+            existing = repository.project_by_name(uow.session, owner, fields["name"])
             if existing is not None:
                 return existing
             project = Project(**fields)
@@ -112,7 +140,7 @@ class Store:
             except IntegrityError as e:
                 conflict = e  # most likely another call created it between our read and insert
         with self._uow() as uow:
-            found = repository.project_by_name(uow.session, fields["name"])
+            found = repository.project_by_name(uow.session, owner, fields["name"])
             if found is None:
                 raise InvalidRecordError(f"project: not stored: {conflict.orig}") from conflict
             return found
@@ -132,23 +160,24 @@ class Store:
                 raise ConflictError(f"project {fields['name']!r} already exists") from e
             return project
 
-    def get_project(self, project_id: int = 0, name: str = "") -> Project:
-        """One project by id, or by name when the id is 0; NotFoundError names what was asked."""
+    def get_project(self, project_id: int = 0, name: str = "", owner: str = "") -> Project:
+        """One project by id, or by `owner`'s project name when the id is 0; NotFoundError names
+        what was asked."""
         with self._uow() as uow:
             if project_id:
                 project = uow.session.get(Project, project_id)
                 wanted = str(project_id)
             else:
-                project = repository.project_by_name(uow.session, name)
+                project = repository.project_by_name(uow.session, owner, name)
                 wanted = repr(name)
             if project is None:
                 raise NotFoundError(f"project {wanted} does not exist")
             return project
 
-    def list_projects(self) -> Sequence[Project]:
-        """Every project, by name."""
+    def list_projects(self, owner: str = "") -> Sequence[Project]:
+        """The owner's projects (everyone's when `owner` is empty), by name."""
         with self._uow() as uow:
-            return repository.all_projects(uow.session)
+            return repository.projects_of(uow.session, owner)
 
     def project_titles(self, project_id: int, exclude_job_id: int = 0) -> list[str]:
         """The titles of the project's jobs (but `exclude_job_id`), oldest job first."""
@@ -188,10 +217,11 @@ class Store:
                 return [stored[hostname] for hostname, _ in sites]
         raise InvalidRecordError(f"sites: not stored: {conflict.orig}") from conflict
 
-    def list_sites(self) -> Sequence[Site]:
-        """Every site, by hostname."""
+    def list_sites(self, owner: str = "") -> Sequence[Site]:
+        """The sites the owner's jobs have records on (every site when `owner` is empty), by
+        hostname."""
         with self._uow() as uow:
-            return repository.all_sites(uow.session)
+            return repository.sites_of(uow.session, owner)
 
     # Jobs -----------------------------------------------------------------------------------
 
@@ -275,10 +305,10 @@ class Store:
         with self._uow() as uow:
             return self._job(uow.session, job_id)
 
-    def list_jobs(self, limit: int) -> Sequence[Job]:
-        """Jobs, newest first."""
+    def list_jobs(self, limit: int, owner: str = "") -> Sequence[Job]:
+        """The owner's jobs (everyone's when `owner` is empty), newest first."""
         with self._uow() as uow:
-            return repository.recent_jobs(uow.session, limit)
+            return repository.recent_jobs(uow.session, limit, owner)
 
     @staticmethod
     def _job(session: Session, job_id: int, for_update: bool = False) -> Job:
@@ -428,24 +458,85 @@ class Store:
             return generated
 
     def create_user(self, username: str, password: str, role: str = "user") -> User:
-        """A new active user with an argon2 hash of `password`."""
-        if not username or not password:
-            raise InvalidRecordError("username and password: must not be empty")
+        """A new active user with an argon2 hash of `password`; ConflictError when the name is
+        taken."""
+        check_username(username)
+        check_password(password)
+        if role not in ROLES:
+            raise InvalidRecordError(f"role: must be one of {', '.join(ROLES)}, not {role!r}")
         with self._uow() as uow:
             user = User(username=username, password_hash=_hasher.hash(password), role=role)
             uow.session.add(user)
             try:
                 uow.commit()
             except IntegrityError as e:
-                raise InvalidRecordError(f"username: {username!r} is taken") from e
+                raise ConflictError(f"user {username!r} already exists") from e
             return user
+
+    def get_user(self, username: str) -> User:
+        """One user by name, active or not; NotFoundError otherwise."""
+        with self._uow() as uow:
+            return self._user(uow.session, username)
+
+    def list_users(self) -> Sequence[User]:
+        """Every user, by name."""
+        with self._uow() as uow:
+            return repository.all_users(uow.session)
+
+    def set_user_active(self, username: str, active: bool) -> User:
+        """Enable or disable an account. StateError rather than disable the last active admin:
+        nobody could manage users after that."""
+        with self._uow() as uow:
+            user = self._user(uow.session, username, for_update=True)
+            last_admin = user.role == "admin" and repository.active_admins(uow.session) <= 1
+            if not active and user.active and last_admin:
+                raise StateError(f"{username!r} is the last active admin; make another admin first")
+            user.active = active
+            uow.commit()
+            return user
+
+    def set_password(self, username: str, password: str) -> User:
+        """Replace a user's password (its argon2 hash)."""
+        check_password(password)
+        with self._uow() as uow:
+            user = self._user(uow.session, username, for_update=True)
+            user.password_hash = _hasher.hash(password)
+            uow.commit()
+            return user
+
+    @staticmethod
+    def _user(session: Session, username: str, for_update: bool = False) -> User:
+        user = repository.user_by_name(session, username, for_update)
+        if user is None:
+            raise NotFoundError(f"user {username!r} does not exist")
+        return user
+
+    # Secrets --------------------------------------------------------------------------------
+
+    def stored_secret(self, name: str) -> str:
+        """The secret stored under `name`, generated and stored by the first caller. Concurrent
+        first callers all get the one that was stored."""
+        for _attempt in range(2):
+            with self._uow() as uow:
+                found = uow.session.get(StoredSecret, name)
+                if found is not None:
+                    return found.value
+                value = secrets.token_urlsafe(48)
+                uow.session.add(StoredSecret(name=name, value=value))
+                try:
+                    uow.commit()
+                    log.info("generated and stored the secret %r", name)  # its name, not value
+                    return value
+                except IntegrityError:
+                    continue  # another replica stored one first: read theirs
+        raise StateError(f"secret {name!r}: could not be stored")
 
     def verify_credentials(self, username: str, password: str) -> User:
         """The active user with these credentials; AuthenticationError otherwise (the message
         does not say which part was wrong)."""
         with self._uow() as uow:
             user = repository.user_by_name(uow.session, username)
-            if user is None or not user.active:
+            if user is None or not user.active or len(password) > PASSWORD_MAX:
                 _hasher.hash(password)  # spend the same time as a real check
                 raise AuthenticationError("invalid username or password")
             try:

@@ -79,6 +79,10 @@ def test_a_first_release_database_is_upgraded_with_its_records(tmp_path: Path) -
         articles = Store(make_session_factory(upgraded)).list_articles(1)
         assert [(a.url, a.html) for a in articles] == [("https://a.net/t.html", ""), ("", "")]
         assert Store(make_session_factory(upgraded)).get_job(1).title_shortfall == 0
+        # The project now belongs to whoever ran its first job.
+        assert Store(make_session_factory(upgraded)).get_project(name="p", owner="admin").id == 1
+        with upgraded.connect() as connection:  # foreign keys are enforced again afterwards
+            assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
         upgrade_schema(upgraded)  # a second start changes nothing
         assert inspect(upgraded).has_table("sites")
     finally:

@@ -10,6 +10,7 @@ from persistence_service.store import (
     ConflictError,
     InvalidRecordError,
     NotFoundError,
+    StateError,
     Store,
 )
 from persistence_service.unit_of_work import make_engine, make_session_factory
@@ -121,6 +122,55 @@ def test_a_project_name_is_created_once(store: Store) -> None:
     assert [p.name for p in store.list_projects()] == ["cnc"]
     with pytest.raises(NotFoundError, match="project 'nope' does not exist"):
         store.get_project(name="nope")
+
+
+def test_project_names_are_unique_per_owner(store: Store) -> None:
+    mine = store.create_project({"owner": "ann", "name": "cnc", "main_keyword": "k"})
+    theirs = store.create_project({"owner": "bob", "name": "cnc", "main_keyword": "k"})
+    assert mine.id != theirs.id
+    again = store.ensure_project({"owner": "bob", "name": "cnc", "main_keyword": "x"})
+    assert again.id == theirs.id
+    assert store.get_project(name="cnc", owner="ann").id == mine.id
+    assert [p.owner for p in store.list_projects("bob")] == ["bob"]
+    assert len(store.list_projects()) == 2
+
+
+def test_users_are_created_disabled_and_given_new_passwords(store: Store) -> None:
+    store.ensure_admin("admin-password")
+    store.create_user("ann", "first-password")
+    with pytest.raises(ConflictError, match="'ann' already exists"):
+        store.create_user("ann", "other-password")
+    with pytest.raises(InvalidRecordError, match=r"^username: "):
+        store.create_user("../etc", "first-password")
+    with pytest.raises(InvalidRecordError, match=r"^password: must be 8 to 1024") as short:
+        store.create_user("bea", "short")
+    assert "short" not in str(short.value).replace("8 to 1024 characters", "")
+    with pytest.raises(InvalidRecordError, match=r"^role: "):
+        store.create_user("bea", "long-enough", role="root")
+
+    store.set_password("ann", "second-password")
+    with pytest.raises(AuthenticationError):
+        store.verify_credentials("ann", "first-password")
+    assert store.verify_credentials("ann", "second-password").username == "ann"
+
+    store.set_user_active("ann", False)
+    with pytest.raises(AuthenticationError):
+        store.verify_credentials("ann", "second-password")
+    assert [(u.username, u.active) for u in store.list_users()] == [
+        ("admin", True),
+        ("ann", False),
+    ]
+    with pytest.raises(StateError, match="last active admin"):
+        store.set_user_active("admin", False)
+    with pytest.raises(NotFoundError, match="'zed' does not exist"):
+        store.set_password("zed", "whatever-password")
+
+
+def test_a_stored_secret_is_generated_once_even_when_asked_concurrently(store: Store) -> None:
+    with ThreadPoolExecutor(8) as pool:
+        values = set(pool.map(lambda _: store.stored_secret("token-signing"), range(16)))
+    assert len(values) == 1
+    assert len(values.pop()) >= 48
 
 
 def test_project_titles_come_from_the_other_jobs(store: Store) -> None:

@@ -141,6 +141,36 @@ class PersistenceServiceStub:
                 request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.VerifyCredentialsRequest.SerializeToString,
                 response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.User.FromString,
                 _registered_method=True)
+        self.CreateUser = channel.unary_unary(
+                '/tierwriter.persistence.v1.PersistenceService/CreateUser',
+                request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.CreateUserRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.User.FromString,
+                _registered_method=True)
+        self.GetUser = channel.unary_unary(
+                '/tierwriter.persistence.v1.PersistenceService/GetUser',
+                request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetUserRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.User.FromString,
+                _registered_method=True)
+        self.ListUsers = channel.unary_unary(
+                '/tierwriter.persistence.v1.PersistenceService/ListUsers',
+                request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListUsersRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListUsersResponse.FromString,
+                _registered_method=True)
+        self.SetUserActive = channel.unary_unary(
+                '/tierwriter.persistence.v1.PersistenceService/SetUserActive',
+                request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetUserActiveRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.User.FromString,
+                _registered_method=True)
+        self.SetPassword = channel.unary_unary(
+                '/tierwriter.persistence.v1.PersistenceService/SetPassword',
+                request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetPasswordRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.User.FromString,
+                _registered_method=True)
+        self.GetStoredSecret = channel.unary_unary(
+                '/tierwriter.persistence.v1.PersistenceService/GetStoredSecret',
+                request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetStoredSecretRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetStoredSecretResponse.FromString,
+                _registered_method=True)
 
 
 class PersistenceServiceServicer:
@@ -297,6 +327,49 @@ class PersistenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateUser(self, request, context):
+        """Creates an active user; ALREADY_EXISTS if the name is taken, INVALID_ARGUMENT naming the
+        field for a bad username, password or role.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUser(self, request, context):
+        """Returns one user, active or not; NOT_FOUND if there is none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListUsers(self, request, context):
+        """Lists users, by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetUserActive(self, request, context):
+        """Enables or disables a user; FAILED_PRECONDITION rather than disable the last active admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPassword(self, request, context):
+        """Replaces a user's password.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStoredSecret(self, request, context):
+        """Returns the secret stored under a name, generating and storing it on the first call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PersistenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -404,6 +477,36 @@ def add_PersistenceServiceServicer_to_server(servicer, server):
                     servicer.VerifyCredentials,
                     request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.VerifyCredentialsRequest.FromString,
                     response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.User.SerializeToString,
+            ),
+            'CreateUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateUser,
+                    request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.CreateUserRequest.FromString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.User.SerializeToString,
+            ),
+            'GetUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUser,
+                    request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetUserRequest.FromString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.User.SerializeToString,
+            ),
+            'ListUsers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUsers,
+                    request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListUsersRequest.FromString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListUsersResponse.SerializeToString,
+            ),
+            'SetUserActive': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetUserActive,
+                    request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetUserActiveRequest.FromString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.User.SerializeToString,
+            ),
+            'SetPassword': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPassword,
+                    request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetPasswordRequest.FromString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.User.SerializeToString,
+            ),
+            'GetStoredSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStoredSecret,
+                    request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetStoredSecretRequest.FromString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetStoredSecretResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -975,6 +1078,168 @@ class PersistenceService:
             '/tierwriter.persistence.v1.PersistenceService/VerifyCredentials',
             tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.VerifyCredentialsRequest.SerializeToString,
             tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.User.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.persistence.v1.PersistenceService/CreateUser',
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.CreateUserRequest.SerializeToString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.User.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.persistence.v1.PersistenceService/GetUser',
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetUserRequest.SerializeToString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.User.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUsers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.persistence.v1.PersistenceService/ListUsers',
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListUsersRequest.SerializeToString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListUsersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetUserActive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.persistence.v1.PersistenceService/SetUserActive',
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetUserActiveRequest.SerializeToString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.User.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPassword(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.persistence.v1.PersistenceService/SetPassword',
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetPasswordRequest.SerializeToString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.User.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStoredSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.persistence.v1.PersistenceService/GetStoredSecret',
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetStoredSecretRequest.SerializeToString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetStoredSecretResponse.FromString,
             options,
             channel_credentials,
             insecure,
