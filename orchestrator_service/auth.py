@@ -1,31 +1,274 @@
-"""Credentials on orchestrator calls: `authorization: Basic base64(username:password)` metadata."""
+"""Who is calling the orchestrator: credentials in call metadata (`authorization: Basic …` or
+`Bearer <token>`), short-lived signed session tokens, and a per-user brake on failed logins.
+No gRPC here: the servicer maps the errors below onto status codes."""
 
 from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Iterable
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import grpc
+import jwt
+
+from persistence_service.client import PersistenceClient
+from tierwriter.persistence.v1 import persistence_service_pb2 as db_pb
+from tierwriter.runtime import ServiceCallError
+
+log = logging.getLogger(__name__)
 
 METADATA_KEY = "authorization"
+SIGNING_SECRET_NAME = "token-signing"  # under this name persistence keeps a generated secret
+_ISSUER = "tierwriter"
+_ALGORITHM = "HS256"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The authenticated caller: admins act on everything, users on what they own."""
+
+    username: str
+    role: str
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+    def owns(self, owner: str) -> bool:
+        """Whether this caller may see and act on something `owner` owns."""
+        return self.is_admin or owner == self.username
+
+    @property
+    def scope(self) -> str:
+        """The owner filter for listings: empty (everyone's) for admins."""
+        return "" if self.is_admin else self.username
+
+
+@dataclass(frozen=True)
+class PasswordCredentials:
+    """A username and password from `Basic` metadata."""
+
+    username: str
+    password: str
+
+    def __repr__(self) -> str:  # never the password, should one ever be logged
+        return f"PasswordCredentials(username={self.username!r})"
+
+
+class NotAuthenticatedError(Exception):
+    """Missing, wrong, expired or forged credentials, or a disabled account; the message says
+    which and what to do (and never whether some other account exists)."""
+
+
+class ThrottledError(Exception):
+    """Too many failed logins for this username in a row; try again in `retry_after` seconds."""
+
+    def __init__(self, username: str, retry_after: float) -> None:
+        self.retry_after = retry_after
+        super().__init__(
+            f"too many failed logins for {username!r}: try again in {retry_after:.0f} s"
+        )
 
 
 def basic_credentials(username: str, password: str) -> tuple[tuple[str, str], ...]:
-    """Call metadata carrying the credentials."""
+    """Call metadata carrying a username and password."""
     token = base64.b64encode(f"{username}:{password}".encode()).decode()
     return ((METADATA_KEY, f"Basic {token}"),)
 
 
+def bearer_credentials(token: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying a session token from Login."""
+    return ((METADATA_KEY, f"Bearer {token}"),)
+
+
 def credentials_from_metadata(
     metadata: Iterable[tuple[str, str | bytes]],
-) -> tuple[str, str] | None:
-    """(username, password) from call metadata, or None when absent or malformed."""
+) -> PasswordCredentials | str | None:
+    """Password credentials, a bearer token (str), or None when absent or malformed."""
     for key, value in metadata:
-        if key != METADATA_KEY or not isinstance(value, str) or not value.startswith("Basic "):
+        if key != METADATA_KEY or not isinstance(value, str):
             continue
+        scheme, _, rest = value.partition(" ")
+        if scheme == "Bearer" and rest:
+            return rest
+        if scheme != "Basic":
+            return None
         try:
-            decoded = base64.b64decode(value[len("Basic ") :], validate=True).decode()
+            decoded = base64.b64decode(rest, validate=True).decode()
         except (binascii.Error, UnicodeDecodeError):
             return None
         username, sep, password = decoded.partition(":")
-        return (username, password) if sep and username else None
+        return PasswordCredentials(username, password) if sep and username else None
     return None
+
+
+class TokenSigner:
+    """Issues and checks HMAC-SHA256 signed JWTs naming a user, valid for `ttl_seconds`."""
+
+    def __init__(
+        self, secret: str, ttl_seconds: float, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._secret = secret
+        self._ttl = ttl_seconds
+        self._clock = clock
+
+    def issue(self, username: str) -> tuple[str, float]:
+        """(token, expiry as seconds since the epoch)."""
+        now = self._clock()
+        expires = now + self._ttl
+        claims = {"sub": username, "iss": _ISSUER, "iat": int(now), "exp": int(expires)}
+        return jwt.encode(claims, self._secret, algorithm=_ALGORITHM), float(int(expires))
+
+    def username(self, token: str) -> str:
+        """Whose token this is; NotAuthenticatedError when it expired or was not signed here
+        (wrong key, altered claims, `alg: none`, garbage)."""
+        try:
+            claims = jwt.decode(
+                token,
+                self._secret,
+                algorithms=[_ALGORITHM],
+                issuer=_ISSUER,
+                options={"require": ["sub", "iss", "iat", "exp"]},
+            )
+        except jwt.ExpiredSignatureError as e:
+            raise NotAuthenticatedError(
+                "your session token has expired: run `tierwriter login` again"
+            ) from e
+        except jwt.InvalidTokenError as e:
+            raise NotAuthenticatedError(
+                "invalid session token (not issued by this tierwriter): run `tierwriter login`"
+            ) from e
+        return str(claims["sub"])
+
+
+class LoginThrottle:
+    """Slows down password guessing per username: after `free_attempts` failures in a row, each
+    further attempt must wait a delay that doubles from `base_delay` up to `max_delay`. A
+    success clears the count. Usernames that do not exist are counted too (so the answer does
+    not tell them apart); the oldest entries are dropped beyond `max_tracked`."""
+
+    def __init__(
+        self,
+        free_attempts: int = 3,
+        base_delay: float = 1.0,
+        max_delay: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+        max_tracked: int = 10_000,
+    ) -> None:
+        self._free = free_attempts
+        self._base = base_delay
+        self._max = max_delay
+        self._clock = clock
+        self._max_tracked = max_tracked
+        self._lock = threading.Lock()
+        # username → (failures in a row, earliest time of the next attempt)
+        self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()
+
+    def retry_after(self, username: str) -> float:
+        """Seconds until `username` may try again; 0 when it may now."""
+        with self._lock:
+            _, not_before = self._failures.get(username, (0, 0.0))
+        return max(0.0, not_before - self._clock())
+
+    def failed(self, username: str) -> tuple[int, float]:
+        """Count a failure; (failures in a row, seconds before the next attempt)."""
+        with self._lock:
+            count = self._failures.pop(username, (0, 0.0))[0] + 1
+            delay = 0.0
+            if count >= self._free:
+                delay = min(self._max, self._base * 2 ** (count - self._free))
+            self._failures[username] = (count, self._clock() + delay)
+            while len(self._failures) > self._max_tracked:
+                self._failures.popitem(last=False)
+        return count, delay
+
+    def succeeded(self, username: str) -> None:
+        """Forget the user's failures."""
+        with self._lock:
+            self._failures.pop(username, None)
+
+
+class Authenticator:
+    """Turns call metadata into a Principal and passwords into session tokens. The signing
+    secret is TOKEN_SIGNING_SECRET, or one persistence generated and stores (fetched once)."""
+
+    def __init__(
+        self,
+        persistence: PersistenceClient,
+        signing_secret: str | None,
+        token_ttl_seconds: float,
+        throttle: LoginThrottle | None = None,
+    ) -> None:
+        self._persistence = persistence
+        self._secret = signing_secret
+        self._ttl = token_ttl_seconds
+        self._throttle = throttle or LoginThrottle()
+        self._signer: TokenSigner | None = None
+        self._signer_lock = threading.Lock()
+
+    def signer(self) -> TokenSigner:
+        """The token signer, built on first use (persistence may start after us)."""
+        with self._signer_lock:
+            if self._signer is None:
+                secret = self._secret or self._persistence.stored_secret(SIGNING_SECRET_NAME)
+                self._signer = TokenSigner(secret, self._ttl)
+            return self._signer
+
+    def check_password(self, username: str, password: str) -> db_pb.User:
+        """The active user with these credentials. ThrottledError while the user must wait;
+        NotAuthenticatedError otherwise (a failure is logged without the password)."""
+        wait = self._throttle.retry_after(username)
+        if wait > 0:
+            raise ThrottledError(username, wait)
+        try:
+            user = self._persistence.verify_credentials(username, password)
+        except ServiceCallError as e:
+            if e.code not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT):
+                raise
+            failures, delay = self._throttle.failed(username)
+            log.warning(
+                "failed login for %r (%d in a row); next attempt allowed in %.0f s",
+                username,
+                failures,
+                delay,
+            )
+            raise NotAuthenticatedError("invalid username or password") from e
+        self._throttle.succeeded(username)
+        return user
+
+    def login(self, username: str, password: str) -> tuple[str, float, db_pb.User]:
+        """(token, expiry, user) for valid credentials."""
+        user = self.check_password(username, password)
+        token, expires = self.signer().issue(user.username)
+        log.info("%r logged in", user.username)
+        return token, expires, user
+
+    def authenticate(self, metadata: Iterable[tuple[str, str | bytes]]) -> Principal:
+        """The caller named by the call's credentials. A token's account is looked up on every
+        call, so disabling a user takes effect at once."""
+        credentials = credentials_from_metadata(metadata)
+        if credentials is None:
+            raise NotAuthenticatedError(
+                "credentials required: run `tierwriter login`, or pass -u/-p "
+                "(or set TIERWRITER_USER and TIERWRITER_PASSWORD)"
+            )
+        if isinstance(credentials, PasswordCredentials):
+            user = self.check_password(credentials.username, credentials.password)
+        else:
+            username = self.signer().username(credentials)
+            try:
+                user = self._persistence.get_user(username)
+            except ServiceCallError as e:
+                if e.code != grpc.StatusCode.NOT_FOUND:
+                    raise
+                user = db_pb.User(active=False)
+            if not user.active:
+                raise NotAuthenticatedError(
+                    "the account of this session token is disabled: ask an admin"
+                )
+        return Principal(user.username, user.role)

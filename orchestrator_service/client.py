@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from orchestrator_service.auth import basic_credentials
+from orchestrator_service.auth import basic_credentials, bearer_credentials
 from tierwriter import runtime
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
@@ -48,12 +48,26 @@ class EventStream:
 
 
 class OrchestratorClient:
-    """A channel to the orchestrator with the caller's credentials on every call."""
+    """A channel to the orchestrator with the caller's credentials on every call: a session
+    `token` from Login, else `username` and `password` (none at all is fine for login()).
+    With `root_certificates` (PEM) the channel is TLS and trusts only them."""
 
-    def __init__(self, address: str, username: str, password: str) -> None:
+    def __init__(
+        self,
+        address: str,
+        username: str = "",
+        password: str = "",
+        *,
+        token: str = "",
+        root_certificates: bytes | None = None,
+    ) -> None:
         self.address = address
-        self._metadata = basic_credentials(username, password)
-        self._channel = runtime.open_channel(address)
+        self._metadata: tuple[tuple[str, str], ...] = ()
+        if token:
+            self._metadata = bearer_credentials(token)
+        elif username:
+            self._metadata = basic_credentials(username, password)
+        self._channel = runtime.open_channel(address, root_certificates)
         self._stub = pb_grpc.OrchestratorServiceStub(self._channel)
 
     def __enter__(self) -> OrchestratorClient:
@@ -111,3 +125,22 @@ class OrchestratorClient:
 
     def list_sites(self) -> list[pb.Site]:
         return list(self._call(self._stub.ListSites, pb.ListSitesRequest()).sites)
+
+    def login(self, username: str, password: str) -> pb.LoginResponse:
+        request = pb.LoginRequest(username=username, password=password)
+        return self._call(self._stub.Login, request)
+
+    def create_user(self, username: str, password: str, role: str = "user") -> pb.User:
+        request = pb.CreateUserRequest(username=username, password=password, role=role)
+        return self._call(self._stub.CreateUser, request)
+
+    def list_users(self) -> list[pb.User]:
+        return list(self._call(self._stub.ListUsers, pb.ListUsersRequest()).users)
+
+    def set_user_active(self, username: str, active: bool) -> pb.User:
+        request = pb.SetUserActiveRequest(username=username, active=active)
+        return self._call(self._stub.SetUserActive, request)
+
+    def set_password(self, username: str, password: str) -> pb.User:
+        request = pb.SetPasswordRequest(username=username, password=password)
+        return self._call(self._stub.SetPassword, request)

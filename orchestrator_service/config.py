@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 
 from tierwriter.settings import ServiceSettings
 
@@ -28,3 +28,23 @@ class Settings(ServiceSettings):
     # exponential backoff from 1 s, at most 30 s apart) before the job fails.
     generator_reconnect_attempts: int = Field(6, ge=0, le=30, alias="GENERATOR_RECONNECT_ATTEMPTS")
     orchestrator_threads: int = Field(16, ge=2, alias="ORCHESTRATOR_THREADS")
+    # Signs session tokens (HMAC-SHA256). Unset: persistence generates one once and keeps it, so
+    # every orchestrator replica on one database accepts the others' tokens.
+    token_signing_secret: SecretStr | None = Field(
+        None, min_length=32, alias="TOKEN_SIGNING_SECRET"
+    )
+    # How long a token from `tierwriter login` works.
+    token_ttl_seconds: int = Field(3600, ge=60, le=7 * 24 * 3600, alias="TOKEN_TTL_SECONDS")
+    # Serve TLS with this PEM certificate (chain) and key; both or neither.
+    tls_cert_file: Path | None = Field(None, alias="TLS_CERT_FILE")
+    tls_key_file: Path | None = Field(None, alias="TLS_KEY_FILE")
+
+    @model_validator(mode="after")
+    def _tls_needs_both_files(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("TLS_CERT_FILE and TLS_KEY_FILE: set both to serve TLS, or neither")
+        return self
+
+    def signing_secret_value(self) -> str | None:
+        """TOKEN_SIGNING_SECRET as text, for the token signer only (never logged)."""
+        return self.token_signing_secret.get_secret_value() if self.token_signing_secret else None

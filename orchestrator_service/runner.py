@@ -18,6 +18,7 @@ import grpc
 
 from generator_service.client import GeneratorClient
 from orchestrator_service import publish
+from orchestrator_service.auth import Principal
 from orchestrator_service.config import Settings
 from orchestrator_service.jobfile import JobFile, JobFileError, JobSpec, TierSpec, parse_job_file
 from orchestrator_service.postprocess import JobPublisher, write_atomically
@@ -119,9 +120,10 @@ class JobRunner:
         self._recovered = False  # whether jobs left running by a dead orchestrator were marked
         self._recovery_lock = threading.Lock()  # its own: recovery waits on persistence
 
-    def validate(self, text: str) -> JobFile:
+    def validate(self, text: str, caller: Principal) -> JobFile:
         """The job file, checked completely before anything is written: schema, then that every
-        project_id exists. JobFileError names the field and the problem."""
+        project_id names a project the caller owns. JobFileError names the field and the
+        problem (the same for someone else's project as for none)."""
         job_file = parse_job_file(text)
         for n, spec in enumerate(job_file.jobs):
             for site in spec.all_sites():
@@ -134,13 +136,15 @@ class JobRunner:
                     )
             if spec.project_id is not None:
                 try:
-                    self._persistence.get_project(spec.project_id)
+                    owner = self._persistence.get_project(spec.project_id).owner
                 except ServiceCallError as e:
-                    if e.code == grpc.StatusCode.NOT_FOUND:
-                        raise JobFileError(
-                            f"jobs[{n}].project_id: project {spec.project_id} does not exist"
-                        ) from e
-                    raise
+                    if e.code != grpc.StatusCode.NOT_FOUND:
+                        raise
+                    owner = None
+                if owner is None or not caller.owns(owner):
+                    raise JobFileError(
+                        f"jobs[{n}].project_id: you have no project {spec.project_id}"
+                    )
         return job_file
 
     def effective_workers(self, spec: JobSpec) -> int:
@@ -324,7 +328,7 @@ class JobRunner:
         job_ids: list[int],
     ) -> Iterator[pb.JobEvent]:
         try:
-            project = self._project(spec)
+            project = self._project(spec, owner)
             self._persistence.ensure_sites(
                 [db_pb.Site(hostname=s.hostname, template=s.template) for s in spec.all_sites()]
             )
@@ -405,11 +409,13 @@ class JobRunner:
         if error:
             raise JobStopped(f"job {job.id}: {error}")
 
-    def _project(self, spec: JobSpec) -> db_pb.Project:
+    def _project(self, spec: JobSpec, owner: str) -> db_pb.Project:
         if spec.project_id is not None:
             return self._persistence.get_project(spec.project_id)
         assert spec.project is not None
-        return self._persistence.ensure_project(db_pb.Project(**spec.project.model_dump()))
+        return self._persistence.ensure_project(
+            db_pb.Project(**spec.project.model_dump(), owner=owner)
+        )
 
     def _run_tier(
         self,

@@ -1,7 +1,9 @@
-"""OrchestratorServicer: authenticates, translates, and maps errors onto status codes."""
+"""OrchestratorServicer: authenticates, authorises, translates, and maps errors onto status
+codes."""
 
 from __future__ import annotations
 
+import logging
 import queue
 from collections import defaultdict
 from collections.abc import Iterator
@@ -9,7 +11,12 @@ from typing import NoReturn
 
 import grpc
 
-from orchestrator_service.auth import credentials_from_metadata
+from orchestrator_service.auth import (
+    Authenticator,
+    NotAuthenticatedError,
+    Principal,
+    ThrottledError,
+)
 from orchestrator_service.jobfile import JobFileError, parse_project_file
 from orchestrator_service.runner import CLIENT_GONE, Cancellation, JobRunner
 from persistence_service.client import PersistenceClient
@@ -18,6 +25,9 @@ from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 from tierwriter.persistence.v1 import persistence_service_pb2 as db_pb
 from tierwriter.runtime import ServiceCallError
+
+log = logging.getLogger(__name__)
+MAX_LIST_LIMIT = 1000
 
 # Codes of a dependency that a client of ours should see as they are; anything else means our
 # dependency is in trouble, which to our client is UNAVAILABLE.
@@ -44,7 +54,13 @@ def project_to_public(p: db_pb.Project) -> pb.Project:
         entities=p.entities,
         related_searches=p.related_searches,
         money_site_url=p.money_site_url,
+        owner=p.owner,
     )
+
+
+def user_to_public(u: db_pb.User) -> pb.User:
+    """A stored user as the public message."""
+    return pb.User(username=u.username, role=u.role, active=u.active, created_at=u.created_at)
 
 
 def job_info(
@@ -62,6 +78,7 @@ def job_info(
         finished_at=job.finished_at,
         api_calls=title_calls,
         tokens=title_tokens,
+        owner=job.owner,
     )
     for t in tiers:
         info.generated_articles += t.counts.generated
@@ -73,54 +90,91 @@ def job_info(
 
 
 class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
-    """The public API. Every method first checks the caller's credentials."""
+    """The public API. Every method but Login first checks who calls, then what they may touch."""
 
-    def __init__(self, runner: JobRunner, persistence: PersistenceClient) -> None:
+    def __init__(
+        self, runner: JobRunner, persistence: PersistenceClient, authenticator: Authenticator
+    ) -> None:
         self._runner = runner
         self._persistence = persistence
+        self._auth = authenticator
 
-    def _authenticate(self, context: grpc.ServicerContext) -> db_pb.User:
-        credentials = credentials_from_metadata(context.invocation_metadata())
-        if credentials is None:
-            runtime.abort(
-                context,
-                grpc.StatusCode.UNAUTHENTICATED,
-                "credentials required: pass -u/-p or set TIERWRITER_USER and TIERWRITER_PASSWORD",
-            )
+    def _authenticate(self, context: grpc.ServicerContext) -> Principal:
         try:
-            user = self._persistence.verify_credentials(*credentials)
+            principal = self._auth.authenticate(context.invocation_metadata())
             # Before any job is started or shown: jobs a dead orchestrator left running.
             self._runner.recover_interrupted()
-            return user
+            return principal
+        except NotAuthenticatedError as e:
+            runtime.abort(context, grpc.StatusCode.UNAUTHENTICATED, str(e))
+        except ThrottledError as e:
+            runtime.abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except ServiceCallError as e:
-            if e.code == grpc.StatusCode.UNAUTHENTICATED:
-                runtime.abort(
-                    context, grpc.StatusCode.UNAUTHENTICATED, "invalid username or password"
-                )
             _abort_for(context, e)
+
+    def _job(self, context: grpc.ServicerContext, caller: Principal, job_id: int) -> db_pb.Job:
+        """The job, if the caller may see it. To a user, someone else's job and a job that does
+        not exist get the same PERMISSION_DENIED: the answer does not tell them apart."""
+        if job_id <= 0:
+            runtime.abort(context, grpc.StatusCode.INVALID_ARGUMENT, "job_id: must be positive")
+        job: db_pb.Job | None = None
+        try:
+            job = self._persistence.get_job(job_id)
+        except ServiceCallError as e:
+            if e.code != grpc.StatusCode.NOT_FOUND or caller.is_admin:
+                _abort_for(context, e)
+        if job is None or not caller.owns(job.owner):
+            runtime.abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"job {job_id} is not one of your jobs: you can see and act on your own jobs only",
+            )
+        return job
+
+    @staticmethod
+    def _require_admin(context: grpc.ServicerContext, caller: Principal) -> None:
+        if not caller.is_admin:
+            runtime.abort(
+                context, grpc.StatusCode.PERMISSION_DENIED, "only an admin can manage users"
+            )
+
+    def Login(self, request: pb.LoginRequest, context: grpc.ServicerContext) -> pb.LoginResponse:
+        if not request.username or not request.password:
+            runtime.abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, "username and password: both required"
+            )
+        try:
+            token, expires_at, user = self._auth.login(request.username, request.password)
+        except NotAuthenticatedError as e:
+            runtime.abort(context, grpc.StatusCode.UNAUTHENTICATED, str(e))
+        except ThrottledError as e:
+            runtime.abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except ServiceCallError as e:
+            _abort_for(context, e)
+        return pb.LoginResponse(token=token, expires_at=expires_at, user=user_to_public(user))
 
     def RunJob(
         self, request: pb.RunJobRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.JobEvent]:
-        user = self._authenticate(context)
+        caller = self._authenticate(context)
         try:
-            job_file = self._runner.validate(request.job_file)
+            job_file = self._runner.validate(request.job_file, caller)
         except JobFileError as e:
             runtime.abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except ServiceCallError as e:
             _abort_for(context, e)
         cancellation = Cancellation()
         yield from self._stream(
-            context, self._runner.run(job_file, user.username, cancellation), cancellation
+            context, self._runner.run(job_file, caller.username, cancellation), cancellation
         )
 
     def ResumeJob(
         self, request: pb.ResumeJobRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.JobEvent]:
-        self._authenticate(context)
+        job = self._job(context, self._authenticate(context), request.job_id)
         cancellation = Cancellation()
         try:
-            events = self._runner.resume(request.job_id, request.retry_failed, cancellation)
+            events = self._runner.resume(job.id, request.retry_failed, cancellation)
         except ServiceCallError as e:
             _abort_for(context, e)
         yield from self._stream(context, events, cancellation)
@@ -142,16 +196,13 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     def CancelJob(
         self, request: pb.CancelJobRequest, context: grpc.ServicerContext
     ) -> pb.CancelJobResponse:
-        user = self._authenticate(context)
-        if self._runner.cancel(request.job_id, f"cancelled by {user.username}"):
+        caller = self._authenticate(context)
+        job = self._job(context, caller, request.job_id)
+        if self._runner.cancel(job.id, f"cancelled by {caller.username}"):
             return pb.CancelJobResponse(
-                message=f"job {request.job_id} is being cancelled: no new article starts; those "
+                message=f"job {job.id} is being cancelled: no new article starts; those "
                 "in flight finish (or stop after the grace period) and are recorded"
             )
-        try:
-            job = self._persistence.get_job(request.job_id)
-        except ServiceCallError as e:
-            _abort_for(context, e)
         runtime.abort(
             context,
             grpc.StatusCode.FAILED_PRECONDITION,
@@ -159,9 +210,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         )
 
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.GetJobResponse:
-        self._authenticate(context)
+        job = self._job(context, self._authenticate(context), request.job_id)
         try:
-            job = self._persistence.get_job(request.job_id)
             stats = self._persistence.job_stats([job.id])
             project = self._persistence.get_project(job.project_id).name
         except ServiceCallError as e:
@@ -188,9 +238,15 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     def ListJobs(
         self, request: pb.ListJobsRequest, context: grpc.ServicerContext
     ) -> pb.ListJobsResponse:
-        self._authenticate(context)
+        caller = self._authenticate(context)
+        if not 0 <= request.limit <= MAX_LIST_LIMIT:
+            runtime.abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"limit: must be 1 to {MAX_LIST_LIMIT} (0 means 50)",
+            )
         try:
-            jobs = self._persistence.list_jobs(request.limit or 50)
+            jobs = self._persistence.list_jobs(request.limit or 50, caller.scope)
             if not jobs:
                 return pb.ListJobsResponse()
             stats = self._persistence.job_stats([j.id for j in jobs])
@@ -219,15 +275,14 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     def PublishJob(
         self, request: pb.PublishJobRequest, context: grpc.ServicerContext
     ) -> pb.PublishJobResponse:
-        self._authenticate(context)
+        job = self._job(context, self._authenticate(context), request.job_id)
+        if job.status == "running":
+            runtime.abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"job {job.id} is still running: it is published when its articles are done",
+            )
         try:
-            job = self._persistence.get_job(request.job_id)
-            if job.status == "running":
-                runtime.abort(
-                    context,
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"job {job.id} is still running: it is published when its articles are done",
-                )
             steps = list(self._runner.publisher.publish(job.id))
         except ServiceCallError as e:
             _abort_for(context, e)
@@ -236,13 +291,15 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     def CreateProject(
         self, request: pb.CreateProjectRequest, context: grpc.ServicerContext
     ) -> pb.Project:
-        self._authenticate(context)
+        caller = self._authenticate(context)
         try:
             spec = parse_project_file(request.project_json)
         except JobFileError as e:
             runtime.abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         try:
-            project = self._persistence.create_project(db_pb.Project(**spec.model_dump()))
+            project = self._persistence.create_project(
+                db_pb.Project(**spec.model_dump(), owner=caller.username)
+            )
         except ServiceCallError as e:
             _abort_for(context, e)
         return project_to_public(project)
@@ -250,23 +307,34 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     def GetProject(
         self, request: pb.GetProjectRequest, context: grpc.ServicerContext
     ) -> pb.Project:
-        self._authenticate(context)
-        if not request.project_id and not request.name:
+        caller = self._authenticate(context)
+        if request.project_id < 0 or (not request.project_id and not request.name):
             runtime.abort(
                 context, grpc.StatusCode.INVALID_ARGUMENT, "give a project id or a project name"
             )
+        project: db_pb.Project | None = None
         try:
-            project = self._persistence.get_project(request.project_id, request.name)
+            project = self._persistence.get_project(
+                request.project_id, request.name, caller.username
+            )
         except ServiceCallError as e:
-            _abort_for(context, e)
+            # By name it is looked up among the caller's own: NOT_FOUND tells nothing of others.
+            if e.code != grpc.StatusCode.NOT_FOUND or caller.is_admin or not request.project_id:
+                _abort_for(context, e)
+        if project is None or not caller.owns(project.owner):
+            runtime.abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"project {request.project_id} is not one of your projects",
+            )
         return project_to_public(project)
 
     def ListProjects(
         self, request: pb.ListProjectsRequest, context: grpc.ServicerContext
     ) -> pb.ListProjectsResponse:
-        self._authenticate(context)
+        caller = self._authenticate(context)
         try:
-            projects = self._persistence.list_projects()
+            projects = self._persistence.list_projects(caller.scope)
         except ServiceCallError as e:
             _abort_for(context, e)
         return pb.ListProjectsResponse(projects=[project_to_public(p) for p in projects])
@@ -274,11 +342,61 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     def ListSites(
         self, request: pb.ListSitesRequest, context: grpc.ServicerContext
     ) -> pb.ListSitesResponse:
-        self._authenticate(context)
+        caller = self._authenticate(context)
         try:
-            sites = self._persistence.list_sites()
+            sites = self._persistence.list_sites(caller.scope)
         except ServiceCallError as e:
             _abort_for(context, e)
         return pb.ListSitesResponse(
             sites=[pb.Site(hostname=s.hostname, template=s.template) for s in sites]
         )
+
+    def CreateUser(self, request: pb.CreateUserRequest, context: grpc.ServicerContext) -> pb.User:
+        caller = self._authenticate(context)
+        self._require_admin(context, caller)
+        try:
+            user = self._persistence.create_user(
+                request.username, request.password, request.role or "user"
+            )
+        except ServiceCallError as e:
+            _abort_for(context, e)
+        log.info("%r created user %r (%s)", caller.username, user.username, user.role)
+        return user_to_public(user)
+
+    def ListUsers(
+        self, request: pb.ListUsersRequest, context: grpc.ServicerContext
+    ) -> pb.ListUsersResponse:
+        self._require_admin(context, self._authenticate(context))
+        try:
+            users = self._persistence.list_users()
+        except ServiceCallError as e:
+            _abort_for(context, e)
+        return pb.ListUsersResponse(users=[user_to_public(u) for u in users])
+
+    def SetUserActive(
+        self, request: pb.SetUserActiveRequest, context: grpc.ServicerContext
+    ) -> pb.User:
+        caller = self._authenticate(context)
+        self._require_admin(context, caller)
+        try:
+            user = self._persistence.set_user_active(request.username, request.active)
+        except ServiceCallError as e:
+            _abort_for(context, e)
+        done = "enabled" if user.active else "disabled"
+        log.info("%r %s user %r", caller.username, done, user.username)
+        return user_to_public(user)
+
+    def SetPassword(self, request: pb.SetPasswordRequest, context: grpc.ServicerContext) -> pb.User:
+        caller = self._authenticate(context)
+        if not caller.is_admin and request.username != caller.username:
+            runtime.abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                "you can change your own password only; an admin can change anyone's",
+            )
+        try:
+            user = self._persistence.set_password(request.username, request.password)
+        except ServiceCallError as e:
+            _abort_for(context, e)
+        log.info("%r set a new password for %r", caller.username, user.username)
+        return user_to_public(user)

@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
 
@@ -63,10 +64,12 @@ def build_server(
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     closers: Sequence[Callable[[], None]] = (),
     serving: bool = True,
+    tls: tuple[bytes, bytes] | None = None,
 ) -> RunningServer:
     """Bind `address` (port 0 picks a free one), register each (add_fn, servicer, full service
     name) plus health and reflection, start, and mark every service SERVING — or, with
-    serving=False, NOT_SERVING until the caller's set_serving() (a dependency is not ready)."""
+    serving=False, NOT_SERVING until the caller's set_serving() (a dependency is not ready).
+    With `tls` (PEM key, PEM certificate chain) the port serves TLS only."""
     executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc")
     server = grpc.server(
         executor,
@@ -83,7 +86,10 @@ def build_server(
     reflection.enable_server_reflection(
         [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    port = server.add_insecure_port(address)
+    if tls is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, grpc.ssl_server_credentials([tls]))
     if port == 0:
         executor.shutdown(wait=False)
         for close in reversed(closers):
@@ -145,12 +151,30 @@ def host_port(address: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-def open_channel(address: str) -> grpc.Channel:
-    """An insecure channel with the shared message-size caps. Calls are spread round-robin over
-    every address the name resolves to (several generator replicas behind one DNS name)."""
-    return grpc.insecure_channel(
-        address, options=[*CHANNEL_OPTIONS, ("grpc.lb_policy_name", "round_robin")]
-    )
+def open_channel(address: str, root_certificates: bytes | None = None) -> grpc.Channel:
+    """A channel with the shared message-size caps: TLS trusting `root_certificates` (PEM) when
+    given, else plaintext. Calls are spread round-robin over every address the name resolves to
+    (several generator replicas behind one DNS name)."""
+    options = [*CHANNEL_OPTIONS, ("grpc.lb_policy_name", "round_robin")]
+    if root_certificates is None:
+        return grpc.insecure_channel(address, options=options)
+    credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+    return grpc.secure_channel(address, credentials, options=options)
+
+
+def read_tls_files(cert_file: Path, key_file: Path) -> tuple[bytes, bytes]:
+    """(key, certificate) PEM bytes for build_server(tls=…); ValueError naming the file and the
+    setting when one cannot be read or is not PEM."""
+    loaded: list[bytes] = []
+    for path, setting in ((key_file, "TLS_KEY_FILE"), (cert_file, "TLS_CERT_FILE")):
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise ValueError(f"{setting}: cannot read {path}: {e.strerror}") from e
+        if b"-----BEGIN " not in data:
+            raise ValueError(f"{setting}: {path} is not a PEM file")
+        loaded.append(data)
+    return loaded[0], loaded[1]
 
 
 def configure_logging(level: str = "INFO") -> None:

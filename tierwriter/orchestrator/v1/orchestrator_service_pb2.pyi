@@ -122,6 +122,221 @@ POST_STEP_EXPORT: PostStep.ValueType  # 4
 Global___PostStep: _TypeAlias = PostStep  # noqa: Y015
 
 @_typing.final
+class LoginRequest(_message.Message):
+    """Request for Login."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USERNAME_FIELD_NUMBER: _builtins.int
+    PASSWORD_FIELD_NUMBER: _builtins.int
+    username: _builtins.str
+    """The username."""
+    password: _builtins.str
+    """The password."""
+    def __init__(
+        self,
+        *,
+        username: _builtins.str = ...,
+        password: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["password", b"password", "username", b"username"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoginRequest: _TypeAlias = LoginRequest  # noqa: Y015
+
+@_typing.final
+class LoginResponse(_message.Message):
+    """Response of Login."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """Send as `authorization: Bearer <token>`."""
+    expires_at: _builtins.float
+    """When the token stops working, seconds since the epoch."""
+    @_builtins.property
+    def user(self) -> Global___User:
+        """The user logged in."""
+
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        expires_at: _builtins.float = ...,
+        user: Global___User | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "token", b"token", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoginResponse: _TypeAlias = LoginResponse  # noqa: Y015
+
+@_typing.final
+class User(_message.Message):
+    """An account."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USERNAME_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    username: _builtins.str
+    """Unique username."""
+    role: _builtins.str
+    """admin or user."""
+    active: _builtins.bool
+    """False once disabled."""
+    created_at: _builtins.float
+    """Creation time, seconds since the epoch."""
+    def __init__(
+        self,
+        *,
+        username: _builtins.str = ...,
+        role: _builtins.str = ...,
+        active: _builtins.bool = ...,
+        created_at: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "created_at", b"created_at", "role", b"role", "username", b"username"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___User: _TypeAlias = User  # noqa: Y015
+
+@_typing.final
+class CreateUserRequest(_message.Message):
+    """Request for CreateUser."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USERNAME_FIELD_NUMBER: _builtins.int
+    PASSWORD_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    username: _builtins.str
+    """1-64 letters, digits, '.', '_', '@' or '-', starting with a letter or digit."""
+    password: _builtins.str
+    """8-1024 characters."""
+    role: _builtins.str
+    """admin or user; empty means user."""
+    def __init__(
+        self,
+        *,
+        username: _builtins.str = ...,
+        password: _builtins.str = ...,
+        role: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["password", b"password", "role", b"role", "username", b"username"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateUserRequest: _TypeAlias = CreateUserRequest  # noqa: Y015
+
+@_typing.final
+class ListUsersRequest(_message.Message):
+    """Request for ListUsers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListUsersRequest: _TypeAlias = ListUsersRequest  # noqa: Y015
+
+@_typing.final
+class ListUsersResponse(_message.Message):
+    """Response of ListUsers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def users(self) -> _containers.RepeatedCompositeFieldContainer[Global___User]:
+        """Users, by name."""
+
+    def __init__(
+        self,
+        *,
+        users: _abc.Iterable[Global___User] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["users", b"users"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListUsersResponse: _TypeAlias = ListUsersResponse  # noqa: Y015
+
+@_typing.final
+class SetUserActiveRequest(_message.Message):
+    """Request for SetUserActive."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USERNAME_FIELD_NUMBER: _builtins.int
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    username: _builtins.str
+    """The username."""
+    active: _builtins.bool
+    """True to enable, false to disable."""
+    def __init__(
+        self,
+        *,
+        username: _builtins.str = ...,
+        active: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "username", b"username"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetUserActiveRequest: _TypeAlias = SetUserActiveRequest  # noqa: Y015
+
+@_typing.final
+class SetPasswordRequest(_message.Message):
+    """Request for SetPassword."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USERNAME_FIELD_NUMBER: _builtins.int
+    PASSWORD_FIELD_NUMBER: _builtins.int
+    username: _builtins.str
+    """The username."""
+    password: _builtins.str
+    """The new password, 8-1024 characters."""
+    def __init__(
+        self,
+        *,
+        username: _builtins.str = ...,
+        password: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["password", b"password", "username", b"username"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPasswordRequest: _TypeAlias = SetPasswordRequest  # noqa: Y015
+
+@_typing.final
 class RunJobRequest(_message.Message):
     """Request for RunJob."""
 
@@ -718,6 +933,7 @@ class JobInfo(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     API_CALLS_FIELD_NUMBER: _builtins.int
     TOKENS_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     """The job's id."""
     project: _builtins.str
@@ -744,6 +960,8 @@ class JobInfo(_message.Message):
     """Model calls, titles included."""
     tokens: _builtins.int
     """Tokens, titles included."""
+    owner: _builtins.str
+    """The username of who ran it."""
     def __init__(
         self,
         *,
@@ -760,10 +978,11 @@ class JobInfo(_message.Message):
         finished_at: _builtins.float = ...,
         api_calls: _builtins.int = ...,
         tokens: _builtins.int = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "augmented_articles", b"augmented_articles", "created_at", b"created_at", "error", b"error", "failed_articles", b"failed_articles", "finished_at", b"finished_at", "generated_articles", b"generated_articles", "job_id", b"job_id", "max_workers", b"max_workers", "project", b"project", "requested_articles", b"requested_articles", "status", b"status", "tokens", b"tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "augmented_articles", b"augmented_articles", "created_at", b"created_at", "error", b"error", "failed_articles", b"failed_articles", "finished_at", b"finished_at", "generated_articles", b"generated_articles", "job_id", b"job_id", "max_workers", b"max_workers", "owner", b"owner", "project", b"project", "requested_articles", b"requested_articles", "status", b"status", "tokens", b"tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -903,14 +1122,17 @@ class Project(_message.Message):
     ENTITIES_FIELD_NUMBER: _builtins.int
     RELATED_SEARCHES_FIELD_NUMBER: _builtins.int
     MONEY_SITE_URL_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """The project's id."""
     name: _builtins.str
-    """Unique name."""
+    """The name, unique per owner."""
     main_keyword: _builtins.str
     """The keyword every article is about."""
     money_site_url: _builtins.str
     """The site tier-1 articles link to."""
+    owner: _builtins.str
+    """The username of its owner; names are unique per owner."""
     @_builtins.property
     def entities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Entities the articles should mention."""
@@ -928,10 +1150,11 @@ class Project(_message.Message):
         entities: _abc.Iterable[_builtins.str] | None = ...,
         related_searches: _abc.Iterable[_builtins.str] | None = ...,
         money_site_url: _builtins.str = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entities", b"entities", "id", b"id", "main_keyword", b"main_keyword", "money_site_url", b"money_site_url", "name", b"name", "related_searches", b"related_searches"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entities", b"entities", "id", b"id", "main_keyword", b"main_keyword", "money_site_url", b"money_site_url", "name", b"name", "owner", b"owner", "related_searches", b"related_searches"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -970,7 +1193,7 @@ class GetProjectRequest(_message.Message):
     project_id: _builtins.int
     """The project's id, or 0 to find it by name."""
     name: _builtins.str
-    """The project's name."""
+    """The name of one of the caller's projects."""
     def __init__(
         self,
         *,

@@ -26,8 +26,11 @@ if _version_not_supported:
 
 
 class OrchestratorServiceStub:
-    """OrchestratorService runs job files and reports on jobs. Every call needs credentials in the
-    `authorization` metadata (`Basic base64(username:password)`).
+    """OrchestratorService runs job files and reports on jobs. Every call but Login needs
+    credentials in the `authorization` metadata: `Bearer <token from Login>`, or
+    `Basic base64(username:password)`. UNAUTHENTICATED when they are missing, wrong, expired or
+    forged, or the account is disabled. Users see and act on their own projects and jobs only
+    (PERMISSION_DENIED otherwise, the same whether or not the job exists); admins on all.
     """
 
     def __init__(self, channel):
@@ -36,6 +39,11 @@ class OrchestratorServiceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Login = channel.unary_unary(
+                '/tierwriter.orchestrator.v1.OrchestratorService/Login',
+                request_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.LoginRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.LoginResponse.FromString,
+                _registered_method=True)
         self.RunJob = channel.unary_stream(
                 '/tierwriter.orchestrator.v1.OrchestratorService/RunJob',
                 request_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.RunJobRequest.SerializeToString,
@@ -86,12 +94,43 @@ class OrchestratorServiceStub:
                 request_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListSitesRequest.SerializeToString,
                 response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListSitesResponse.FromString,
                 _registered_method=True)
+        self.CreateUser = channel.unary_unary(
+                '/tierwriter.orchestrator.v1.OrchestratorService/CreateUser',
+                request_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.CreateUserRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.User.FromString,
+                _registered_method=True)
+        self.ListUsers = channel.unary_unary(
+                '/tierwriter.orchestrator.v1.OrchestratorService/ListUsers',
+                request_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListUsersRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListUsersResponse.FromString,
+                _registered_method=True)
+        self.SetUserActive = channel.unary_unary(
+                '/tierwriter.orchestrator.v1.OrchestratorService/SetUserActive',
+                request_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.SetUserActiveRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.User.FromString,
+                _registered_method=True)
+        self.SetPassword = channel.unary_unary(
+                '/tierwriter.orchestrator.v1.OrchestratorService/SetPassword',
+                request_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.SetPasswordRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.User.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServiceServicer:
-    """OrchestratorService runs job files and reports on jobs. Every call needs credentials in the
-    `authorization` metadata (`Basic base64(username:password)`).
+    """OrchestratorService runs job files and reports on jobs. Every call but Login needs
+    credentials in the `authorization` metadata: `Bearer <token from Login>`, or
+    `Basic base64(username:password)`. UNAUTHENTICATED when they are missing, wrong, expired or
+    forged, or the account is disabled. Users see and act on their own projects and jobs only
+    (PERMISSION_DENIED otherwise, the same whether or not the job exists); admins on all.
     """
+
+    def Login(self, request, context):
+        """Exchanges a username and password for a short-lived signed session token.
+        RESOURCE_EXHAUSTED after repeated failures for one username, until its delay has passed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def RunJob(self, request, context):
         """Validates a job file, runs every job in it and streams what happens until the last summary.
@@ -126,7 +165,7 @@ class OrchestratorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListJobs(self, request, context):
-        """Lists jobs, newest first.
+        """Lists the caller's jobs (an admin's: everyone's), newest first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -155,7 +194,7 @@ class OrchestratorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListProjects(self, request, context):
-        """Lists projects, by name.
+        """Lists the caller's projects (an admin's: everyone's), by name.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -168,9 +207,43 @@ class OrchestratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateUser(self, request, context):
+        """Creates a user (admins only); ALREADY_EXISTS if the name is taken.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListUsers(self, request, context):
+        """Lists users (admins only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetUserActive(self, request, context):
+        """Enables or disables a user (admins only); a disabled user's tokens stop working at once.
+        FAILED_PRECONDITION rather than disable the last active admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPassword(self, request, context):
+        """Sets a user's password: admins for anyone, users for themselves.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Login': grpc.unary_unary_rpc_method_handler(
+                    servicer.Login,
+                    request_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.LoginRequest.FromString,
+                    response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.LoginResponse.SerializeToString,
+            ),
             'RunJob': grpc.unary_stream_rpc_method_handler(
                     servicer.RunJob,
                     request_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.RunJobRequest.FromString,
@@ -221,6 +294,26 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     request_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListSitesRequest.FromString,
                     response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListSitesResponse.SerializeToString,
             ),
+            'CreateUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateUser,
+                    request_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.CreateUserRequest.FromString,
+                    response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.User.SerializeToString,
+            ),
+            'ListUsers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUsers,
+                    request_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListUsersRequest.FromString,
+                    response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListUsersResponse.SerializeToString,
+            ),
+            'SetUserActive': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetUserActive,
+                    request_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.SetUserActiveRequest.FromString,
+                    response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.User.SerializeToString,
+            ),
+            'SetPassword': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPassword,
+                    request_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.SetPasswordRequest.FromString,
+                    response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.User.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'tierwriter.orchestrator.v1.OrchestratorService', rpc_method_handlers)
@@ -230,9 +323,39 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class OrchestratorService:
-    """OrchestratorService runs job files and reports on jobs. Every call needs credentials in the
-    `authorization` metadata (`Basic base64(username:password)`).
+    """OrchestratorService runs job files and reports on jobs. Every call but Login needs
+    credentials in the `authorization` metadata: `Bearer <token from Login>`, or
+    `Basic base64(username:password)`. UNAUTHENTICATED when they are missing, wrong, expired or
+    forged, or the account is disabled. Users see and act on their own projects and jobs only
+    (PERMISSION_DENIED otherwise, the same whether or not the job exists); admins on all.
     """
+
+    @staticmethod
+    def Login(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.orchestrator.v1.OrchestratorService/Login',
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.LoginRequest.SerializeToString,
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.LoginResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def RunJob(request,
@@ -494,6 +617,114 @@ class OrchestratorService:
             '/tierwriter.orchestrator.v1.OrchestratorService/ListSites',
             tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListSitesRequest.SerializeToString,
             tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListSitesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.orchestrator.v1.OrchestratorService/CreateUser',
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.CreateUserRequest.SerializeToString,
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.User.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUsers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.orchestrator.v1.OrchestratorService/ListUsers',
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListUsersRequest.SerializeToString,
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListUsersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetUserActive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.orchestrator.v1.OrchestratorService/SetUserActive',
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.SetUserActiveRequest.SerializeToString,
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.User.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPassword(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.orchestrator.v1.OrchestratorService/SetPassword',
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.SetPasswordRequest.SerializeToString,
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.User.FromString,
             options,
             channel_credentials,
             insecure,
