@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import queue
@@ -18,6 +19,7 @@ from typing import TextIO
 import grpc
 
 from generator_service.llm.simulator import SimulatorConfig
+from orchestrator_service import token_file
 from orchestrator_service.client import EventStream, OrchestratorClient
 from orchestrator_service.config import Settings
 from orchestrator_service.console import event_lines, post_processing_lines
@@ -28,7 +30,7 @@ from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 EXIT_OK = 0
 EXIT_RUN_FAILED = 1  # the run stopped early or a service failed during it
 EXIT_BAD_INPUT = 2  # a bad job file or bad arguments; nothing was written
-EXIT_UNAUTHENTICATED = 3
+EXIT_UNAUTHENTICATED = 3  # not logged in, wrong credentials, or not allowed to do that
 EXIT_UNAVAILABLE = 4  # a service could not be reached
 EXIT_INTERRUPTED = 130
 
@@ -41,12 +43,23 @@ def demo_job() -> str:
     return resources.files("orchestrator_service").joinpath("jobs/demo.json").read_text("utf-8")
 
 
+class CliError(Exception):
+    """A problem the user can fix before any call is made; printed as `Error: …`."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 # Codes whose message is meant for the user as it is (no service address around it).
 _SHOWN_AS_IS = {
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.ALREADY_EXISTS,
     grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
@@ -57,6 +70,8 @@ def _exit_code_for(error: runtime.ServiceCallError) -> int:
         grpc.StatusCode.ALREADY_EXISTS: EXIT_BAD_INPUT,
         grpc.StatusCode.FAILED_PRECONDITION: EXIT_BAD_INPUT,
         grpc.StatusCode.UNAUTHENTICATED: EXIT_UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED: EXIT_UNAUTHENTICATED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED: EXIT_UNAUTHENTICATED,
         grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE,
     }.get(error.code, EXIT_RUN_FAILED)  # type: ignore[arg-type]
 
@@ -125,15 +140,54 @@ def _cancel(client: OrchestratorClient, job_id: int) -> None:
     )
 
 
-def _credentials(args: argparse.Namespace) -> tuple[str, str]:
-    username = args.user or os.environ.get("TIERWRITER_USER", "")
+def _interactive() -> bool:
+    return sys.stdin.isatty()
+
+
+def _password(args: argparse.Namespace, username: str) -> str:
+    """-p, else $TIERWRITER_PASSWORD, else a prompt on a terminal."""
     password = args.password or os.environ.get("TIERWRITER_PASSWORD", "")
-    if not username or not password:
-        raise SystemExit(
-            "Error: credentials required: pass -u USER -p PASSWORD or set "
-            "TIERWRITER_USER and TIERWRITER_PASSWORD"
+    if not password and _interactive():
+        password = getpass.getpass(f"Password for {username}: ")
+    if not password:
+        raise CliError(
+            f"no password for {username!r}: set TIERWRITER_PASSWORD, pass -p, or run on a "
+            "terminal to be asked",
+            EXIT_UNAUTHENTICATED,
         )
-    return username, password
+    return password
+
+
+def _root_certificates(args: argparse.Namespace) -> bytes | None:
+    """The CA bundle to trust for TLS (--ca-file or $TIERWRITER_CA_FILE); None: plaintext."""
+    ca_file = args.ca_file or os.environ.get("TIERWRITER_CA_FILE")
+    if not ca_file:
+        return None
+    try:
+        return Path(ca_file).read_bytes()
+    except OSError as e:
+        raise CliError(f"cannot read CA file {ca_file}: {e.strerror}", EXIT_BAD_INPUT) from e
+
+
+def _open_client(args: argparse.Namespace) -> OrchestratorClient:
+    """A client with the caller's credentials: -u (or $TIERWRITER_USER) with a password, else
+    the session saved by `tierwriter login`."""
+    roots = _root_certificates(args)
+    username = args.user or os.environ.get("TIERWRITER_USER", "")
+    if username:
+        password = _password(args, username)
+        return OrchestratorClient(args.address, username, password, root_certificates=roots)
+    try:
+        session = token_file.load(token_file.default_path(), args.address)
+    except token_file.TokenFileError as e:
+        raise CliError(str(e), EXIT_UNAUTHENTICATED) from e
+    if session is None:
+        raise CliError(
+            "not logged in: run `tierwriter login`, or pass -u USER (or set TIERWRITER_USER "
+            "and TIERWRITER_PASSWORD)",
+            EXIT_UNAUTHENTICATED,
+        )
+    return OrchestratorClient(args.address, token=session.token, root_certificates=roots)
 
 
 def cmd_generate_batch(args: argparse.Namespace) -> int:
@@ -142,7 +196,7 @@ def cmd_generate_batch(args: argparse.Namespace) -> int:
     except (OSError, UnicodeDecodeError) as e:
         print(f"Error: cannot read job file {args.job_file}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    with OrchestratorClient(args.address, *_credentials(args)) as client:
+    with _open_client(args) as client:
         return run_and_print(client, client.run_job(job_file), sys.stdout)
 
 
@@ -157,7 +211,7 @@ def _job_row(j: pb.JobInfo) -> str:
 
 def _client_command(args: argparse.Namespace, action: Callable[[OrchestratorClient], int]) -> int:
     """Run `action` with a client; a failed call prints its reason and gives its exit code."""
-    with OrchestratorClient(args.address, *_credentials(args)) as client:
+    with _open_client(args) as client:
         try:
             return action(client)
         except runtime.ServiceCallError as e:
@@ -211,7 +265,7 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_resume(args: argparse.Namespace) -> int:
-    with OrchestratorClient(args.address, *_credentials(args)) as client:
+    with _open_client(args) as client:
         return run_and_print(client, client.resume_job(args.job_id, args.retry_failed), sys.stdout)
 
 
@@ -301,6 +355,112 @@ def cmd_sites_list(args: argparse.Namespace) -> int:
     return _client_command(args, listing)
 
 
+def _utc(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    username = args.user or os.environ.get("TIERWRITER_USER", "")
+    if not username and _interactive():
+        username = input("Username: ").strip()
+    if not username:
+        raise CliError("give a username: -u USER or $TIERWRITER_USER", EXIT_BAD_INPUT)
+    password = _password(args, username)
+    with OrchestratorClient(args.address, root_certificates=_root_certificates(args)) as client:
+        try:
+            response = client.login(username, password)
+        except runtime.ServiceCallError as e:
+            print(f"Error: {e.details if e.code in _SHOWN_AS_IS else e}", file=sys.stderr)
+            return _exit_code_for(e)
+    path = token_file.default_path()
+    token_file.save(
+        token_file.SavedSession(
+            args.address, response.user.username, response.token, response.expires_at
+        ),
+        path,
+    )
+    print(
+        f"Logged in to {args.address} as {response.user.username} ({response.user.role}) until "
+        f"{_utc(response.expires_at)}; the session is kept in {path}, readable only by you."
+    )
+    return EXIT_OK
+
+
+def cmd_logout(args: argparse.Namespace) -> int:
+    path = token_file.default_path()
+    print(f"Logged out: removed {path}." if token_file.delete(path) else "Not logged in.")
+    return EXIT_OK
+
+
+def _new_password(username: str) -> str:
+    """Asked twice on a terminal; otherwise the first line of standard input."""
+    if _interactive():
+        password = getpass.getpass(f"New password for {username}: ")
+        if password != getpass.getpass("Again: "):
+            raise CliError("the two passwords differ; nothing was changed", EXIT_BAD_INPUT)
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise CliError("no new password given; nothing was changed", EXIT_BAD_INPUT)
+    return password
+
+
+def _user_row(u: pb.User) -> str:
+    state = "active" if u.active else "disabled"
+    return f"{u.username:<32} {u.role:<6} {state:<9} {_utc(u.created_at)}"
+
+
+def cmd_users_create(args: argparse.Namespace) -> int:
+    password = _new_password(args.username)
+
+    def create(client: OrchestratorClient) -> int:
+        user = client.create_user(args.username, password, args.role)
+        print(f"Created user {user.username} ({user.role}).")
+        return EXIT_OK
+
+    return _client_command(args, create)
+
+
+def cmd_users_list(args: argparse.Namespace) -> int:
+    def listing(client: OrchestratorClient) -> int:
+        print(f"{'username':<32} {'role':<6} {'state':<9} created")
+        for user in client.list_users():
+            print(_user_row(user))
+        return EXIT_OK
+
+    return _client_command(args, listing)
+
+
+def cmd_users_set_active(args: argparse.Namespace) -> int:
+    def set_active(client: OrchestratorClient) -> int:
+        user = client.set_user_active(args.username, args.active)
+        done = "enabled" if user.active else "disabled: it can no longer log in or use a token"
+        print(f"User {user.username} is {done}.")
+        return EXIT_OK
+
+    return _client_command(args, set_active)
+
+
+def cmd_users_passwd(args: argparse.Namespace) -> int:
+    username = args.username or args.user or os.environ.get("TIERWRITER_USER", "")
+    if not username:
+        try:
+            saved = token_file.load(token_file.default_path(), args.address)
+        except token_file.TokenFileError:
+            saved = None
+        username = saved.username if saved else ""
+    if not username:
+        raise CliError("name the user whose password to set", EXIT_BAD_INPUT)
+    password = _new_password(username)
+
+    def passwd(client: OrchestratorClient) -> int:
+        user = client.set_password(username, password)
+        print(f"New password set for {user.username}.")
+        return EXIT_OK
+
+    return _client_command(args, passwd)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     runtime.configure_logging(os.environ.get("LOG_LEVEL", "INFO"))
     with LocalStack(StackConfig()) as stack:
@@ -380,21 +540,47 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tierwriter",
         description="Generate batches of long-form articles with an LLM, concurrently.",
-        epilog="Environment: ORCHESTRATOR_ADDRESS, TIERWRITER_USER, TIERWRITER_PASSWORD; the "
-        "services read CONCURRENT_WORKERS, WORD_COUNT_COMPENSATION, OPENAI_BASE_URL, "
-        "OPENAI_API_KEY, DATABASE_URL (see README).",
+        epilog="Credentials: `tierwriter login` once (the token is kept in "
+        "TIERWRITER_TOKEN_FILE, default ~/.config/tierwriter/token.json), or -u/-p, or "
+        "TIERWRITER_USER and TIERWRITER_PASSWORD; without a password on a terminal you are "
+        "asked. Environment: ORCHESTRATOR_ADDRESS, TIERWRITER_CA_FILE; the services read "
+        "CONCURRENT_WORKERS, WORD_COUNT_COMPENSATION, OPENAI_BASE_URL, OPENAI_API_KEY, "
+        "DATABASE_URL, TLS_CERT_FILE, TLS_KEY_FILE (see README).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_client_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("-u", "--user", help="username (default: $TIERWRITER_USER)")
-        p.add_argument("-p", "--password", help="password (default: $TIERWRITER_PASSWORD)")
+        p.add_argument(
+            "-u", "--user", help="username (default: $TIERWRITER_USER, else the saved login)"
+        )
+        p.add_argument(
+            "-p",
+            "--password",
+            help="password (default: $TIERWRITER_PASSWORD, else asked on a terminal; a "
+            "password on the command line is visible to other local users)",
+        )
         p.add_argument(
             "--address",
             default=address_default,
             help="orchestrator address (default: $ORCHESTRATOR_ADDRESS or %(default)s)",
         )
+        p.add_argument(
+            "--ca-file",
+            help="connect with TLS, trusting this CA certificate (PEM) (default: "
+            "$TIERWRITER_CA_FILE; unset: plaintext)",
+        )
         return p
+
+    login = with_client_options(
+        commands.add_parser(
+            "login",
+            help="log in once: the session token is kept in a file only you can read and used "
+            "by the other commands until it expires",
+        )
+    )
+    login.set_defaults(handler=cmd_login)
+    logout = commands.add_parser("logout", help="forget the saved session token")
+    logout.set_defaults(handler=cmd_logout)
 
     batch = with_client_options(
         commands.add_parser(
@@ -516,6 +702,44 @@ def build_parser() -> argparse.ArgumentParser:
         site_actions.add_parser("list", help="sites with their template sets")
     )
     site_list.set_defaults(handler=cmd_sites_list)
+
+    users = commands.add_parser(
+        "users", help="create, list, disable, enable users, or set a password (admins)"
+    )
+    user_actions = users.add_subparsers(dest="users_command", required=True, metavar="ACTION")
+    user_create = with_client_options(
+        user_actions.add_parser(
+            "create",
+            help="create a user; the password is asked twice on a terminal, else read from "
+            "the first line of standard input",
+        )
+    )
+    user_create.add_argument("username")
+    user_create.add_argument("--role", choices=["user", "admin"], default="user")
+    user_create.set_defaults(handler=cmd_users_create)
+    user_list = with_client_options(user_actions.add_parser("list", help="every user"))
+    user_list.set_defaults(handler=cmd_users_list)
+    user_disable = with_client_options(
+        user_actions.add_parser(
+            "disable", help="disable a user: no login, and their tokens stop working at once"
+        )
+    )
+    user_disable.add_argument("username")
+    user_disable.set_defaults(handler=cmd_users_set_active, active=False)
+    user_enable = with_client_options(
+        user_actions.add_parser("enable", help="enable a disabled user again")
+    )
+    user_enable.add_argument("username")
+    user_enable.set_defaults(handler=cmd_users_set_active, active=True)
+    user_passwd = with_client_options(
+        user_actions.add_parser(
+            "passwd",
+            help="set a password (yours by default; an admin may set anyone's); asked twice "
+            "on a terminal, else read from standard input",
+        )
+    )
+    user_passwd.add_argument("username", nargs="?")
+    user_passwd.set_defaults(handler=cmd_users_passwd)
     return parser
 
 
@@ -524,6 +748,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args))
+    except CliError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
 

@@ -210,7 +210,7 @@ def test_an_unknown_project_id_is_rejected_and_writes_nothing(start_stack) -> No
     with pytest.raises(ServiceCallError) as error:
         run_job(handle, json.dumps(spec))
     assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert "jobs[0].project_id: project 999 does not exist" in error.value.details
+    assert "jobs[0].project_id: you have no project 999" in error.value.details
     assert count_rows(handle.database_url, "jobs") == 0
 
 

@@ -1,0 +1,251 @@
+"""Only the right people in: the authorisation matrix through the real services. Who may call
+(no credentials, wrong password, expired, forged or altered tokens, a disabled account), what
+they may touch (their own jobs and projects; an admin everything), who manages users, and that
+the internal services answer nobody but the other services."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import jwt
+import pytest
+
+from generator_service.llm.simulator import SimulatorConfig
+from orchestrator_service.auth import TokenSigner, bearer_credentials
+from orchestrator_service.client import OrchestratorClient
+from tests.helpers import TIER, job_file
+from tierwriter.generator.v1 import generator_service_pb2 as gen_pb
+from tierwriter.generator.v1 import generator_service_pb2_grpc as gen_grpc
+from tierwriter.persistence.v1 import persistence_service_pb2 as db_pb
+from tierwriter.persistence.v1 import persistence_service_pb2_grpc as db_grpc
+from tierwriter.runtime import ServiceCallError
+
+SECRET = "a-signing-secret-for-these-tests-only-0123456789"
+FAST = SimulatorConfig(latency=0.01)
+SMALL_TIER = {"tier1": {**TIER, "count": 2}}
+
+
+def denied(call: Callable[[], Any]) -> ServiceCallError:
+    """The error a call that must fail raised."""
+    with pytest.raises(ServiceCallError) as error:
+        call()
+    return error.value
+
+
+@pytest.fixture
+def team(start_stack, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """A stack with a known signing secret, users ann and bob, and a finished job of ann's."""
+    monkeypatch.setenv("TOKEN_SIGNING_SECRET", SECRET)
+    handle = start_stack(simulator=FAST)
+    address = handle.stack.orchestrator_address
+    with OrchestratorClient(address, "admin", handle.password) as admin:
+        admin.create_user("ann", "ann-password-1")
+        admin.create_user("bob", "bob-password-1")
+    with OrchestratorClient(address, "ann", "ann-password-1") as ann:
+        events = list(ann.run_job(job_file(SMALL_TIER)))
+        ann_job = events[0].job_started.job_id
+        assert events[-1].run_finished.summary.requested_articles == 2
+        project = ann.get_job(ann_job).job.project
+    return {"handle": handle, "address": address, "ann_job": ann_job, "ann_project": project}
+
+
+def test_calls_without_valid_credentials_are_unauthenticated(team) -> None:
+    address = team["address"]
+    cases = {
+        "no credentials": OrchestratorClient(address),
+        "wrong password": OrchestratorClient(address, "ann", "not-her-password"),
+        "unknown user": OrchestratorClient(address, "nobody", "ann-password-1"),
+        "expired token": OrchestratorClient(
+            address, token=TokenSigner(SECRET, 60, clock=lambda: time.time() - 3600).issue("ann")[0]
+        ),
+        "token signed with another key": OrchestratorClient(
+            address, token=TokenSigner("another-key-" * 4, 3600).issue("admin")[0]
+        ),
+        "unsigned token (alg none)": OrchestratorClient(
+            address,
+            token=jwt.encode(
+                {
+                    "sub": "admin",
+                    "iss": "tierwriter",
+                    "iat": int(time.time()),
+                    "exp": int(time.time()) + 600,
+                },
+                key=None,
+                algorithm="none",
+            ),
+        ),
+        "altered token": OrchestratorClient(address, token=_promoted_to_admin(address)),
+        "garbage token": OrchestratorClient(address, token="not.a.token"),
+    }
+    messages = {}
+    for case, client in cases.items():
+        with client:
+            error = denied(client.list_jobs)
+        assert error.code == grpc.StatusCode.UNAUTHENTICATED, case
+        messages[case] = error.details
+    assert "credentials required" in messages["no credentials"]
+    # Wrong password and unknown user read the same: the answer does not tell which it was.
+    assert messages["wrong password"] == messages["unknown user"] == "invalid username or password"
+    assert "expired: run `tierwriter login` again" in messages["expired token"]
+    for forged in ("token signed with another key", "unsigned token (alg none)", "altered token"):
+        assert "invalid session token" in messages[forged], forged
+
+
+def _promoted_to_admin(address: str) -> str:
+    """ann's real token with its subject changed to admin, the signature kept."""
+    with OrchestratorClient(address) as anonymous:
+        token = anonymous.login("ann", "ann-password-1").token
+    header, payload, signature = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    claims["sub"] = "admin"
+    forged = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+    return f"{header}.{forged}.{signature}"
+
+
+def test_a_login_token_works_until_its_account_is_disabled(team) -> None:
+    address, password = team["address"], team["handle"].password
+    with OrchestratorClient(address) as anonymous:
+        login = anonymous.login("ann", "ann-password-1")
+    assert login.user.username == "ann" and login.user.role == "user"
+    assert 3500 < login.expires_at - time.time() <= 3600  # TOKEN_TTL_SECONDS' default
+    with (
+        OrchestratorClient(address, token=login.token) as ann,
+        OrchestratorClient(address, "admin", password) as admin,
+    ):
+        assert [j.job_id for j in ann.list_jobs()] == [team["ann_job"]]
+        admin.set_user_active("ann", False)
+        for call in (ann.list_jobs, lambda: ann.get_job(team["ann_job"])):
+            error = denied(call)
+            assert error.code == grpc.StatusCode.UNAUTHENTICATED
+            assert "disabled" in error.details
+        with OrchestratorClient(address, "ann", "ann-password-1") as by_password:
+            assert denied(by_password.list_jobs).code == grpc.StatusCode.UNAUTHENTICATED
+        with OrchestratorClient(address) as anonymous:
+            again = denied(lambda: anonymous.login("ann", "ann-password-1"))
+            assert again.code == grpc.StatusCode.UNAUTHENTICATED
+        admin.set_user_active("ann", True)
+        assert [j.job_id for j in ann.list_jobs()] == [team["ann_job"]]
+
+
+def test_a_user_sees_and_acts_on_their_own_jobs_and_projects_only(team) -> None:
+    address, ann_job = team["address"], team["ann_job"]
+    with OrchestratorClient(address, "bob", "bob-password-1") as bob:
+        assert bob.list_jobs() == [] and bob.list_projects() == [] and bob.list_sites() == []
+        missing = ann_job + 1000
+        for name, call in {
+            "get": lambda job: bob.get_job(job),
+            "cancel": lambda job: bob.cancel_job(job),
+            "publish": lambda job: bob.publish_job(job),
+            "resume": lambda job: list(bob.resume_job(job)),
+        }.items():
+            theirs, nobodys = denied(lambda c=call: c(ann_job)), denied(lambda c=call: c(missing))
+            assert theirs.code == nobodys.code == grpc.StatusCode.PERMISSION_DENIED, name
+            # Someone else's job reads exactly like one that does not exist.
+            assert theirs.details.replace(str(ann_job), "N") == nobodys.details.replace(
+                str(missing), "N"
+            )
+            assert "your own jobs only" in theirs.details
+        ann_project_id = _project_id(address, team["handle"].password, team["ann_project"])
+        project = denied(lambda: bob.get_project(project_id=ann_project_id))
+        assert project.code == grpc.StatusCode.PERMISSION_DENIED
+        assert denied(lambda: bob.get_project(name=team["ann_project"])).code == (
+            grpc.StatusCode.NOT_FOUND
+        )
+        # Running a job on ann's project by id is refused before anything is written.
+        spec = json.loads(job_file(SMALL_TIER))
+        del spec["jobs"][0]["project"]
+        spec["jobs"][0]["project_id"] = ann_project_id
+        refused = denied(lambda: list(bob.run_job(json.dumps(spec))))
+        assert refused.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"jobs[0].project_id: you have no project {ann_project_id}" in refused.details
+        # The same project name is bob's own project, not ann's.
+        spec = json.loads(job_file(SMALL_TIER))
+        spec["jobs"][0]["project"]["name"] = team["ann_project"]
+        events = list(bob.run_job(json.dumps(spec)))
+        bob_job = events[0].job_started.job_id
+        assert [j.job_id for j in bob.list_jobs()] == [bob_job]
+        assert [(p.name, p.owner) for p in bob.list_projects()] == [(team["ann_project"], "bob")]
+        assert bob.list_sites() == []  # the job named no deployment targets
+    with OrchestratorClient(address, "admin", team["handle"].password) as admin:
+        assert {j.job_id: j.owner for j in admin.list_jobs()} == {ann_job: "ann", bob_job: "bob"}
+        assert admin.get_job(ann_job).job.owner == "ann"
+        assert denied(lambda: admin.get_job(missing)).code == grpc.StatusCode.NOT_FOUND
+        assert {p.owner for p in admin.list_projects()} == {"ann", "bob"}
+
+
+def _project_id(address: str, admin_password: str, name: str) -> int:
+    with OrchestratorClient(address, "admin", admin_password) as admin:
+        return next(p.id for p in admin.list_projects() if p.name == name and p.owner == "ann")
+
+
+def test_only_admins_manage_users_and_a_user_changes_only_their_own_password(team) -> None:
+    address = team["address"]
+    with OrchestratorClient(address, "bob", "bob-password-1") as bob:
+        for call in (
+            lambda: bob.create_user("mallory", "mallory-password"),
+            bob.list_users,
+            lambda: bob.set_user_active("ann", False),
+            lambda: bob.set_password("ann", "taken-over-1"),
+            lambda: bob.set_password("nobody", "taken-over-1"),
+        ):
+            assert denied(call).code == grpc.StatusCode.PERMISSION_DENIED
+        assert bob.set_password("bob", "bob-password-2").username == "bob"
+    with OrchestratorClient(address, "bob", "bob-password-2") as bob:
+        assert bob.list_jobs() == []
+    with OrchestratorClient(address, "admin", team["handle"].password) as admin:
+        users = {u.username: (u.role, u.active) for u in admin.list_users()}
+        assert users == {"admin": ("admin", True), "ann": ("user", True), "bob": ("user", True)}
+        taken = denied(lambda: admin.create_user("ann", "whatever-password"))
+        assert taken.code == grpc.StatusCode.ALREADY_EXISTS
+        bad = denied(lambda: admin.create_user("ann; DROP TABLE users", "whatever-password"))
+        assert bad.code == grpc.StatusCode.INVALID_ARGUMENT and "username:" in bad.details
+        short = denied(lambda: admin.create_user("carol", "short"))
+        assert short.code == grpc.StatusCode.INVALID_ARGUMENT and "password:" in short.details
+        last = denied(lambda: admin.set_user_active("admin", False))
+        assert last.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "last active admin" in last.details
+
+
+def test_repeated_failed_logins_are_slowed_down_per_user_and_logged_without_the_password(
+    team, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    address = team["address"]
+    with OrchestratorClient(address) as anonymous:
+        for attempt in range(3):
+            wrong = denied(lambda a=attempt: anonymous.login("ann", f"guess-number-{a}"))
+            assert wrong.code == grpc.StatusCode.UNAUTHENTICATED
+        # Now even the right password has to wait; another user does not.
+        slowed = denied(lambda: anonymous.login("ann", "ann-password-1"))
+        assert slowed.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "too many failed logins for 'ann'" in slowed.details
+        assert anonymous.login("bob", "bob-password-1").user.username == "bob"
+        time.sleep(1.1)  # the first delay is 1 s
+        assert anonymous.login("ann", "ann-password-1").user.username == "ann"
+    assert "failed login for 'ann' (3 in a row)" in caplog.text
+    assert "guess-number" not in caplog.text and "ann-password-1" not in caplog.text
+
+
+def test_a_user_calling_the_internal_services_directly_is_refused(team) -> None:
+    stack = team["handle"].stack
+    with OrchestratorClient(team["address"]) as anonymous:
+        token = anonymous.login("bob", "bob-password-1").token
+    for metadata in (bearer_credentials(token), (("x-tierwriter-service-token", "guess"),)):
+        with grpc.insecure_channel(stack.persistence_address) as channel:
+            with pytest.raises(grpc.RpcError) as error:
+                db_grpc.PersistenceServiceStub(channel).ListUsers(
+                    db_pb.ListUsersRequest(), timeout=10, metadata=metadata
+                )
+            assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with grpc.insecure_channel(stack.generator_address) as channel:
+            with pytest.raises(grpc.RpcError) as error:
+                gen_grpc.GeneratorServiceStub(channel).GenerateTitles(
+                    gen_pb.GenerateTitlesRequest(), timeout=10, metadata=metadata
+                )
+            assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
