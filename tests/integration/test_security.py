@@ -10,6 +10,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import grpc
@@ -76,7 +77,7 @@ def test_calls_without_valid_credentials_are_unauthenticated(team) -> None:
                     "iat": int(time.time()),
                     "exp": int(time.time()) + 600,
                 },
-                key=None,
+                key="",
                 algorithm="none",
             ),
         ),
@@ -138,13 +139,14 @@ def test_a_user_sees_and_acts_on_their_own_jobs_and_projects_only(team) -> None:
     with OrchestratorClient(address, "bob", "bob-password-1") as bob:
         assert bob.list_jobs() == [] and bob.list_projects() == [] and bob.list_sites() == []
         missing = ann_job + 1000
-        for name, call in {
-            "get": lambda job: bob.get_job(job),
-            "cancel": lambda job: bob.cancel_job(job),
-            "publish": lambda job: bob.publish_job(job),
+        actions: dict[str, Callable[[int], Any]] = {
+            "get": bob.get_job,
+            "cancel": bob.cancel_job,
+            "publish": bob.publish_job,
             "resume": lambda job: list(bob.resume_job(job)),
-        }.items():
-            theirs, nobodys = denied(lambda c=call: c(ann_job)), denied(lambda c=call: c(missing))
+        }
+        for name, act in actions.items():
+            theirs, nobodys = denied(partial(act, ann_job)), denied(partial(act, missing))
             assert theirs.code == nobodys.code == grpc.StatusCode.PERMISSION_DENIED, name
             # Someone else's job reads exactly like one that does not exist.
             assert theirs.details.replace(str(ann_job), "N") == nobodys.details.replace(
@@ -218,8 +220,8 @@ def test_repeated_failed_logins_are_slowed_down_per_user_and_logged_without_the_
     caplog.set_level(logging.INFO)
     address = team["address"]
     with OrchestratorClient(address) as anonymous:
-        for attempt in range(3):
-            wrong = denied(lambda a=attempt: anonymous.login("ann", f"guess-number-{a}"))
+        for guess in ("guess-number-0", "guess-number-1", "guess-number-2"):
+            wrong = denied(partial(anonymous.login, "ann", guess))
             assert wrong.code == grpc.StatusCode.UNAUTHENTICATED
         # Now even the right password has to wait; another user does not.
         slowed = denied(lambda: anonymous.login("ann", "ann-password-1"))

@@ -52,7 +52,7 @@ def test_a_token_names_its_user_until_it_expires() -> None:
     [
         lambda: TokenSigner("some-other-secret-0123456789abcdef", 600).issue("admin")[0],
         lambda: jwt.encode(
-            {"sub": "admin", "iss": "tierwriter", "iat": 1, "exp": 2**40}, None, algorithm="none"
+            {"sub": "admin", "iss": "tierwriter", "iat": 1, "exp": 2**40}, "", algorithm="none"
         ),
         lambda: jwt.encode({"sub": "admin", "exp": 2**40}, SECRET, algorithm="HS256"),  # no iss
         lambda: jwt.encode(
