@@ -1,19 +1,35 @@
 """Exit 0 when the gRPC service at ADDRESS reports SERVING, 1 otherwise (container probes).
 
 python -m tierwriter.healthcheck 127.0.0.1:50051 [SERVICE]
+
+In a container that serves TLS (TLS_CERT_FILE is set) the probe speaks TLS too, trusting
+TIERWRITER_CA_FILE, else the served certificate itself (right for a self-signed one).
 """
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tierwriter import runtime
 
-def check(address: str, service: str = "", timeout: float = 3.0) -> bool:
-    """Whether the health service at `address` says SERVING for `service` ("" = the server)."""
-    with grpc.insecure_channel(address) as channel:
+
+def _trusted_roots() -> bytes | None:
+    if not os.environ.get("TLS_CERT_FILE"):
+        return None
+    return Path(os.environ.get("TIERWRITER_CA_FILE") or os.environ["TLS_CERT_FILE"]).read_bytes()
+
+
+def check(
+    address: str, service: str = "", timeout: float = 3.0, root_certificates: bytes | None = None
+) -> bool:
+    """Whether the health service at `address` says SERVING for `service` ("" = the server);
+    over TLS trusting `root_certificates` when given."""
+    with runtime.open_channel(address, root_certificates) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
@@ -26,4 +42,5 @@ def check(address: str, service: str = "", timeout: float = 3.0) -> bool:
 if __name__ == "__main__":
     if len(sys.argv) not in (2, 3):
         sys.exit(__doc__)
-    sys.exit(0 if check(sys.argv[1], sys.argv[2] if len(sys.argv) == 3 else "") else 1)
+    service = sys.argv[2] if len(sys.argv) == 3 else ""
+    sys.exit(0 if check(sys.argv[1], service, root_certificates=_trusted_roots()) else 1)
