@@ -23,9 +23,11 @@ from orchestrator_service.client import OrchestratorClient
 from tests.helpers import TIER, job_file
 from tierwriter.generator.v1 import generator_service_pb2 as gen_pb
 from tierwriter.generator.v1 import generator_service_pb2_grpc as gen_grpc
+from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
+from tierwriter.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 from tierwriter.persistence.v1 import persistence_service_pb2 as db_pb
 from tierwriter.persistence.v1 import persistence_service_pb2_grpc as db_grpc
-from tierwriter.runtime import ServiceCallError
+from tierwriter.runtime import MAX_MESSAGE_BYTES, ServiceCallError
 
 SECRET = "a-signing-secret-for-these-tests-only-0123456789"
 FAST = SimulatorConfig(latency=0.01)
@@ -251,3 +253,49 @@ def test_a_user_calling_the_internal_services_directly_is_refused(team) -> None:
                     gen_pb.GenerateTitlesRequest(), timeout=10, metadata=metadata
                 )
             assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_rpc_arguments_are_checked_in_the_servicer_naming_the_field(team) -> None:
+    address = team["address"]
+    with OrchestratorClient(address, "admin", team["handle"].password) as admin:
+        for call, field in [
+            (lambda: admin.get_job(0), "job_id: must be positive"),
+            (lambda: admin.cancel_job(-5), "job_id: must be positive"),
+            (lambda: admin.list_jobs(5000), "limit: must be 1 to 1000"),
+            (lambda: admin.get_project(project_id=-1), "give a project id or a project name"),
+            (lambda: admin.create_user("dan", "x" * 1025), "password: must be 8 to 1024"),
+            (lambda: admin.create_user("dan", "long-enough", role="root"), "role: must be one of"),
+            (lambda: admin.create_user("", "long-enough"), "username: 1-64 characters"),
+            (lambda: admin.set_password("ann", "short"), "password: must be 8 to 1024"),
+        ]:
+            error = denied(call)
+            assert error.code == grpc.StatusCode.INVALID_ARGUMENT, field
+            assert field in error.details
+    with OrchestratorClient(address) as anonymous:
+        empty = denied(lambda: anonymous.login("ann", ""))
+        assert empty.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "username and password" in empty.details
+
+
+def test_a_message_over_the_size_cap_is_refused_and_the_server_goes_on(team) -> None:
+    """Raw channels without our client-side caps, so the servers' own caps are what refuse."""
+    huge = "x" * (MAX_MESSAGE_BYTES + 1024)
+    stack = team["handle"].stack
+    with grpc.insecure_channel(stack.orchestrator_address) as channel:
+        with pytest.raises(grpc.RpcError) as error:
+            list(
+                pb_grpc.OrchestratorServiceStub(channel).RunJob(
+                    pb.RunJobRequest(job_file=huge), timeout=30
+                )
+            )
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with grpc.insecure_channel(stack.persistence_address) as channel:
+        with pytest.raises(grpc.RpcError) as error:
+            db_grpc.PersistenceServiceStub(channel).CreateUser(
+                db_pb.CreateUserRequest(username="big", password=huge),
+                timeout=30,
+                metadata=(("x-tierwriter-service-token", stack.service_token),),
+            )
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with OrchestratorClient(team["address"], "admin", team["handle"].password) as admin:
+        assert [j.job_id for j in admin.list_jobs()] == [team["ann_job"]]
