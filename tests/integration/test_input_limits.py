@@ -3,6 +3,7 @@ names the field, the command exits 2, and the database is exactly as it was."""
 
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
 import json
@@ -148,6 +149,8 @@ def test_every_bad_job_file_is_rejected_naming_the_field_and_writes_nothing(
 API_KEY = "sk-test-RECOGNISABLE-api-key-5c1e7"
 ADMIN_PASSWORD = "pw-RECOGNISABLE-admin-9f2d4"
 SERVICE_TOKEN = "st-RECOGNISABLE-service-token-77ab0"
+SIGNING_SECRET = "ss-RECOGNISABLE-signing-secret-0123456789abcdef"
+USER_PASSWORD = "pw-RECOGNISABLE-user-3e8a1"
 
 
 def test_no_secret_reaches_logs_events_the_database_or_the_output(
@@ -159,11 +162,18 @@ def test_no_secret_reaches_logs_events_the_database_or_the_output(
         monkeypatch.setenv("OPENAI_BASE_URL", simulator.base_url)
         monkeypatch.setenv("TIERWRITER_ADMIN_PASSWORD", ADMIN_PASSWORD)
         monkeypatch.setenv("SERVICE_TOKEN", SERVICE_TOKEN)
+        monkeypatch.setenv("TOKEN_SIGNING_SECRET", SIGNING_SECRET)
         handle = start_stack(admin_password=None)  # the password comes from the environment
-        with OrchestratorClient(handle.stack.orchestrator_address, "admin", ADMIN_PASSWORD) as c:
+        address = handle.stack.orchestrator_address
+        with OrchestratorClient(address, "admin", ADMIN_PASSWORD) as admin:
+            admin.create_user("ann", USER_PASSWORD)
+            admin.set_password("ann", USER_PASSWORD + "-2")
+        with OrchestratorClient(address) as anonymous:
+            token = anonymous.login("ann", USER_PASSWORD + "-2").token
+        with OrchestratorClient(address, token=token) as c:
             events = list(c.run_job(job_file({"tier1": {**TIER, "count": 4}})))
             with pytest.raises(ServiceCallError) as denied:
-                OrchestratorClient(handle.stack.orchestrator_address, "admin", "wrong").list_jobs()
+                OrchestratorClient(address, "admin", "wrong").list_jobs()
         handle.stack.stop()
     assert events[-1].run_finished.summary.requested_articles == 4
     assert simulator.stats().rate_limited > 0  # retries happened and were logged
@@ -177,8 +187,28 @@ def test_no_secret_reaches_logs_events_the_database_or_the_output(
         ),
     }
     for where, text_ in places.items():
-        for secret in (API_KEY, ADMIN_PASSWORD, SERVICE_TOKEN):
+        for secret in (API_KEY, ADMIN_PASSWORD, SERVICE_TOKEN, SIGNING_SECRET, USER_PASSWORD):
             assert secret not in text_, f"{secret} leaked into the {where}"
+        assert token not in text_, f"a session token leaked into the {where}"
+
+
+def test_help_never_shows_a_secret_from_the_environment(
+    monkeypatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TIERWRITER_PASSWORD", ADMIN_PASSWORD)
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    monkeypatch.setenv("TOKEN_SIGNING_SECRET", SIGNING_SECRET)
+    parser = cli.build_parser()
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    helps = [parser.format_help()]
+    for sub in actions[0].choices.values():
+        helps.append(sub.format_help())
+        for inner in sub._actions:
+            if isinstance(inner, argparse._SubParsersAction):
+                helps.extend(p.format_help() for p in inner.choices.values())
+    assert len(helps) > 15 and any("users" in h for h in helps)
+    for secret in (ADMIN_PASSWORD, API_KEY, SIGNING_SECRET):
+        assert all(secret not in h for h in helps)
 
 
 def test_a_runaway_reply_is_refused_before_it_is_parsed(start_stack) -> None:
