@@ -76,6 +76,15 @@ def _exit_code_for(error: runtime.ServiceCallError) -> int:
     }.get(error.code, EXIT_RUN_FAILED)  # type: ignore[arg-type]
 
 
+def _error_text(error: runtime.ServiceCallError) -> str:
+    """What to print for a failed call: the server's words when they are meant for the user."""
+    if error.code in _SHOWN_AS_IS:
+        return error.details
+    if error.code == grpc.StatusCode.UNAVAILABLE:
+        return f"{error} (an orchestrator that serves TLS needs --ca-file or TIERWRITER_CA_FILE)"
+    return str(error)
+
+
 def run_and_print(client: OrchestratorClient, stream: EventStream, out: TextIO) -> int:
     """Print every event of a run (or resume) as it arrives; return the exit code. The first
     Ctrl-C cancels the running job cleanly and waits for its summary; a second leaves at once.
@@ -104,8 +113,7 @@ def run_and_print(client: OrchestratorClient, stream: EventStream, out: TextIO) 
                 if item is None:
                     break
                 if isinstance(item, runtime.ServiceCallError):
-                    shown = item.details if item.code in _SHOWN_AS_IS else str(item)
-                    print(f"Error: {shown}", file=sys.stderr)
+                    print(f"Error: {_error_text(item)}", file=sys.stderr)
                     return _exit_code_for(item)
                 if item.WhichOneof("event") == "job_started":
                     running.append(item.job_started.job_id)
@@ -215,8 +223,7 @@ def _client_command(args: argparse.Namespace, action: Callable[[OrchestratorClie
         try:
             return action(client)
         except runtime.ServiceCallError as e:
-            shown = e.details if e.code in _SHOWN_AS_IS else str(e)
-            print(f"Error: {shown}", file=sys.stderr)
+            print(f"Error: {_error_text(e)}", file=sys.stderr)
             return _exit_code_for(e)
 
 
@@ -370,7 +377,7 @@ def cmd_login(args: argparse.Namespace) -> int:
         try:
             response = client.login(username, password)
         except runtime.ServiceCallError as e:
-            print(f"Error: {e.details if e.code in _SHOWN_AS_IS else e}", file=sys.stderr)
+            print(f"Error: {_error_text(e)}", file=sys.stderr)
             return _exit_code_for(e)
     path = token_file.default_path()
     token_file.save(
