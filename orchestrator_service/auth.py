@@ -228,7 +228,7 @@ class Authenticator:
         try:
             user = self._persistence.verify_credentials(username, password)
         except ServiceCallError as e:
-            if e.code not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT):
+            if e.code != grpc.StatusCode.UNAUTHENTICATED:
                 raise
             failures, delay = self._throttle.failed(username)
             log.warning(

@@ -477,10 +477,13 @@ def cmd_up(args: argparse.Namespace) -> int:
                 "(shown once; set TIERWRITER_ADMIN_PASSWORD to choose it yourself)",
                 flush=True,
             )
+        certificate = Settings().tls_cert_file
+        tls = f"TLS with {certificate}" if certificate else "plaintext: set TLS_CERT_FILE/_KEY_FILE"
         print(
-            f"orchestrator  {stack.orchestrator_address}\n"
+            f"orchestrator  {stack.orchestrator_address} ({tls})\n"
             f"generator     {stack.generator_address}\n"
-            f"persistence   {stack.persistence_address}",
+            f"persistence   {stack.persistence_address}\n"
+            "Next: tierwriter login -u admin",
             flush=True,
         )
         if stack.simulator:

@@ -263,6 +263,17 @@ def test_up_serves_until_ctrl_c_and_prints_the_generated_password_once(tmp_path:
             )
             assert run.returncode == 0, run.stdout + run.stderr
             assert len(article_pages(tmp_path / "out")) == 2
+            assert "(plaintext" in banner
+
+            # The README's session: log in once, then commands need no credentials.
+            session = {"TIERWRITER_TOKEN_FILE": str(tmp_path / "session" / "token.json")}
+            address = ["--address", f"127.0.0.1:{ports[0]}"]
+            login = tierwriter(
+                "login", "-u", "admin", "-p", password.group(1), *address, cwd=tmp_path, env=session
+            )
+            assert login.returncode == 0, login.stderr
+            listed = tierwriter("jobs", "list", *address, cwd=tmp_path, env=session)
+            assert listed.returncode == 0 and "completed" in listed.stdout, listed.stderr
 
             process.send_signal(signal.SIGINT)
             assert process.wait(timeout=60) == 0
