@@ -7,6 +7,7 @@ import logging
 import queue
 from collections import defaultdict
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NoReturn
 
 import grpc
@@ -43,6 +44,19 @@ def _abort_for(context: grpc.ServicerContext, error: ServiceCallError) -> NoRetu
     if error.code in _PASSED_THROUGH:
         runtime.abort(context, error.code, error.details)  # type: ignore[arg-type]
     runtime.abort(context, grpc.StatusCode.UNAVAILABLE, str(error))
+
+
+@contextmanager
+def _authentication_codes(context: grpc.ServicerContext) -> Iterator[None]:
+    """Map the Authenticator's errors onto status codes."""
+    try:
+        yield
+    except NotAuthenticatedError as e:
+        runtime.abort(context, grpc.StatusCode.UNAUTHENTICATED, str(e))
+    except ThrottledError as e:
+        runtime.abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+    except ServiceCallError as e:
+        _abort_for(context, e)
 
 
 def project_to_public(p: db_pb.Project) -> pb.Project:
@@ -100,17 +114,12 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         self._auth = authenticator
 
     def _authenticate(self, context: grpc.ServicerContext) -> Principal:
-        try:
+        with _authentication_codes(context):
             principal = self._auth.authenticate(context.invocation_metadata())
             # Before any job is started or shown: jobs a dead orchestrator left running.
             self._runner.recover_interrupted()
             return principal
-        except NotAuthenticatedError as e:
-            runtime.abort(context, grpc.StatusCode.UNAUTHENTICATED, str(e))
-        except ThrottledError as e:
-            runtime.abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        except ServiceCallError as e:
-            _abort_for(context, e)
+        raise AssertionError("unreachable: _authentication_codes aborts or re-raises")
 
     def _job(self, context: grpc.ServicerContext, caller: Principal, job_id: int) -> db_pb.Job:
         """The job, if the caller may see it. To a user, someone else's job and a job that does
@@ -143,14 +152,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             runtime.abort(
                 context, grpc.StatusCode.INVALID_ARGUMENT, "username and password: both required"
             )
-        try:
+        with _authentication_codes(context):
             token, expires_at, user = self._auth.login(request.username, request.password)
-        except NotAuthenticatedError as e:
-            runtime.abort(context, grpc.StatusCode.UNAUTHENTICATED, str(e))
-        except ThrottledError as e:
-            runtime.abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        except ServiceCallError as e:
-            _abort_for(context, e)
         return pb.LoginResponse(token=token, expires_at=expires_at, user=user_to_public(user))
 
     def RunJob(
