@@ -147,10 +147,12 @@ class TokenSigner:
 
 
 class LoginThrottle:
-    """Slows down password guessing per username: after `free_attempts` failures in a row, each
-    further attempt must wait a delay that doubles from `base_delay` up to `max_delay`. A
-    success clears the count. Usernames that do not exist are counted too (so the answer does
-    not tell them apart); the oldest entries are dropped beyond `max_tracked`."""
+    """Slows down password guessing per username: after `free_attempts` attempts in a row that
+    did not succeed, each further attempt must wait a delay that doubles from `base_delay` up to
+    `max_delay`. An attempt counts as failed from the moment it starts, so guesses sent in
+    parallel are held back like guesses sent one by one; a success clears the count. Usernames
+    that do not exist are counted too (so the answer does not tell them apart); the oldest
+    entries are dropped beyond `max_tracked`."""
 
     def __init__(
         self,
@@ -166,31 +168,37 @@ class LoginThrottle:
         self._clock = clock
         self._max_tracked = max_tracked
         self._lock = threading.Lock()
-        # username → (failures in a row, earliest time of the next attempt)
-        self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        # username → (attempts in a row without success, earliest time of the next attempt)
+        self._attempts: OrderedDict[str, tuple[int, float]] = OrderedDict()
 
-    def retry_after(self, username: str) -> float:
-        """Seconds until `username` may try again; 0 when it may now."""
+    def attempt(self, username: str) -> float:
+        """Start an attempt: 0 when it may go ahead (and is counted), else the seconds to wait
+        (and it is not counted)."""
         with self._lock:
-            _, not_before = self._failures.get(username, (0, 0.0))
-        return max(0.0, not_before - self._clock())
-
-    def failed(self, username: str) -> tuple[int, float]:
-        """Count a failure; (failures in a row, seconds before the next attempt)."""
-        with self._lock:
-            count = self._failures.pop(username, (0, 0.0))[0] + 1
+            count, not_before = self._attempts.pop(username, (0, 0.0))
+            now = self._clock()
+            if now < not_before:
+                self._attempts[username] = (count, not_before)
+                return not_before - now
+            count += 1
             delay = 0.0
             if count >= self._free:
                 delay = min(self._max, self._base * 2 ** (count - self._free))
-            self._failures[username] = (count, self._clock() + delay)
-            while len(self._failures) > self._max_tracked:
-                self._failures.popitem(last=False)
-        return count, delay
+            self._attempts[username] = (count, now + delay)
+            while len(self._attempts) > self._max_tracked:
+                self._attempts.popitem(last=False)
+            return 0.0
+
+    def standing(self, username: str) -> tuple[int, float]:
+        """(attempts in a row without success, seconds before the next may start)."""
+        with self._lock:
+            count, not_before = self._attempts.get(username, (0, 0.0))
+        return count, max(0.0, not_before - self._clock())
 
     def succeeded(self, username: str) -> None:
-        """Forget the user's failures."""
+        """Forget the user's attempts."""
         with self._lock:
-            self._failures.pop(username, None)
+            self._attempts.pop(username, None)
 
 
 class Authenticator:
@@ -222,7 +230,7 @@ class Authenticator:
     def check_password(self, username: str, password: str) -> db_pb.User:
         """The active user with these credentials. ThrottledError while the user must wait;
         NotAuthenticatedError otherwise (a failure is logged without the password)."""
-        wait = self._throttle.retry_after(username)
+        wait = self._throttle.attempt(username)
         if wait > 0:
             raise ThrottledError(username, wait)
         try:
@@ -230,7 +238,7 @@ class Authenticator:
         except ServiceCallError as e:
             if e.code != grpc.StatusCode.UNAUTHENTICATED:
                 raise
-            failures, delay = self._throttle.failed(username)
+            failures, delay = self._throttle.standing(username)
             log.warning(
                 "failed login for %r (%d in a row); next attempt allowed in %.0f s",
                 username,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import stat
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jwt
@@ -78,22 +79,32 @@ class Clock:
 def test_failed_logins_make_the_next_attempt_wait_ever_longer_per_user() -> None:
     clock = Clock()
     throttle = LoginThrottle(free_attempts=3, base_delay=1.0, max_delay=8.0, clock=clock)
-    assert [throttle.failed("ann") for _ in range(2)] == [(1, 0.0), (2, 0.0)]
-    assert throttle.retry_after("ann") == 0
-    assert throttle.failed("ann") == (3, 1.0)
-    assert throttle.retry_after("ann") == 1.0 and throttle.retry_after("bob") == 0
-    clock.now += 1.0
-    assert throttle.retry_after("ann") == 0
-    assert [throttle.failed("ann")[1] for _ in range(4)] == [2.0, 4.0, 8.0, 8.0]  # capped
+    assert [throttle.attempt("ann") for _ in range(3)] == [0, 0, 0]
+    assert throttle.standing("ann") == (3, 1.0)
+    assert throttle.attempt("ann") == 1.0 and throttle.attempt("bob") == 0
+    assert throttle.standing("ann") == (3, 1.0)  # a refused attempt is not counted
+    delays = []
+    for _ in range(4):
+        clock.now += throttle.standing("ann")[1]
+        assert throttle.attempt("ann") == 0
+        delays.append(throttle.standing("ann")[1])
+    assert delays == [2.0, 4.0, 8.0, 8.0]  # doubling, capped
     throttle.succeeded("ann")
-    assert throttle.retry_after("ann") == 0 and throttle.failed("ann") == (1, 0.0)
+    assert throttle.standing("ann") == (0, 0.0)
+
+
+def test_guesses_sent_in_parallel_are_held_back_like_guesses_in_a_row() -> None:
+    throttle = LoginThrottle(free_attempts=3, base_delay=1.0, clock=Clock())
+    with ThreadPoolExecutor(16) as pool:
+        waits = list(pool.map(lambda _: throttle.attempt("ann"), range(16)))
+    assert waits.count(0) == 3  # three went ahead before any had answered; the rest wait
 
 
 def test_the_throttle_forgets_the_oldest_names_beyond_its_bound() -> None:
     throttle = LoginThrottle(free_attempts=1, clock=Clock(), max_tracked=3)
     for name in ("a", "b", "c", "d"):
-        throttle.failed(name)
-    assert throttle.retry_after("a") == 0 and throttle.retry_after("d") > 0
+        throttle.attempt(name)
+    assert throttle.standing("a") == (0, 0.0) and throttle.standing("d")[0] == 1
 
 
 def test_an_admin_owns_everything_and_a_user_their_own() -> None:
