@@ -107,8 +107,17 @@ def credentials_from_metadata(
     return None
 
 
+@dataclass(frozen=True)
+class TokenClaims:
+    """Whose token it is, and the account's token version when it was issued."""
+
+    username: str
+    version: int
+
+
 class TokenSigner:
-    """Issues and checks HMAC-SHA256 signed JWTs naming a user, valid for `ttl_seconds`."""
+    """Issues and checks HMAC-SHA256 signed JWTs naming a user and their token version, valid
+    for `ttl_seconds`."""
 
     def __init__(
         self, secret: str, ttl_seconds: float, clock: Callable[[], float] = time.time
@@ -117,14 +126,20 @@ class TokenSigner:
         self._ttl = ttl_seconds
         self._clock = clock
 
-    def issue(self, username: str) -> tuple[str, float]:
+    def issue(self, username: str, version: int = 1) -> tuple[str, float]:
         """(token, expiry as seconds since the epoch)."""
         now = self._clock()
         expires = now + self._ttl
-        claims = {"sub": username, "iss": _ISSUER, "iat": int(now), "exp": int(expires)}
+        claims = {
+            "sub": username,
+            "ver": version,
+            "iss": _ISSUER,
+            "iat": int(now),
+            "exp": int(expires),
+        }
         return jwt.encode(claims, self._secret, algorithm=_ALGORITHM), float(int(expires))
 
-    def username(self, token: str) -> str:
+    def claims(self, token: str) -> TokenClaims:
         """Whose token this is; NotAuthenticatedError when it expired or was not signed here
         (wrong key, altered claims, `alg: none`, garbage)."""
         try:
@@ -133,7 +148,7 @@ class TokenSigner:
                 self._secret,
                 algorithms=[_ALGORITHM],
                 issuer=_ISSUER,
-                options={"require": ["sub", "iss", "iat", "exp"]},
+                options={"require": ["sub", "ver", "iss", "iat", "exp"]},
             )
         except jwt.ExpiredSignatureError as e:
             raise NotAuthenticatedError(
@@ -143,7 +158,7 @@ class TokenSigner:
             raise NotAuthenticatedError(
                 "invalid session token (not issued by this tierwriter): run `tierwriter login`"
             ) from e
-        return str(claims["sub"])
+        return TokenClaims(str(claims["sub"]), int(claims["ver"]))
 
 
 class LoginThrottle:
@@ -252,7 +267,7 @@ class Authenticator:
     def login(self, username: str, password: str) -> tuple[str, float, db_pb.User]:
         """(token, expiry, user) for valid credentials."""
         user = self.check_password(username, password)
-        token, expires = self.signer().issue(user.username)
+        token, expires = self.signer().issue(user.username, user.token_version)
         log.info("%r logged in", user.username)
         return token, expires, user
 
@@ -268,9 +283,9 @@ class Authenticator:
         if isinstance(credentials, PasswordCredentials):
             user = self.check_password(credentials.username, credentials.password)
         else:
-            username = self.signer().username(credentials)
+            claims = self.signer().claims(credentials)
             try:
-                user = self._persistence.get_user(username)
+                user = self._persistence.get_user(claims.username)
             except ServiceCallError as e:
                 if e.code != grpc.StatusCode.NOT_FOUND:
                     raise
@@ -278,5 +293,10 @@ class Authenticator:
             if not user.active:
                 raise NotAuthenticatedError(
                     "the account of this session token is disabled: ask an admin"
+                )
+            if user.token_version != claims.version:
+                raise NotAuthenticatedError(
+                    "the password changed after this session token was issued: run "
+                    "`tierwriter login` again"
                 )
         return Principal(user.username, user.role)

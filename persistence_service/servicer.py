@@ -81,6 +81,7 @@ def user_to_proto(u: User) -> pb.User:
         role=u.role,
         active=u.active,
         created_at=u.created_at.timestamp(),
+        token_version=u.token_version,
     )
 
 

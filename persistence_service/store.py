@@ -496,11 +496,13 @@ class Store:
             return user
 
     def set_password(self, username: str, password: str) -> User:
-        """Replace a user's password (its argon2 hash)."""
+        """Replace a user's password (its argon2 hash); session tokens issued before stop
+        working."""
         check_password(password)
         with self._uow() as uow:
             user = self._user(uow.session, username, for_update=True)
             user.password_hash = _hasher.hash(password)
+            user.token_version += 1
             uow.commit()
             return user
 

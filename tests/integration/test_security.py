@@ -75,6 +75,7 @@ def test_calls_without_valid_credentials_are_unauthenticated(team) -> None:
             token=jwt.encode(
                 {
                     "sub": "admin",
+                    "ver": 1,
                     "iss": "tierwriter",
                     "iat": int(time.time()),
                     "exp": int(time.time()) + 600,
@@ -133,6 +134,21 @@ def test_a_login_token_works_until_its_account_is_disabled(team) -> None:
             again = denied(lambda: anonymous.login("ann", "ann-password-1"))
             assert again.code == grpc.StatusCode.UNAUTHENTICATED
         admin.set_user_active("ann", True)
+        assert [j.job_id for j in ann.list_jobs()] == [team["ann_job"]]
+
+
+def test_a_new_password_ends_the_tokens_issued_before_it(team) -> None:
+    address = team["address"]
+    with OrchestratorClient(address) as anonymous:
+        before = anonymous.login("ann", "ann-password-1").token
+    with OrchestratorClient(address, token=before) as ann:
+        ann.set_password("ann", "ann-password-2")
+        error = denied(ann.list_jobs)
+        assert error.code == grpc.StatusCode.UNAUTHENTICATED
+        assert "the password changed after this session token was issued" in error.details
+    with OrchestratorClient(address) as anonymous:
+        after = anonymous.login("ann", "ann-password-2").token
+    with OrchestratorClient(address, token=after) as ann:
         assert [j.job_id for j in ann.list_jobs()] == [team["ann_job"]]
 
 

@@ -18,6 +18,7 @@ from orchestrator_service.auth import (
     NotAuthenticatedError,
     PasswordCredentials,
     Principal,
+    TokenClaims,
     TokenSigner,
     basic_credentials,
     bearer_credentials,
@@ -40,12 +41,12 @@ def test_credentials_are_read_from_basic_or_bearer_metadata() -> None:
 
 def test_a_token_names_its_user_until_it_expires() -> None:
     now = time.time()
-    token, expires = TokenSigner(SECRET, 600, clock=lambda: now).issue("ann")
-    assert TokenSigner(SECRET, 600).username(token) == "ann"
+    token, expires = TokenSigner(SECRET, 600, clock=lambda: now).issue("ann", version=4)
+    assert TokenSigner(SECRET, 600).claims(token) == TokenClaims("ann", 4)
     assert expires == int(now + 600)
     old, _ = TokenSigner(SECRET, 600, clock=lambda: now - 601).issue("ann")
     with pytest.raises(NotAuthenticatedError, match="expired"):
-        TokenSigner(SECRET, 600).username(old)
+        TokenSigner(SECRET, 600).claims(old)
 
 
 @pytest.mark.parametrize(
@@ -53,11 +54,15 @@ def test_a_token_names_its_user_until_it_expires() -> None:
     [
         lambda: TokenSigner("some-other-secret-0123456789abcdef", 600).issue("admin")[0],
         lambda: jwt.encode(
-            {"sub": "admin", "iss": "tierwriter", "iat": 1, "exp": 2**40}, "", algorithm="none"
+            {"sub": "admin", "ver": 1, "iss": "tierwriter", "iat": 1, "exp": 2**40},
+            "",
+            algorithm="none",
         ),
-        lambda: jwt.encode({"sub": "admin", "exp": 2**40}, SECRET, algorithm="HS256"),  # no iss
+        lambda: jwt.encode({"sub": "admin", "ver": 1, "exp": 2**40}, SECRET, algorithm="HS256"),
         lambda: jwt.encode(
-            {"sub": "admin", "iss": "someone", "iat": 1, "exp": 2**40}, SECRET, algorithm="HS256"
+            {"sub": "admin", "ver": 1, "iss": "someone", "iat": 1, "exp": 2**40},
+            SECRET,
+            algorithm="HS256",
         ),
         lambda: "",
         lambda: "a.b.c",
@@ -65,7 +70,7 @@ def test_a_token_names_its_user_until_it_expires() -> None:
 )
 def test_a_token_not_signed_here_is_refused(forge) -> None:
     with pytest.raises(NotAuthenticatedError, match="invalid session token"):
-        TokenSigner(SECRET, 600).username(forge())
+        TokenSigner(SECRET, 600).claims(forge())
 
 
 class Clock:

@@ -148,7 +148,9 @@ def test_users_are_created_disabled_and_given_new_passwords(store: Store) -> Non
     with pytest.raises(InvalidRecordError, match=r"^role: "):
         store.create_user("bea", "long-enough", role="root")
 
+    assert store.get_user("ann").token_version == 1
     store.set_password("ann", "second-password")
+    assert store.get_user("ann").token_version == 2  # tokens issued before stop working
     with pytest.raises(AuthenticationError):
         store.verify_credentials("ann", "first-password")
     assert store.verify_credentials("ann", "second-password").username == "ann"

@@ -1,4 +1,5 @@
-"""Projects belong to users (names unique per owner), and a table for generated service secrets.
+"""Projects belong to users (names unique per owner), users get a token version (a new password
+ends older session tokens), and a table for generated service secrets.
 
 Revision ID: 0003
 Revises: 0002
@@ -37,6 +38,10 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("projects") as projects:
         projects.create_unique_constraint("uq_project_owner_name", ["owner", "name"])
+    with op.batch_alter_table("users") as users:
+        users.add_column(
+            sa.Column("token_version", sa.Integer(), nullable=False, server_default="1")
+        )
     op.create_table(
         "service_secrets",
         sa.Column("name", sa.String(100), primary_key=True),
@@ -47,6 +52,8 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("service_secrets")
+    with op.batch_alter_table("users") as users:
+        users.drop_column("token_version")
     with op.batch_alter_table("projects") as projects:
         projects.drop_constraint("uq_project_owner_name", type_="unique")
         projects.drop_column("owner")

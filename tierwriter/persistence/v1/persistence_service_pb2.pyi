@@ -1254,6 +1254,7 @@ class User(_message.Message):
     ROLE_FIELD_NUMBER: _builtins.int
     ACTIVE_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    TOKEN_VERSION_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Database id."""
     username: _builtins.str
@@ -1264,6 +1265,8 @@ class User(_message.Message):
     """False once disabled: the user can neither log in nor use a token issued before."""
     created_at: _builtins.float
     """When the account was created (seconds since the epoch, UTC)."""
+    token_version: _builtins.int
+    """Raised by every new password; a session token is valid only for the version it names."""
     def __init__(
         self,
         *,
@@ -1272,10 +1275,11 @@ class User(_message.Message):
         role: _builtins.str = ...,
         active: _builtins.bool = ...,
         created_at: _builtins.float = ...,
+        token_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "created_at", b"created_at", "id", b"id", "role", b"role", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "created_at", b"created_at", "id", b"id", "role", b"role", "token_version", b"token_version", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
