@@ -462,7 +462,10 @@ def cmd_users_passwd(args: argparse.Namespace) -> int:
 
     def passwd(client: OrchestratorClient) -> int:
         user = client.set_password(username, password)
-        print(f"New password set for {user.username}.")
+        print(
+            f"New password set for {user.username}; session tokens issued before it no longer "
+            "work (log in again with the new password)."
+        )
         return EXIT_OK
 
     return _client_command(args, passwd)
