@@ -17,6 +17,7 @@ import grpc
 import jwt
 
 from persistence_service.client import PersistenceClient
+from tierwriter import accounts
 from tierwriter.persistence.v1 import persistence_service_pb2 as db_pb
 from tierwriter.runtime import ServiceCallError
 
@@ -245,6 +246,10 @@ class Authenticator:
     def check_password(self, username: str, password: str) -> db_pb.User:
         """The active user with these credentials. ThrottledError while the user must wait;
         NotAuthenticatedError otherwise (a failure is logged without the password)."""
+        if not accounts.could_be_credentials(username, password):
+            # No account can match: refused without a lookup, a hash, or a throttle entry (a
+            # megabyte "username" must not become a key that stays in memory).
+            raise NotAuthenticatedError("invalid username or password")
         wait = self._throttle.attempt(username)
         if wait > 0:
             raise ThrottledError(username, wait)

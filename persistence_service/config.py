@@ -16,6 +16,9 @@ class Settings(ServiceSettings):
     persistence_address: str = Field("127.0.0.1:50053", alias="PERSISTENCE_ADDRESS")
     # gRPC threads; also the PostgreSQL pool size, so a call never waits for a connection.
     persistence_threads: int = Field(32, ge=1, alias="PERSISTENCE_THREADS")
-    admin_password: SecretStr | None = Field(None, alias="TIERWRITER_ADMIN_PASSWORD")
+    # The first admin's password; checked like any password, so the admin can always log in.
+    admin_password: SecretStr | None = Field(
+        None, min_length=8, max_length=1024, alias="TIERWRITER_ADMIN_PASSWORD"
+    )
     # At start, how long to wait for the database to answer (health NOT_SERVING meanwhile).
     database_wait_seconds: float = Field(120.0, ge=0, alias="DATABASE_WAIT_SECONDS")

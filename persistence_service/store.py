@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,9 +26,12 @@ from persistence_service.models import (
     utcnow,
 )
 from persistence_service.unit_of_work import UnitOfWork
+from tierwriter import accounts
 
 log = logging.getLogger(__name__)
 _hasher = PasswordHasher()
+# Hashed when there is no account to check against, so a miss takes as long as a wrong password.
+_TIMING_PASSWORD = "not-a-password-only-spends-time"
 
 
 class NotFoundError(Exception):
@@ -52,30 +54,19 @@ class AuthenticationError(Exception):
     """Username and password do not match an active user."""
 
 
-ROLES = ("admin", "user")
-# Usernames appear in logs, paths of nothing, and messages: a plain, printable alphabet.
-USERNAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
-# Argon2 hashes any length, but a megabyte password per login would be a cheap way to burn CPU.
-PASSWORD_MIN, PASSWORD_MAX = 8, 1024
-
-
 def check_username(username: str) -> None:
-    """InvalidRecordError naming the field unless `username` is 1-64 letters, digits, . _ @ -
-    (starting with a letter or digit)."""
-    if not USERNAME_PATTERN.fullmatch(username):
-        raise InvalidRecordError(
-            "username: 1-64 characters of letters, digits, '.', '_', '@' or '-', starting with "
-            "a letter or digit"
-        )
+    """InvalidRecordError naming the field unless `username` follows the account rules."""
+    problem = accounts.username_problem(username)
+    if problem:
+        raise InvalidRecordError(problem)
 
 
 def check_password(password: str) -> None:
     """InvalidRecordError naming the field unless the password's length is within the limits
     (the message never repeats the password)."""
-    if not PASSWORD_MIN <= len(password) <= PASSWORD_MAX:
-        raise InvalidRecordError(
-            f"password: must be {PASSWORD_MIN} to {PASSWORD_MAX} characters long"
-        )
+    problem = accounts.password_problem(password)
+    if problem:
+        raise InvalidRecordError(problem)
 
 
 @dataclass
@@ -462,8 +453,10 @@ class Store:
         taken."""
         check_username(username)
         check_password(password)
-        if role not in ROLES:
-            raise InvalidRecordError(f"role: must be one of {', '.join(ROLES)}, not {role!r}")
+        if role not in accounts.ROLES:
+            raise InvalidRecordError(
+                f"role: must be one of {', '.join(accounts.ROLES)}, not {role!r}"
+            )
         with self._uow() as uow:
             user = User(username=username, password_hash=_hasher.hash(password), role=role)
             uow.session.add(user)
@@ -538,8 +531,8 @@ class Store:
         does not say which part was wrong)."""
         with self._uow() as uow:
             user = repository.user_by_name(uow.session, username)
-            if user is None or not user.active or len(password) > PASSWORD_MAX:
-                _hasher.hash(password)  # spend the same time as a real check
+            if user is None or not user.active or accounts.password_problem(password):
+                _hasher.hash(_TIMING_PASSWORD)  # spend the same time as a real check
                 raise AuthenticationError("invalid username or password")
             try:
                 _hasher.verify(user.password_hash, password)

@@ -11,7 +11,12 @@ class ServiceSettings(BaseSettings):
     by field name; empty variables count as unset (compose passes `${VAR:-}` through as "")."""
 
     model_config = SettingsConfigDict(
-        env_file=".env", extra="ignore", populate_by_name=True, env_ignore_empty=True
+        env_file=".env",
+        extra="ignore",
+        populate_by_name=True,
+        env_ignore_empty=True,
+        # A rejected value is not repeated in the error: it may be a key, a password or a token.
+        hide_input_in_errors=True,
     )
 
     log_level: str = Field("INFO", alias="LOG_LEVEL")

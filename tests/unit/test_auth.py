@@ -11,9 +11,11 @@ from pathlib import Path
 
 import jwt
 import pytest
+from pydantic import ValidationError
 
 from orchestrator_service import token_file
 from orchestrator_service.auth import (
+    Authenticator,
     LoginThrottle,
     NotAuthenticatedError,
     PasswordCredentials,
@@ -24,6 +26,8 @@ from orchestrator_service.auth import (
     bearer_credentials,
     credentials_from_metadata,
 )
+from orchestrator_service.config import Settings as OrchestratorSettings
+from persistence_service.config import Settings as PersistenceSettings
 
 SECRET = "unit-test-signing-secret-0123456789abcdef"
 
@@ -145,3 +149,32 @@ def test_the_token_file_path_follows_the_environment(monkeypatch, tmp_path: Path
     assert token_file.default_path() == tmp_path / "tierwriter" / "token.json"
     monkeypatch.setenv("TIERWRITER_TOKEN_FILE", str(tmp_path / "t.json"))
     assert token_file.default_path() == tmp_path / "t.json"
+
+
+@pytest.mark.parametrize(
+    ("settings", "variable", "value"),
+    [
+        (PersistenceSettings, "TIERWRITER_ADMIN_PASSWORD", "Xq7-pw"),  # too short
+        (OrchestratorSettings, "TOKEN_SIGNING_SECRET", "Xq7-signing-secret"),  # too short
+        (OrchestratorSettings, "TOKEN_TTL_SECONDS", "Xq7-not-a-number"),
+    ],
+)
+def test_a_rejected_setting_is_named_but_its_value_never_repeated(
+    settings, variable: str, value: str
+) -> None:
+    with pytest.raises(ValidationError) as error:
+        settings(**{variable: value})
+    assert variable in str(error.value) and value not in str(error.value)
+
+
+def test_impossible_credentials_are_refused_without_a_lookup_or_a_throttle_entry() -> None:
+    class NoPersistence:
+        def __getattr__(self, name: str) -> None:
+            raise AssertionError(f"persistence was asked: {name}")
+
+    throttle = LoginThrottle(clock=Clock())
+    authenticator = Authenticator(NoPersistence(), SECRET, 600, throttle)  # type: ignore[arg-type]
+    for username, password in [("x" * 100_000, "long-enough"), ("ann", "p" * 2000), ("", "pw")]:
+        with pytest.raises(NotAuthenticatedError, match="invalid username or password"):
+            authenticator.check_password(username, password)
+    assert throttle.standing("ann") == (0, 0.0)
