@@ -51,8 +51,9 @@ def team(start_stack, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         admin.create_user("ann", "ann-password-1")
         admin.create_user("bob", "bob-password-1")
     with OrchestratorClient(address, "ann", "ann-password-1") as ann:
-        events = list(ann.run_job(job_file(SMALL_TIER)))
+        events = list(ann.run_job(job_file(SMALL_TIER, deployment_targets=["ann.example.net"])))
         ann_job = events[0].job_started.job_id
+        assert [s.hostname for s in ann.list_sites()] == ["ann.example.net"]
         assert events[-1].run_finished.summary.requested_articles == 2
         project = ann.get_job(ann_job).job.project
     return {"handle": handle, "address": address, "ann_job": ann_job, "ann_project": project}
@@ -191,12 +192,13 @@ def test_a_user_sees_and_acts_on_their_own_jobs_and_projects_only(team) -> None:
         bob_job = events[0].job_started.job_id
         assert [j.job_id for j in bob.list_jobs()] == [bob_job]
         assert [(p.name, p.owner) for p in bob.list_projects()] == [(team["ann_project"], "bob")]
-        assert bob.list_sites() == []  # the job named no deployment targets
+        assert bob.list_sites() == []  # his job named no site; ann's site is not his
     with OrchestratorClient(address, "admin", team["handle"].password) as admin:
         assert {j.job_id: j.owner for j in admin.list_jobs()} == {ann_job: "ann", bob_job: "bob"}
         assert admin.get_job(ann_job).job.owner == "ann"
         assert denied(lambda: admin.get_job(missing)).code == grpc.StatusCode.NOT_FOUND
         assert {p.owner for p in admin.list_projects()} == {"ann", "bob"}
+        assert [s.hostname for s in admin.list_sites()] == ["ann.example.net"]
 
 
 def _project_id(address: str, admin_password: str, name: str) -> int:
