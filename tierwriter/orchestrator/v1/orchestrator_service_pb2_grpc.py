@@ -180,14 +180,15 @@ class OrchestratorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CreateProject(self, request, context):
-        """Creates a project; ALREADY_EXISTS if the name is taken.
+        """Creates a project owned by the caller; ALREADY_EXISTS if the caller has one of that name.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetProject(self, request, context):
-        """Returns one project by id or name.
+        """Returns one project: by id (PERMISSION_DENIED if it is not the caller's, as if it did not
+        exist), or by name among the caller's projects (NOT_FOUND).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -186,7 +186,7 @@ class PersistenceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CreateProject(self, request, context):
-        """Creates a project; ALREADY_EXISTS if the name is taken.
+        """Creates a project; ALREADY_EXISTS if its owner has one of that name.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
