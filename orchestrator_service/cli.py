@@ -152,6 +152,11 @@ def _interactive() -> bool:
     return sys.stdin.isatty()
 
 
+def _username(args: argparse.Namespace) -> str:
+    """-u, else $TIERWRITER_USER; empty when neither is given."""
+    return args.user or os.environ.get("TIERWRITER_USER", "")
+
+
 def _password(args: argparse.Namespace, username: str) -> str:
     """-p, else $TIERWRITER_PASSWORD, else a prompt on a terminal."""
     password = args.password or os.environ.get("TIERWRITER_PASSWORD", "")
@@ -181,7 +186,7 @@ def _open_client(args: argparse.Namespace) -> OrchestratorClient:
     """A client with the caller's credentials: -u (or $TIERWRITER_USER) with a password, else
     the session saved by `tierwriter login`."""
     roots = _root_certificates(args)
-    username = args.user or os.environ.get("TIERWRITER_USER", "")
+    username = _username(args)
     if username:
         password = _password(args, username)
         return OrchestratorClient(args.address, username, password, root_certificates=roots)
@@ -367,7 +372,7 @@ def _utc(timestamp: float) -> str:
 
 
 def cmd_login(args: argparse.Namespace) -> int:
-    username = args.user or os.environ.get("TIERWRITER_USER", "")
+    username = _username(args)
     if not username and _interactive():
         username = input("Username: ").strip()
     if not username:
@@ -449,7 +454,7 @@ def cmd_users_set_active(args: argparse.Namespace) -> int:
 
 
 def cmd_users_passwd(args: argparse.Namespace) -> int:
-    username = args.username or args.user or os.environ.get("TIERWRITER_USER", "")
+    username = args.username or _username(args)
     if not username:
         try:
             saved = token_file.load(token_file.default_path(), args.address)

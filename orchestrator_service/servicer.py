@@ -6,9 +6,9 @@ from __future__ import annotations
 import logging
 import queue
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import NoReturn
+from typing import NoReturn, Protocol, TypeVar
 
 import grpc
 
@@ -57,6 +57,30 @@ def _authentication_codes(context: grpc.ServicerContext) -> Iterator[None]:
         runtime.abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
     except ServiceCallError as e:
         _abort_for(context, e)
+
+
+class _Owned(Protocol):
+    owner: str
+
+
+Record = TypeVar("Record", bound=_Owned)
+
+
+def _owned(
+    context: grpc.ServicerContext, caller: Principal, fetch: Callable[[], Record], denied: str
+) -> Record:
+    """The record `fetch` returns, if the caller may see it. To a user, someone else's record
+    and one that does not exist get the same PERMISSION_DENIED `denied`: the answer does not
+    tell them apart. An admin is told NOT_FOUND."""
+    record: Record | None = None
+    try:
+        record = fetch()
+    except ServiceCallError as e:
+        if e.code != grpc.StatusCode.NOT_FOUND or caller.is_admin:
+            _abort_for(context, e)
+    if record is None or not caller.owns(record.owner):
+        runtime.abort(context, grpc.StatusCode.PERMISSION_DENIED, denied)
+    return record
 
 
 def project_to_public(p: db_pb.Project) -> pb.Project:
@@ -122,23 +146,15 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         raise AssertionError("unreachable: _authentication_codes aborts or re-raises")
 
     def _job(self, context: grpc.ServicerContext, caller: Principal, job_id: int) -> db_pb.Job:
-        """The job, if the caller may see it. To a user, someone else's job and a job that does
-        not exist get the same PERMISSION_DENIED: the answer does not tell them apart."""
+        """The job, if the caller may see it (see _owned)."""
         if job_id <= 0:
             runtime.abort(context, grpc.StatusCode.INVALID_ARGUMENT, "job_id: must be positive")
-        job: db_pb.Job | None = None
-        try:
-            job = self._persistence.get_job(job_id)
-        except ServiceCallError as e:
-            if e.code != grpc.StatusCode.NOT_FOUND or caller.is_admin:
-                _abort_for(context, e)
-        if job is None or not caller.owns(job.owner):
-            runtime.abort(
-                context,
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"job {job_id} is not one of your jobs: you can see and act on your own jobs only",
-            )
-        return job
+        return _owned(
+            context,
+            caller,
+            lambda: self._persistence.get_job(job_id),
+            f"job {job_id} is not one of your jobs: you can see and act on your own jobs only",
+        )
 
     @staticmethod
     def _require_admin(context: grpc.ServicerContext, caller: Principal) -> None:
@@ -315,21 +331,19 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             runtime.abort(
                 context, grpc.StatusCode.INVALID_ARGUMENT, "give a project id or a project name"
             )
-        project: db_pb.Project | None = None
-        try:
-            project = self._persistence.get_project(
-                request.project_id, request.name, caller.username
-            )
-        except ServiceCallError as e:
-            # By name it is looked up among the caller's own: NOT_FOUND tells nothing of others.
-            if e.code != grpc.StatusCode.NOT_FOUND or caller.is_admin or not request.project_id:
-                _abort_for(context, e)
-        if project is None or not caller.owns(project.owner):
-            runtime.abort(
+        if request.project_id:
+            project = _owned(
                 context,
-                grpc.StatusCode.PERMISSION_DENIED,
+                caller,
+                lambda: self._persistence.get_project(request.project_id),
                 f"project {request.project_id} is not one of your projects",
             )
+            return project_to_public(project)
+        # By name it is looked up among the caller's own: NOT_FOUND tells nothing of others.
+        try:
+            project = self._persistence.get_project(name=request.name, owner=caller.username)
+        except ServiceCallError as e:
+            _abort_for(context, e)
         return project_to_public(project)
 
     def ListProjects(
