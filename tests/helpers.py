@@ -81,31 +81,29 @@ def job_ids_of(events: list[Any]) -> list[int]:
     return [e.job_started.job_id for e in events if e.WhichOneof("event") == "job_started"]
 
 
-def rows_by_status(database_url: str, job_id: int) -> dict[str, int]:
-    """Counts of generated_content rows per status, read with SQL of our own (not our code)."""
+def sql_rows(database_url: str, statement: str, **params: Any) -> list[dict[str, Any]]:
+    """Rows of one query as dicts, read with SQL of our own (not our code), on a fresh engine."""
     engine = create_engine(database_url)
     try:
         with engine.connect() as connection:
-            rows = connection.execute(
-                text(
-                    "SELECT status, COUNT(*) FROM generated_content"
-                    " WHERE job_id = :j GROUP BY status"
-                ),
-                {"j": job_id},
-            ).all()
+            return [dict(row) for row in connection.execute(text(statement), params).mappings()]
     finally:
         engine.dispose()
-    return {status: count for status, count in rows}
+
+
+def rows_by_status(database_url: str, job_id: int) -> dict[str, int]:
+    """Counts of generated_content rows per status."""
+    rows = sql_rows(
+        database_url,
+        "SELECT status, COUNT(*) AS n FROM generated_content WHERE job_id = :j GROUP BY status",
+        j=job_id,
+    )
+    return {row["status"]: row["n"] for row in rows}
 
 
 def count_rows(database_url: str, table: str) -> int:
     """Rows in a table."""
-    engine = create_engine(database_url)
-    try:
-        with engine.connect() as connection:
-            return int(connection.execute(text(f"SELECT COUNT(*) FROM {table}")).scalar_one())
-    finally:
-        engine.dispose()
+    return int(sql_rows(database_url, f"SELECT COUNT(*) AS n FROM {table}")[0]["n"])
 
 
 def article_pages(folder: Path) -> list[Path]:
@@ -114,21 +112,13 @@ def article_pages(folder: Path) -> list[Path]:
 
 
 def article_rows(database_url: str, job_id: int) -> list[dict[str, Any]]:
-    """A job's generated_content rows as dicts, in (tier, index) order, read with our own SQL."""
-    engine = create_engine(database_url)
-    try:
-        with engine.connect() as connection:
-            rows = connection.execute(
-                text(
-                    "SELECT id, tier, article_index, title, status, error, site, url,"
-                    " output_path, outline, content, html FROM generated_content WHERE job_id = :j"
-                    " ORDER BY tier, article_index"
-                ),
-                {"j": job_id},
-            ).mappings()
-            return [dict(row) for row in rows]
-    finally:
-        engine.dispose()
+    """A job's generated_content rows as dicts, in (tier, index) order."""
+    return sql_rows(
+        database_url,
+        "SELECT id, tier, article_index, title, status, error, site, url, output_path, outline,"
+        " content, html FROM generated_content WHERE job_id = :j ORDER BY tier, article_index",
+        j=job_id,
+    )
 
 
 def wait_until_serving(address: str, timeout: float = 60.0) -> None:
