@@ -54,6 +54,15 @@ class AuthenticationError(Exception):
     """Username and password do not match an active user."""
 
 
+_PASSWORD_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789"
+
+
+def generate_password(length: int = 24) -> str:
+    """A random password of letters and digits (~137 bits at 24): nothing a shell or a
+    command-line parser reads specially; token_urlsafe's leading "-" looked like an option."""
+    return "".join(secrets.choice(_PASSWORD_ALPHABET) for _ in range(length))
+
+
 def check_username(username: str) -> None:
     """InvalidRecordError naming the field unless `username` follows the account rules."""
     problem = accounts.username_problem(username)
@@ -432,7 +441,7 @@ class Store:
         with self._uow() as uow:
             if repository.admin_exists(uow.session):
                 return None
-            generated = None if password else secrets.token_urlsafe(18)
+            generated = None if password else generate_password()
             secret = password or generated or ""
             uow.session.add(
                 User(
