@@ -15,7 +15,12 @@ class ArticleBatch:
     """Runs tasks as they arrive, at most `max_workers` at once and exactly that many while work
     is waiting (a ThreadPoolExecutor of that size). With continue_on_error false, the first
     failure stops new articles from starting: those in flight finish and are recorded, the rest
-    are reported SKIPPED. `stop()` does the same from outside (the caller went away)."""
+    are reported SKIPPED. A fatal API error (key, model, endpoint) does the same whatever
+    continue_on_error says, and so does `stop()` from outside (the caller went away).
+
+    With a budget, an article starts only while what the batch spent, plus the estimate of
+    those in flight, plus its own estimate stays within it; from the first that does not, every
+    article left is recorded as skipped (a resume with a higher budget writes them)."""
 
     def __init__(self, pipeline: ArticlePipeline, context: BatchContext) -> None:
         self._pipeline = pipeline
@@ -24,6 +29,11 @@ class ArticleBatch:
         self._lock = threading.Lock()  # guards the stop state: workers and the feed may race
         self._stop_reason = ""
         self._abandon_at: float | None = None  # monotonic time after which in-flight ones stop
+        # The budget's books, under _lock: spent by finished articles, estimated for running ones.
+        self._spent = 0.0
+        self._finished = 0
+        self._estimates: dict[int, float] = {}
+        self._over_budget = ""
 
     def stop(self, reason: str, grace_seconds: float = 0.0) -> None:
         """Start no further article; in-flight ones finish. With `grace_seconds`, those still
@@ -55,6 +65,37 @@ class ArticleBatch:
         with self._lock:
             return self._stop_reason
 
+    def _admit(self, task: ArticleTask) -> str:
+        """Book the article's estimated cost and return "", or say why the budget stops it."""
+        budget = self._context.budget_usd
+        if not budget:
+            return ""
+        with self._lock:
+            if not self._over_budget:
+                # Finished articles are the best estimate; before any, the token budgets' bound.
+                if self._finished:
+                    estimate = self._spent / self._finished
+                else:
+                    estimate = self._pipeline.estimate_cost(self._context)
+                committed = self._spent + sum(self._estimates.values())
+                if committed + estimate > budget:
+                    self._over_budget = (
+                        f"budget: ${committed:.4f} spent or running in this tier plus "
+                        f"~${estimate:.4f} for this article would pass the ${budget:.4f} left "
+                        "of max_cost_usd"
+                    )
+                else:
+                    self._estimates[task.index] = estimate
+            return self._over_budget
+
+    def _settle(self, event: ArticleEvent) -> None:
+        """An article ended: its real cost replaces its estimate."""
+        with self._lock:
+            self._estimates.pop(event.index, None)
+            if event.kind is not EventKind.SKIPPED:
+                self._spent += event.cost_usd
+                self._finished += 1
+
     def _one(self, task: ArticleTask, emit: Emit) -> None:
         if self._stopped.is_set():
             emit(
@@ -68,12 +109,20 @@ class ArticleBatch:
             )
             return
 
+        if over_budget := self._admit(task):
+            self._pipeline.skip(self._context, task, over_budget, emit)
+            return
+
         def emit_and_stop(event: ArticleEvent) -> None:
             # Stop before the FAILED event goes out: whoever sees it can count on no new start.
-            if event.kind is EventKind.FAILED and not self._context.continue_on_error:
+            if event.kind is EventKind.FAILED and event.fatal:
+                self.stop(f"not started: {event.error}")
+            elif event.kind is EventKind.FAILED and not self._context.continue_on_error:
                 self.stop(
                     f"not started: article {task.index + 1} failed and continue_on_error is false"
                 )
+            if event.terminal:
+                self._settle(event)
             emit(event)
 
         self._pipeline.run(self._context, task, emit_and_stop, self._abandoned)

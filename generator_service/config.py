@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from generator_service.llm.limits import ModelLimits
 from tierwriter.settings import ServiceSettings
+
+
+class ModelLimitsOverride(BaseModel):
+    """One model's entry in LLM_MODEL_LIMITS; what it leaves out comes from the defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rpm: int | None = Field(None, ge=0)
+    tpm: int | None = Field(None, ge=0)
+    max_output_tokens: int | None = Field(None, ge=16)
 
 
 class Settings(ServiceSettings):
@@ -26,3 +37,30 @@ class Settings(ServiceSettings):
     llm_backoff_max_seconds: float = Field(30.0, gt=0, alias="LLM_BACKOFF_MAX_SECONDS")
     # gRPC threads: each GenerateArticles stream holds one; articles run on the stream's own pool.
     generator_threads: int = Field(32, ge=2, alias="GENERATOR_THREADS")
+    # The provider's limits per model, enforced here (0: none): requests and tokens (prompt +
+    # max_tokens) per minute, shared by every job on this generator; divide by the replicas.
+    llm_rpm_limit: int = Field(0, ge=0, alias="LLM_RPM_LIMIT")
+    llm_tpm_limit: int = Field(0, ge=0, alias="LLM_TPM_LIMIT")
+    # No call asks for more max_tokens than this (budgets fit each call below it).
+    llm_max_output_tokens: int = Field(8192, ge=16, alias="LLM_MAX_OUTPUT_TOKENS")
+    # Per-model overrides, JSON: {"gpt-4o": {"rpm": 500, "tpm": 30000, "max_output_tokens": 16384}}
+    llm_model_limits: dict[str, ModelLimitsOverride] = Field(
+        default_factory=dict, alias="LLM_MODEL_LIMITS"
+    )
+    # JSON prices, USD per million tokens: {"my-model": {"input": 0.5, "output": 1.5}}.
+    llm_prices_file: str | None = Field(None, alias="LLM_PRICES_FILE")
+    # Titles outside this length (characters) are dropped and asked for again.
+    title_min_chars: int = Field(20, ge=1, alias="TITLE_MIN_CHARS")
+    title_max_chars: int = Field(120, ge=1, le=1000, alias="TITLE_MAX_CHARS")
+
+    def model_limits(self) -> tuple[ModelLimits, dict[str, ModelLimits]]:
+        """The default limits and each overridden model's, defaults filled in."""
+        default = ModelLimits(self.llm_rpm_limit, self.llm_tpm_limit, self.llm_max_output_tokens)
+        return default, {
+            model: ModelLimits(
+                default.rpm if o.rpm is None else o.rpm,
+                default.tpm if o.tpm is None else o.tpm,
+                o.max_output_tokens or default.max_output_tokens,
+            )
+            for model, o in self.llm_model_limits.items()
+        }

@@ -51,6 +51,9 @@ class BatchContext:
     max_workers: int
     continue_on_error: bool
     replace_failed: bool = False  # a resume retrying failed articles
+    # USD the batch may still spend (the job's max_cost_usd less what it spent before); 0: no
+    # limit. Articles that would pass it are recorded as skipped.
+    budget_usd: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ class EventKind(Enum):
     OUTLINE_REPAIRING = "OUTLINE_REPAIRING"
     RETRYING = "RETRYING"
     RETRY_SUCCEEDED = "RETRY_SUCCEEDED"
+    THROTTLED = "THROTTLED"
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,10 @@ class ArticleEvent:
     traceback: str = ""
     attempt: int = 0
     retry_delay: float = 0.0
+    fatal: bool = False  # FAILED by an API error that ends the job (key, model, endpoint)
+    cost_usd: float = 0.0
+    concurrency_before: int = 0  # THROTTLED
+    concurrency_after: int = 0
 
     @property
     def terminal(self) -> bool:
@@ -128,11 +136,16 @@ class ArticleRecord:
     api_calls: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cost_usd: float = 0.0
+    rate_limited: int = 0  # 429 answers on the way
+    content_model: str = ""
+    asked_words: int = 0  # the lower word bound the content prompt asked for
+    draft_words: int = 0  # words of the content reply, before any augmentation
 
 
 class ArticleSaver(Protocol):
-    """Where terminal records go; returns (record id, created). Must be thread-safe. With
-    `replace_failed`, a stored failed record of the same key is replaced."""
+    """Where terminal records go; returns (record id, created). Must be thread-safe. A stored
+    skipped record of the same key is replaced, and with `replace_failed` a failed one too."""
 
     def save(self, record: ArticleRecord, replace_failed: bool = False) -> tuple[int, bool]: ...
 
@@ -162,6 +175,7 @@ def validate_batch(batch: BatchContext) -> None:
         ),
         (0 < tier.min_h2 <= tier.max_h2, "settings.tier: need 0 < min_h2_tags <= max_h2_tags"),
         (0 <= tier.min_h3 <= tier.max_h3, "settings.tier: need 0 <= min_h3_tags <= max_h3_tags"),
+        (batch.budget_usd >= 0, "settings.budget_usd: must not be negative"),
     ]
     for ok, message in checks:
         if not ok:

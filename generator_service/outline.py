@@ -2,9 +2,9 @@
 and split the article's word target across its sections.
 
 An outline is a list of sections: [{"h2": str, "h3": [str, …]}, …]. The pipeline asks for one,
-asks once more (a repair) when it is unusable or out of range, then fits what it has: too many
-headings are cut from the end, too few are padded from the project's related searches and
-entities, and when there is nothing to pad with the article fails with a reason saying so."""
+asks once more (a repair) when it is unusable or has too few headings, then fits what it has:
+too many headings are cut from the end (no call), too few are padded from the project's related
+searches and entities, and when there is nothing to pad with the article fails saying so."""
 
 from __future__ import annotations
 
@@ -86,6 +86,18 @@ def outline_problem(outline: Outline, tier: TierShape) -> str:
     h3 = h3_total(outline)
     if not tier.min_h3 <= h3 <= tier.max_h3:
         problems.append(f"H3 subsections: {h3}, the tier needs {tier.min_h3} to {tier.max_h3}")
+    return "; ".join(problems)
+
+
+def outline_shortfall(outline: Outline, tier: TierShape) -> str:
+    """Why the outline has too few headings for the tier, or "" when it has enough (too many
+    are trimmed by fit_outline, no call needed)."""
+    problems = []
+    if len(outline) < tier.min_h2:
+        problems.append(f"H2 sections: {len(outline)}, the tier needs at least {tier.min_h2}")
+    h3 = h3_total(outline[: tier.max_h2])  # the H3s that survive trimming the extra H2s
+    if h3 < tier.min_h3:
+        problems.append(f"H3 subsections: {h3}, the tier needs at least {tier.min_h3}")
     return "; ".join(problems)
 
 

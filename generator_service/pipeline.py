@@ -1,5 +1,11 @@
 """ArticlePipeline: one article, outline → content → augmentation if short → saved record.
 
+Every call asks for a token budget that fits it (budget.py); outlines ask for JSON of a schema;
+the content prompt's word bounds come from WordTargets (learned per model). An augmentation must
+lengthen the text or is asked once more; the longest text is kept, and one that stays below the
+minimum is recorded as `short`. A FatalApiError (rejected key, unknown model, no endpoint)
+fails the article as `fatal`, which stops the batch.
+
 No gRPC here: the servicer feeds tasks in and turns events into messages."""
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from generator_service import prompts
+from generator_service.calibration import WordTargets
 from generator_service.domain import (
     ArticleEvent,
     ArticleRecord,
@@ -18,15 +25,19 @@ from generator_service.domain import (
     ArticleTask,
     BatchContext,
     EventKind,
+    TierShape,
 )
 from generator_service.llm import Completion, LlmClient
-from generator_service.llm.client import RetryNotice
+from generator_service.llm.budget import content_tokens, outline_tokens
+from generator_service.llm.client import FatalApiError, RetryNotice
+from generator_service.llm.limits import ConcurrencyChange
+from generator_service.llm.pricing import PriceTable
 from generator_service.outline import (
     FittedOutline,
     Outline,
     OutlineError,
     fit_outline,
-    outline_problem,
+    outline_shortfall,
     parse_outline,
     section_budgets,
 )
@@ -36,10 +47,11 @@ log = logging.getLogger(__name__)
 
 Emit = Callable[[ArticleEvent], None]
 
-OUTLINE_MAX_TOKENS = 2000
-CONTENT_MAX_TOKENS = 8000
 # A reply cut off by the token limit is continued at most this often before the article fails.
 MAX_CONTINUATIONS = 2
+# Augmentation requests per article: the second only when the first did not reach the minimum.
+MAX_AUGMENTATIONS = 2
+RATE_LIMITED = "Rate limit exceeded"  # reason_of() for a 429
 
 
 class EmptyContentError(ValueError):
@@ -71,24 +83,76 @@ class _Usage:
     calls: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cost_usd: float = 0.0
+    rate_limited: int = 0  # 429 answers, each retried
 
-    def add(self, completion: Completion) -> None:
+    def add(self, completion: Completion, cost_usd: float) -> None:
         self.calls += 1
         self.prompt_tokens += completion.prompt_tokens
         self.completion_tokens += completion.completion_tokens
+        self.cost_usd += cost_usd
 
 
 class ArticlePipeline:
-    """Writes one article and stores its terminal record. Thread-safe: no state between calls."""
+    """Writes one article and stores its terminal record. Thread-safe: the only state shared
+    between calls is in WordTargets, which locks its own."""
 
-    def __init__(self, llm: LlmClient, saver: ArticleSaver, word_count_compensation: int) -> None:
+    def __init__(
+        self,
+        llm: LlmClient,
+        saver: ArticleSaver,
+        targets: WordTargets,
+        prices: PriceTable | None = None,
+    ) -> None:
         self._llm = llm
         self._saver = saver
-        self._compensation = word_count_compensation
+        self._targets = targets
+        self._prices = prices or PriceTable()
 
-    def content_bounds(self, min_words: int, max_words: int) -> tuple[int, int]:
-        """The word bounds the content prompt asks for: both raised by the compensation."""
-        return min_words + self._compensation, max_words + self._compensation
+    def estimate_cost(self, batch: BatchContext) -> float:
+        """An upper bound of one article's cost before any has finished: outline and content
+        prompts at their full token budgets (augmentation, which few need, left out)."""
+        tier = batch.tier
+        outline = self._prices.cost(
+            batch.models.outline, 1000, outline_tokens(tier.max_h2, tier.max_h3)
+        )
+        asked = self._targets.request(
+            batch.models.content, tier.min_word_count, tier.max_word_count
+        )
+        content = self._prices.cost(
+            batch.models.content,
+            1000 + (tier.max_h2 + tier.max_h3) * 20,  # the prompt carries the outline
+            content_tokens(asked.high),
+        )
+        return outline + content
+
+    def skip(self, batch: BatchContext, task: ArticleTask, reason: str, emit: Emit) -> None:
+        """Record an article that will not be written (over budget) as `skipped`: a resume
+        with room in the budget writes it."""
+        record = ArticleRecord(
+            job_id=batch.job_id,
+            project_id=batch.project.project_id,
+            tier=batch.tier.name,
+            article_index=task.index,
+            keyword=batch.project.keyword,
+            title=task.title,
+            status="skipped",
+            site=task.site,
+            error_stage="budget",
+            error=reason,
+        )
+        article_id, _created = self._saver.save(record, batch.replace_failed)
+        emit(
+            ArticleEvent(
+                EventKind.SKIPPED,
+                batch.tier.name,
+                task.index,
+                title=task.title,
+                article_id=article_id,
+                status="skipped",
+                error=reason,
+            )
+        )
 
     def run(
         self,
@@ -126,7 +190,12 @@ class ArticlePipeline:
                 )
             return text
 
-        def call(model: str, prompt: prompts.Prompt, max_tokens: int) -> Completion:
+        def call(
+            model: str,
+            prompt: prompts.Prompt,
+            max_tokens: int,
+            response_format: dict[str, Any] | None = None,
+        ) -> Completion:
             if why := abandoned():  # cancelled and out of grace: no further model call
                 raise ArticleCancelledError(why)
             retried = False
@@ -134,6 +203,8 @@ class ArticlePipeline:
             def on_retry(notice: RetryNotice) -> None:
                 nonlocal retried
                 retried = True
+                if notice.reason == RATE_LIMITED:
+                    usage.rate_limited += 1
                 event(
                     EventKind.RETRYING,
                     stage=stage,
@@ -142,17 +213,30 @@ class ArticlePipeline:
                     retry_delay=notice.delay,
                 )
 
+            def on_throttle(change: ConcurrencyChange) -> None:
+                event(
+                    EventKind.THROTTLED,
+                    stage=stage,
+                    error=change.model,
+                    concurrency_before=change.before,
+                    concurrency_after=change.after,
+                    status="restored" if change.restored else "rate limited",
+                )
+
             reply = self._llm.complete(
                 model=model,
                 system=prompt.system,
                 prompt=prompt.user,
                 max_tokens=max_tokens,
                 temperature=0.7,
+                response_format=response_format,
                 on_retry=on_retry,
+                on_throttle=on_throttle,
             )
             if retried:
                 event(EventKind.RETRY_SUCCEEDED, stage=stage)
-            usage.add(reply)
+            cost = self._prices.cost(model, reply.prompt_tokens, reply.completion_tokens)
+            usage.add(reply, cost)
             return reply
 
         record = ArticleRecord(
@@ -179,7 +263,12 @@ class ArticlePipeline:
 
             # Outlines are not continued when cut off: half a JSON document gets a repair instead.
             def ask_outline(prompt: prompts.Prompt) -> Completion:
-                return call(batch.models.outline, prompt, OUTLINE_MAX_TOKENS)
+                return call(
+                    batch.models.outline,
+                    prompt,
+                    outline_tokens(tier.max_h2, tier.max_h3),
+                    prompts.outline_response_format(),
+                )
 
             fitted = self._usable_outline(
                 batch, task, ask_outline(outline_request), ask_outline, event
@@ -194,44 +283,44 @@ class ArticlePipeline:
 
             stage = "content"
             event(EventKind.CONTENT_STARTED)
-            low, high = self.content_bounds(tier.min_word_count, tier.max_word_count)
+            model = record.content_model = batch.models.content
+            asked = self._targets.request(model, tier.min_word_count, tier.max_word_count)
             content_request = prompts.content_prompt(
                 task.title,
                 project.keyword,
                 project.entities,
                 project.related_searches,
                 outline,
-                section_budgets(outline, (low + high) // 2),
-                low,
-                high,
+                section_budgets(outline, (asked.low + asked.high) // 2),
+                asked.low,
+                asked.high,
             )
-            content = strip_fences(ask(batch.models.content, content_request, CONTENT_MAX_TOKENS))
+            content = strip_fences(ask(model, content_request, content_tokens(asked.high)))
             words = count_words(content)
             if words == 0:
                 raise EmptyContentError("content reply has no visible words")
+            record.asked_words, record.draft_words = asked.low, words
+            self._targets.observe(model, asked.low, words)
             event(EventKind.CONTENT_DONE, word_count=words)
 
             # The threshold is the user's minimum, not the compensated one (invariant 4).
             if words < tier.min_word_count:
                 stage = "augmentation"
                 event(EventKind.AUGMENTING, min_word_count=tier.min_word_count)
-                content = strip_fences(
-                    ask(
-                        batch.models.content,
-                        prompts.augment_prompt(content, words, tier.min_word_count),
-                        CONTENT_MAX_TOKENS,
-                    )
-                )
-                words = count_words(content)
-                record.status = "augmented"
-                event(EventKind.AUGMENTED, word_count=words)
+                content, words = self._augmented(content, words, tier, model, ask)
+                record.status = "augmented" if words >= tier.min_word_count else "short"
+                event(EventKind.AUGMENTED, word_count=words, status=record.status)
 
             stage = "save"
             record.content, record.word_count = content, words
             self._fill_usage(record, usage)
             article_id, _created = self._saver.save(record, batch.replace_failed)
             return event(
-                EventKind.SAVED, article_id=article_id, status=record.status, word_count=words
+                EventKind.SAVED,
+                article_id=article_id,
+                status=record.status,
+                word_count=words,
+                cost_usd=record.cost_usd,
             )
         except Exception as e:  # one article's failure must never reach the other workers
             return self._fail(batch, task, record, usage, stage, e, event)
@@ -244,14 +333,15 @@ class ArticlePipeline:
         ask_outline: Callable[[prompts.Prompt], Completion],
         event: Callable[..., ArticleEvent],
     ) -> FittedOutline:
-        """The outline from `reply`; when it is not JSON (cut off included) or out of range, one
-        repair request, and then whatever parsed is fitted to the tier. OutlineError says what
-        could not be fixed."""
+        """The outline from `reply`; when it is not JSON (cut off included) or has too few
+        headings, one repair request, and then whatever parsed is fitted to the tier (extra
+        headings cut). OutlineError says what could not be fixed."""
         tier = batch.tier
         outline: Outline | None = None
         try:
             outline = _parse(reply)
-            problem = outline_problem(outline, tier)
+            # Too many headings are trimmed locally; only too few are worth a call.
+            problem = outline_shortfall(outline, tier)
         except OutlineError as e:
             problem = str(e)
         if problem:
@@ -271,6 +361,30 @@ class ArticlePipeline:
         assert outline is not None
         return fit_outline(outline, tier, batch.project)
 
+    @staticmethod
+    def _augmented(
+        content: str,
+        words: int,
+        tier: TierShape,
+        model: str,
+        ask: Callable[[str, prompts.Prompt, int], str],
+    ) -> tuple[str, int]:
+        """The longest of `content` and up to MAX_AUGMENTATIONS lengthened versions, asking for
+        the gap up to the tier's range (never past its maximum); stops at the minimum. A reply
+        no longer than what it was to lengthen is never kept."""
+        best, best_words = content, words
+        for _ in range(MAX_AUGMENTATIONS):
+            request = prompts.augment_prompt(
+                best, best_words, tier.min_word_count, tier.max_word_count
+            )
+            reply = strip_fences(ask(model, request, content_tokens(tier.max_word_count)))
+            reply_words = count_words(reply)
+            if reply_words > best_words:
+                best, best_words = reply, reply_words
+            if best_words >= tier.min_word_count:
+                break
+        return best, best_words
+
     def _fail(
         self,
         batch: BatchContext,
@@ -282,6 +396,8 @@ class ArticlePipeline:
         event: Callable[..., ArticleEvent],
     ) -> ArticleEvent:
         message = f"{type(error).__name__}: {error}"
+        if isinstance(error, FatalApiError):
+            message = str(error)  # it says what to fix; the class name adds nothing
         trace = traceback.format_exc()
         log.warning(
             "job %d %s article %d/%d failed at %s: %s",
@@ -321,6 +437,8 @@ class ArticlePipeline:
             stage=stage,
             error=message,
             traceback=trace,
+            fatal=isinstance(error, FatalApiError),
+            cost_usd=failed.cost_usd,
         )
 
     @staticmethod
@@ -328,3 +446,5 @@ class ArticlePipeline:
         record.api_calls = usage.calls
         record.prompt_tokens = usage.prompt_tokens
         record.completion_tokens = usage.completion_tokens
+        record.cost_usd = usage.cost_usd
+        record.rate_limited = usage.rate_limited

@@ -31,7 +31,12 @@ def _context(keyword: str, entities: list[str], related: list[str]) -> str:
 
 
 def titles_prompt(
-    keyword: str, entities: list[str], related: list[str], count: int, avoid: list[str]
+    keyword: str,
+    entities: list[str],
+    related: list[str],
+    count: int,
+    avoid: list[str],
+    length: tuple[int, int] = (20, 120),
 ) -> Prompt:
     """Ask for `count` titles, one per line."""
     avoid_block = ""
@@ -43,7 +48,9 @@ def titles_prompt(
         f"Write {count} distinct article titles.\n"
         + _context(keyword, entities, related)
         + avoid_block
-        + "Return one title per line, without numbering or quotes.",
+        + f"Each title is {length[0]} to {length[1]} characters long.\n"
+        + "Return only the titles, one per line, without numbering, quotes, markdown or any "
+        "other text.",
     )
 
 
@@ -64,6 +71,29 @@ def outline_prompt(
         "H3 subsections in total.\n"
         'Return only JSON of the form {"outline": [{"h2": "...", "h3": ["...", "..."]}]}.',
     )
+
+
+def outline_response_format() -> dict[str, Any]:
+    """The outline's JSON schema as `response_format`: endpoints with structured outputs
+    (OpenAI, vLLM, llama.cpp) then return parseable JSON even from weak models. The heading
+    counts stay in the prompt: strict schemas do not all take minItems/maxItems."""
+    heading_list = {"type": "array", "items": {"type": "string"}}
+    section = {
+        "type": "object",
+        "properties": {"h2": {"type": "string"}, "h3": heading_list},
+        "required": ["h2", "h3"],
+        "additionalProperties": False,
+    }
+    schema = {
+        "type": "object",
+        "properties": {"outline": {"type": "array", "items": section}},
+        "required": ["outline"],
+        "additionalProperties": False,
+    }
+    return {
+        "type": "json_schema",
+        "json_schema": {"name": "outline", "strict": True, "schema": schema},
+    }
 
 
 def outline_repair_prompt(
@@ -109,14 +139,17 @@ def content_prompt(
     )
 
 
-def augment_prompt(content: str, word_count: int, target_words: int) -> Prompt:
-    """Ask to lengthen an article that came out below the tier's minimum."""
+def augment_prompt(content: str, word_count: int, min_words: int, max_words: int) -> Prompt:
+    """Ask to lengthen an article that came out below the tier's minimum, by the gap up to the
+    middle of the tier's range and never past its maximum."""
+    gap = (min_words + max_words) // 2 - word_count
     return Prompt(
         SYSTEM,
-        f"The article below has {word_count} words; it needs at least {target_words} words. "
-        f"Expand it to at least {target_words} words by deepening its existing sections with "
-        "facts, examples and explanations, keeping every heading. Return the whole article as "
-        "an HTML fragment.\n<article>\n" + content + "\n</article>",
+        f"The article below has {word_count} words; it needs between {min_words} and "
+        f"{max_words} words. Add about {gap} words, to at least {min_words} words and at most "
+        f"{max_words}, by deepening its existing sections with facts, examples and "
+        "explanations, keeping every heading. Return the whole article as an HTML fragment."
+        "\n<article>\n" + content + "\n</article>",
     )
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from generator_service.calibration import WordTargets
 from generator_service.config import Settings
 from generator_service.llm import LlmClient, OpenAiLlm
+from generator_service.llm.limits import ProviderGate
+from generator_service.llm.pricing import PriceTable
 from generator_service.llm.retry import RetryingLlm, RetryPolicy
 from generator_service.llm.simulator import LlmSimulator
 from generator_service.pipeline import ArticlePipeline
@@ -57,11 +60,14 @@ def build_server(
             base_delay=settings.llm_backoff_seconds,
             max_delay=settings.llm_backoff_max_seconds,
         )
-        model = RetryingLlm(llm or build_llm(settings, closers), policy)
-        pipeline = ArticlePipeline(
-            model, PersistenceSaver(persistence), settings.word_count_compensation
-        )
-        servicer = GeneratorServicer(pipeline, TitleWriter(model), settings.default_model)
+        default_limits, model_limits = settings.model_limits()
+        gate = ProviderGate(default_limits, model_limits)
+        model = RetryingLlm(llm or build_llm(settings, closers), policy, gate=gate)
+        prices = PriceTable.with_file(settings.llm_prices_file)
+        targets = WordTargets(settings.word_count_compensation, persistence.word_samples)
+        pipeline = ArticlePipeline(model, PersistenceSaver(persistence), targets, prices)
+        titles = TitleWriter(model, prices, (settings.title_min_chars, settings.title_max_chars))
+        servicer = GeneratorServicer(pipeline, titles, settings.default_model)
         return runtime.build_server(
             listen,
             [(pb_grpc.add_GeneratorServiceServicer_to_server, servicer, SERVICE_NAME)],

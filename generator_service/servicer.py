@@ -58,6 +58,10 @@ def event_to_proto(e: ArticleEvent) -> pb.ArticleEvent:
         traceback=e.traceback,
         attempt=e.attempt,
         retry_delay=e.retry_delay,
+        fatal=e.fatal,
+        cost_usd=e.cost_usd,
+        concurrency_before=e.concurrency_before,
+        concurrency_after=e.concurrency_after,
     )
 
 
@@ -100,6 +104,13 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
             prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens,
             error=result.error,
+            fatal=result.fatal,
+            cost_usd=result.cost_usd,
+            rejected=result.rejected,
+            retries=[
+                pb.TitleRetry(attempt=r.attempt, reason=r.reason, delay=r.delay)
+                for r in result.retries
+            ],
         )
 
     def _batch_context(self, s: pb.BatchSettings) -> BatchContext:
@@ -125,6 +136,7 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
             max_workers=s.max_workers,
             continue_on_error=s.continue_on_error,
             replace_failed=s.replace_failed,
+            budget_usd=s.budget_usd,
         )
         validate_batch(batch)
         return batch

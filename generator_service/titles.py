@@ -1,21 +1,38 @@
-"""TitleWriter: a tier's titles in batches of up to 25 per call, calls in parallel, deduplicated."""
+"""TitleWriter: a tier's titles in batches of up to 25 per call, calls in parallel, cleaned,
+checked and deduplicated.
+
+Models dress titles up (list numbers, markdown emphasis, quotes, a full stop) and wrap them in
+talk ("Here are 5 titles:"); cleaning strips the dressing, and lines that are not titles (a
+preamble, a line ending in ':', template braces, too short or too long) are dropped and asked
+for again like duplicates."""
 
 from __future__ import annotations
 
 import re
+import threading
 import unicodedata
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from generator_service import prompts
 from generator_service.domain import ProjectInfo
 from generator_service.llm import Completion, LlmClient
+from generator_service.llm.budget import titles_tokens
+from generator_service.llm.client import FatalApiError, RetryNotice
+from generator_service.llm.pricing import PriceTable
 
 TITLES_PER_CALL = 25
 # Rounds after the first that ask only for what is still missing; then the shortfall is reported.
 TOP_UP_ROUNDS = 3
-TITLES_MAX_TOKENS = 2000
-_NUMBERING = re.compile(r"^\s*(?:[-*•]|\d+[.)]|#)\s*")
+DEFAULT_LENGTH = (20, 120)  # characters: TITLE_MIN_CHARS, TITLE_MAX_CHARS
+_NUMBERING = re.compile(r"^\s*(?:[-*•]|\d+\s*[.):]|#+|title\s*\d*\s*:)\s*", re.IGNORECASE)
+_EMPHASIS = re.compile(r"\*\*|__|\*|`")
+_QUOTES = "\"'\u201c\u201d\u2018\u2019"
+_PREAMBLE = re.compile(
+    r"^(?:sure|certainly|of course|okay|ok|here (?:are|is)|here's|below (?:are|is))\b",
+    re.IGNORECASE,
+)
 
 
 def normalise_title(title: str) -> str:
@@ -26,8 +43,29 @@ def normalise_title(title: str) -> str:
 
 
 def clean_title(line: str) -> str:
-    """A reply line as a title: no list marker, quotes or surrounding space."""
-    return _NUMBERING.sub("", line).strip().strip("\"'\u201c\u201d\u2018\u2019").strip()
+    """A reply line as a title: no list marker, markdown emphasis, quotes, trailing full stop
+    or surrounding space ("3. **How to Dial In a Grinder**." → "How to Dial In a Grinder")."""
+    text = line
+    for _ in range(2):  # "**1. Title**" has its number inside the emphasis
+        text = _NUMBERING.sub("", text)
+        text = _EMPHASIS.sub("", text).strip().strip(_QUOTES).strip()
+        text = text.rstrip(".,;").strip().strip(_QUOTES).strip()
+    return text
+
+
+def title_problem(title: str, length: tuple[int, int] = DEFAULT_LENGTH) -> str:
+    """Why a cleaned line is not a title, or "" when it is one."""
+    if not title:
+        return "empty"
+    if title.endswith(":"):
+        return "ends with ':' (a preamble, not a title)"
+    if _PREAMBLE.match(title):
+        return "a preamble, not a title"
+    if "{" in title or "}" in title:
+        return "template braces"
+    if not length[0] <= len(title) <= length[1]:
+        return f"{len(title)} characters, titles need {length[0]} to {length[1]}"
+    return ""
 
 
 @dataclass
@@ -37,22 +75,39 @@ class TitlesResult:
     titles: list[str] = field(default_factory=list)
     shortfall: int = 0  # the model ran out of new titles
     error: str = ""  # a call failed after its retries: the missing titles could not be made
+    fatal: bool = False  # that failure ends the job (key, model, endpoint)
     api_calls: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cost_usd: float = 0.0
+    rejected: int = 0  # reply lines that were not titles
+    retries: list[RetryNotice] = field(default_factory=list)  # in the order they happened
 
 
 class TitleWriter:
     """Asks the model for titles until `count` distinct ones exist or the top-ups run out."""
 
-    def __init__(self, llm: LlmClient) -> None:
+    def __init__(
+        self,
+        llm: LlmClient,
+        prices: PriceTable | None = None,
+        length: tuple[int, int] = DEFAULT_LENGTH,
+    ) -> None:
         self._llm = llm
+        self._prices = prices or PriceTable()
+        self._length = length
 
     def write(
         self, project: ProjectInfo, count: int, model: str, max_parallel: int, existing: list[str]
     ) -> TitlesResult:
         """`count` titles distinct from each other and from `existing` (after normalisation)."""
         result = TitlesResult()
+        retries_lock = threading.Lock()
+
+        def on_retry(notice: RetryNotice) -> None:
+            with retries_lock:
+                result.retries.append(notice)
+
         seen = {normalise_title(t) for t in existing}
         with ThreadPoolExecutor(
             max_workers=max(1, max_parallel), thread_name_prefix="titles"
@@ -65,21 +120,33 @@ class TitleWriter:
                     min(TITLES_PER_CALL, missing - i) for i in range(0, missing, TITLES_PER_CALL)
                 ]
                 avoid = [*existing, *result.titles]
-                futures = [pool.submit(self._ask, project, n, model, avoid) for n in batches]
+                futures = [
+                    pool.submit(self._ask, project, n, model, avoid, on_retry) for n in batches
+                ]
                 for future in futures:  # in submission order, so the result is deterministic
                     try:
                         reply = future.result()
                     except Exception as e:  # retries are spent: the missing titles fail
-                        result.error = result.error or f"{type(e).__name__}: {e}"
+                        if not result.error:
+                            result.fatal = isinstance(e, FatalApiError)
+                            result.error = str(e) if result.fatal else f"{type(e).__name__}: {e}"
                         continue
                     result.api_calls += 1
                     result.prompt_tokens += reply.prompt_tokens
                     result.completion_tokens += reply.completion_tokens
+                    result.cost_usd += self._prices.cost(
+                        model, reply.prompt_tokens, reply.completion_tokens
+                    )
                     lines = reply.text.splitlines()
                     if reply.finish_reason == "length":  # cut off: the last line may be half
                         lines = lines[:-1]
                     for line in lines:
                         title = clean_title(line)
+                        if not title:
+                            continue
+                        if title_problem(title, self._length):
+                            result.rejected += 1
+                            continue
                         key = normalise_title(title)
                         if key and key not in seen and len(result.titles) < count:
                             seen.add(key)
@@ -89,14 +156,22 @@ class TitleWriter:
         result.shortfall = 0 if result.error else missing
         return result
 
-    def _ask(self, project: ProjectInfo, n: int, model: str, avoid: list[str]) -> Completion:
+    def _ask(
+        self,
+        project: ProjectInfo,
+        n: int,
+        model: str,
+        avoid: list[str],
+        on_retry: Callable[[RetryNotice], None],
+    ) -> Completion:
         prompt = prompts.titles_prompt(
-            project.keyword, project.entities, project.related_searches, n, avoid
+            project.keyword, project.entities, project.related_searches, n, avoid, self._length
         )
         return self._llm.complete(
             model=model,
             system=prompt.system,
             prompt=prompt.user,
-            max_tokens=TITLES_MAX_TOKENS,
+            max_tokens=titles_tokens(n),
             temperature=0.9,
+            on_retry=on_retry,
         )

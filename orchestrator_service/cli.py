@@ -22,7 +22,7 @@ from generator_service.llm.simulator import SimulatorConfig
 from orchestrator_service import token_file
 from orchestrator_service.client import EventStream, OrchestratorClient
 from orchestrator_service.config import Settings
-from orchestrator_service.console import event_lines, post_processing_lines
+from orchestrator_service.console import event_lines, format_cost, post_processing_lines
 from orchestrator_service.stack import LocalStack, StackConfig
 from tierwriter import runtime
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
@@ -257,10 +257,24 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
             f"  articles: {j.generated_articles} generated, {j.augmented_articles} augmented, "
             f"{j.failed_articles} failed of {j.requested_articles} requested"
         )
+        extra = [
+            f"{n} {what}"
+            for n, what in (
+                (j.short_articles, "short"),
+                (j.skipped_articles, "skipped for the budget"),
+            )
+            if n
+        ]
+        if extra:
+            print(f"            {', '.join(extra)}")
         print(f"  API calls: {j.api_calls:,}; tokens: {j.tokens:,}")
+        budget = f" of max_cost_usd ${j.max_cost_usd:g}" if j.max_cost_usd else ""
+        print(f"  cost: {format_cost(j.cost_usd)}{budget}")
         for t in response.tiers:
             counts = f"{t.generated} generated, {t.augmented} augmented, {t.failed} failed"
-            print(f"  {t.tier}: {counts}")
+            counts += f", {t.short} short" if t.short else ""
+            counts += f", {t.skipped} skipped" if t.skipped else ""
+            print(f"  {t.tier}: {counts}; {format_cost(t.cost_usd)}")
         if j.error:
             print(f"  error: {j.error}")
         return EXIT_OK
@@ -278,7 +292,8 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> int:
 
 def cmd_jobs_resume(args: argparse.Namespace) -> int:
     with _open_client(args) as client:
-        return run_and_print(client, client.resume_job(args.job_id, args.retry_failed), sys.stdout)
+        events = client.resume_job(args.job_id, args.retry_failed, args.max_cost_usd or 0.0)
+        return run_and_print(client, events, sys.stdout)
 
 
 def cmd_jobs_publish(args: argparse.Namespace) -> int:
@@ -552,6 +567,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return run_and_print(client, client.run_job(demo_job()), sys.stdout)
 
 
+def _positive_float(text: str) -> float:
+    """argparse type: a number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser: `tierwriter --help` lists the commands."""
     address_default = Settings().orchestrator_address
@@ -678,6 +704,13 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("job_id", type=int)
     resume.add_argument(
         "--retry-failed", action="store_true", help="also generate the articles that failed"
+    )
+    resume.add_argument(
+        "--max-cost-usd",
+        type=_positive_float,
+        metavar="USD",
+        help="a new budget for the job (its articles skipped for the budget are written "
+        "while it lasts)",
     )
     resume.set_defaults(handler=cmd_jobs_resume)
     republish = with_client_options(

@@ -85,9 +85,13 @@ class OrchestratorClient:
         call = self._stub.RunJob(request, timeout=RUN_DEADLINE, metadata=self._metadata)
         return EventStream(call, self._error)
 
-    def resume_job(self, job_id: int, retry_failed: bool = False) -> EventStream:
+    def resume_job(
+        self, job_id: int, retry_failed: bool = False, max_cost_usd: float = 0.0
+    ) -> EventStream:
         """Events of the resumed job, ending with RunFinished."""
-        request = pb.ResumeJobRequest(job_id=job_id, retry_failed=retry_failed)
+        request = pb.ResumeJobRequest(
+            job_id=job_id, retry_failed=retry_failed, max_cost_usd=max_cost_usd
+        )
         call = self._stub.ResumeJob(request, timeout=RUN_DEADLINE, metadata=self._metadata)
         return EventStream(call, self._error)
 

@@ -13,6 +13,11 @@ def augmentation_rate(generated: int, augmented: int) -> float:
     return augmented / written if written else 0.0
 
 
+def format_cost(usd: float) -> str:
+    """$0.0123: four decimals below a dollar (single articles cost fractions of a cent)."""
+    return f"${usd:,.4f}" if usd < 1 else f"${usd:,.2f}"
+
+
 def _seconds(delay: float) -> str:
     """2.0 → "2s", 0.25 → "0.3s": how long a wait reads on the console."""
     return f"{round(delay, 1):g}s"
@@ -28,6 +33,8 @@ def _article_lines(a: pb.ArticleProgress) -> list[str]:
         return lines
     if step == pb.ARTICLE_STEP_FAILED:
         lines = [f"{prefix} FAILED at {a.stage}: {a.error}"]
+        if a.fatal:
+            lines.append(f"{prefix} The API cannot serve this job: no further article starts")
         lines += ["    " + line for line in a.traceback.rstrip().splitlines()]
         lines.append(
             f"{prefix} Saved error record to database (ID: {a.article_id})"
@@ -45,9 +52,14 @@ def _article_lines(a: pb.ArticleProgress) -> list[str]:
         pb.ARTICLE_STEP_CONTENT_STARTED: "Generating content...",
         pb.ARTICLE_STEP_CONTENT_DONE: f"Generated content: {a.word_count:,} words",
         pb.ARTICLE_STEP_AUGMENTING: f"Below minimum ({a.min_word_count:,}), augmenting...",
-        pb.ARTICLE_STEP_AUGMENTED: f"Augmented content: {a.word_count:,} words",
+        pb.ARTICLE_STEP_AUGMENTED: f"Augmented content: {a.word_count:,} words"
+        + (", still below the minimum (short)" if a.status == "short" else ""),
         pb.ARTICLE_STEP_SAVED: f"Saved (ID: {a.article_id}, Status: {a.status})",
         pb.ARTICLE_STEP_SKIPPED: f"Skipped ({a.error})",
+        pb.ARTICLE_STEP_THROTTLED: f"Concurrency of {a.error} back to {a.concurrency_after}"
+        if a.status == "restored"
+        else f"Rate limited: concurrency of {a.error} {a.concurrency_before} → "
+        f"{a.concurrency_after}",
     }.get(step, f"step {step}")
     return [f"{prefix} {text}"]
 
@@ -96,13 +108,24 @@ def summary_lines(finished: pb.RunFinished) -> list[str]:
         f"  Augmented:          {s.augmented_articles}",
         f"  Failed:             {s.failed_articles}",
     ]
+    if s.short_articles:
+        lines.append(
+            f"  Short:              {s.short_articles} (below the minimum after augmenting)"
+        )
+    if s.skipped_articles:
+        lines.append(f"  Skipped (budget):   {s.skipped_articles}")
     if s.title_shortfall:
-        lines.append(f"  Title shortfall:    {s.title_shortfall} (the model ran out of new titles)")
+        lines.append(
+            f"  Title shortfall:    {s.title_shortfall} (the model ran out of new titles; "
+            "no article, no record)"
+        )
     not_recorded = (
         s.requested_articles
         - s.generated_articles
         - s.augmented_articles
+        - s.short_articles
         - s.failed_articles
+        - s.skipped_articles
         - s.title_shortfall
     )
     if not_recorded:
@@ -112,6 +135,12 @@ def summary_lines(finished: pb.RunFinished) -> list[str]:
         f"  API calls:          {s.api_calls:,}",
         f"  Tokens:             {s.prompt_tokens + s.completion_tokens:,} "
         f"(prompt {s.prompt_tokens:,}, completion {s.completion_tokens:,})",
+        f"  Cost:               {format_cost(s.cost_usd)}",
+    ]
+    if s.rate_limited or s.lowest_concurrency:
+        lowest = f", concurrency lowered to {s.lowest_concurrency}" if s.lowest_concurrency else ""
+        lines.append(f"  Rate limited:       {s.rate_limited} times (429){lowest}")
+    lines += [
         f"  Links placed:       {s.links_placed:,}",
         f"  Pages written:      {s.pages_written:,}",
         f"  Execution time:     {s.execution_seconds:.1f}s",
@@ -150,6 +179,11 @@ def event_lines(event: pb.JobEvent) -> list[str]:
     if kind == "titles_ready":
         titles = event.titles_ready
         lines = [f"[{titles.tier}] Generated {titles.count} titles"]
+        if titles.rejected:
+            lines.append(
+                f"[{titles.tier}] Dropped {titles.rejected} reply lines that were not titles "
+                "(preambles, markup, too short or too long) and asked again"
+            )
         if titles.error:
             lines.append(
                 f"[{titles.tier}] Title generation failed after retries ({titles.error}); "
@@ -166,9 +200,12 @@ def event_lines(event: pb.JobEvent) -> list[str]:
         return _article_lines(event.article)
     if kind == "tier_finished":
         done = event.tier_finished
+        extra = "".join(
+            f", {n} {what}" for n, what in ((done.short, "short"), (done.skipped, "skipped")) if n
+        )
         return [
             f"[{done.tier}] Done: {done.generated} generated, {done.augmented} augmented, "
-            f"{done.failed} failed"
+            f"{done.failed} failed{extra} ({format_cost(done.cost_usd)})"
         ]
     if kind == "post_processing":
         return post_processing_lines(event.post_processing)

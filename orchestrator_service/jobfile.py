@@ -144,6 +144,9 @@ class JobSpec(_Strict):
     deployment_targets: Sites = []
     max_workers: Annotated[int, Field(ge=1, le=256)] | None = None
     continue_on_error: bool = True
+    # USD the job may spend on model calls (titles included); articles that would pass it are
+    # recorded as skipped, and a resume with a higher budget writes them.
+    max_cost_usd: Annotated[float, Field(gt=0, le=1_000_000)] | None = None
     # Also link each article to the next one of its tier on the same site.
     see_also_links: bool = False
     # "absolute": links are https://{hostname}/{slug}.html, ready to deploy. "relative": links

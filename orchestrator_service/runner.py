@@ -100,6 +100,10 @@ def progress_from_generator(
         traceback=event.traceback,
         attempt=event.attempt,
         retry_delay=event.retry_delay,
+        fatal=event.fatal,
+        cost_usd=event.cost_usd,
+        concurrency_before=event.concurrency_before,
+        concurrency_after=event.concurrency_after,
     )
 
 
@@ -227,23 +231,34 @@ class JobRunner:
         yield from self._summarised(jobs(), job_ids, started)
 
     def resume(
-        self, job_id: int, retry_failed: bool, cancellation: Cancellation
+        self,
+        job_id: int,
+        retry_failed: bool,
+        cancellation: Cancellation,
+        max_cost_usd: float = 0.0,
     ) -> Iterator[pb.JobEvent]:
         """Finish a stored job that is not running: generate exactly the articles without a
-        terminal record (with `retry_failed`, the failed ones too), reusing its titles, then
-        post-process the whole job. Raises ServiceCallError (before any event) when the job
-        does not exist or is running."""
+        terminal record or skipped for the budget (with `retry_failed`, the failed ones too),
+        reusing its titles, then post-process the whole job. `max_cost_usd` replaces the job's
+        budget for this run. Raises ServiceCallError (before any event) when the job does not
+        exist or is running."""
         job = self._persistence.reopen_job(job_id)  # FAILED_PRECONDITION if it is running
-        return self._resumed(job, retry_failed, cancellation)
+        return self._resumed(job, retry_failed, cancellation, max_cost_usd)
 
     def _resumed(
-        self, job: db_pb.Job, retry_failed: bool, cancellation: Cancellation
+        self,
+        job: db_pb.Job,
+        retry_failed: bool,
+        cancellation: Cancellation,
+        max_cost_usd: float = 0.0,
     ) -> Iterator[pb.JobEvent]:
         job_id, started = job.id, time.monotonic()
 
         def jobs() -> Iterator[pb.JobEvent]:
             try:
                 spec = JobSpec.model_validate(json.loads(job.spec_json))
+                if max_cost_usd:
+                    spec = spec.model_copy(update={"max_cost_usd": max_cost_usd})
                 project = self._persistence.get_project(job.project_id)
             except (ServiceCallError, ValueError) as e:
                 self._persistence.finish_job(job_id, "failed", f"cannot resume: {e}")
@@ -273,6 +288,14 @@ class JobRunner:
         unpublished: list[str] = []  # jobs whose articles are stored but not (all) published
         try:
             for event in jobs:
+                article = event.article if event.WhichOneof("event") == "article" else None
+                if (
+                    article
+                    and article.step == pb.ARTICLE_STEP_THROTTLED
+                    and article.status != "restored"
+                ):
+                    lowest = published.lowest_concurrency or article.concurrency_after
+                    published.lowest_concurrency = min(lowest, article.concurrency_after)
                 if event.WhichOneof("event") == "post_processing":
                     step = event.post_processing
                     if step.step == pb.POST_STEP_LINKS:
@@ -310,10 +333,14 @@ class JobRunner:
                         generated_articles=t.generated,
                         augmented_articles=t.augmented,
                         failed_articles=t.failed,
+                        short_articles=t.short,
+                        skipped_articles=t.skipped,
                         api_calls=t.api_calls + stats.title_api_calls,
                         prompt_tokens=t.prompt_tokens + stats.title_prompt_tokens,
                         completion_tokens=t.completion_tokens + stats.title_completion_tokens,
                         title_shortfall=stats.title_shortfall,
+                        cost_usd=t.cost_usd + stats.title_cost_usd,
+                        rate_limited=t.rate_limited,
                     )
                 )
         return pb.RunFinished(ok=not error, error=error, summary=summary)
@@ -385,6 +412,8 @@ class JobRunner:
                 if outcome.failure:
                     error = outcome.failure
                     break
+            if not error and spec.max_cost_usd:
+                error = self._budget_message(job.id, spec.max_cost_usd)
             # Every article of the job has its terminal record now (invariant 5).
             if cancellation.is_set():
                 yield self._not_published(job.id, "the job was cancelled")
@@ -408,6 +437,22 @@ class JobRunner:
                 log.error("job %d: could not record its final status: %s", job.id, e)
         if error:
             raise JobStopped(f"job {job.id}: {error}")
+
+    def _spent(self, job_id: int) -> tuple[float, int]:
+        """USD the job spent so far (titles included) and its articles skipped for the budget."""
+        stats = self._persistence.job_stats([job_id])
+        return stats.totals.cost_usd + stats.title_cost_usd, stats.totals.skipped
+
+    def _budget_message(self, job_id: int, max_cost_usd: float) -> str:
+        """Why the job did not complete, when its budget made it skip articles; else ""."""
+        spent, skipped = self._spent(job_id)
+        if not skipped:
+            return ""
+        return (
+            f"budget: {skipped} articles skipped to stay within max_cost_usd ${max_cost_usd:g} "
+            f"(spent ${spent:.4f}); `tierwriter jobs resume {job_id} --max-cost-usd N` with a "
+            "higher N writes them"
+        )
 
     def _project(self, spec: JobSpec, owner: str) -> db_pb.Project:
         if spec.project_id is not None:
@@ -467,13 +512,22 @@ class JobRunner:
                 yield self._tier_finished(job_id, tier_name)
                 return made
 
-        # Exactly the articles that have no terminal record yet (and, retrying, the failed).
+        # Exactly the articles that have no terminal record yet or were skipped for the budget
+        # (and, retrying, the failed).
         def pending(stored: dict[int, db_pb.Article]) -> list[int]:
             return [
                 i
                 for i in range(len(titles))
-                if i not in stored or (retry_failed and stored[i].status == "failed")
+                if i not in stored
+                or stored[i].status == "skipped"
+                or (retry_failed and stored[i].status == "failed")
             ]
+
+        budget = 0.0
+        if spec.max_cost_usd:
+            # What the job may still spend; nothing left still needs a positive limit, which
+            # then skips every article.
+            budget = max(spec.max_cost_usd - self._spent(job_id)[0], 1e-9)
 
         settings = gen_pb.BatchSettings(
             job_id=job_id,
@@ -483,6 +537,7 @@ class JobRunner:
             max_workers=workers,
             continue_on_error=spec.continue_on_error,
             replace_failed=retry_failed,
+            budget_usd=budget,
         )
         failure = ""
         # Read before the titles: records they add replace failed ones, so the set is the same.
@@ -512,6 +567,12 @@ class JobRunner:
                             article=progress_from_generator(event, job_id, tier.count)
                         )
                         if (
+                            event.kind == gen_pb.ARTICLE_EVENT_KIND_FAILED
+                            and not failure
+                            and event.fatal
+                        ):
+                            failure = f"stopped: {event.error}"
+                        elif (
                             event.kind == gen_pb.ARTICLE_EVENT_KIND_FAILED
                             and not failure
                             and not spec.continue_on_error
@@ -589,8 +650,18 @@ class JobRunner:
                 prompt_tokens=made.prompt_tokens,
                 completion_tokens=made.completion_tokens,
                 shortfall=made.shortfall,
+                cost_usd=made.cost_usd,
             )
         )
+        for retry in made.retries:  # one line each, as article retries are
+            yield pb.JobEvent(
+                notice=pb.Notice(
+                    job_id=job.id,
+                    tier=tier_name,
+                    message=f"titles: API Error: {retry.reason}, retried after "
+                    f"{round(retry.delay, 1):g}s (attempt {retry.attempt})",
+                )
+            )
         write_atomically(
             publish.titles_path(self._settings.output_dir, job.id, tier_name),
             "".join(f"{title}\n" for title in titles),
@@ -620,8 +691,11 @@ class JobRunner:
                 shortfall=made.shortfall,
                 error=made.error,
                 failed=len(untitled),
+                rejected=made.rejected,
             )
         )
+        if made.fatal:
+            return TierOutcome(f"stopped: {made.error}")
         if untitled and not spec.continue_on_error:
             return TierOutcome(
                 f"{tier_name}: titles failed and continue_on_error is false: {made.error}"
@@ -640,6 +714,9 @@ class JobRunner:
                 generated=counts.generated,
                 augmented=counts.augmented,
                 failed=counts.failed,
+                short=counts.short,
+                skipped=counts.skipped,
+                cost_usd=counts.cost_usd,
             )
         )
 

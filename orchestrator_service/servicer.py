@@ -3,6 +3,7 @@ codes."""
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 from collections import defaultdict
@@ -101,6 +102,14 @@ def user_to_public(u: db_pb.User) -> pb.User:
     return pb.User(username=u.username, role=u.role, active=u.active, created_at=u.created_at)
 
 
+def _max_cost(job: db_pb.Job) -> float:
+    """The job file's max_cost_usd, 0 for none (or a spec that does not parse)."""
+    try:
+        return float(json.loads(job.spec_json).get("max_cost_usd") or 0.0)
+    except (ValueError, AttributeError):
+        return 0.0
+
+
 def job_info(
     job: db_pb.Job, project: str, tiers: list[db_pb.TierStats], title_calls: int, title_tokens: int
 ) -> pb.JobInfo:
@@ -117,11 +126,16 @@ def job_info(
         api_calls=title_calls,
         tokens=title_tokens,
         owner=job.owner,
+        cost_usd=job.title_cost_usd,
+        max_cost_usd=_max_cost(job),
     )
     for t in tiers:
         info.generated_articles += t.counts.generated
         info.augmented_articles += t.counts.augmented
         info.failed_articles += t.counts.failed
+        info.short_articles += t.counts.short
+        info.skipped_articles += t.counts.skipped
+        info.cost_usd += t.counts.cost_usd
         info.api_calls += t.counts.api_calls
         info.tokens += t.counts.prompt_tokens + t.counts.completion_tokens
     return info
@@ -193,7 +207,9 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         job = self._job(context, self._authenticate(context), request.job_id)
         cancellation = Cancellation()
         try:
-            events = self._runner.resume(job.id, request.retry_failed, cancellation)
+            events = self._runner.resume(
+                job.id, request.retry_failed, cancellation, request.max_cost_usd
+            )
         except ServiceCallError as e:
             _abort_for(context, e)
         yield from self._stream(context, events, cancellation)
@@ -249,6 +265,9 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                 generated=t.counts.generated,
                 augmented=t.counts.augmented,
                 failed=t.counts.failed,
+                short=t.counts.short,
+                skipped=t.counts.skipped,
+                cost_usd=t.counts.cost_usd,
             )
             for t in stats.tiers
         ]

@@ -123,6 +123,13 @@ class PersistenceClient:
         )
         return self._call(self._stub.SetArticlePublication, request)
 
+    def word_samples(self, model: str, limit: int) -> list[tuple[int, int]]:
+        """(asked, delivered) words of the model's latest drafts, oldest first."""
+        response = self._call(
+            self._stub.ListWordSamples, pb.ListWordSamplesRequest(model=model, limit=limit)
+        )
+        return [(s.asked_words, s.draft_words) for s in response.samples]
+
     def job_stats(self, job_ids: list[int]) -> pb.GetJobStatsResponse:
         return self._call(self._stub.GetJobStats, pb.GetJobStatsRequest(job_ids=job_ids))
 

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -18,7 +19,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-ARTICLE_STATUSES = ("generated", "augmented", "failed")
+# short: still below the minimum after augmentation; skipped: over the job's budget (a resume
+# writes it, replacing the record).
+ARTICLE_STATUSES = ("generated", "augmented", "short", "failed", "skipped")
 JOB_STATUSES = ("running", "completed", "failed", "cancelled", "interrupted")
 # A job in one of these is not running; all but `completed` can be resumed.
 FINAL_JOB_STATUSES = ("completed", "failed", "cancelled", "interrupted")
@@ -67,6 +70,7 @@ class Job(Base):
     title_prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
     title_completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
     title_shortfall: Mapped[int] = mapped_column(Integer, default=0)
+    title_cost_usd: Mapped[float] = mapped_column(Float, default=0.0)
     error: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -88,6 +92,8 @@ class Article(Base):
             sqlite_where=text("url != ''"),
             postgresql_where=text("url != ''"),
         ),
+        # A model's latest drafts, for its learned word targets.
+        Index("ix_generated_content_content_model", "content_model", "id"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -110,6 +116,12 @@ class Article(Base):
     api_calls: Mapped[int] = mapped_column(Integer, default=0)
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cost_usd: Mapped[float] = mapped_column(Float, default=0.0)
+    rate_limited: Mapped[int] = mapped_column(Integer, default=0)
+    # What the content prompt asked of which model and what came back: learned word targets.
+    content_model: Mapped[str] = mapped_column(String(200), default="")
+    asked_words: Mapped[int] = mapped_column(Integer, default=0)
+    draft_words: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

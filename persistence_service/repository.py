@@ -129,6 +129,8 @@ class StatusRow:
     prompt_tokens: int
     completion_tokens: int
     words: int
+    cost_usd: float
+    rate_limited: int
 
 
 def article_totals(session: Session, job_ids: Sequence[int]) -> list[StatusRow]:
@@ -143,8 +145,35 @@ def article_totals(session: Session, job_ids: Sequence[int]) -> list[StatusRow]:
             func.coalesce(func.sum(Article.prompt_tokens), 0),
             func.coalesce(func.sum(Article.completion_tokens), 0),
             func.coalesce(func.sum(Article.word_count), 0),
+            func.coalesce(func.sum(Article.cost_usd), 0.0),
+            func.coalesce(func.sum(Article.rate_limited), 0),
         )
         .where(Article.job_id.in_(job_ids))
         .group_by(Article.job_id, Article.tier, Article.status)
     )
-    return [StatusRow(row[0], row[1], row[2], *map(int, row[3:])) for row in session.execute(query)]
+    return [
+        StatusRow(
+            job_id=row[0],
+            tier=row[1],
+            status=row[2],
+            records=int(row[3]),
+            api_calls=int(row[4]),
+            prompt_tokens=int(row[5]),
+            completion_tokens=int(row[6]),
+            words=int(row[7]),
+            cost_usd=float(row[8]),
+            rate_limited=int(row[9]),
+        )
+        for row in session.execute(query)
+    ]
+
+
+def word_samples(session: Session, model: str, limit: int) -> list[tuple[int, int]]:
+    """(asked, delivered) words of the model's latest drafts, oldest first."""
+    query = (
+        select(Article.asked_words, Article.draft_words)
+        .where(Article.content_model == model, Article.asked_words > 0, Article.draft_words > 0)
+        .order_by(Article.id.desc())
+        .limit(limit)
+    )
+    return [(int(asked), int(draft)) for asked, draft in session.execute(query)][::-1]

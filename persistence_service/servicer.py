@@ -108,6 +108,7 @@ def job_to_proto(j: Job) -> pb.Job:
         title_completion_tokens=j.title_completion_tokens,
         owner=j.owner,
         title_shortfall=j.title_shortfall,
+        title_cost_usd=j.title_cost_usd,
     )
 
 
@@ -115,6 +116,7 @@ def job_to_proto(j: Job) -> pb.Job:
 ARTICLE_FIELDS = (
     "job_id", "project_id", "tier", "article_index", "keyword", "title", "content", "word_count",
     "status", "error_stage", "error", "site", "api_calls", "prompt_tokens", "completion_tokens",
+    "cost_usd", "rate_limited", "content_model", "asked_words", "draft_words",
 )  # fmt: skip
 
 
@@ -242,6 +244,7 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
                 request.prompt_tokens,
                 request.completion_tokens,
                 request.shortfall,
+                request.cost_usd,
             ),
         )
         return job_to_proto(job)
@@ -340,6 +343,17 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
             title_prompt_tokens=stats.title_prompt_tokens,
             title_completion_tokens=stats.title_completion_tokens,
             title_shortfall=stats.title_shortfall,
+            title_cost_usd=stats.title_cost_usd,
+        )
+
+    def ListWordSamples(
+        self, request: pb.ListWordSamplesRequest, context: grpc.ServicerContext
+    ) -> pb.ListWordSamplesResponse:
+        samples = self._call(
+            context, lambda: self._store.word_samples(request.model, request.limit or 200)
+        )
+        return pb.ListWordSamplesResponse(
+            samples=[pb.WordSample(asked_words=a, draft_words=d) for a, d in samples]
         )
 
     def VerifyCredentials(

@@ -90,6 +90,10 @@ class Counts:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     words: int = 0
+    short: int = 0
+    skipped: int = 0
+    cost_usd: float = 0.0
+    rate_limited: int = 0
 
     def add(self, other: Counts) -> None:
         """Add another count into this one."""
@@ -109,6 +113,7 @@ class Stats:
     title_prompt_tokens: int = 0
     title_completion_tokens: int = 0
     title_shortfall: int = 0
+    title_cost_usd: float = 0.0
 
 
 class Store:
@@ -256,6 +261,7 @@ class Store:
         prompt: int,
         completion: int,
         shortfall: int = 0,
+        cost_usd: float = 0.0,
     ) -> Job:
         """Keep a tier's titles with the job and add what they cost and how many are missing."""
         with self._uow() as uow:
@@ -265,6 +271,7 @@ class Store:
             job.title_prompt_tokens += prompt
             job.title_completion_tokens += completion
             job.title_shortfall += shortfall
+            job.title_cost_usd += cost_usd
             uow.commit()
             return job
 
@@ -327,7 +334,8 @@ class Store:
         Idempotent on (job, tier, index): when the record exists — a retried call, a restarted
         generator — the stored one is returned unchanged and created is False. With
         `replace_failed` (a resume retrying failed articles), a stored *failed* record is
-        replaced in place by this one: still one record per key."""
+        replaced in place by this one, and a *skipped* one (over a budget) always is: still one
+        record per key."""
         if fields.get("status") not in ARTICLE_STATUSES:
             raise InvalidRecordError(
                 f"article.status: must be one of {', '.join(ARTICLE_STATUSES)}"
@@ -341,7 +349,8 @@ class Store:
             if uow.session.get(Job, fields["job_id"]) is None:
                 raise NotFoundError(f"job {fields['job_id']} does not exist")
             existing = repository.article_by_key(uow.session, *key)
-            if existing is not None and replace_failed and existing.status == "failed":
+            replaceable = ("failed", "skipped") if replace_failed else ("skipped",)
+            if existing is not None and existing.status in replaceable:
                 for name, value in fields.items():
                     setattr(existing, name, value)
                 existing.created_at = utcnow()
@@ -417,6 +426,7 @@ class Store:
                 title_prompt_tokens=sum(job.title_prompt_tokens for job in jobs),
                 title_completion_tokens=sum(job.title_completion_tokens for job in jobs),
                 title_shortfall=sum(job.title_shortfall for job in jobs),
+                title_cost_usd=sum(job.title_cost_usd for job in jobs),
             )
             for job in jobs:  # every tier of the spec appears, even one with no record yet
                 for tier, spec in job.spec.get("tiers", {}).items():
@@ -427,11 +437,20 @@ class Store:
                 counts.api_calls += row.api_calls
                 counts.prompt_tokens += row.prompt_tokens
                 counts.completion_tokens += row.completion_tokens
-                if row.status != "failed":
+                counts.cost_usd += row.cost_usd
+                counts.rate_limited += row.rate_limited
+                if row.status not in ("failed", "skipped"):
                     counts.words += row.words
             for counts in stats.tiers.values():
                 stats.totals.add(counts)
             return stats
+
+    def word_samples(self, model: str, limit: int) -> list[tuple[int, int]]:
+        """(asked, delivered) words of the model's latest `limit` drafts, oldest first."""
+        if not model:
+            raise InvalidRecordError("model: must not be empty")
+        with self._uow() as uow:
+            return repository.word_samples(uow.session, model, max(1, min(limit, 1000)))
 
     # Users ----------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from generator_service.domain import (
     TierShape,
 )
 from generator_service.llm import Completion
-from generator_service.llm.client import OnRetry, RetryNotice
+from generator_service.llm.client import OnRetry, OnThrottle, ResponseFormat, RetryNotice
 
 OUTLINE = json.dumps(
     {
@@ -73,7 +73,9 @@ class FakeLlm:
         prompt: str,
         max_tokens: int,
         temperature: float,
+        response_format: ResponseFormat | None = None,
         on_retry: OnRetry | None = None,
+        on_throttle: OnThrottle | None = None,
     ) -> Completion:
         with self._changed:
             self.prompts.append(prompt)

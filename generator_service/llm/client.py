@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
+import openai
 from openai import OpenAI
+
+from generator_service.llm.limits import ConcurrencyChange
 
 
 @dataclass(frozen=True)
@@ -29,11 +33,16 @@ class RetryNotice:
 
 
 OnRetry = Callable[[RetryNotice], None]
+OnThrottle = Callable[[ConcurrencyChange], None]
+# A JSON schema for the reply, as the API's `response_format` takes it.
+ResponseFormat = dict[str, Any]
 
 
 class LlmClient(Protocol):
     """One chat completion; must be safe to call from many threads at once. A client that
-    retries tells `on_retry` about each retry before it waits."""
+    retries tells `on_retry` about each retry before it waits, and `on_throttle` about every
+    change of the model's concurrency. `response_format` asks for JSON of a schema where the
+    endpoint supports it (a client may drop it for endpoints that do not)."""
 
     def complete(
         self,
@@ -43,8 +52,21 @@ class LlmClient(Protocol):
         prompt: str,
         max_tokens: int,
         temperature: float,
+        response_format: ResponseFormat | None = None,
         on_retry: OnRetry | None = None,
+        on_throttle: OnThrottle | None = None,
     ) -> Completion: ...
+
+
+class FatalApiError(Exception):
+    """The API refused in a way that no retry and no other article can fix (a rejected key, an
+    unknown model, an endpoint that is not there): the job must stop. The message names the
+    cause and the endpoint, never the key."""
+
+
+class EndpointUnreachableError(FatalApiError):
+    """The endpoint was never reached (connection refused, unknown host). Retried like any lost
+    connection; fatal once the retries are spent."""
 
 
 class EmptyReplyError(Exception):
@@ -65,10 +87,14 @@ class OpenAiLlm:
 
     The SDK client is thread-safe and pools connections, so one instance serves every worker.
     It makes one try per call (the SDK's own retries are off): RetryingLlm retries, so that
-    every retry can be reported."""
+    every retry can be reported. Errors that end the job become FatalApiError here, where the
+    endpoint is known."""
 
     def __init__(self, base_url: str | None, api_key: str, timeout: float) -> None:
         self._client = OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
+        self.endpoint = str(self._client.base_url).rstrip("/")
+        # Once the endpoint has answered, a lost connection is a blip, not a wrong address.
+        self._reached = threading.Event()
 
     def complete(
         self,
@@ -78,14 +104,38 @@ class OpenAiLlm:
         prompt: str,
         max_tokens: int,
         temperature: float,
+        response_format: ResponseFormat | None = None,
         on_retry: OnRetry | None = None,
+        on_throttle: OnThrottle | None = None,
     ) -> Completion:
-        response = self._client.chat.completions.create(
-            model=model,
-            messages=[{"role": "system", "content": system}, {"role": "user", "content": prompt}],
-            max_tokens=max_tokens,
-            temperature=temperature,
-        )
+        extra: dict[str, Any] = {"response_format": response_format} if response_format else {}
+        try:
+            response = self._client.chat.completions.create(
+                model=model,
+                messages=[
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": prompt},
+                ],
+                max_tokens=max_tokens,
+                temperature=temperature,
+                **extra,
+            )
+        except openai.APIStatusError as e:
+            self._reached.set()
+            fatal = self._fatal(e, model)
+            if fatal:
+                raise fatal from e
+            raise
+        except openai.APITimeoutError:
+            raise
+        except openai.APIConnectionError as e:
+            if self._reached.is_set():
+                raise
+            cause = e.__cause__ or e
+            raise EndpointUnreachableError(
+                f"cannot reach the API at {self.endpoint} ({cause}): check OPENAI_BASE_URL"
+            ) from e
+        self._reached.set()
         if not response.choices or response.choices[0].message.content is None:
             raise EmptyReplyError(f"model {model!r} returned no text")
         if len(response.choices[0].message.content) > MAX_REPLY_CHARS:
@@ -100,6 +150,26 @@ class OpenAiLlm:
             completion_tokens=usage.completion_tokens if usage else 0,
             finish_reason=response.choices[0].finish_reason or "",
         )
+
+    def _fatal(self, error: openai.APIStatusError, model: str) -> FatalApiError | None:
+        """The job-ending form of a status error, or None for one that concerns this call only.
+        The provider's own message is left out for key errors: some quote part of the key."""
+        status = error.status_code
+        if status == 401:
+            return FatalApiError(
+                f"the API at {self.endpoint} rejected the API key (401): check OPENAI_API_KEY"
+            )
+        if status == 403:
+            return FatalApiError(
+                f"the API at {self.endpoint} refused access to model {model!r} (403): check "
+                "OPENAI_API_KEY and what the key may use"
+            )
+        if status == 404:
+            return FatalApiError(
+                f"model {model!r} was not found at {self.endpoint} (404): check the job's "
+                "models (or DEFAULT_MODEL) and OPENAI_BASE_URL"
+            )
+        return None
 
     def close(self) -> None:
         """Close the SDK's connection pool."""

@@ -3,23 +3,38 @@ retried with exponential backoff and full jitter, never sooner than the server's
 retry-after-ms; every retry is reported to the caller (the pipeline turns it into an event).
 Errors that another try cannot fix (400, 401, 403, 404, 422) fail at once.
 
+Every try first passes the ProviderGate (the model's rate buckets and adaptive concurrency);
+its max_tokens is capped at the model's max_output_tokens. A request with a response_format
+that the endpoint refuses (400) is sent once more without it, and the model is remembered as
+having no JSON mode, so later calls skip the refused try.
+
 tenacity does the loop (stop, wait, before-sleep hook); this module decides what is retryable,
 how long to wait, and how a retry reads on a console."""
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any
 
 import openai
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 from tenacity.wait import wait_random_exponential
 
-from generator_service.llm.client import Completion, LlmClient, OnRetry, RetryNotice
+from generator_service.llm.client import (
+    Completion,
+    EndpointUnreachableError,
+    LlmClient,
+    OnRetry,
+    OnThrottle,
+    ResponseFormat,
+    RetryNotice,
+)
+from generator_service.llm.limits import ProviderGate, estimate_prompt_tokens
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +56,8 @@ def is_retryable(error: BaseException) -> bool:
     """Whether another try can succeed: rate limits, server errors, timeouts, lost connections."""
     if isinstance(error, openai.APIStatusError):
         return error.status_code in _RETRYABLE_STATUS or error.status_code >= 500
-    return isinstance(error, openai.APIConnectionError)  # includes APITimeoutError
+    # A lost connection (a timeout included), or an endpoint not reached yet
+    return isinstance(error, openai.APIConnectionError | EndpointUnreachableError)
 
 
 def reason_of(error: BaseException) -> str:
@@ -52,7 +68,7 @@ def reason_of(error: BaseException) -> str:
         return f"Server error {error.status_code}"
     if isinstance(error, openai.APITimeoutError):
         return "Timed out"
-    if isinstance(error, openai.APIConnectionError):
+    if isinstance(error, openai.APIConnectionError | EndpointUnreachableError):
         return "Connection error"
     return type(error).__name__
 
@@ -79,18 +95,23 @@ def server_delay(error: BaseException) -> float:
 
 
 class RetryingLlm:
-    """An LlmClient whose calls are retried by `policy`. Thread-safe when `inner` is."""
+    """An LlmClient whose calls pass `gate` and are retried by `policy`. Thread-safe when
+    `inner` is."""
 
     def __init__(
         self,
         inner: LlmClient,
         policy: RetryPolicy,
         sleep: Callable[[float], None] = time.sleep,
+        gate: ProviderGate | None = None,
     ) -> None:
         self._inner = inner
         self._policy = policy
         self._sleep = sleep
+        self._gate = gate or ProviderGate(sleep=sleep)
         self._backoff = wait_random_exponential(multiplier=policy.base_delay, max=policy.max_delay)
+        self._no_json_mode: set[str] = set()  # models whose endpoint refused response_format
+        self._lock = threading.Lock()
 
     def _wait(self, state: RetryCallState) -> float:
         error = state.outcome.exception() if state.outcome else None
@@ -105,8 +126,14 @@ class RetryingLlm:
         prompt: str,
         max_tokens: int,
         temperature: float,
+        response_format: ResponseFormat | None = None,
         on_retry: OnRetry | None = None,
+        on_throttle: OnThrottle | None = None,
     ) -> Completion:
+        max_tokens = min(max_tokens, self._gate.limits(model).max_output_tokens)
+        with self._lock:
+            schema = None if model in self._no_json_mode else response_format
+
         def before_sleep(state: RetryCallState) -> None:
             error = state.outcome.exception() if state.outcome else None
             delay = state.next_action.sleep if state.next_action else 0.0
@@ -114,6 +141,23 @@ class RetryingLlm:
             log.info("model call failed (%s), retrying in %.1fs", notice.reason, delay)
             if on_retry:
                 on_retry(notice)
+
+        def attempt() -> Completion:
+            nonlocal schema
+            try:
+                return self._try(
+                    model, system, prompt, max_tokens, temperature, schema, on_throttle
+                )
+            except openai.BadRequestError:
+                if schema is None:
+                    raise
+            # The endpoint has no JSON mode (or not this schema): ask without it from now on.
+            schema = None
+            with self._lock:
+                if model not in self._no_json_mode:
+                    self._no_json_mode.add(model)
+                    log.warning("model %s refused response_format: asking without it", model)
+            return self._try(model, system, prompt, max_tokens, temperature, None, on_throttle)
 
         retrying = Retrying(
             stop=stop_after_attempt(self._policy.attempts),
@@ -123,12 +167,44 @@ class RetryingLlm:
             sleep=self._sleep,
             reraise=True,
         )
-        call: Any = self._inner.complete  # tenacity's call signature is untyped
-        return retrying(
-            call,
-            model=model,
-            system=system,
-            prompt=prompt,
-            max_tokens=max_tokens,
-            temperature=temperature,
-        )
+        return retrying(attempt)
+
+    def _try(
+        self,
+        model: str,
+        system: str,
+        prompt: str,
+        max_tokens: int,
+        temperature: float,
+        response_format: ResponseFormat | None,
+        on_throttle: OnThrottle | None,
+    ) -> Completion:
+        """One call through the gate: charged as providers charge it (prompt + max_tokens)."""
+        schema_text = json.dumps(response_format) if response_format else ""
+        cost = estimate_prompt_tokens(system, prompt, schema_text) + max_tokens
+        ticket = self._gate.enter(model, cost)
+        rate_limited = False
+        try:
+            return self._inner.complete(
+                model=model,
+                system=system,
+                prompt=prompt,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                response_format=response_format,
+            )
+        except openai.RateLimitError:
+            rate_limited = True
+            raise
+        finally:
+            change = self._gate.leave(ticket, rate_limited)
+            if change:
+                log.warning(
+                    "model %s: %s concurrency %d → %d",
+                    change.model,
+                    "restored" if change.restored else "rate limited:",
+                    change.before,
+                    change.after,
+                )
+                if on_throttle:
+                    on_throttle(change)

@@ -6,19 +6,31 @@ fall short of the asked lower bound by about `undershoot_mean` words, as real mo
 augmentations reach the asked minimum. It counts requests by kind and the peak in flight, so
 tests can check concurrency from the outside.
 
-    python -m generator_service.llm.simulator --port 8900 --latency 0.25
+Each off by default, it can also imitate what real providers and weak models do:
+
+- providers: API keys (401), a fixed model list (404), no JSON mode (400 on `response_format`),
+  RPM/TPM token buckets (429 with the real wait), `max_tokens` cutting replies off ("length");
+- faults: shares or every n-th request refused (429), failed (500), stalled or cut off;
+- weak models: prose outlines without JSON mode, chatty numbered markdown titles, outlines that
+  are not JSON or a section short, repeated titles, augmentations that shrink or overshoot,
+  articles that overshoot (a negative `undershoot_mean`), hostile markup, runaway replies.
+
+    python -m generator_service.llm.simulator --port 8900 --latency 0.25 --rpm 500 --tpm 200000
 """
 
 from __future__ import annotations
 
 import argparse
+import hmac
 import json
+import math
 import random
 import re
+import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -237,6 +249,49 @@ def inject(html: str, payloads: list[str]) -> str:
     return "</p>".join(parts)
 
 
+_TITLE_DRESSINGS: list[Callable[[str], str]] = [
+    lambda t: f"**{t}**",
+    lambda t: f'"{t}".',
+    lambda t: f"*{t}*",
+    str,
+]
+_RAMBLE = (
+    "Each of these titles balances search intent with curiosity, mixing practical guides, honest "
+    "comparisons and question-led headlines, so that readers looking into {k} at every stage, "
+    "from first research to the final decision, find something that speaks to them directly."
+)
+
+
+def chatty_titles(rng: random.Random, ctx: dict[str, Any], titles: list[str]) -> str:
+    """`titles` as a chatty model lists them: a preamble, a numbered markdown list with emphasis
+    and quotes, and a blank line, a heading, a ramble and a template line mixed in."""
+    lines = [f"{n}. {rng.choice(_TITLE_DRESSINGS)(t)}" for n, t in enumerate(titles, 1)]
+    for junk in (
+        "",
+        f"For our {max(1, len(titles) - 1)} distinct article titles in a narrative format:",
+        _RAMBLE.format(k=ctx["keyword"]),
+        "{{ title }} for {{ audience }}",
+    ):
+        lines.insert(rng.randint(0, len(lines)), junk)
+    return f"Here are {len(titles)} distinct article titles for you:\n\n" + "\n".join(lines)
+
+
+def prose_outline(sections: list[dict[str, Any]]) -> str:
+    """An outline as a weak model writes it without JSON mode: markdown headings, not JSON."""
+    blocks = [
+        f"## {section['h2']}" + "".join(f"\n- {h3}" for h3 in section["h3"]) for section in sections
+    ]
+    return "Sure! Here is an outline:\n\n" + "\n\n".join(blocks)
+
+
+def cut_to_tokens(text: str, max_tokens: int) -> str:
+    """The leading words of `text` that fit in `max_tokens`, counted as replies are (4 per 3)."""
+    ends = [m.end() for m in re.finditer(r"\S+", text)]
+    fit = min(len(ends), (3 * max_tokens + 2) // 4)  # the most n with n * 4 // 3 <= max_tokens
+    return text[: ends[fit - 1]] if fit else ""
+
+
+_Answer = tuple[int, dict[str, Any], dict[str, str]]  # HTTP status, JSON body, extra headers
 _GOLDEN = (5**0.5 - 1) / 2  # drives the fault schedule: see LlmSimulator._draw_fault
 
 # --- the HTTP side ---------------------------------------------------------------------------
@@ -275,6 +330,26 @@ class SimulatorConfig:
     garbage_outline_share: float = 0.0
     # Test hook: this many characters appended to every reply (a runaway model).
     reply_padding: int = 0
+    # A provider's requests and tokens per minute (0: unlimited), each a token bucket that
+    # refills continuously and starts full; a request costs body bytes // 4 + max_tokens tokens.
+    rpm_limit: int = 0
+    tpm_limit: int = 0
+    # A server without JSON mode: requests with `response_format` get 400.
+    refuse_response_format: bool = False
+    # A weak model: outlines asked for without `response_format` come back as markdown headings.
+    prose_outlines: bool = False
+    # A chatty model: titles as a numbered markdown list with a preamble and non-title lines.
+    markdown_titles: bool = False
+    # Augmentations: "reach" the asked minimum, "shrink" (drop the last paragraph) or
+    # "overshoot" (twice the missing words past the asked maximum).
+    augment_mode: str = "reach"
+    # A provider's key: requests without `Authorization: Bearer <api_key>` get 401 (None: any).
+    api_key: str | None = None
+    # The models served: a request for another gets 404 (None: any name).
+    models: list[str] | None = None
+
+
+_AUGMENT_MODES = ("reach", "shrink", "overshoot")
 
 
 @dataclass
@@ -286,9 +361,30 @@ class SimulatorStats:
     in_flight: int = 0
     peak_in_flight: int = 0
     rate_limited: int = 0  # requests refused with 429 (not counted in `requests`)
-    # Injected faults by kind: rate_limit, server_error, stall (not counted in `requests`),
-    # truncated, garbage_outline (answered, so counted in `requests` too).
+    # Injected faults by kind: rate_limit, rpm, tpm, server_error, stall, unauthorized,
+    # model_not_found, response_format_refused (not counted in `requests`), truncated,
+    # garbage_outline (answered, so counted in `requests` too).
     faults: dict[str, int] = field(default_factory=dict)
+    # The largest max_tokens (or max_completion_tokens) answered, by request kind.
+    max_tokens_by_kind: dict[str, int] = field(default_factory=dict)
+    response_format_requests: int = 0  # answered requests that carried a `response_format`
+
+
+@dataclass
+class _Bucket:
+    """A token bucket holding up to `capacity`, refilled at `capacity` per minute."""
+
+    capacity: int
+    level: float
+    at: float  # the monotonic time `level` was measured
+
+    def refill(self, now: float) -> None:
+        self.level = min(self.capacity, self.level + (now - self.at) * self.capacity / 60)
+        self.at = now
+
+    def wait_ms(self, cost: int) -> int:
+        """Milliseconds until the bucket holds `cost` (at least 1)."""
+        return max(1, math.ceil((cost - self.level) * 60_000 / self.capacity))
 
 
 class LlmSimulator:
@@ -298,6 +394,8 @@ class LlmSimulator:
         self, config: SimulatorConfig | None = None, host: str = "127.0.0.1", port: int = 0
     ):
         self.config = config or SimulatorConfig()
+        if self.config.augment_mode not in _AUGMENT_MODES:
+            raise ValueError(f"augment_mode must be one of {_AUGMENT_MODES}")
         self._lock = threading.Lock()
         self._stats = SimulatorStats()
         self._kinds: Counter[str] = Counter()
@@ -308,6 +406,15 @@ class LlmSimulator:
         self._outline_draws = 0  # outline requests that could be answered with garbage
         self._titles_written: dict[str, set[str]] = {}  # per keyword, lowercased
         self._broken_titles: set[str] = set()  # garbage outlines, repair included
+        now = time.monotonic()
+        self._buckets = {
+            name: _Bucket(limit, limit, now)
+            for name, limit in (
+                ("requests", self.config.rpm_limit),
+                ("tokens", self.config.tpm_limit),
+            )
+            if limit
+        }
         self._server = ThreadingHTTPServer((host, port), _make_handler(self))
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -349,10 +456,12 @@ class LlmSimulator:
                 self._stats.peak_in_flight,
                 self._stats.rate_limited,
                 dict(self._faults),
+                dict(self._stats.max_tokens_by_kind),
+                self._stats.response_format_requests,
             )
 
     def reset(self) -> None:
-        """Zero the counters (the peak too)."""
+        """Zero the counters (the peak too); the rate-limit buckets keep their level."""
         with self._lock:
             self._stats = SimulatorStats(in_flight=self._stats.in_flight)
             self._kinds.clear()
@@ -360,11 +469,15 @@ class LlmSimulator:
 
     # Called by the handler threads.
 
-    def _enter(self, kind: str) -> int:
+    def _enter(self, kind: str, max_tokens: int = 0, structured: bool = False) -> int:
         """Count the request in; returns how many outline requests there have been."""
         with self._lock:
             self._stats.requests += 1
             self._kinds[kind] += 1
+            if max_tokens:
+                peaks = self._stats.max_tokens_by_kind
+                peaks[kind] = max(peaks.get(kind, 0), max_tokens)
+            self._stats.response_format_requests += int(structured)
             self._stats.in_flight += 1
             self._stats.peak_in_flight = max(self._stats.peak_in_flight, self._stats.in_flight)
             if kind == "outline":
@@ -374,6 +487,75 @@ class LlmSimulator:
     def _leave(self) -> None:
         with self._lock:
             self._stats.in_flight -= 1
+
+    def _refuse(self, fault: str, status: int, payload: dict[str, Any]) -> _Answer:
+        with self._lock:
+            self._faults[fault] += 1
+        return status, payload, {}
+
+    def _refusal(self, body: dict[str, Any], headers: Mapping[str, str]) -> _Answer | None:
+        """What a provider says before looking at the request: bad key, unknown model, no JSON
+        mode; None when it would go on."""
+        config = self.config
+        if config.api_key is not None:
+            given = next((v for k, v in headers.items() if k.lower() == "authorization"), "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
+                # Never echo the key that came: it may be a real one sent to the wrong place.
+                message = (
+                    "Incorrect API key provided (simulated). You can find your API key at "
+                    "https://platform.openai.com/account/api-keys."
+                )
+                refusal = _error(message, code="invalid_api_key")
+                return self._refuse("unauthorized", HTTPStatus.UNAUTHORIZED, refusal)
+        if config.models is not None and body.get("model") not in config.models:
+            message = (
+                f"The model `{body.get('model')}` does not exist or you do not have access to it."
+            )
+            refusal = _error(message, code="model_not_found")
+            return self._refuse("model_not_found", HTTPStatus.NOT_FOUND, refusal)
+        if config.refuse_response_format and "response_format" in body:
+            message = "response_format is not supported by this server (simulated)"
+            refusal = _error(message, param="response_format", code=None)
+            return self._refuse("response_format_refused", HTTPStatus.BAD_REQUEST, refusal)
+        return None
+
+    def _charge(self, tokens: int) -> tuple[dict[str, Any] | None, dict[str, str]]:
+        """Take one request and `tokens` from the buckets if both hold enough, else take nothing:
+        (the 429 body or None, the x-ratelimit and retry-after-ms headers)."""
+        if not self._buckets:
+            return None, {}
+        costs = {"requests": 1, "tokens": tokens}
+        with self._lock:
+            now = time.monotonic()
+            for bucket in self._buckets.values():
+                bucket.refill(now)
+            short = [n for n, b in self._buckets.items() if b.level < costs[n]]
+            if not short:
+                for name, bucket in self._buckets.items():
+                    bucket.level -= costs[name]
+            headers = {}
+            for name, bucket in self._buckets.items():
+                headers[f"x-ratelimit-limit-{name}"] = str(bucket.capacity)
+                headers[f"x-ratelimit-remaining-{name}"] = str(math.floor(bucket.level))
+            if not short:
+                return None, headers
+            # More tokens than the bucket holds: no wait admits it, so a provider calls it too
+            # large and names no wait.
+            too_large = "tokens" in short and tokens > self._buckets["tokens"].capacity
+            waits = {name: self._buckets[name].wait_ms(costs[name]) for name in short}
+            name = "tokens" if too_large else max(waits, key=lambda n: waits[n])
+            limit = self._buckets[name].capacity
+            if name == "requests":
+                message = f"Rate limit reached for requests per minute (RPM): limit {limit}"
+            else:
+                what = "Request too large" if too_large else "Rate limit reached"
+                message = f"{what} for tokens per minute (TPM): limit {limit}, requested {tokens}"
+            if not too_large:
+                headers["retry-after-ms"] = str(max(waits.values()))
+            self._stats.rate_limited += 1
+            self._faults["rpm" if name == "requests" else "tpm"] += 1
+        refusal = _error(f"{message} (simulated)", name, code="rate_limit_exceeded")
+        return refusal, headers
 
     def _rate_limited(self) -> bool:
         with self._lock:
@@ -417,8 +599,14 @@ class LlmSimulator:
                 return True
             return False
 
-    def complete(self, body: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, str]]:
-        """Answer one chat completion request: (HTTP status, JSON body, extra headers)."""
+    def complete(
+        self, body: dict[str, Any], headers: Mapping[str, str] | None = None, raw_size: int = 0
+    ) -> _Answer:
+        """Answer one chat completion request (its JSON body, HTTP headers and body size in
+        bytes): (HTTP status, JSON body, extra headers)."""
+        refused = self._refusal(body, headers or {})
+        if refused:
+            return refused
         messages = body.get("messages") or []
         if not isinstance(messages, list) or not messages:
             return (
@@ -426,6 +614,10 @@ class LlmSimulator:
                 _error("messages: at least one message is required"),
                 {},
             )
+        max_tokens = _max_tokens(body)
+        limited, limit_headers = self._charge(raw_size // 4 + max_tokens)
+        if limited:
+            return HTTPStatus.TOO_MANY_REQUESTS, limited, limit_headers
         fault = "rate_limit" if self._rate_limited() else self._draw_fault()
         if fault == "rate_limit":
             retry_after = {"retry-after-ms": str(self.config.rate_limit_retry_after_ms)}
@@ -442,13 +634,13 @@ class LlmSimulator:
         # Seeded by the prompt, not by arrival order: the same job gets the same replies however
         # its requests interleave, so runs at different concurrency are comparable.
         rng = random.Random(f"{self.config.seed}:{prompt}")
-        outline_number = self._enter(kind)
+        outline_number = self._enter(kind, max_tokens, "response_format" in body)
         try:
             time.sleep(self.config.latency)
             if kind in ("outline", "outline_repair") and self._garbage_outline():
                 text = "Here is an outline: {'outline': [ oops"
             else:
-                text = self._reply(kind, prompt, rng, outline_number)
+                text = self._reply(kind, prompt, rng, outline_number, _json_mode(body))
         finally:
             self._leave()
         text += " " * self.config.reply_padding
@@ -457,6 +649,8 @@ class LlmSimulator:
             with self._lock:
                 self._faults["truncated"] += 1
             text, finish_reason = text[: len(text) // 2], "length"
+        if max_tokens and len(text.split()) * 4 // 3 > max_tokens:
+            text, finish_reason = cut_to_tokens(text, max_tokens), "length"
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages) * 4 // 3
         completion_tokens = len(text.split()) * 4 // 3
         reply = {
@@ -477,9 +671,16 @@ class LlmSimulator:
                 "total_tokens": prompt_tokens + completion_tokens,
             },
         }
-        return HTTPStatus.OK, reply, {}
+        return HTTPStatus.OK, reply, limit_headers
 
-    def _reply(self, kind: str, prompt: str, rng: random.Random, outline_number: int) -> str:
+    def _reply(
+        self,
+        kind: str,
+        prompt: str,
+        rng: random.Random,
+        outline_number: int,
+        json_mode: bool = False,
+    ) -> str:
         ctx = _context_of(prompt)
         config = self.config
         if kind == "titles":
@@ -493,19 +694,23 @@ class LlmSimulator:
                     lambda t: f'"{t}?"',
                 ]
                 fixed = random.Random(ctx["keyword"])
-                return "\n".join(
+                titles = [
                     rng.choice(dressings)(_fill(p, fixed, ctx, headline=True))
                     for p in _TITLE_PATTERNS[:3]
-                )
-            listed = {
-                line[2:].strip().lower() for line in prompt.splitlines() if line.startswith("- ")
-            }
-            titles = self._new_titles(rng, ctx, count, listed)
-            if config.payloads:
-                titles = [
-                    f"{t} {config.payloads[i % len(config.payloads)]}" for i, t in enumerate(titles)
                 ]
-            return "\n".join(titles)
+            else:
+                listed = {
+                    line[2:].strip().lower()
+                    for line in prompt.splitlines()
+                    if line.startswith("- ")
+                }
+                titles = self._new_titles(rng, ctx, count, listed)
+                if config.payloads:
+                    titles = [
+                        f"{t} {config.payloads[i % len(config.payloads)]}"
+                        for i, t in enumerate(titles)
+                    ]
+            return chatty_titles(rng, ctx, titles) if config.markdown_titles else "\n".join(titles)
         if kind in ("outline", "outline_repair"):
             title = _search(r'article titled "(.*?)"\.(?:\s|$)', prompt, "")
             with self._lock:
@@ -527,12 +732,15 @@ class LlmSimulator:
                 {"h2": _fill(rng.choice(_H2_PATTERNS), rng, ctx, headline=True), "h3": h3}
                 for h3 in h3s
             ]
+            if json_mode:  # JSON mode answers bare JSON, no fence
+                return json.dumps({"outline": sections})
+            if config.prose_outlines:
+                return prose_outline(sections)
             return "```json\n" + json.dumps({"outline": sections}) + "\n```"
         if kind == "content":
             low, _high = _range(r"Length: between (\d+) and (\d+) words", prompt, (800, 1200))
-            shortfall = max(
-                0.0, rng.gauss(self.config.undershoot_mean, self.config.undershoot_jitter)
-            )
+            # Negative when the model overshoots: it writes past the lower bound.
+            shortfall = rng.gauss(self.config.undershoot_mean, self.config.undershoot_jitter)
             outline_json = prompt[prompt.find("{") :] if "{" in prompt else "{}"
             try:
                 outline = json.loads(outline_json).get("outline", [])
@@ -543,9 +751,20 @@ class LlmSimulator:
         if kind == "continue":  # the rest of a reply that was cut off: a few more paragraphs
             return "\n".join(_paragraph(rng, ctx, 60) for _ in range(rng.randint(1, 3)))
         if kind == "augment":
-            target = int(_search(r"at least (\d+) words", prompt, "1000"))
             original = _search(r"<article>\n(.*)\n</article>", prompt, "", flags=re.DOTALL)
-            missing = target - count_words(original) + rng.randint(20, 120)
+            if config.augment_mode == "shrink":  # a bad model: shorter than it was given
+                start = original.rfind("<p>")
+                start = start if start >= 0 else len(original) // 2
+                end = original.find("</p>", start)
+                rest = original[end + len("</p>") :] if end >= 0 else ""
+                return (original[:start] + rest).rstrip()
+            low = int(_search(r"at least (\d+) words", prompt, "1000"))
+            low, high = _range(r"needs between (\d+) and (\d+) words", prompt, (low, low))
+            have = count_words(original)
+            if config.augment_mode == "overshoot":
+                missing = high - have + 2 * max(0, low - have)
+            else:
+                missing = low - have + rng.randint(20, 120)
             ctx["keyword"] = ctx["keyword"] if ctx["keyword"] != "the topic" else "this subject"
             extra = "".join(
                 _paragraph(rng, ctx, min(60, missing - i)) for i in range(0, missing, 60)
@@ -615,8 +834,18 @@ def _context_of(prompt: str) -> dict[str, Any]:
     return {"keyword": keyword, "entities": items("Entities"), "related": items("Related searches")}
 
 
-def _error(message: str, kind: str = "invalid_request_error") -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind}}
+def _max_tokens(body: dict[str, Any]) -> int:
+    value = body.get("max_completion_tokens") or body.get("max_tokens") or 0
+    return value if isinstance(value, int) and value > 0 else 0
+
+
+def _json_mode(body: dict[str, Any]) -> bool:
+    response_format = body.get("response_format")
+    return isinstance(response_format, dict) and response_format.get("type") != "text"
+
+
+def _error(message: str, kind: str = "invalid_request_error", **extra: Any) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, **extra}}
 
 
 def _make_handler(simulator: LlmSimulator) -> type[BaseHTTPRequestHandler]:
@@ -632,7 +861,10 @@ def _make_handler(simulator: LlmSimulator) -> type[BaseHTTPRequestHandler]:
                     HTTPStatus.OK,
                     {
                         "object": "list",
-                        "data": [{"id": "simulator", "object": "model", "owned_by": "tierwriter"}],
+                        "data": [
+                            {"id": name, "object": "model", "owned_by": "tierwriter"}
+                            for name in simulator.config.models or ["simulator"]
+                        ],
                     },
                 )
             elif self.path.rstrip("/") == "/_simulator/stats":
@@ -655,7 +887,7 @@ def _make_handler(simulator: LlmSimulator) -> type[BaseHTTPRequestHandler]:
             except json.JSONDecodeError as e:
                 self._send(HTTPStatus.BAD_REQUEST, _error(f"request body is not JSON: {e.msg}"))
                 return
-            self._send(*simulator.complete(body))
+            self._send(*simulator.complete(body, dict(self.headers.items()), len(raw)))
 
         def _send(
             self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None
@@ -679,17 +911,46 @@ def _make_handler(simulator: LlmSimulator) -> type[BaseHTTPRequestHandler]:
 
 
 def main() -> None:
-    """Run the simulator in the foreground until Ctrl-C."""
+    """Run the simulator in the foreground until Ctrl-C or SIGTERM."""
     parser = argparse.ArgumentParser(description="OpenAI-compatible LLM simulator for tierwriter")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8900)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per request")
     parser.add_argument("--undershoot", type=float, default=175.0, help="mean words short")
     parser.add_argument("--jitter", type=float, default=20.0, help="std dev of the shortfall")
+    parser.add_argument("--rpm", type=int, default=0, help="requests per minute (0: unlimited)")
+    parser.add_argument("--tpm", type=int, default=0, help="tokens per minute (0: unlimited)")
+    parser.add_argument(
+        "--refuse-response-format", action="store_true", help="400 on response_format"
+    )
+    parser.add_argument(
+        "--prose-outlines", action="store_true", help="markdown outlines without JSON mode"
+    )
+    parser.add_argument(
+        "--markdown-titles", action="store_true", help="chatty numbered markdown titles"
+    )
+    parser.add_argument("--augment-mode", choices=_AUGMENT_MODES, default="reach")
+    parser.add_argument("--api-key", help="require this bearer key (default: any)")
+    parser.add_argument(
+        "--model", action="append", dest="models", help="serve only this model (repeatable)"
+    )
     args = parser.parse_args()
     config = SimulatorConfig(
-        latency=args.latency, undershoot_mean=args.undershoot, undershoot_jitter=args.jitter
+        latency=args.latency,
+        undershoot_mean=args.undershoot,
+        undershoot_jitter=args.jitter,
+        rpm_limit=args.rpm,
+        tpm_limit=args.tpm,
+        refuse_response_format=args.refuse_response_format,
+        prose_outlines=args.prose_outlines,
+        markdown_titles=args.markdown_titles,
+        augment_mode=args.augment_mode,
+        api_key=args.api_key,
+        models=args.models,
     )
+    # As PID 1 in a container, SIGTERM without a handler is ignored and `docker stop` waits out
+    # its timeout. Raising (not setting an Event) cannot deadlock inside Event.wait's own lock.
+    signal.signal(signal.SIGTERM, _end_wait)
     simulator = LlmSimulator(config, args.host, args.port).start()
     print(f"LLM simulator serving at {simulator.base_url}", flush=True)
     try:
@@ -697,7 +958,12 @@ def main() -> None:
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         simulator.stop()
+
+
+def _end_wait(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

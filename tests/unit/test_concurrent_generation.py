@@ -3,6 +3,7 @@
 import threading
 
 from generator_service.batch import ArticleBatch
+from generator_service.calibration import WordTargets
 from generator_service.domain import ArticleEvent, EventKind
 from generator_service.pipeline import ArticlePipeline
 from tests.fakes import EventLog, FakeLlm, MemorySaver, batch_context, tasks
@@ -11,17 +12,17 @@ from tests.fakes import EventLog, FakeLlm, MemorySaver, batch_context, tasks
 def test_exactly_max_workers_articles_are_in_flight() -> None:
     # Each call waits until 5 are in flight, so a peak below 5 would show as a timeout-made 4.
     llm = FakeLlm(gather=5, gather_timeout=10)
-    ArticleBatch(ArticlePipeline(llm, MemorySaver(), 200), batch_context(10, max_workers=5)).run(
-        tasks(10), EventLog()
-    )
+    ArticleBatch(
+        ArticlePipeline(llm, MemorySaver(), WordTargets(200)), batch_context(10, max_workers=5)
+    ).run(tasks(10), EventLog())
     assert llm.peak == 5
 
 
 def test_sequential_fallback_max_workers_1() -> None:
     llm, log = FakeLlm(delay=0.01, gather=2, gather_timeout=0.05), EventLog()
-    ArticleBatch(ArticlePipeline(llm, MemorySaver(), 200), batch_context(6, max_workers=1)).run(
-        tasks(6), log
-    )
+    ArticleBatch(
+        ArticlePipeline(llm, MemorySaver(), WordTargets(200)), batch_context(6, max_workers=1)
+    ).run(tasks(6), log)
     assert llm.peak == 1
     # Strictly one after the other: each article's events end before the next one's start.
     order = [e.index for e in log.events]
@@ -31,7 +32,9 @@ def test_sequential_fallback_max_workers_1() -> None:
 def test_one_article_exception_does_not_disturb_the_others() -> None:
     llm = FakeLlm(fail_when=lambda p: '"Title 4"' in p)
     saver, log = MemorySaver(), EventLog()
-    ArticleBatch(ArticlePipeline(llm, saver, 200), batch_context(10)).run(tasks(10), log)
+    ArticleBatch(ArticlePipeline(llm, saver, WordTargets(200)), batch_context(10)).run(
+        tasks(10), log
+    )
     terminal = {e.index: e for e in log.terminal()}
     assert len(terminal) == 10 and len(log.terminal()) == 10
     assert terminal[4].kind is EventKind.FAILED
@@ -43,7 +46,8 @@ def test_without_continue_on_error_no_article_starts_after_a_failure() -> None:
     llm = FakeLlm(fail_when=lambda p: '"Title 0"' in p)
     saver, log = MemorySaver(), EventLog()
     ArticleBatch(
-        ArticlePipeline(llm, saver, 200), batch_context(10, max_workers=1, continue_on_error=False)
+        ArticlePipeline(llm, saver, WordTargets(200)),
+        batch_context(10, max_workers=1, continue_on_error=False),
     ).run(tasks(10), log)
     kinds = [e.kind for e in log.terminal()]
     assert kinds == [EventKind.FAILED] + [EventKind.SKIPPED] * 9
@@ -71,7 +75,8 @@ def test_in_flight_articles_finish_after_a_failure() -> None:
             failure_seen.set()
 
     ArticleBatch(
-        ArticlePipeline(llm, saver, 200), batch_context(10, max_workers=5, continue_on_error=False)
+        ArticlePipeline(llm, saver, WordTargets(200)),
+        batch_context(10, max_workers=5, continue_on_error=False),
     ).run(tasks(10), emit)
     by_index = {e.index: e.kind for e in log.terminal()}
     assert by_index[0] is EventKind.FAILED
@@ -83,7 +88,9 @@ def test_in_flight_articles_finish_after_a_failure() -> None:
 def test_stop_starts_no_new_article() -> None:
     release = threading.Event()
     llm = FakeLlm(fail_when=lambda p: not release.wait(10) and False)
-    batch = ArticleBatch(ArticlePipeline(llm, MemorySaver(), 200), batch_context(10, max_workers=2))
+    batch = ArticleBatch(
+        ArticlePipeline(llm, MemorySaver(), WordTargets(200)), batch_context(10, max_workers=2)
+    )
     log = EventLog()
     runner = threading.Thread(target=batch.run, args=(tasks(10), log))
     runner.start()

@@ -5,6 +5,7 @@ import re
 
 import pytest
 
+from generator_service.calibration import WordTargets
 from generator_service.domain import ArticleTask, EventKind, ProjectInfo, TierShape
 from generator_service.outline import (
     OutlineError,
@@ -26,7 +27,7 @@ def _content_bounds(prompt_log: list[str]) -> tuple[int, int]:
 
 def test_word_count_compensation_reaches_the_prompt() -> None:
     llm = FakeLlm()
-    ArticlePipeline(llm, MemorySaver(), 200).run(
+    ArticlePipeline(llm, MemorySaver(), WordTargets(200)).run(
         batch_context(min_words=1000, max_words=1500), ArticleTask(0, "T"), EventLog()
     )
     assert _content_bounds(llm.prompts) == (1200, 1700)
@@ -34,7 +35,7 @@ def test_word_count_compensation_reaches_the_prompt() -> None:
 
 def test_compensation_is_configurable() -> None:
     llm = FakeLlm()
-    ArticlePipeline(llm, MemorySaver(), 0).run(
+    ArticlePipeline(llm, MemorySaver(), WordTargets(0)).run(
         batch_context(min_words=1000, max_words=1500), ArticleTask(0, "T"), EventLog()
     )
     assert _content_bounds(llm.prompts) == (1000, 1500)
@@ -43,7 +44,9 @@ def test_compensation_is_configurable() -> None:
 def test_augmentation_threshold_is_the_original_minimum() -> None:
     # 1,100 words is below the compensated 1,200 but above the user's 1,000: no augmentation.
     llm, saver = FakeLlm(content_words=1100), MemorySaver()
-    outcome = ArticlePipeline(llm, saver, 200).run(batch_context(), ArticleTask(0, "T"), EventLog())
+    outcome = ArticlePipeline(llm, saver, WordTargets(200)).run(
+        batch_context(), ArticleTask(0, "T"), EventLog()
+    )
     assert outcome.kind is EventKind.SAVED and outcome.status == "generated"
     assert not any("<article>" in p for p in llm.prompts)
     assert saver.records[(1, "tier1", 0)].api_calls == 2
@@ -51,7 +54,9 @@ def test_augmentation_threshold_is_the_original_minimum() -> None:
 
 def test_content_below_the_minimum_is_augmented_once() -> None:
     llm, saver, log = FakeLlm(content_words=850, augmented_words=1050), MemorySaver(), EventLog()
-    outcome = ArticlePipeline(llm, saver, 200).run(batch_context(), ArticleTask(0, "T"), log)
+    outcome = ArticlePipeline(llm, saver, WordTargets(200)).run(
+        batch_context(), ArticleTask(0, "T"), log
+    )
     record = saver.records[(1, "tier1", 0)]
     assert outcome.status == "augmented" and record.status == "augmented"
     assert record.word_count == 1050 and record.api_calls == 3
@@ -71,14 +76,18 @@ def test_content_below_the_minimum_is_augmented_once() -> None:
 
 def test_fences_are_removed_before_saving() -> None:
     saver = MemorySaver()
-    ArticlePipeline(FakeLlm(), saver, 200).run(batch_context(), ArticleTask(0, "T"), EventLog())
+    ArticlePipeline(FakeLlm(), saver, WordTargets(200)).run(
+        batch_context(), ArticleTask(0, "T"), EventLog()
+    )
     assert not saver.records[(1, "tier1", 0)].content.startswith("```")
 
 
 def test_an_exception_becomes_a_failed_record_and_event() -> None:
     llm = FakeLlm(fail_when=lambda p: p.startswith("Write the article titled"))
     saver, log = MemorySaver(), EventLog()
-    outcome = ArticlePipeline(llm, saver, 200).run(batch_context(), ArticleTask(3, "T"), log)
+    outcome = ArticlePipeline(llm, saver, WordTargets(200)).run(
+        batch_context(), ArticleTask(3, "T"), log
+    )
     record = saver.records[(1, "tier1", 3)]
     assert outcome.kind is EventKind.FAILED and outcome.stage == "content"
     assert record.status == "failed" and record.error_stage == "content"
@@ -88,7 +97,7 @@ def test_an_exception_becomes_a_failed_record_and_event() -> None:
 
 
 def test_a_failure_whose_record_cannot_be_saved_is_still_reported() -> None:
-    outcome = ArticlePipeline(FakeLlm(), MemorySaver(fail=True), 200).run(
+    outcome = ArticlePipeline(FakeLlm(), MemorySaver(fail=True), WordTargets(200)).run(
         batch_context(), ArticleTask(0, "T"), EventLog()
     )
     assert outcome.kind is EventKind.FAILED and outcome.stage == "save"
@@ -180,10 +189,12 @@ def test_out_of_range_outlines_are_named(h3s: list[int], tier: TierShape, proble
 def test_an_out_of_range_outline_gets_one_repair_request() -> None:
     # The tier needs 2-4 H2s; the first reply has 1, the repair has 3.
     llm, saver, log = FakeLlm(outlines=[_outline_json([2])]), MemorySaver(), EventLog()
-    outcome = ArticlePipeline(llm, saver, 200).run(batch_context(), ArticleTask(0, "T"), log)
+    outcome = ArticlePipeline(llm, saver, WordTargets(200)).run(
+        batch_context(), ArticleTask(0, "T"), log
+    )
     assert outcome.kind is EventKind.SAVED
     repairs = [p for p in llm.prompts if p.startswith("Repair the outline")]
-    assert len(repairs) == 1 and "H2 sections: 1, the tier needs 2 to 4" in repairs[0]
+    assert len(repairs) == 1 and "H2 sections: 1, the tier needs at least 2" in repairs[0]
     repairing = next(e for e in log.events if e.kind is EventKind.OUTLINE_REPAIRING)
     assert "H2 sections: 1" in repairing.error
     record = saver.records[(1, "tier1", 0)]
@@ -193,7 +204,9 @@ def test_an_out_of_range_outline_gets_one_repair_request() -> None:
 def test_a_repair_that_is_still_out_of_range_is_fitted() -> None:
     # Both replies have 1 H2 where 2-4 are needed: padded from a related search, not failed.
     llm, saver = FakeLlm(outlines=[_outline_json([2]), _outline_json([3])]), MemorySaver()
-    outcome = ArticlePipeline(llm, saver, 200).run(batch_context(), ArticleTask(0, "T"), EventLog())
+    outcome = ArticlePipeline(llm, saver, WordTargets(200)).run(
+        batch_context(), ArticleTask(0, "T"), EventLog()
+    )
     assert outcome.kind is EventKind.SAVED
     outline = saver.records[(1, "tier1", 0)].outline
     assert outline is not None and [s["h2"] for s in outline] == ["S0", "Cnc cost"]
@@ -201,7 +214,9 @@ def test_a_repair_that_is_still_out_of_range_is_fitted() -> None:
 
 def test_garbage_twice_fails_the_article_at_its_outline_with_the_reason() -> None:
     llm, saver = FakeLlm(outlines=["no idea", "still no idea"]), MemorySaver()
-    outcome = ArticlePipeline(llm, saver, 200).run(batch_context(), ArticleTask(0, "T"), EventLog())
+    outcome = ArticlePipeline(llm, saver, WordTargets(200)).run(
+        batch_context(), ArticleTask(0, "T"), EventLog()
+    )
     assert outcome.kind is EventKind.FAILED and outcome.stage == "outline"
     assert "not JSON" in outcome.error and "after one repair request" in outcome.error
     assert saver.records[(1, "tier1", 0)].api_calls == 2
@@ -209,7 +224,9 @@ def test_garbage_twice_fails_the_article_at_its_outline_with_the_reason() -> Non
 
 def test_the_content_prompt_gives_each_section_its_word_budget() -> None:
     llm = FakeLlm()
-    ArticlePipeline(llm, MemorySaver(), 200).run(batch_context(), ArticleTask(0, "T"), EventLog())
+    ArticlePipeline(llm, MemorySaver(), WordTargets(200)).run(
+        batch_context(), ArticleTask(0, "T"), EventLog()
+    )
     prompt = next(p for p in llm.prompts if p.startswith("Write the article titled"))
     sections = json.loads(prompt[prompt.index("{") :])["outline"]
     assert [s["h2"] for s in sections] == ["One", "Two", "Three"]

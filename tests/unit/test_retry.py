@@ -10,6 +10,7 @@ import httpx2 as httpx  # the openai SDK's HTTP client
 import openai
 import pytest
 
+from generator_service.calibration import WordTargets
 from generator_service.domain import ArticleTask, EventKind
 from generator_service.llm import Completion
 from generator_service.llm.client import OnRetry, RetryNotice
@@ -134,7 +135,9 @@ def test_retry_after_as_an_http_date() -> None:
 
 def test_the_pipeline_reports_each_retry_and_the_success() -> None:
     llm, log = FakeLlm(content_retries=2), EventLog()
-    ArticlePipeline(llm, MemorySaver(), 200).run(batch_context(), ArticleTask(2, "T"), log)
+    ArticlePipeline(llm, MemorySaver(), WordTargets(200)).run(
+        batch_context(), ArticleTask(2, "T"), log
+    )
     retries = [e for e in log.events if e.kind is EventKind.RETRYING]
     assert [(e.attempt, e.error, e.stage, e.retry_delay) for e in retries] == [
         (1, "Rate limit exceeded", "content", 2.0),
@@ -146,7 +149,9 @@ def test_the_pipeline_reports_each_retry_and_the_success() -> None:
 
 def test_a_reply_cut_off_by_the_token_limit_is_continued() -> None:
     llm, saver = FakeLlm(content_words=980, truncated_replies=1), MemorySaver()
-    outcome = ArticlePipeline(llm, saver, 200).run(batch_context(), ArticleTask(0, "T"), EventLog())
+    outcome = ArticlePipeline(llm, saver, WordTargets(200)).run(
+        batch_context(), ArticleTask(0, "T"), EventLog()
+    )
     assert outcome.kind is EventKind.SAVED
     record = saver.records[(1, "tier1", 0)]
     assert sum(p.startswith("Continue the text") for p in llm.prompts) == 1
@@ -156,7 +161,9 @@ def test_a_reply_cut_off_by_the_token_limit_is_continued() -> None:
 
 def test_a_reply_that_stays_cut_off_fails_the_article_with_that_reason() -> None:
     llm, saver = FakeLlm(truncated_replies=1 + MAX_CONTINUATIONS), MemorySaver()
-    outcome = ArticlePipeline(llm, saver, 200).run(batch_context(), ArticleTask(0, "T"), EventLog())
+    outcome = ArticlePipeline(llm, saver, WordTargets(200)).run(
+        batch_context(), ArticleTask(0, "T"), EventLog()
+    )
     assert outcome.kind is EventKind.FAILED and outcome.stage == "content"
     assert "TruncatedReplyError: the reply was cut off by the token limit" in outcome.error
     assert saver.records[(1, "tier1", 0)].status == "failed"

@@ -7,6 +7,7 @@ from generator_service.llm import Completion
 from generator_service.titles import TOP_UP_ROUNDS, TitleWriter, clean_title, normalise_title
 
 PROJECT = ProjectInfo(1, "cnc machining")
+SHORT_OK = (1, 120)  # the scripts' titles are shorter than the default 20 characters
 
 
 class ScriptedTitles:
@@ -34,13 +35,13 @@ def test_list_markers_and_quotes_are_removed() -> None:
 
 def test_duplicates_are_dropped_and_topped_up() -> None:
     llm = ScriptedTitles("Alpha\nalpha!\nBeta", "Gamma\nDelta")
-    result = TitleWriter(llm).write(PROJECT, 3, "m", 1, existing=[])
+    result = TitleWriter(llm, length=SHORT_OK).write(PROJECT, 3, "m", 1, existing=[])
     assert result.titles == ["Alpha", "Beta", "Gamma"] and result.shortfall == 0
     assert result.api_calls == 2
 
 
 def test_titles_used_earlier_in_the_job_are_not_repeated() -> None:
-    result = TitleWriter(ScriptedTitles("Alpha\nBeta\nGamma")).write(
+    result = TitleWriter(ScriptedTitles("Alpha\nBeta\nGamma"), length=SHORT_OK).write(
         PROJECT, 2, "m", 1, existing=["ALPHA"]
     )
     assert result.titles == ["Beta", "Gamma"]
@@ -48,12 +49,12 @@ def test_titles_used_earlier_in_the_job_are_not_repeated() -> None:
 
 def test_a_model_that_repeats_itself_ends_in_a_reported_shortfall() -> None:
     llm = ScriptedTitles("Same title\nSame title")
-    result = TitleWriter(llm).write(PROJECT, 5, "m", 2, existing=[])
+    result = TitleWriter(llm, length=SHORT_OK).write(PROJECT, 5, "m", 2, existing=[])
     assert result.titles == ["Same title"] and result.shortfall == 4
     assert llm.calls == 1 + TOP_UP_ROUNDS  # bounded: no hang
 
 
 def test_large_counts_are_asked_in_batches_of_25() -> None:
     llm = ScriptedTitles("\n".join(f"Title {i}" for i in range(60)))
-    result = TitleWriter(llm).write(PROJECT, 60, "m", 3, existing=[])
+    result = TitleWriter(llm, length=SHORT_OK).write(PROJECT, 60, "m", 3, existing=[])
     assert len(result.titles) == 60 and llm.calls == 3

@@ -46,7 +46,9 @@ class _ArticleEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Arti
     ARTICLE_EVENT_KIND_FAILED: _ArticleEventKind.ValueType  # 9
     """The article failed; `stage`, `error` and `traceback` are set, `article_id` if the record was saved."""
     ARTICLE_EVENT_KIND_SKIPPED: _ArticleEventKind.ValueType  # 10
-    """The article never started (an earlier failure with continue_on_error false); `error` says why."""
+    """The article never started: an earlier failure with continue_on_error false or a fatal one
+    (no record), or the budget (a skipped record: `status` "skipped"); `error` says why.
+    """
     ARTICLE_EVENT_KIND_OUTLINE_REPAIRING: _ArticleEventKind.ValueType  # 11
     """The outline was unusable; one repair request started. `error` says what was wrong."""
     ARTICLE_EVENT_KIND_RETRYING: _ArticleEventKind.ValueType  # 12
@@ -55,6 +57,11 @@ class _ArticleEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Arti
     """
     ARTICLE_EVENT_KIND_RETRY_SUCCEEDED: _ArticleEventKind.ValueType  # 13
     """A model call that was retried succeeded; `stage` is set."""
+    ARTICLE_EVENT_KIND_THROTTLED: _ArticleEventKind.ValueType  # 14
+    """The model's concurrency changed: halved after a 429 (`status` "rate limited") or back where
+    it was (`status` "restored"); `error` names the model, `concurrency_before` and
+    `concurrency_after` are set.
+    """
 
 class ArticleEventKind(_ArticleEventKind, metaclass=_ArticleEventKindEnumTypeWrapper):
     """What happened to an article."""
@@ -80,7 +87,9 @@ ARTICLE_EVENT_KIND_SAVED: ArticleEventKind.ValueType  # 8
 ARTICLE_EVENT_KIND_FAILED: ArticleEventKind.ValueType  # 9
 """The article failed; `stage`, `error` and `traceback` are set, `article_id` if the record was saved."""
 ARTICLE_EVENT_KIND_SKIPPED: ArticleEventKind.ValueType  # 10
-"""The article never started (an earlier failure with continue_on_error false); `error` says why."""
+"""The article never started: an earlier failure with continue_on_error false or a fatal one
+(no record), or the budget (a skipped record: `status` "skipped"); `error` says why.
+"""
 ARTICLE_EVENT_KIND_OUTLINE_REPAIRING: ArticleEventKind.ValueType  # 11
 """The outline was unusable; one repair request started. `error` says what was wrong."""
 ARTICLE_EVENT_KIND_RETRYING: ArticleEventKind.ValueType  # 12
@@ -89,6 +98,11 @@ ARTICLE_EVENT_KIND_RETRYING: ArticleEventKind.ValueType  # 12
 """
 ARTICLE_EVENT_KIND_RETRY_SUCCEEDED: ArticleEventKind.ValueType  # 13
 """A model call that was retried succeeded; `stage` is set."""
+ARTICLE_EVENT_KIND_THROTTLED: ArticleEventKind.ValueType  # 14
+"""The model's concurrency changed: halved after a 429 (`status` "rate limited") or back where
+it was (`status` "restored"); `error` names the model, `concurrency_before` and
+`concurrency_after` are set.
+"""
 Global___ArticleEventKind: _TypeAlias = ArticleEventKind  # noqa: Y015
 
 @_typing.final
@@ -267,6 +281,10 @@ class GenerateTitlesResponse(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    FATAL_FIELD_NUMBER: _builtins.int
+    COST_USD_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
+    RETRIES_FIELD_NUMBER: _builtins.int
     shortfall: _builtins.int
     """How many titles short of `count` the model stayed after the bounded top-ups."""
     api_calls: _builtins.int
@@ -279,9 +297,21 @@ class GenerateTitlesResponse(_message.Message):
     """Set when a model call failed after its retries: the titles missing from `count` could not
     be made (they are not a shortfall).
     """
+    fatal: _builtins.bool
+    """The error ends the job: the API rejected the key, does not know the model, or cannot be
+    reached.
+    """
+    cost_usd: _builtins.float
+    """USD spent on titles."""
+    rejected: _builtins.int
+    """Reply lines dropped because they were not titles (preambles, too long, braces)."""
     @_builtins.property
     def titles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Distinct titles, at most `count` of them."""
+
+    @_builtins.property
+    def retries(self) -> _containers.RepeatedCompositeFieldContainer[Global___TitleRetry]:
+        """Every retry of a title call, in the order they happened."""
 
     def __init__(
         self,
@@ -292,14 +322,48 @@ class GenerateTitlesResponse(_message.Message):
         prompt_tokens: _builtins.int = ...,
         completion_tokens: _builtins.int = ...,
         error: _builtins.str = ...,
+        fatal: _builtins.bool = ...,
+        cost_usd: _builtins.float = ...,
+        rejected: _builtins.int = ...,
+        retries: _abc.Iterable[Global___TitleRetry] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "completion_tokens", b"completion_tokens", "error", b"error", "prompt_tokens", b"prompt_tokens", "shortfall", b"shortfall", "titles", b"titles"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "completion_tokens", b"completion_tokens", "cost_usd", b"cost_usd", "error", b"error", "fatal", b"fatal", "prompt_tokens", b"prompt_tokens", "rejected", b"rejected", "retries", b"retries", "shortfall", b"shortfall", "titles", b"titles"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GenerateTitlesResponse: _TypeAlias = GenerateTitlesResponse  # noqa: Y015
+
+@_typing.final
+class TitleRetry(_message.Message):
+    """A title call failed in a way another try can fix and was retried."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DELAY_FIELD_NUMBER: _builtins.int
+    attempt: _builtins.int
+    """The try that failed, from 1."""
+    reason: _builtins.str
+    """Why, e.g. "Rate limit exceeded"."""
+    delay: _builtins.float
+    """Seconds until the next try."""
+    def __init__(
+        self,
+        *,
+        attempt: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        delay: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "delay", b"delay", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TitleRetry: _TypeAlias = TitleRetry  # noqa: Y015
 
 @_typing.final
 class BatchSettings(_message.Message):
@@ -314,6 +378,7 @@ class BatchSettings(_message.Message):
     MAX_WORKERS_FIELD_NUMBER: _builtins.int
     CONTINUE_ON_ERROR_FIELD_NUMBER: _builtins.int
     REPLACE_FAILED_FIELD_NUMBER: _builtins.int
+    BUDGET_USD_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     """The job the articles belong to."""
     max_workers: _builtins.int
@@ -322,6 +387,8 @@ class BatchSettings(_message.Message):
     """When false, no article starts after the first failure."""
     replace_failed: _builtins.bool
     """A resume retrying failures: a stored failed record of an article is replaced by the new one."""
+    budget_usd: _builtins.float
+    """USD the batch may spend; an article that would pass it is recorded as skipped. 0: no limit."""
     @_builtins.property
     def project(self) -> Global___ProjectContext:
         """The project context for the prompts."""
@@ -344,10 +411,11 @@ class BatchSettings(_message.Message):
         max_workers: _builtins.int = ...,
         continue_on_error: _builtins.bool = ...,
         replace_failed: _builtins.bool = ...,
+        budget_usd: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["models", b"models", "project", b"project", "tier", b"tier"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["continue_on_error", b"continue_on_error", "job_id", b"job_id", "max_workers", b"max_workers", "models", b"models", "project", b"project", "replace_failed", b"replace_failed", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_usd", b"budget_usd", "continue_on_error", b"continue_on_error", "job_id", b"job_id", "max_workers", b"max_workers", "models", b"models", "project", b"project", "replace_failed", b"replace_failed", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -472,6 +540,10 @@ class ArticleEvent(_message.Message):
     TRACEBACK_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     RETRY_DELAY_FIELD_NUMBER: _builtins.int
+    FATAL_FIELD_NUMBER: _builtins.int
+    COST_USD_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_BEFORE_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_AFTER_FIELD_NUMBER: _builtins.int
     kind: Global___ArticleEventKind.ValueType
     """What happened."""
     tier: _builtins.str
@@ -495,7 +567,9 @@ class ArticleEvent(_message.Message):
     article_id: _builtins.int
     """The stored record's id (SAVED, FAILED when the failure record was saved)."""
     status: _builtins.str
-    """The stored status: generated, augmented or failed (SAVED, FAILED)."""
+    """The stored status: generated, augmented, short or failed (SAVED, FAILED); skipped (SKIPPED
+    for the budget, with a record); short or augmented (AUGMENTED).
+    """
     stage: _builtins.str
     """The stage that failed: outline, content, augmentation or save (FAILED)."""
     error: _builtins.str
@@ -506,6 +580,16 @@ class ArticleEvent(_message.Message):
     """The try of a model call that failed, from 1 (RETRYING)."""
     retry_delay: _builtins.float
     """Seconds until the next try (RETRYING)."""
+    fatal: _builtins.bool
+    """The failure ends the job: the API rejected the key, does not know the model, or cannot be
+    reached (FAILED).
+    """
+    cost_usd: _builtins.float
+    """USD the article's model calls cost (SAVED, FAILED)."""
+    concurrency_before: _builtins.int
+    """The model's concurrency before and after the change (THROTTLED)."""
+    concurrency_after: _builtins.int
+    """See concurrency_before."""
     def __init__(
         self,
         *,
@@ -526,10 +610,14 @@ class ArticleEvent(_message.Message):
         traceback: _builtins.str = ...,
         attempt: _builtins.int = ...,
         retry_delay: _builtins.float = ...,
+        fatal: _builtins.bool = ...,
+        cost_usd: _builtins.float = ...,
+        concurrency_before: _builtins.int = ...,
+        concurrency_after: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["article_id", b"article_id", "article_index", b"article_index", "attempt", b"attempt", "error", b"error", "h2_count", b"h2_count", "h3_count", b"h3_count", "kind", b"kind", "min_word_count", b"min_word_count", "outline_fix", b"outline_fix", "retry_delay", b"retry_delay", "site", b"site", "stage", b"stage", "status", b"status", "tier", b"tier", "title", b"title", "traceback", b"traceback", "word_count", b"word_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["article_id", b"article_id", "article_index", b"article_index", "attempt", b"attempt", "concurrency_after", b"concurrency_after", "concurrency_before", b"concurrency_before", "cost_usd", b"cost_usd", "error", b"error", "fatal", b"fatal", "h2_count", b"h2_count", "h3_count", b"h3_count", "kind", b"kind", "min_word_count", b"min_word_count", "outline_fix", b"outline_fix", "retry_delay", b"retry_delay", "site", b"site", "stage", b"stage", "status", b"status", "tier", b"tier", "title", b"title", "traceback", b"traceback", "word_count", b"word_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

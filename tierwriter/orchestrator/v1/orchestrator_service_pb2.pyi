@@ -53,6 +53,10 @@ class _ArticleStepEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ArticleSt
     """A model call failed and is retried (`error` says why, `retry_delay` when)."""
     ARTICLE_STEP_RETRY_SUCCEEDED: _ArticleStep.ValueType  # 13
     """A retried model call succeeded."""
+    ARTICLE_STEP_THROTTLED: _ArticleStep.ValueType  # 14
+    """The model's concurrency changed after a 429 or came back (`status`, `error` the model,
+    `concurrency_before`, `concurrency_after`).
+    """
 
 class ArticleStep(_ArticleStep, metaclass=_ArticleStepEnumTypeWrapper):
     """What happened to an article."""
@@ -85,6 +89,10 @@ ARTICLE_STEP_RETRYING: ArticleStep.ValueType  # 12
 """A model call failed and is retried (`error` says why, `retry_delay` when)."""
 ARTICLE_STEP_RETRY_SUCCEEDED: ArticleStep.ValueType  # 13
 """A retried model call succeeded."""
+ARTICLE_STEP_THROTTLED: ArticleStep.ValueType  # 14
+"""The model's concurrency changed after a 429 or came back (`status`, `error` the model,
+`concurrency_before`, `concurrency_after`).
+"""
 Global___ArticleStep: _TypeAlias = ArticleStep  # noqa: Y015
 
 class _PostStep:
@@ -480,6 +488,7 @@ class TitlesReady(_message.Message):
     SHORTFALL_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     """The job's id."""
     tier: _builtins.str
@@ -492,6 +501,8 @@ class TitlesReady(_message.Message):
     """Set when a model call for titles failed after its retries."""
     failed: _builtins.int
     """Articles recorded as failed at stage `titles` because of that error."""
+    rejected: _builtins.int
+    """Reply lines dropped because they were not titles (preambles, too long, braces)."""
     def __init__(
         self,
         *,
@@ -501,10 +512,11 @@ class TitlesReady(_message.Message):
         shortfall: _builtins.int = ...,
         error: _builtins.str = ...,
         failed: _builtins.int = ...,
+        rejected: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "error", b"error", "failed", b"failed", "job_id", b"job_id", "shortfall", b"shortfall", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "error", b"error", "failed", b"failed", "job_id", b"job_id", "rejected", b"rejected", "shortfall", b"shortfall", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -535,6 +547,10 @@ class ArticleProgress(_message.Message):
     OUTLINE_FIX_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     RETRY_DELAY_FIELD_NUMBER: _builtins.int
+    FATAL_FIELD_NUMBER: _builtins.int
+    COST_USD_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_BEFORE_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_AFTER_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     """The job's id."""
     step: Global___ArticleStep.ValueType
@@ -560,7 +576,7 @@ class ArticleProgress(_message.Message):
     article_id: _builtins.int
     """The record's id (SAVED, FAILED)."""
     status: _builtins.str
-    """generated, augmented or failed."""
+    """generated, augmented, short, failed or skipped."""
     stage: _builtins.str
     """The stage that failed (FAILED)."""
     error: _builtins.str
@@ -573,6 +589,14 @@ class ArticleProgress(_message.Message):
     """The try of a model call that failed, from 1 (RETRYING)."""
     retry_delay: _builtins.float
     """Seconds until the next try (RETRYING)."""
+    fatal: _builtins.bool
+    """The failure ends the job (FAILED): rejected key, unknown model, unreachable endpoint."""
+    cost_usd: _builtins.float
+    """USD the article cost (SAVED, FAILED)."""
+    concurrency_before: _builtins.int
+    """The model's concurrency before the change (THROTTLED)."""
+    concurrency_after: _builtins.int
+    """The model's concurrency after the change (THROTTLED)."""
     def __init__(
         self,
         *,
@@ -595,10 +619,14 @@ class ArticleProgress(_message.Message):
         outline_fix: _builtins.str = ...,
         attempt: _builtins.int = ...,
         retry_delay: _builtins.float = ...,
+        fatal: _builtins.bool = ...,
+        cost_usd: _builtins.float = ...,
+        concurrency_before: _builtins.int = ...,
+        concurrency_after: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["article_id", b"article_id", "article_index", b"article_index", "attempt", b"attempt", "error", b"error", "h2_count", b"h2_count", "h3_count", b"h3_count", "job_id", b"job_id", "min_word_count", b"min_word_count", "outline_fix", b"outline_fix", "retry_delay", b"retry_delay", "site", b"site", "stage", b"stage", "status", b"status", "step", b"step", "tier", b"tier", "tier_count", b"tier_count", "title", b"title", "traceback", b"traceback", "word_count", b"word_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["article_id", b"article_id", "article_index", b"article_index", "attempt", b"attempt", "concurrency_after", b"concurrency_after", "concurrency_before", b"concurrency_before", "cost_usd", b"cost_usd", "error", b"error", "fatal", b"fatal", "h2_count", b"h2_count", "h3_count", b"h3_count", "job_id", b"job_id", "min_word_count", b"min_word_count", "outline_fix", b"outline_fix", "retry_delay", b"retry_delay", "site", b"site", "stage", b"stage", "status", b"status", "step", b"step", "tier", b"tier", "tier_count", b"tier_count", "title", b"title", "traceback", b"traceback", "word_count", b"word_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -615,6 +643,9 @@ class TierFinished(_message.Message):
     GENERATED_FIELD_NUMBER: _builtins.int
     AUGMENTED_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
+    SHORT_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    COST_USD_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     """The job's id."""
     tier: _builtins.str
@@ -625,6 +656,12 @@ class TierFinished(_message.Message):
     """Records augmented."""
     failed: _builtins.int
     """Records failed."""
+    short: _builtins.int
+    """Records still below the minimum after augmentation."""
+    skipped: _builtins.int
+    """Records skipped for the budget."""
+    cost_usd: _builtins.float
+    """USD spent on the tier's articles."""
     def __init__(
         self,
         *,
@@ -633,10 +670,13 @@ class TierFinished(_message.Message):
         generated: _builtins.int = ...,
         augmented: _builtins.int = ...,
         failed: _builtins.int = ...,
+        short: _builtins.int = ...,
+        skipped: _builtins.int = ...,
+        cost_usd: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["augmented", b"augmented", "failed", b"failed", "generated", b"generated", "job_id", b"job_id", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["augmented", b"augmented", "cost_usd", b"cost_usd", "failed", b"failed", "generated", b"generated", "job_id", b"job_id", "short", b"short", "skipped", b"skipped", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -736,6 +776,11 @@ class Summary(_message.Message):
     TITLE_SHORTFALL_FIELD_NUMBER: _builtins.int
     LINKS_PLACED_FIELD_NUMBER: _builtins.int
     PAGES_WRITTEN_FIELD_NUMBER: _builtins.int
+    SHORT_ARTICLES_FIELD_NUMBER: _builtins.int
+    SKIPPED_ARTICLES_FIELD_NUMBER: _builtins.int
+    COST_USD_FIELD_NUMBER: _builtins.int
+    RATE_LIMITED_FIELD_NUMBER: _builtins.int
+    LOWEST_CONCURRENCY_FIELD_NUMBER: _builtins.int
     total_jobs: _builtins.int
     """Jobs in the job file."""
     processed_jobs: _builtins.int
@@ -762,6 +807,16 @@ class Summary(_message.Message):
     """Links placed by post-processing."""
     pages_written: _builtins.int
     """Article pages written by post-processing."""
+    short_articles: _builtins.int
+    """Records still below the minimum after augmentation."""
+    skipped_articles: _builtins.int
+    """Records skipped for the budget."""
+    cost_usd: _builtins.float
+    """USD spent, titles included (0 for models without a price)."""
+    rate_limited: _builtins.int
+    """429 answers the articles' model calls got, each retried."""
+    lowest_concurrency: _builtins.int
+    """The lowest concurrency a 429 brought a model down to; 0 when none did."""
     @_builtins.property
     def output_dirs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Where the HTML files were written, one folder per job."""
@@ -783,10 +838,15 @@ class Summary(_message.Message):
         title_shortfall: _builtins.int = ...,
         links_placed: _builtins.int = ...,
         pages_written: _builtins.int = ...,
+        short_articles: _builtins.int = ...,
+        skipped_articles: _builtins.int = ...,
+        cost_usd: _builtins.float = ...,
+        rate_limited: _builtins.int = ...,
+        lowest_concurrency: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "augmented_articles", b"augmented_articles", "completion_tokens", b"completion_tokens", "execution_seconds", b"execution_seconds", "failed_articles", b"failed_articles", "generated_articles", b"generated_articles", "links_placed", b"links_placed", "output_dirs", b"output_dirs", "pages_written", b"pages_written", "processed_jobs", b"processed_jobs", "prompt_tokens", b"prompt_tokens", "requested_articles", b"requested_articles", "title_shortfall", b"title_shortfall", "total_jobs", b"total_jobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "augmented_articles", b"augmented_articles", "completion_tokens", b"completion_tokens", "cost_usd", b"cost_usd", "execution_seconds", b"execution_seconds", "failed_articles", b"failed_articles", "generated_articles", b"generated_articles", "links_placed", b"links_placed", "lowest_concurrency", b"lowest_concurrency", "output_dirs", b"output_dirs", "pages_written", b"pages_written", "processed_jobs", b"processed_jobs", "prompt_tokens", b"prompt_tokens", "rate_limited", b"rate_limited", "requested_articles", b"requested_articles", "short_articles", b"short_articles", "skipped_articles", b"skipped_articles", "title_shortfall", b"title_shortfall", "total_jobs", b"total_jobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -934,6 +994,10 @@ class JobInfo(_message.Message):
     API_CALLS_FIELD_NUMBER: _builtins.int
     TOKENS_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
+    SHORT_ARTICLES_FIELD_NUMBER: _builtins.int
+    SKIPPED_ARTICLES_FIELD_NUMBER: _builtins.int
+    COST_USD_FIELD_NUMBER: _builtins.int
+    MAX_COST_USD_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     """The job's id."""
     project: _builtins.str
@@ -962,6 +1026,14 @@ class JobInfo(_message.Message):
     """Tokens, titles included."""
     owner: _builtins.str
     """The username of who ran it."""
+    short_articles: _builtins.int
+    """Records still below the minimum after augmentation."""
+    skipped_articles: _builtins.int
+    """Records skipped for the budget."""
+    cost_usd: _builtins.float
+    """USD spent, titles included."""
+    max_cost_usd: _builtins.float
+    """The job's max_cost_usd; 0 for none."""
     def __init__(
         self,
         *,
@@ -979,10 +1051,14 @@ class JobInfo(_message.Message):
         api_calls: _builtins.int = ...,
         tokens: _builtins.int = ...,
         owner: _builtins.str = ...,
+        short_articles: _builtins.int = ...,
+        skipped_articles: _builtins.int = ...,
+        cost_usd: _builtins.float = ...,
+        max_cost_usd: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "augmented_articles", b"augmented_articles", "created_at", b"created_at", "error", b"error", "failed_articles", b"failed_articles", "finished_at", b"finished_at", "generated_articles", b"generated_articles", "job_id", b"job_id", "max_workers", b"max_workers", "owner", b"owner", "project", b"project", "requested_articles", b"requested_articles", "status", b"status", "tokens", b"tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "augmented_articles", b"augmented_articles", "cost_usd", b"cost_usd", "created_at", b"created_at", "error", b"error", "failed_articles", b"failed_articles", "finished_at", b"finished_at", "generated_articles", b"generated_articles", "job_id", b"job_id", "max_cost_usd", b"max_cost_usd", "max_workers", b"max_workers", "owner", b"owner", "project", b"project", "requested_articles", b"requested_articles", "short_articles", b"short_articles", "skipped_articles", b"skipped_articles", "status", b"status", "tokens", b"tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1368,19 +1444,25 @@ class ResumeJobRequest(_message.Message):
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     RETRY_FAILED_FIELD_NUMBER: _builtins.int
+    MAX_COST_USD_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     """The job's id."""
     retry_failed: _builtins.bool
     """Also generate the articles whose record is `failed` (the record is replaced)."""
+    max_cost_usd: _builtins.float
+    """A new max_cost_usd for the job (articles skipped for the budget are written while it
+    lasts); 0 keeps the job's own.
+    """
     def __init__(
         self,
         *,
         job_id: _builtins.int = ...,
         retry_failed: _builtins.bool = ...,
+        max_cost_usd: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "retry_failed", b"retry_failed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "max_cost_usd", b"max_cost_usd", "retry_failed", b"retry_failed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -387,6 +387,7 @@ class Job(_message.Message):
     TITLE_COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
     TITLE_SHORTFALL_FIELD_NUMBER: _builtins.int
+    TITLE_COST_USD_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Database id."""
     project_id: _builtins.int
@@ -417,6 +418,8 @@ class Job(_message.Message):
     """The owner's username."""
     title_shortfall: _builtins.int
     """Titles the model did not deliver, over all tiers (those articles were never requested)."""
+    title_cost_usd: _builtins.float
+    """USD spent on titles."""
     def __init__(
         self,
         *,
@@ -435,10 +438,11 @@ class Job(_message.Message):
         title_completion_tokens: _builtins.int = ...,
         owner: _builtins.str = ...,
         title_shortfall: _builtins.int = ...,
+        title_cost_usd: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "id", b"id", "max_workers", b"max_workers", "owner", b"owner", "project_id", b"project_id", "requested_articles", b"requested_articles", "spec_json", b"spec_json", "status", b"status", "title_api_calls", b"title_api_calls", "title_completion_tokens", b"title_completion_tokens", "title_prompt_tokens", b"title_prompt_tokens", "title_shortfall", b"title_shortfall", "titles_json", b"titles_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "id", b"id", "max_workers", b"max_workers", "owner", b"owner", "project_id", b"project_id", "requested_articles", b"requested_articles", "spec_json", b"spec_json", "status", b"status", "title_api_calls", b"title_api_calls", "title_completion_tokens", b"title_completion_tokens", "title_cost_usd", b"title_cost_usd", "title_prompt_tokens", b"title_prompt_tokens", "title_shortfall", b"title_shortfall", "titles_json", b"titles_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -495,6 +499,7 @@ class RecordTitlesRequest(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     SHORTFALL_FIELD_NUMBER: _builtins.int
+    COST_USD_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     """The job's id."""
     tier: _builtins.str
@@ -507,6 +512,8 @@ class RecordTitlesRequest(_message.Message):
     """Completion tokens spent on them."""
     shortfall: _builtins.int
     """Titles short of the tier's count after the bounded top-ups."""
+    cost_usd: _builtins.float
+    """USD spent on them."""
     @_builtins.property
     def titles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The tier's titles in article order."""
@@ -521,10 +528,11 @@ class RecordTitlesRequest(_message.Message):
         prompt_tokens: _builtins.int = ...,
         completion_tokens: _builtins.int = ...,
         shortfall: _builtins.int = ...,
+        cost_usd: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "completion_tokens", b"completion_tokens", "job_id", b"job_id", "prompt_tokens", b"prompt_tokens", "shortfall", b"shortfall", "tier", b"tier", "titles", b"titles"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "completion_tokens", b"completion_tokens", "cost_usd", b"cost_usd", "job_id", b"job_id", "prompt_tokens", b"prompt_tokens", "shortfall", b"shortfall", "tier", b"tier", "titles", b"titles"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -721,6 +729,11 @@ class Article(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     HTML_FIELD_NUMBER: _builtins.int
+    COST_USD_FIELD_NUMBER: _builtins.int
+    RATE_LIMITED_FIELD_NUMBER: _builtins.int
+    CONTENT_MODEL_FIELD_NUMBER: _builtins.int
+    ASKED_WORDS_FIELD_NUMBER: _builtins.int
+    DRAFT_WORDS_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Database id."""
     job_id: _builtins.int
@@ -742,7 +755,9 @@ class Article(_message.Message):
     word_count: _builtins.int
     """Words counted on the visible text."""
     status: _builtins.str
-    """generated, augmented or failed."""
+    """generated, augmented, short (still below the minimum after augmentation), failed or
+    skipped (over the job's budget; a resume writes it).
+    """
     error_stage: _builtins.str
     """The stage that failed, for failed records."""
     error: _builtins.str
@@ -761,6 +776,16 @@ class Article(_message.Message):
     """Completion tokens spent on this article."""
     html: _builtins.str
     """The final page as written, set by post-processing."""
+    cost_usd: _builtins.float
+    """USD the article's model calls cost (0 for a model without a price)."""
+    rate_limited: _builtins.int
+    """429 answers its model calls got (each retried)."""
+    content_model: _builtins.str
+    """The content model."""
+    asked_words: _builtins.int
+    """The lower word bound the content prompt asked for."""
+    draft_words: _builtins.int
+    """Words of the content reply before any augmentation."""
     def __init__(
         self,
         *,
@@ -784,10 +809,15 @@ class Article(_message.Message):
         prompt_tokens: _builtins.int = ...,
         completion_tokens: _builtins.int = ...,
         html: _builtins.str = ...,
+        cost_usd: _builtins.float = ...,
+        rate_limited: _builtins.int = ...,
+        content_model: _builtins.str = ...,
+        asked_words: _builtins.int = ...,
+        draft_words: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "article_index", b"article_index", "completion_tokens", b"completion_tokens", "content", b"content", "error", b"error", "error_stage", b"error_stage", "html", b"html", "id", b"id", "job_id", b"job_id", "keyword", b"keyword", "outline_json", b"outline_json", "output_path", b"output_path", "project_id", b"project_id", "prompt_tokens", b"prompt_tokens", "site", b"site", "status", b"status", "tier", b"tier", "title", b"title", "url", b"url", "word_count", b"word_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "article_index", b"article_index", "asked_words", b"asked_words", "completion_tokens", b"completion_tokens", "content", b"content", "content_model", b"content_model", "cost_usd", b"cost_usd", "draft_words", b"draft_words", "error", b"error", "error_stage", b"error_stage", "html", b"html", "id", b"id", "job_id", b"job_id", "keyword", b"keyword", "outline_json", b"outline_json", "output_path", b"output_path", "project_id", b"project_id", "prompt_tokens", b"prompt_tokens", "rate_limited", b"rate_limited", "site", b"site", "status", b"status", "tier", b"tier", "title", b"title", "url", b"url", "word_count", b"word_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1071,6 +1101,10 @@ class ArticleCounts(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     WORDS_FIELD_NUMBER: _builtins.int
+    SHORT_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    COST_USD_FIELD_NUMBER: _builtins.int
+    RATE_LIMITED_FIELD_NUMBER: _builtins.int
     requested: _builtins.int
     """Articles the job file asked for."""
     generated: _builtins.int
@@ -1087,6 +1121,14 @@ class ArticleCounts(_message.Message):
     """Completion tokens spent on the articles."""
     words: _builtins.int
     """Words over all successful records."""
+    short: _builtins.int
+    """Records with status short."""
+    skipped: _builtins.int
+    """Records with status skipped."""
+    cost_usd: _builtins.float
+    """USD spent on the articles."""
+    rate_limited: _builtins.int
+    """429 answers the articles' model calls got."""
     def __init__(
         self,
         *,
@@ -1098,10 +1140,14 @@ class ArticleCounts(_message.Message):
         prompt_tokens: _builtins.int = ...,
         completion_tokens: _builtins.int = ...,
         words: _builtins.int = ...,
+        short: _builtins.int = ...,
+        skipped: _builtins.int = ...,
+        cost_usd: _builtins.float = ...,
+        rate_limited: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "augmented", b"augmented", "completion_tokens", b"completion_tokens", "failed", b"failed", "generated", b"generated", "prompt_tokens", b"prompt_tokens", "requested", b"requested", "words", b"words"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "augmented", b"augmented", "completion_tokens", b"completion_tokens", "cost_usd", b"cost_usd", "failed", b"failed", "generated", b"generated", "prompt_tokens", b"prompt_tokens", "rate_limited", b"rate_limited", "requested", b"requested", "short", b"short", "skipped", b"skipped", "words", b"words"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1177,6 +1223,7 @@ class GetJobStatsResponse(_message.Message):
     TITLE_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     TITLE_COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     TITLE_SHORTFALL_FIELD_NUMBER: _builtins.int
+    TITLE_COST_USD_FIELD_NUMBER: _builtins.int
     total_jobs: _builtins.int
     """Jobs asked about."""
     processed_jobs: _builtins.int
@@ -1189,6 +1236,8 @@ class GetJobStatsResponse(_message.Message):
     """Completion tokens spent on titles."""
     title_shortfall: _builtins.int
     """Titles the model did not deliver, over the jobs."""
+    title_cost_usd: _builtins.float
+    """USD spent on titles."""
     @_builtins.property
     def totals(self) -> Global___ArticleCounts:
         """Sum over all tiers of all the jobs."""
@@ -1208,14 +1257,91 @@ class GetJobStatsResponse(_message.Message):
         title_prompt_tokens: _builtins.int = ...,
         title_completion_tokens: _builtins.int = ...,
         title_shortfall: _builtins.int = ...,
+        title_cost_usd: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["totals", b"totals"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["processed_jobs", b"processed_jobs", "tiers", b"tiers", "title_api_calls", b"title_api_calls", "title_completion_tokens", b"title_completion_tokens", "title_prompt_tokens", b"title_prompt_tokens", "title_shortfall", b"title_shortfall", "total_jobs", b"total_jobs", "totals", b"totals"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["processed_jobs", b"processed_jobs", "tiers", b"tiers", "title_api_calls", b"title_api_calls", "title_completion_tokens", b"title_completion_tokens", "title_cost_usd", b"title_cost_usd", "title_prompt_tokens", b"title_prompt_tokens", "title_shortfall", b"title_shortfall", "total_jobs", b"total_jobs", "totals", b"totals"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetJobStatsResponse: _TypeAlias = GetJobStatsResponse  # noqa: Y015
+
+@_typing.final
+class ListWordSamplesRequest(_message.Message):
+    """Request for ListWordSamples."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The content model."""
+    limit: _builtins.int
+    """At most this many, the newest."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWordSamplesRequest: _TypeAlias = ListWordSamplesRequest  # noqa: Y015
+
+@_typing.final
+class WordSample(_message.Message):
+    """One draft: the lower word bound asked for and the words delivered."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ASKED_WORDS_FIELD_NUMBER: _builtins.int
+    DRAFT_WORDS_FIELD_NUMBER: _builtins.int
+    asked_words: _builtins.int
+    """The lower bound the content prompt asked for."""
+    draft_words: _builtins.int
+    """Words of the content reply, before any augmentation."""
+    def __init__(
+        self,
+        *,
+        asked_words: _builtins.int = ...,
+        draft_words: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asked_words", b"asked_words", "draft_words", b"draft_words"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WordSample: _TypeAlias = WordSample  # noqa: Y015
+
+@_typing.final
+class ListWordSamplesResponse(_message.Message):
+    """Response of ListWordSamples."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def samples(self) -> _containers.RepeatedCompositeFieldContainer[Global___WordSample]:
+        """Oldest first."""
+
+    def __init__(
+        self,
+        *,
+        samples: _abc.Iterable[Global___WordSample] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["samples", b"samples"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWordSamplesResponse: _TypeAlias = ListWordSamplesResponse  # noqa: Y015
 
 @_typing.final
 class VerifyCredentialsRequest(_message.Message):

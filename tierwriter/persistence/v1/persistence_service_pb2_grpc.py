@@ -136,6 +136,11 @@ class PersistenceServiceStub:
                 request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetJobStatsRequest.SerializeToString,
                 response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetJobStatsResponse.FromString,
                 _registered_method=True)
+        self.ListWordSamples = channel.unary_unary(
+                '/tierwriter.persistence.v1.PersistenceService/ListWordSamples',
+                request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListWordSamplesRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListWordSamplesResponse.FromString,
+                _registered_method=True)
         self.VerifyCredentials = channel.unary_unary(
                 '/tierwriter.persistence.v1.PersistenceService/VerifyCredentials',
                 request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.VerifyCredentialsRequest.SerializeToString,
@@ -320,6 +325,13 @@ class PersistenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListWordSamples(self, request, context):
+        """A model's latest drafts: the words asked for and delivered, for learned word targets.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def VerifyCredentials(self, request, context):
         """Checks a username and password; UNAUTHENTICATED if they do not match an active user.
         """
@@ -472,6 +484,11 @@ def add_PersistenceServiceServicer_to_server(servicer, server):
                     servicer.GetJobStats,
                     request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetJobStatsRequest.FromString,
                     response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetJobStatsResponse.SerializeToString,
+            ),
+            'ListWordSamples': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWordSamples,
+                    request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListWordSamplesRequest.FromString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListWordSamplesResponse.SerializeToString,
             ),
             'VerifyCredentials': grpc.unary_unary_rpc_method_handler(
                     servicer.VerifyCredentials,
@@ -1051,6 +1068,33 @@ class PersistenceService:
             '/tierwriter.persistence.v1.PersistenceService/GetJobStats',
             tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetJobStatsRequest.SerializeToString,
             tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetJobStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWordSamples(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.persistence.v1.PersistenceService/ListWordSamples',
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListWordSamplesRequest.SerializeToString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListWordSamplesResponse.FromString,
             options,
             channel_credentials,
             insecure,

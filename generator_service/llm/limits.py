@@ -1,0 +1,203 @@
+"""Provider limits, enforced by us rather than discovered by failing (invariant 9).
+
+Per model, shared by every job on this generator:
+- token buckets for requests and tokens per minute, counted the way providers count them (one
+  request; prompt tokens + max_tokens), so a provider with the same limits never refuses us;
+- adaptive concurrency (AIMD): a 429 halves the calls in flight for the model, each round of
+  successes adds one back, until it is where it was before the first 429.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What a provider allows one model (0: no limit)."""
+
+    rpm: int = 0  # requests per minute
+    tpm: int = 0  # tokens per minute, prompt + max_tokens
+    max_output_tokens: int = 8192  # the most max_tokens any call asks for
+
+
+class RequestTooLargeError(ValueError):
+    """One call needs more tokens than the model's whole per-minute limit: it can never go."""
+
+
+class TokenBucket:
+    """A continuously refilling bucket, full at start, holding one minute's limit: the shape
+    OpenAI and PyPI's llmock enforce. Ours never holds more than the provider's (same size,
+    same rate, started later), so what it lets out the provider accepts."""
+
+    def __init__(self, per_minute: int, clock: Clock = time.monotonic) -> None:
+        self.capacity = float(per_minute)
+        self._rate = per_minute / 60.0
+        self._clock = clock
+        self._level = self.capacity
+        self._updated = clock()
+        self._lock = threading.Lock()
+
+    def reserve(self, amount: float) -> float:
+        """Take `amount` now and return the seconds to wait before using it. Reservations may
+        run the bucket into debt; later ones wait longer, so callers go out in order."""
+        if amount > self.capacity:
+            raise RequestTooLargeError(
+                f"a call needs {amount:,.0f}, more than the limit of {self.capacity:,.0f} a minute"
+            )
+        with self._lock:
+            now = self._clock()
+            self._level = min(self.capacity, self._level + (now - self._updated) * self._rate)
+            self._updated = now
+            self._level -= amount
+            return max(0.0, -self._level / self._rate)
+
+
+@dataclass(frozen=True)
+class ConcurrencyChange:
+    """The model's concurrency moved: halved after a 429, or back to where it was."""
+
+    model: str
+    before: int
+    after: int
+    restored: bool = False  # True once the throttle is lifted again
+
+
+@dataclass
+class _Ticket:
+    epoch: int  # the throttle's epoch when the call started
+
+
+class AdaptiveConcurrency:
+    """AIMD on one model's calls in flight. Unlimited until a 429; then the limit is half the
+    calls in flight (never below 1), at most once per epoch (429s of calls that started before
+    the last cut say nothing new); after `limit` successes it grows by one, and at the level it
+    had before the first cut the throttle is lifted. The jobs' own worker counts stay the cap."""
+
+    def __init__(self, model: str) -> None:
+        self._model = model
+        self._cond = threading.Condition()
+        self._limit: int | None = None  # None: not throttled
+        self._ceiling = 0  # calls in flight when the throttle first engaged
+        self._in_flight = 0
+        self._epoch = 0
+        self._successes = 0
+
+    @property
+    def limit(self) -> int | None:
+        with self._cond:
+            return self._limit
+
+    def enter(self) -> _Ticket:
+        """Wait for a free slot under the current limit and take it."""
+        with self._cond:
+            while self._limit is not None and self._in_flight >= self._limit:
+                self._cond.wait()
+            self._in_flight += 1
+            return _Ticket(self._epoch)
+
+    def leave(self, ticket: _Ticket, rate_limited: bool) -> ConcurrencyChange | None:
+        """Give the slot back, saying whether the call got a 429; returns a change, if any."""
+        with self._cond:
+            change = None
+            before = self._limit if self._limit is not None else self._in_flight
+            if rate_limited and ticket.epoch == self._epoch and before > 1:
+                if self._limit is None:
+                    self._ceiling = self._in_flight
+                self._limit = max(1, before // 2)
+                self._epoch += 1
+                self._successes = 0
+                change = ConcurrencyChange(self._model, before, self._limit)
+            elif not rate_limited and self._limit is not None:
+                self._successes += 1
+                if self._successes >= self._limit:
+                    self._successes = 0
+                    self._limit += 1
+                    if self._limit >= self._ceiling:
+                        before = self._limit - 1
+                        change = ConcurrencyChange(self._model, before, self._ceiling, True)
+                        self._limit = None
+            self._in_flight -= 1
+            self._cond.notify_all()
+            return change
+
+
+@dataclass
+class _ModelGate:
+    limits: ModelLimits
+    concurrency: AdaptiveConcurrency
+    requests: TokenBucket | None = None
+    tokens: TokenBucket | None = None
+
+
+@dataclass
+class GateTicket:
+    """A call let through the gate; hand it back with ProviderGate.leave."""
+
+    model: str
+    concurrency: _Ticket
+
+
+@dataclass
+class ProviderGate:
+    """Every model's buckets and throttle; thread-safe, one per generator."""
+
+    default: ModelLimits = field(default_factory=ModelLimits)
+    per_model: dict[str, ModelLimits] = field(default_factory=dict)
+    clock: Clock = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+    _gates: dict[str, _ModelGate] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def limits(self, model: str) -> ModelLimits:
+        """The model's limits: its own entry, else the defaults."""
+        return self.per_model.get(model, self.default)
+
+    def _gate(self, model: str) -> _ModelGate:
+        with self._lock:
+            gate = self._gates.get(model)
+            if gate is None:
+                limits = self.limits(model)
+                gate = self._gates[model] = _ModelGate(
+                    limits,
+                    AdaptiveConcurrency(model),
+                    TokenBucket(limits.rpm, self.clock) if limits.rpm else None,
+                    TokenBucket(limits.tpm, self.clock) if limits.tpm else None,
+                )
+            return gate
+
+    def enter(self, model: str, tokens: int) -> GateTicket:
+        """Wait until the model's limits let a call costing `tokens` go, then let it go.
+        RequestTooLargeError when the call exceeds the per-minute token limit by itself."""
+        gate = self._gate(model)
+        wait = 0.0
+        if gate.tokens is not None:
+            try:
+                wait = gate.tokens.reserve(tokens)
+            except RequestTooLargeError as e:
+                raise RequestTooLargeError(f"{model}: {e} (LLM_TPM_LIMIT)") from e
+        if gate.requests is not None:
+            wait = max(wait, gate.requests.reserve(1))
+        if wait > 0:
+            self.sleep(wait)
+        return GateTicket(model, gate.concurrency.enter())
+
+    def leave(self, ticket: GateTicket, rate_limited: bool) -> ConcurrencyChange | None:
+        """The call is over; a 429 (`rate_limited`) lowers the model's concurrency."""
+        return self._gate(ticket.model).concurrency.leave(ticket.concurrency, rate_limited)
+
+    def concurrency_limit(self, model: str) -> int | None:
+        """The model's current throttle, None when it is not throttled."""
+        return self._gate(model).concurrency.limit
+
+
+def estimate_prompt_tokens(*texts: str) -> int:
+    """Prompt tokens as a provider estimates them before counting: about 4 characters a token;
+    we assume 3, so our estimate errs high and a tokens-per-minute limit is never overrun."""
+    return math.ceil(sum(len(t) for t in texts) / 3) + 16

@@ -1,0 +1,229 @@
+"""Real providers, in units: token budgets, rate buckets, AIMD concurrency, prices, learned word
+targets, JSON-mode fallback and the fatal API errors."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import openai
+import pytest
+
+from generator_service.calibration import MIN_SAMPLES, WordTargets
+from generator_service.llm import Completion
+from generator_service.llm.budget import content_tokens, outline_tokens, titles_tokens
+from generator_service.llm.client import OpenAiLlm
+from generator_service.llm.limits import (
+    AdaptiveConcurrency,
+    ModelLimits,
+    ProviderGate,
+    RequestTooLargeError,
+    TokenBucket,
+)
+from generator_service.llm.pricing import PricesFileError, PriceTable
+from generator_service.llm.retry import RetryingLlm, RetryPolicy
+from tests.unit.test_retry import Sleeps, status_error
+
+
+class FakeClock:
+    """Time that moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_budgets_fit_what_the_call_asks_for() -> None:
+    # A 1,700-word article needs ~3,000 tokens, far below the 8,000 every call used to ask.
+    assert 2_500 <= content_tokens(1_700) <= 3_200
+    assert content_tokens(1_700) > 1_700 * 4 // 3  # the simulator's and GPT's tokens per word
+    assert outline_tokens(5, 10) <= 1_000 and titles_tokens(25) <= 1_200
+
+
+def test_a_bucket_lets_a_minutes_limit_out_then_paces_at_its_rate() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(60, clock)  # one a second
+    assert [bucket.reserve(1) for _ in range(60)] == [0.0] * 60
+    assert bucket.reserve(1) == pytest.approx(1.0)
+    assert bucket.reserve(1) == pytest.approx(2.0)  # reservations queue up in order
+    clock.now += 10
+    assert bucket.reserve(1) == 0.0  # ten seconds refilled ten, two were owed
+
+
+def test_a_call_larger_than_the_whole_limit_is_refused_at_once() -> None:
+    with pytest.raises(RequestTooLargeError, match="more than the limit of 1,000"):
+        TokenBucket(1000, FakeClock()).reserve(1001)
+
+
+def test_the_gate_waits_as_long_as_the_fuller_bucket_needs() -> None:
+    clock, sleeps = FakeClock(), Sleeps()
+    gate = ProviderGate(ModelLimits(rpm=600, tpm=6_000), clock=clock, sleep=sleeps)
+    for _ in range(4):  # 2,000 tokens each: the fourth waits for 2,000 tokens at 100 a second
+        gate.leave(gate.enter("m", 2_000), rate_limited=False)
+    assert sleeps.waits == [pytest.approx(20.0)]
+
+
+def test_a_429_halves_concurrency_once_per_round_and_successes_restore_it() -> None:
+    aimd = AdaptiveConcurrency("m")
+    tickets = [aimd.enter() for _ in range(8)]
+    first = aimd.leave(tickets[0], rate_limited=True)
+    assert first is not None and (first.before, first.after) == (8, 4)
+    # The other 429s of the same round started before the cut: they say nothing new.
+    assert aimd.leave(tickets[1], rate_limited=True) is None
+    for ticket in tickets[2:]:
+        assert aimd.leave(ticket, rate_limited=False) is None
+    assert aimd.limit == 5  # four successes at limit 4 grew it by one
+    changes = []
+    for _ in range(40):
+        change = aimd.leave(aimd.enter(), rate_limited=False)
+        if change:
+            changes.append(change)
+    assert [(c.before, c.after, c.restored) for c in changes] == [(7, 8, True)]
+    assert aimd.limit is None
+
+
+def test_a_throttled_model_never_has_more_calls_in_flight_than_its_limit() -> None:
+    aimd = AdaptiveConcurrency("m")
+    held = [aimd.enter() for _ in range(4)]
+    aimd.leave(held.pop(), rate_limited=True)  # 4 → 2, with 3 still in flight
+    entered = threading.Event()
+
+    def late() -> None:
+        aimd.enter()
+        entered.set()
+
+    threading.Thread(target=late, daemon=True).start()
+    assert not entered.wait(0.2)  # 3 in flight ≥ 2: it waits
+    aimd.leave(held.pop(), rate_limited=False)
+    assert not entered.wait(0.2)  # 2 in flight: still full
+    aimd.leave(held.pop(), rate_limited=False)
+    assert entered.wait(5)  # 1 in flight: room
+
+
+def test_prices_by_name_provider_prefix_and_dated_variant(tmp_path: Any) -> None:
+    table = PriceTable()
+    assert table.cost("gpt-4o", 1_000_000, 0) == pytest.approx(2.50)
+    assert table.price("openai/gpt-4o-mini") == table.price("gpt-4o-mini")
+    assert table.price("gpt-4o-mini-2024-07-18") == table.price("gpt-4o-mini")
+    assert table.cost("my-local-model", 10**6, 10**6) == 0.0
+    prices = tmp_path / "prices.json"
+    prices.write_text('{"my-local-model": {"input": 1, "output": 2}}')
+    assert PriceTable.with_file(str(prices)).cost("my-local-model", 10**6, 10**6) == 3.0
+    prices.write_text('{"m": {"input": -1, "output": 2}}')
+    with pytest.raises(PricesFileError, match=r"m\.input"):
+        PriceTable.with_file(str(prices))
+
+
+def test_word_targets_start_from_the_compensation_then_learn_the_model() -> None:
+    targets = WordTargets(200)
+    assert (targets.request("m", 1000, 1500).low, targets.request("m", 1000, 1500).high) == (
+        1200,
+        1700,
+    )
+    for _ in range(MIN_SAMPLES):  # this model delivers 80% of the lower bound asked
+        targets.observe("m", 1200, 960)
+    learned = targets.request("m", 1000, 1500)
+    assert learned.learned_ratio == pytest.approx(0.8)
+    # Asked so that 80% lands in the middle of the range: 1,250 / 0.8.
+    assert (learned.low, learned.high) == (1562, 2062)
+    assert targets.request("other", 1000, 1500).learned_ratio is None  # per model
+
+
+def test_word_targets_are_seeded_from_the_history_once() -> None:
+    reads: list[str] = []
+
+    def history(model: str, limit: int) -> list[tuple[int, int]]:
+        reads.append(model)
+        return [(1000, 1100)] * 10  # a model that overshoots by 10%
+
+    targets = WordTargets(200, history)
+    for _ in range(3):
+        assert targets.request("m", 800, 1200).low == round(1000 / 1.1)
+    assert reads == ["m"]
+
+
+@dataclass
+class ScriptedCalls:
+    """Raises or answers by script; records what each call asked with."""
+
+    script: list[BaseException | None]
+    asked: list[dict[str, Any]] = field(default_factory=list)
+
+    def complete(self, **kwargs: Any) -> Completion:
+        self.asked.append(kwargs)
+        step = self.script.pop(0) if self.script else None
+        if step is not None:
+            raise step
+        return Completion("{}", 1, 1, "stop")
+
+
+def test_an_endpoint_without_json_mode_is_asked_again_without_it_and_remembered() -> None:
+    inner = ScriptedCalls([status_error(400)])
+    llm = RetryingLlm(inner, RetryPolicy(attempts=1), Sleeps())
+    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}
+    for _ in range(2):
+        llm.complete(
+            model="m", system="s", prompt="p", max_tokens=10, temperature=0, response_format=schema
+        )
+    assert [a["response_format"] for a in inner.asked] == [schema, None, None]
+
+
+def test_max_tokens_are_capped_per_model() -> None:
+    inner = ScriptedCalls([])
+    gate = ProviderGate(ModelLimits(max_output_tokens=4096), {"big": ModelLimits()})
+    llm = RetryingLlm(inner, RetryPolicy(attempts=1), Sleeps(), gate)
+    for model in ("m", "big"):
+        llm.complete(model=model, system="s", prompt="p", max_tokens=6000, temperature=0)
+    assert [a["max_tokens"] for a in inner.asked] == [4096, 6000]
+
+
+def test_a_429_through_the_gate_reports_the_concurrency_change() -> None:
+    inner = ScriptedCalls([status_error(429)])
+    gate = ProviderGate()
+    changes: list[Any] = []
+    llm = RetryingLlm(inner, RetryPolicy(attempts=1), Sleeps(), gate)
+    # Three calls of the model are in flight elsewhere, so the 429 meets four.
+    others = [gate.enter("m", 1) for _ in range(3)]
+    with pytest.raises(openai.RateLimitError):
+        llm.complete(
+            model="m",
+            system="s",
+            prompt="p",
+            max_tokens=10,
+            temperature=0,
+            on_throttle=changes.append,
+        )
+    assert [(c.before, c.after) for c in changes] == [(4, 2)]
+    assert gate.concurrency_limit("m") == 2
+    for ticket in others:
+        gate.leave(ticket, rate_limited=False)
+
+
+@pytest.mark.parametrize(
+    "status, words",
+    [
+        (401, "rejected the API key (401): check OPENAI_API_KEY"),
+        (403, "refused access to model 'm' (403)"),
+        (404, "model 'm' was not found at http://127.0.0.1:9/v1 (404)"),
+    ],
+)
+def test_key_and_model_errors_are_fatal_and_name_the_endpoint(status: int, words: str) -> None:
+    llm = OpenAiLlm("http://127.0.0.1:9/v1", "sk-secret-key", 1.0)
+    error = status_error(status)
+    fatal = llm._fatal(error, "m")  # the mapping, without a server
+    assert fatal is not None and words in str(fatal) and "sk-secret" not in str(fatal)
+    assert llm._fatal(status_error(400), "m") is None
+    llm.close()
+
+
+def test_an_endpoint_never_reached_is_fatal_once_the_retries_are_spent() -> None:
+    # Port 9 (discard) is closed on loopback: connection refused.
+    llm = RetryingLlm(
+        OpenAiLlm("http://127.0.0.1:9/v1", "k", 2.0), RetryPolicy(attempts=2, base_delay=0.001)
+    )
+    with pytest.raises(Exception, match=r"cannot reach the API at http://127.0.0.1:9/v1") as e:
+        llm.complete(model="m", system="s", prompt="p", max_tokens=10, temperature=0)
+    assert not isinstance(e.value, openai.APIStatusError)
