@@ -1,12 +1,18 @@
 """WordTargets: the word bounds a content prompt asks for, learned per model (invariant 4).
 
-Models miss length targets, and consistently so (the seed measured 150-200 words short). Until a
-model has MIN_SAMPLES finished drafts, the prompt adds the fixed compensation
-(WORD_COUNT_COMPENSATION) to both of the tier's bounds. From then on it asks for the bounds
-that, at the model's measured ratio of delivered to asked words, land the draft in the middle
-of the tier's range: few below the minimum (an augmentation call each) and few over the
-maximum. The ratio is the median over the model's last WINDOW drafts, seeded from the database
-(so the next job of the model starts from it) and updated as drafts come in."""
+Models miss length targets, and consistently so: the seed measured 150-200 words short
+"regardless of target". Until a model has MIN_SAMPLES finished drafts, the prompt adds the fixed
+compensation (WORD_COUNT_COMPENSATION) to both of the tier's bounds. From then on it asks for
+the bounds that, at the model's measured shortfall (words asked for as the lower bound minus
+words delivered, the median of its last WINDOW drafts), land the draft in the middle of the
+tier's range: few below the minimum (an augmentation call each) and few over the maximum.
+
+The shortfall is measured in words, not as a ratio: against a model that is short by a fixed
+number of words, a learned ratio over- and undershoots in turn (asked 500, delivered 150: ask
+for 1,250 next), while a learned shortfall lands at once. Against a model that delivers a fixed
+share of what it is asked, each correction of the shortfall at the new operating point gets
+closer, by the share's distance from 1 each time. The drafts are kept in the database, so the
+next job of the model starts from what earlier jobs learned."""
 
 from __future__ import annotations
 
@@ -21,10 +27,10 @@ log = logging.getLogger(__name__)
 
 # (lower bound asked, words delivered) of a model's latest drafts, oldest first.
 History = Callable[[str, int], list[tuple[int, int]]]
-WINDOW = 200
+WINDOW = 50
 MIN_SAMPLES = 5
-# A ratio outside this is a broken reply, not a model's habit.
-_RATIO_RANGE = (0.2, 5.0)
+# A draft this far off what was asked is a broken reply, not a model's habit.
+_MAX_SHARE_OFF = 0.8
 
 
 @dataclass(frozen=True)
@@ -33,7 +39,7 @@ class WordRequest:
 
     low: int
     high: int
-    learned_ratio: float | None = None  # None: the fixed compensation
+    learned_shortfall: int | None = None  # words; None: the fixed compensation
 
 
 class WordTargets:
@@ -45,12 +51,12 @@ class WordTargets:
         self._compensation = compensation
         self._history = history
         self._window = window
-        self._samples: dict[str, deque[float]] = {}
+        self._samples: dict[str, deque[int]] = {}
         self._lock = threading.Lock()
         self._seeding: dict[str, threading.Lock] = {}
 
-    def _ratios(self, model: str) -> deque[float]:
-        """The model's ratios, read from the history once per generator."""
+    def _shortfalls(self, model: str) -> deque[int]:
+        """The model's shortfalls, read from the history once per generator."""
         with self._lock:
             if model in self._samples:
                 return self._samples[model]
@@ -59,12 +65,12 @@ class WordTargets:
             with self._lock:
                 if model in self._samples:
                     return self._samples[model]
-            seeded: deque[float] = deque(maxlen=self._window)
+            seeded: deque[int] = deque(maxlen=self._window)
             if self._history is not None:
                 try:
                     for asked, delivered in self._history(model, self._window):
-                        if (ratio := _ratio(asked, delivered)) is not None:
-                            seeded.append(ratio)
+                        if (shortfall := _shortfall(asked, delivered)) is not None:
+                            seeded.append(shortfall)
                 except Exception as e:  # no history is no reason to fail an article
                     log.warning("word targets of %s: history unavailable (%s)", model, e)
             with self._lock:
@@ -72,25 +78,26 @@ class WordTargets:
 
     def request(self, model: str, min_words: int, max_words: int) -> WordRequest:
         """The bounds to ask `model` for, for a tier of `min_words` to `max_words`."""
-        ratios = self._ratios(model)
+        shortfalls = self._shortfalls(model)
         with self._lock:
-            ratio = statistics.median(ratios) if len(ratios) >= MIN_SAMPLES else None
-        if ratio is None:
+            learned = (
+                round(statistics.median(shortfalls)) if len(shortfalls) >= MIN_SAMPLES else None
+            )
+        if learned is None:
             return WordRequest(min_words + self._compensation, max_words + self._compensation)
-        low = max(1, round((min_words + max_words) / 2 / ratio))
-        return WordRequest(low, low + max_words - min_words, ratio)
+        low = max(1, (min_words + max_words) // 2 + learned)
+        return WordRequest(low, low + max_words - min_words, learned)
 
     def observe(self, model: str, asked_low: int, delivered: int) -> None:
         """A draft of `delivered` words came back for a prompt asking from `asked_low`."""
-        ratio = _ratio(asked_low, delivered)
-        if ratio is not None:
-            ratios = self._ratios(model)
+        shortfall = _shortfall(asked_low, delivered)
+        if shortfall is not None:
+            shortfalls = self._shortfalls(model)
             with self._lock:
-                ratios.append(ratio)
+                shortfalls.append(shortfall)
 
 
-def _ratio(asked: int, delivered: int) -> float | None:
-    if asked <= 0 or delivered <= 0:
+def _shortfall(asked: int, delivered: int) -> int | None:
+    if asked <= 0 or delivered <= 0 or abs(asked - delivered) > asked * _MAX_SHARE_OFF:
         return None
-    ratio = delivered / asked
-    return ratio if _RATIO_RANGE[0] <= ratio <= _RATIO_RANGE[1] else None
+    return asked - delivered

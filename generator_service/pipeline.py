@@ -28,7 +28,12 @@ from generator_service.domain import (
     TierShape,
 )
 from generator_service.llm import Completion, LlmClient
-from generator_service.llm.budget import content_tokens, outline_tokens
+from generator_service.llm.budget import (
+    TOKENS_PER_HEADING,
+    TOKENS_PER_WORD,
+    content_tokens,
+    outline_tokens,
+)
 from generator_service.llm.client import FatalApiError, RetryNotice
 from generator_service.llm.limits import ConcurrencyChange
 from generator_service.llm.pricing import PriceTable
@@ -52,6 +57,7 @@ MAX_CONTINUATIONS = 2
 # Augmentation requests per article: the second only when the first did not reach the minimum.
 MAX_AUGMENTATIONS = 2
 RATE_LIMITED = "Rate limit exceeded"  # reason_of() for a 429
+_TYPICAL_PROMPT_TOKENS = 400  # the system message, the project context and the instructions
 
 
 class EmptyContentError(ValueError):
@@ -110,19 +116,21 @@ class ArticlePipeline:
         self._prices = prices or PriceTable()
 
     def estimate_cost(self, batch: BatchContext) -> float:
-        """An upper bound of one article's cost before any has finished: outline and content
-        prompts at their full token budgets (augmentation, which few need, left out)."""
+        """One article's expected cost before any has finished: an outline and a content reply
+        of the sizes asked for, with prompts of typical size (augmentation, which few need,
+        left out). Finished articles replace it with what they really cost."""
         tier = batch.tier
+        headings = tier.max_h2 + tier.max_h3
         outline = self._prices.cost(
-            batch.models.outline, 1000, outline_tokens(tier.max_h2, tier.max_h3)
+            batch.models.outline, _TYPICAL_PROMPT_TOKENS, headings * TOKENS_PER_HEADING
         )
         asked = self._targets.request(
             batch.models.content, tier.min_word_count, tier.max_word_count
         )
         content = self._prices.cost(
             batch.models.content,
-            1000 + (tier.max_h2 + tier.max_h3) * 20,  # the prompt carries the outline
-            content_tokens(asked.high),
+            _TYPICAL_PROMPT_TOKENS + headings * TOKENS_PER_HEADING,  # the prompt has the outline
+            round((asked.low + asked.high) / 2 * TOKENS_PER_WORD),
         )
         return outline + content
 

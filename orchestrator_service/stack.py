@@ -46,6 +46,8 @@ class StackConfig:
     generator_address: str | None = None
     persistence_address: str | None = None
     templates_dir: Path | None = None
+    # Generator settings by field name, over the environment's (e.g. llm_rpm_limit=60).
+    generator_settings: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def on_loopback(cls, **fields: Any) -> StackConfig:
@@ -108,6 +110,8 @@ class LocalStack:
             self.simulator = LlmSimulator(c.simulator or SimulatorConfig()).start()
             generator_settings.openai_base_url = self.simulator.base_url
             generator_settings.openai_api_key = None
+        for name, value in c.generator_settings.items():
+            setattr(generator_settings, name, value)
 
         persistence_settings = PersistenceSettings(
             **_given(  # type: ignore[arg-type]

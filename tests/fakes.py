@@ -43,6 +43,8 @@ class FakeLlm:
 
     content_words: int = 1100
     augmented_words: int = 1300
+    # Words of each augmentation reply in turn; augmented_words once they run out.
+    augmentations: list[int] = field(default_factory=list)
     delay: float = 0.0
     fail_when: Callable[[str], bool] = lambda _prompt: False
     # Replies to outline and outline-repair prompts, in order; OUTLINE once they run out.
@@ -56,7 +58,12 @@ class FakeLlm:
     # concurrency peak independent of machine speed. Once reached, nobody waits again.
     gather: int = 0
     gather_timeout: float = 5.0
+    # (prompt, completion) tokens every reply reports.
+    usage: tuple[int, int] = (10, 20)
+    # Raised for prompts `fail_when` matches.
+    failure: Callable[[], Exception] = lambda: ConnectionError("simulated connection reset")
     prompts: list[str] = field(default_factory=list)
+    formats: list[ResponseFormat | None] = field(default_factory=list)
     peak: int = 0
     _in_flight: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -79,6 +86,7 @@ class FakeLlm:
     ) -> Completion:
         with self._changed:
             self.prompts.append(prompt)
+            self.formats.append(response_format)
             self._in_flight += 1
             self.peak = max(self.peak, self._in_flight)
             self._changed.notify_all()
@@ -87,7 +95,7 @@ class FakeLlm:
         try:
             time.sleep(self.delay)
             if self.fail_when(prompt):
-                raise ConnectionError("simulated connection reset")
+                raise self.failure()
             finish = "stop"
             if prompt.startswith(("Write the article titled", "Continue the text")):
                 for attempt in range(1, self.content_retries + 1):
@@ -97,7 +105,7 @@ class FakeLlm:
                     if self.truncated_replies > 0:
                         self.truncated_replies -= 1
                         finish = "length"
-            return Completion(self._reply(prompt), 10, 20, finish)
+            return Completion(self._reply(prompt), *self.usage, finish)
         finally:
             with self._changed:
                 self._in_flight -= 1
@@ -113,7 +121,9 @@ class FakeLlm:
         if prompt.startswith("Continue the text"):
             return "<p>" + " ".join(["more"] * 50) + "</p>"
         if "<article>" in prompt:
-            return html_with_words(self.augmented_words)
+            with self._lock:
+                words = self.augmentations.pop(0) if self.augmentations else self.augmented_words
+            return html_with_words(words)
         return "Title"
 
 

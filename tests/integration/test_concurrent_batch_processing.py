@@ -150,17 +150,27 @@ def test_stats_accuracy_concurrent(start_stack) -> None:
 
 
 def test_word_count_augmentation_reduction(start_stack) -> None:
-    job = job_file({"tier1": tier(count=20)}, max_workers=10)
+    # One worker, so the order is fixed: a model's first 5 drafts use the fixed compensation,
+    # the rest the shortfall learned from them.
+    # The two runs share a database, so each names its own content model: what one learned
+    # would start the other.
+    def job(model: str) -> str:
+        return job_file({"tier1": tier(count=20)}, max_workers=1, models={"content": model})
+
     with_compensation = start_stack(simulator=SimulatorConfig(latency=0.0, seed=11))
-    _, on = run_job(with_compensation, job)
+    _, on = run_job(with_compensation, job("model-a"))
     without = start_stack(
         simulator=SimulatorConfig(latency=0.0, seed=11), word_count_compensation=0
     )
-    _, off = run_job(without, job)
+    _, off = run_job(without, job("model-b"))
     rate_on = on.summary.augmented_articles / 20
-    rate_off = off.summary.augmented_articles / 20
-    print(f"augmentation rate: {rate_on:.0%} with compensation, {rate_off:.0%} without")
-    assert rate_on < 0.2 and rate_off > 0.8, (rate_on, rate_off)
+    print(
+        f"augmented: {on.summary.augmented_articles} with compensation, "
+        f"{off.summary.augmented_articles} without"
+    )
+    assert rate_on < 0.2, rate_on
+    # Without it, the 5 drafts before learning all fall short; after learning, none does.
+    assert off.summary.augmented_articles == 5
     assert on.summary.api_calls < off.summary.api_calls
 
 

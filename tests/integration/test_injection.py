@@ -87,7 +87,11 @@ def test_injection_strings_in_every_text_field_are_stored_as_data_and_rendered_h
         assert count_rows(handle.database_url, table) > 0
     assert count_rows(handle.database_url, "users") == 1
     rows = article_rows(handle.database_url, job_id)
-    assert len(rows) == 4 and all(r["status"] in ("generated", "augmented") for r in rows)
+    # Titles with template braces are refused as titles (and asked for again): what the model
+    # could not replace is a shortfall, never a stored title with braces.
+    assert len(rows) + finished.summary.title_shortfall == 4 and len(rows) >= 2
+    assert all(r["status"] in ("generated", "augmented") for r in rows)
+    assert all("{" not in r["title"] for r in rows)
     assert all(any(s in r["title"] for s in INJECTIONS) for r in rows)  # the model's titles
     assert all(INJECTIONS[0] in r["content"] for r in rows)  # and bodies carried them
 
@@ -99,7 +103,7 @@ def test_injection_strings_in_every_text_field_are_stored_as_data_and_rendered_h
     assert not PWNED.exists()  # no shell ever saw a field
 
     pages = [p for p in written if p.suffix == ".html"]
-    assert len(pages) == 4 + 1 + 1  # the articles, the site's index, the job's index
+    assert len(pages) == len(rows) + 1 + 1  # the articles, the site's index, the job's index
     for page in pages:
         content = page.read_text(encoding="utf-8")
         assert set(active_content(content)) <= TEMPLATE_OWN, page

@@ -165,7 +165,7 @@ def test_generator_rejects_a_bad_title_count(start_stack) -> None:
                 timeout=10,
             ),
             grpc.StatusCode.INVALID_ARGUMENT,
-            "article.status: must be one of generated, augmented, failed",
+            "article.status: must be one of generated, augmented, short, failed, skipped",
         ),
         (
             lambda s: s.GetJobStats(db_pb.GetJobStatsRequest(), timeout=10),

@@ -119,17 +119,26 @@ def test_prices_by_name_provider_prefix_and_dated_variant(tmp_path: Any) -> None
 
 def test_word_targets_start_from_the_compensation_then_learn_the_model() -> None:
     targets = WordTargets(200)
-    assert (targets.request("m", 1000, 1500).low, targets.request("m", 1000, 1500).high) == (
-        1200,
-        1700,
-    )
-    for _ in range(MIN_SAMPLES):  # this model delivers 80% of the lower bound asked
-        targets.observe("m", 1200, 960)
+    first = targets.request("m", 1000, 1500)
+    assert (first.low, first.high, first.learned_shortfall) == (1200, 1700, None)
+    for _ in range(MIN_SAMPLES):  # this model writes 350 words short of the lower bound
+        targets.observe("m", 1200, 850)
     learned = targets.request("m", 1000, 1500)
-    assert learned.learned_ratio == pytest.approx(0.8)
-    # Asked so that 80% lands in the middle of the range: 1,250 / 0.8.
-    assert (learned.low, learned.high) == (1562, 2062)
-    assert targets.request("other", 1000, 1500).learned_ratio is None  # per model
+    assert learned.learned_shortfall == 350
+    # Asked so that 350 short lands in the middle of the range: 1,250 + 350.
+    assert (learned.low, learned.high) == (1600, 2100)
+    assert targets.request("other", 1000, 1500).learned_shortfall is None  # per model
+
+
+def test_a_model_that_writes_a_share_of_what_it_is_asked_is_closed_in_on() -> None:
+    targets, middle = WordTargets(200), 1250
+    misses = []
+    for _ in range(12):
+        asked = targets.request("m", 1000, 1500).low
+        delivered = round(asked * 0.8)  # always 80% of the lower bound
+        targets.observe("m", asked, delivered)
+        misses.append(abs(delivered - middle))
+    assert misses[-1] < 30 < misses[0]
 
 
 def test_word_targets_are_seeded_from_the_history_once() -> None:
@@ -137,11 +146,11 @@ def test_word_targets_are_seeded_from_the_history_once() -> None:
 
     def history(model: str, limit: int) -> list[tuple[int, int]]:
         reads.append(model)
-        return [(1000, 1100)] * 10  # a model that overshoots by 10%
+        return [(1000, 1100)] * 10  # a model that writes 100 words over
 
     targets = WordTargets(200, history)
     for _ in range(3):
-        assert targets.request("m", 800, 1200).low == round(1000 / 1.1)
+        assert targets.request("m", 800, 1200).low == 1000 - 100
     assert reads == ["m"]
 
 
