@@ -4,8 +4,11 @@ Models miss length targets, and consistently so: the seed measured 150-200 words
 "regardless of target". Until a model has MIN_SAMPLES finished drafts, the prompt adds the fixed
 compensation (WORD_COUNT_COMPENSATION) to both of the tier's bounds. From then on it asks for
 the bounds that, at the model's measured shortfall (words asked for as the lower bound minus
-words delivered, the median of its last WINDOW drafts), land the draft in the middle of the
-tier's range: few below the minimum (an augmentation call each) and few over the maximum.
+words delivered: the median over the NEAREST of its last WINDOW drafts whose length came closest
+to the target), land the draft in the middle of the tier's range: few below the minimum (an
+augmentation call each) and few over the maximum. Choosing the drafts nearest the target keeps
+tiers of different lengths from mixing: a model that delivers a share of what it is asked
+falls short by more words on a longer article.
 
 The shortfall is measured in words, not as a ratio: against a model that is short by a fixed
 number of words, a learned ratio over- and undershoots in turn (asked 500, delivered 150: ask
@@ -27,7 +30,8 @@ log = logging.getLogger(__name__)
 
 # (lower bound asked, words delivered) of a model's latest drafts, oldest first.
 History = Callable[[str, int], list[tuple[int, int]]]
-WINDOW = 50
+WINDOW = 200
+NEAREST = 7
 MIN_SAMPLES = 5
 # A draft this far off what was asked is a broken reply, not a model's habit.
 _MAX_SHARE_OFF = 0.8
@@ -51,12 +55,12 @@ class WordTargets:
         self._compensation = compensation
         self._history = history
         self._window = window
-        self._samples: dict[str, deque[int]] = {}
+        self._samples: dict[str, deque[tuple[int, int]]] = {}  # (asked, delivered)
         self._lock = threading.Lock()
         self._seeding: dict[str, threading.Lock] = {}
 
-    def _shortfalls(self, model: str) -> deque[int]:
-        """The model's shortfalls, read from the history once per generator."""
+    def _drafts(self, model: str) -> deque[tuple[int, int]]:
+        """The model's drafts, read from the history once per generator."""
         with self._lock:
             if model in self._samples:
                 return self._samples[model]
@@ -65,12 +69,12 @@ class WordTargets:
             with self._lock:
                 if model in self._samples:
                     return self._samples[model]
-            seeded: deque[int] = deque(maxlen=self._window)
+            seeded: deque[tuple[int, int]] = deque(maxlen=self._window)
             if self._history is not None:
                 try:
                     for asked, delivered in self._history(model, self._window):
-                        if (shortfall := _shortfall(asked, delivered)) is not None:
-                            seeded.append(shortfall)
+                        if _plausible(asked, delivered):
+                            seeded.append((asked, delivered))
                 except Exception as e:  # no history is no reason to fail an article
                     log.warning("word targets of %s: history unavailable (%s)", model, e)
             with self._lock:
@@ -78,26 +82,23 @@ class WordTargets:
 
     def request(self, model: str, min_words: int, max_words: int) -> WordRequest:
         """The bounds to ask `model` for, for a tier of `min_words` to `max_words`."""
-        shortfalls = self._shortfalls(model)
+        drafts = self._drafts(model)
+        target = (min_words + max_words) // 2
         with self._lock:
-            learned = (
-                round(statistics.median(shortfalls)) if len(shortfalls) >= MIN_SAMPLES else None
-            )
-        if learned is None:
+            nearest = sorted(drafts, key=lambda d: abs(d[1] - target))[:NEAREST]
+        if len(nearest) < MIN_SAMPLES:
             return WordRequest(min_words + self._compensation, max_words + self._compensation)
-        low = max(1, (min_words + max_words) // 2 + learned)
+        learned = round(statistics.median(asked - delivered for asked, delivered in nearest))
+        low = max(1, target + learned)
         return WordRequest(low, low + max_words - min_words, learned)
 
     def observe(self, model: str, asked_low: int, delivered: int) -> None:
         """A draft of `delivered` words came back for a prompt asking from `asked_low`."""
-        shortfall = _shortfall(asked_low, delivered)
-        if shortfall is not None:
-            shortfalls = self._shortfalls(model)
+        if _plausible(asked_low, delivered):
+            drafts = self._drafts(model)
             with self._lock:
-                shortfalls.append(shortfall)
+                drafts.append((asked_low, delivered))
 
 
-def _shortfall(asked: int, delivered: int) -> int | None:
-    if asked <= 0 or delivered <= 0 or abs(asked - delivered) > asked * _MAX_SHARE_OFF:
-        return None
-    return asked - delivered
+def _plausible(asked: int, delivered: int) -> bool:
+    return asked > 0 and delivered > 0 and abs(asked - delivered) <= asked * _MAX_SHARE_OFF

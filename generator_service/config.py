@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from generator_service.llm.limits import ModelLimits
+from generator_service.titles import DEFAULT_LENGTH
 from tierwriter.settings import ServiceSettings
 
 
@@ -50,8 +51,8 @@ class Settings(ServiceSettings):
     # JSON prices, USD per million tokens: {"my-model": {"input": 0.5, "output": 1.5}}.
     llm_prices_file: str | None = Field(None, alias="LLM_PRICES_FILE")
     # Titles outside this length (characters) are dropped and asked for again.
-    title_min_chars: int = Field(20, ge=1, alias="TITLE_MIN_CHARS")
-    title_max_chars: int = Field(120, ge=1, le=1000, alias="TITLE_MAX_CHARS")
+    title_min_chars: int = Field(DEFAULT_LENGTH[0], ge=1, alias="TITLE_MIN_CHARS")
+    title_max_chars: int = Field(DEFAULT_LENGTH[1], ge=1, le=1000, alias="TITLE_MAX_CHARS")
 
     def model_limits(self) -> tuple[ModelLimits, dict[str, ModelLimits]]:
         """The default limits and each overridden model's, defaults filled in."""

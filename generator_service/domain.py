@@ -109,6 +109,8 @@ class ArticleEvent:
     cost_usd: float = 0.0
     concurrency_before: int = 0  # THROTTLED
     concurrency_after: int = 0
+    model: str = ""  # THROTTLED
+    restored: bool = False  # THROTTLED: the throttle was lifted
 
     @property
     def terminal(self) -> bool:

@@ -25,6 +25,7 @@ from generator_service.domain import (
     ArticleTask,
     BatchContext,
     EventKind,
+    InvalidRequestError,
     TierShape,
 )
 from generator_service.llm import Completion, LlmClient
@@ -56,7 +57,6 @@ Emit = Callable[[ArticleEvent], None]
 MAX_CONTINUATIONS = 2
 # Augmentation requests per article: the second only when the first did not reach the minimum.
 MAX_AUGMENTATIONS = 2
-RATE_LIMITED = "Rate limit exceeded"  # reason_of() for a 429
 _TYPICAL_PROMPT_TOKENS = 400  # the system message, the project context and the instructions
 
 
@@ -115,6 +115,18 @@ class ArticlePipeline:
         self._targets = targets
         self._prices = prices or PriceTable()
 
+    def check_budget(self, batch: BatchContext) -> None:
+        """InvalidRequestError when a budget is set but a model of the batch has no price:
+        every call would count as $0 and the budget would never stop anything."""
+        if not batch.budget_usd:
+            return
+        for model in (batch.models.outline, batch.models.content):
+            if self._prices.price(model) is None:
+                raise InvalidRequestError(
+                    f"settings.budget_usd: model {model!r} has no price, so max_cost_usd cannot "
+                    "be kept; add it to LLM_PRICES_FILE"
+                )
+
     def estimate_cost(self, batch: BatchContext) -> float:
         """One article's expected cost before any has finished: an outline and a content reply
         of the sizes asked for, with prompts of typical size (augmentation, which few need,
@@ -149,7 +161,18 @@ class ArticlePipeline:
             error_stage="budget",
             error=reason,
         )
-        article_id, _created = self._saver.save(record, batch.replace_failed)
+        article_id = 0
+        try:
+            article_id, _created = self._saver.save(record, batch.replace_failed)
+        except Exception as e:  # still reported, like a failure whose record was lost
+            reason += f" (and the skipped record could not be saved: {type(e).__name__}: {e})"
+            log.error(
+                "job %d %s article %d: skipped record not saved: %s",
+                batch.job_id,
+                batch.tier.name,
+                task.index + 1,
+                e,
+            )
         emit(
             ArticleEvent(
                 EventKind.SKIPPED,
@@ -211,7 +234,7 @@ class ArticlePipeline:
             def on_retry(notice: RetryNotice) -> None:
                 nonlocal retried
                 retried = True
-                if notice.reason == RATE_LIMITED:
+                if notice.rate_limited:
                     usage.rate_limited += 1
                 event(
                     EventKind.RETRYING,
@@ -225,10 +248,10 @@ class ArticlePipeline:
                 event(
                     EventKind.THROTTLED,
                     stage=stage,
-                    error=change.model,
+                    model=change.model,
                     concurrency_before=change.before,
                     concurrency_after=change.after,
-                    status="restored" if change.restored else "rate limited",
+                    restored=change.restored,
                 )
 
             reply = self._llm.complete(

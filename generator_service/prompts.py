@@ -36,7 +36,7 @@ def titles_prompt(
     related: list[str],
     count: int,
     avoid: list[str],
-    length: tuple[int, int] = (20, 120),
+    length: tuple[int, int],
 ) -> Prompt:
     """Ask for `count` titles, one per line."""
     avoid_block = ""

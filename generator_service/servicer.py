@@ -62,6 +62,8 @@ def event_to_proto(e: ArticleEvent) -> pb.ArticleEvent:
         cost_usd=e.cost_usd,
         concurrency_before=e.concurrency_before,
         concurrency_after=e.concurrency_after,
+        model=e.model,
+        restored=e.restored,
     )
 
 
@@ -139,6 +141,7 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
             budget_usd=s.budget_usd,
         )
         validate_batch(batch)
+        self._pipeline.check_budget(batch)
         return batch
 
     def GenerateArticles(

@@ -7,10 +7,11 @@ from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 RULE = "=" * 60
 
 
-def augmentation_rate(generated: int, augmented: int) -> float:
-    """Share of the articles that got content which needed augmentation (0.0 when none did)."""
-    written = generated + augmented
-    return augmented / written if written else 0.0
+def augmentation_rate(generated: int, augmented: int, short: int = 0) -> float:
+    """Share of the articles that got content which needed augmentation, whether it reached the
+    minimum (augmented) or not (short); 0.0 when none got content."""
+    written = generated + augmented + short
+    return (augmented + short) / written if written else 0.0
 
 
 def format_cost(usd: float) -> str:
@@ -56,9 +57,9 @@ def _article_lines(a: pb.ArticleProgress) -> list[str]:
         + (", still below the minimum (short)" if a.status == "short" else ""),
         pb.ARTICLE_STEP_SAVED: f"Saved (ID: {a.article_id}, Status: {a.status})",
         pb.ARTICLE_STEP_SKIPPED: f"Skipped ({a.error})",
-        pb.ARTICLE_STEP_THROTTLED: f"Concurrency of {a.error} back to {a.concurrency_after}"
-        if a.status == "restored"
-        else f"Rate limited: concurrency of {a.error} {a.concurrency_before} → "
+        pb.ARTICLE_STEP_THROTTLED: f"Concurrency of {a.model} back to {a.concurrency_after}"
+        if a.restored
+        else f"Rate limited: concurrency of {a.model} {a.concurrency_before} → "
         f"{a.concurrency_after}",
     }.get(step, f"step {step}")
     return [f"{prefix} {text}"]
@@ -98,7 +99,7 @@ def post_processing_lines(step: pb.PostProcessingStep) -> list[str]:
 def summary_lines(finished: pb.RunFinished) -> list[str]:
     """The final summary: totals from the database, the cost, the time, where the files are."""
     s = finished.summary
-    rate = augmentation_rate(s.generated_articles, s.augmented_articles)
+    rate = augmentation_rate(s.generated_articles, s.augmented_articles, s.short_articles)
     lines = [
         RULE,
         "Summary" + ("" if finished.ok else " (run stopped early)"),

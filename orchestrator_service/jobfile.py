@@ -134,6 +134,14 @@ class ModelsSpec(_Strict):
     content: Annotated[str, Field(max_length=200)] = ""
 
 
+def max_cost_of(spec_json: str) -> float:
+    """A stored job spec's max_cost_usd; 0 for none (or for a spec that no longer parses)."""
+    try:
+        return JobSpec.model_validate_json(spec_json).max_cost_usd or 0.0
+    except ValidationError:
+        return 0.0
+
+
 class JobSpec(_Strict):
     """One job: a project, its tiers, and how to run them."""
 

@@ -104,6 +104,8 @@ def progress_from_generator(
         cost_usd=event.cost_usd,
         concurrency_before=event.concurrency_before,
         concurrency_after=event.concurrency_after,
+        model=event.model,
+        restored=event.restored,
     )
 
 
@@ -242,23 +244,18 @@ class JobRunner:
         reusing its titles, then post-process the whole job. `max_cost_usd` replaces the job's
         budget for this run. Raises ServiceCallError (before any event) when the job does not
         exist or is running."""
-        job = self._persistence.reopen_job(job_id)  # FAILED_PRECONDITION if it is running
-        return self._resumed(job, retry_failed, cancellation, max_cost_usd)
+        # FAILED_PRECONDITION if it is running; a new budget is kept with the job's spec.
+        job = self._persistence.reopen_job(job_id, max_cost_usd)
+        return self._resumed(job, retry_failed, cancellation)
 
     def _resumed(
-        self,
-        job: db_pb.Job,
-        retry_failed: bool,
-        cancellation: Cancellation,
-        max_cost_usd: float = 0.0,
+        self, job: db_pb.Job, retry_failed: bool, cancellation: Cancellation
     ) -> Iterator[pb.JobEvent]:
         job_id, started = job.id, time.monotonic()
 
         def jobs() -> Iterator[pb.JobEvent]:
             try:
                 spec = JobSpec.model_validate(json.loads(job.spec_json))
-                if max_cost_usd:
-                    spec = spec.model_copy(update={"max_cost_usd": max_cost_usd})
                 project = self._persistence.get_project(job.project_id)
             except (ServiceCallError, ValueError) as e:
                 self._persistence.finish_job(job_id, "failed", f"cannot resume: {e}")
@@ -289,11 +286,7 @@ class JobRunner:
         try:
             for event in jobs:
                 article = event.article if event.WhichOneof("event") == "article" else None
-                if (
-                    article
-                    and article.step == pb.ARTICLE_STEP_THROTTLED
-                    and article.status != "restored"
-                ):
+                if article and article.step == pb.ARTICLE_STEP_THROTTLED and not article.restored:
                     lowest = published.lowest_concurrency or article.concurrency_after
                     published.lowest_concurrency = min(lowest, article.concurrency_after)
                 if event.WhichOneof("event") == "post_processing":
@@ -438,20 +431,29 @@ class JobRunner:
         if error:
             raise JobStopped(f"job {job.id}: {error}")
 
-    def _spent(self, job_id: int) -> tuple[float, int]:
-        """USD the job spent so far (titles included) and its articles skipped for the budget."""
+    def _budget_left(self, job_id: int, max_cost_usd: float) -> tuple[float, float]:
+        """USD the job may still spend, and what its written articles cost on average (0
+        before any was written)."""
         stats = self._persistence.job_stats([job_id])
-        return stats.totals.cost_usd + stats.title_cost_usd, stats.totals.skipped
+        t = stats.totals
+        written = t.generated + t.augmented + t.short + t.failed
+        average = t.cost_usd / written if written else 0.0
+        return max_cost_usd - t.cost_usd - stats.title_cost_usd, average
 
     def _budget_message(self, job_id: int, max_cost_usd: float) -> str:
-        """Why the job did not complete, when its budget made it skip articles; else ""."""
-        spent, skipped = self._spent(job_id)
-        if not skipped:
+        """Why the job did not complete, when its budget kept articles from being written
+        (skipped ones, and those of tiers it did not start); else ""."""
+        stats = self._persistence.job_stats([job_id])
+        t = stats.totals
+        recorded = t.generated + t.augmented + t.short + t.failed + t.skipped
+        unwritten = t.skipped + max(0, t.requested - recorded - stats.title_shortfall)
+        if not unwritten:
             return ""
+        spent = t.cost_usd + stats.title_cost_usd
         return (
-            f"budget: {skipped} articles skipped to stay within max_cost_usd ${max_cost_usd:g} "
-            f"(spent ${spent:.4f}); `tierwriter jobs resume {job_id} --max-cost-usd N` with a "
-            "higher N writes them"
+            f"budget: {unwritten} articles not written to stay within max_cost_usd "
+            f"${max_cost_usd:g} (spent ${spent:.4f}); `tierwriter jobs resume {job_id} "
+            "--max-cost-usd N` with a higher N writes them"
         )
 
     def _project(self, spec: JobSpec, owner: str) -> db_pb.Project:
@@ -475,6 +477,20 @@ class JobRunner:
         cancellation: Cancellation,
     ) -> Generator[pb.JobEvent, None, TierOutcome]:
         job_id, workers = job.id, job.max_workers
+        resuming = stored_titles is not None  # else the tier never started: it has no records
+        left, average = (
+            self._budget_left(job_id, spec.max_cost_usd) if spec.max_cost_usd else (1.0, 0.0)
+        )
+        if not resuming and left < max(average, 1e-9):
+            # Titles cost too: a tier that cannot pay for one article does not ask for them.
+            yield pb.JobEvent(
+                notice=pb.Notice(
+                    job_id=job_id,
+                    tier=tier_name,
+                    message=f"not started: the job's max_cost_usd ${spec.max_cost_usd:g} is spent",
+                )
+            )
+            return TierOutcome("")
         yield pb.JobEvent(
             tier_started=pb.TierStarted(
                 job_id=job_id, tier=tier_name, count=tier.count, max_workers=workers
@@ -487,7 +503,6 @@ class JobRunner:
             related_searches=project.related_searches,
         )
         sites = spec.sites_of(tier)
-        resuming = stored_titles is not None  # else the tier never started: it has no records
 
         def stored_now() -> dict[int, db_pb.Article]:
             return {a.article_index: a for a in self._persistence.list_articles(job_id, tier_name)}
@@ -523,11 +538,13 @@ class JobRunner:
                 or (retry_failed and stored[i].status == "failed")
             ]
 
-        budget = 0.0
-        if spec.max_cost_usd:
-            # What the job may still spend; nothing left still needs a positive limit, which
-            # then skips every article.
-            budget = max(spec.max_cost_usd - self._spent(job_id)[0], 1e-9)
+        def budget() -> float:
+            """What the job may still spend (0: no limit); read again for every stream, since a
+            lost generator spent some. Nothing left still needs a positive limit, which then
+            skips every article."""
+            if not spec.max_cost_usd:
+                return 0.0
+            return max(self._budget_left(job_id, spec.max_cost_usd)[0], 1e-9)
 
         settings = gen_pb.BatchSettings(
             job_id=job_id,
@@ -537,12 +554,12 @@ class JobRunner:
             max_workers=workers,
             continue_on_error=spec.continue_on_error,
             replace_failed=retry_failed,
-            budget_usd=budget,
         )
         failure = ""
         # Read before the titles: records they add replace failed ones, so the set is the same.
         todo = pending(records)
         for attempt in range(self._settings.generator_reconnect_attempts + 1):
+            settings.budget_usd = budget()
             requests = [
                 gen_pb.ArticleRequest(
                     article_index=i, title=titles[i], site=sites[i % len(sites)] if sites else ""

@@ -3,7 +3,6 @@ codes."""
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 from collections import defaultdict
@@ -19,7 +18,7 @@ from orchestrator_service.auth import (
     Principal,
     ThrottledError,
 )
-from orchestrator_service.jobfile import JobFileError, parse_project_file
+from orchestrator_service.jobfile import JobFileError, max_cost_of, parse_project_file
 from orchestrator_service.runner import CLIENT_GONE, Cancellation, JobRunner
 from persistence_service.client import PersistenceClient
 from tierwriter import runtime
@@ -102,14 +101,6 @@ def user_to_public(u: db_pb.User) -> pb.User:
     return pb.User(username=u.username, role=u.role, active=u.active, created_at=u.created_at)
 
 
-def _max_cost(job: db_pb.Job) -> float:
-    """The job file's max_cost_usd, 0 for none (or a spec that does not parse)."""
-    try:
-        return float(json.loads(job.spec_json).get("max_cost_usd") or 0.0)
-    except (ValueError, AttributeError):
-        return 0.0
-
-
 def job_info(
     job: db_pb.Job, project: str, tiers: list[db_pb.TierStats], title_calls: int, title_tokens: int
 ) -> pb.JobInfo:
@@ -127,7 +118,7 @@ def job_info(
         tokens=title_tokens,
         owner=job.owner,
         cost_usd=job.title_cost_usd,
-        max_cost_usd=_max_cost(job),
+        max_cost_usd=max_cost_of(job.spec_json),
     )
     for t in tiers:
         info.generated_articles += t.counts.generated

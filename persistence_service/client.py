@@ -83,8 +83,9 @@ class PersistenceClient:
         request = pb.FinishJobRequest(job_id=job_id, status=status, error=error)
         return self._call(self._stub.FinishJob, request)
 
-    def reopen_job(self, job_id: int) -> pb.Job:
-        return self._call(self._stub.ReopenJob, pb.ReopenJobRequest(job_id=job_id))
+    def reopen_job(self, job_id: int, max_cost_usd: float = 0.0) -> pb.Job:
+        request = pb.ReopenJobRequest(job_id=job_id, max_cost_usd=max_cost_usd)
+        return self._call(self._stub.ReopenJob, request)
 
     def interrupt_running_jobs(self) -> list[int]:
         request = pb.InterruptRunningJobsRequest()

@@ -256,7 +256,11 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
         return job_to_proto(job)
 
     def ReopenJob(self, request: pb.ReopenJobRequest, context: grpc.ServicerContext) -> pb.Job:
-        return job_to_proto(self._call(context, lambda: self._store.reopen_job(request.job_id)))
+        return job_to_proto(
+            self._call(
+                context, lambda: self._store.reopen_job(request.job_id, request.max_cost_usd)
+            )
+        )
 
     def InterruptRunningJobs(
         self, request: pb.InterruptRunningJobsRequest, context: grpc.ServicerContext

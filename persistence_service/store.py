@@ -285,14 +285,19 @@ class Store:
             uow.commit()
             return job
 
-    def reopen_job(self, job_id: int) -> Job:
-        """Set a job that is not running back to running, to resume it. StateError when it is
-        running already: one job never runs twice at once."""
+    def reopen_job(self, job_id: int, max_cost_usd: float = 0.0) -> Job:
+        """Set a job that is not running back to running, to resume it, with a new budget in
+        its spec when `max_cost_usd` is given. StateError when it is running already: one job
+        never runs twice at once."""
+        if max_cost_usd < 0:
+            raise InvalidRecordError("max_cost_usd: must not be negative")
         with self._uow() as uow:
             job = self._job(uow.session, job_id, for_update=True)
             if job.status == "running":
                 raise StateError(f"job {job_id} is running; cancel it first or wait for it")
             job.status, job.error, job.finished_at = "running", "", None
+            if max_cost_usd:
+                job.spec = {**job.spec, "max_cost_usd": max_cost_usd}  # reassign: JSON column
             uow.commit()
             return job
 

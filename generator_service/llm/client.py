@@ -6,6 +6,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 import openai
 from openai import OpenAI
@@ -30,6 +31,7 @@ class RetryNotice:
     attempt: int  # the try that failed, from 1
     reason: str  # e.g. "Rate limit exceeded", "Server error 503", "Timed out"
     delay: float  # seconds until the next try
+    rate_limited: bool = False  # the answer was a 429
 
 
 OnRetry = Callable[[RetryNotice], None]
@@ -82,6 +84,16 @@ class ReplyTooLargeError(Exception):
 MAX_REPLY_CHARS = 400_000
 
 
+def public_url(url: str) -> str:
+    """The URL as messages may show it: no user, password or query (they may hold a key)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:  # an IPv6 literal
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", "")).rstrip("/")
+
+
 class OpenAiLlm:
     """Any OpenAI-compatible endpoint (OpenAI, OpenRouter, vLLM, the simulator).
 
@@ -92,7 +104,7 @@ class OpenAiLlm:
 
     def __init__(self, base_url: str | None, api_key: str, timeout: float) -> None:
         self._client = OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
-        self.endpoint = str(self._client.base_url).rstrip("/")
+        self.endpoint = public_url(str(self._client.base_url))
         # Once the endpoint has answered, a lost connection is a blip, not a wrong address.
         self._reached = threading.Event()
 

@@ -97,10 +97,27 @@ class AdaptiveConcurrency:
     def enter(self) -> _Ticket:
         """Wait for a free slot under the current limit and take it."""
         with self._cond:
-            while self._limit is not None and self._in_flight >= self._limit:
+            while self._full():
                 self._cond.wait()
             self._in_flight += 1
             return _Ticket(self._epoch)
+
+    def try_enter(self) -> _Ticket | None:
+        """A slot if one is free now, else None."""
+        with self._cond:
+            if self._full():
+                return None
+            self._in_flight += 1
+            return _Ticket(self._epoch)
+
+    def _full(self) -> bool:
+        return self._limit is not None and self._in_flight >= self._limit
+
+    def abandon(self, ticket: _Ticket) -> None:
+        """Give a slot back whose call never went out (it says nothing about the provider)."""
+        with self._cond:
+            self._in_flight -= 1
+            self._cond.notify_all()
 
     def leave(self, ticket: _Ticket, rate_limited: bool) -> ConcurrencyChange | None:
         """Give the slot back, saying whether the call got a 429; returns a change, if any."""
@@ -174,19 +191,22 @@ class ProviderGate:
 
     def enter(self, model: str, tokens: int) -> GateTicket:
         """Wait until the model's limits let a call costing `tokens` go, then let it go.
-        RequestTooLargeError when the call exceeds the per-minute token limit by itself."""
+
+        The concurrency slot comes first and the buckets after, while holding it: calls held
+        back by a throttle then still go out at the buckets' pace, not all at once when it
+        lifts. RequestTooLargeError when the call exceeds the per-minute token limit alone."""
         gate = self._gate(model)
-        wait = 0.0
-        if gate.tokens is not None:
-            try:
-                wait = gate.tokens.reserve(tokens)
-            except RequestTooLargeError as e:
-                raise RequestTooLargeError(f"{model}: {e} (LLM_TPM_LIMIT)") from e
-        if gate.requests is not None:
-            wait = max(wait, gate.requests.reserve(1))
+        ticket = gate.concurrency.enter()
+        try:
+            wait = gate.tokens.reserve(tokens) if gate.tokens is not None else 0.0
+            if gate.requests is not None:
+                wait = max(wait, gate.requests.reserve(1))
+        except RequestTooLargeError as e:
+            gate.concurrency.abandon(ticket)
+            raise RequestTooLargeError(f"{model}: {e}") from e
         if wait > 0:
             self.sleep(wait)
-        return GateTicket(model, gate.concurrency.enter())
+        return GateTicket(model, ticket)
 
     def leave(self, ticket: GateTicket, rate_limited: bool) -> ConcurrencyChange | None:
         """The call is over; a 429 (`rate_limited`) lowers the model's concurrency."""

@@ -28,6 +28,7 @@ from tenacity.wait import wait_random_exponential
 from generator_service.llm.client import (
     Completion,
     EndpointUnreachableError,
+    FatalApiError,
     LlmClient,
     OnRetry,
     OnThrottle,
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 
 # A server asking for longer than this is not waited for in one go; the retry budget decides.
 MAX_SERVER_DELAY = 120.0
+# The smallest reply budget worth a call under a tokens-per-minute limit.
+MIN_REPLY_TOKENS = 64
 _RETRYABLE_STATUS = {408, 409, 429}  # and every 5xx
 
 
@@ -130,14 +133,19 @@ class RetryingLlm:
         on_retry: OnRetry | None = None,
         on_throttle: OnThrottle | None = None,
     ) -> Completion:
-        max_tokens = min(max_tokens, self._gate.limits(model).max_output_tokens)
         with self._lock:
             schema = None if model in self._no_json_mode else response_format
+        max_tokens = self._fitted_budget(model, system, prompt, schema, max_tokens)
 
         def before_sleep(state: RetryCallState) -> None:
             error = state.outcome.exception() if state.outcome else None
             delay = state.next_action.sleep if state.next_action else 0.0
-            notice = RetryNotice(state.attempt_number, reason_of(error) if error else "", delay)
+            notice = RetryNotice(
+                state.attempt_number,
+                reason_of(error) if error else "",
+                delay,
+                rate_limited=isinstance(error, openai.RateLimitError),
+            )
             log.info("model call failed (%s), retrying in %.1fs", notice.reason, delay)
             if on_retry:
                 on_retry(notice)
@@ -151,13 +159,15 @@ class RetryingLlm:
             except openai.BadRequestError:
                 if schema is None:
                     raise
-            # The endpoint has no JSON mode (or not this schema): ask without it from now on.
+            # Asked again without response_format: when that goes through, the endpoint has no
+            # JSON mode (a 400 for another reason fails again and is not remembered).
+            reply = self._try(model, system, prompt, max_tokens, temperature, None, on_throttle)
             schema = None
             with self._lock:
                 if model not in self._no_json_mode:
                     self._no_json_mode.add(model)
                     log.warning("model %s refused response_format: asking without it", model)
-            return self._try(model, system, prompt, max_tokens, temperature, None, on_throttle)
+            return reply
 
         retrying = Retrying(
             stop=stop_after_attempt(self._policy.attempts),
@@ -168,6 +178,31 @@ class RetryingLlm:
             reraise=True,
         )
         return retrying(attempt)
+
+    def _fitted_budget(
+        self,
+        model: str,
+        system: str,
+        prompt: str,
+        response_format: ResponseFormat | None,
+        max_tokens: int,
+    ) -> int:
+        """`max_tokens` within the model's max_output_tokens and, with a tokens-per-minute
+        limit, within what one call may charge (a reply that runs out is continued). A prompt
+        that alone passes that limit can never go: FatalApiError."""
+        limits = self._gate.limits(model)
+        max_tokens = min(max_tokens, limits.max_output_tokens)
+        if not limits.tpm:
+            return max_tokens
+        schema_text = json.dumps(response_format) if response_format else ""
+        room = limits.tpm - estimate_prompt_tokens(system, prompt, schema_text)
+        if room < MIN_REPLY_TOKENS:
+            raise FatalApiError(
+                f"model {model}: a prompt of ~{limits.tpm - room:,} tokens leaves no room for "
+                f"a reply within its limit of {limits.tpm:,} tokens a minute (LLM_TPM_LIMIT, "
+                "or its entry in LLM_MODEL_LIMITS)"
+            )
+        return min(max_tokens, room)
 
     def _try(
         self,

@@ -4,11 +4,13 @@ markdown titles, shrinking augmentations), to reject a key or not know a model."
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 from pydantic import SecretStr
 
 from generator_service.llm.simulator import SimulatorConfig
+from orchestrator_service.cli import run_and_print
 from orchestrator_service.client import OrchestratorClient
 from orchestrator_service.console import event_lines
 from tests.helpers import (
@@ -58,7 +60,8 @@ def test_429s_halve_the_models_concurrency_and_no_article_fails(start_stack) -> 
     assert finished.ok, finished.error
     assert finished.summary.failed_articles == 0
     throttled = [a for a in articles_of(events) if a.step == pb.ARTICLE_STEP_THROTTLED]
-    cuts = [a for a in throttled if a.status == "rate limited"]
+    cuts = [a for a in throttled if not a.restored]
+    assert all(a.model == "gpt-4o-mini" for a in throttled)
     assert cuts and all(1 <= a.concurrency_after < a.concurrency_before for a in cuts)
     assert cuts[0].concurrency_after == cuts[0].concurrency_before // 2
     summary = finished.summary
@@ -142,6 +145,21 @@ def test_a_rejected_api_key_stops_the_job_at_once_with_a_clear_message(start_sta
     job = sql_rows(handle.database_url, "SELECT status FROM jobs WHERE id = :j", j=job_id)
     assert job == [{"status": "failed"}]
     assert not any(e.WhichOneof("event") == "article" for e in events)  # tier2 never started
+    # The command line says so and exits 1.
+    with OrchestratorClient(handle.stack.orchestrator_address, "admin", handle.password) as client:
+        out = io.StringIO()
+        assert run_and_print(client, client.run_job(job_file({"tier1": tier(2)})), out) == 1
+    assert "Error: job " in out.getvalue() and "rejected the API key (401)" in out.getvalue()
+
+
+def test_a_base_url_nothing_answers_at_stops_the_job(start_stack) -> None:
+    handle = start_stack(
+        generator_settings={"openai_base_url": "http://127.0.0.1:9/v1", "llm_backoff_seconds": 0.01}
+    )
+    _events, finished = run_job(handle, job_file({"tier1": tier(5)}))
+    assert not finished.ok
+    assert "cannot reach the API at http://127.0.0.1:9/v1" in finished.error
+    assert "check OPENAI_BASE_URL" in finished.error
 
 
 def test_an_unknown_model_stops_the_job_and_a_resume_finishes_it(start_stack) -> None:
@@ -173,27 +191,33 @@ def test_title_retries_are_shown_on_the_console(start_stack) -> None:
 def test_a_budget_skips_the_rest_and_a_resume_with_a_higher_one_writes_them(start_stack) -> None:
     handle = start_stack(concurrent_workers=1)
     # gpt-4o-mini prices: an article of ~1,300 tokens in and ~1,100 out costs ~$0.0009.
-    events, finished = run_job(handle, job_file({"tier1": tier(10)}, max_cost_usd=0.003))
+    job = job_file({"tier1": tier(10), "tier2": tier(5)}, max_cost_usd=0.003)
+    events, finished = run_job(handle, job)
     [job_id] = job_ids_of(events)
     assert not finished.ok and "budget" in finished.error
     assert f"tierwriter jobs resume {job_id} --max-cost-usd" in finished.error
     by_status = rows_by_status(handle.database_url, job_id)
     written = by_status.get("generated", 0) + by_status.get("augmented", 0)
     assert 1 <= written < 10 and by_status["skipped"] == 10 - written
-    assert finished.summary.cost_usd <= 0.003
+    assert f"budget: {by_status['skipped'] + 5} articles not written" in finished.error
+    # Articles start on an estimate (the average so far): the last may pass it by its own cost.
+    costs = [row["cost_usd"] for row in article_rows(handle.database_url, job_id)]
+    assert finished.summary.cost_usd <= 0.003 + max(costs)
     assert finished.summary.skipped_articles == by_status["skipped"]
-    assert "Skipped (budget):" in console(events)
+    # tier2 was not started: its titles would have cost money too.
+    assert handle.stack.simulator.stats().by_kind["titles"] == 1
+    text = console(events)
+    assert "Skipped (budget):" in text and "[tier2] not started: the job's max_cost_usd" in text
 
     with OrchestratorClient(handle.stack.orchestrator_address, "admin", handle.password) as client:
         resumed = list(client.resume_job(job_id, max_cost_usd=1.0))
+        shown = client.get_job(job_id).job
     done = resumed[-1].run_finished
     assert done.ok, done.error
     after = rows_by_status(handle.database_url, job_id)
-    assert sum(after.values()) == 10 and "skipped" not in after
+    assert sum(after.values()) == 15 and "skipped" not in after
     assert done.summary.cost_usd > finished.summary.cost_usd
-    with OrchestratorClient(handle.stack.orchestrator_address, "admin", handle.password) as client:
-        shown = client.get_job(job_id).job
-    assert shown.cost_usd == done.summary.cost_usd and shown.max_cost_usd == 0.003
+    assert shown.cost_usd == done.summary.cost_usd and shown.max_cost_usd == 1.0  # kept
 
 
 def test_word_targets_learned_by_one_job_start_the_next_jobs_of_the_model(start_stack) -> None:

@@ -79,3 +79,4 @@ def test_summary_shows_totals_rate_calls_and_time() -> None:
 def test_augmentation_rate_counts_only_articles_with_content() -> None:
     assert augmentation_rate(8, 2) == 0.2
     assert augmentation_rate(0, 0) == 0.0
+    assert augmentation_rate(6, 2, 2) == 0.4  # short articles needed augmenting too

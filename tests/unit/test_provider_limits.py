@@ -3,7 +3,6 @@ targets, JSON-mode fallback and the fatal API errors."""
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +12,7 @@ import pytest
 from generator_service.calibration import MIN_SAMPLES, WordTargets
 from generator_service.llm import Completion
 from generator_service.llm.budget import content_tokens, outline_tokens, titles_tokens
-from generator_service.llm.client import OpenAiLlm
+from generator_service.llm.client import EndpointUnreachableError, FatalApiError, OpenAiLlm
 from generator_service.llm.limits import (
     AdaptiveConcurrency,
     ModelLimits,
@@ -89,18 +88,23 @@ def test_a_throttled_model_never_has_more_calls_in_flight_than_its_limit() -> No
     aimd = AdaptiveConcurrency("m")
     held = [aimd.enter() for _ in range(4)]
     aimd.leave(held.pop(), rate_limited=True)  # 4 → 2, with 3 still in flight
-    entered = threading.Event()
-
-    def late() -> None:
-        aimd.enter()
-        entered.set()
-
-    threading.Thread(target=late, daemon=True).start()
-    assert not entered.wait(0.2)  # 3 in flight ≥ 2: it waits
+    assert aimd.try_enter() is None
     aimd.leave(held.pop(), rate_limited=False)
-    assert not entered.wait(0.2)  # 2 in flight: still full
+    assert aimd.try_enter() is None  # 2 in flight: still full
     aimd.leave(held.pop(), rate_limited=False)
-    assert entered.wait(5)  # 1 in flight: room
+    assert aimd.try_enter() is not None  # 1 in flight: room
+
+
+def test_a_call_waiting_for_the_bucket_holds_its_concurrency_slot() -> None:
+    # Calls a throttle held back go out at the buckets' pace, not all at once when it lifts.
+    clock, sleeps = FakeClock(), Sleeps()
+    gate = ProviderGate(ModelLimits(rpm=60), clock=clock, sleep=sleeps)
+    for _ in range(60):
+        gate.leave(gate.enter("m", 1), rate_limited=False)
+    ticket = gate.enter("m", 1)  # waits a second for the bucket
+    assert sleeps.waits == [pytest.approx(1.0)]
+    assert gate._gate("m").concurrency.try_enter() is not None  # unthrottled: room
+    gate.leave(ticket, rate_limited=False)
 
 
 def test_prices_by_name_provider_prefix_and_dated_variant(tmp_path: Any) -> None:
@@ -130,15 +134,18 @@ def test_word_targets_start_from_the_compensation_then_learn_the_model() -> None
     assert targets.request("other", 1000, 1500).learned_shortfall is None  # per model
 
 
-def test_a_model_that_writes_a_share_of_what_it_is_asked_is_closed_in_on() -> None:
-    targets, middle = WordTargets(200), 1250
-    misses = []
-    for _ in range(12):
-        asked = targets.request("m", 1000, 1500).low
-        delivered = round(asked * 0.8)  # always 80% of the lower bound
-        targets.observe("m", asked, delivered)
-        misses.append(abs(delivered - middle))
-    assert misses[-1] < 30 < misses[0]
+def test_a_model_that_writes_a_share_of_what_it_is_asked_is_closed_in_on_per_tier() -> None:
+    # 80% of the lower bound asked: short by more words on a longer tier. Two tiers in turn.
+    targets = WordTargets(200)
+    misses: dict[tuple[int, int], list[int]] = {(1000, 1500): [], (300, 450): []}
+    for _ in range(15):
+        for (low, high), missed in misses.items():
+            asked = targets.request("m", low, high).low
+            delivered = round(asked * 0.8)
+            targets.observe("m", asked, delivered)
+            missed.append(abs(delivered - (low + high) // 2))
+    for missed in misses.values():
+        assert missed[-1] <= 10 < missed[0]
 
 
 def test_word_targets_are_seeded_from_the_history_once() -> None:
@@ -229,10 +236,28 @@ def test_key_and_model_errors_are_fatal_and_name_the_endpoint(status: int, words
 
 
 def test_an_endpoint_never_reached_is_fatal_once_the_retries_are_spent() -> None:
-    # Port 9 (discard) is closed on loopback: connection refused.
-    llm = RetryingLlm(
-        OpenAiLlm("http://127.0.0.1:9/v1", "k", 2.0), RetryPolicy(attempts=2, base_delay=0.001)
-    )
-    with pytest.raises(Exception, match=r"cannot reach the API at http://127.0.0.1:9/v1") as e:
+    # Port 9 (discard) is closed on loopback: connection refused, at once.
+    sleeps = Sleeps()
+    inner = OpenAiLlm("http://user:secret@127.0.0.1:9/v1?key=k", "k", 2.0)
+    llm = RetryingLlm(inner, RetryPolicy(attempts=3), sleeps)
+    with pytest.raises(EndpointUnreachableError) as e:
         llm.complete(model="m", system="s", prompt="p", max_tokens=10, temperature=0)
-    assert not isinstance(e.value, openai.APIStatusError)
+    assert str(e.value).startswith("cannot reach the API at http://127.0.0.1:9/v1 (")
+    assert "secret" not in str(e.value) and "key=" not in str(e.value)
+    assert len(sleeps.waits) == 2  # retried like any lost connection first
+    inner.close()
+
+
+def test_a_prompt_that_alone_passes_the_tokens_per_minute_limit_is_fatal() -> None:
+    llm = RetryingLlm(
+        ScriptedCalls([]), RetryPolicy(), Sleeps(), ProviderGate(ModelLimits(tpm=500))
+    )
+    with pytest.raises(FatalApiError, match=r"leaves no room for a reply within its limit of 500"):
+        llm.complete(model="m", system="s", prompt="x" * 2000, max_tokens=100, temperature=0)
+
+
+def test_budgets_shrink_to_fit_a_tokens_per_minute_limit() -> None:
+    inner = ScriptedCalls([])
+    llm = RetryingLlm(inner, RetryPolicy(), Sleeps(), ProviderGate(ModelLimits(tpm=3000)))
+    llm.complete(model="m", system="s", prompt="x" * 300, max_tokens=8000, temperature=0)
+    assert inner.asked[0]["max_tokens"] == 3000 - (300 + 1 + 2) // 3 - 16

@@ -19,6 +19,7 @@ from openai.types.chat import ChatCompletion
 from generator_service import prompts
 from generator_service.llm.simulator import LlmSimulator, SimulatorConfig
 from generator_service.text import count_words, strip_fences
+from generator_service.titles import DEFAULT_LENGTH
 
 KEY = "sk-test-right"
 CONTEXT = ("cnc machining", ["spindle", "lathe"], ["cnc cost"])
@@ -128,7 +129,7 @@ def test_a_request_larger_than_the_tpm_limit_gets_429_without_a_wait() -> None:
 
 
 def test_a_reply_longer_than_max_tokens_is_cut_with_finish_reason_length() -> None:
-    titles = prompts.titles_prompt(*CONTEXT, 12, []).user
+    titles = prompts.titles_prompt(*CONTEXT, 12, [], DEFAULT_LENGTH).user
     with served() as (_simulator, client):
         reply = ask(client, titles, max_tokens=10)
         assert reply.choices[0].finish_reason == "length"
@@ -139,7 +140,7 @@ def test_a_reply_longer_than_max_tokens_is_cut_with_finish_reason_length() -> No
 
 
 def test_stats_keep_the_largest_max_tokens_per_kind_and_count_response_format() -> None:
-    titles = prompts.titles_prompt(*CONTEXT, 3, []).user
+    titles = prompts.titles_prompt(*CONTEXT, 3, [], DEFAULT_LENGTH).user
     with served() as (simulator, client):
         ask(client, titles, max_tokens=300)
         ask(client, titles, max_completion_tokens=500)
@@ -170,7 +171,7 @@ def test_a_prose_model_writes_markdown_outlines_unless_json_mode_is_asked() -> N
 
 
 def test_chatty_titles_hold_the_asked_titles_among_lines_that_are_not_titles() -> None:
-    titles = prompts.titles_prompt(*CONTEXT, 5, []).user
+    titles = prompts.titles_prompt(*CONTEXT, 5, [], DEFAULT_LENGTH).user
     with served(markdown_titles=True) as (_one, first), served(markdown_titles=True) as (_, again):
         reply = text_of(ask(first, titles))
         assert reply == text_of(ask(again, titles))  # the same prompt, the same reply

@@ -58,9 +58,8 @@ class _ArticleEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Arti
     ARTICLE_EVENT_KIND_RETRY_SUCCEEDED: _ArticleEventKind.ValueType  # 13
     """A model call that was retried succeeded; `stage` is set."""
     ARTICLE_EVENT_KIND_THROTTLED: _ArticleEventKind.ValueType  # 14
-    """The model's concurrency changed: halved after a 429 (`status` "rate limited") or back where
-    it was (`status` "restored"); `error` names the model, `concurrency_before` and
-    `concurrency_after` are set.
+    """The model's concurrency changed: halved after a 429, or back where it was (`restored`);
+    `model`, `concurrency_before` and `concurrency_after` are set.
     """
 
 class ArticleEventKind(_ArticleEventKind, metaclass=_ArticleEventKindEnumTypeWrapper):
@@ -99,9 +98,8 @@ ARTICLE_EVENT_KIND_RETRYING: ArticleEventKind.ValueType  # 12
 ARTICLE_EVENT_KIND_RETRY_SUCCEEDED: ArticleEventKind.ValueType  # 13
 """A model call that was retried succeeded; `stage` is set."""
 ARTICLE_EVENT_KIND_THROTTLED: ArticleEventKind.ValueType  # 14
-"""The model's concurrency changed: halved after a 429 (`status` "rate limited") or back where
-it was (`status` "restored"); `error` names the model, `concurrency_before` and
-`concurrency_after` are set.
+"""The model's concurrency changed: halved after a 429, or back where it was (`restored`);
+`model`, `concurrency_before` and `concurrency_after` are set.
 """
 Global___ArticleEventKind: _TypeAlias = ArticleEventKind  # noqa: Y015
 
@@ -544,6 +542,8 @@ class ArticleEvent(_message.Message):
     COST_USD_FIELD_NUMBER: _builtins.int
     CONCURRENCY_BEFORE_FIELD_NUMBER: _builtins.int
     CONCURRENCY_AFTER_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    RESTORED_FIELD_NUMBER: _builtins.int
     kind: Global___ArticleEventKind.ValueType
     """What happened."""
     tier: _builtins.str
@@ -590,6 +590,12 @@ class ArticleEvent(_message.Message):
     """The model's concurrency before and after the change (THROTTLED)."""
     concurrency_after: _builtins.int
     """See concurrency_before."""
+    model: _builtins.str
+    """The model whose concurrency changed (THROTTLED)."""
+    restored: _builtins.bool
+    """The throttle was lifted: the concurrency is back where it was before the first 429
+    (THROTTLED).
+    """
     def __init__(
         self,
         *,
@@ -614,10 +620,12 @@ class ArticleEvent(_message.Message):
         cost_usd: _builtins.float = ...,
         concurrency_before: _builtins.int = ...,
         concurrency_after: _builtins.int = ...,
+        model: _builtins.str = ...,
+        restored: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["article_id", b"article_id", "article_index", b"article_index", "attempt", b"attempt", "concurrency_after", b"concurrency_after", "concurrency_before", b"concurrency_before", "cost_usd", b"cost_usd", "error", b"error", "fatal", b"fatal", "h2_count", b"h2_count", "h3_count", b"h3_count", "kind", b"kind", "min_word_count", b"min_word_count", "outline_fix", b"outline_fix", "retry_delay", b"retry_delay", "site", b"site", "stage", b"stage", "status", b"status", "tier", b"tier", "title", b"title", "traceback", b"traceback", "word_count", b"word_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["article_id", b"article_id", "article_index", b"article_index", "attempt", b"attempt", "concurrency_after", b"concurrency_after", "concurrency_before", b"concurrency_before", "cost_usd", b"cost_usd", "error", b"error", "fatal", b"fatal", "h2_count", b"h2_count", "h3_count", b"h3_count", "kind", b"kind", "min_word_count", b"min_word_count", "model", b"model", "outline_fix", b"outline_fix", "restored", b"restored", "retry_delay", b"retry_delay", "site", b"site", "stage", b"stage", "status", b"status", "tier", b"tier", "title", b"title", "traceback", b"traceback", "word_count", b"word_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

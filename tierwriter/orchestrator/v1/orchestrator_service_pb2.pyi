@@ -54,7 +54,7 @@ class _ArticleStepEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ArticleSt
     ARTICLE_STEP_RETRY_SUCCEEDED: _ArticleStep.ValueType  # 13
     """A retried model call succeeded."""
     ARTICLE_STEP_THROTTLED: _ArticleStep.ValueType  # 14
-    """The model's concurrency changed after a 429 or came back (`status`, `error` the model,
+    """The model's concurrency changed after a 429 or came back (`model`, `restored`,
     `concurrency_before`, `concurrency_after`).
     """
 
@@ -90,7 +90,7 @@ ARTICLE_STEP_RETRYING: ArticleStep.ValueType  # 12
 ARTICLE_STEP_RETRY_SUCCEEDED: ArticleStep.ValueType  # 13
 """A retried model call succeeded."""
 ARTICLE_STEP_THROTTLED: ArticleStep.ValueType  # 14
-"""The model's concurrency changed after a 429 or came back (`status`, `error` the model,
+"""The model's concurrency changed after a 429 or came back (`model`, `restored`,
 `concurrency_before`, `concurrency_after`).
 """
 Global___ArticleStep: _TypeAlias = ArticleStep  # noqa: Y015
@@ -551,6 +551,8 @@ class ArticleProgress(_message.Message):
     COST_USD_FIELD_NUMBER: _builtins.int
     CONCURRENCY_BEFORE_FIELD_NUMBER: _builtins.int
     CONCURRENCY_AFTER_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    RESTORED_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     """The job's id."""
     step: Global___ArticleStep.ValueType
@@ -597,6 +599,10 @@ class ArticleProgress(_message.Message):
     """The model's concurrency before the change (THROTTLED)."""
     concurrency_after: _builtins.int
     """The model's concurrency after the change (THROTTLED)."""
+    model: _builtins.str
+    """The model whose concurrency changed (THROTTLED)."""
+    restored: _builtins.bool
+    """The throttle was lifted: back to the concurrency before the first 429 (THROTTLED)."""
     def __init__(
         self,
         *,
@@ -623,10 +629,12 @@ class ArticleProgress(_message.Message):
         cost_usd: _builtins.float = ...,
         concurrency_before: _builtins.int = ...,
         concurrency_after: _builtins.int = ...,
+        model: _builtins.str = ...,
+        restored: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["article_id", b"article_id", "article_index", b"article_index", "attempt", b"attempt", "concurrency_after", b"concurrency_after", "concurrency_before", b"concurrency_before", "cost_usd", b"cost_usd", "error", b"error", "fatal", b"fatal", "h2_count", b"h2_count", "h3_count", b"h3_count", "job_id", b"job_id", "min_word_count", b"min_word_count", "outline_fix", b"outline_fix", "retry_delay", b"retry_delay", "site", b"site", "stage", b"stage", "status", b"status", "step", b"step", "tier", b"tier", "tier_count", b"tier_count", "title", b"title", "traceback", b"traceback", "word_count", b"word_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["article_id", b"article_id", "article_index", b"article_index", "attempt", b"attempt", "concurrency_after", b"concurrency_after", "concurrency_before", b"concurrency_before", "cost_usd", b"cost_usd", "error", b"error", "fatal", b"fatal", "h2_count", b"h2_count", "h3_count", b"h3_count", "job_id", b"job_id", "min_word_count", b"min_word_count", "model", b"model", "outline_fix", b"outline_fix", "restored", b"restored", "retry_delay", b"retry_delay", "site", b"site", "stage", b"stage", "status", b"status", "step", b"step", "tier", b"tier", "tier_count", b"tier_count", "title", b"title", "traceback", b"traceback", "word_count", b"word_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
