@@ -31,14 +31,20 @@ class RequestTooLargeError(ValueError):
     """One call needs more tokens than the model's whole per-minute limit: it can never go."""
 
 
+# Our buckets refill this much slower than the limit: paced at exactly the provider's rate, the
+# provider's bucket is as empty as ours, and requests that arrive closer together than they
+# left (threads, the network) are refused; this slack absorbs that.
+PACING = 0.98
+
+
 class TokenBucket:
     """A continuously refilling bucket, full at start, holding one minute's limit: the shape
     OpenAI and PyPI's llmock enforce. Ours never holds more than the provider's (same size,
-    same rate, started later), so what it lets out the provider accepts."""
+    a slower refill, started later), so what it lets out the provider accepts."""
 
     def __init__(self, per_minute: int, clock: Clock = time.monotonic) -> None:
         self.capacity = float(per_minute)
-        self._rate = per_minute / 60.0
+        self._rate = per_minute / 60.0 * PACING
         self._clock = clock
         self._level = self.capacity
         self._updated = clock()

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import pytest
+
 from generator_service.batch import ArticleBatch
 from generator_service.calibration import WordTargets
-from generator_service.domain import ArticleTask, EventKind
+from generator_service.domain import ArticleTask, EventKind, InvalidRequestError
 from generator_service.llm.client import FatalApiError
 from generator_service.llm.pricing import Price, PriceTable
 from generator_service.pipeline import MAX_AUGMENTATIONS, ArticlePipeline
@@ -145,3 +147,10 @@ def test_rejected_lines_count_as_missing_and_are_asked_for_again() -> None:
         "CNC Costs Explained in Full",
     ]
     assert result.rejected == 2 and llm.calls == 2
+
+
+def test_a_budget_with_a_model_that_has_no_price_is_refused() -> None:
+    pipeline = ArticlePipeline(FakeLlm(), MemorySaver(), WordTargets(200), PriceTable({}))
+    with pytest.raises(InvalidRequestError, match=r"model 'm-outline' has no price.*LLM_PRICES"):
+        pipeline.check_budget(replace(batch_context(), budget_usd=1.0))
+    pipeline.check_budget(batch_context())  # no budget: prices do not matter

@@ -14,6 +14,7 @@ from generator_service.llm import Completion
 from generator_service.llm.budget import content_tokens, outline_tokens, titles_tokens
 from generator_service.llm.client import EndpointUnreachableError, FatalApiError, OpenAiLlm
 from generator_service.llm.limits import (
+    PACING,
     AdaptiveConcurrency,
     ModelLimits,
     ProviderGate,
@@ -44,12 +45,12 @@ def test_budgets_fit_what_the_call_asks_for() -> None:
 
 def test_a_bucket_lets_a_minutes_limit_out_then_paces_at_its_rate() -> None:
     clock = FakeClock()
-    bucket = TokenBucket(60, clock)  # one a second
+    bucket = TokenBucket(60, clock)  # one a second, paced a little slower
     assert [bucket.reserve(1) for _ in range(60)] == [0.0] * 60
-    assert bucket.reserve(1) == pytest.approx(1.0)
-    assert bucket.reserve(1) == pytest.approx(2.0)  # reservations queue up in order
+    assert bucket.reserve(1) == pytest.approx(1 / PACING)
+    assert bucket.reserve(1) == pytest.approx(2 / PACING)  # reservations queue up in order
     clock.now += 10
-    assert bucket.reserve(1) == 0.0  # ten seconds refilled ten, two were owed
+    assert bucket.reserve(1) == 0.0  # ten seconds refilled ~9.8, two were owed
 
 
 def test_a_call_larger_than_the_whole_limit_is_refused_at_once() -> None:
@@ -60,9 +61,9 @@ def test_a_call_larger_than_the_whole_limit_is_refused_at_once() -> None:
 def test_the_gate_waits_as_long_as_the_fuller_bucket_needs() -> None:
     clock, sleeps = FakeClock(), Sleeps()
     gate = ProviderGate(ModelLimits(rpm=600, tpm=6_000), clock=clock, sleep=sleeps)
-    for _ in range(4):  # 2,000 tokens each: the fourth waits for 2,000 tokens at 100 a second
+    for _ in range(4):  # 2,000 tokens each: the fourth waits for 2,000 tokens at ~100 a second
         gate.leave(gate.enter("m", 2_000), rate_limited=False)
-    assert sleeps.waits == [pytest.approx(20.0)]
+    assert sleeps.waits == [pytest.approx(20.0 / PACING)]
 
 
 def test_a_429_halves_concurrency_once_per_round_and_successes_restore_it() -> None:
@@ -102,7 +103,7 @@ def test_a_call_waiting_for_the_bucket_holds_its_concurrency_slot() -> None:
     for _ in range(60):
         gate.leave(gate.enter("m", 1), rate_limited=False)
     ticket = gate.enter("m", 1)  # waits a second for the bucket
-    assert sleeps.waits == [pytest.approx(1.0)]
+    assert sleeps.waits == [pytest.approx(1.0 / PACING)]
     assert gate._gate("m").concurrency.try_enter() is not None  # unthrottled: room
     gate.leave(ticket, rate_limited=False)
 
