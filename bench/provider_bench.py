@@ -65,9 +65,7 @@ class Run:
     records: list[dict[str, Any]]  # in the order they were stored
 
 
-def run(
-    articles: int, workers: int, simulator: SimulatorConfig, generator: dict[str, Any]
-) -> Run:
+def run(articles: int, workers: int, simulator: SimulatorConfig, generator: dict[str, Any]) -> Run:
     """The job once, on a fresh stack and SQLite database."""
     with tempfile.TemporaryDirectory(prefix="tierwriter-bench-") as tmp:
         password = uuid.uuid4().hex

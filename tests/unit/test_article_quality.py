@@ -19,10 +19,11 @@ from tests.fakes import EventLog, FakeLlm, MemorySaver, batch_context, tasks
 from tests.unit.test_titles import PROJECT, ScriptedTitles
 
 
-def _run(llm: FakeLlm, saver: MemorySaver | None = None, **batch: int) -> EventLog:
+def _run(llm: FakeLlm, saver: MemorySaver | None = None) -> EventLog:
+    """One article of the default batch (a tier of 1,000-1,500 words)."""
     log = EventLog()
     pipeline = ArticlePipeline(llm, saver or MemorySaver(), WordTargets(200))
-    pipeline.run(batch_context(**batch), ArticleTask(0, "T"), log)
+    pipeline.run(batch_context(), ArticleTask(0, "T"), log)
     return log
 
 
