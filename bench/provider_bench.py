@@ -5,9 +5,11 @@
     python bench/provider_bench.py --profiles-only
 
 1. Rate limits: the simulator enforces R requests a minute the way providers do (a bucket of
-   one minute's requests, refilled continuously) and LLM_RPM_LIMIT is set to R. Reported: the
-   requests sent as a share of what the limit allows in the run's time (the full bucket plus
-   its refill), the share answered 429, and the articles that failed.
+   one minute's requests, refilled continuously) and LLM_RPM_LIMIT is set to R; then the same
+   for T tokens a minute (prompt bytes / 4 + max_tokens, as llmock counts) and LLM_TPM_LIMIT.
+   Reported: what was sent as a share of what the limit allows in the run's time (the full
+   bucket plus its refill), the rate past the first minute's bucket, the share answered 429,
+   and the articles that failed.
 2. Word targets: three simulated models that miss the asked lower bound by 175, by 350 and by
    -100 words (an overshoot), +/- 60 each, on a tier of 800-1,200 words. Reported, for the
    articles after the model's first 20: the share that needed augmentation, the share over the
@@ -104,27 +106,24 @@ def run(articles: int, workers: int, simulator: SimulatorConfig, generator: dict
     return Run(wall, events[-1].run_finished, stats, records)
 
 
-def rate_limits(rpm: int, articles: int, workers: int) -> None:
-    r = run(
-        articles,
-        workers,
-        SimulatorConfig(latency=0.02, rpm_limit=rpm),
-        {"llm_rpm_limit": rpm},
-    )
-    sent = r.simulator.requests + r.simulator.rate_limited
-    allowed = rpm + rpm * r.wall / 60  # the full bucket plus what refilled during the run
+def rate_limits(limit: int, unit: str, articles: int, workers: int) -> None:
+    """One run against a simulator enforcing `limit` requests (unit "requests") or tokens
+    ("tokens") a minute, with the same limit set for tierwriter."""
+    if unit == "requests":
+        simulator, setting = SimulatorConfig(latency=0.02, rpm_limit=limit), "llm_rpm_limit"
+    else:
+        simulator, setting = SimulatorConfig(latency=0.02, tpm_limit=limit), "llm_tpm_limit"
+    r = run(articles, workers, simulator, {setting: limit})
+    requests = r.simulator.requests + r.simulator.rate_limited
+    sent = requests if unit == "requests" else r.simulator.tokens_charged
+    allowed = limit + limit * r.wall / 60  # the full bucket plus what refilled during the run
+    sustained = (sent - limit) / max(r.wall, 1e-9) * 60  # past the first minute's bucket
     failed = sum(row["status"] == "failed" for row in r.records)
-    print(f"Rate limit: {rpm} requests/min, {articles} articles at {workers} workers\n")
+    print(f"| {limit:,} {unit}/min | {articles} at {workers} workers | {r.wall:.1f} s ", end="")
     print(
-        "| wall time | requests | sent / allowed by the limit | sustained rate "
-        "| answered 429 | articles failed |"
-    )
-    print("|---:|---:|---:|---:|---:|---:|")
-    sustained = (sent - rpm) / max(r.wall, 1e-9) * 60  # past the initial bucket
-    print(
-        f"| {r.wall:.1f} s | {sent} | {sent / allowed:.1%} | {sustained:.0f}/min "
-        f"({sustained / rpm:.1%} of R) | {r.simulator.rate_limited} "
-        f"({r.simulator.rate_limited / sent:.1%}) | {failed} |\n",
+        f"| {sent:,} {unit} | {sent / allowed:.1%} | {sustained:,.0f}/min "
+        f"({sustained / limit:.1%} of the limit) | {r.simulator.rate_limited} of {requests} "
+        f"({r.simulator.rate_limited / requests:.1%}) | {failed} |",
         flush=True,
     )
 
@@ -162,6 +161,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--rpm", type=int, default=300, help="the simulated provider's limit")
     parser.add_argument("--rpm-articles", type=int, default=300)
+    parser.add_argument("--tpm", type=int, default=120_000, help="the simulated provider's limit")
+    parser.add_argument("--tpm-articles", type=int, default=60)
     parser.add_argument("--rpm-workers", type=int, default=20)
     parser.add_argument("--articles", type=int, default=120, help="per word-target profile")
     parser.add_argument("--workers", type=int, default=5)
@@ -169,7 +170,14 @@ def main() -> None:
     parser.add_argument("--profiles-only", action="store_true")
     args = parser.parse_args()
     if not args.profiles_only:
-        rate_limits(args.rpm, args.rpm_articles, args.rpm_workers)
+        print(
+            "| limit | articles | wall time | sent | sent / allowed by the limit "
+            "| rate past the first minute | answered 429 | articles failed |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        rate_limits(args.rpm, "requests", args.rpm_articles, args.rpm_workers)
+        rate_limits(args.tpm, "tokens", args.tpm_articles, args.rpm_workers)
+        print()
     profiles(args.articles, args.workers, args.latency)
 
 

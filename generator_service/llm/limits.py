@@ -31,19 +31,20 @@ class RequestTooLargeError(ValueError):
     """One call needs more tokens than the model's whole per-minute limit: it can never go."""
 
 
-# Our buckets refill this much slower than the limit: paced at exactly the provider's rate, the
-# provider's bucket is as empty as ours, and requests that arrive closer together than they
-# left (threads, the network) are refused; this slack absorbs that.
+# Our buckets hold and refill this share of the limit: at exactly the provider's size and rate,
+# the provider's bucket is as empty as ours, and requests that arrive closer together than they
+# left (threads, the network) are refused; the slack absorbs that.
 PACING = 0.98
 
 
 class TokenBucket:
     """A continuously refilling bucket, full at start, holding one minute's limit: the shape
-    OpenAI and PyPI's llmock enforce. Ours never holds more than the provider's (same size,
-    a slower refill, started later), so what it lets out the provider accepts."""
+    OpenAI and PyPI's llmock enforce. Ours never holds more than the provider's (a little
+    smaller, a little slower, started later), so what it lets out the provider accepts."""
 
     def __init__(self, per_minute: int, clock: Clock = time.monotonic) -> None:
-        self.capacity = float(per_minute)
+        self.limit = per_minute
+        self.capacity = per_minute * PACING
         self._rate = per_minute / 60.0 * PACING
         self._clock = clock
         self._level = self.capacity
@@ -55,7 +56,8 @@ class TokenBucket:
         run the bucket into debt; later ones wait longer, so callers go out in order."""
         if amount > self.capacity:
             raise RequestTooLargeError(
-                f"a call needs {amount:,.0f}, more than the limit of {self.capacity:,.0f} a minute"
+                f"a call needs {amount:,.0f}, more than the limit of {self.limit:,} a minute "
+                f"allows at once ({PACING:.0%} of it)"
             )
         with self._lock:
             now = self._clock()

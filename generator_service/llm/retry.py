@@ -35,7 +35,7 @@ from generator_service.llm.client import (
     ResponseFormat,
     RetryNotice,
 )
-from generator_service.llm.limits import ProviderGate, estimate_prompt_tokens
+from generator_service.llm.limits import PACING, ProviderGate, estimate_prompt_tokens
 
 log = logging.getLogger(__name__)
 
@@ -195,12 +195,13 @@ class RetryingLlm:
         if not limits.tpm:
             return max_tokens
         schema_text = json.dumps(response_format) if response_format else ""
-        room = limits.tpm - estimate_prompt_tokens(system, prompt, schema_text)
+        prompt_tokens = estimate_prompt_tokens(system, prompt, schema_text)
+        room = int(limits.tpm * PACING) - prompt_tokens  # what one call may charge at once
         if room < MIN_REPLY_TOKENS:
             raise FatalApiError(
-                f"model {model}: a prompt of ~{limits.tpm - room:,} tokens leaves no room for "
-                f"a reply within its limit of {limits.tpm:,} tokens a minute (LLM_TPM_LIMIT, "
-                "or its entry in LLM_MODEL_LIMITS)"
+                f"model {model}: a prompt of ~{prompt_tokens:,} tokens leaves no room for a "
+                f"reply within its limit of {limits.tpm:,} tokens a minute (LLM_TPM_LIMIT, or "
+                "its entry in LLM_MODEL_LIMITS)"
             )
         return min(max_tokens, room)
 

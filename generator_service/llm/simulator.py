@@ -368,6 +368,9 @@ class SimulatorStats:
     # The largest max_tokens (or max_completion_tokens) answered, by request kind.
     max_tokens_by_kind: dict[str, int] = field(default_factory=dict)
     response_format_requests: int = 0  # answered requests that carried a `response_format`
+    # Tokens the admitted requests were charged against the TPM bucket (prompt bytes / 4 +
+    # max_tokens), when rpm_limit or tpm_limit is set.
+    tokens_charged: int = 0
 
 
 @dataclass
@@ -458,6 +461,7 @@ class LlmSimulator:
                 dict(self._faults),
                 dict(self._stats.max_tokens_by_kind),
                 self._stats.response_format_requests,
+                self._stats.tokens_charged,
             )
 
     def reset(self) -> None:
@@ -533,6 +537,7 @@ class LlmSimulator:
             if not short:
                 for name, bucket in self._buckets.items():
                     bucket.level -= costs[name]
+                self._stats.tokens_charged += tokens
             headers = {}
             for name, bucket in self._buckets.items():
                 headers[f"x-ratelimit-limit-{name}"] = str(bucket.capacity)

@@ -51,6 +51,20 @@ def test_a_tokens_per_minute_limit_is_respected_by_us_with_budgets_that_fit(star
     assert stats.max_tokens_by_kind["outline"] <= 1_000
 
 
+def test_a_requests_per_minute_limit_is_respected_by_us(start_stack) -> None:
+    # 60 articles are ~121 requests: the first 100 go at once, the rest wait for the bucket.
+    handle = start_stack(
+        simulator=SimulatorConfig(rpm_limit=100),
+        concurrent_workers=10,
+        generator_settings={"llm_rpm_limit": 100},
+    )
+    _events, finished = run_job(handle, job_file({"tier1": tier(60)}))
+    assert finished.ok, finished.error
+    assert finished.summary.failed_articles == 0
+    stats = handle.stack.simulator.stats()
+    assert stats.rate_limited == 0 and stats.requests > 100
+
+
 def test_429s_halve_the_models_concurrency_and_no_article_fails(start_stack) -> None:
     handle = start_stack(
         simulator=SimulatorConfig(latency=0.02, rate_limit_every=7, rate_limit_retry_after_ms=5),

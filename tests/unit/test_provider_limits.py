@@ -45,25 +45,25 @@ def test_budgets_fit_what_the_call_asks_for() -> None:
 
 def test_a_bucket_lets_a_minutes_limit_out_then_paces_at_its_rate() -> None:
     clock = FakeClock()
-    bucket = TokenBucket(60, clock)  # one a second, paced a little slower
-    assert [bucket.reserve(1) for _ in range(60)] == [0.0] * 60
-    assert bucket.reserve(1) == pytest.approx(1 / PACING)
-    assert bucket.reserve(1) == pytest.approx(2 / PACING)  # reservations queue up in order
+    bucket = TokenBucket(100, clock)  # holds 98, refills 98 a minute
+    assert [bucket.reserve(1) for _ in range(98)] == [0.0] * 98
+    assert bucket.reserve(1) == pytest.approx(60 / 98)
+    assert bucket.reserve(1) == pytest.approx(2 * 60 / 98)  # reservations queue in order
     clock.now += 10
-    assert bucket.reserve(1) == 0.0  # ten seconds refilled ~9.8, two were owed
+    assert bucket.reserve(1) == 0.0  # ten seconds refilled ~16, two were owed
 
 
 def test_a_call_larger_than_the_whole_limit_is_refused_at_once() -> None:
-    with pytest.raises(RequestTooLargeError, match="more than the limit of 1,000"):
-        TokenBucket(1000, FakeClock()).reserve(1001)
+    with pytest.raises(RequestTooLargeError, match="more than the limit of 1,000 a minute"):
+        TokenBucket(1000, FakeClock()).reserve(981)
 
 
 def test_the_gate_waits_as_long_as_the_fuller_bucket_needs() -> None:
     clock, sleeps = FakeClock(), Sleeps()
     gate = ProviderGate(ModelLimits(rpm=600, tpm=6_000), clock=clock, sleep=sleeps)
-    for _ in range(4):  # 2,000 tokens each: the fourth waits for 2,000 tokens at ~100 a second
-        gate.leave(gate.enter("m", 2_000), rate_limited=False)
-    assert sleeps.waits == [pytest.approx(20.0 / PACING)]
+    for _ in range(4):  # 1,960 tokens each: the bucket holds 5,880; the fourth waits for 1,960
+        gate.leave(gate.enter("m", 1_960), rate_limited=False)
+    assert sleeps.waits == [pytest.approx(1_960 / (6_000 * PACING / 60))]
 
 
 def test_a_429_halves_concurrency_once_per_round_and_successes_restore_it() -> None:
@@ -99,11 +99,11 @@ def test_a_throttled_model_never_has_more_calls_in_flight_than_its_limit() -> No
 def test_a_call_waiting_for_the_bucket_holds_its_concurrency_slot() -> None:
     # Calls a throttle held back go out at the buckets' pace, not all at once when it lifts.
     clock, sleeps = FakeClock(), Sleeps()
-    gate = ProviderGate(ModelLimits(rpm=60), clock=clock, sleep=sleeps)
-    for _ in range(60):
+    gate = ProviderGate(ModelLimits(rpm=100), clock=clock, sleep=sleeps)
+    for _ in range(98):
         gate.leave(gate.enter("m", 1), rate_limited=False)
-    ticket = gate.enter("m", 1)  # waits a second for the bucket
-    assert sleeps.waits == [pytest.approx(1.0 / PACING)]
+    ticket = gate.enter("m", 1)  # waits for the bucket
+    assert sleeps.waits == [pytest.approx(60 / 98)]
     assert gate._gate("m").concurrency.try_enter() is not None  # unthrottled: room
     gate.leave(ticket, rate_limited=False)
 
@@ -261,4 +261,4 @@ def test_budgets_shrink_to_fit_a_tokens_per_minute_limit() -> None:
     inner = ScriptedCalls([])
     llm = RetryingLlm(inner, RetryPolicy(), Sleeps(), ProviderGate(ModelLimits(tpm=3000)))
     llm.complete(model="m", system="s", prompt="x" * 300, max_tokens=8000, temperature=0)
-    assert inner.asked[0]["max_tokens"] == 3000 - (300 + 1 + 2) // 3 - 16
+    assert inner.asked[0]["max_tokens"] == 3000 * PACING - (300 + 1 + 2) // 3 - 16
