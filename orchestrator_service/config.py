@@ -18,6 +18,13 @@ class Settings(ServiceSettings):
     # Articles in flight per job unless the job file sets max_workers; 1 = strictly sequential.
     concurrent_workers: int = Field(5, ge=1, le=256, alias="CONCURRENT_WORKERS")
     output_dir: Path = Field(Path("output"), alias="OUTPUT_DIR")
+    # OUTPUT_DIR as the user sees it, for the paths the orchestrator reports: in a container,
+    # the host folder it is mounted from (docker-compose sets ./output). Unset: OUTPUT_DIR.
+    public_output_dir: Path | None = Field(None, alias="PUBLIC_OUTPUT_DIR")
+
+    def shown_output_dir(self) -> Path:
+        """Where the user finds OUTPUT_DIR."""
+        return self.public_output_dir or self.output_dir
     # Jinja2 templates: its article.html/index.html replace the bundled ones, its subfolders are
     # template sets that sites name.
     templates_dir: Path | None = Field(None, alias="TEMPLATES_DIR")

@@ -50,11 +50,16 @@ class JobPublisher:
     """Runs a job's post-processing. Thread-safe: the state of a run lives in the run."""
 
     def __init__(
-        self, persistence: PersistenceClient, templates: jinja2.Environment, output_root: Path
+        self,
+        persistence: PersistenceClient,
+        templates: jinja2.Environment,
+        output_root: Path,
+        shown_root: Path | None = None,
     ) -> None:
         self._persistence = persistence
         self._templates = templates
         self._output_root = output_root
+        self._shown_root = shown_root or output_root  # where the user finds output_root
 
     def publish(self, job_id: int) -> Iterator[pb.PostProcessingStep]:
         """The four steps' reports, in order; stops after a step that failed."""
@@ -255,7 +260,8 @@ class JobPublisher:
                 titles_files=titles_files,
             ),
         )
-        return len(pages), f"{len(by_site)} site indexes, under {job_dir}/"
+        shown = publish.job_dir(self._shown_root, job_id)
+        return len(pages), f"{len(by_site)} site indexes, under {shown}/"
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -119,7 +119,9 @@ class JobRunner:
         self._persistence = persistence
         self._generator = generator
         self._templates = publish.template_environment(settings.templates_dir)
-        self.publisher = JobPublisher(persistence, self._templates, settings.output_dir)
+        self.publisher = JobPublisher(
+            persistence, self._templates, settings.output_dir, settings.shown_output_dir()
+        )
         self._lock = threading.Lock()  # guards the two maps below
         self._active: dict[threading.Thread, Cancellation] = {}  # running runs, by thread
         self._jobs: dict[int, Cancellation] = {}  # running jobs, by id
@@ -309,7 +311,9 @@ class JobRunner:
     def _finish(self, job_ids: list[int], error: str, elapsed: float) -> pb.RunFinished:
         summary = pb.Summary(
             execution_seconds=elapsed,
-            output_dirs=[str(publish.job_dir(self._settings.output_dir, j)) for j in job_ids],
+            output_dirs=[
+                str(publish.job_dir(self._settings.shown_output_dir(), j)) for j in job_ids
+            ],
         )
         if job_ids:
             try:

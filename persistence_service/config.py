@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
+from sqlalchemy.engine import URL
 
 from tierwriter.settings import ServiceSettings
 
@@ -22,3 +23,25 @@ class Settings(ServiceSettings):
     )
     # At start, how long to wait for the database to answer (health NOT_SERVING meanwhile).
     database_wait_seconds: float = Field(120.0, ge=0, alias="DATABASE_WAIT_SECONDS")
+    # PostgreSQL by parts (docker-compose sets these): a password may hold @ / : % and still
+    # make a valid URL. Used when DATABASE_URL is not set.
+    postgres_host: str | None = Field(None, alias="POSTGRES_HOST")
+    postgres_port: int = Field(5432, ge=1, le=65535, alias="POSTGRES_PORT")
+    postgres_user: str = Field("tierwriter", alias="POSTGRES_USER")
+    postgres_password: SecretStr | None = Field(None, alias="POSTGRES_PASSWORD")
+    postgres_db: str = Field("tierwriter", alias="POSTGRES_DB")
+
+    @model_validator(mode="after")
+    def _url_from_parts(self) -> Settings:
+        if self.postgres_host and "database_url" not in self.model_fields_set:
+            self.database_url = URL.create(
+                "postgresql+psycopg2",
+                username=self.postgres_user,
+                password=self.postgres_password.get_secret_value()
+                if self.postgres_password
+                else None,
+                host=self.postgres_host,
+                port=self.postgres_port,
+                database=self.postgres_db,
+            ).render_as_string(hide_password=False)
+        return self

@@ -3,7 +3,9 @@
 python -m tierwriter.healthcheck 127.0.0.1:50051 [SERVICE]
 
 In a container that serves TLS (TLS_CERT_FILE is set) the probe speaks TLS too, trusting
-TIERWRITER_CA_FILE, else the served certificate itself (right for a self-signed one).
+TIERWRITER_CA_FILE, else the served certificate itself (right for a self-signed one), and checks
+that the certificate names TLS_SERVER_NAME (the host name clients use; default localhost), not
+the 127.0.0.1 it dials.
 """
 
 from __future__ import annotations
@@ -25,11 +27,15 @@ def _trusted_roots() -> bytes | None:
 
 
 def check(
-    address: str, service: str = "", timeout: float = 3.0, root_certificates: bytes | None = None
+    address: str,
+    service: str = "",
+    timeout: float = 3.0,
+    root_certificates: bytes | None = None,
+    server_name: str = "",
 ) -> bool:
     """Whether the health service at `address` says SERVING for `service` ("" = the server);
-    over TLS trusting `root_certificates` when given."""
-    with runtime.open_channel(address, root_certificates) as channel:
+    over TLS trusting `root_certificates` when given, for a certificate naming `server_name`."""
+    with runtime.open_channel(address, root_certificates, server_name) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
@@ -43,4 +49,6 @@ if __name__ == "__main__":
     if len(sys.argv) not in (2, 3):
         sys.exit(__doc__)
     service = sys.argv[2] if len(sys.argv) == 3 else ""
-    sys.exit(0 if check(sys.argv[1], service, root_certificates=_trusted_roots()) else 1)
+    name = os.environ.get("TLS_SERVER_NAME") or "localhost"
+    roots = _trusted_roots()
+    sys.exit(0 if check(sys.argv[1], service, root_certificates=roots, server_name=name) else 1)

@@ -151,13 +151,19 @@ def host_port(address: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-def open_channel(address: str, root_certificates: bytes | None = None) -> grpc.Channel:
+def open_channel(
+    address: str, root_certificates: bytes | None = None, server_name: str = ""
+) -> grpc.Channel:
     """A channel with the shared message-size caps: TLS trusting `root_certificates` (PEM) when
-    given, else plaintext. Calls are spread round-robin over every address the name resolves to
-    (several generator replicas behind one DNS name)."""
+    given, else plaintext; with `server_name`, the certificate must name that host rather than
+    the address dialled (a probe dialling 127.0.0.1 of a server named tierwriter.example.com).
+    Calls are spread round-robin over every address the name resolves to (several generator
+    replicas behind one DNS name)."""
     options = [*CHANNEL_OPTIONS, ("grpc.lb_policy_name", "round_robin")]
     if root_certificates is None:
         return grpc.insecure_channel(address, options=options)
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
     credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
     return grpc.secure_channel(address, credentials, options=options)
 

@@ -7,11 +7,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class ServiceSettings(BaseSettings):
-    """Reads the environment (and a .env file); fields are set by alias (the variable's name) or
-    by field name; empty variables count as unset (compose passes `${VAR:-}` through as "")."""
+    """Reads the environment; fields are set by alias (the variable's name) or by field name;
+    empty variables count as unset (compose passes `${VAR:-}` through as ""). No .env file is
+    read: the one beside docker-compose.yml is compose's, and its container paths would break
+    `tierwriter demo` or `up` run in the same folder."""
 
     model_config = SettingsConfigDict(
-        env_file=".env",
         extra="ignore",
         populate_by_name=True,
         env_ignore_empty=True,

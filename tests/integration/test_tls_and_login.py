@@ -191,3 +191,28 @@ def test_tls_settings_need_both_files_and_readable_pem(tmp_path: Path) -> None:
         read_tls_files(not_pem, tmp_path / "missing.pem")
     with pytest.raises(ValueError, match=r"TLS_CERT_FILE: .* is not a PEM file"):
         read_tls_files(not_pem, key)
+
+
+def test_the_health_probe_checks_the_name_clients_use_not_the_address_it_dials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A real certificate names a host, not 127.0.0.1: the probe must still verify it.
+    ca = trustme.CA()
+    server = ca.issue_cert("tierwriter.example.com")
+    cert, key, ca_file = tmp_path / "server.pem", tmp_path / "server-key.pem", tmp_path / "ca.pem"
+    server.cert_chain_pems[0].write_to_path(str(cert))
+    server.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(ca_file))
+    monkeypatch.setenv("TLS_CERT_FILE", str(cert))
+    monkeypatch.setenv("TLS_KEY_FILE", str(key))
+    with _stack(tmp_path) as stack:
+        env = {**os.environ, "TIERWRITER_CA_FILE": str(ca_file)}
+
+        def probe(name: str) -> int:
+            named = {**env, "TLS_SERVER_NAME": name} if name else env
+            command = [sys.executable, "-m", "tierwriter.healthcheck", stack.orchestrator_address]
+            return subprocess.run(command, env=named, capture_output=True, timeout=60).returncode
+
+        assert probe("tierwriter.example.com") == 0
+        assert probe("") == 1  # the default, localhost, is not the certificate's name
+        assert probe("other.example.com") == 1

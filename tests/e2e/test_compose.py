@@ -1,0 +1,260 @@
+"""The docker-compose deployment as the README has a user run it: built from this tree, driven
+with the project's own CLI from the host, on a real Docker engine.
+
+Runs where an engine answers (`../shared/docker/engine.sh up` starts one; `.ci/run` calls it).
+Elsewhere it is skipped, saying how to run it; in CI (CI set) it is never skipped."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trustme
+
+pytestmark = pytest.mark.compose
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ["docker-compose"]
+ADMIN_PASSWORD = "admin-" + uuid.uuid4().hex[:12]
+# Every character a URL cares about: the database password must still work.
+POSTGRES_PASSWORD = "p@ss/w:rd%20#?&" + uuid.uuid4().hex[:6]
+COPY_IGNORE = shutil.ignore_patterns(
+    ".git", "data", "output", "tls", ".env", "*.egg-info", "__pycache__", ".*_cache", ".venv"
+)
+
+
+def _engine_answers() -> bool:
+    if shutil.which("docker") is None or shutil.which("docker-compose") is None:
+        return False
+    return subprocess.run(["docker", "version"], capture_output=True).returncode == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Deployment:
+    """A copy of this tree deployed as one compose project; the commands a user types."""
+
+    folder: Path
+    project: str
+    port: int
+    token_file: Path
+
+    def compose(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        """docker-compose in the project's folder; fails the test when it fails."""
+        result = subprocess.run(
+            [*COMPOSE, "-p", self.project, *args],
+            cwd=self.folder,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        assert result.returncode == 0, f"docker-compose {' '.join(args)}:\n{result.stderr}"
+        return result
+
+    def up(self, *extra: str) -> None:
+        """`up -d` with three generators, then wait until every container is healthy."""
+        self.compose("up", "-d", "--build", "--scale", "generator=3", *extra)
+        deadline = time.monotonic() + 240
+        while True:
+            states = self.health()
+            if states and all(state == "healthy" for state in states.values()):
+                return
+            assert time.monotonic() < deadline, f"not healthy in 240 s: {states}"
+            time.sleep(2)
+
+    def health(self) -> dict[str, str]:
+        """Each container's health status, by name."""
+        ids = self.compose("ps", "-q").stdout.split()
+        states = {}
+        for container in ids:
+            name, state = subprocess.run(
+                ["docker", "inspect", "-f", "{{.Name}} {{.State.Health.Status}}", container],
+                capture_output=True,
+                text=True,
+            ).stdout.split()
+            states[name] = state
+        return states
+
+    def cli(self, *args: str, tls: bool = False) -> subprocess.CompletedProcess[str]:
+        """The project's CLI on the host, in the project's folder."""
+        address = f"{'localhost' if tls else '127.0.0.1'}:{self.port}"
+        extra = ["--ca-file", str(self.folder / "tls" / "ca.pem")] if tls else []
+        return subprocess.run(
+            [sys.executable, "-m", "orchestrator_service.cli", *args, "--address", address, *extra],
+            cwd=self.folder,
+            env={**os.environ, "TIERWRITER_TOKEN_FILE": str(self.token_file)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    def logs(self, service: str) -> str:
+        return self.compose("logs", "--no-color", service).stdout
+
+
+@pytest.fixture
+def deployment(tmp_path: Path) -> Iterator[Deployment]:
+    """This tree copied to a temporary folder with a .env, as a fresh clone would be; taken
+    down with its volumes and images afterwards, pass or fail."""
+    if not _engine_answers():
+        message = (
+            "no Docker engine: run `../shared/docker/engine.sh up` (installs Debian's docker.io "
+            "and docker-compose and starts the engine), then `pytest -m compose`"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    folder = tmp_path / "tierwriter"
+    shutil.copytree(ROOT, folder, ignore=COPY_IGNORE)
+    port = _free_port()
+    (folder / ".env").write_text(
+        f"POSTGRES_PASSWORD={POSTGRES_PASSWORD}\n"
+        f"SERVICE_TOKEN={uuid.uuid4().hex}{uuid.uuid4().hex}\n"
+        f"TIERWRITER_ADMIN_PASSWORD={ADMIN_PASSWORD}\n"
+        f"ORCHESTRATOR_PORT={port}\n"
+        "COMPOSE_FILE=docker-compose.yml:docker-compose.simulator.yml\n"
+        "SIMULATOR_LATENCY=0.2\n"
+    )
+    running = Deployment(folder, f"twe2e{uuid.uuid4().hex[:8]}", port, tmp_path / "token.json")
+    try:
+        yield running
+    finally:
+        subprocess.run(
+            [*COMPOSE, "-p", running.project, "down", "-v", "--rmi", "local", "--timeout", "5"],
+            cwd=folder,
+            capture_output=True,
+            timeout=300,
+        )
+
+
+def _job(name: str, **tiers: int) -> str:
+    """A job file of the given tiers (tier1=3, tier2=6) on two sites."""
+    shape = {"min_word_count": 300, "max_word_count": 450}
+    project = {
+        "name": name,
+        "main_keyword": "cnc machining",
+        "entities": ["lathe", "spindle"],
+        "related_searches": ["cnc machining cost", "cnc near me"],
+        "money_site_url": "https://example.com/cnc",
+    }
+    job = {
+        "project": project,
+        "tiers": {tier: {"count": count, **shape} for tier, count in tiers.items()},
+        "deployment_targets": ["blog-one.example.net", "blog-two.example.net"],
+    }
+    return json.dumps({"jobs": [job]})
+
+
+def test_the_compose_deployment_works_as_the_readme_says(deployment: Deployment) -> None:
+    d = deployment
+    d.up()
+
+    # The services run as the unprivileged user; the orchestrator is published on loopback only.
+    for service in ("orchestrator", "generator", "persistence"):
+        status = d.compose("exec", "-T", service, "cat", "/proc/1/status").stdout
+        uid = re.search(r"^Uid:\s+(\d+)", status, re.MULTILINE)
+        assert uid and uid.group(1) != "0", (service, status[:200])
+    assert d.compose("port", "orchestrator", "50051").stdout.strip() == f"127.0.0.1:{d.port}"
+
+    # A fresh clone's first job writes its pages where the user is, and says so.
+    assert d.cli("login", "-u", "admin", "-p", ADMIN_PASSWORD).returncode == 0
+    (d.folder / "job.json").write_text(_job("compose-e2e", tier1=3, tier2=6))
+    run = d.cli("generate-batch", "-j", "job.json")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr
+    assert "Open output/1/index.html to browse the sites" in run.stdout
+    assert (d.folder / "output" / "1" / "index.html").is_file()
+    pages = [p for p in (d.folder / "output" / "1").rglob("*.html") if p.name != "index.html"]
+    assert len(pages) == 9
+
+    # Three generators share one job's work: tier streams and title calls go round-robin.
+    generators = d.logs("generator")
+    workers = set(re.findall(r"(generator_\d+)\s+\|.*\[(?:job1-|titles)", generators))
+    assert len(workers) >= 2, workers
+
+    # Persistence restarted in the middle of a job: the job completes, every article once.
+    (d.folder / "job2.json").write_text(_job("compose-restart", tier1=30))
+    command = [sys.executable, "-m", "orchestrator_service.cli", "generate-batch", "-j"]
+    with subprocess.Popen(
+        [*command, "job2.json", "--address", f"127.0.0.1:{d.port}"],
+        cwd=d.folder,
+        env={**os.environ, "TIERWRITER_TOKEN_FILE": str(d.token_file)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as job:
+        assert job.stdout is not None
+        seen = []
+        for line in job.stdout:
+            seen.append(line)
+            if "Saved (ID:" in line:
+                break  # articles are being stored: now take persistence away
+        d.compose("restart", "-t", "5", "persistence")
+        rest = job.stdout.read()
+        assert job.wait(timeout=300) == 0, "".join(seen) + rest
+    shown = d.cli("jobs", "show", "2")
+    assert shown.returncode == 0 and re.search(r"(\d+) generated, (\d+) augmented", shown.stdout)
+    written = re.search(r"articles: (\d+) generated, (\d+) augmented, (\d+) failed", shown.stdout)
+    assert written and sum(int(n) for n in written.groups()) == 30, shown.stdout
+
+    # TLS as the README sets it up: the key 0600 for the host user, a certificate naming
+    # localhost (no IP address): the orchestrator serves it and its health probe passes.
+    ca = trustme.CA()
+    server = ca.issue_cert("localhost")
+    tls = d.folder / "tls"
+    tls.mkdir(exist_ok=True)  # the engine made it for the bind mount at the first up
+    server.cert_chain_pems[0].write_to_path(str(tls / "server.pem"))
+    server.private_key_pem.write_to_path(str(tls / "server-key.pem"))
+    ca.cert_pem.write_to_path(str(tls / "ca.pem"))
+    (tls / "server-key.pem").chmod(0o600)
+    with (d.folder / ".env").open("a") as env:
+        env.write(
+            "TLS_CERT_FILE=/app/tls/server.pem\nTLS_KEY_FILE=/app/tls/server-key.pem\n"
+            "TIERWRITER_CA_FILE=/app/tls/ca.pem\n"
+        )
+    d.up()
+    assert d.cli("login", "-u", "admin", "-p", ADMIN_PASSWORD, tls=True).returncode == 0
+    listed = d.cli("jobs", "list", tls=True)
+    assert listed.returncode == 0 and "compose-restart" in listed.stdout, listed.stderr
+    assert d.cli("jobs", "list").returncode != 0  # plaintext is refused
+
+    # down and up again: jobs and logins are in the database volume.
+    d.compose("down", "--timeout", "10")
+    d.up()
+    again = d.cli("jobs", "list", tls=True)  # the session saved before still works
+    assert again.returncode == 0 and "compose-e2e" in again.stdout, again.stderr
+
+    # Every service stops promptly on SIGTERM (exit 0, not killed after the timeout).
+    d.compose("stop", "--timeout", "20")
+    for container in d.compose("ps", "-q").stdout.split():
+        name, code = subprocess.run(
+            ["docker", "inspect", "-f", "{{.Name}} {{.State.ExitCode}}", container],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        if "postgres" not in name:  # ours: 137 would mean killed after the timeout
+            assert code == "0", (name, code)
+
+
+def test_secrets_stay_out_of_git_and_the_image() -> None:
+    ignored = (ROOT / ".gitignore").read_text().splitlines()
+    assert "/.env" in ignored and "/tls/" in ignored
+    docker_ignored = (ROOT / ".dockerignore").read_text().splitlines()
+    assert ".env" in docker_ignored and "tls" in docker_ignored
+    assert stat.S_IMODE((ROOT / "scripts" / "lock_requirements.sh").stat().st_mode) & 0o100
