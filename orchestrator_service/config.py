@@ -21,10 +21,6 @@ class Settings(ServiceSettings):
     # OUTPUT_DIR as the user sees it, for the paths the orchestrator reports: in a container,
     # the host folder it is mounted from (docker-compose sets ./output). Unset: OUTPUT_DIR.
     public_output_dir: Path | None = Field(None, alias="PUBLIC_OUTPUT_DIR")
-
-    def shown_output_dir(self) -> Path:
-        """Where the user finds OUTPUT_DIR."""
-        return self.public_output_dir or self.output_dir
     # Jinja2 templates: its article.html/index.html replace the bundled ones, its subfolders are
     # template sets that sites name.
     templates_dir: Path | None = Field(None, alias="TEMPLATES_DIR")
@@ -55,3 +51,7 @@ class Settings(ServiceSettings):
     def signing_secret_value(self) -> str | None:
         """TOKEN_SIGNING_SECRET as text, for the token signer only (never logged)."""
         return self.token_signing_secret.get_secret_value() if self.token_signing_secret else None
+
+    def shown_output_dir(self) -> Path:
+        """Where the user finds OUTPUT_DIR."""
+        return self.public_output_dir or self.output_dir

@@ -3,8 +3,10 @@
 # (python:3.11-slim) and pin what pip picked. Needs a Docker engine; run from anywhere.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+trap 'rm -f requirements.lock.new' EXIT
+# pip's own output goes to stderr, so a failed resolve says why.
 docker run --rm -v "$PWD:/src:ro" python:3.11-slim sh -c \
-  'cp -r /src /tmp/tw && pip install -q --no-cache-dir /tmp/tw >/dev/null 2>&1 &&
+  'cp -r /src /tmp/tw && pip install -q --no-cache-dir /tmp/tw >&2 &&
    pip freeze --exclude tierwriter' \
   | grep -v -e '^-e ' -e ' @ file' > requirements.lock.new
 {
@@ -12,5 +14,4 @@ docker run --rm -v "$PWD:/src:ro" python:3.11-slim sh -c \
   echo "# Refresh after changing pyproject.toml's dependencies: scripts/lock_requirements.sh"
   cat requirements.lock.new
 } > requirements.lock
-rm requirements.lock.new
 echo "requirements.lock: $(grep -vc '^#' requirements.lock) packages pinned"

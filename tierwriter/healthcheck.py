@@ -4,8 +4,8 @@ python -m tierwriter.healthcheck 127.0.0.1:50051 [SERVICE]
 
 In a container that serves TLS (TLS_CERT_FILE is set) the probe speaks TLS too, trusting
 TIERWRITER_CA_FILE, else the served certificate itself (right for a self-signed one), and checks
-that the certificate names TLS_SERVER_NAME (the host name clients use; default localhost), not
-the 127.0.0.1 it dials.
+that the certificate names TLS_SERVER_NAME (the host name clients use) when that is set, else the
+127.0.0.1 it dials.
 """
 
 from __future__ import annotations
@@ -49,6 +49,6 @@ if __name__ == "__main__":
     if len(sys.argv) not in (2, 3):
         sys.exit(__doc__)
     service = sys.argv[2] if len(sys.argv) == 3 else ""
-    name = os.environ.get("TLS_SERVER_NAME") or "localhost"
+    name = os.environ.get("TLS_SERVER_NAME", "")
     roots = _trusted_roots()
     sys.exit(0 if check(sys.argv[1], service, root_certificates=roots, server_name=name) else 1)

@@ -23,9 +23,11 @@ from pathlib import Path
 import pytest
 import trustme
 
-pytestmark = pytest.mark.compose
+# Builds, three `up`s and jobs: well past the suite's 300 s per test, teardown included.
+pytestmark = [pytest.mark.compose, pytest.mark.timeout(1800)]
 
 ROOT = Path(__file__).resolve().parents[2]
+USER_UID = 4242  # stands for the host user who made ./output
 COMPOSE = ["docker-compose"]
 ADMIN_PASSWORD = "admin-" + uuid.uuid4().hex[:12]
 # Every character a URL cares about: the database password must still work.
@@ -71,6 +73,7 @@ class Deployment:
     def up(self, *extra: str) -> None:
         """`up -d` with three generators, then wait until every container is healthy."""
         self.compose("up", "-d", "--build", "--scale", "generator=3", *extra)
+        # compose v1 (Debian's) has no `up --wait`: poll the engine's health states.
         deadline = time.monotonic() + 240
         while True:
             states = self.health()
@@ -82,15 +85,14 @@ class Deployment:
     def health(self) -> dict[str, str]:
         """Each container's health status, by name."""
         ids = self.compose("ps", "-q").stdout.split()
-        states = {}
-        for container in ids:
-            name, state = subprocess.run(
-                ["docker", "inspect", "-f", "{{.Name}} {{.State.Health.Status}}", container],
-                capture_output=True,
-                text=True,
-            ).stdout.split()
-            states[name] = state
-        return states
+        if not ids:
+            return {}
+        inspected = subprocess.run(
+            ["docker", "inspect", "-f", "{{.Name}} {{.State.Health.Status}}", *ids],
+            capture_output=True,
+            text=True,
+        ).stdout  # a container replaced meanwhile is missing here: the next poll sees it
+        return dict(line.split(maxsplit=1) for line in inspected.splitlines() if " " in line)
 
     def cli(self, *args: str, tls: bool = False) -> subprocess.CompletedProcess[str]:
         """The project's CLI on the host, in the project's folder."""
@@ -136,12 +138,25 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
     try:
         yield running
     finally:
-        subprocess.run(
+        down = subprocess.run(
             [*COMPOSE, "-p", running.project, "down", "-v", "--rmi", "local", "--timeout", "5"],
             cwd=folder,
             capture_output=True,
+            text=True,
             timeout=300,
         )
+        left = subprocess.run(
+            [
+                "docker",
+                "ps",
+                "-aq",
+                "--filter",
+                f"label=com.docker.compose.project={running.project}",
+            ],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        assert down.returncode == 0 and not left, f"not cleaned up: {down.stderr} {left}"
 
 
 def _job(name: str, **tiers: int) -> str:
@@ -173,7 +188,8 @@ def test_the_compose_deployment_works_as_the_readme_says(deployment: Deployment)
         assert uid and uid.group(1) != "0", (service, status[:200])
     assert d.compose("port", "orchestrator", "50051").stdout.strip() == f"127.0.0.1:{d.port}"
 
-    # A fresh clone's first job writes its pages where the user is, and says so.
+    # A fresh clone's first job writes its pages where the user is, and says so; the engine
+    # made ./output for the mount (root's), so the service user got it.
     assert d.cli("login", "-u", "admin", "-p", ADMIN_PASSWORD).returncode == 0
     (d.folder / "job.json").write_text(_job("compose-e2e", tier1=3, tier2=6))
     run = d.cli("generate-batch", "-j", "job.json")
@@ -213,6 +229,18 @@ def test_the_compose_deployment_works_as_the_readme_says(deployment: Deployment)
     written = re.search(r"articles: (\d+) generated, (\d+) augmented, (\d+) failed", shown.stdout)
     assert written and sum(int(n) for n in written.groups()) == 30, shown.stdout
 
+    # An output folder the user made (README: mkdir -p output): the pages are the user's.
+    d.compose("down", "--timeout", "10")
+    shutil.rmtree(d.folder / "output")
+    (d.folder / "output").mkdir()
+    os.chown(d.folder / "output", USER_UID, USER_UID)
+    d.up()
+    (d.folder / "job3.json").write_text(_job("compose-mine", tier1=2))
+    mine = d.cli("generate-batch", "-j", "job3.json")
+    assert mine.returncode == 0, mine.stdout[-2000:] + mine.stderr
+    owners = {p.stat().st_uid for p in (d.folder / "output").rglob("*")}
+    assert owners == {USER_UID}, owners
+
     # TLS as the README sets it up: the key 0600 for the host user, a certificate naming
     # localhost (no IP address): the orchestrator serves it and its health probe passes.
     ca = trustme.CA()
@@ -226,7 +254,7 @@ def test_the_compose_deployment_works_as_the_readme_says(deployment: Deployment)
     with (d.folder / ".env").open("a") as env:
         env.write(
             "TLS_CERT_FILE=/app/tls/server.pem\nTLS_KEY_FILE=/app/tls/server-key.pem\n"
-            "TIERWRITER_CA_FILE=/app/tls/ca.pem\n"
+            "TIERWRITER_CA_FILE=/app/tls/ca.pem\nTLS_SERVER_NAME=localhost\n"
         )
     d.up()
     assert d.cli("login", "-u", "admin", "-p", ADMIN_PASSWORD, tls=True).returncode == 0

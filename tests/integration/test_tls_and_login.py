@@ -214,5 +214,5 @@ def test_the_health_probe_checks_the_name_clients_use_not_the_address_it_dials(
             return subprocess.run(command, env=named, capture_output=True, timeout=60).returncode
 
         assert probe("tierwriter.example.com") == 0
-        assert probe("") == 1  # the default, localhost, is not the certificate's name
+        assert probe("") == 1  # unset: the 127.0.0.1 it dials is not the certificate's name
         assert probe("other.example.com") == 1
