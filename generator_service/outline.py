@@ -76,19 +76,6 @@ def parse_outline(reply: str) -> Outline:
     return outline
 
 
-def outline_problem(outline: Outline, tier: TierShape) -> str:
-    """Why the outline is outside the tier's ranges, or "" when it is inside them."""
-    problems = []
-    if not tier.min_h2 <= len(outline) <= tier.max_h2:
-        problems.append(
-            f"H2 sections: {len(outline)}, the tier needs {tier.min_h2} to {tier.max_h2}"
-        )
-    h3 = h3_total(outline)
-    if not tier.min_h3 <= h3 <= tier.max_h3:
-        problems.append(f"H3 subsections: {h3}, the tier needs {tier.min_h3} to {tier.max_h3}")
-    return "; ".join(problems)
-
-
 def outline_shortfall(outline: Outline, tier: TierShape) -> str:
     """Why the outline has too few headings for the tier, or "" when it has enough (too many
     are trimmed by fit_outline, no call needed)."""

@@ -109,6 +109,21 @@ def progress_from_generator(
     )
 
 
+def tier_finished(job_id: int, stats: db_pb.TierStats) -> pb.TierFinished:
+    """A tier's stored counts as the public TierFinished."""
+    c = stats.counts
+    return pb.TierFinished(
+        job_id=job_id,
+        tier=stats.tier,
+        generated=c.generated,
+        augmented=c.augmented,
+        failed=c.failed,
+        short=c.short,
+        skipped=c.skipped,
+        cost_usd=c.cost_usd,
+    )
+
+
 class JobRunner:
     """Runs job files. Thread-safe: each run keeps its state in local variables."""
 
@@ -243,9 +258,9 @@ class JobRunner:
     ) -> Iterator[pb.JobEvent]:
         """Finish a stored job that is not running: generate exactly the articles without a
         terminal record or skipped for the budget (with `retry_failed`, the failed ones too),
-        reusing its titles, then post-process the whole job. `max_cost_usd` replaces the job's
-        budget for this run. Raises ServiceCallError (before any event) when the job does not
-        exist or is running."""
+        reusing its titles, then post-process the whole job. `max_cost_usd` (when not 0)
+        replaces the job's budget, and is kept with the job. Raises ServiceCallError (before
+        any event) when the job does not exist or is running."""
         # FAILED_PRECONDITION if it is running; a new budget is kept with the job's spec.
         job = self._persistence.reopen_job(job_id, max_cost_usd)
         return self._resumed(job, retry_failed, cancellation)
@@ -444,6 +459,11 @@ class JobRunner:
         average = t.cost_usd / written if written else 0.0
         return max_cost_usd - t.cost_usd - stats.title_cost_usd, average
 
+    def _can_pay(self, job_id: int, max_cost_usd: float) -> bool:
+        """Whether what is left of the budget pays for an article as the job's cost so far."""
+        left, average = self._budget_left(job_id, max_cost_usd)
+        return left >= max(average, 1e-9)
+
     def _budget_message(self, job_id: int, max_cost_usd: float) -> str:
         """Why the job did not complete, when its budget kept articles from being written
         (skipped ones, and those of tiers it did not start); else ""."""
@@ -482,10 +502,7 @@ class JobRunner:
     ) -> Generator[pb.JobEvent, None, TierOutcome]:
         job_id, workers = job.id, job.max_workers
         resuming = stored_titles is not None  # else the tier never started: it has no records
-        left, average = (
-            self._budget_left(job_id, spec.max_cost_usd) if spec.max_cost_usd else (1.0, 0.0)
-        )
-        if not resuming and left < max(average, 1e-9):
+        if not resuming and spec.max_cost_usd and not self._can_pay(job_id, spec.max_cost_usd):
             # Titles cost too: a tier that cannot pay for one article does not ask for them.
             yield pb.JobEvent(
                 notice=pb.Notice(
@@ -725,21 +742,8 @@ class JobRunner:
 
     def _tier_finished(self, job_id: int, tier: str) -> pb.JobEvent:
         """The tier's counts, from its records."""
-        counts = next(
-            s.counts for s in self._persistence.job_stats([job_id]).tiers if s.tier == tier
-        )
-        return pb.JobEvent(
-            tier_finished=pb.TierFinished(
-                job_id=job_id,
-                tier=tier,
-                generated=counts.generated,
-                augmented=counts.augmented,
-                failed=counts.failed,
-                short=counts.short,
-                skipped=counts.skipped,
-                cost_usd=counts.cost_usd,
-            )
-        )
+        stats = next(s for s in self._persistence.job_stats([job_id]).tiers if s.tier == tier)
+        return pb.JobEvent(tier_finished=tier_finished(job_id, stats))
 
     @staticmethod
     def _not_published(job_id: int, why: str) -> pb.JobEvent:

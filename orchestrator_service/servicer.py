@@ -19,7 +19,7 @@ from orchestrator_service.auth import (
     ThrottledError,
 )
 from orchestrator_service.jobfile import JobFileError, max_cost_of, parse_project_file
-from orchestrator_service.runner import CLIENT_GONE, Cancellation, JobRunner
+from orchestrator_service.runner import CLIENT_GONE, Cancellation, JobRunner, tier_finished
 from persistence_service.client import PersistenceClient
 from tierwriter import runtime
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
@@ -249,19 +249,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             stats.title_api_calls,
             stats.title_prompt_tokens + stats.title_completion_tokens,
         )
-        tiers = [
-            pb.TierFinished(
-                job_id=job.id,
-                tier=t.tier,
-                generated=t.counts.generated,
-                augmented=t.counts.augmented,
-                failed=t.counts.failed,
-                short=t.counts.short,
-                skipped=t.counts.skipped,
-                cost_usd=t.counts.cost_usd,
-            )
-            for t in stats.tiers
-        ]
+        tiers = [tier_finished(job.id, t) for t in stats.tiers]
         return pb.GetJobResponse(job=info, tiers=tiers)
 
     def ListJobs(

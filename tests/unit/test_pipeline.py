@@ -10,7 +10,7 @@ from generator_service.domain import ArticleTask, EventKind, ProjectInfo, TierSh
 from generator_service.outline import (
     OutlineError,
     fit_outline,
-    outline_problem,
+    outline_shortfall,
     parse_outline,
     section_budgets,
 )
@@ -152,7 +152,7 @@ def test_an_outline_within_the_ranges_is_unchanged() -> None:
     outline = [{"h2": "A", "h3": ["a"]}, {"h2": "B", "h3": ["b", "c"]}]
     fitted = fit_outline(outline, _shape(2, 4, 1, 5), PROJECT)
     assert fitted.sections == outline and fitted.fix == ""
-    assert outline_problem(outline, _shape(2, 4, 1, 5)) == ""
+    assert outline_shortfall(outline, _shape(2, 4, 1, 5)) == ""
 
 
 def test_missing_headings_are_padded_from_related_searches_and_entities() -> None:
@@ -177,13 +177,23 @@ def test_an_outline_that_cannot_be_padded_fails_with_the_reason() -> None:
 @pytest.mark.parametrize(
     "h3s, tier, problem",
     [
-        ([1, 1], _shape(3, 5, 0, 9), "H2 sections: 2, the tier needs 3 to 5"),
-        ([4, 4, 4], _shape(3, 5, 0, 9), "H3 subsections: 12, the tier needs 0 to 9"),
-        ([0] * 6, _shape(3, 5, 1, 9), "H2 sections: 6, the tier needs 3 to 5; H3 subsections: 0"),
+        ([1, 1], _shape(3, 5, 0, 9), "H2 sections: 2, the tier needs at least 3"),
+        ([0, 0, 0], _shape(3, 5, 1, 9), "H3 subsections: 0, the tier needs at least 1"),
+        (
+            [0],
+            _shape(3, 5, 1, 9),
+            "H2 sections: 1, the tier needs at least 3; "
+            "H3 subsections: 0, the tier needs at least 1",
+        ),
+        # Too many costs no call: fit_outline trims it. H3s of cut H2s do not count.
+        ([4, 4, 4], _shape(3, 5, 0, 9), ""),
+        ([0] * 6 + [5], _shape(3, 6, 1, 9), "H3 subsections: 0, the tier needs at least 1"),
     ],
 )
-def test_out_of_range_outlines_are_named(h3s: list[int], tier: TierShape, problem: str) -> None:
-    assert outline_problem(parse_outline(_outline_json(h3s)), tier).startswith(problem)
+def test_outlines_with_too_few_headings_are_named(
+    h3s: list[int], tier: TierShape, problem: str
+) -> None:
+    assert outline_shortfall(parse_outline(_outline_json(h3s)), tier) == problem
 
 
 def test_an_out_of_range_outline_gets_one_repair_request() -> None:
