@@ -56,12 +56,13 @@ class GeneratorClient:
         articles: Sequence[pb.ArticleRequest],
         stop: threading.Event,
         stop_reason: Callable[[], str] = lambda: "the job was cancelled",
-        grace_seconds: float = 0.0,
+        grace_seconds: Callable[[], float] = lambda: 0.0,
     ) -> Generator[pb.ArticleEvent, None, None]:
         """Send the settings and every article; yield events as they come back until each
         article has had its terminal event. Setting `stop` asks the generator to start no
         further article; the events of those in flight (failed as cancelled when they outlive
-        `grace_seconds`), and SKIPPED for the rest, still come.
+        `grace_seconds()`, read when the stop goes out; 0: never), and SKIPPED for the rest,
+        still come.
         Closing the iterator early cancels the stream outright."""
         all_terminal = threading.Event()
         if not articles:
@@ -76,7 +77,7 @@ class GeneratorClient:
             # Wait on all_terminal, not on stop: the end of a tier must not wait out a poll.
             while not all_terminal.wait(STOP_POLL_SECONDS):
                 if stop.is_set():
-                    stop_message = pb.StopBatch(reason=stop_reason(), grace_seconds=grace_seconds)
+                    stop_message = pb.StopBatch(reason=stop_reason(), grace_seconds=grace_seconds())
                     yield pb.GenerateArticlesRequest(stop=stop_message)
                     return
 

@@ -32,6 +32,7 @@ EXIT_RUN_FAILED = 1  # the run stopped early or a service failed during it
 EXIT_BAD_INPUT = 2  # a bad job file or bad arguments; nothing was written
 EXIT_UNAUTHENTICATED = 3  # not logged in, wrong credentials, or not allowed to do that
 EXIT_UNAVAILABLE = 4  # a service could not be reached
+EXIT_BUSY = 5  # the orchestrator refused for now (too many watches, login brake): try later
 EXIT_INTERRUPTED = 130
 
 DEMO_DATABASE = Path("data/demo.db")
@@ -71,7 +72,7 @@ def _exit_code_for(error: runtime.ServiceCallError) -> int:
         grpc.StatusCode.FAILED_PRECONDITION: EXIT_BAD_INPUT,
         grpc.StatusCode.UNAUTHENTICATED: EXIT_UNAUTHENTICATED,
         grpc.StatusCode.PERMISSION_DENIED: EXIT_UNAUTHENTICATED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED: EXIT_UNAUTHENTICATED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED: EXIT_BUSY,
         grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE,
     }.get(error.code, EXIT_RUN_FAILED)  # type: ignore[arg-type]
 
@@ -80,14 +81,18 @@ def _error_text(error: runtime.ServiceCallError) -> str:
     """What to print for a failed call: the server's words when they are meant for the user."""
     if error.code in _SHOWN_AS_IS:
         return error.details
+    if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return f"the orchestrator is busy: {error.details}"
     if error.code == grpc.StatusCode.UNAVAILABLE:
         return f"{error} (an orchestrator that serves TLS needs --ca-file or TIERWRITER_CA_FILE)"
     return str(error)
 
 
-def run_and_print(client: OrchestratorClient, stream: EventStream, out: TextIO) -> int:
-    """Print every event of a run (or resume) as it arrives; return the exit code. The first
-    Ctrl-C cancels the running job cleanly and waits for its summary; a second leaves at once.
+def watch_and_print(client: OrchestratorClient, stream: EventStream, out: TextIO) -> int:
+    """Print every event of the watched jobs as it arrives; return the exit code (the worst
+    over the jobs). The first Ctrl-C cancels the watched jobs (queued ones at once, running
+    ones cleanly) and waits for their summaries; a second leaves at once, and the cancelled
+    jobs wind down on the server. Leaving any other way cancels nothing: the jobs run on.
 
     A thread reads the stream: a Ctrl-C landing inside gRPC's own wait would corrupt the call,
     while one landing in queue.get() is harmless."""
@@ -103,8 +108,9 @@ def run_and_print(client: OrchestratorClient, stream: EventStream, out: TextIO) 
             received.put(None)
 
     reader = threading.Thread(target=read, name="events", daemon=True)
-    running: list[int] = []  # ids of the jobs that started, in order
-    cancelling = False
+    position = {job_id: n for n, job_id in enumerate(stream.job_ids)}
+    finished: set[int] = set()
+    exit_code, cancelling = EXIT_OK, False
     with stream:
         reader.start()
         while True:
@@ -115,34 +121,46 @@ def run_and_print(client: OrchestratorClient, stream: EventStream, out: TextIO) 
                 if isinstance(item, runtime.ServiceCallError):
                     print(f"Error: {_error_text(item)}", file=sys.stderr)
                     return _exit_code_for(item)
-                if item.WhichOneof("event") == "job_started":
-                    running.append(item.job_started.job_id)
+                kind = item.WhichOneof("event")
+                if kind == "job_started" and len(position) > 1:  # "Job 2/3": the file's order
+                    item.job_started.job_number = position.get(item.job_id, 0)
+                    item.job_started.job_count = len(position)
                 for line in event_lines(item):
                     print(line, file=out, flush=True)
-                if item.WhichOneof("event") == "run_finished":
-                    if cancelling:
-                        return EXIT_INTERRUPTED
-                    return EXIT_OK if item.run_finished.ok else EXIT_RUN_FAILED
+                if kind == "run_finished":
+                    finished.add(item.job_id)
+                    if not item.run_finished.ok:
+                        exit_code = EXIT_RUN_FAILED
             except queue.Empty:
                 continue
             except KeyboardInterrupt:
-                if cancelling or not running:
-                    stream.close()  # cancels the run; in-flight articles are still recorded
-                    print("\nLeft at once: the job is cancelled on the server.", file=sys.stderr)
+                if cancelling:
+                    print(
+                        "\nLeft at once: the jobs are cancelled on the server; in-flight "
+                        "articles are still recorded.",
+                        file=sys.stderr,
+                    )
                     return EXIT_INTERRUPTED
                 cancelling = True
-                _cancel(client, running[-1])
-    print("Error: the orchestrator ended the stream without a summary", file=sys.stderr)
-    return EXIT_RUN_FAILED
+                _cancel(client, [j for j in stream.job_ids if j not in finished])
+    if cancelling:
+        return EXIT_INTERRUPTED
+    if len(finished) < len(stream.job_ids):
+        # A job cancelled while queued never ran: its watch ends without a summary.
+        return EXIT_RUN_FAILED
+    return exit_code
 
 
-def _cancel(client: OrchestratorClient, job_id: int) -> None:
-    try:
-        message = client.cancel_job(job_id)
-    except runtime.ServiceCallError as e:
-        message = f"could not cancel job {job_id}: {e.details}"
+def _cancel(client: OrchestratorClient, job_ids: Sequence[int]) -> None:
+    messages = []
+    for job_id in job_ids:
+        try:
+            messages.append(client.cancel_job(job_id))
+        except runtime.ServiceCallError as e:
+            messages.append(f"could not cancel job {job_id}: {e.details}")
     print(
-        f"\nCtrl-C: {message}. Waiting for the summary; press Ctrl-C again to leave at once.",
+        f"\nCtrl-C: {'; '.join(messages) or 'nothing left to cancel'}. Waiting for the "
+        "summary; press Ctrl-C again to leave at once.",
         file=sys.stderr,
         flush=True,
     )
@@ -209,8 +227,17 @@ def cmd_generate_batch(args: argparse.Namespace) -> int:
     except (OSError, UnicodeDecodeError) as e:
         print(f"Error: cannot read job file {args.job_file}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    with _open_client(args) as client:
-        return run_and_print(client, client.run_job(job_file), sys.stdout)
+
+    def submit(client: OrchestratorClient) -> int:
+        job_ids = client.submit_job(job_file)
+        if args.detach:
+            listed = ", ".join(map(str, job_ids))
+            print(f"Submitted: job{'s' if len(job_ids) > 1 else ''} {listed}")
+            print(f"Watch with `tierwriter jobs watch {job_ids[0]}`; they run on the server.")
+            return EXIT_OK
+        return watch_and_print(client, client.watch_jobs(job_ids), sys.stdout)
+
+    return _client_command(args, submit)
 
 
 def _job_row(j: pb.JobInfo) -> str:
@@ -291,9 +318,24 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_resume(args: argparse.Namespace) -> int:
-    with _open_client(args) as client:
-        events = client.resume_job(args.job_id, args.retry_failed, args.max_cost_usd or 0.0)
-        return run_and_print(client, events, sys.stdout)
+    def resume(client: OrchestratorClient) -> int:
+        queued = client.resume_job(args.job_id, args.retry_failed, args.max_cost_usd or 0.0)
+        if args.detach:
+            print(f"Job {queued.job_id} is queued to resume; `tierwriter jobs watch "
+                  f"{queued.job_id}` shows it.")  # fmt: skip
+            return EXIT_OK
+        return watch_and_print(
+            client, client.watch_job(queued.job_id, queued.after_seq), sys.stdout
+        )
+
+    return _client_command(args, resume)
+
+
+def cmd_jobs_watch(args: argparse.Namespace) -> int:
+    def watch(client: OrchestratorClient) -> int:
+        return watch_and_print(client, client.watch_job(args.job_id, args.after), sys.stdout)
+
+    return _client_command(args, watch)
 
 
 def cmd_jobs_publish(args: argparse.Namespace) -> int:
@@ -564,7 +606,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         LocalStack(config) as stack,
         OrchestratorClient(stack.orchestrator_address, "admin", password) as client,
     ):
-        return run_and_print(client, client.run_job(demo_job()), sys.stdout)
+        return watch_and_print(client, client.run_job(demo_job()), sys.stdout)
 
 
 def _positive_float(text: str) -> float:
@@ -628,10 +670,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     batch = with_client_options(
         commands.add_parser(
-            "generate-batch", help="run a job file on a running tierwriter (see `up`)"
+            "generate-batch",
+            help="submit a job file to a running tierwriter (see `up`) and watch its jobs; "
+            "they run on the server whatever happens to this command (Ctrl-C cancels them)",
         )
     )
     batch.add_argument("-j", "--job-file", required=True, help="the job file (JSON)")
+    batch.add_argument(
+        "--detach",
+        action="store_true",
+        help="print the job ids and return at once; `tierwriter jobs watch ID` follows a job",
+    )
     batch.set_defaults(handler=cmd_generate_batch)
 
     up = commands.add_parser(
@@ -677,7 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=cmd_demo)
 
     jobs = commands.add_parser(
-        "jobs", help="list, show, cancel, resume or publish jobs"
+        "jobs", help="list, show, watch, cancel, resume or publish jobs"
     ).add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
     listing = with_client_options(jobs.add_parser("list", help="jobs, newest first"))
     listing.add_argument("--limit", type=int, default=50)
@@ -688,8 +737,8 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = with_client_options(
         jobs.add_parser(
             "cancel",
-            help="cancel a running job: nothing new starts, articles in flight finish (or stop "
-            "after CANCEL_GRACE_SECONDS) and are recorded; the job ends cancelled",
+            help="cancel a queued or running job: nothing new starts, articles in flight finish "
+            "(or stop after CANCEL_GRACE_SECONDS) and are recorded; the job ends cancelled",
         )
     )
     cancel.add_argument("job_id", type=int)
@@ -712,7 +761,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="a new budget for the job (its articles skipped for the budget are written "
         "while it lasts)",
     )
+    resume.add_argument("--detach", action="store_true", help="queue the resume and return at once")
     resume.set_defaults(handler=cmd_jobs_resume)
+    watch = with_client_options(
+        jobs.add_parser(
+            "watch",
+            help="follow a job's events (all of them, from its start) until it ends; "
+            "Ctrl-C cancels it, a second Ctrl-C leaves at once",
+        )
+    )
+    watch.add_argument("job_id", type=int)
+    watch.add_argument(
+        "--after",
+        type=int,
+        default=0,
+        metavar="SEQ",
+        help="only events after this sequence number (default: from the job's start)",
+    )
+    watch.set_defaults(handler=cmd_jobs_watch)
     republish = with_client_options(
         jobs.add_parser(
             "publish",

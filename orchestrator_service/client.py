@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -15,30 +16,64 @@ from tierwriter.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 R = TypeVar("R")
 DEADLINE = 30.0
 PUBLISH_DEADLINE = 600.0  # re-rendering and writing thousands of pages
-RUN_DEADLINE = 7 * 24 * 3600.0  # a batch of thousands of articles may take days at low concurrency
+WATCH_DEADLINE = 7 * 24 * 3600.0  # a batch of thousands of articles may take days
+
+
+_WATCH_RECONNECT_SECONDS = 120.0  # an orchestrator restarting behind a watcher
 
 
 class EventStream:
-    """The JobEvents of a RunJob or ResumeJob call. Iterating may be interrupted (Ctrl-C) and
-    taken up again; close() cancels the call, which cancels the run."""
+    """The JobEvents of one or more jobs, watched in order. Iterating may be interrupted
+    (Ctrl-C) and taken up again; a watch that loses its orchestrator (UNAVAILABLE) reconnects
+    and goes on after the last event it saw. close() ends the watch; the jobs run on."""
 
     def __init__(
-        self, call: Any, to_error: Callable[[grpc.RpcError], runtime.ServiceCallError]
+        self,
+        watch: Callable[[int, int], Any],
+        to_error: Callable[[grpc.RpcError], runtime.ServiceCallError],
+        job_ids: Sequence[int],
+        after_seq: int = 0,
     ) -> None:
-        self._call = call
+        self._watch = watch
         self._to_error = to_error
+        self.job_ids = list(job_ids)
+        self._events = self._all(after_seq)
+        self._call: Any = None
+        self._closed = False
 
     def __iter__(self) -> Iterator[pb.JobEvent]:
         return self
 
     def __next__(self) -> pb.JobEvent:
-        try:
-            return next(self._call)
-        except grpc.RpcError as e:
-            raise self._to_error(e) from e
+        return next(self._events)
+
+    def _all(self, after_seq: int) -> Iterator[pb.JobEvent]:
+        for n, job_id in enumerate(self.job_ids):
+            yield from self._one(job_id, after_seq if n == 0 else 0)
+
+    def _one(self, job_id: int, after_seq: int) -> Iterator[pb.JobEvent]:
+        seq, lost_since = after_seq, 0.0
+        while not self._closed:
+            self._call = self._watch(job_id, seq)
+            try:
+                for event in self._call:
+                    seq, lost_since = event.seq, 0.0
+                    yield event
+                return
+            except grpc.RpcError as e:
+                error = self._to_error(e)
+                if error.code != grpc.StatusCode.UNAVAILABLE:
+                    raise error from e
+                lost_since = lost_since or time.monotonic()
+                if time.monotonic() - lost_since > _WATCH_RECONNECT_SECONDS:
+                    raise error from e
+                time.sleep(1.0)
 
     def close(self) -> None:
-        self._call.cancel()  # a no-op once the call has ended
+        """End the watch (from any thread: the one iterating then stops with CANCELLED)."""
+        self._closed = True
+        if self._call is not None:
+            self._call.cancel()  # a no-op once the call has ended
 
     def __enter__(self) -> EventStream:
         return self
@@ -79,21 +114,42 @@ class OrchestratorClient:
     def _error(self, error: grpc.RpcError) -> runtime.ServiceCallError:
         return runtime.ServiceCallError("orchestrator_service", self.address, error)
 
+    def submit_job(self, job_file: str) -> list[int]:
+        """Store the file's jobs (they run on the server from now on); their ids, in order."""
+        request = pb.SubmitJobRequest(job_file=job_file)
+        return list(self._call(self._stub.SubmitJob, request).job_ids)
+
+    def watch_job(self, job_id: int, after_seq: int = 0) -> EventStream:
+        """The job's events after `after_seq` until it is no longer queued or running."""
+        return EventStream(self._open_watch, self._error, [job_id], after_seq)
+
+    def watch_jobs(self, job_ids: Sequence[int]) -> EventStream:
+        """Each job's events from its start, one job after the other."""
+        return EventStream(self._open_watch, self._error, job_ids)
+
+    def _open_watch(self, job_id: int, after_seq: int) -> Any:
+        request = pb.WatchJobRequest(job_id=job_id, after_seq=after_seq)
+        return self._stub.WatchJob(request, timeout=WATCH_DEADLINE, metadata=self._metadata)
+
     def run_job(self, job_file: str) -> EventStream:
-        """Events of the run, ending with RunFinished. Closing the stream cancels the run."""
-        request = pb.RunJobRequest(job_file=job_file)
-        call = self._stub.RunJob(request, timeout=RUN_DEADLINE, metadata=self._metadata)
-        return EventStream(call, self._error)
+        """Submit a job file and watch its jobs in order: each ends with its RunFinished."""
+        return self.watch_jobs(self.submit_job(job_file))
 
     def resume_job(
         self, job_id: int, retry_failed: bool = False, max_cost_usd: float = 0.0
-    ) -> EventStream:
-        """Events of the resumed job, ending with RunFinished."""
+    ) -> pb.ResumeJobResponse:
+        """Queue the job again; watch it after the response's after_seq."""
         request = pb.ResumeJobRequest(
             job_id=job_id, retry_failed=retry_failed, max_cost_usd=max_cost_usd
         )
-        call = self._stub.ResumeJob(request, timeout=RUN_DEADLINE, metadata=self._metadata)
-        return EventStream(call, self._error)
+        return self._call(self._stub.ResumeJob, request)
+
+    def resume_and_watch(
+        self, job_id: int, retry_failed: bool = False, max_cost_usd: float = 0.0
+    ) -> EventStream:
+        """Queue the job again and watch the resumed run, to its RunFinished."""
+        queued = self.resume_job(job_id, retry_failed, max_cost_usd)
+        return self.watch_job(queued.job_id, queued.after_seq)
 
     def cancel_job(self, job_id: int) -> str:
         return self._call(self._stub.CancelJob, pb.CancelJobRequest(job_id=job_id)).message

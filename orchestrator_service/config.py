@@ -30,7 +30,20 @@ class Settings(ServiceSettings):
     # When the generator is lost mid-tier, wait for one to answer again this many times (with
     # exponential backoff from 1 s, at most 30 s apart) before the job fails.
     generator_reconnect_attempts: int = Field(6, ge=0, le=30, alias="GENERATOR_RECONNECT_ATTEMPTS")
+    # Threads for short calls (login, get, list, cancel, submit); watch streams have their own.
     orchestrator_threads: int = Field(16, ge=2, alias="ORCHESTRATOR_THREADS")
+    # Open WatchJob streams at most; one more gets RESOURCE_EXHAUSTED and never takes a thread
+    # that short calls need.
+    orchestrator_max_watches: int = Field(256, ge=1, le=10_000, alias="ORCHESTRATOR_MAX_WATCHES")
+    # A user's jobs beyond this many running ones wait as `queued`, in order (0: no limit).
+    jobs_per_user: int = Field(2, ge=0, le=1000, alias="ORCHESTRATOR_JOBS_PER_USER")
+    # Jobs one orchestrator runs at once; more wait queued (or for another orchestrator).
+    max_running_jobs: int = Field(32, ge=1, le=1000, alias="ORCHESTRATOR_MAX_JOBS")
+    # An orchestrator holds a lease on each job it runs and renews it every third of this; when
+    # it dies, another orchestrator on the database takes the job over once the lease expires.
+    lease_seconds: float = Field(30.0, ge=1, le=3600, alias="ORCHESTRATOR_LEASE_SECONDS")
+    # How long a job's calls to persistence are retried while it (or its database) is down.
+    database_wait_seconds: float = Field(120.0, ge=0, alias="DATABASE_WAIT_SECONDS")
     # Signs session tokens (HMAC-SHA256). Unset: persistence generates one once and keeps it, so
     # every orchestrator replica on one database accepts the others' tokens.
     token_signing_secret: SecretStr | None = Field(

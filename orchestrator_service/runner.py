@@ -10,7 +10,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 
@@ -20,6 +20,7 @@ from generator_service.client import GeneratorClient
 from orchestrator_service import publish
 from orchestrator_service.auth import Principal
 from orchestrator_service.config import Settings
+from orchestrator_service.events import JobEventLog
 from orchestrator_service.jobfile import JobFile, JobFileError, JobSpec, TierSpec, parse_job_file
 from orchestrator_service.postprocess import JobPublisher, write_atomically
 from persistence_service.client import PersistenceClient
@@ -31,7 +32,6 @@ from tierwriter.runtime import ServiceCallError
 log = logging.getLogger(__name__)
 
 
-CLIENT_GONE = "the client disconnected"
 SERVER_STOPPING = "the orchestrator is stopping"
 # A lost generator shows as one of these on the article stream; anything else is not retried.
 _GENERATOR_LOST = {
@@ -43,20 +43,25 @@ _GENERATOR_LOST = {
 _RECONNECT_MAX_DELAY = 30.0
 
 
-class JobStopped(Exception):
-    """A job ended early; the message says why and is shown to the user."""
-
-
 @dataclass
 class Cancellation:
-    """How a run is stopped: the event its generator streams watch, and the first reason."""
+    """How a run is stopped: the event its generator streams watch, and the first reason. A
+    hand-off stops the run too, but the job goes on elsewhere: no grace period (in-flight
+    articles finish and are recorded) and no final status."""
 
     event: threading.Event = field(default_factory=threading.Event)
     reason: str = ""
+    handoff: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def cancel(self, reason: str) -> None:
         with self._lock:
+            self.reason = self.reason or reason
+        self.event.set()
+
+    def hand_off(self, reason: str) -> None:
+        with self._lock:
+            self.handoff = True
             self.reason = self.reason or reason
         self.event.set()
 
@@ -109,6 +114,26 @@ def progress_from_generator(
     )
 
 
+def _count_published(event: pb.JobEvent, published: pb.Summary) -> str:
+    """Add what a post-processing step made (and a throttle's low point) to the run's summary;
+    the step's error, if any."""
+    kind = event.WhichOneof("event")
+    if kind == "article":
+        article = event.article
+        if article.step == pb.ARTICLE_STEP_THROTTLED and not article.restored:
+            lowest = published.lowest_concurrency or article.concurrency_after
+            published.lowest_concurrency = min(lowest, article.concurrency_after)
+    elif kind == "post_processing":
+        step = event.post_processing
+        if step.step == pb.POST_STEP_LINKS:
+            published.links_placed += step.count
+        elif step.step == pb.POST_STEP_EXPORT:
+            published.pages_written += step.count
+        if step.error:
+            return f"post-processing {step.error}"
+    return ""
+
+
 def tier_finished(job_id: int, stats: db_pb.TierStats) -> pb.TierFinished:
     """A tier's stored counts as the public TierFinished."""
     c = stats.counts
@@ -124,24 +149,38 @@ def tier_finished(job_id: int, stats: db_pb.TierStats) -> pb.TierFinished:
     )
 
 
+@dataclass
+class JobRun:
+    """One run of a job on this orchestrator: its thread, how it is stopped, its events."""
+
+    thread: threading.Thread
+    cancellation: Cancellation
+    log: JobEventLog
+
+
 class JobRunner:
-    """Runs job files. Thread-safe: each run keeps its state in local variables."""
+    """Runs the jobs this orchestrator claimed, each on a thread of its own that emits its
+    events into the job's JobEventLog. The runs belong to the server, not to any client."""
 
     def __init__(
-        self, settings: Settings, persistence: PersistenceClient, generator: GeneratorClient
+        self,
+        settings: Settings,
+        persistence: PersistenceClient,
+        generator: GeneratorClient,
+        owner: str,
+        on_finished: Callable[[], None] = lambda: None,
     ) -> None:
         self._settings = settings
-        self._persistence = persistence
+        self._persistence = persistence  # retries while persistence or the database is down
         self._generator = generator
+        self.owner = owner  # this orchestrator's id on the jobs' leases
+        self._on_finished = on_finished
         self._templates = publish.template_environment(settings.templates_dir)
         self.publisher = JobPublisher(
             persistence, self._templates, settings.output_dir, settings.shown_output_dir()
         )
-        self._lock = threading.Lock()  # guards the two maps below
-        self._active: dict[threading.Thread, Cancellation] = {}  # running runs, by thread
-        self._jobs: dict[int, Cancellation] = {}  # running jobs, by id
-        self._recovered = False  # whether jobs left running by a dead orchestrator were marked
-        self._recovery_lock = threading.Lock()  # its own: recovery waits on persistence
+        self._lock = threading.Lock()  # guards _runs
+        self._runs: dict[int, JobRun] = {}  # by job id: running here, or winding down
 
     def validate(self, text: str, caller: Principal) -> JobFile:
         """The job file, checked completely before anything is written: schema, then that every
@@ -174,199 +213,10 @@ class JobRunner:
         """The job's max_workers, else CONCURRENT_WORKERS (default 5)."""
         return spec.max_workers or self._settings.concurrent_workers
 
-    def recover_interrupted(self) -> None:
-        """Mark the jobs a dead orchestrator left `running` as `interrupted`, once, before this
-        orchestrator starts or reports any job (a job runs only inside a live orchestrator;
-        with one orchestrator per database, every job running before we started is orphaned).
-        `tierwriter jobs resume ID` finishes them."""
-        with self._recovery_lock:
-            if self._recovered:
-                return
-            for job_id in self._persistence.interrupt_running_jobs():
-                log.warning(
-                    "job %d was left running by a stopped orchestrator: interrupted", job_id
-                )
-            self._recovered = True
-
-    def launch(
-        self,
-        events: Iterator[pb.JobEvent],
-        cancellation: Cancellation,
-        emit: Callable[[pb.JobEvent | None], None],
-    ) -> None:
-        """Drive `events` (a run or a resume) on a thread of its own and emit them, then None.
-        The thread, not the RPC, owns the job: after a cancel it still stops the generator,
-        waits for the in-flight articles and records the final status."""
-
-        def work() -> None:
-            try:
-                for event in events:
-                    emit(event)
-            except Exception as e:  # run() reports its own failures; this is a last resort
-                log.exception("job runner crashed")
-                emit(
-                    pb.JobEvent(run_finished=pb.RunFinished(ok=False, error=f"internal error: {e}"))
-                )
-            finally:
-                with self._lock:
-                    self._active.pop(threading.current_thread(), None)
-                emit(None)
-
-        thread = threading.Thread(target=work, name="job-runner")
-        with self._lock:
-            self._active[thread] = cancellation
-        thread.start()
-
-    def cancel(self, job_id: int, reason: str) -> bool:
-        """Cancel a job running here (and the rest of its run); False if it does not run here."""
-        with self._lock:
-            cancellation = self._jobs.get(job_id)
-        if cancellation is None:
-            return False
-        cancellation.cancel(reason)
-        return True
-
-    def close(self, timeout: float = 60.0) -> None:
-        """Cancel every running job and wait (up to `timeout` each) until it has recorded its
-        final status. Called on shutdown, before the clients close."""
-        with self._lock:
-            active = list(self._active.items())
-        for _, cancellation in active:
-            cancellation.cancel(SERVER_STOPPING)
-        for thread, _ in active:
-            thread.join(timeout)
-
-    def run(
-        self, job_file: JobFile, owner: str, cancellation: Cancellation
-    ) -> Iterator[pb.JobEvent]:
-        """Run every job in order; the last event is always RunFinished."""
-        started = time.monotonic()
-        job_ids: list[int] = []
-
-        def jobs() -> Iterator[pb.JobEvent]:
-            for n, spec in enumerate(job_file.jobs):
-                yield from self._new_job(n, len(job_file.jobs), spec, owner, cancellation, job_ids)
-
-        yield from self._summarised(jobs(), job_ids, started)
-
-    def resume(
-        self,
-        job_id: int,
-        retry_failed: bool,
-        cancellation: Cancellation,
-        max_cost_usd: float = 0.0,
-    ) -> Iterator[pb.JobEvent]:
-        """Finish a stored job that is not running: generate exactly the articles without a
-        terminal record or skipped for the budget (with `retry_failed`, the failed ones too),
-        reusing its titles, then post-process the whole job. `max_cost_usd` (when not 0)
-        replaces the job's budget, and is kept with the job. Raises ServiceCallError (before
-        any event) when the job does not exist or is running."""
-        # FAILED_PRECONDITION if it is running; a new budget is kept with the job's spec.
-        job = self._persistence.reopen_job(job_id, max_cost_usd)
-        return self._resumed(job, retry_failed, cancellation)
-
-    def _resumed(
-        self, job: db_pb.Job, retry_failed: bool, cancellation: Cancellation
-    ) -> Iterator[pb.JobEvent]:
-        job_id, started = job.id, time.monotonic()
-
-        def jobs() -> Iterator[pb.JobEvent]:
-            try:
-                spec = JobSpec.model_validate(json.loads(job.spec_json))
-                project = self._persistence.get_project(job.project_id)
-            except (ServiceCallError, ValueError) as e:
-                self._persistence.finish_job(job_id, "failed", f"cannot resume: {e}")
-                raise JobStopped(f"job {job_id}: cannot resume: {e}") from e
-            yield pb.JobEvent(
-                job_started=pb.JobStarted(
-                    job_id=job_id,
-                    project=project.name,
-                    max_workers=job.max_workers,
-                    requested_articles=job.requested_articles,
-                    job_count=1,
-                    resumed=True,
-                )
-            )
-            yield from self._work(
-                job, project, spec, cancellation, json.loads(job.titles_json), retry_failed
-            )
-
-        yield from self._summarised(jobs(), [job_id], started)
-
-    def _summarised(
-        self, jobs: Iterator[pb.JobEvent], job_ids: list[int], started: float
-    ) -> Iterator[pb.JobEvent]:
-        """The jobs' events, then RunFinished with the summary from the database."""
-        error = ""
-        published = pb.Summary()  # links and pages, as the post-processing steps report them
-        unpublished: list[str] = []  # jobs whose articles are stored but not (all) published
-        try:
-            for event in jobs:
-                article = event.article if event.WhichOneof("event") == "article" else None
-                if article and article.step == pb.ARTICLE_STEP_THROTTLED and not article.restored:
-                    lowest = published.lowest_concurrency or article.concurrency_after
-                    published.lowest_concurrency = min(lowest, article.concurrency_after)
-                if event.WhichOneof("event") == "post_processing":
-                    step = event.post_processing
-                    if step.step == pb.POST_STEP_LINKS:
-                        published.links_placed += step.count
-                    elif step.step == pb.POST_STEP_EXPORT:
-                        published.pages_written += step.count
-                    if step.error:
-                        unpublished.append(f"job {step.job_id}: post-processing {step.error}")
-                yield event
-        except JobStopped as e:
-            error = str(e)
-        # A job whose export failed still ran: later jobs go on, but the run is not ok.
-        error = error or "; ".join(unpublished)
-        finished = self._finish(job_ids, error, time.monotonic() - started)
-        finished.summary.MergeFrom(published)
-        yield pb.JobEvent(run_finished=finished)
-
-    def _finish(self, job_ids: list[int], error: str, elapsed: float) -> pb.RunFinished:
-        summary = pb.Summary(
-            execution_seconds=elapsed,
-            output_dirs=[
-                str(publish.job_dir(self._settings.shown_output_dir(), j)) for j in job_ids
-            ],
-        )
-        if job_ids:
-            try:
-                stats = self._persistence.job_stats(job_ids)
-            except ServiceCallError as e:
-                error = error or str(e)
-            else:
-                t = stats.totals
-                summary.MergeFrom(
-                    pb.Summary(
-                        total_jobs=stats.total_jobs,
-                        processed_jobs=stats.processed_jobs,
-                        requested_articles=t.requested,
-                        generated_articles=t.generated,
-                        augmented_articles=t.augmented,
-                        failed_articles=t.failed,
-                        short_articles=t.short,
-                        skipped_articles=t.skipped,
-                        api_calls=t.api_calls + stats.title_api_calls,
-                        prompt_tokens=t.prompt_tokens + stats.title_prompt_tokens,
-                        completion_tokens=t.completion_tokens + stats.title_completion_tokens,
-                        title_shortfall=stats.title_shortfall,
-                        cost_usd=t.cost_usd + stats.title_cost_usd,
-                        rate_limited=t.rate_limited,
-                    )
-                )
-        return pb.RunFinished(ok=not error, error=error, summary=summary)
-
-    def _new_job(
-        self,
-        n: int,
-        total: int,
-        spec: JobSpec,
-        owner: str,
-        cancellation: Cancellation,
-        job_ids: list[int],
-    ) -> Iterator[pb.JobEvent]:
-        try:
+    def submit(self, job_file: JobFile, owner: str) -> list[int]:
+        """Store every job of a validated file, queued, in its order; their ids."""
+        job_ids = []
+        for spec in job_file.jobs:
             project = self._project(spec, owner)
             self._persistence.ensure_sites(
                 [db_pb.Site(hostname=s.hostname, template=s.template) for s in spec.all_sites()]
@@ -380,20 +230,180 @@ class JobRunner:
                     owner=owner,
                 )
             )
-        except ServiceCallError as e:
-            raise JobStopped(str(e)) from e
-        job_ids.append(job.id)
-        yield pb.JobEvent(
-            job_started=pb.JobStarted(
-                job_id=job.id,
-                project=project.name,
-                max_workers=job.max_workers,
-                requested_articles=job.requested_articles,
-                job_number=n,
-                job_count=total,
+            job_ids.append(job.id)
+        return job_ids
+
+    def running_ids(self) -> list[int]:
+        """The jobs this orchestrator runs (and holds the lease of)."""
+        with self._lock:
+            return [job_id for job_id, run in self._runs.items() if not run.cancellation.handoff]
+
+    def local_log(self, job_id: int) -> JobEventLog | None:
+        """The job's events, when its latest run is on this orchestrator."""
+        with self._lock:
+            run = self._runs.get(job_id)
+            return run.log if run else None
+
+    def start(self, job: db_pb.Job, previous_owner: str = "") -> None:
+        """Run a job this orchestrator just claimed, on a thread of its own. A run of the same
+        job still winding down here (its lease had lapsed) ends first: never two at once."""
+        with self._lock:
+            previous = self._runs.get(job.id)
+            run = JobRun(
+                threading.Thread(target=lambda: None),
+                Cancellation(),
+                JobEventLog(job.id, job.last_event_seq, self._store_events),
             )
+            run.thread = threading.Thread(
+                target=self._run,
+                args=(job, previous_owner, run, previous.thread if previous else None),
+                name=f"job{job.id}",
+            )
+            self._runs[job.id] = run
+        run.thread.start()
+
+    def _store_events(self, job_id: int, events: Sequence[tuple[int, bytes]]) -> object:
+        return self._persistence.append_events(job_id, events, self.owner)
+
+    def cancel(self, job_id: int, reason: str) -> bool:
+        """Cancel a job running here; False if it does not run here."""
+        with self._lock:
+            run = self._runs.get(job_id)
+        if run is None or run.cancellation.handoff:
+            return False
+        run.cancellation.cancel(reason)
+        return True
+
+    def hand_off(self, job_id: int, reason: str) -> None:
+        """Stop running a job without ending it (its lease is gone, or this orchestrator
+        stops): nothing new starts, in-flight articles finish and are recorded, no final status
+        is written; whoever holds the lease next carries it on."""
+        with self._lock:
+            run = self._runs.get(job_id)
+        if run is not None:
+            log.warning("job %d: handed off: %s", job_id, reason)
+            run.cancellation.hand_off(reason)
+
+    def close(self, timeout: float = 60.0) -> list[int]:
+        """Hand off every job running here and wait (up to `timeout` each) for its in-flight
+        articles; returns their ids, for the caller to release their leases."""
+        with self._lock:
+            runs = dict(self._runs)
+        for job_id in runs:
+            self.hand_off(job_id, SERVER_STOPPING)
+        for run in runs.values():
+            run.thread.join(timeout)
+        return list(runs)
+
+    def _run(
+        self,
+        job: db_pb.Job,
+        previous_owner: str,
+        run: JobRun,
+        previous_thread: threading.Thread | None,
+    ) -> None:
+        if previous_thread is not None:
+            previous_thread.join()
+        started = time.monotonic()
+        emit, cancellation = run.log.emit, run.cancellation
+        status, error = "failed", ""
+        published = pb.Summary()  # links and pages, as the post-processing steps report them
+        unpublished: list[str] = []  # a job whose export failed is stored, not (all) published
+        try:
+            if previous_owner:
+                emit(
+                    pb.JobEvent(
+                        notice=pb.Notice(
+                            job_id=job.id,
+                            message="taken over: the orchestrator running this job stopped "
+                            "answering; the articles without a record are generated now",
+                        )
+                    )
+                )
+            spec = JobSpec.model_validate(json.loads(job.spec_json))
+            project = self._persistence.get_project(job.project_id)
+            emit(
+                pb.JobEvent(
+                    job_started=pb.JobStarted(
+                        job_id=job.id,
+                        project=project.name,
+                        max_workers=job.max_workers,
+                        requested_articles=job.requested_articles,
+                        job_count=1,
+                        resumed=job.last_event_seq > 0,
+                    )
+                )
+            )
+            work = self._work(
+                job, project, spec, cancellation, json.loads(job.titles_json), job.retry_failed
+            )
+            while True:
+                try:
+                    event = next(work)
+                except StopIteration as done:
+                    status, error = done.value
+                    break
+                if problem := _count_published(event, published):
+                    unpublished.append(problem)
+                emit(event)
+        except (ServiceCallError, ValueError) as e:
+            error = f"cannot run: {e}"
+        except Exception as e:  # a bug must still end the job with a status and a reason
+            log.exception("job %d: unexpected error", job.id)
+            error = f"internal error: {type(e).__name__}: {e}"
+        try:
+            if cancellation.handoff:
+                run.log.close()  # whoever takes the job over writes its end
+                return
+            finished = self._finish(
+                job.id, status, error or "; ".join(unpublished), time.monotonic() - started
+            )
+            finished.summary.MergeFrom(published)
+            emit(pb.JobEvent(run_finished=finished))
+            run.log.close()  # every event stored before the status says the job ended
+            try:
+                self._persistence.finish_job(job.id, status, error, self.owner)
+            except ServiceCallError as e:
+                log.error("job %d: could not record its final status: %s", job.id, e)
+        finally:
+            with self._lock:
+                if self._runs.get(job.id) is run:
+                    del self._runs[job.id]
+            self._on_finished()
+
+    def _finish(self, job_id: int, status: str, error: str, elapsed: float) -> pb.RunFinished:
+        """The run's summary: the job's totals from the database, its final status."""
+        summary = pb.Summary(
+            execution_seconds=elapsed,
+            output_dirs=[str(publish.job_dir(self._settings.shown_output_dir(), job_id))],
+            total_jobs=1,
+            processed_jobs=int(status == "completed"),
         )
-        yield from self._work(job, project, spec, cancellation, {}, retry_failed=False)
+        try:
+            stats = self._persistence.job_stats([job_id])
+        except ServiceCallError as e:
+            error = error or str(e)
+        else:
+            t = stats.totals
+            summary.MergeFrom(
+                pb.Summary(
+                    requested_articles=t.requested,
+                    generated_articles=t.generated,
+                    augmented_articles=t.augmented,
+                    failed_articles=t.failed,
+                    short_articles=t.short,
+                    skipped_articles=t.skipped,
+                    api_calls=t.api_calls + stats.title_api_calls,
+                    prompt_tokens=t.prompt_tokens + stats.title_prompt_tokens,
+                    completion_tokens=t.completion_tokens + stats.title_completion_tokens,
+                    title_shortfall=stats.title_shortfall,
+                    cost_usd=t.cost_usd + stats.title_cost_usd,
+                    rate_limited=t.rate_limited,
+                )
+            )
+        return pb.RunFinished(
+            ok=not error, error=f"job {job_id}: {error}" if error else "", summary=summary
+        )
 
     def _work(
         self,
@@ -403,11 +413,9 @@ class JobRunner:
         cancellation: Cancellation,
         titles: dict[str, list[str]],
         retry_failed: bool,
-    ) -> Iterator[pb.JobEvent]:
-        """A job's tiers, post-processing and final status; for a new job `titles` is empty,
-        for a resumed one it holds the tiers' stored titles."""
-        with self._lock:
-            self._jobs[job.id] = cancellation
+    ) -> Generator[pb.JobEvent, None, tuple[str, str]]:
+        """A job's tiers and post-processing; returns its final status and why. For a new job
+        `titles` is empty, for a resumed one it holds the tiers' stored titles."""
         status, error = "failed", ""
         try:
             # Titles must differ from the project's other jobs' and from this job's other tiers.
@@ -424,6 +432,8 @@ class JobRunner:
                 if outcome.failure:
                     error = outcome.failure
                     break
+            if cancellation.handoff:
+                return status, error
             if not error and spec.max_cost_usd:
                 error = self._budget_message(job.id, spec.max_cost_usd)
             # Every article of the job has its terminal record now (invariant 5).
@@ -437,18 +447,7 @@ class JobRunner:
             error = cancellation.message if cancellation.is_set() else error
         except ServiceCallError as e:
             error = str(e)
-        except Exception as e:  # a bug must still end the job with a status and a reason
-            log.exception("job %d: unexpected error", job.id)
-            error = f"internal error: {type(e).__name__}: {e}"
-        finally:
-            with self._lock:
-                self._jobs.pop(job.id, None)
-            try:
-                self._persistence.finish_job(job.id, status, error)
-            except ServiceCallError as e:
-                log.error("job %d: could not record its final status: %s", job.id, e)
-        if error:
-            raise JobStopped(f"job {job.id}: {error}")
+        return status, error
 
     def _budget_left(self, job_id: int, max_cost_usd: float) -> tuple[float, float]:
         """USD the job may still spend, and what its written articles cost on average (0
@@ -597,7 +596,10 @@ class JobRunner:
                         requests,
                         stop=cancellation.event,
                         stop_reason=lambda: cancellation.reason or "the job was cancelled",
-                        grace_seconds=self._settings.cancel_grace_seconds,
+                        # A hand-off lets in-flight articles finish: they are paid for already.
+                        grace_seconds=lambda: (
+                            0.0 if cancellation.handoff else self._settings.cancel_grace_seconds
+                        ),
                     )
                 ) as events:
                     for event in events:

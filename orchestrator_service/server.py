@@ -6,12 +6,15 @@ from generator_service.client import GeneratorClient
 from orchestrator_service.auth import Authenticator
 from orchestrator_service.config import Settings
 from orchestrator_service.runner import JobRunner
+from orchestrator_service.scheduler import JobScheduler, new_orchestrator_id
 from orchestrator_service.servicer import OrchestratorServicer
 from persistence_service.client import PersistenceClient
 from tierwriter import runtime
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 
 SERVICE_NAME = "tierwriter.orchestrator.v1.OrchestratorService"
+# A public call rides out a persistence blip for this long; the CLI's deadline is 30 s.
+API_RETRY_SECONDS = 20.0
 
 
 def build_server(settings: Settings, address: str | None = None) -> runtime.RunningServer:
@@ -20,31 +23,55 @@ def build_server(settings: Settings, address: str | None = None) -> runtime.Runn
     tls = None
     if settings.tls_cert_file and settings.tls_key_file:
         tls = runtime.read_tls_files(settings.tls_cert_file, settings.tls_key_file)
-    persistence = PersistenceClient(settings.persistence_address, service_token=token)
+    persistence = PersistenceClient(
+        settings.persistence_address, service_token=token, retry_seconds=API_RETRY_SECONDS
+    )
+    # A job's own calls wait out a persistence restart or a database outage.
+    job_persistence = PersistenceClient(
+        settings.persistence_address,
+        service_token=token,
+        retry_seconds=settings.database_wait_seconds,
+    )
     generator = GeneratorClient(settings.generator_address, service_token=token)
     try:
-        runner = JobRunner(settings, persistence, generator)
+        scheduler: JobScheduler | None = None
+        runner = JobRunner(
+            settings,
+            job_persistence,
+            generator,
+            new_orchestrator_id(),
+            on_finished=lambda: scheduler.wake() if scheduler else None,
+        )
+        scheduler = JobScheduler(runner, persistence, settings)
         authenticator = Authenticator(
             persistence, settings.signing_secret_value(), settings.token_ttl_seconds
         )
-        return runtime.build_server(
+        servicer = OrchestratorServicer(
+            runner, scheduler, persistence, authenticator, settings.orchestrator_max_watches
+        )
+        server = runtime.build_server(
             address or settings.orchestrator_address,
-            [
-                (
-                    pb_grpc.add_OrchestratorServiceServicer_to_server,
-                    OrchestratorServicer(runner, persistence, authenticator),
-                    SERVICE_NAME,
-                )
+            [(pb_grpc.add_OrchestratorServiceServicer_to_server, servicer, SERVICE_NAME)],
+            # Watch streams take threads of their own: short calls always find one.
+            max_workers=settings.orchestrator_threads + settings.orchestrator_max_watches,
+            # Closed in reverse: watches end, then running jobs are handed off while the
+            # clients still work.
+            closers=[
+                persistence.close,
+                job_persistence.close,
+                generator.close,
+                scheduler.stop,
+                servicer.stop_watches,
             ],
-            max_workers=settings.orchestrator_threads,
-            # Closed in reverse: running jobs wind down while their clients still work.
-            closers=[persistence.close, generator.close, runner.close],
             tls=tls,
         )
     except BaseException:
         persistence.close()
+        job_persistence.close()
         generator.close()
         raise
+    scheduler.start()
+    return server
 
 
 def serve(settings: Settings) -> None:

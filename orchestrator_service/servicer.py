@@ -4,7 +4,7 @@ codes."""
 from __future__ import annotations
 
 import logging
-import queue
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,8 +18,10 @@ from orchestrator_service.auth import (
     Principal,
     ThrottledError,
 )
+from orchestrator_service.events import watch
 from orchestrator_service.jobfile import JobFileError, max_cost_of, parse_project_file
-from orchestrator_service.runner import CLIENT_GONE, Cancellation, JobRunner, tier_finished
+from orchestrator_service.runner import JobRunner, tier_finished
+from orchestrator_service.scheduler import JobScheduler
 from persistence_service.client import PersistenceClient
 from tierwriter import runtime
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
@@ -136,18 +138,28 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     """The public API. Every method but Login first checks who calls, then what they may touch."""
 
     def __init__(
-        self, runner: JobRunner, persistence: PersistenceClient, authenticator: Authenticator
+        self,
+        runner: JobRunner,
+        scheduler: JobScheduler,
+        persistence: PersistenceClient,
+        authenticator: Authenticator,
+        max_watches: int,
     ) -> None:
         self._runner = runner
+        self._scheduler = scheduler
         self._persistence = persistence
         self._auth = authenticator
+        self._max_watches = max_watches
+        self._watch_slots = threading.BoundedSemaphore(max_watches)
+        self._stopping = threading.Event()  # ends every watch stream
+
+    def stop_watches(self) -> None:
+        """End every open watch stream (the server is stopping)."""
+        self._stopping.set()
 
     def _authenticate(self, context: grpc.ServicerContext) -> Principal:
         with _authentication_codes(context):
-            principal = self._auth.authenticate(context.invocation_metadata())
-            # Before any job is started or shown: jobs a dead orchestrator left running.
-            self._runner.recover_interrupted()
-            return principal
+            return self._auth.authenticate(context.invocation_metadata())
         raise AssertionError("unreachable: _authentication_codes aborts or re-raises")
 
     def _job(self, context: grpc.ServicerContext, caller: Principal, job_id: int) -> db_pb.Job:
@@ -177,62 +189,82 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             token, expires_at, user = self._auth.login(request.username, request.password)
         return pb.LoginResponse(token=token, expires_at=expires_at, user=user_to_public(user))
 
-    def RunJob(
-        self, request: pb.RunJobRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.JobEvent]:
+    def SubmitJob(
+        self, request: pb.SubmitJobRequest, context: grpc.ServicerContext
+    ) -> pb.SubmitJobResponse:
         caller = self._authenticate(context)
         try:
             job_file = self._runner.validate(request.job_file, caller)
+            job_ids = self._runner.submit(job_file, caller.username)
         except JobFileError as e:
             runtime.abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except ServiceCallError as e:
             _abort_for(context, e)
-        cancellation = Cancellation()
-        yield from self._stream(
-            context, self._runner.run(job_file, caller.username, cancellation), cancellation
-        )
+        self._scheduler.wake()
+        return pb.SubmitJobResponse(job_ids=job_ids)
 
-    def ResumeJob(
-        self, request: pb.ResumeJobRequest, context: grpc.ServicerContext
+    def WatchJob(
+        self, request: pb.WatchJobRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.JobEvent]:
         job = self._job(context, self._authenticate(context), request.job_id)
-        cancellation = Cancellation()
+        if request.after_seq < 0:
+            runtime.abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, "after_seq: must not be negative"
+            )
+        # Streams have threads of their own (ORCHESTRATOR_MAX_WATCHES); refusing one more keeps
+        # the threads for short calls free, whatever the watchers do.
+        if not self._watch_slots.acquire(blocking=False):
+            runtime.abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self._max_watches} job watches are open on this orchestrator; try again "
+                "later (the job runs on meanwhile)",
+            )
         try:
-            events = self._runner.resume(
-                job.id, request.retry_failed, cancellation, request.max_cost_usd
+            yield from watch(
+                job.id,
+                request.after_seq,
+                self._persistence,
+                self._runner.local_log,
+                lambda: context.is_active() and not self._stopping.is_set(),
             )
         except ServiceCallError as e:
             _abort_for(context, e)
-        yield from self._stream(context, events, cancellation)
+        finally:
+            self._watch_slots.release()
 
-    def _stream(
-        self,
-        context: grpc.ServicerContext,
-        events: Iterator[pb.JobEvent],
-        cancellation: Cancellation,
-    ) -> Iterator[pb.JobEvent]:
-        """Run `events` on the runner's thread and pass them on; the client going away cancels
-        (the callback also fires after the last event, harmlessly)."""
-        context.add_callback(lambda: cancellation.cancel(CLIENT_GONE))
-        queued: queue.Queue[pb.JobEvent | None] = queue.Queue()
-        self._runner.launch(events, cancellation, queued.put)
-        while (event := queued.get()) is not None:
-            yield event
+    def ResumeJob(
+        self, request: pb.ResumeJobRequest, context: grpc.ServicerContext
+    ) -> pb.ResumeJobResponse:
+        job = self._job(context, self._authenticate(context), request.job_id)
+        if request.max_cost_usd < 0:
+            runtime.abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, "max_cost_usd: must not be negative"
+            )
+        try:
+            # FAILED_PRECONDITION if it is queued or running; a new budget is kept in its spec.
+            job = self._persistence.reopen_job(job.id, request.max_cost_usd, request.retry_failed)
+        except ServiceCallError as e:
+            _abort_for(context, e)
+        self._scheduler.wake()
+        return pb.ResumeJobResponse(job_id=job.id, after_seq=job.last_event_seq)
 
     def CancelJob(
         self, request: pb.CancelJobRequest, context: grpc.ServicerContext
     ) -> pb.CancelJobResponse:
         caller = self._authenticate(context)
         job = self._job(context, caller, request.job_id)
-        if self._runner.cancel(job.id, f"cancelled by {caller.username}"):
-            return pb.CancelJobResponse(
-                message=f"job {job.id} is being cancelled: no new article starts; those "
-                "in flight finish (or stop after the grace period) and are recorded"
-            )
-        runtime.abort(
-            context,
-            grpc.StatusCode.FAILED_PRECONDITION,
-            f"job {job.id} is not running here (status {job.status})",
+        reason = f"cancelled by {caller.username}"
+        if not self._runner.cancel(job.id, reason):
+            try:  # queued (cancelled now), or running on another orchestrator (told to stop)
+                job = self._persistence.request_cancel(job.id, reason)
+            except ServiceCallError as e:
+                _abort_for(context, e)
+            if job.status == "cancelled":
+                return pb.CancelJobResponse(message=f"job {job.id} was queued: cancelled")
+        return pb.CancelJobResponse(
+            message=f"job {job.id} is being cancelled: no new article starts; those "
+            "in flight finish (or stop after the grace period) and are recorded"
         )
 
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.GetJobResponse:
@@ -293,11 +325,11 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         self, request: pb.PublishJobRequest, context: grpc.ServicerContext
     ) -> pb.PublishJobResponse:
         job = self._job(context, self._authenticate(context), request.job_id)
-        if job.status == "running":
+        if job.status in ("queued", "running"):
             runtime.abort(
                 context,
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"job {job.id} is still running: it is published when its articles are done",
+                f"job {job.id} is still {job.status}: it is published when its articles are done",
             )
         try:
             steps = list(self._runner.publisher.publish(job.id))

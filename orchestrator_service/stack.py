@@ -48,6 +48,8 @@ class StackConfig:
     templates_dir: Path | None = None
     # Generator settings by field name, over the environment's (e.g. llm_rpm_limit=60).
     generator_settings: dict[str, Any] = field(default_factory=dict)
+    # Orchestrator settings by field name, over the environment's (e.g. jobs_per_user=1).
+    orchestrator_settings: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def on_loopback(cls, **fields: Any) -> StackConfig:
@@ -142,6 +144,8 @@ class LocalStack:
                 service_token=token,
             )
         )
+        for name, value in c.orchestrator_settings.items():
+            setattr(orchestrator_settings, name, value)
         orchestrator_settings.generator_address = self.generator_address
         orchestrator_settings.persistence_address = self.persistence_address
         orchestrator = build_orchestrator(orchestrator_settings, c.orchestrator_address)

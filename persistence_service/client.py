@@ -2,34 +2,73 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import uuid
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from tierwriter import runtime
 from tierwriter.persistence.v1 import persistence_service_pb2 as pb
 from tierwriter.persistence.v1 import persistence_service_pb2_grpc as pb_grpc
 from tierwriter.service_auth import token_metadata
 
+log = logging.getLogger(__name__)
 R = TypeVar("R")
 # Argon2 verification and a job's stats are the slowest calls; neither takes near this long.
 DEFAULT_DEADLINE = 30.0
 
 
+def _unavailable(error: BaseException) -> bool:
+    return isinstance(error, runtime.ServiceCallError) and error.code in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    )
+
+
+def _log_retry(state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome else None
+    log.warning("persistence call failed (%s); trying again", error)
+
+
 class PersistenceClient:
-    """A channel to persistence_service and one method per RPC it is used for."""
+    """A channel to persistence_service and one method per RPC it is used for. With
+    `retry_seconds`, a call that finds persistence or its database down (UNAVAILABLE, or the
+    deadline passed) is tried again with backoff for that long in all: every call is safe to
+    repeat (reads, upserts by key, and request ids on the two that add)."""
 
     def __init__(
-        self, address: str, deadline: float = DEFAULT_DEADLINE, service_token: str | None = None
+        self,
+        address: str,
+        deadline: float = DEFAULT_DEADLINE,
+        service_token: str | None = None,
+        retry_seconds: float = 0.0,
     ) -> None:
         self.address = address
         self._deadline = deadline
         self._metadata = token_metadata(service_token)
         self._channel = runtime.open_channel(address)
         self._stub = pb_grpc.PersistenceServiceStub(self._channel)
+        self._retrying = Retrying(
+            stop=stop_after_delay(retry_seconds),
+            wait=wait_exponential(multiplier=0.5, max=5),
+            retry=retry_if_exception(_unavailable),
+            before_sleep=_log_retry,
+            reraise=True,
+        )
 
     def _call(self, rpc: Callable[..., R], request: Any) -> R:
+        return self._retrying.copy()(self._call_once, rpc, request)  # a copy per call: threads
+
+    def _call_once(self, rpc: Callable[..., R], request: Any) -> R:
         # wait_for_ready: a call made while persistence restarts waits for it (up to the
         # deadline) instead of failing at once.
         try:
@@ -74,22 +113,62 @@ class PersistenceClient:
         return list(self._call(self._stub.ListSites, pb.ListSitesRequest(owner=owner)).sites)
 
     def create_job(self, request: pb.CreateJobRequest) -> pb.Job:
+        """A queued job; the request gets an id (unless it has one), so a retry makes no
+        second job."""
+        request.request_id = request.request_id or uuid.uuid4().hex
         return self._call(self._stub.CreateJob, request)
 
     def record_titles(self, request: pb.RecordTitlesRequest) -> pb.Job:
+        """Record a tier's titles; a retry adds their cost once (see create_job)."""
+        request.request_id = request.request_id or uuid.uuid4().hex
         return self._call(self._stub.RecordTitles, request)
 
-    def finish_job(self, job_id: int, status: str, error: str = "") -> pb.Job:
-        request = pb.FinishJobRequest(job_id=job_id, status=status, error=error)
+    def finish_job(self, job_id: int, status: str, error: str = "", owner: str = "") -> pb.Job:
+        request = pb.FinishJobRequest(job_id=job_id, status=status, error=error, owner=owner)
         return self._call(self._stub.FinishJob, request)
 
-    def reopen_job(self, job_id: int, max_cost_usd: float = 0.0) -> pb.Job:
-        request = pb.ReopenJobRequest(job_id=job_id, max_cost_usd=max_cost_usd)
+    def reopen_job(
+        self, job_id: int, max_cost_usd: float = 0.0, retry_failed: bool = False
+    ) -> pb.Job:
+        request = pb.ReopenJobRequest(
+            job_id=job_id, max_cost_usd=max_cost_usd, retry_failed=retry_failed
+        )
         return self._call(self._stub.ReopenJob, request)
 
-    def interrupt_running_jobs(self) -> list[int]:
-        request = pb.InterruptRunningJobsRequest()
-        return list(self._call(self._stub.InterruptRunningJobs, request).job_ids)
+    def claim_jobs(
+        self, owner: str, lease_seconds: float, per_user_limit: int, max_jobs: int
+    ) -> list[pb.ClaimedJob]:
+        request = pb.ClaimJobsRequest(
+            owner=owner,
+            lease_seconds=lease_seconds,
+            per_user_limit=per_user_limit,
+            max_jobs=max_jobs,
+        )
+        return list(self._call(self._stub.ClaimJobs, request).jobs)
+
+    def renew_leases(
+        self, owner: str, job_ids: Sequence[int], lease_seconds: float
+    ) -> pb.RenewLeasesResponse:
+        request = pb.RenewLeasesRequest(owner=owner, job_ids=job_ids, lease_seconds=lease_seconds)
+        return self._call(self._stub.RenewLeases, request)
+
+    def request_cancel(self, job_id: int, reason: str) -> pb.Job:
+        request = pb.RequestCancelRequest(job_id=job_id, reason=reason)
+        return self._call(self._stub.RequestCancel, request)
+
+    def append_events(
+        self, job_id: int, events: Sequence[tuple[int, bytes]], owner: str = ""
+    ) -> int:
+        request = pb.AppendJobEventsRequest(
+            job_id=job_id,
+            events=[pb.JobEventRecord(seq=s, payload=p) for s, p in events],
+            owner=owner,
+        )
+        return self._call(self._stub.AppendJobEvents, request).last_seq
+
+    def list_events(self, job_id: int, after_seq: int, limit: int = 0) -> pb.ListJobEventsResponse:
+        request = pb.ListJobEventsRequest(job_id=job_id, after_seq=after_seq, limit=limit)
+        return self._call(self._stub.ListJobEvents, request)
 
     def get_job(self, job_id: int) -> pb.Job:
         return self._call(self._stub.GetJob, pb.GetJobRequest(job_id=job_id))

@@ -12,6 +12,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -22,7 +23,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 # short: still below the minimum after augmentation; skipped: over the job's budget (a resume
 # writes it, replacing the record).
 ARTICLE_STATUSES = ("generated", "augmented", "short", "failed", "skipped")
-JOB_STATUSES = ("running", "completed", "failed", "cancelled", "interrupted")
+# queued: stored, waiting for an orchestrator to claim it (ClaimJobs) under its owner's limit.
+JOB_STATUSES = ("queued", "running", "completed", "failed", "cancelled", "interrupted")
 # A job in one of these is not running; all but `completed` can be resumed.
 FINAL_JOB_STATUSES = ("completed", "failed", "cancelled", "interrupted")
 
@@ -74,6 +76,38 @@ class Job(Base):
     error: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # The orchestrator running the job holds a lease it renews; when it dies the lease expires
+    # and another orchestrator takes the job over. Empty / None while nobody runs it.
+    lease_owner: Mapped[str] = mapped_column(String(100), default="")
+    lease_expires_at: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True), nullable=True
+    )
+    cancel_reason: Mapped[str] = mapped_column(Text, default="")  # set by any orchestrator
+    retry_failed: Mapped[bool] = mapped_column(default=False)  # the queued resume retries failed
+    last_event_seq: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class JobEvent(Base):
+    """One event of a job, as the orchestrator streamed it (a serialized JobEvent); a watcher
+    reads them from any sequence number on."""
+
+    __tablename__ = "job_events"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AppliedRequest(Base):
+    """A non-idempotent call that was applied, by its request id: a retry of it (the answer
+    was lost, not the call) changes nothing and returns the same job."""
+
+    __tablename__ = "applied_requests"
+
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Article(Base):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select, text
 from sqlalchemy.orm import Session
 
-from persistence_service.models import Article, Job, Project, Site, User
+from persistence_service.models import Article, Job, JobEvent, Project, Site, User
 
 
 def project_by_name(session: Session, owner: str, name: str) -> Project | None:
@@ -78,6 +79,72 @@ def articles_of_job(session: Session, job_id: int, tier: str = "") -> Sequence[A
 def jobs_with_status(session: Session, status: str) -> Sequence[Job]:
     """The jobs in this status, oldest first."""
     return session.scalars(select(Job).where(Job.status == status).order_by(Job.id)).all()
+
+
+_CLAIM_LOCK_KEY = 7_305_119  # PostgreSQL advisory lock that serializes ClaimJobs
+
+
+def lock_claims(session: Session) -> None:
+    """Serialize job claims until the transaction ends, so two orchestrators never take the
+    same job or pass a user's limit together. SQLite serializes writers by itself."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _CLAIM_LOCK_KEY})
+
+
+def jobs_with_expired_lease(session: Session, now: datetime, limit: int) -> Sequence[Job]:
+    """Running jobs nobody holds a live lease on (their orchestrator is gone), oldest first."""
+    return session.scalars(
+        select(Job)
+        .where(
+            Job.status == "running",
+            or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now),
+        )
+        .order_by(Job.id)
+        .limit(limit)
+    ).all()
+
+
+def running_jobs_per_user(session: Session) -> dict[str, int]:
+    """How many jobs each user has running."""
+    rows = session.execute(
+        select(Job.owner, func.count()).where(Job.status == "running").group_by(Job.owner)
+    )
+    return {owner: count for owner, count in rows}
+
+
+def projects_with_running_jobs(session: Session) -> set[int]:
+    """Projects that have a job running."""
+    return set(session.scalars(select(Job.project_id).where(Job.status == "running").distinct()))
+
+
+def leased_jobs(session: Session, owner: str, job_ids: Sequence[int]) -> Sequence[Job]:
+    """Of these jobs, the running ones whose lease `owner` holds."""
+    if not job_ids:
+        return []
+    return session.scalars(
+        select(Job).where(Job.id.in_(job_ids), Job.lease_owner == owner, Job.status == "running")
+    ).all()
+
+
+def event_seqs(session: Session, job_id: int, first: int, last: int) -> set[int]:
+    """The sequence numbers stored for a job between `first` and `last`."""
+    return set(
+        session.scalars(
+            select(JobEvent.seq).where(
+                JobEvent.job_id == job_id, JobEvent.seq >= first, JobEvent.seq <= last
+            )
+        )
+    )
+
+
+def events_after(session: Session, job_id: int, after_seq: int, limit: int) -> Sequence[JobEvent]:
+    """A job's events after `after_seq`, in order."""
+    return session.scalars(
+        select(JobEvent)
+        .where(JobEvent.job_id == job_id, JobEvent.seq > after_seq)
+        .order_by(JobEvent.seq)
+        .limit(limit)
+    ).all()
 
 
 def recent_jobs(session: Session, limit: int, owner: str = "") -> Sequence[Job]:

@@ -109,6 +109,10 @@ def job_to_proto(j: Job) -> pb.Job:
         owner=j.owner,
         title_shortfall=j.title_shortfall,
         title_cost_usd=j.title_cost_usd,
+        lease_owner=j.lease_owner,
+        cancel_reason=j.cancel_reason,
+        last_event_seq=j.last_event_seq,
+        retry_failed=j.retry_failed,
     )
 
 
@@ -227,6 +231,7 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
                 request.max_workers,
                 request.requested_articles,
                 request.owner,
+                request.request_id,
             ),
         )
         return job_to_proto(job)
@@ -245,28 +250,117 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
                 request.completion_tokens,
                 request.shortfall,
                 request.cost_usd,
+                request.request_id,
             ),
         )
         return job_to_proto(job)
 
     def FinishJob(self, request: pb.FinishJobRequest, context: grpc.ServicerContext) -> pb.Job:
         job = self._call(
-            context, lambda: self._store.finish_job(request.job_id, request.status, request.error)
+            context,
+            lambda: self._store.finish_job(
+                request.job_id, request.status, request.error, request.owner
+            ),
         )
         return job_to_proto(job)
 
     def ReopenJob(self, request: pb.ReopenJobRequest, context: grpc.ServicerContext) -> pb.Job:
         return job_to_proto(
             self._call(
-                context, lambda: self._store.reopen_job(request.job_id, request.max_cost_usd)
+                context,
+                lambda: self._store.reopen_job(
+                    request.job_id, request.max_cost_usd, request.retry_failed
+                ),
             )
         )
 
-    def InterruptRunningJobs(
-        self, request: pb.InterruptRunningJobsRequest, context: grpc.ServicerContext
-    ) -> pb.InterruptRunningJobsResponse:
-        job_ids = self._call(context, self._store.interrupt_running_jobs)
-        return pb.InterruptRunningJobsResponse(job_ids=job_ids)
+    def ClaimJobs(
+        self, request: pb.ClaimJobsRequest, context: grpc.ServicerContext
+    ) -> pb.ClaimJobsResponse:
+        if not request.owner or request.lease_seconds <= 0 or request.max_jobs < 1:
+            runtime.abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "owner, a positive lease_seconds and max_jobs: all required",
+            )
+        claimed = self._call(
+            context,
+            lambda: self._store.claim_jobs(
+                request.owner, request.lease_seconds, request.per_user_limit, request.max_jobs
+            ),
+        )
+        return pb.ClaimJobsResponse(
+            jobs=[
+                pb.ClaimedJob(job=job_to_proto(job), taken_over=bool(previous),
+                              previous_owner=previous)
+                for job, previous in claimed
+            ]
+        )  # fmt: skip
+
+    def RenewLeases(
+        self, request: pb.RenewLeasesRequest, context: grpc.ServicerContext
+    ) -> pb.RenewLeasesResponse:
+        if not request.owner or request.lease_seconds < 0:  # 0: let go of them now
+            runtime.abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "owner: required; lease_seconds: must not be negative",
+            )
+        held, cancels = self._call(
+            context,
+            lambda: self._store.renew_leases(
+                request.owner, list(request.job_ids), request.lease_seconds
+            ),
+        )
+        return pb.RenewLeasesResponse(
+            held=held,
+            cancels=[pb.CancelRequest(job_id=j, reason=r) for j, r in cancels.items()],
+        )
+
+    def RequestCancel(
+        self, request: pb.RequestCancelRequest, context: grpc.ServicerContext
+    ) -> pb.Job:
+        return job_to_proto(
+            self._call(context, lambda: self._store.request_cancel(request.job_id, request.reason))
+        )
+
+    def AppendJobEvents(
+        self, request: pb.AppendJobEventsRequest, context: grpc.ServicerContext
+    ) -> pb.AppendJobEventsResponse:
+        seqs = [e.seq for e in request.events]
+        if any(s < 1 for s in seqs) or len(set(seqs)) != len(seqs):
+            runtime.abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "events.seq: each must be positive and appear once",
+            )
+        last = self._call(
+            context,
+            lambda: self._store.append_events(
+                request.job_id, [(e.seq, e.payload) for e in request.events], request.owner
+            ),
+        )
+        return pb.AppendJobEventsResponse(last_seq=last)
+
+    def ListJobEvents(
+        self, request: pb.ListJobEventsRequest, context: grpc.ServicerContext
+    ) -> pb.ListJobEventsResponse:
+        if request.after_seq < 0 or not 0 <= request.limit <= 5000:
+            runtime.abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "after_seq: must not be negative; limit: 0 to 5000",
+            )
+        events, status = self._call(
+            context,
+            lambda: self._store.list_events(
+                request.job_id, request.after_seq, request.limit or 500
+            ),
+        )
+        return pb.ListJobEventsResponse(
+            events=[pb.JobEventRecord(seq=e.seq, payload=e.payload) for e in events],
+            status=status,
+        )
 
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:
         return job_to_proto(self._call(context, lambda: self._store.get_job(request.job_id)))

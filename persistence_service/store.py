@@ -6,6 +6,7 @@ import logging
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from argon2 import PasswordHasher
@@ -17,8 +18,10 @@ from persistence_service import repository
 from persistence_service.models import (
     ARTICLE_STATUSES,
     FINAL_JOB_STATUSES,
+    AppliedRequest,
     Article,
     Job,
+    JobEvent,
     Project,
     Site,
     StoredSecret,
@@ -231,12 +234,21 @@ class Store:
     # Jobs -----------------------------------------------------------------------------------
 
     def create_job(
-        self, project_id: int, spec: dict[str, Any], max_workers: int, requested: int, owner: str
+        self,
+        project_id: int,
+        spec: dict[str, Any],
+        max_workers: int,
+        requested: int,
+        owner: str,
+        request_id: str = "",
     ) -> Job:
-        """A job record in status running."""
+        """A job record in status queued. With `request_id`, a second call (a retry after a
+        lost answer) returns the job the first one made."""
         if max_workers < 1:
             raise InvalidRecordError("max_workers: must be at least 1")
         with self._uow() as uow:
+            if request_id and (done := uow.session.get(AppliedRequest, request_id)):
+                return self._job(uow.session, done.job_id)
             if uow.session.get(Project, project_id) is None:
                 raise NotFoundError(f"project {project_id} does not exist")
             job = Job(
@@ -245,10 +257,13 @@ class Store:
                 max_workers=max_workers,
                 requested_articles=requested,
                 owner=owner,
-                status="running",
+                status="queued",
                 titles={},
             )
             uow.session.add(job)
+            uow.session.flush()
+            if request_id:
+                uow.session.add(AppliedRequest(request_id=request_id, job_id=job.id))
             uow.commit()
             return job
 
@@ -262,10 +277,16 @@ class Store:
         completion: int,
         shortfall: int = 0,
         cost_usd: float = 0.0,
+        request_id: str = "",
     ) -> Job:
-        """Keep a tier's titles with the job and add what they cost and how many are missing."""
+        """Keep a tier's titles with the job and add what they cost and how many are missing.
+        With `request_id`, a second call (a retry after a lost answer) changes nothing."""
         with self._uow() as uow:
             job = self._job(uow.session, job_id)
+            if request_id:
+                if uow.session.get(AppliedRequest, request_id):
+                    return job
+                uow.session.add(AppliedRequest(request_id=request_id, job_id=job_id))
             job.titles = {**job.titles, tier: list(titles)}  # reassign: JSON columns track identity
             job.title_api_calls += api_calls
             job.title_prompt_tokens += prompt
@@ -275,42 +296,127 @@ class Store:
             uow.commit()
             return job
 
-    def finish_job(self, job_id: int, status: str, error: str) -> Job:
-        """Set a job's final status."""
+    def finish_job(self, job_id: int, status: str, error: str, owner: str = "") -> Job:
+        """Set a job's final status and end its lease. With `owner`, only while that
+        orchestrator holds the lease (StateError once another one took the job over)."""
         if status not in FINAL_JOB_STATUSES:
             raise InvalidRecordError(f"status: must be one of {', '.join(FINAL_JOB_STATUSES)}")
         with self._uow() as uow:
-            job = self._job(uow.session, job_id)
+            job = self._job(uow.session, job_id, for_update=True)
+            if owner and job.lease_owner != owner:
+                raise StateError(f"job {job_id} is now run by another orchestrator")
             job.status, job.error, job.finished_at = status, error, utcnow()
+            job.lease_owner, job.lease_expires_at, job.cancel_reason = "", None, ""
             uow.commit()
             return job
 
-    def reopen_job(self, job_id: int, max_cost_usd: float = 0.0) -> Job:
-        """Set a job that is not running back to running, to resume it, with a new budget in
-        its spec when `max_cost_usd` is given. StateError when it is running already: one job
-        never runs twice at once."""
+    def reopen_job(self, job_id: int, max_cost_usd: float = 0.0, retry_failed: bool = False) -> Job:
+        """Queue a job that is not running, to resume it (with `retry_failed`, its failed
+        articles too), with a new budget in its spec when `max_cost_usd` is given. StateError
+        when it is queued or running already: one job never runs twice at once."""
         if max_cost_usd < 0:
             raise InvalidRecordError("max_cost_usd: must not be negative")
         with self._uow() as uow:
             job = self._job(uow.session, job_id, for_update=True)
-            if job.status == "running":
-                raise StateError(f"job {job_id} is running; cancel it first or wait for it")
-            job.status, job.error, job.finished_at = "running", "", None
+            if job.status in ("running", "queued"):
+                raise StateError(f"job {job_id} is {job.status}; cancel it first or wait for it")
+            job.status, job.error, job.finished_at = "queued", "", None
+            job.cancel_reason, job.retry_failed = "", retry_failed
             if max_cost_usd:
                 job.spec = {**job.spec, "max_cost_usd": max_cost_usd}  # reassign: JSON column
             uow.commit()
             return job
 
-    def interrupt_running_jobs(self) -> list[int]:
-        """Mark every running job interrupted: called when an orchestrator starts, since a job
-        can only be running inside an orchestrator that is alive."""
+    def claim_jobs(
+        self, owner: str, lease_seconds: float, per_user_limit: int, max_jobs: int
+    ) -> list[tuple[Job, str]]:
+        """Jobs for orchestrator `owner` to run, each with the lease owner it was taken from
+        ("" for a queued job): first running jobs whose lease expired (their orchestrator
+        died or lost the database), then queued jobs in order while their user runs fewer than
+        `per_user_limit` (0: no limit). Claims are serialized, so two orchestrators never take
+        the same job and the limit holds across them. A project runs one job at a time (its
+        jobs' titles must all differ), so a queued job waits for its project's running one."""
+        now = utcnow()
+        until = now + timedelta(seconds=lease_seconds)
+        claimed: list[tuple[Job, str]] = []
         with self._uow() as uow:
-            jobs = repository.jobs_with_status(uow.session, "running")
-            for job in jobs:
-                job.status, job.finished_at = "interrupted", utcnow()
-                job.error = "interrupted: the orchestrator stopped while the job ran"
+            repository.lock_claims(uow.session)
+            for job in repository.jobs_with_expired_lease(uow.session, now, max_jobs):
+                claimed.append((job, job.lease_owner))
+                job.lease_owner, job.lease_expires_at = owner, until
+            running = repository.running_jobs_per_user(uow.session)
+            # One job of a project at a time: each job's titles must differ from the others'.
+            busy_projects = repository.projects_with_running_jobs(uow.session)
+            for job in repository.jobs_with_status(uow.session, "queued"):
+                if len(claimed) >= max_jobs:
+                    break
+                if per_user_limit and running.get(job.owner, 0) >= per_user_limit:
+                    continue
+                if job.project_id in busy_projects:
+                    continue
+                running[job.owner] = running.get(job.owner, 0) + 1
+                busy_projects.add(job.project_id)
+                job.status, job.lease_owner, job.lease_expires_at = "running", owner, until
+                claimed.append((job, ""))
             uow.commit()
-            return [job.id for job in jobs]
+            return claimed
+
+    def renew_leases(
+        self, owner: str, job_ids: Sequence[int], lease_seconds: float
+    ) -> tuple[list[int], dict[int, str]]:
+        """Extend `owner`'s leases on these jobs: the ids it still holds, and the cancel
+        reasons asked for any of them."""
+        until = utcnow() + timedelta(seconds=lease_seconds)
+        with self._uow() as uow:
+            held = repository.leased_jobs(uow.session, owner, job_ids)
+            for job in held:
+                job.lease_expires_at = until
+            uow.commit()
+            return [j.id for j in held], {j.id: j.cancel_reason for j in held if j.cancel_reason}
+
+    def request_cancel(self, job_id: int, reason: str) -> Job:
+        """Cancel a queued job at once; ask the orchestrator holding a running one to cancel it
+        (it sees the request when it renews the lease). StateError for a job that is neither."""
+        with self._uow() as uow:
+            job = self._job(uow.session, job_id, for_update=True)
+            if job.status == "queued":
+                job.status, job.finished_at = "cancelled", utcnow()
+                job.error = f"cancelled: {reason}"
+            elif job.status == "running":
+                job.cancel_reason = job.cancel_reason or reason
+            else:
+                raise StateError(f"job {job_id} is not running (status {job.status})")
+            uow.commit()
+            return job
+
+    def append_events(
+        self, job_id: int, events: Sequence[tuple[int, bytes]], owner: str = ""
+    ) -> int:
+        """Store a job's events (sequence number, payload); ones stored already (a retried
+        call) are kept as they are. With `owner`, only while that orchestrator holds the job's
+        lease (StateError once another took it over). Returns the last sequence number."""
+        with self._uow() as uow:
+            job = self._job(uow.session, job_id, for_update=True)
+            if owner and job.lease_owner != owner:
+                raise StateError(f"job {job_id} is now run by another orchestrator")
+            if events:
+                stored = repository.event_seqs(
+                    uow.session, job_id, min(s for s, _ in events), max(s for s, _ in events)
+                )
+                uow.session.add_all(
+                    JobEvent(job_id=job_id, seq=seq, payload=payload)
+                    for seq, payload in events
+                    if seq not in stored
+                )
+                job.last_event_seq = max(job.last_event_seq, *(s for s, _ in events))
+            uow.commit()
+            return job.last_event_seq
+
+    def list_events(self, job_id: int, after_seq: int, limit: int) -> tuple[list[JobEvent], str]:
+        """A job's stored events after `after_seq`, in order, and the job's status."""
+        with self._uow() as uow:
+            job = self._job(uow.session, job_id)
+            return list(repository.events_after(uow.session, job_id, after_seq, limit)), job.status
 
     def get_job(self, job_id: int) -> Job:
         """One job; NotFoundError names the id."""

@@ -27,6 +27,7 @@ CHANNEL_OPTIONS = [
 ]
 
 Registrar = Callable[[Any, grpc.Server], None]
+QUEUED_CALLS_PER_THREAD = 4
 
 
 @dataclass
@@ -75,7 +76,9 @@ def build_server(
         executor,
         interceptors=list(interceptors),
         options=CHANNEL_OPTIONS,
-        maximum_concurrent_rpcs=max_workers,
+        # Calls beyond the threads wait their turn (a burst of saves must not fail); only a
+        # backlog past this is refused with RESOURCE_EXHAUSTED, so memory stays bounded.
+        maximum_concurrent_rpcs=max_workers * QUEUED_CALLS_PER_THREAD,
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -28,7 +28,9 @@ MODULES = {
     "persistence": "persistence_service",
     "generator": "generator_service",
     "orchestrator": "orchestrator_service",
+    "orchestrator2": "orchestrator_service",  # a second one on the same database
 }
+LEASE_SECONDS = 2.0
 PASSWORD = "crash-test-password"
 ARTICLES = 24
 
@@ -56,6 +58,7 @@ class Services:
             OUTPUT_DIR=str(tmp / "output"),
             LOG_LEVEL="WARNING",
             SERVICE_TOKEN="crash-test-service-token",
+            ORCHESTRATOR_LEASE_SECONDS=str(LEASE_SECONDS),
         )
         self.tmp = tmp
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
@@ -64,11 +67,14 @@ class Services:
         return f"127.0.0.1:{self.ports[name]}"
 
     def start(self, name: str) -> None:
+        env = self.env
+        if name == "orchestrator2":
+            env = {**env, "ORCHESTRATOR_ADDRESS": self.address(name)}
         log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 - the process owns it
         self.processes[name] = subprocess.Popen(
             [sys.executable, "-m", MODULES[name]],
             cwd=self.tmp,
-            env=self.env,
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -104,18 +110,21 @@ def services(tmp_path: Path, database_url: str) -> Iterator[tuple[Services, LlmS
 
 
 class Run:
-    """A RunJob consumed on a thread, so the test can kill things while it goes."""
+    """A job submitted, then watched on a thread (on `watch_address` when given), so the test
+    can kill things while it goes."""
 
-    def __init__(self, address: str, job: str) -> None:
+    def __init__(self, address: str, job: str, watch_address: str = "") -> None:
         self.events: list[pb.JobEvent] = []
         self.error: BaseException | None = None
-        self._client = OrchestratorClient(address, "admin", PASSWORD)
-        self._thread = threading.Thread(target=self._consume, args=(job,), daemon=True)
+        with OrchestratorClient(address, "admin", PASSWORD) as submitter:
+            self.job_ids = submitter.submit_job(job)
+        self._client = OrchestratorClient(watch_address or address, "admin", PASSWORD)
+        self._thread = threading.Thread(target=self._consume, daemon=True)
         self._thread.start()
 
-    def _consume(self, job: str) -> None:
+    def _consume(self) -> None:
         try:
-            for event in self._client.run_job(job):
+            for event in self._client.watch_jobs(self.job_ids):
                 self.events.append(event)
         except BaseException as e:  # the orchestrator dying ends the stream with an error
             self.error = e
@@ -187,36 +196,53 @@ def test_a_killed_persistence_loses_nothing_and_saves_nothing_twice(
     assert s.generated_articles + s.augmented_articles + s.failed_articles == ARTICLES
 
 
-def test_a_killed_orchestrator_leaves_the_job_interrupted_and_resume_pays_only_the_rest(
+def test_a_killed_orchestrator_is_taken_over_by_another_and_no_article_is_paid_twice(
     services: tuple[Services, LlmSimulator], database_url: str
 ) -> None:
     running, simulator = services
-    run = Run(running.address("orchestrator"), _job())
+    running.start("orchestrator2")
+    # Submitted to the first (which claims it at once); watched on the second.
+    run = Run(running.address("orchestrator"), _job(), running.address("orchestrator2"))
     run.wait_saved(5)
-    running.kill("orchestrator")
-    run.finish()
-    assert run.error is not None  # the client saw its stream die
-    # The generator finishes what it had in flight (the stream's end starts nothing new): wait
-    # until no model call runs and the records have stopped changing for a while.
-    deadline, stable_since, recorded = time.monotonic() + 60, time.monotonic(), -1
-    while time.monotonic() - stable_since < 2.0:
-        assert time.monotonic() < deadline, "the generator never went quiet"
-        now = sum(rows_by_status(database_url, 1).values())
-        if now != recorded or simulator.stats().in_flight:
-            recorded, stable_since = now, time.monotonic()
-        time.sleep(0.1)
-    assert 5 <= recorded < ARTICLES
-    outlines_before = simulator.stats().by_kind["outline"]
-
-    running.start("orchestrator")
-    with OrchestratorClient(running.address("orchestrator"), "admin", PASSWORD) as client:
-        assert client.get_job(1).job.status == "interrupted"
-        resumed = list(client.resume_job(1))
-    assert resumed[-1].run_finished.ok, resumed[-1].run_finished.error
+    with OrchestratorClient(running.address("orchestrator2"), "admin", PASSWORD) as client:
+        assert client.get_job(1).job.status == "running"
+    running.kill("orchestrator")  # SIGKILL: no hand-off, its lease just stops being renewed
+    finished = run.finish()
+    assert finished is not None and finished.ok, (run.error, finished)
+    assert run.error is None  # the watcher on the survivor saw the job to its end
+    notices = [e.notice.message for e in run.events if e.WhichOneof("event") == "notice"]
+    assert any(n.startswith("taken over") for n in notices), notices
     assert sum(rows_by_status(database_url, 1).values()) == ARTICLES
     assert duplicate_keys(database_url, 1) == 0
-    # Exactly the missing articles were generated: one outline call each, none twice.
-    assert simulator.stats().by_kind["outline"] - outlines_before == ARTICLES - recorded
+    # Every article was paid for once: one outline call each, none twice.
+    assert simulator.stats().by_kind["outline"] == ARTICLES
+    seqs = [e.seq for e in run.events]
+    assert seqs == sorted(set(seqs))  # one stream, in order, nothing twice
+
+
+def test_a_persistence_down_for_45_seconds_at_a_tier_boundary_is_waited_out(
+    services: tuple[Services, LlmSimulator], database_url: str
+) -> None:
+    running, simulator = services
+    tiers = {
+        "tier1": {"count": 4, "min_word_count": 300, "max_word_count": 400},
+        "tier2": {"count": 4, "min_word_count": 300, "max_word_count": 400},
+    }
+    run = Run(running.address("orchestrator"), job_file(tiers, max_workers=2))
+    deadline = time.monotonic() + 60
+    while not any(e.WhichOneof("event") == "tier_finished" for e in run.events):
+        assert time.monotonic() < deadline, "tier1 never finished"
+        time.sleep(0.02)
+    running.kill("persistence")
+    time.sleep(45)  # the outage itself: what this test is about
+    running.start("persistence")
+    finished = run.finish(timeout=180)
+    assert finished is not None and finished.ok, (run.error, finished)
+    rows = rows_by_status(database_url, 1)
+    assert sum(rows.values()) == 8 and duplicate_keys(database_url, 1) == 0
+    assert simulator.stats().by_kind["outline"] == 8
+    with OrchestratorClient(running.address("orchestrator"), "admin", PASSWORD) as client:
+        assert client.get_job(1).job.status == "completed"
 
 
 def test_sigterm_on_the_generator_drains_it_and_the_job_still_completes(

@@ -129,7 +129,7 @@ def test_cancel_mid_job_then_resume_finishes_it_paying_once(start_stack) -> None
         events = _consume_until(stream, lambda _e, seen: _saved(seen) >= 3)
         job_id = job_ids_of(events)[0]
         with pytest.raises(ServiceCallError) as running:
-            list(c.resume_job(job_id))
+            list(c.resume_and_watch(job_id))
         assert running.value.code == grpc.StatusCode.FAILED_PRECONDITION
         assert "is running" in running.value.details
         assert "is being cancelled" in c.cancel_job(job_id)
@@ -143,7 +143,7 @@ def test_cancel_mid_job_then_resume_finishes_it_paying_once(start_stack) -> None
         # Finished articles stay; nothing new started after the cancel except those in flight.
         assert sum(before.values()) <= _saved(events) + 2
 
-        resumed = list(c.resume_job(job_id))
+        resumed = list(c.resume_and_watch(job_id))
     done = resumed[-1].run_finished
     assert done.ok, done.error
     assert resumed[0].job_started.resumed
@@ -181,36 +181,45 @@ def test_in_flight_articles_past_the_grace_period_are_recorded_cancelled_and_ret
             "ArticleCancelledError: cancelled: cancelled by admin" in r["error"] for r in cancelled
         )
         assert len(rows) <= 3  # only those in flight have records
-        resumed = list(c.resume_job(job_id, retry_failed=True))
+        resumed = list(c.resume_and_watch(job_id, retry_failed=True))
     assert resumed[-1].run_finished.ok, resumed[-1].run_finished.error
     rows = article_rows(handle.database_url, job_id)
     assert len(rows) == 6 and {r["status"] for r in rows} <= {"generated", "augmented"}
     assert duplicate_keys(handle.database_url, job_id) == 0
 
 
-def test_a_job_left_running_by_a_dead_orchestrator_is_interrupted_then_resumed(
+def test_a_job_left_running_by_a_dead_orchestrator_is_taken_over_when_one_starts(
     start_stack,
 ) -> None:
     handle = start_stack(simulator=SimulatorConfig(latency=0.0))
     events, _ = run_job(handle, job_file({"tier1": tier(4)}))
     job_id = job_ids_of(events)[0]
-    # What a killed orchestrator leaves behind: a job still marked running, records missing.
+    handle.stack.stop()
+    # What a killed orchestrator leaves behind: a job still running under a lease nobody
+    # renews, records missing.
     engine = create_engine(handle.database_url)
     with engine.begin() as connection:
-        connection.execute(text("UPDATE jobs SET status = 'running' WHERE id = :j"), {"j": job_id})
+        connection.execute(
+            text(
+                "UPDATE jobs SET status = 'running', lease_owner = 'orchestrator-dead', "
+                "lease_expires_at = NULL WHERE id = :j"
+            ),
+            {"j": job_id},
+        )
         connection.execute(
             text("DELETE FROM generated_content WHERE job_id = :j AND article_index >= 2"),
             {"j": job_id},
         )
     engine.dispose()
-    handle.stack.stop()
     again = start_stack(simulator=SimulatorConfig(latency=0.0))  # same database
     with OrchestratorClient(again.stack.orchestrator_address, "admin", again.password) as c:
-        listed = {j.job_id: j for j in c.list_jobs()}
-        assert listed[job_id].status == "interrupted"
-        assert "orchestrator stopped" in listed[job_id].error
-        resumed = list(c.resume_job(job_id))
-    assert resumed[-1].run_finished.ok
-    started = [a.article_index for a in articles_of(resumed) if a.step == pb.ARTICLE_STEP_STARTED]
+        # Nobody resumes it: the new orchestrator takes it over by itself.
+        taken_over = list(c.watch_job(job_id, after_seq=events[-1].seq))
+        assert c.get_job(job_id).job.status == "completed"
+    assert taken_over[0].notice.message.startswith("taken over")
+    assert taken_over[-1].run_finished.ok
+    started = [
+        a.article_index for a in articles_of(taken_over) if a.step == pb.ARTICLE_STEP_STARTED
+    ]
     assert sorted(started) == [2, 3]
     assert sum(rows_by_status(again.database_url, job_id).values()) == 4

@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from generator_service.llm.simulator import SimulatorConfig
-from orchestrator_service.cli import run_and_print
+from orchestrator_service.cli import watch_and_print
 from orchestrator_service.client import OrchestratorClient
 from orchestrator_service.console import event_lines
 from tests.helpers import (
@@ -162,7 +162,7 @@ def test_a_rejected_api_key_stops_the_job_at_once_with_a_clear_message(start_sta
     # The command line says so and exits 1.
     with OrchestratorClient(handle.stack.orchestrator_address, "admin", handle.password) as client:
         out = io.StringIO()
-        assert run_and_print(client, client.run_job(job_file({"tier1": tier(2)})), out) == 1
+        assert watch_and_print(client, client.run_job(job_file({"tier1": tier(2)})), out) == 1
     assert "Error: job " in out.getvalue() and "rejected the API key (401)" in out.getvalue()
 
 
@@ -224,7 +224,7 @@ def test_a_budget_skips_the_rest_and_a_resume_with_a_higher_one_writes_them(star
     assert "Skipped (budget):" in text and "[tier2] not started: the job's max_cost_usd" in text
 
     with OrchestratorClient(handle.stack.orchestrator_address, "admin", handle.password) as client:
-        resumed = list(client.resume_job(job_id, max_cost_usd=1.0))
+        resumed = list(client.resume_and_watch(job_id, max_cost_usd=1.0))
         shown = client.get_job(job_id).job
     done = resumed[-1].run_finished
     assert done.ok, done.error

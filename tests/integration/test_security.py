@@ -162,7 +162,7 @@ def test_a_user_sees_and_acts_on_their_own_jobs_and_projects_only(team) -> None:
             "get": bob.get_job,
             "cancel": bob.cancel_job,
             "publish": bob.publish_job,
-            "resume": lambda job: list(bob.resume_job(job)),
+            "resume": lambda job: list(bob.resume_and_watch(job)),
         }
         for name, act in actions.items():
             theirs, nobodys = denied(partial(act, ann_job)), denied(partial(act, missing))
@@ -302,8 +302,8 @@ def test_a_message_over_the_size_cap_is_refused_and_the_server_goes_on(team) -> 
     with grpc.insecure_channel(stack.orchestrator_address) as channel:
         with pytest.raises(grpc.RpcError) as error:
             list(
-                pb_grpc.OrchestratorServiceStub(channel).RunJob(
-                    pb.RunJobRequest(job_file=huge), timeout=30
+                pb_grpc.OrchestratorServiceStub(channel).SubmitJob(
+                    pb.SubmitJobRequest(job_file=huge), timeout=30
                 )
             )
         assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -345,8 +345,8 @@ class SetPasswordRequest(_message.Message):
 Global___SetPasswordRequest: _TypeAlias = SetPasswordRequest  # noqa: Y015
 
 @_typing.final
-class RunJobRequest(_message.Message):
-    """Request for RunJob."""
+class SubmitJobRequest(_message.Message):
+    """Request for SubmitJob."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -364,7 +364,57 @@ class RunJobRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___RunJobRequest: _TypeAlias = RunJobRequest  # noqa: Y015
+Global___SubmitJobRequest: _TypeAlias = SubmitJobRequest  # noqa: Y015
+
+@_typing.final
+class SubmitJobResponse(_message.Message):
+    """Response of SubmitJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The stored jobs, one per entry of the job file, in its order."""
+
+    def __init__(
+        self,
+        *,
+        job_ids: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_ids", b"job_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitJobResponse: _TypeAlias = SubmitJobResponse  # noqa: Y015
+
+@_typing.final
+class WatchJobRequest(_message.Message):
+    """Request for WatchJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    AFTER_SEQ_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.int
+    """The job's id."""
+    after_seq: _builtins.int
+    """Only events after this sequence number (a watcher that reconnects gives the last it saw)."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.int = ...,
+        after_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchJobRequest: _TypeAlias = WatchJobRequest  # noqa: Y015
 
 @_typing.final
 class JobStarted(_message.Message):
@@ -862,7 +912,7 @@ Global___Summary: _TypeAlias = Summary  # noqa: Y015
 
 @_typing.final
 class RunFinished(_message.Message):
-    """The run is over."""
+    """A run of a job is over (it finished, failed or was cancelled; a resume starts another run)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -894,10 +944,12 @@ Global___RunFinished: _TypeAlias = RunFinished  # noqa: Y015
 
 @_typing.final
 class JobEvent(_message.Message):
-    """One thing that happened during RunJob."""
+    """One thing that happened to a job, as WatchJob streams it."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    SEQ_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
     JOB_STARTED_FIELD_NUMBER: _builtins.int
     TIER_STARTED_FIELD_NUMBER: _builtins.int
     TITLES_READY_FIELD_NUMBER: _builtins.int
@@ -906,6 +958,10 @@ class JobEvent(_message.Message):
     POST_PROCESSING_FIELD_NUMBER: _builtins.int
     NOTICE_FIELD_NUMBER: _builtins.int
     RUN_FINISHED_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    """The event's place in its job's events, from 1."""
+    job_id: _builtins.int
+    """The job's id."""
     @_builtins.property
     def job_started(self) -> Global___JobStarted:
         """A job started."""
@@ -936,11 +992,13 @@ class JobEvent(_message.Message):
 
     @_builtins.property
     def run_finished(self) -> Global___RunFinished:
-        """The run is over; always the last event."""
+        """The run is over; always the last event of a run."""
 
     def __init__(
         self,
         *,
+        seq: _builtins.int = ...,
+        job_id: _builtins.int = ...,
         job_started: Global___JobStarted | None = ...,
         tier_started: Global___TierStarted | None = ...,
         titles_ready: Global___TitlesReady | None = ...,
@@ -952,7 +1010,7 @@ class JobEvent(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["article", b"article", "event", b"event", "job_started", b"job_started", "notice", b"notice", "post_processing", b"post_processing", "run_finished", b"run_finished", "tier_finished", b"tier_finished", "tier_started", b"tier_started", "titles_ready", b"titles_ready"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["article", b"article", "event", b"event", "job_started", b"job_started", "notice", b"notice", "post_processing", b"post_processing", "run_finished", b"run_finished", "tier_finished", b"tier_finished", "tier_started", b"tier_started", "titles_ready", b"titles_ready"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["article", b"article", "event", b"event", "job_id", b"job_id", "job_started", b"job_started", "notice", b"notice", "post_processing", b"post_processing", "run_finished", b"run_finished", "seq", b"seq", "tier_finished", b"tier_finished", "tier_started", b"tier_started", "titles_ready", b"titles_ready"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["job_started", "tier_started", "titles_ready", "article", "tier_finished", "post_processing", "notice", "run_finished"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
@@ -1011,7 +1069,7 @@ class JobInfo(_message.Message):
     project: _builtins.str
     """The project's name."""
     status: _builtins.str
-    """running, completed, failed, cancelled or interrupted."""
+    """queued, running, completed, failed, cancelled or interrupted."""
     max_workers: _builtins.int
     """The concurrency it ran with."""
     requested_articles: _builtins.int
@@ -1475,3 +1533,29 @@ class ResumeJobRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResumeJobRequest: _TypeAlias = ResumeJobRequest  # noqa: Y015
+
+@_typing.final
+class ResumeJobResponse(_message.Message):
+    """Response of ResumeJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    AFTER_SEQ_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.int
+    """The job's id."""
+    after_seq: _builtins.int
+    """Its last event's sequence number before the resume: watch after it."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.int = ...,
+        after_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeJobResponse: _TypeAlias = ResumeJobResponse  # noqa: Y015

@@ -44,9 +44,14 @@ class OrchestratorServiceStub:
                 request_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.LoginRequest.SerializeToString,
                 response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.LoginResponse.FromString,
                 _registered_method=True)
-        self.RunJob = channel.unary_stream(
-                '/tierwriter.orchestrator.v1.OrchestratorService/RunJob',
-                request_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.RunJobRequest.SerializeToString,
+        self.SubmitJob = channel.unary_unary(
+                '/tierwriter.orchestrator.v1.OrchestratorService/SubmitJob',
+                request_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.SubmitJobRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.SubmitJobResponse.FromString,
+                _registered_method=True)
+        self.WatchJob = channel.unary_stream(
+                '/tierwriter.orchestrator.v1.OrchestratorService/WatchJob',
+                request_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.WatchJobRequest.SerializeToString,
                 response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.JobEvent.FromString,
                 _registered_method=True)
         self.GetJob = channel.unary_unary(
@@ -59,10 +64,10 @@ class OrchestratorServiceStub:
                 request_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.CancelJobResponse.FromString,
                 _registered_method=True)
-        self.ResumeJob = channel.unary_stream(
+        self.ResumeJob = channel.unary_unary(
                 '/tierwriter.orchestrator.v1.OrchestratorService/ResumeJob',
                 request_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ResumeJobRequest.SerializeToString,
-                response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.JobEvent.FromString,
+                response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ResumeJobResponse.FromString,
                 _registered_method=True)
         self.ListJobs = channel.unary_unary(
                 '/tierwriter.orchestrator.v1.OrchestratorService/ListJobs',
@@ -132,8 +137,19 @@ class OrchestratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def RunJob(self, request, context):
-        """Validates a job file, runs every job in it and streams what happens until the last summary.
+    def SubmitJob(self, request, context):
+        """Validates a job file and stores its jobs, queued; returns their ids at once. The jobs then
+        belong to the server: they run whatever the client does (only CancelJob stops one), one
+        user's beyond ORCHESTRATOR_JOBS_PER_USER running ones waiting as `queued`, in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchJob(self, request, context):
+        """Streams a job's events after `after_seq` (0: from its start): the stored ones, then live
+        ones, until the job is no longer queued or running. Any orchestrator on the database
+        answers for any job. RESOURCE_EXHAUSTED when ORCHESTRATOR_MAX_WATCHES streams are open.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -147,18 +163,19 @@ class OrchestratorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelJob(self, request, context):
-        """Cancels a running job (and the rest of the job file it runs in): no article starts, those
-        in flight finish or stop after the grace period, the job ends `cancelled`.
-        FAILED_PRECONDITION when the job is not running here.
+        """Cancels a queued or running job, wherever it runs: no article starts, those in flight
+        finish or stop after the grace period, the job ends `cancelled`.
+        FAILED_PRECONDITION when the job is neither queued nor running.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ResumeJob(self, request, context):
-        """Finishes a job that is not running (failed, cancelled, interrupted): exactly the articles
-        without a terminal record are generated, then the whole job is post-processed.
-        FAILED_PRECONDITION while it runs.
+        """Queues a job that is not running (failed, cancelled, interrupted) to finish it: exactly
+        the articles without a terminal record are generated, then the whole job is
+        post-processed. Watch it from the returned sequence number. FAILED_PRECONDITION while it
+        is queued or runs.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -245,9 +262,14 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     request_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.LoginRequest.FromString,
                     response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.LoginResponse.SerializeToString,
             ),
-            'RunJob': grpc.unary_stream_rpc_method_handler(
-                    servicer.RunJob,
-                    request_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.RunJobRequest.FromString,
+            'SubmitJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitJob,
+                    request_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.SubmitJobRequest.FromString,
+                    response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.SubmitJobResponse.SerializeToString,
+            ),
+            'WatchJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchJob,
+                    request_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.WatchJobRequest.FromString,
                     response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.JobEvent.SerializeToString,
             ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
@@ -260,10 +282,10 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     request_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.CancelJobRequest.FromString,
                     response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.CancelJobResponse.SerializeToString,
             ),
-            'ResumeJob': grpc.unary_stream_rpc_method_handler(
+            'ResumeJob': grpc.unary_unary_rpc_method_handler(
                     servicer.ResumeJob,
                     request_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ResumeJobRequest.FromString,
-                    response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.JobEvent.SerializeToString,
+                    response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ResumeJobResponse.SerializeToString,
             ),
             'ListJobs': grpc.unary_unary_rpc_method_handler(
                     servicer.ListJobs,
@@ -359,7 +381,34 @@ class OrchestratorService:
             _registered_method=True)
 
     @staticmethod
-    def RunJob(request,
+    def SubmitJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.orchestrator.v1.OrchestratorService/SubmitJob',
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.SubmitJobRequest.SerializeToString,
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.SubmitJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchJob(request,
             target,
             options=(),
             channel_credentials=None,
@@ -372,8 +421,8 @@ class OrchestratorService:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/tierwriter.orchestrator.v1.OrchestratorService/RunJob',
-            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.RunJobRequest.SerializeToString,
+            '/tierwriter.orchestrator.v1.OrchestratorService/WatchJob',
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.WatchJobRequest.SerializeToString,
             tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.JobEvent.FromString,
             options,
             channel_credentials,
@@ -450,12 +499,12 @@ class OrchestratorService:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
+        return grpc.experimental.unary_unary(
             request,
             target,
             '/tierwriter.orchestrator.v1.OrchestratorService/ResumeJob',
             tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ResumeJobRequest.SerializeToString,
-            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.JobEvent.FromString,
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ResumeJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -388,12 +388,16 @@ class Job(_message.Message):
     OWNER_FIELD_NUMBER: _builtins.int
     TITLE_SHORTFALL_FIELD_NUMBER: _builtins.int
     TITLE_COST_USD_FIELD_NUMBER: _builtins.int
+    LEASE_OWNER_FIELD_NUMBER: _builtins.int
+    CANCEL_REASON_FIELD_NUMBER: _builtins.int
+    LAST_EVENT_SEQ_FIELD_NUMBER: _builtins.int
+    RETRY_FAILED_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Database id."""
     project_id: _builtins.int
     """The project's id."""
     status: _builtins.str
-    """running, completed, failed, cancelled or interrupted."""
+    """queued, running, completed, failed, cancelled or interrupted."""
     spec_json: _builtins.str
     """The job's entry of the job file, as JSON."""
     max_workers: _builtins.int
@@ -420,6 +424,14 @@ class Job(_message.Message):
     """Titles the model did not deliver, over all tiers (those articles were never requested)."""
     title_cost_usd: _builtins.float
     """USD spent on titles."""
+    lease_owner: _builtins.str
+    """The orchestrator holding the job's lease; empty when none does."""
+    cancel_reason: _builtins.str
+    """Why someone asked for the job to be cancelled; empty when nobody did."""
+    last_event_seq: _builtins.int
+    """Sequence number of the job's last stored event; 0 before any."""
+    retry_failed: _builtins.bool
+    """The queued resume also generates the failed articles."""
     def __init__(
         self,
         *,
@@ -439,10 +451,14 @@ class Job(_message.Message):
         owner: _builtins.str = ...,
         title_shortfall: _builtins.int = ...,
         title_cost_usd: _builtins.float = ...,
+        lease_owner: _builtins.str = ...,
+        cancel_reason: _builtins.str = ...,
+        last_event_seq: _builtins.int = ...,
+        retry_failed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "id", b"id", "max_workers", b"max_workers", "owner", b"owner", "project_id", b"project_id", "requested_articles", b"requested_articles", "spec_json", b"spec_json", "status", b"status", "title_api_calls", b"title_api_calls", "title_completion_tokens", b"title_completion_tokens", "title_cost_usd", b"title_cost_usd", "title_prompt_tokens", b"title_prompt_tokens", "title_shortfall", b"title_shortfall", "titles_json", b"titles_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_reason", b"cancel_reason", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "id", b"id", "last_event_seq", b"last_event_seq", "lease_owner", b"lease_owner", "max_workers", b"max_workers", "owner", b"owner", "project_id", b"project_id", "requested_articles", b"requested_articles", "retry_failed", b"retry_failed", "spec_json", b"spec_json", "status", b"status", "title_api_calls", b"title_api_calls", "title_completion_tokens", b"title_completion_tokens", "title_cost_usd", b"title_cost_usd", "title_prompt_tokens", b"title_prompt_tokens", "title_shortfall", b"title_shortfall", "titles_json", b"titles_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -459,6 +475,7 @@ class CreateJobRequest(_message.Message):
     MAX_WORKERS_FIELD_NUMBER: _builtins.int
     REQUESTED_ARTICLES_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     project_id: _builtins.int
     """The project's id."""
     spec_json: _builtins.str
@@ -469,6 +486,8 @@ class CreateJobRequest(_message.Message):
     """Articles requested over all tiers."""
     owner: _builtins.str
     """The owner's username."""
+    request_id: _builtins.str
+    """Makes a retried call safe: a second call with the same id returns the first one's job."""
     def __init__(
         self,
         *,
@@ -477,10 +496,11 @@ class CreateJobRequest(_message.Message):
         max_workers: _builtins.int = ...,
         requested_articles: _builtins.int = ...,
         owner: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_workers", b"max_workers", "owner", b"owner", "project_id", b"project_id", "requested_articles", b"requested_articles", "spec_json", b"spec_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_workers", b"max_workers", "owner", b"owner", "project_id", b"project_id", "request_id", b"request_id", "requested_articles", b"requested_articles", "spec_json", b"spec_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -500,6 +520,7 @@ class RecordTitlesRequest(_message.Message):
     COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     SHORTFALL_FIELD_NUMBER: _builtins.int
     COST_USD_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     """The job's id."""
     tier: _builtins.str
@@ -514,6 +535,8 @@ class RecordTitlesRequest(_message.Message):
     """Titles short of the tier's count after the bounded top-ups."""
     cost_usd: _builtins.float
     """USD spent on them."""
+    request_id: _builtins.str
+    """Makes a retried call safe: a second call with the same id changes nothing."""
     @_builtins.property
     def titles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The tier's titles in article order."""
@@ -529,10 +552,11 @@ class RecordTitlesRequest(_message.Message):
         completion_tokens: _builtins.int = ...,
         shortfall: _builtins.int = ...,
         cost_usd: _builtins.float = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "completion_tokens", b"completion_tokens", "cost_usd", b"cost_usd", "job_id", b"job_id", "prompt_tokens", b"prompt_tokens", "shortfall", b"shortfall", "tier", b"tier", "titles", b"titles"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "completion_tokens", b"completion_tokens", "cost_usd", b"cost_usd", "job_id", b"job_id", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "shortfall", b"shortfall", "tier", b"tier", "titles", b"titles"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -547,22 +571,26 @@ class FinishJobRequest(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     """The job's id."""
     status: _builtins.str
     """completed, failed, cancelled or interrupted."""
     error: _builtins.str
     """Why the job failed; empty when it did not."""
+    owner: _builtins.str
+    """The orchestrator holding the job's lease."""
     def __init__(
         self,
         *,
         job_id: _builtins.int = ...,
         status: _builtins.str = ...,
         error: _builtins.str = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "job_id", b"job_id", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "job_id", b"job_id", "owner", b"owner", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -576,64 +604,27 @@ class ReopenJobRequest(_message.Message):
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     MAX_COST_USD_FIELD_NUMBER: _builtins.int
+    RETRY_FAILED_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     """The job's id."""
     max_cost_usd: _builtins.float
     """A new max_cost_usd for the job's spec; 0 keeps its own."""
+    retry_failed: _builtins.bool
+    """The resume also generates the articles whose record is `failed`."""
     def __init__(
         self,
         *,
         job_id: _builtins.int = ...,
         max_cost_usd: _builtins.float = ...,
+        retry_failed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "max_cost_usd", b"max_cost_usd"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "max_cost_usd", b"max_cost_usd", "retry_failed", b"retry_failed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReopenJobRequest: _TypeAlias = ReopenJobRequest  # noqa: Y015
-
-@_typing.final
-class InterruptRunningJobsRequest(_message.Message):
-    """Request for InterruptRunningJobs."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    def __init__(
-        self,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___InterruptRunningJobsRequest: _TypeAlias = InterruptRunningJobsRequest  # noqa: Y015
-
-@_typing.final
-class InterruptRunningJobsResponse(_message.Message):
-    """Response of InterruptRunningJobs."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    JOB_IDS_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def job_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """The jobs now marked interrupted."""
-
-    def __init__(
-        self,
-        *,
-        job_ids: _abc.Iterable[_builtins.int] | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_ids", b"job_ids"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___InterruptRunningJobsResponse: _TypeAlias = InterruptRunningJobsResponse  # noqa: Y015
 
 @_typing.final
 class GetJobRequest(_message.Message):
@@ -1603,3 +1594,345 @@ class GetStoredSecretResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStoredSecretResponse: _TypeAlias = GetStoredSecretResponse  # noqa: Y015
+
+@_typing.final
+class ClaimJobsRequest(_message.Message):
+    """Request for ClaimJobs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OWNER_FIELD_NUMBER: _builtins.int
+    LEASE_SECONDS_FIELD_NUMBER: _builtins.int
+    PER_USER_LIMIT_FIELD_NUMBER: _builtins.int
+    MAX_JOBS_FIELD_NUMBER: _builtins.int
+    owner: _builtins.str
+    """The calling orchestrator's id."""
+    lease_seconds: _builtins.float
+    """How long a lease lasts unless renewed."""
+    per_user_limit: _builtins.int
+    """Running jobs per user (a user's jobs beyond it stay queued); 0: no limit."""
+    max_jobs: _builtins.int
+    """Take at most this many jobs."""
+    def __init__(
+        self,
+        *,
+        owner: _builtins.str = ...,
+        lease_seconds: _builtins.float = ...,
+        per_user_limit: _builtins.int = ...,
+        max_jobs: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_seconds", b"lease_seconds", "max_jobs", b"max_jobs", "owner", b"owner", "per_user_limit", b"per_user_limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaimJobsRequest: _TypeAlias = ClaimJobsRequest  # noqa: Y015
+
+@_typing.final
+class ClaimJobsResponse(_message.Message):
+    """Response of ClaimJobs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOBS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClaimedJob]:
+        """The jobs taken, now running under the caller's lease."""
+
+    def __init__(
+        self,
+        *,
+        jobs: _abc.Iterable[Global___ClaimedJob] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaimJobsResponse: _TypeAlias = ClaimJobsResponse  # noqa: Y015
+
+@_typing.final
+class ClaimedJob(_message.Message):
+    """A job an orchestrator took."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    TAKEN_OVER_FIELD_NUMBER: _builtins.int
+    PREVIOUS_OWNER_FIELD_NUMBER: _builtins.int
+    taken_over: _builtins.bool
+    """True when it was running under another orchestrator's lease that expired."""
+    previous_owner: _builtins.str
+    """The orchestrator that held it before, when taken over."""
+    @_builtins.property
+    def job(self) -> Global___Job:
+        """The job, status running."""
+
+    def __init__(
+        self,
+        *,
+        job: Global___Job | None = ...,
+        taken_over: _builtins.bool = ...,
+        previous_owner: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "previous_owner", b"previous_owner", "taken_over", b"taken_over"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaimedJob: _TypeAlias = ClaimedJob  # noqa: Y015
+
+@_typing.final
+class RenewLeasesRequest(_message.Message):
+    """Request for RenewLeases."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OWNER_FIELD_NUMBER: _builtins.int
+    JOB_IDS_FIELD_NUMBER: _builtins.int
+    LEASE_SECONDS_FIELD_NUMBER: _builtins.int
+    owner: _builtins.str
+    """The calling orchestrator's id."""
+    lease_seconds: _builtins.float
+    """New lease length from now."""
+    @_builtins.property
+    def job_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Jobs it runs."""
+
+    def __init__(
+        self,
+        *,
+        owner: _builtins.str = ...,
+        job_ids: _abc.Iterable[_builtins.int] | None = ...,
+        lease_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_ids", b"job_ids", "lease_seconds", b"lease_seconds", "owner", b"owner"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewLeasesRequest: _TypeAlias = RenewLeasesRequest  # noqa: Y015
+
+@_typing.final
+class RenewLeasesResponse(_message.Message):
+    """Response of RenewLeases."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HELD_FIELD_NUMBER: _builtins.int
+    CANCELS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def held(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Jobs whose lease the caller still holds (now renewed)."""
+
+    @_builtins.property
+    def cancels(self) -> _containers.RepeatedCompositeFieldContainer[Global___CancelRequest]:
+        """Of those, the jobs someone asked to cancel."""
+
+    def __init__(
+        self,
+        *,
+        held: _abc.Iterable[_builtins.int] | None = ...,
+        cancels: _abc.Iterable[Global___CancelRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancels", b"cancels", "held", b"held"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewLeasesResponse: _TypeAlias = RenewLeasesResponse  # noqa: Y015
+
+@_typing.final
+class CancelRequest(_message.Message):
+    """A cancel asked for a job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.int
+    """The job's id."""
+    reason: _builtins.str
+    """Who asked, for the user."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelRequest: _TypeAlias = CancelRequest  # noqa: Y015
+
+@_typing.final
+class RequestCancelRequest(_message.Message):
+    """Request for RequestCancel."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.int
+    """The job's id."""
+    reason: _builtins.str
+    """Who asked, for the user."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestCancelRequest: _TypeAlias = RequestCancelRequest  # noqa: Y015
+
+@_typing.final
+class JobEventRecord(_message.Message):
+    """One stored event of a job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    """Its place in the job's events, from 1."""
+    payload: _builtins.bytes
+    """The orchestrator's JobEvent, serialized (persistence keeps it as it is)."""
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        payload: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobEventRecord: _TypeAlias = JobEventRecord  # noqa: Y015
+
+@_typing.final
+class AppendJobEventsRequest(_message.Message):
+    """Request for AppendJobEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.int
+    """The job's id."""
+    owner: _builtins.str
+    """The orchestrator holding the job's lease (FAILED_PRECONDITION when it no longer does)."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobEventRecord]:
+        """Events in sequence order."""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.int = ...,
+        events: _abc.Iterable[Global___JobEventRecord] | None = ...,
+        owner: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "job_id", b"job_id", "owner", b"owner"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppendJobEventsRequest: _TypeAlias = AppendJobEventsRequest  # noqa: Y015
+
+@_typing.final
+class AppendJobEventsResponse(_message.Message):
+    """Response of AppendJobEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LAST_SEQ_FIELD_NUMBER: _builtins.int
+    last_seq: _builtins.int
+    """The job's last stored sequence number now."""
+    def __init__(
+        self,
+        *,
+        last_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_seq", b"last_seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppendJobEventsResponse: _TypeAlias = AppendJobEventsResponse  # noqa: Y015
+
+@_typing.final
+class ListJobEventsRequest(_message.Message):
+    """Request for ListJobEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    AFTER_SEQ_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.int
+    """The job's id."""
+    after_seq: _builtins.int
+    """Only events after this sequence number."""
+    limit: _builtins.int
+    """At most this many; 0 means 500."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.int = ...,
+        after_seq: _builtins.int = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "job_id", b"job_id", "limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJobEventsRequest: _TypeAlias = ListJobEventsRequest  # noqa: Y015
+
+@_typing.final
+class ListJobEventsResponse(_message.Message):
+    """Response of ListJobEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    status: _builtins.str
+    """The job's status when they were read."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobEventRecord]:
+        """The events, in order."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___JobEventRecord] | None = ...,
+        status: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJobEventsResponse: _TypeAlias = ListJobEventsResponse  # noqa: Y015

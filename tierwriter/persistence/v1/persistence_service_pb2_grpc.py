@@ -91,10 +91,30 @@ class PersistenceServiceStub:
                 request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ReopenJobRequest.SerializeToString,
                 response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Job.FromString,
                 _registered_method=True)
-        self.InterruptRunningJobs = channel.unary_unary(
-                '/tierwriter.persistence.v1.PersistenceService/InterruptRunningJobs',
-                request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.InterruptRunningJobsRequest.SerializeToString,
-                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.InterruptRunningJobsResponse.FromString,
+        self.ClaimJobs = channel.unary_unary(
+                '/tierwriter.persistence.v1.PersistenceService/ClaimJobs',
+                request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ClaimJobsRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ClaimJobsResponse.FromString,
+                _registered_method=True)
+        self.RenewLeases = channel.unary_unary(
+                '/tierwriter.persistence.v1.PersistenceService/RenewLeases',
+                request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.RenewLeasesRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.RenewLeasesResponse.FromString,
+                _registered_method=True)
+        self.RequestCancel = channel.unary_unary(
+                '/tierwriter.persistence.v1.PersistenceService/RequestCancel',
+                request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.RequestCancelRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Job.FromString,
+                _registered_method=True)
+        self.AppendJobEvents = channel.unary_unary(
+                '/tierwriter.persistence.v1.PersistenceService/AppendJobEvents',
+                request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.AppendJobEventsRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.AppendJobEventsResponse.FromString,
+                _registered_method=True)
+        self.ListJobEvents = channel.unary_unary(
+                '/tierwriter.persistence.v1.PersistenceService/ListJobEvents',
+                request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListJobEventsRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListJobEventsResponse.FromString,
                 _registered_method=True)
         self.GetJob = channel.unary_unary(
                 '/tierwriter.persistence.v1.PersistenceService/GetJob',
@@ -233,7 +253,7 @@ class PersistenceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CreateJob(self, request, context):
-        """Creates a job record in status `running`.
+        """Creates a job record in status `queued`: an orchestrator claims it (ClaimJobs) to run it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -247,22 +267,52 @@ class PersistenceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FinishJob(self, request, context):
-        """Sets a job's final status.
+        """Sets a job's final status and ends its lease; FAILED_PRECONDITION when the caller no longer
+        holds the lease (another orchestrator took the job over).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ReopenJob(self, request, context):
-        """Sets a job that is not running back to running, to resume it; FAILED_PRECONDITION if it is
-        running.
+        """Queues a job that is not running or queued, to resume it; FAILED_PRECONDITION if it is.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def InterruptRunningJobs(self, request, context):
-        """Marks every running job interrupted (an orchestrator calls it when it starts).
+    def ClaimJobs(self, request, context):
+        """Takes jobs for an orchestrator: running ones whose lease expired (their orchestrator
+        died), then queued ones in order while their owner runs fewer than the limit. Each taken
+        job's lease is the caller's until it expires.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewLeases(self, request, context):
+        """Extends the caller's leases; says which it still holds and which jobs were asked to stop.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RequestCancel(self, request, context):
+        """Asks whichever orchestrator holds a job to cancel it (a queued job is cancelled at once).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AppendJobEvents(self, request, context):
+        """Stores a job's events; events already stored (same job and sequence) are left as they are.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobEvents(self, request, context):
+        """A job's stored events after a sequence number, in order, with the job's status.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -440,10 +490,30 @@ def add_PersistenceServiceServicer_to_server(servicer, server):
                     request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ReopenJobRequest.FromString,
                     response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Job.SerializeToString,
             ),
-            'InterruptRunningJobs': grpc.unary_unary_rpc_method_handler(
-                    servicer.InterruptRunningJobs,
-                    request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.InterruptRunningJobsRequest.FromString,
-                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.InterruptRunningJobsResponse.SerializeToString,
+            'ClaimJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClaimJobs,
+                    request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ClaimJobsRequest.FromString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ClaimJobsResponse.SerializeToString,
+            ),
+            'RenewLeases': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewLeases,
+                    request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.RenewLeasesRequest.FromString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.RenewLeasesResponse.SerializeToString,
+            ),
+            'RequestCancel': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequestCancel,
+                    request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.RequestCancelRequest.FromString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Job.SerializeToString,
+            ),
+            'AppendJobEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.AppendJobEvents,
+                    request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.AppendJobEventsRequest.FromString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.AppendJobEventsResponse.SerializeToString,
+            ),
+            'ListJobEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobEvents,
+                    request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListJobEventsRequest.FromString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListJobEventsResponse.SerializeToString,
             ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
@@ -836,7 +906,7 @@ class PersistenceService:
             _registered_method=True)
 
     @staticmethod
-    def InterruptRunningJobs(request,
+    def ClaimJobs(request,
             target,
             options=(),
             channel_credentials=None,
@@ -849,9 +919,117 @@ class PersistenceService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tierwriter.persistence.v1.PersistenceService/InterruptRunningJobs',
-            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.InterruptRunningJobsRequest.SerializeToString,
-            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.InterruptRunningJobsResponse.FromString,
+            '/tierwriter.persistence.v1.PersistenceService/ClaimJobs',
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ClaimJobsRequest.SerializeToString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ClaimJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewLeases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.persistence.v1.PersistenceService/RenewLeases',
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.RenewLeasesRequest.SerializeToString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.RenewLeasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequestCancel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.persistence.v1.PersistenceService/RequestCancel',
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.RequestCancelRequest.SerializeToString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AppendJobEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.persistence.v1.PersistenceService/AppendJobEvents',
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.AppendJobEventsRequest.SerializeToString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.AppendJobEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.persistence.v1.PersistenceService/ListJobEvents',
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListJobEventsRequest.SerializeToString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListJobEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

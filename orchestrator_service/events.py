@@ -1,0 +1,154 @@
+"""A job's event stream: numbered, stored, and readable from any point by any orchestrator.
+
+The orchestrator running a job appends its events to a JobEventLog: each gets the next sequence
+number, live watchers on this orchestrator get it at once, and a writer thread stores them in
+batches. A watcher anywhere reads the stored events after the last one it saw (WatchJob), then
+follows the live log when the job runs where it is connected, or polls the database when it
+runs on another orchestrator."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+
+import grpc
+
+from persistence_service.client import PersistenceClient
+from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
+from tierwriter.runtime import ServiceCallError
+
+log = logging.getLogger(__name__)
+
+# How long the writer gathers events into one batch, and how often a watcher of a job that runs
+# elsewhere (or waits in the queue) asks the database for new ones.
+FLUSH_SECONDS = 0.2
+POLL_SECONDS = 1.0
+LOCAL_CHECK_SECONDS = 0.1
+ACTIVE_STATUSES = ("queued", "running")
+
+
+class JobEventLog:
+    """The events of one run of a job on this orchestrator. Thread-safe: the job's thread emits,
+    the writer stores, any number of watchers read."""
+
+    def __init__(
+        self,
+        job_id: int,
+        first_seq: int,
+        store: Callable[[int, Sequence[tuple[int, bytes]]], object],
+    ) -> None:
+        self.job_id = job_id
+        self.first_seq = first_seq  # events up to this one were stored before this run
+        self._store = store
+        self._cond = threading.Condition()
+        self._events: list[pb.JobEvent] = []  # seq first_seq+1, first_seq+2, …
+        self._stored = first_seq
+        self._closed = False
+        self._writer = threading.Thread(target=self._write, name=f"job{job_id}-events")
+        self._writer.start()
+
+    @property
+    def last_seq(self) -> int:
+        with self._cond:
+            return self.first_seq + len(self._events)
+
+    @property
+    def closed(self) -> bool:
+        with self._cond:
+            return self._closed
+
+    def emit(self, event: pb.JobEvent) -> pb.JobEvent:
+        """Number the event and publish it."""
+        with self._cond:
+            event.seq = self.first_seq + len(self._events) + 1
+            event.job_id = self.job_id
+            self._events.append(event)
+            self._cond.notify_all()
+        return event
+
+    def read(self, after_seq: int, timeout: float) -> tuple[list[pb.JobEvent], bool]:
+        """Events after `after_seq` (waiting up to `timeout` for one), and whether the log is
+        closed with nothing more to come."""
+        with self._cond:
+            start = max(0, after_seq - self.first_seq)
+            if start >= len(self._events) and not self._closed:
+                self._cond.wait(timeout)
+            events = self._events[start:]
+            return events, self._closed and not events
+
+    def close(self, flush: bool = True) -> None:
+        """No more events; with `flush`, return once every event is stored (a failure to store
+        is logged: the writer already retried for DATABASE_WAIT_SECONDS)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if flush:
+            self._writer.join()
+
+    def _write(self) -> None:
+        while True:
+            with self._cond:
+                while self._stored - self.first_seq >= len(self._events) and not self._closed:
+                    self._cond.wait()
+                closed = self._closed
+            if not closed:
+                threading.Event().wait(FLUSH_SECONDS)  # gather a batch
+            with self._cond:
+                batch = self._events[self._stored - self.first_seq :]
+                closed = self._closed
+            if batch:
+                try:
+                    self._store(self.job_id, [(e.seq, e.SerializeToString()) for e in batch])
+                except ServiceCallError as e:
+                    # The client retried for DATABASE_WAIT_SECONDS already; FAILED_PRECONDITION:
+                    # another orchestrator holds the job now and writes its events.
+                    log.error("job %d: could not store %d events: %s", self.job_id, len(batch), e)
+                    if closed or e.code == grpc.StatusCode.FAILED_PRECONDITION:
+                        return
+                    threading.Event().wait(FLUSH_SECONDS)
+                    continue
+                with self._cond:
+                    self._stored = batch[-1].seq
+            elif closed:
+                return
+
+
+def watch(
+    job_id: int,
+    after_seq: int,
+    persistence: PersistenceClient,
+    local_log: Callable[[int], JobEventLog | None],
+    active: Callable[[], bool],
+) -> Iterator[pb.JobEvent]:
+    """A job's events after `after_seq`: the stored ones, then live ones, until the job is no
+    longer queued or running (every event of a finished job is stored before its status is).
+    `local_log` finds the job's log when it runs here; `active` turns false when the watcher
+    should stop (its client left, or the server is stopping)."""
+    seq = after_seq
+    while active():
+        live = local_log(job_id)
+        if live is not None and seq >= live.first_seq:
+            events, closed = live.read(seq, POLL_SECONDS)
+            for event in events:
+                seq = event.seq
+                yield event
+            if not closed:
+                continue
+        # From the database: what was stored before this run, or all of a job running elsewhere.
+        page = persistence.list_events(job_id, seq)
+        for record in page.events:
+            event = pb.JobEvent.FromString(record.payload)
+            seq = record.seq
+            yield event
+        if page.events:
+            continue
+        if page.status not in ACTIVE_STATUSES:
+            return
+        # Queued, or running elsewhere: ask the database again shortly, or follow the job here
+        # as soon as this orchestrator starts it.
+        for _ in range(round(POLL_SECONDS / LOCAL_CHECK_SECONDS)):
+            live = local_log(job_id)
+            if (live is not None and not live.closed) or not active():
+                break
+            threading.Event().wait(LOCAL_CHECK_SECONDS)
