@@ -11,18 +11,24 @@ import secrets
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC
 from importlib import resources
 from pathlib import Path
 from typing import TextIO
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from generator_service.llm.simulator import SimulatorConfig
 from orchestrator_service import token_file
 from orchestrator_service.client import EventStream, OrchestratorClient
 from orchestrator_service.config import Settings
-from orchestrator_service.console import event_lines, format_cost, post_processing_lines
+from orchestrator_service.console import (
+    event_lines,
+    format_cost,
+    post_processing_lines,
+    status_name,
+)
 from orchestrator_service.stack import LocalStack, StackConfig
 from tierwriter import runtime
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
@@ -241,9 +247,9 @@ def cmd_generate_batch(args: argparse.Namespace) -> int:
 
 
 def _job_row(j: pb.JobInfo) -> str:
-    created = datetime.fromtimestamp(j.created_at, UTC).strftime("%Y-%m-%d %H:%M")
+    created = j.create_time.ToDatetime(UTC).strftime("%Y-%m-%d %H:%M")
     return (
-        f"{j.job_id:>6}  {created}  {j.status:<10} {j.project[:24]:<24} "
+        f"{j.job_id:>6}  {created}  {status_name(j.status):<10} {j.project[:24]:<24} "
         f"{j.generated_articles:>5} {j.augmented_articles:>5} {j.failed_articles:>5} "
         f"/{j.requested_articles:<5} w={j.max_workers}"
     )
@@ -278,7 +284,8 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
         response = client.get_job(args.job_id)
         j = response.job
         print(
-            f"Job {j.job_id}: project '{j.project}', status {j.status}, concurrency {j.max_workers}"
+            f"Job {j.job_id}: project '{j.project}', status {status_name(j.status)}, "
+            f"concurrency {j.max_workers}"
         )
         print(
             f"  articles: {j.generated_articles} generated, {j.augmented_articles} augmented, "
@@ -424,8 +431,8 @@ def cmd_sites_list(args: argparse.Namespace) -> int:
     return _client_command(args, listing)
 
 
-def _utc(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M UTC")
+def _utc(stamp: Timestamp) -> str:
+    return stamp.ToDatetime(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def cmd_login(args: argparse.Namespace) -> int:
@@ -444,13 +451,16 @@ def cmd_login(args: argparse.Namespace) -> int:
     path = token_file.default_path()
     token_file.save(
         token_file.SavedSession(
-            args.address, response.user.username, response.token, response.expires_at
+            args.address,
+            response.user.username,
+            response.token,
+            response.expire_time.ToNanoseconds() / 1e9,
         ),
         path,
     )
     print(
         f"Logged in to {args.address} as {response.user.username} ({response.user.role}) until "
-        f"{_utc(response.expires_at)}; the session is kept in {path}, readable only by you."
+        f"{_utc(response.expire_time)}; the session is kept in {path}, readable only by you."
     )
     return EXIT_OK
 
@@ -476,7 +486,7 @@ def _new_password(username: str) -> str:
 
 def _user_row(u: pb.User) -> str:
     state = "active" if u.active else "disabled"
-    return f"{u.username:<32} {u.role:<6} {state:<9} {_utc(u.created_at)}"
+    return f"{u.username:<32} {u.role:<6} {state:<9} {_utc(u.create_time)}"
 
 
 def cmd_users_create(args: argparse.Namespace) -> int:

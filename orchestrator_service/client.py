@@ -56,9 +56,9 @@ class EventStream:
         while not self._closed:
             self._call = self._watch(job_id, seq)
             try:
-                for event in self._call:
-                    seq, lost_since = event.seq, 0.0
-                    yield event
+                for response in self._call:
+                    seq, lost_since = response.event.seq, 0.0
+                    yield response.event
                 return
             except grpc.RpcError as e:
                 error = self._to_error(e)
@@ -173,12 +173,12 @@ class OrchestratorClient:
     def create_project(self, project_json: str) -> pb.Project:
         return self._call(
             self._stub.CreateProject, pb.CreateProjectRequest(project_json=project_json)
-        )
+        ).project
 
     def get_project(self, project_id: int = 0, name: str = "") -> pb.Project:
         return self._call(
             self._stub.GetProject, pb.GetProjectRequest(project_id=project_id, name=name)
-        )
+        ).project
 
     def list_projects(self) -> list[pb.Project]:
         return list(self._call(self._stub.ListProjects, pb.ListProjectsRequest()).projects)
@@ -192,15 +192,15 @@ class OrchestratorClient:
 
     def create_user(self, username: str, password: str, role: str = "user") -> pb.User:
         request = pb.CreateUserRequest(username=username, password=password, role=role)
-        return self._call(self._stub.CreateUser, request)
+        return self._call(self._stub.CreateUser, request).user
 
     def list_users(self) -> list[pb.User]:
         return list(self._call(self._stub.ListUsers, pb.ListUsersRequest()).users)
 
     def set_user_active(self, username: str, active: bool) -> pb.User:
         request = pb.SetUserActiveRequest(username=username, active=active)
-        return self._call(self._stub.SetUserActive, request)
+        return self._call(self._stub.SetUserActive, request).user
 
     def set_password(self, username: str, password: str) -> pb.User:
         request = pb.SetPasswordRequest(username=username, password=password)
-        return self._call(self._stub.SetPassword, request)
+        return self._call(self._stub.SetPassword, request).user

@@ -14,6 +14,11 @@ def augmentation_rate(generated: int, augmented: int, short: int = 0) -> float:
     return (augmented + short) / written if written else 0.0
 
 
+def status_name(status: pb.JobStatus.ValueType) -> str:
+    """JOB_STATUS_QUEUED → "queued": how a job's status reads."""
+    return pb.JobStatus.Name(status).removeprefix("JOB_STATUS_").lower()
+
+
 def format_cost(usd: float) -> str:
     """$0.0123: four decimals below a dollar (single articles cost fractions of a cent)."""
     return f"${usd:,.4f}" if usd < 1 else f"${usd:,.2f}"

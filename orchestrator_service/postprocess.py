@@ -26,8 +26,10 @@ from tierwriter.runtime import ServiceCallError
 
 log = logging.getLogger(__name__)
 
-# Another job on the same site may take a slug between our read of the taken URLs and our write.
-URL_ATTEMPTS = 3
+# Another job on the same site may take a slug between our read of the taken URLs and our write;
+# with many jobs finishing at once (server-owned jobs run side by side), that can happen a few
+# times in a row.
+URL_ATTEMPTS = 10
 
 
 @dataclass

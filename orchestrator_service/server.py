@@ -5,6 +5,7 @@ from __future__ import annotations
 from generator_service.client import GeneratorClient
 from orchestrator_service.auth import Authenticator
 from orchestrator_service.config import Settings
+from orchestrator_service.interceptors import Authentication, ErrorCodes
 from orchestrator_service.runner import JobRunner
 from orchestrator_service.scheduler import JobScheduler, new_orchestrator_id
 from orchestrator_service.servicer import OrchestratorServicer
@@ -54,6 +55,8 @@ def build_server(settings: Settings, address: str | None = None) -> runtime.Runn
             [(pb_grpc.add_OrchestratorServiceServicer_to_server, servicer, SERVICE_NAME)],
             # Watch streams take threads of their own: short calls always find one.
             max_workers=settings.orchestrator_threads + settings.orchestrator_max_watches,
+            # Outermost first: ErrorCodes also maps what Authentication raises.
+            interceptors=[ErrorCodes(), Authentication(authenticator)],
             # Closed in reverse: watches end, then running jobs are handed off while the
             # clients still work.
             closers=[

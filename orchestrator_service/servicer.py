@@ -1,5 +1,5 @@
-"""OrchestratorServicer: authenticates, authorises, translates, and maps errors onto status
-codes."""
+"""OrchestratorServicer: authorises and translates. Who calls, and which status code an error
+means, are settled around it by the interceptors (interceptors.py)."""
 
 from __future__ import annotations
 
@@ -7,19 +7,15 @@ import logging
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import NoReturn, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
-from orchestrator_service.auth import (
-    Authenticator,
-    NotAuthenticatedError,
-    Principal,
-    ThrottledError,
-)
+from orchestrator_service.auth import Authenticator, Principal
 from orchestrator_service.events import watch
-from orchestrator_service.jobfile import JobFileError, max_cost_of, parse_project_file
+from orchestrator_service.interceptors import caller as current_caller
+from orchestrator_service.jobfile import max_cost_of, parse_project_file
 from orchestrator_service.runner import JobRunner, tier_finished
 from orchestrator_service.scheduler import JobScheduler
 from persistence_service.client import PersistenceClient
@@ -31,34 +27,6 @@ from tierwriter.runtime import ServiceCallError
 
 log = logging.getLogger(__name__)
 MAX_LIST_LIMIT = 1000
-
-# Codes of a dependency that a client of ours should see as they are; anything else means our
-# dependency is in trouble, which to our client is UNAVAILABLE.
-_PASSED_THROUGH = {
-    grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.ALREADY_EXISTS,
-    grpc.StatusCode.FAILED_PRECONDITION,
-}
-
-
-def _abort_for(context: grpc.ServicerContext, error: ServiceCallError) -> NoReturn:
-    if error.code in _PASSED_THROUGH:
-        runtime.abort(context, error.code, error.details)  # type: ignore[arg-type]
-    runtime.abort(context, grpc.StatusCode.UNAVAILABLE, str(error))
-
-
-@contextmanager
-def _authentication_codes(context: grpc.ServicerContext) -> Iterator[None]:
-    """Map the Authenticator's errors onto status codes."""
-    try:
-        yield
-    except NotAuthenticatedError as e:
-        runtime.abort(context, grpc.StatusCode.UNAUTHENTICATED, str(e))
-    except ThrottledError as e:
-        runtime.abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-    except ServiceCallError as e:
-        _abort_for(context, e)
 
 
 class _Owned(Protocol):
@@ -79,7 +47,7 @@ def _owned(
         record = fetch()
     except ServiceCallError as e:
         if e.code != grpc.StatusCode.NOT_FOUND or caller.is_admin:
-            _abort_for(context, e)
+            raise
     if record is None or not caller.owns(record.owner):
         runtime.abort(context, grpc.StatusCode.PERMISSION_DENIED, denied)
     return record
@@ -100,7 +68,23 @@ def project_to_public(p: db_pb.Project) -> pb.Project:
 
 def user_to_public(u: db_pb.User) -> pb.User:
     """A stored user as the public message."""
-    return pb.User(username=u.username, role=u.role, active=u.active, created_at=u.created_at)
+    return pb.User(
+        username=u.username, role=u.role, active=u.active, create_time=timestamp(u.created_at)
+    )
+
+
+def timestamp(seconds: float) -> Timestamp | None:
+    """Seconds since the epoch as a Timestamp; None (the field stays unset) for 0."""
+    if not seconds:
+        return None
+    stamp = Timestamp()
+    stamp.FromNanoseconds(round(seconds * 1e9))
+    return stamp
+
+
+def job_status(status: str) -> pb.JobStatus.ValueType:
+    """A stored status ("queued", …) as the public enum."""
+    return pb.JobStatus.Value(f"JOB_STATUS_{status.upper()}")
 
 
 def job_info(
@@ -110,12 +94,12 @@ def job_info(
     info = pb.JobInfo(
         job_id=job.id,
         project=project,
-        status=job.status,
+        status=job_status(job.status),
         max_workers=job.max_workers,
         requested_articles=job.requested_articles,
         error=job.error,
-        created_at=job.created_at,
-        finished_at=job.finished_at,
+        create_time=timestamp(job.created_at),
+        finish_time=timestamp(job.finished_at),
         api_calls=title_calls,
         tokens=title_tokens,
         owner=job.owner,
@@ -135,7 +119,8 @@ def job_info(
 
 
 class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
-    """The public API. Every method but Login first checks who calls, then what they may touch."""
+    """The public API. Every method but Login runs for an authenticated caller
+    (current_caller()) and first checks what that caller may touch."""
 
     def __init__(
         self,
@@ -156,11 +141,6 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     def stop_watches(self) -> None:
         """End every open watch stream (the server is stopping)."""
         self._stopping.set()
-
-    def _authenticate(self, context: grpc.ServicerContext) -> Principal:
-        with _authentication_codes(context):
-            return self._auth.authenticate(context.invocation_metadata())
-        raise AssertionError("unreachable: _authentication_codes aborts or re-raises")
 
     def _job(self, context: grpc.ServicerContext, caller: Principal, job_id: int) -> db_pb.Job:
         """The job, if the caller may see it (see _owned)."""
@@ -185,28 +165,24 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             runtime.abort(
                 context, grpc.StatusCode.INVALID_ARGUMENT, "username and password: both required"
             )
-        with _authentication_codes(context):
-            token, expires_at, user = self._auth.login(request.username, request.password)
-        return pb.LoginResponse(token=token, expires_at=expires_at, user=user_to_public(user))
+        token, expires_at, user = self._auth.login(request.username, request.password)
+        return pb.LoginResponse(
+            token=token, expire_time=timestamp(expires_at), user=user_to_public(user)
+        )
 
     def SubmitJob(
         self, request: pb.SubmitJobRequest, context: grpc.ServicerContext
     ) -> pb.SubmitJobResponse:
-        caller = self._authenticate(context)
-        try:
-            job_file = self._runner.validate(request.job_file, caller)
-            job_ids = self._runner.submit(job_file, caller.username)
-        except JobFileError as e:
-            runtime.abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except ServiceCallError as e:
-            _abort_for(context, e)
+        caller = current_caller()
+        job_file = self._runner.validate(request.job_file, caller)
+        job_ids = self._runner.submit(job_file, caller.username)
         self._scheduler.wake()
         return pb.SubmitJobResponse(job_ids=job_ids)
 
     def WatchJob(
         self, request: pb.WatchJobRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.JobEvent]:
-        job = self._job(context, self._authenticate(context), request.job_id)
+    ) -> Iterator[pb.WatchJobResponse]:
+        job = self._job(context, current_caller(), request.job_id)
         if request.after_seq < 0:
             runtime.abort(
                 context, grpc.StatusCode.INVALID_ARGUMENT, "after_seq: must not be negative"
@@ -221,45 +197,39 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                 "later (the job runs on meanwhile)",
             )
         try:
-            yield from watch(
+            for event in watch(
                 job.id,
                 request.after_seq,
                 self._persistence,
                 self._runner.local_log,
                 lambda: context.is_active() and not self._stopping.is_set(),
-            )
-        except ServiceCallError as e:
-            _abort_for(context, e)
+            ):
+                yield pb.WatchJobResponse(event=event)
         finally:
             self._watch_slots.release()
 
     def ResumeJob(
         self, request: pb.ResumeJobRequest, context: grpc.ServicerContext
     ) -> pb.ResumeJobResponse:
-        job = self._job(context, self._authenticate(context), request.job_id)
+        job = self._job(context, current_caller(), request.job_id)
         if request.max_cost_usd < 0:
             runtime.abort(
                 context, grpc.StatusCode.INVALID_ARGUMENT, "max_cost_usd: must not be negative"
             )
-        try:
-            # FAILED_PRECONDITION if it is queued or running; a new budget is kept in its spec.
-            job = self._persistence.reopen_job(job.id, request.max_cost_usd, request.retry_failed)
-        except ServiceCallError as e:
-            _abort_for(context, e)
+        # FAILED_PRECONDITION if it is queued or running; a new budget is kept in its spec.
+        job = self._persistence.reopen_job(job.id, request.max_cost_usd, request.retry_failed)
         self._scheduler.wake()
         return pb.ResumeJobResponse(job_id=job.id, after_seq=job.last_event_seq)
 
     def CancelJob(
         self, request: pb.CancelJobRequest, context: grpc.ServicerContext
     ) -> pb.CancelJobResponse:
-        caller = self._authenticate(context)
+        caller = current_caller()
         job = self._job(context, caller, request.job_id)
         reason = f"cancelled by {caller.username}"
         if not self._runner.cancel(job.id, reason):
-            try:  # queued (cancelled now), or running on another orchestrator (told to stop)
-                job = self._persistence.request_cancel(job.id, reason)
-            except ServiceCallError as e:
-                _abort_for(context, e)
+            # Queued (cancelled now), or running on another orchestrator (told to stop).
+            job = self._persistence.request_cancel(job.id, reason)
             if job.status == "cancelled":
                 return pb.CancelJobResponse(message=f"job {job.id} was queued: cancelled")
         return pb.CancelJobResponse(
@@ -268,12 +238,9 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         )
 
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.GetJobResponse:
-        job = self._job(context, self._authenticate(context), request.job_id)
-        try:
-            stats = self._persistence.job_stats([job.id])
-            project = self._persistence.get_project(job.project_id).name
-        except ServiceCallError as e:
-            _abort_for(context, e)
+        job = self._job(context, current_caller(), request.job_id)
+        stats = self._persistence.job_stats([job.id])
+        project = self._persistence.get_project(job.project_id).name
         info = job_info(
             job,
             project,
@@ -287,23 +254,20 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     def ListJobs(
         self, request: pb.ListJobsRequest, context: grpc.ServicerContext
     ) -> pb.ListJobsResponse:
-        caller = self._authenticate(context)
+        caller = current_caller()
         if not 0 <= request.limit <= MAX_LIST_LIMIT:
             runtime.abort(
                 context,
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"limit: must be 1 to {MAX_LIST_LIMIT} (0 means 50)",
             )
-        try:
-            jobs = self._persistence.list_jobs(request.limit or 50, caller.scope)
-            if not jobs:
-                return pb.ListJobsResponse()
-            stats = self._persistence.job_stats([j.id for j in jobs])
-            names = {
-                pid: self._persistence.get_project(pid).name for pid in {j.project_id for j in jobs}
-            }
-        except ServiceCallError as e:
-            _abort_for(context, e)
+        jobs = self._persistence.list_jobs(request.limit or 50, caller.scope)
+        if not jobs:
+            return pb.ListJobsResponse()
+        stats = self._persistence.job_stats([j.id for j in jobs])
+        names = {
+            pid: self._persistence.get_project(pid).name for pid in {j.project_id for j in jobs}
+        }
         tiers: dict[int, list[db_pb.TierStats]] = defaultdict(list)
         for t in stats.tiers:
             tiers[t.job_id].append(t)
@@ -324,39 +288,30 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     def PublishJob(
         self, request: pb.PublishJobRequest, context: grpc.ServicerContext
     ) -> pb.PublishJobResponse:
-        job = self._job(context, self._authenticate(context), request.job_id)
+        job = self._job(context, current_caller(), request.job_id)
         if job.status in ("queued", "running"):
             runtime.abort(
                 context,
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"job {job.id} is still {job.status}: it is published when its articles are done",
             )
-        try:
-            steps = list(self._runner.publisher.publish(job.id))
-        except ServiceCallError as e:
-            _abort_for(context, e)
+        steps = list(self._runner.publisher.publish(job.id))
         return pb.PublishJobResponse(steps=steps)
 
     def CreateProject(
         self, request: pb.CreateProjectRequest, context: grpc.ServicerContext
-    ) -> pb.Project:
-        caller = self._authenticate(context)
-        try:
-            spec = parse_project_file(request.project_json)
-        except JobFileError as e:
-            runtime.abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        try:
-            project = self._persistence.create_project(
-                db_pb.Project(**spec.model_dump(), owner=caller.username)
-            )
-        except ServiceCallError as e:
-            _abort_for(context, e)
-        return project_to_public(project)
+    ) -> pb.CreateProjectResponse:
+        caller = current_caller()
+        spec = parse_project_file(request.project_json)
+        project = self._persistence.create_project(
+            db_pb.Project(**spec.model_dump(), owner=caller.username)
+        )
+        return pb.CreateProjectResponse(project=project_to_public(project))
 
     def GetProject(
         self, request: pb.GetProjectRequest, context: grpc.ServicerContext
-    ) -> pb.Project:
-        caller = self._authenticate(context)
+    ) -> pb.GetProjectResponse:
+        caller = current_caller()
         if request.project_id < 0 or (not request.project_id and not request.name):
             runtime.abort(
                 context, grpc.StatusCode.INVALID_ARGUMENT, "give a project id or a project name"
@@ -368,82 +323,65 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                 lambda: self._persistence.get_project(request.project_id),
                 f"project {request.project_id} is not one of your projects",
             )
-            return project_to_public(project)
+            return pb.GetProjectResponse(project=project_to_public(project))
         # By name it is looked up among the caller's own: NOT_FOUND tells nothing of others.
-        try:
-            project = self._persistence.get_project(name=request.name, owner=caller.username)
-        except ServiceCallError as e:
-            _abort_for(context, e)
-        return project_to_public(project)
+        project = self._persistence.get_project(name=request.name, owner=caller.username)
+        return pb.GetProjectResponse(project=project_to_public(project))
 
     def ListProjects(
         self, request: pb.ListProjectsRequest, context: grpc.ServicerContext
     ) -> pb.ListProjectsResponse:
-        caller = self._authenticate(context)
-        try:
-            projects = self._persistence.list_projects(caller.scope)
-        except ServiceCallError as e:
-            _abort_for(context, e)
+        caller = current_caller()
+        projects = self._persistence.list_projects(caller.scope)
         return pb.ListProjectsResponse(projects=[project_to_public(p) for p in projects])
 
     def ListSites(
         self, request: pb.ListSitesRequest, context: grpc.ServicerContext
     ) -> pb.ListSitesResponse:
-        caller = self._authenticate(context)
-        try:
-            sites = self._persistence.list_sites(caller.scope)
-        except ServiceCallError as e:
-            _abort_for(context, e)
+        caller = current_caller()
+        sites = self._persistence.list_sites(caller.scope)
         return pb.ListSitesResponse(
             sites=[pb.Site(hostname=s.hostname, template=s.template) for s in sites]
         )
 
-    def CreateUser(self, request: pb.CreateUserRequest, context: grpc.ServicerContext) -> pb.User:
-        caller = self._authenticate(context)
+    def CreateUser(
+        self, request: pb.CreateUserRequest, context: grpc.ServicerContext
+    ) -> pb.CreateUserResponse:
+        caller = current_caller()
         self._require_admin(context, caller)
-        try:
-            user = self._persistence.create_user(
-                request.username, request.password, request.role or "user"
-            )
-        except ServiceCallError as e:
-            _abort_for(context, e)
+        user = self._persistence.create_user(
+            request.username, request.password, request.role or "user"
+        )
         log.info("%r created user %r (%s)", caller.username, user.username, user.role)
-        return user_to_public(user)
+        return pb.CreateUserResponse(user=user_to_public(user))
 
     def ListUsers(
         self, request: pb.ListUsersRequest, context: grpc.ServicerContext
     ) -> pb.ListUsersResponse:
-        self._require_admin(context, self._authenticate(context))
-        try:
-            users = self._persistence.list_users()
-        except ServiceCallError as e:
-            _abort_for(context, e)
+        self._require_admin(context, current_caller())
+        users = self._persistence.list_users()
         return pb.ListUsersResponse(users=[user_to_public(u) for u in users])
 
     def SetUserActive(
         self, request: pb.SetUserActiveRequest, context: grpc.ServicerContext
-    ) -> pb.User:
-        caller = self._authenticate(context)
+    ) -> pb.SetUserActiveResponse:
+        caller = current_caller()
         self._require_admin(context, caller)
-        try:
-            user = self._persistence.set_user_active(request.username, request.active)
-        except ServiceCallError as e:
-            _abort_for(context, e)
+        user = self._persistence.set_user_active(request.username, request.active)
         done = "enabled" if user.active else "disabled"
         log.info("%r %s user %r", caller.username, done, user.username)
-        return user_to_public(user)
+        return pb.SetUserActiveResponse(user=user_to_public(user))
 
-    def SetPassword(self, request: pb.SetPasswordRequest, context: grpc.ServicerContext) -> pb.User:
-        caller = self._authenticate(context)
+    def SetPassword(
+        self, request: pb.SetPasswordRequest, context: grpc.ServicerContext
+    ) -> pb.SetPasswordResponse:
+        caller = current_caller()
         if not caller.is_admin and request.username != caller.username:
             runtime.abort(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
                 "you can change your own password only; an admin can change anyone's",
             )
-        try:
-            user = self._persistence.set_password(request.username, request.password)
-        except ServiceCallError as e:
-            _abort_for(context, e)
+        user = self._persistence.set_password(request.username, request.password)
         log.info("%r set a new password for %r", caller.username, user.username)
-        return user_to_public(user)
+        return pb.SetPasswordResponse(user=user_to_public(user))

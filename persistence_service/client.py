@@ -89,14 +89,18 @@ class PersistenceClient:
         self.close()
 
     def ensure_project(self, project: pb.Project) -> pb.Project:
-        return self._call(self._stub.EnsureProject, pb.EnsureProjectRequest(project=project))
+        return self._call(
+            self._stub.EnsureProject, pb.EnsureProjectRequest(project=project)
+        ).project
 
     def create_project(self, project: pb.Project) -> pb.Project:
-        return self._call(self._stub.CreateProject, pb.CreateProjectRequest(project=project))
+        return self._call(
+            self._stub.CreateProject, pb.CreateProjectRequest(project=project)
+        ).project
 
     def get_project(self, project_id: int = 0, name: str = "", owner: str = "") -> pb.Project:
         request = pb.GetProjectRequest(project_id=project_id, name=name, owner=owner)
-        return self._call(self._stub.GetProject, request)
+        return self._call(self._stub.GetProject, request).project
 
     def list_projects(self, owner: str = "") -> list[pb.Project]:
         request = pb.ListProjectsRequest(owner=owner)
@@ -116,16 +120,16 @@ class PersistenceClient:
         """A queued job; the request gets an id (unless it has one), so a retry makes no
         second job."""
         request.request_id = request.request_id or uuid.uuid4().hex
-        return self._call(self._stub.CreateJob, request)
+        return self._call(self._stub.CreateJob, request).job
 
     def record_titles(self, request: pb.RecordTitlesRequest) -> pb.Job:
         """Record a tier's titles; a retry adds their cost once (see create_job)."""
         request.request_id = request.request_id or uuid.uuid4().hex
-        return self._call(self._stub.RecordTitles, request)
+        return self._call(self._stub.RecordTitles, request).job
 
     def finish_job(self, job_id: int, status: str, error: str = "", owner: str = "") -> pb.Job:
         request = pb.FinishJobRequest(job_id=job_id, status=status, error=error, owner=owner)
-        return self._call(self._stub.FinishJob, request)
+        return self._call(self._stub.FinishJob, request).job
 
     def reopen_job(
         self, job_id: int, max_cost_usd: float = 0.0, retry_failed: bool = False
@@ -133,7 +137,7 @@ class PersistenceClient:
         request = pb.ReopenJobRequest(
             job_id=job_id, max_cost_usd=max_cost_usd, retry_failed=retry_failed
         )
-        return self._call(self._stub.ReopenJob, request)
+        return self._call(self._stub.ReopenJob, request).job
 
     def claim_jobs(
         self, owner: str, lease_seconds: float, per_user_limit: int, max_jobs: int
@@ -154,7 +158,7 @@ class PersistenceClient:
 
     def request_cancel(self, job_id: int, reason: str) -> pb.Job:
         request = pb.RequestCancelRequest(job_id=job_id, reason=reason)
-        return self._call(self._stub.RequestCancel, request)
+        return self._call(self._stub.RequestCancel, request).job
 
     def append_events(
         self, job_id: int, events: Sequence[tuple[int, bytes]], owner: str = ""
@@ -171,7 +175,7 @@ class PersistenceClient:
         return self._call(self._stub.ListJobEvents, request)
 
     def get_job(self, job_id: int) -> pb.Job:
-        return self._call(self._stub.GetJob, pb.GetJobRequest(job_id=job_id))
+        return self._call(self._stub.GetJob, pb.GetJobRequest(job_id=job_id)).job
 
     def list_jobs(self, limit: int = 50, owner: str = "") -> list[pb.Job]:
         request = pb.ListJobsRequest(limit=limit, owner=owner)
@@ -201,7 +205,7 @@ class PersistenceClient:
         request = pb.SetArticlePublicationRequest(
             article_id=article_id, output_path=output_path, html=html
         )
-        return self._call(self._stub.SetArticlePublication, request)
+        return self._call(self._stub.SetArticlePublication, request).article
 
     def word_samples(self, model: str, limit: int) -> list[tuple[int, int]]:
         """(asked, delivered) words of the model's latest drafts, oldest first."""
@@ -215,25 +219,25 @@ class PersistenceClient:
 
     def verify_credentials(self, username: str, password: str) -> pb.User:
         request = pb.VerifyCredentialsRequest(username=username, password=password)
-        return self._call(self._stub.VerifyCredentials, request)
+        return self._call(self._stub.VerifyCredentials, request).user
 
     def create_user(self, username: str, password: str, role: str) -> pb.User:
         request = pb.CreateUserRequest(username=username, password=password, role=role)
-        return self._call(self._stub.CreateUser, request)
+        return self._call(self._stub.CreateUser, request).user
 
     def get_user(self, username: str) -> pb.User:
-        return self._call(self._stub.GetUser, pb.GetUserRequest(username=username))
+        return self._call(self._stub.GetUser, pb.GetUserRequest(username=username)).user
 
     def list_users(self) -> list[pb.User]:
         return list(self._call(self._stub.ListUsers, pb.ListUsersRequest()).users)
 
     def set_user_active(self, username: str, active: bool) -> pb.User:
         request = pb.SetUserActiveRequest(username=username, active=active)
-        return self._call(self._stub.SetUserActive, request)
+        return self._call(self._stub.SetUserActive, request).user
 
     def set_password(self, username: str, password: str) -> pb.User:
         request = pb.SetPasswordRequest(username=username, password=password)
-        return self._call(self._stub.SetPassword, request)
+        return self._call(self._stub.SetPassword, request).user
 
     def stored_secret(self, name: str) -> str:
         return self._call(self._stub.GetStoredSecret, pb.GetStoredSecretRequest(name=name)).value

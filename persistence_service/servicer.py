@@ -164,27 +164,39 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
 
     def EnsureProject(
         self, request: pb.EnsureProjectRequest, context: grpc.ServicerContext
-    ) -> pb.Project:
+    ) -> pb.EnsureProjectResponse:
         fields = project_fields(request.project)
-        return project_to_proto(self._call(context, lambda: self._store.ensure_project(fields)))
+        return pb.EnsureProjectResponse(
+            project=project_to_proto(
+                self._call(context, lambda: self._store.ensure_project(fields))
+            )
+        )
 
     def CreateProject(
         self, request: pb.CreateProjectRequest, context: grpc.ServicerContext
-    ) -> pb.Project:
+    ) -> pb.CreateProjectResponse:
         fields = project_fields(request.project)
-        return project_to_proto(self._call(context, lambda: self._store.create_project(fields)))
+        return pb.CreateProjectResponse(
+            project=project_to_proto(
+                self._call(context, lambda: self._store.create_project(fields))
+            )
+        )
 
     def GetProject(
         self, request: pb.GetProjectRequest, context: grpc.ServicerContext
-    ) -> pb.Project:
+    ) -> pb.GetProjectResponse:
         if not request.project_id and not request.name:
             runtime.abort(
                 context, grpc.StatusCode.INVALID_ARGUMENT, "give project_id or name of a project"
             )
-        return project_to_proto(
-            self._call(
-                context,
-                lambda: self._store.get_project(request.project_id, request.name, request.owner),
+        return pb.GetProjectResponse(
+            project=project_to_proto(
+                self._call(
+                    context,
+                    lambda: self._store.get_project(
+                        request.project_id, request.name, request.owner
+                    ),
+                )
             )
         )
 
@@ -216,7 +228,9 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
         sites = self._call(context, lambda: self._store.list_sites(request.owner))
         return pb.ListSitesResponse(sites=[site_to_proto(s) for s in sites])
 
-    def CreateJob(self, request: pb.CreateJobRequest, context: grpc.ServicerContext) -> pb.Job:
+    def CreateJob(
+        self, request: pb.CreateJobRequest, context: grpc.ServicerContext
+    ) -> pb.CreateJobResponse:
         try:
             spec = json.loads(request.spec_json)
         except json.JSONDecodeError as e:
@@ -234,11 +248,11 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
                 request.request_id,
             ),
         )
-        return job_to_proto(job)
+        return pb.CreateJobResponse(job=job_to_proto(job))
 
     def RecordTitles(
         self, request: pb.RecordTitlesRequest, context: grpc.ServicerContext
-    ) -> pb.Job:
+    ) -> pb.RecordTitlesResponse:
         job = self._call(
             context,
             lambda: self._store.record_titles(
@@ -253,24 +267,30 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
                 request.request_id,
             ),
         )
-        return job_to_proto(job)
+        return pb.RecordTitlesResponse(job=job_to_proto(job))
 
-    def FinishJob(self, request: pb.FinishJobRequest, context: grpc.ServicerContext) -> pb.Job:
+    def FinishJob(
+        self, request: pb.FinishJobRequest, context: grpc.ServicerContext
+    ) -> pb.FinishJobResponse:
         job = self._call(
             context,
             lambda: self._store.finish_job(
                 request.job_id, request.status, request.error, request.owner
             ),
         )
-        return job_to_proto(job)
+        return pb.FinishJobResponse(job=job_to_proto(job))
 
-    def ReopenJob(self, request: pb.ReopenJobRequest, context: grpc.ServicerContext) -> pb.Job:
-        return job_to_proto(
-            self._call(
-                context,
-                lambda: self._store.reopen_job(
-                    request.job_id, request.max_cost_usd, request.retry_failed
-                ),
+    def ReopenJob(
+        self, request: pb.ReopenJobRequest, context: grpc.ServicerContext
+    ) -> pb.ReopenJobResponse:
+        return pb.ReopenJobResponse(
+            job=job_to_proto(
+                self._call(
+                    context,
+                    lambda: self._store.reopen_job(
+                        request.job_id, request.max_cost_usd, request.retry_failed
+                    ),
+                )
             )
         )
 
@@ -319,9 +339,13 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
 
     def RequestCancel(
         self, request: pb.RequestCancelRequest, context: grpc.ServicerContext
-    ) -> pb.Job:
-        return job_to_proto(
-            self._call(context, lambda: self._store.request_cancel(request.job_id, request.reason))
+    ) -> pb.RequestCancelResponse:
+        return pb.RequestCancelResponse(
+            job=job_to_proto(
+                self._call(
+                    context, lambda: self._store.request_cancel(request.job_id, request.reason)
+                )
+            )
         )
 
     def AppendJobEvents(
@@ -362,8 +386,10 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
             status=status,
         )
 
-    def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:
-        return job_to_proto(self._call(context, lambda: self._store.get_job(request.job_id)))
+    def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.GetJobResponse:
+        return pb.GetJobResponse(
+            job=job_to_proto(self._call(context, lambda: self._store.get_job(request.job_id)))
+        )
 
     def ListJobs(
         self, request: pb.ListJobsRequest, context: grpc.ServicerContext
@@ -412,14 +438,14 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
 
     def SetArticlePublication(
         self, request: pb.SetArticlePublicationRequest, context: grpc.ServicerContext
-    ) -> pb.Article:
+    ) -> pb.SetArticlePublicationResponse:
         article = self._call(
             context,
             lambda: self._store.set_publication(
                 request.article_id, request.output_path, request.html
             ),
         )
-        return article_to_proto(article)
+        return pb.SetArticlePublicationResponse(article=article_to_proto(article))
 
     def GetJobStats(
         self, request: pb.GetJobStatsRequest, context: grpc.ServicerContext
@@ -456,22 +482,32 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
 
     def VerifyCredentials(
         self, request: pb.VerifyCredentialsRequest, context: grpc.ServicerContext
-    ) -> pb.User:
+    ) -> pb.VerifyCredentialsResponse:
         user: User = self._call(
             context, lambda: self._store.verify_credentials(request.username, request.password)
         )
-        return user_to_proto(user)
+        return pb.VerifyCredentialsResponse(user=user_to_proto(user))
 
-    def CreateUser(self, request: pb.CreateUserRequest, context: grpc.ServicerContext) -> pb.User:
-        return user_to_proto(
-            self._call(
-                context,
-                lambda: self._store.create_user(request.username, request.password, request.role),
+    def CreateUser(
+        self, request: pb.CreateUserRequest, context: grpc.ServicerContext
+    ) -> pb.CreateUserResponse:
+        return pb.CreateUserResponse(
+            user=user_to_proto(
+                self._call(
+                    context,
+                    lambda: self._store.create_user(
+                        request.username, request.password, request.role
+                    ),
+                )
             )
         )
 
-    def GetUser(self, request: pb.GetUserRequest, context: grpc.ServicerContext) -> pb.User:
-        return user_to_proto(self._call(context, lambda: self._store.get_user(request.username)))
+    def GetUser(
+        self, request: pb.GetUserRequest, context: grpc.ServicerContext
+    ) -> pb.GetUserResponse:
+        return pb.GetUserResponse(
+            user=user_to_proto(self._call(context, lambda: self._store.get_user(request.username)))
+        )
 
     def ListUsers(
         self, request: pb.ListUsersRequest, context: grpc.ServicerContext
@@ -481,17 +517,23 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
 
     def SetUserActive(
         self, request: pb.SetUserActiveRequest, context: grpc.ServicerContext
-    ) -> pb.User:
-        return user_to_proto(
-            self._call(
-                context, lambda: self._store.set_user_active(request.username, request.active)
+    ) -> pb.SetUserActiveResponse:
+        return pb.SetUserActiveResponse(
+            user=user_to_proto(
+                self._call(
+                    context, lambda: self._store.set_user_active(request.username, request.active)
+                )
             )
         )
 
-    def SetPassword(self, request: pb.SetPasswordRequest, context: grpc.ServicerContext) -> pb.User:
-        return user_to_proto(
-            self._call(
-                context, lambda: self._store.set_password(request.username, request.password)
+    def SetPassword(
+        self, request: pb.SetPasswordRequest, context: grpc.ServicerContext
+    ) -> pb.SetPasswordResponse:
+        return pb.SetPasswordResponse(
+            user=user_to_proto(
+                self._call(
+                    context, lambda: self._store.set_password(request.username, request.password)
+                )
             )
         )
 

@@ -56,6 +56,14 @@ def postgres_server() -> Iterator[PostgresServer]:
             [*as_postgres, *args], check=True, capture_output=True, text=True, timeout=120
         )
 
+    pg_ctl = (str(bindir / "pg_ctl"), "-D", str(data))
+    start_options = (
+        "-l",
+        str(base / "postgres.log"),
+        "-o",
+        f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off "
+        "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300",
+    )
     try:
         run(
             str(bindir / "initdb"),
@@ -69,23 +77,12 @@ def postgres_server() -> Iterator[PostgresServer]:
             "UTF8",
             "--no-sync",
         )
-        run(
-            str(bindir / "pg_ctl"),
-            "-D",
-            str(data),
-            "-l",
-            str(base / "postgres.log"),
-            "-w",
-            "start",
-            "-o",
-            f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off "
-            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300",
-        )
+        run(*pg_ctl, *start_options, "-w", "start")
     except subprocess.CalledProcessError as e:
         shutil.rmtree(base, ignore_errors=True)
         pytest.fail(f"could not start PostgreSQL: {e.stderr or e.stdout}")
     try:
-        yield PostgresServer(host="127.0.0.1", port=port)
+        yield PostgresServer("127.0.0.1", port, (*as_postgres, *pg_ctl), start_options)
     finally:
         subprocess.run(
             [*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
 import time
 import uuid
 from dataclasses import dataclass
@@ -30,6 +31,17 @@ class PostgresServer:
 
     host: str
     port: int
+    # pg_ctl with its data folder (as the postgres user), and how it was started: for outages.
+    pg_ctl: tuple[str, ...] = ()
+    start_options: tuple[str, ...] = ()
+
+    def stop(self) -> None:
+        """Stop the cluster (fast: sessions are cut), as an outage does."""
+        subprocess.run([*self.pg_ctl, "-m", "fast", "-w", "stop"], check=True, timeout=120)
+
+    def start(self) -> None:
+        """Start it again, on the same port."""
+        subprocess.run([*self.pg_ctl, *self.start_options, "-w", "start"], check=True, timeout=120)
 
     def create_database(self, name: str) -> str:
         """CREATE DATABASE name; its SQLAlchemy URL."""

@@ -114,7 +114,7 @@ def test_without_continue_on_error_the_run_stops_with_a_clear_error(start_stack,
     assert len(started) == sum(rows.values())
     with OrchestratorClient(handle.stack.orchestrator_address, "admin", handle.password) as client:
         job = client.get_job(job_id).job
-    assert job.status == "failed" and "continue_on_error is false" in job.error
+    assert job.status == pb.JOB_STATUS_FAILED and "continue_on_error is false" in job.error
 
 
 def test_stats_accuracy_concurrent(start_stack) -> None:

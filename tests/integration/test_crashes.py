@@ -20,7 +20,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from generator_service.llm.simulator import LlmSimulator, SimulatorConfig
 from orchestrator_service.client import OrchestratorClient
-from tests.helpers import articles_of, job_file, rows_by_status, wait_until_serving
+from tests.helpers import (
+    PostgresServer,
+    articles_of,
+    job_file,
+    rows_by_status,
+    wait_until_serving,
+)
 from tests.integration.test_failures import duplicate_keys
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 
@@ -31,6 +37,8 @@ MODULES = {
     "orchestrator2": "orchestrator_service",  # a second one on the same database
 }
 LEASE_SECONDS = 2.0
+# Heavy, and about deployments: these run on PostgreSQL, the production database, only.
+
 PASSWORD = "crash-test-password"
 ARTICLES = 24
 
@@ -140,6 +148,13 @@ class Run:
             assert time.monotonic() < deadline, f"fewer than {count} articles saved"
             time.sleep(0.05)
 
+    def wait_for(self, kind: str, timeout: float = 60) -> None:
+        """Until an event of this kind (e.g. "tier_finished": the tier boundary) was seen."""
+        deadline = time.monotonic() + timeout
+        while not any(e.WhichOneof("event") == kind for e in list(self.events)):
+            assert time.monotonic() < deadline, f"no {kind} event within {timeout}s"
+            time.sleep(0.02)
+
     def finish(self, timeout: float = 120) -> Any:
         self._thread.join(timeout)
         self._client.__exit__()
@@ -150,6 +165,14 @@ class Run:
 def _job() -> str:
     tier1 = {"count": ARTICLES, "min_word_count": 300, "max_word_count": 400}
     return job_file({"tier1": tier1}, max_workers=3)
+
+
+def _two_tiers() -> str:
+    tiers = {
+        "tier1": {"count": 4, "min_word_count": 300, "max_word_count": 400},
+        "tier2": {"count": 4, "min_word_count": 300, "max_word_count": 400},
+    }
+    return job_file(tiers, max_workers=2)
 
 
 def test_a_killed_generator_is_waited_for_and_only_unrecorded_articles_are_resent(
@@ -196,6 +219,8 @@ def test_a_killed_persistence_loses_nothing_and_saves_nothing_twice(
     assert s.generated_articles + s.augmented_articles + s.failed_articles == ARTICLES
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_a_killed_orchestrator_is_taken_over_by_another_and_no_article_is_paid_twice(
     services: tuple[Services, LlmSimulator], database_url: str
 ) -> None:
@@ -205,7 +230,7 @@ def test_a_killed_orchestrator_is_taken_over_by_another_and_no_article_is_paid_t
     run = Run(running.address("orchestrator"), _job(), running.address("orchestrator2"))
     run.wait_saved(5)
     with OrchestratorClient(running.address("orchestrator2"), "admin", PASSWORD) as client:
-        assert client.get_job(1).job.status == "running"
+        assert client.get_job(1).job.status == pb.JOB_STATUS_RUNNING
     running.kill("orchestrator")  # SIGKILL: no hand-off, its lease just stops being renewed
     finished = run.finish()
     assert finished is not None and finished.ok, (run.error, finished)
@@ -220,19 +245,14 @@ def test_a_killed_orchestrator_is_taken_over_by_another_and_no_article_is_paid_t
     assert seqs == sorted(set(seqs))  # one stream, in order, nothing twice
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_a_persistence_down_for_45_seconds_at_a_tier_boundary_is_waited_out(
     services: tuple[Services, LlmSimulator], database_url: str
 ) -> None:
     running, simulator = services
-    tiers = {
-        "tier1": {"count": 4, "min_word_count": 300, "max_word_count": 400},
-        "tier2": {"count": 4, "min_word_count": 300, "max_word_count": 400},
-    }
-    run = Run(running.address("orchestrator"), job_file(tiers, max_workers=2))
-    deadline = time.monotonic() + 60
-    while not any(e.WhichOneof("event") == "tier_finished" for e in run.events):
-        assert time.monotonic() < deadline, "tier1 never finished"
-        time.sleep(0.02)
+    run = Run(running.address("orchestrator"), _two_tiers())
+    run.wait_for("tier_finished")
     running.kill("persistence")
     time.sleep(45)  # the outage itself: what this test is about
     running.start("persistence")
@@ -242,7 +262,28 @@ def test_a_persistence_down_for_45_seconds_at_a_tier_boundary_is_waited_out(
     assert sum(rows.values()) == 8 and duplicate_keys(database_url, 1) == 0
     assert simulator.stats().by_kind["outline"] == 8
     with OrchestratorClient(running.address("orchestrator"), "admin", PASSWORD) as client:
-        assert client.get_job(1).job.status == "completed"
+        assert client.get_job(1).job.status == pb.JOB_STATUS_COMPLETED
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_postgresql_down_for_15_seconds_at_a_tier_boundary_is_waited_out(
+    services: tuple[Services, LlmSimulator], database_url: str, request: pytest.FixtureRequest
+) -> None:
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    running, simulator = services
+    run = Run(running.address("orchestrator"), _two_tiers())
+    run.wait_for("tier_finished")
+    server.stop()
+    try:
+        time.sleep(15)  # the outage itself: what this test is about
+    finally:
+        server.start()
+    finished = run.finish(timeout=180)
+    assert finished is not None and finished.ok, (run.error, finished)
+    assert sum(rows_by_status(database_url, 1).values()) == 8
+    assert duplicate_keys(database_url, 1) == 0
+    assert simulator.stats().by_kind["outline"] == 8
 
 
 def test_sigterm_on_the_generator_drains_it_and_the_job_still_completes(

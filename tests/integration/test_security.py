@@ -118,7 +118,7 @@ def test_a_login_token_works_until_its_account_is_disabled(team) -> None:
     with OrchestratorClient(address) as anonymous:
         login = anonymous.login("ann", "ann-password-1")
     assert login.user.username == "ann" and login.user.role == "user"
-    assert 3500 < login.expires_at - time.time() <= 3600  # TOKEN_TTL_SECONDS' default
+    assert 3500 < login.expire_time.ToSeconds() - time.time() <= 3600  # TOKEN_TTL_SECONDS' default
     with (
         OrchestratorClient(address, token=login.token) as ann,
         OrchestratorClient(address, "admin", password) as admin,

@@ -55,7 +55,7 @@ def test_a_client_that_leaves_cancels_nothing_and_a_late_watcher_sees_every_even
     assert events[0].WhichOneof("event") == "job_started"
     assert events[-1].WhichOneof("event") == "run_finished" and events[-1].run_finished.ok
     assert sorted(_saved(events)) == list(range(12))
-    assert status == "completed"
+    assert status == pb.JOB_STATUS_COMPLETED
     assert sum(rows_by_status(handle.database_url, job_id).values()) == 12
 
 
@@ -84,7 +84,7 @@ def test_one_users_jobs_beyond_the_limit_wait_queued_and_run_in_order(start_stac
         job_ids = [client.submit_job(job_file({"tier1": tier(3)}))[0] for _ in range(3)]
         statuses = [j.status for j in client.list_jobs() if j.job_id in job_ids[1:]]
         # The third is queued behind the first two whatever the timing: one runs at a time.
-        assert "queued" in statuses
+        assert pb.JOB_STATUS_QUEUED in statuses
         runs = [list(client.watch_job(job_id)) for job_id in job_ids]
         assert all(run[-1].run_finished.ok for run in runs)
     rows = sql_rows(
@@ -104,11 +104,11 @@ def test_cancelling_a_queued_job_ends_it_without_running_it(start_stack) -> None
     )
     with OrchestratorClient(handle.stack.orchestrator_address, "admin", handle.password) as client:
         first, second = (client.submit_job(job_file({"tier1": tier(4)}))[0] for _ in range(2))
-        assert client.get_job(second).job.status == "queued"
+        assert client.get_job(second).job.status == pb.JOB_STATUS_QUEUED
         assert "was queued: cancelled" in client.cancel_job(second)
         assert list(client.watch_job(second)) == []  # it never ran: nothing happened to it
         list(client.watch_job(first))
-        assert client.get_job(second).job.status == "cancelled"
+        assert client.get_job(second).job.status == pb.JOB_STATUS_CANCELLED
     assert rows_by_status(handle.database_url, second) == {}
 
 
@@ -116,13 +116,16 @@ WATCHERS = 200
 JOBS = 20
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)  # heavy: once
 def test_two_hundred_watch_streams_and_twenty_jobs_leave_every_short_call_answered(
     start_stack,
 ) -> None:
     """Counts, not timings: every short call made while the watch streams are open answers
     within its normal deadline, and the watch beyond the limit is refused, not queued."""
     handle = start_stack(
-        simulator=SimulatorConfig(latency=0.5),
+        # Jobs that outlast the test by far (100 model calls of 1 s each); it cancels them.
+        simulator=SimulatorConfig(latency=1.0),
         orchestrator_settings={"jobs_per_user": 0, "orchestrator_max_watches": WATCHERS},
     )
     address, password = handle.stack.orchestrator_address, handle.password
@@ -131,7 +134,7 @@ def test_two_hundred_watch_streams_and_twenty_jobs_leave_every_short_call_answer
     # A session token, as a script with many streams would use (no password check per call).
     with OrchestratorClient(address, token=token) as client:
         job_ids = [
-            client.submit_job(job_file({"tier1": tier(20)}, max_workers=1))[0] for _ in range(JOBS)
+            client.submit_job(job_file({"tier1": tier(50)}, max_workers=1))[0] for _ in range(JOBS)
         ]
         opened = threading.Semaphore(0)
         ended: list[int] = []
@@ -163,7 +166,10 @@ def test_two_hundred_watch_streams_and_twenty_jobs_leave_every_short_call_answer
         answered = 0
         for job_id in job_ids:
             assert client.login("admin", password).token
-            assert client.get_job(job_id).job.status in ("queued", "running")
+            assert client.get_job(job_id).job.status in (
+                pb.JOB_STATUS_QUEUED,
+                pb.JOB_STATUS_RUNNING,
+            )
             assert job_id in {j.job_id for j in client.list_jobs()}
             assert "cancel" in client.cancel_job(job_id)
             answered += 4
@@ -171,4 +177,4 @@ def test_two_hundred_watch_streams_and_twenty_jobs_leave_every_short_call_answer
         for thread in watchers:
             thread.join(120)
         assert len(ended) == WATCHERS
-        assert {client.get_job(j).job.status for j in job_ids} == {"cancelled"}
+        assert {client.get_job(j).job.status for j in job_ids} == {pb.JOB_STATUS_CANCELLED}

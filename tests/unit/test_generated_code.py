@@ -1,9 +1,15 @@
-"""The committed gRPC code matches the protos: regenerate and compare byte for byte."""
+"""The committed gRPC code matches the protos (regenerated and compared byte for byte), and the
+protos pass `buf lint`."""
 
 import filecmp
 import importlib.util
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,3 +33,15 @@ def test_generated_code_is_not_stale(tmp_path: Path) -> None:
     )
     stale = [str(p) for p in fresh if not filecmp.cmp(tmp_path / p, ROOT / p, shallow=False)]
     assert not stale, f"regenerate with `python scripts/generate_protos.py`: {stale}"
+
+
+def test_buf_lint_with_the_standard_rules_finds_nothing() -> None:
+    """The protos follow buf's STANDARD lint rules (buf.yaml): one request and one response
+    message per RPC, enums with an UNSPECIFIED zero, names by the style guide."""
+    buf = shutil.which("buf") or shutil.which("buf", path=str(Path(sys.executable).parent))
+    if buf is None:
+        if os.environ.get("CI"):
+            pytest.fail("buf not found: `pip install -e .[test]` installs buf-bin")
+        pytest.skip("buf not found: `pip install -e .[test]` installs buf-bin")
+    lint = subprocess.run([buf, "lint"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert lint.returncode == 0, lint.stdout + lint.stderr

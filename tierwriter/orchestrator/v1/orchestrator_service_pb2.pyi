@@ -6,6 +6,7 @@ The orchestrator is tierwriter's public API."""
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
@@ -129,6 +130,50 @@ POST_STEP_EXPORT: PostStep.ValueType  # 4
 """Pages and each site's index.html were written, and the records updated."""
 Global___PostStep: _TypeAlias = PostStep  # noqa: Y015
 
+class _JobStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _JobStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    JOB_STATUS_UNSPECIFIED: _JobStatus.ValueType  # 0
+    """Never sent."""
+    JOB_STATUS_QUEUED: _JobStatus.ValueType  # 1
+    """Stored, waiting for its turn (its user's limit, its project's running job, a free
+    orchestrator).
+    """
+    JOB_STATUS_RUNNING: _JobStatus.ValueType  # 2
+    """An orchestrator runs it (under a lease)."""
+    JOB_STATUS_COMPLETED: _JobStatus.ValueType  # 3
+    """Every tier and its post-processing ran."""
+    JOB_STATUS_FAILED: _JobStatus.ValueType  # 4
+    """It stopped on an error; it can be resumed."""
+    JOB_STATUS_CANCELLED: _JobStatus.ValueType  # 5
+    """Someone cancelled it; it can be resumed."""
+    JOB_STATUS_INTERRUPTED: _JobStatus.ValueType  # 6
+    """Left by an orchestrator of an earlier version; it can be resumed."""
+
+class JobStatus(_JobStatus, metaclass=_JobStatusEnumTypeWrapper):
+    """Where a job is in its life."""
+
+JOB_STATUS_UNSPECIFIED: JobStatus.ValueType  # 0
+"""Never sent."""
+JOB_STATUS_QUEUED: JobStatus.ValueType  # 1
+"""Stored, waiting for its turn (its user's limit, its project's running job, a free
+orchestrator).
+"""
+JOB_STATUS_RUNNING: JobStatus.ValueType  # 2
+"""An orchestrator runs it (under a lease)."""
+JOB_STATUS_COMPLETED: JobStatus.ValueType  # 3
+"""Every tier and its post-processing ran."""
+JOB_STATUS_FAILED: JobStatus.ValueType  # 4
+"""It stopped on an error; it can be resumed."""
+JOB_STATUS_CANCELLED: JobStatus.ValueType  # 5
+"""Someone cancelled it; it can be resumed."""
+JOB_STATUS_INTERRUPTED: JobStatus.ValueType  # 6
+"""Left by an orchestrator of an earlier version; it can be resumed."""
+Global___JobStatus: _TypeAlias = JobStatus  # noqa: Y015
+
 @_typing.final
 class LoginRequest(_message.Message):
     """Request for Login."""
@@ -162,12 +207,14 @@ class LoginResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TOKEN_FIELD_NUMBER: _builtins.int
-    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     USER_FIELD_NUMBER: _builtins.int
     token: _builtins.str
     """Send as `authorization: Bearer <token>`."""
-    expires_at: _builtins.float
-    """When the token stops working, seconds since the epoch."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the token stops working."""
+
     @_builtins.property
     def user(self) -> Global___User:
         """The user logged in."""
@@ -176,12 +223,12 @@ class LoginResponse(_message.Message):
         self,
         *,
         token: _builtins.str = ...,
-        expires_at: _builtins.float = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
         user: Global___User | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "user", b"user"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "token", b"token", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "token", b"token", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -196,26 +243,28 @@ class User(_message.Message):
     USERNAME_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
     ACTIVE_FIELD_NUMBER: _builtins.int
-    CREATED_AT_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
     username: _builtins.str
     """Unique username."""
     role: _builtins.str
     """admin or user."""
     active: _builtins.bool
     """False once disabled."""
-    created_at: _builtins.float
-    """Creation time, seconds since the epoch."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the account was created."""
+
     def __init__(
         self,
         *,
         username: _builtins.str = ...,
         role: _builtins.str = ...,
         active: _builtins.bool = ...,
-        created_at: _builtins.float = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "created_at", b"created_at", "role", b"role", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "create_time", b"create_time", "role", b"role", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1055,8 +1104,8 @@ class JobInfo(_message.Message):
     AUGMENTED_ARTICLES_FIELD_NUMBER: _builtins.int
     FAILED_ARTICLES_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
-    CREATED_AT_FIELD_NUMBER: _builtins.int
-    FINISHED_AT_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    FINISH_TIME_FIELD_NUMBER: _builtins.int
     API_CALLS_FIELD_NUMBER: _builtins.int
     TOKENS_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
@@ -1068,8 +1117,8 @@ class JobInfo(_message.Message):
     """The job's id."""
     project: _builtins.str
     """The project's name."""
-    status: _builtins.str
-    """queued, running, completed, failed, cancelled or interrupted."""
+    status: Global___JobStatus.ValueType
+    """Where the job is in its life."""
     max_workers: _builtins.int
     """The concurrency it ran with."""
     requested_articles: _builtins.int
@@ -1082,10 +1131,6 @@ class JobInfo(_message.Message):
     """Records failed."""
     error: _builtins.str
     """Why the job failed."""
-    created_at: _builtins.float
-    """Creation time, seconds since the epoch."""
-    finished_at: _builtins.float
-    """Final time, seconds since the epoch; 0 while running."""
     api_calls: _builtins.int
     """Model calls, titles included."""
     tokens: _builtins.int
@@ -1100,20 +1145,28 @@ class JobInfo(_message.Message):
     """USD spent, titles included."""
     max_cost_usd: _builtins.float
     """The job's max_cost_usd; 0 for none."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was submitted."""
+
+    @_builtins.property
+    def finish_time(self) -> _timestamp_pb2.Timestamp:
+        """When it reached its final status; unset while queued or running."""
+
     def __init__(
         self,
         *,
         job_id: _builtins.int = ...,
         project: _builtins.str = ...,
-        status: _builtins.str = ...,
+        status: Global___JobStatus.ValueType = ...,
         max_workers: _builtins.int = ...,
         requested_articles: _builtins.int = ...,
         generated_articles: _builtins.int = ...,
         augmented_articles: _builtins.int = ...,
         failed_articles: _builtins.int = ...,
         error: _builtins.str = ...,
-        created_at: _builtins.float = ...,
-        finished_at: _builtins.float = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        finish_time: _timestamp_pb2.Timestamp | None = ...,
         api_calls: _builtins.int = ...,
         tokens: _builtins.int = ...,
         owner: _builtins.str = ...,
@@ -1122,9 +1175,9 @@ class JobInfo(_message.Message):
         cost_usd: _builtins.float = ...,
         max_cost_usd: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "finish_time", b"finish_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "augmented_articles", b"augmented_articles", "cost_usd", b"cost_usd", "created_at", b"created_at", "error", b"error", "failed_articles", b"failed_articles", "finished_at", b"finished_at", "generated_articles", b"generated_articles", "job_id", b"job_id", "max_cost_usd", b"max_cost_usd", "max_workers", b"max_workers", "owner", b"owner", "project", b"project", "requested_articles", b"requested_articles", "short_articles", b"short_articles", "skipped_articles", b"skipped_articles", "status", b"status", "tokens", b"tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "augmented_articles", b"augmented_articles", "cost_usd", b"cost_usd", "create_time", b"create_time", "error", b"error", "failed_articles", b"failed_articles", "finish_time", b"finish_time", "generated_articles", b"generated_articles", "job_id", b"job_id", "max_cost_usd", b"max_cost_usd", "max_workers", b"max_workers", "owner", b"owner", "project", b"project", "requested_articles", b"requested_articles", "short_articles", b"short_articles", "skipped_articles", b"skipped_articles", "status", b"status", "tokens", b"tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1559,3 +1612,147 @@ class ResumeJobResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResumeJobResponse: _TypeAlias = ResumeJobResponse  # noqa: Y015
+
+@_typing.final
+class WatchJobResponse(_message.Message):
+    """Response of WatchJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def event(self) -> Global___JobEvent:
+        """The job event."""
+
+    def __init__(
+        self,
+        *,
+        event: Global___JobEvent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchJobResponse: _TypeAlias = WatchJobResponse  # noqa: Y015
+
+@_typing.final
+class CreateProjectResponse(_message.Message):
+    """Response of CreateProject."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def project(self) -> Global___Project:
+        """The project now."""
+
+    def __init__(
+        self,
+        *,
+        project: Global___Project | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["project", b"project"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["project", b"project"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateProjectResponse: _TypeAlias = CreateProjectResponse  # noqa: Y015
+
+@_typing.final
+class GetProjectResponse(_message.Message):
+    """Response of GetProject."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def project(self) -> Global___Project:
+        """The project."""
+
+    def __init__(
+        self,
+        *,
+        project: Global___Project | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["project", b"project"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["project", b"project"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetProjectResponse: _TypeAlias = GetProjectResponse  # noqa: Y015
+
+@_typing.final
+class CreateUserResponse(_message.Message):
+    """Response of CreateUser."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def user(self) -> Global___User:
+        """The user now."""
+
+    def __init__(
+        self,
+        *,
+        user: Global___User | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateUserResponse: _TypeAlias = CreateUserResponse  # noqa: Y015
+
+@_typing.final
+class SetUserActiveResponse(_message.Message):
+    """Response of SetUserActive."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def user(self) -> Global___User:
+        """The user now."""
+
+    def __init__(
+        self,
+        *,
+        user: Global___User | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetUserActiveResponse: _TypeAlias = SetUserActiveResponse  # noqa: Y015
+
+@_typing.final
+class SetPasswordResponse(_message.Message):
+    """Response of SetPassword."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def user(self) -> Global___User:
+        """The user now."""
+
+    def __init__(
+        self,
+        *,
+        user: Global___User | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPasswordResponse: _TypeAlias = SetPasswordResponse  # noqa: Y015

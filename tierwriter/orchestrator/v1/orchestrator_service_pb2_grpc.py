@@ -52,7 +52,7 @@ class OrchestratorServiceStub:
         self.WatchJob = channel.unary_stream(
                 '/tierwriter.orchestrator.v1.OrchestratorService/WatchJob',
                 request_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.WatchJobRequest.SerializeToString,
-                response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.JobEvent.FromString,
+                response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.WatchJobResponse.FromString,
                 _registered_method=True)
         self.GetJob = channel.unary_unary(
                 '/tierwriter.orchestrator.v1.OrchestratorService/GetJob',
@@ -82,12 +82,12 @@ class OrchestratorServiceStub:
         self.CreateProject = channel.unary_unary(
                 '/tierwriter.orchestrator.v1.OrchestratorService/CreateProject',
                 request_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.CreateProjectRequest.SerializeToString,
-                response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.Project.FromString,
+                response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.CreateProjectResponse.FromString,
                 _registered_method=True)
         self.GetProject = channel.unary_unary(
                 '/tierwriter.orchestrator.v1.OrchestratorService/GetProject',
                 request_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.GetProjectRequest.SerializeToString,
-                response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.Project.FromString,
+                response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.GetProjectResponse.FromString,
                 _registered_method=True)
         self.ListProjects = channel.unary_unary(
                 '/tierwriter.orchestrator.v1.OrchestratorService/ListProjects',
@@ -102,7 +102,7 @@ class OrchestratorServiceStub:
         self.CreateUser = channel.unary_unary(
                 '/tierwriter.orchestrator.v1.OrchestratorService/CreateUser',
                 request_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.CreateUserRequest.SerializeToString,
-                response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.User.FromString,
+                response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.CreateUserResponse.FromString,
                 _registered_method=True)
         self.ListUsers = channel.unary_unary(
                 '/tierwriter.orchestrator.v1.OrchestratorService/ListUsers',
@@ -112,12 +112,12 @@ class OrchestratorServiceStub:
         self.SetUserActive = channel.unary_unary(
                 '/tierwriter.orchestrator.v1.OrchestratorService/SetUserActive',
                 request_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.SetUserActiveRequest.SerializeToString,
-                response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.User.FromString,
+                response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.SetUserActiveResponse.FromString,
                 _registered_method=True)
         self.SetPassword = channel.unary_unary(
                 '/tierwriter.orchestrator.v1.OrchestratorService/SetPassword',
                 request_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.SetPasswordRequest.SerializeToString,
-                response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.User.FromString,
+                response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.SetPasswordResponse.FromString,
                 _registered_method=True)
 
 
@@ -270,7 +270,7 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
             'WatchJob': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchJob,
                     request_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.WatchJobRequest.FromString,
-                    response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.JobEvent.SerializeToString,
+                    response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.WatchJobResponse.SerializeToString,
             ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
@@ -300,12 +300,12 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
             'CreateProject': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateProject,
                     request_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.CreateProjectRequest.FromString,
-                    response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.Project.SerializeToString,
+                    response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.CreateProjectResponse.SerializeToString,
             ),
             'GetProject': grpc.unary_unary_rpc_method_handler(
                     servicer.GetProject,
                     request_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.GetProjectRequest.FromString,
-                    response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.Project.SerializeToString,
+                    response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.GetProjectResponse.SerializeToString,
             ),
             'ListProjects': grpc.unary_unary_rpc_method_handler(
                     servicer.ListProjects,
@@ -320,7 +320,7 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
             'CreateUser': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateUser,
                     request_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.CreateUserRequest.FromString,
-                    response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.User.SerializeToString,
+                    response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.CreateUserResponse.SerializeToString,
             ),
             'ListUsers': grpc.unary_unary_rpc_method_handler(
                     servicer.ListUsers,
@@ -330,12 +330,12 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
             'SetUserActive': grpc.unary_unary_rpc_method_handler(
                     servicer.SetUserActive,
                     request_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.SetUserActiveRequest.FromString,
-                    response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.User.SerializeToString,
+                    response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.SetUserActiveResponse.SerializeToString,
             ),
             'SetPassword': grpc.unary_unary_rpc_method_handler(
                     servicer.SetPassword,
                     request_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.SetPasswordRequest.FromString,
-                    response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.User.SerializeToString,
+                    response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.SetPasswordResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -423,7 +423,7 @@ class OrchestratorService:
             target,
             '/tierwriter.orchestrator.v1.OrchestratorService/WatchJob',
             tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.WatchJobRequest.SerializeToString,
-            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.JobEvent.FromString,
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.WatchJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -585,7 +585,7 @@ class OrchestratorService:
             target,
             '/tierwriter.orchestrator.v1.OrchestratorService/CreateProject',
             tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.CreateProjectRequest.SerializeToString,
-            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.Project.FromString,
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.CreateProjectResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -612,7 +612,7 @@ class OrchestratorService:
             target,
             '/tierwriter.orchestrator.v1.OrchestratorService/GetProject',
             tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.GetProjectRequest.SerializeToString,
-            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.Project.FromString,
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.GetProjectResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -693,7 +693,7 @@ class OrchestratorService:
             target,
             '/tierwriter.orchestrator.v1.OrchestratorService/CreateUser',
             tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.CreateUserRequest.SerializeToString,
-            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.User.FromString,
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.CreateUserResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -747,7 +747,7 @@ class OrchestratorService:
             target,
             '/tierwriter.orchestrator.v1.OrchestratorService/SetUserActive',
             tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.SetUserActiveRequest.SerializeToString,
-            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.User.FromString,
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.SetUserActiveResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -774,7 +774,7 @@ class OrchestratorService:
             target,
             '/tierwriter.orchestrator.v1.OrchestratorService/SetPassword',
             tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.SetPasswordRequest.SerializeToString,
-            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.User.FromString,
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.SetPasswordResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,17 +39,17 @@ class PersistenceServiceStub:
         self.EnsureProject = channel.unary_unary(
                 '/tierwriter.persistence.v1.PersistenceService/EnsureProject',
                 request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.EnsureProjectRequest.SerializeToString,
-                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Project.FromString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.EnsureProjectResponse.FromString,
                 _registered_method=True)
         self.CreateProject = channel.unary_unary(
                 '/tierwriter.persistence.v1.PersistenceService/CreateProject',
                 request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.CreateProjectRequest.SerializeToString,
-                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Project.FromString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.CreateProjectResponse.FromString,
                 _registered_method=True)
         self.GetProject = channel.unary_unary(
                 '/tierwriter.persistence.v1.PersistenceService/GetProject',
                 request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetProjectRequest.SerializeToString,
-                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Project.FromString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetProjectResponse.FromString,
                 _registered_method=True)
         self.ListProjects = channel.unary_unary(
                 '/tierwriter.persistence.v1.PersistenceService/ListProjects',
@@ -74,22 +74,22 @@ class PersistenceServiceStub:
         self.CreateJob = channel.unary_unary(
                 '/tierwriter.persistence.v1.PersistenceService/CreateJob',
                 request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.CreateJobRequest.SerializeToString,
-                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Job.FromString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.CreateJobResponse.FromString,
                 _registered_method=True)
         self.RecordTitles = channel.unary_unary(
                 '/tierwriter.persistence.v1.PersistenceService/RecordTitles',
                 request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.RecordTitlesRequest.SerializeToString,
-                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Job.FromString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.RecordTitlesResponse.FromString,
                 _registered_method=True)
         self.FinishJob = channel.unary_unary(
                 '/tierwriter.persistence.v1.PersistenceService/FinishJob',
                 request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.FinishJobRequest.SerializeToString,
-                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Job.FromString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.FinishJobResponse.FromString,
                 _registered_method=True)
         self.ReopenJob = channel.unary_unary(
                 '/tierwriter.persistence.v1.PersistenceService/ReopenJob',
                 request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ReopenJobRequest.SerializeToString,
-                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Job.FromString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ReopenJobResponse.FromString,
                 _registered_method=True)
         self.ClaimJobs = channel.unary_unary(
                 '/tierwriter.persistence.v1.PersistenceService/ClaimJobs',
@@ -104,7 +104,7 @@ class PersistenceServiceStub:
         self.RequestCancel = channel.unary_unary(
                 '/tierwriter.persistence.v1.PersistenceService/RequestCancel',
                 request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.RequestCancelRequest.SerializeToString,
-                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Job.FromString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.RequestCancelResponse.FromString,
                 _registered_method=True)
         self.AppendJobEvents = channel.unary_unary(
                 '/tierwriter.persistence.v1.PersistenceService/AppendJobEvents',
@@ -119,7 +119,7 @@ class PersistenceServiceStub:
         self.GetJob = channel.unary_unary(
                 '/tierwriter.persistence.v1.PersistenceService/GetJob',
                 request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetJobRequest.SerializeToString,
-                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Job.FromString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetJobResponse.FromString,
                 _registered_method=True)
         self.ListJobs = channel.unary_unary(
                 '/tierwriter.persistence.v1.PersistenceService/ListJobs',
@@ -149,7 +149,7 @@ class PersistenceServiceStub:
         self.SetArticlePublication = channel.unary_unary(
                 '/tierwriter.persistence.v1.PersistenceService/SetArticlePublication',
                 request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetArticlePublicationRequest.SerializeToString,
-                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Article.FromString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetArticlePublicationResponse.FromString,
                 _registered_method=True)
         self.GetJobStats = channel.unary_unary(
                 '/tierwriter.persistence.v1.PersistenceService/GetJobStats',
@@ -164,17 +164,17 @@ class PersistenceServiceStub:
         self.VerifyCredentials = channel.unary_unary(
                 '/tierwriter.persistence.v1.PersistenceService/VerifyCredentials',
                 request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.VerifyCredentialsRequest.SerializeToString,
-                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.User.FromString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.VerifyCredentialsResponse.FromString,
                 _registered_method=True)
         self.CreateUser = channel.unary_unary(
                 '/tierwriter.persistence.v1.PersistenceService/CreateUser',
                 request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.CreateUserRequest.SerializeToString,
-                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.User.FromString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.CreateUserResponse.FromString,
                 _registered_method=True)
         self.GetUser = channel.unary_unary(
                 '/tierwriter.persistence.v1.PersistenceService/GetUser',
                 request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetUserRequest.SerializeToString,
-                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.User.FromString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetUserResponse.FromString,
                 _registered_method=True)
         self.ListUsers = channel.unary_unary(
                 '/tierwriter.persistence.v1.PersistenceService/ListUsers',
@@ -184,12 +184,12 @@ class PersistenceServiceStub:
         self.SetUserActive = channel.unary_unary(
                 '/tierwriter.persistence.v1.PersistenceService/SetUserActive',
                 request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetUserActiveRequest.SerializeToString,
-                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.User.FromString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetUserActiveResponse.FromString,
                 _registered_method=True)
         self.SetPassword = channel.unary_unary(
                 '/tierwriter.persistence.v1.PersistenceService/SetPassword',
                 request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetPasswordRequest.SerializeToString,
-                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.User.FromString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetPasswordResponse.FromString,
                 _registered_method=True)
         self.GetStoredSecret = channel.unary_unary(
                 '/tierwriter.persistence.v1.PersistenceService/GetStoredSecret',
@@ -438,17 +438,17 @@ def add_PersistenceServiceServicer_to_server(servicer, server):
             'EnsureProject': grpc.unary_unary_rpc_method_handler(
                     servicer.EnsureProject,
                     request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.EnsureProjectRequest.FromString,
-                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Project.SerializeToString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.EnsureProjectResponse.SerializeToString,
             ),
             'CreateProject': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateProject,
                     request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.CreateProjectRequest.FromString,
-                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Project.SerializeToString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.CreateProjectResponse.SerializeToString,
             ),
             'GetProject': grpc.unary_unary_rpc_method_handler(
                     servicer.GetProject,
                     request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetProjectRequest.FromString,
-                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Project.SerializeToString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetProjectResponse.SerializeToString,
             ),
             'ListProjects': grpc.unary_unary_rpc_method_handler(
                     servicer.ListProjects,
@@ -473,22 +473,22 @@ def add_PersistenceServiceServicer_to_server(servicer, server):
             'CreateJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateJob,
                     request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.CreateJobRequest.FromString,
-                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Job.SerializeToString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.CreateJobResponse.SerializeToString,
             ),
             'RecordTitles': grpc.unary_unary_rpc_method_handler(
                     servicer.RecordTitles,
                     request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.RecordTitlesRequest.FromString,
-                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Job.SerializeToString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.RecordTitlesResponse.SerializeToString,
             ),
             'FinishJob': grpc.unary_unary_rpc_method_handler(
                     servicer.FinishJob,
                     request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.FinishJobRequest.FromString,
-                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Job.SerializeToString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.FinishJobResponse.SerializeToString,
             ),
             'ReopenJob': grpc.unary_unary_rpc_method_handler(
                     servicer.ReopenJob,
                     request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ReopenJobRequest.FromString,
-                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Job.SerializeToString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ReopenJobResponse.SerializeToString,
             ),
             'ClaimJobs': grpc.unary_unary_rpc_method_handler(
                     servicer.ClaimJobs,
@@ -503,7 +503,7 @@ def add_PersistenceServiceServicer_to_server(servicer, server):
             'RequestCancel': grpc.unary_unary_rpc_method_handler(
                     servicer.RequestCancel,
                     request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.RequestCancelRequest.FromString,
-                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Job.SerializeToString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.RequestCancelResponse.SerializeToString,
             ),
             'AppendJobEvents': grpc.unary_unary_rpc_method_handler(
                     servicer.AppendJobEvents,
@@ -518,7 +518,7 @@ def add_PersistenceServiceServicer_to_server(servicer, server):
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
                     request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetJobRequest.FromString,
-                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Job.SerializeToString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetJobResponse.SerializeToString,
             ),
             'ListJobs': grpc.unary_unary_rpc_method_handler(
                     servicer.ListJobs,
@@ -548,7 +548,7 @@ def add_PersistenceServiceServicer_to_server(servicer, server):
             'SetArticlePublication': grpc.unary_unary_rpc_method_handler(
                     servicer.SetArticlePublication,
                     request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetArticlePublicationRequest.FromString,
-                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Article.SerializeToString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetArticlePublicationResponse.SerializeToString,
             ),
             'GetJobStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJobStats,
@@ -563,17 +563,17 @@ def add_PersistenceServiceServicer_to_server(servicer, server):
             'VerifyCredentials': grpc.unary_unary_rpc_method_handler(
                     servicer.VerifyCredentials,
                     request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.VerifyCredentialsRequest.FromString,
-                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.User.SerializeToString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.VerifyCredentialsResponse.SerializeToString,
             ),
             'CreateUser': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateUser,
                     request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.CreateUserRequest.FromString,
-                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.User.SerializeToString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.CreateUserResponse.SerializeToString,
             ),
             'GetUser': grpc.unary_unary_rpc_method_handler(
                     servicer.GetUser,
                     request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetUserRequest.FromString,
-                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.User.SerializeToString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetUserResponse.SerializeToString,
             ),
             'ListUsers': grpc.unary_unary_rpc_method_handler(
                     servicer.ListUsers,
@@ -583,12 +583,12 @@ def add_PersistenceServiceServicer_to_server(servicer, server):
             'SetUserActive': grpc.unary_unary_rpc_method_handler(
                     servicer.SetUserActive,
                     request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetUserActiveRequest.FromString,
-                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.User.SerializeToString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetUserActiveResponse.SerializeToString,
             ),
             'SetPassword': grpc.unary_unary_rpc_method_handler(
                     servicer.SetPassword,
                     request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetPasswordRequest.FromString,
-                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.User.SerializeToString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetPasswordResponse.SerializeToString,
             ),
             'GetStoredSecret': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStoredSecret,
@@ -624,7 +624,7 @@ class PersistenceService:
             target,
             '/tierwriter.persistence.v1.PersistenceService/EnsureProject',
             tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.EnsureProjectRequest.SerializeToString,
-            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Project.FromString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.EnsureProjectResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -651,7 +651,7 @@ class PersistenceService:
             target,
             '/tierwriter.persistence.v1.PersistenceService/CreateProject',
             tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.CreateProjectRequest.SerializeToString,
-            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Project.FromString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.CreateProjectResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -678,7 +678,7 @@ class PersistenceService:
             target,
             '/tierwriter.persistence.v1.PersistenceService/GetProject',
             tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetProjectRequest.SerializeToString,
-            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Project.FromString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetProjectResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -813,7 +813,7 @@ class PersistenceService:
             target,
             '/tierwriter.persistence.v1.PersistenceService/CreateJob',
             tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.CreateJobRequest.SerializeToString,
-            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Job.FromString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.CreateJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -840,7 +840,7 @@ class PersistenceService:
             target,
             '/tierwriter.persistence.v1.PersistenceService/RecordTitles',
             tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.RecordTitlesRequest.SerializeToString,
-            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Job.FromString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.RecordTitlesResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -867,7 +867,7 @@ class PersistenceService:
             target,
             '/tierwriter.persistence.v1.PersistenceService/FinishJob',
             tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.FinishJobRequest.SerializeToString,
-            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Job.FromString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.FinishJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -894,7 +894,7 @@ class PersistenceService:
             target,
             '/tierwriter.persistence.v1.PersistenceService/ReopenJob',
             tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ReopenJobRequest.SerializeToString,
-            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Job.FromString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ReopenJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -975,7 +975,7 @@ class PersistenceService:
             target,
             '/tierwriter.persistence.v1.PersistenceService/RequestCancel',
             tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.RequestCancelRequest.SerializeToString,
-            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Job.FromString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.RequestCancelResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1056,7 +1056,7 @@ class PersistenceService:
             target,
             '/tierwriter.persistence.v1.PersistenceService/GetJob',
             tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetJobRequest.SerializeToString,
-            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Job.FromString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1218,7 +1218,7 @@ class PersistenceService:
             target,
             '/tierwriter.persistence.v1.PersistenceService/SetArticlePublication',
             tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetArticlePublicationRequest.SerializeToString,
-            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.Article.FromString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetArticlePublicationResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1299,7 +1299,7 @@ class PersistenceService:
             target,
             '/tierwriter.persistence.v1.PersistenceService/VerifyCredentials',
             tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.VerifyCredentialsRequest.SerializeToString,
-            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.User.FromString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.VerifyCredentialsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1326,7 +1326,7 @@ class PersistenceService:
             target,
             '/tierwriter.persistence.v1.PersistenceService/CreateUser',
             tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.CreateUserRequest.SerializeToString,
-            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.User.FromString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.CreateUserResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1353,7 +1353,7 @@ class PersistenceService:
             target,
             '/tierwriter.persistence.v1.PersistenceService/GetUser',
             tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetUserRequest.SerializeToString,
-            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.User.FromString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetUserResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1407,7 +1407,7 @@ class PersistenceService:
             target,
             '/tierwriter.persistence.v1.PersistenceService/SetUserActive',
             tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetUserActiveRequest.SerializeToString,
-            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.User.FromString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetUserActiveResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1434,7 +1434,7 @@ class PersistenceService:
             target,
             '/tierwriter.persistence.v1.PersistenceService/SetPassword',
             tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetPasswordRequest.SerializeToString,
-            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.User.FromString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetPasswordResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,160 @@
+"""Server interceptors of the public API: who calls (authentication), and what our errors mean
+as status codes. The servicer's methods then hold only what differs between them.
+
+- `ErrorCodes` maps the exceptions the layers under the servicer raise onto status codes, once
+  for every method: a dependency's answer (ServiceCallError), a bad job or project file
+  (JobFileError), failed credentials and the login brake.
+- `Authentication` checks the credentials of every call but Login (health and reflection stay
+  open) and hands the caller to the method: `caller()` inside it."""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn
+
+import grpc
+
+from orchestrator_service.auth import (
+    Authenticator,
+    NotAuthenticatedError,
+    Principal,
+    ThrottledError,
+)
+from orchestrator_service.jobfile import JobFileError
+from tierwriter import runtime
+from tierwriter.runtime import ServiceCallError
+
+SERVICE_PREFIX = "/tierwriter.orchestrator.v1.OrchestratorService/"
+OPEN_METHODS = frozenset({f"{SERVICE_PREFIX}Login"})
+
+# Codes of a dependency that a client of ours should see as they are; anything else means our
+# dependency is in trouble, which to our client is UNAVAILABLE.
+_PASSED_THROUGH = {
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+_caller: contextvars.ContextVar[Principal] = contextvars.ContextVar("caller")
+
+
+def caller() -> Principal:
+    """Who makes the current call (set by Authentication before the method runs)."""
+    return _caller.get()
+
+
+def abort_for(context: grpc.ServicerContext, error: Exception) -> NoReturn:
+    """End the call with the status code that `error` means to our client; re-raise what has
+    none (a bug: gRPC answers UNKNOWN and the service logs it)."""
+    if isinstance(error, ServiceCallError):
+        if error.code in _PASSED_THROUGH:
+            runtime.abort(context, error.code, error.details)  # type: ignore[arg-type]
+        runtime.abort(context, grpc.StatusCode.UNAVAILABLE, str(error))
+    if isinstance(error, JobFileError):
+        runtime.abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
+    if isinstance(error, NotAuthenticatedError):
+        runtime.abort(context, grpc.StatusCode.UNAUTHENTICATED, str(error))
+    if isinstance(error, ThrottledError):
+        runtime.abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+    raise error
+
+
+_MAPPED = (ServiceCallError, JobFileError, NotAuthenticatedError, ThrottledError)
+Behavior = Callable[[Any, grpc.ServicerContext], Any]
+
+
+def _wrapped(
+    handler: grpc.RpcMethodHandler,
+    around: Callable[[Behavior, Any, grpc.ServicerContext], Any],
+    around_stream: Callable[[Behavior, Any, grpc.ServicerContext], Iterator[Any]],
+) -> grpc.RpcMethodHandler:
+    """The handler with its behavior run inside `around` (unary responses) or `around_stream`
+    (streamed responses). The public API has unary requests only."""
+    if handler.unary_unary is not None:
+        inner = handler.unary_unary
+        return grpc.unary_unary_rpc_method_handler(
+            lambda request, context: around(inner, request, context),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.unary_stream is not None:
+        inner_stream = handler.unary_stream
+        return grpc.unary_stream_rpc_method_handler(
+            lambda request, context: around_stream(inner_stream, request, context),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    return handler
+
+
+class ErrorCodes(grpc.ServerInterceptor):
+    """Our exceptions as status codes, for every method of the public API."""
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(SERVICE_PREFIX):
+            return handler
+        return _wrapped(handler, self._call, self._stream)
+
+    @staticmethod
+    def _call(behavior: Behavior, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return behavior(request, context)
+        except _MAPPED as e:
+            abort_for(context, e)
+
+    @staticmethod
+    def _stream(behavior: Behavior, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from behavior(request, context)
+        except _MAPPED as e:
+            abort_for(context, e)
+
+
+class Authentication(grpc.ServerInterceptor):
+    """The caller of every method but Login, from the call's credentials; UNAUTHENTICATED (or
+    RESOURCE_EXHAUSTED from the login brake) before the method runs. Registered after
+    ErrorCodes, so its errors are mapped there."""
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        self._auth = authenticator
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not method.startswith(SERVICE_PREFIX) or method in OPEN_METHODS:
+            return handler
+        return _wrapped(handler, self._call, self._stream)
+
+    def _call(self, behavior: Behavior, request: Any, context: grpc.ServicerContext) -> Any:
+        token = _caller.set(self._auth.authenticate(context.invocation_metadata()))
+        try:
+            return behavior(request, context)
+        finally:
+            _caller.reset(token)
+
+    def _stream(
+        self, behavior: Behavior, request: Any, context: grpc.ServicerContext
+    ) -> Iterator[Any]:
+        principal = self._auth.authenticate(context.invocation_metadata())
+        # Set around each step: gRPC may resume the stream from another context.
+        responses = iter(behavior(request, context))
+        while True:
+            token = _caller.set(principal)
+            try:
+                response = next(responses)
+            except StopIteration:
+                return
+            finally:
+                _caller.reset(token)
+            yield response
