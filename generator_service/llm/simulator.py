@@ -418,6 +418,9 @@ class LlmSimulator:
             )
             if limit
         }
+        # Requests of the held kinds wait in flight until release(): tests order events by it.
+        self._held: frozenset[str] = frozenset()
+        self._released = threading.Condition(self._lock)
         self._server = ThreadingHTTPServer((host, port), _make_handler(self))
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -463,6 +466,23 @@ class LlmSimulator:
                 self._stats.response_format_requests,
                 self._stats.tokens_charged,
             )
+
+    def hold(self, *kinds: str) -> None:
+        """Keep requests of these kinds ("outline", "content", …) in flight, unanswered, until
+        release(): a test can then act while they are known to be running."""
+        with self._lock:
+            self._held = frozenset(kinds)
+
+    def release(self) -> None:
+        """Answer the held requests, and hold none from now on."""
+        with self._lock:
+            self._held = frozenset()
+            self._released.notify_all()
+
+    def _wait_while_held(self, kind: str) -> None:
+        with self._lock:
+            while kind in self._held:
+                self._released.wait()
 
     def reset(self) -> None:
         """Zero the counters (the peak too); the rate-limit buckets keep their level."""
@@ -641,6 +661,7 @@ class LlmSimulator:
         rng = random.Random(f"{self.config.seed}:{prompt}")
         outline_number = self._enter(kind, max_tokens, "response_format" in body)
         try:
+            self._wait_while_held(kind)
             time.sleep(self.config.latency)
             if kind in ("outline", "outline_repair") and self._garbage_outline():
                 text = "Here is an outline: {'outline': [ oops"

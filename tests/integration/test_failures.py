@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 from typing import Any
 
 import grpc
@@ -156,32 +158,66 @@ def test_cancel_mid_job_then_resume_finishes_it_paying_once(start_stack) -> None
     assert len(restarted) == 20 - sum(before.values())
 
 
+def _outlines_started(events: list[pb.JobEvent]) -> set[int]:
+    return {
+        e.article.article_index
+        for e in events
+        if e.WhichOneof("event") == "article" and e.article.step == pb.ARTICLE_STEP_OUTLINE_STARTED
+    }
+
+
+class _LogSeen(logging.Handler):
+    """Sets `seen` when a record whose message contains `text` is logged."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text, self.seen = text, threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.seen.set()
+
+
 def test_in_flight_articles_past_the_grace_period_are_recorded_cancelled_and_retried(
     start_stack, monkeypatch
 ) -> None:
+    """Ordered by events, not time: the three outlines in flight are held by the simulator
+    until the generator has the stop, so the grace period has passed before their next call."""
     monkeypatch.setenv("CANCEL_GRACE_SECONDS", "0.01")
-    # Each article takes two 1 s calls: the cancel has that long to reach the generator.
-    # (Waiting on time, not on an event: issue 12 makes cancellation tests wait for events.)
-    handle = start_stack(simulator=SimulatorConfig(latency=1.0))
-    with OrchestratorClient(handle.stack.orchestrator_address, "admin", handle.password) as c:
-        stream = c.run_job(job_file({"tier1": tier(6)}, max_workers=3))
-        events = _consume_until(
-            stream,
-            lambda e, _s: (
-                e.WhichOneof("event") == "article"
-                and e.article.step == pb.ARTICLE_STEP_OUTLINE_STARTED
-            ),
-        )
-        job_id = job_ids_of(events)[0]
-        c.cancel_job(job_id)
-        events += list(stream)
-        rows = article_rows(handle.database_url, job_id)
-        cancelled = [r for r in rows if r["status"] == "failed"]
-        assert cancelled and all(
-            "ArticleCancelledError: cancelled: cancelled by admin" in r["error"] for r in cancelled
-        )
-        assert len(rows) <= 3  # only those in flight have records
-        resumed = list(c.resume_and_watch(job_id, retry_failed=True))
+    handle = start_stack(simulator=SimulatorConfig(latency=0.0))
+    simulator = handle.stack.simulator
+    simulator.hold("outline")
+    stop_received = _LogSeen("stop: cancelled by admin")
+    generator_log = logging.getLogger("generator_service.servicer")
+    generator_log.addHandler(stop_received)
+    level = generator_log.level
+    generator_log.setLevel(logging.INFO)
+    try:
+        with OrchestratorClient(handle.stack.orchestrator_address, "admin", handle.password) as c:
+            stream = c.run_job(job_file({"tier1": tier(6)}, max_workers=3))
+            events = _consume_until(
+                stream,
+                lambda _e, seen: len(_outlines_started(seen)) == 3,
+            )
+            started = _outlines_started(events)
+            job_id = job_ids_of(events)[0]
+            c.cancel_job(job_id)
+            assert stop_received.seen.wait(60), "the generator never got the stop"
+            simulator.release()
+            events += list(stream)
+            rows = article_rows(handle.database_url, job_id)
+            # Exactly the three in flight have records, each failed as cancelled; the rest
+            # never started.
+            assert sorted(r["article_index"] for r in rows) == sorted(started)
+            assert all(r["status"] == "failed" for r in rows)
+            assert all(
+                "ArticleCancelledError: cancelled: cancelled by admin" in r["error"] for r in rows
+            )
+            resumed = list(c.resume_and_watch(job_id, retry_failed=True))
+    finally:
+        generator_log.removeHandler(stop_received)
+        generator_log.setLevel(level)
+        simulator.release()
     assert resumed[-1].run_finished.ok, resumed[-1].run_finished.error
     rows = article_rows(handle.database_url, job_id)
     assert len(rows) == 6 and {r["status"] for r in rows} <= {"generated", "augmented"}
