@@ -171,8 +171,8 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
                 kind = message.WhichOneof("kind")
                 if kind == "stop":
                     reason = message.stop.reason or "the batch was stopped"
-                    log.info("job %d: stop: %s", batch_context.job_id, reason)
                     batch.stop(f"not started: {reason}", message.stop.grace_seconds)
+                    log.info("job %d: stop: %s", batch_context.job_id, reason)
                     continue
                 if kind != "article":
                     raise InvalidRequestError("only the first message may carry settings")

@@ -74,6 +74,22 @@ class Cancellation:
 
 
 @dataclass(frozen=True)
+class TierRun:
+    """One tier of a job being run: what each of its steps (titles, the article stream, the
+    tier's counts) needs."""
+
+    job: db_pb.Job
+    project: db_pb.Project
+    spec: JobSpec
+    name: str
+    tier: TierSpec
+    cancellation: Cancellation
+    retry_failed: bool  # a resume that also redoes the failed articles
+    used_titles: list[str]  # titles this tier's must differ from; its new ones are added
+    stored_titles: list[str] | None  # a resumed tier's own titles; None: it never started
+
+
+@dataclass(frozen=True)
 class TierOutcome:
     """What a tier's article stream ended with."""
 
@@ -426,8 +442,10 @@ class JobRunner:
                     error = cancellation.message
                     break
                 outcome = yield from self._run_tier(
-                    job, project, spec, tier_name, tier, used, titles.get(tier_name), retry_failed,
-                    cancellation,
+                    TierRun(
+                        job, project, spec, tier_name, tier, cancellation, retry_failed,
+                        used, titles.get(tier_name),
+                    )
                 )  # fmt: skip
                 if outcome.failure:
                     error = outcome.failure
@@ -487,19 +505,11 @@ class JobRunner:
             db_pb.Project(**spec.project.model_dump(), owner=owner)
         )
 
-    def _run_tier(
-        self,
-        job: db_pb.Job,
-        project: db_pb.Project,
-        spec: JobSpec,
-        tier_name: str,
-        tier: TierSpec,
-        used_titles: list[str],
-        stored_titles: list[str] | None,
-        retry_failed: bool,
-        cancellation: Cancellation,
-    ) -> Generator[pb.JobEvent, None, TierOutcome]:
+    def _run_tier(self, run: TierRun) -> Generator[pb.JobEvent, None, TierOutcome]:
+        job, project, spec, tier_name, tier = run.job, run.project, run.spec, run.name, run.tier
+        cancellation, retry_failed = run.cancellation, run.retry_failed
         job_id, workers = job.id, job.max_workers
+        stored_titles = run.stored_titles
         resuming = stored_titles is not None  # else the tier never started: it has no records
         if not resuming and spec.max_cost_usd and not self._can_pay(job_id, spec.max_cost_usd):
             # Titles cost too: a tier that cannot pay for one article does not ask for them.
@@ -540,9 +550,7 @@ class JobRunner:
                 if index >= len(titles) and record.error_stage == "titles"
             )
         if want:
-            made = yield from self._titles(
-                job, project, spec, tier_name, context, titles, want, used_titles, retry_failed
-            )
+            made = yield from self._titles(run, context, titles, want)
             if made.failure:
                 yield self._tier_finished(job_id, tier_name)
                 return made
@@ -652,20 +660,13 @@ class JobRunner:
         return TierOutcome(failure)
 
     def _titles(
-        self,
-        job: db_pb.Job,
-        project: db_pb.Project,
-        spec: JobSpec,
-        tier_name: str,
-        context: gen_pb.ProjectContext,
-        titles: list[str],
-        want: int,
-        used_titles: list[str],
-        retry_failed: bool,
+        self, run: TierRun, context: gen_pb.ProjectContext, titles: list[str], want: int
     ) -> Generator[pb.JobEvent, None, TierOutcome]:
         """`want` more titles appended to `titles` (kept with the job and written beside the
         output). Articles whose title could not be made (the model failed) get failed records
         at stage `titles`, so every requested article still ends as exactly one record."""
+        job, project, spec, tier_name = run.job, run.project, run.spec, run.name
+        used_titles, retry_failed = run.used_titles, run.retry_failed
         tier = spec.tiers[tier_name]
         sites = spec.sites_of(tier)
         made = self._generator.generate_titles(

@@ -57,6 +57,7 @@ class Deployment:
     project: str
     port: int
     token_file: Path
+    port2: int  # the second orchestrator's (profile `replica`)
 
     def compose(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         """docker-compose in the project's folder; fails the test when it fails."""
@@ -73,18 +74,22 @@ class Deployment:
     def up(self, *extra: str) -> None:
         """`up -d` with three generators, then wait until every container is healthy."""
         self.compose("up", "-d", "--build", "--scale", "generator=3", *extra)
+        self.wait_healthy()
+
+    def wait_healthy(self, *options: str) -> None:
+        """Until every container (of the profiles `options` name too) is healthy."""
         # compose v1 (Debian's) has no `up --wait`: poll the engine's health states.
         deadline = time.monotonic() + 240
         while True:
-            states = self.health()
+            states = self.health(*options)
             if states and all(state == "healthy" for state in states.values()):
                 return
             assert time.monotonic() < deadline, f"not healthy in 240 s: {states}"
             time.sleep(2)
 
-    def health(self) -> dict[str, str]:
+    def health(self, *options: str) -> dict[str, str]:
         """Each container's health status, by name."""
-        ids = self.compose("ps", "-q").stdout.split()
+        ids = self.compose(*options, "ps", "-q").stdout.split()
         if not ids:
             return {}
         inspected = subprocess.run(
@@ -125,21 +130,26 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
         pytest.skip(message)
     folder = tmp_path / "tierwriter"
     shutil.copytree(ROOT, folder, ignore=COPY_IGNORE)
-    port = _free_port()
+    port, port2 = _free_port(), _free_port()
     (folder / ".env").write_text(
         f"POSTGRES_PASSWORD={POSTGRES_PASSWORD}\n"
         f"SERVICE_TOKEN={uuid.uuid4().hex}{uuid.uuid4().hex}\n"
         f"TIERWRITER_ADMIN_PASSWORD={ADMIN_PASSWORD}\n"
         f"ORCHESTRATOR_PORT={port}\n"
+        f"ORCHESTRATOR2_PORT={port2}\n"
+        "ORCHESTRATOR_LEASE_SECONDS=5\n"
         "COMPOSE_FILE=docker-compose.yml:docker-compose.simulator.yml\n"
         "SIMULATOR_LATENCY=0.2\n"
     )
-    running = Deployment(folder, f"twe2e{uuid.uuid4().hex[:8]}", port, tmp_path / "token.json")
+    running = Deployment(
+        folder, f"twe2e{uuid.uuid4().hex[:8]}", port, tmp_path / "token.json", port2
+    )
     try:
         yield running
     finally:
+        everything = ["-p", running.project, "--profile", "replica"]
         down = subprocess.run(
-            [*COMPOSE, "-p", running.project, "down", "-v", "--rmi", "local", "--timeout", "5"],
+            [*COMPOSE, *everything, "down", "-v", "--rmi", "local", "--timeout", "5"],
             cwd=folder,
             capture_output=True,
             text=True,
@@ -228,6 +238,40 @@ def test_the_compose_deployment_works_as_the_readme_says(deployment: Deployment)
     assert shown.returncode == 0 and re.search(r"(\d+) generated, (\d+) augmented", shown.stdout)
     written = re.search(r"articles: (\d+) generated, (\d+) augmented, (\d+) failed", shown.stdout)
     assert written and sum(int(n) for n in written.groups()) == 30, shown.stdout
+
+    # Two orchestrators on one database (profile `replica`): the one running a job is killed
+    # (SIGKILL) mid-job; the other takes the job over when its lease expires, and a watcher on
+    # it sees the job to its end with every article once.
+    d.compose("--profile", "replica", "up", "-d", "--build", "orchestrator-2")
+    d.wait_healthy("--profile", "replica")
+    (d.folder / "job-takeover.json").write_text(_job("compose-takeover", tier1=30))
+    submitted = d.cli("generate-batch", "-j", "job-takeover.json", "--detach")
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = re.search(r"Submitted: job (\d+)", submitted.stdout)
+    assert job_id, submitted.stdout
+    watch = [sys.executable, "-m", "orchestrator_service.cli", "jobs", "watch", job_id.group(1)]
+    with subprocess.Popen(
+        [*watch, "--address", f"127.0.0.1:{d.port2}"],
+        cwd=d.folder,
+        env={**os.environ, "TIERWRITER_TOKEN_FILE": str(d.token_file)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as watcher:
+        assert watcher.stdout is not None
+        seen = []
+        for line in watcher.stdout:
+            seen.append(line)
+            if "Saved (ID:" in line:
+                break  # the first orchestrator is mid-job: kill it
+        d.compose("kill", "-s", "SIGKILL", "orchestrator")
+        rest = watcher.stdout.read()
+        assert watcher.wait(timeout=300) == 0, "".join(seen) + rest
+    assert "taken over" in rest, rest[-2000:]
+    shown = d.cli("jobs", "show", job_id.group(1))
+    written = re.search(r"articles: (\d+) generated, (\d+) augmented, (\d+) failed", shown.stdout)
+    assert written and sum(int(n) for n in written.groups()) == 30, shown.stdout
+    d.compose("--profile", "replica", "rm", "-s", "-f", "orchestrator-2")
 
     # An output folder the user made (README: mkdir -p output): the pages are the user's.
     d.compose("down", "--timeout", "10")
