@@ -44,7 +44,8 @@ class JobEventLog:
         self._cond = threading.Condition()
         self._events: list[pb.JobEvent] = []  # seq first_seq+1, first_seq+2, …
         self._stored = first_seq
-        self._closed = False
+        self._ended = False  # no more events: the writer stores the rest and stops
+        self._closed = False  # and watchers here stop following the log
         self._writer = threading.Thread(target=self._write, name=f"job{job_id}-events")
         self._writer.start()
 
@@ -77,26 +78,33 @@ class JobEventLog:
             events = self._events[start:]
             return events, self._closed and not events
 
-    def close(self, flush: bool = True) -> None:
-        """No more events; with `flush`, return once every event is stored (a failure to store
-        is logged: the writer already retried for DATABASE_WAIT_SECONDS)."""
+    def end(self) -> None:
+        """No more events: return once every event is stored (a failure to store is logged:
+        the writer already retried for DATABASE_WAIT_SECONDS). Watchers go on following the
+        log until close(), which comes once the job's final status is stored too."""
+        with self._cond:
+            self._ended = True
+            self._cond.notify_all()
+        self._writer.join()
+
+    def close(self) -> None:
+        """End the log (storing what is left) and let its watchers go."""
+        self.end()
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        if flush:
-            self._writer.join()
 
     def _write(self) -> None:
         while True:
             with self._cond:
-                while self._stored - self.first_seq >= len(self._events) and not self._closed:
+                while self._stored - self.first_seq >= len(self._events) and not self._ended:
                     self._cond.wait()
-                closed = self._closed
-            if not closed:
+                ended = self._ended
+            if not ended:
                 threading.Event().wait(FLUSH_SECONDS)  # gather a batch
             with self._cond:
                 batch = self._events[self._stored - self.first_seq :]
-                closed = self._closed
+                ended = self._ended
             if batch:
                 try:
                     self._store(self.job_id, [(e.seq, e.SerializeToString()) for e in batch])
@@ -104,13 +112,13 @@ class JobEventLog:
                     # The client retried for DATABASE_WAIT_SECONDS already; FAILED_PRECONDITION:
                     # another orchestrator holds the job now and writes its events.
                     log.error("job %d: could not store %d events: %s", self.job_id, len(batch), e)
-                    if closed or e.code == grpc.StatusCode.FAILED_PRECONDITION:
+                    if ended or e.code == grpc.StatusCode.FAILED_PRECONDITION:
                         return
                     threading.Event().wait(FLUSH_SECONDS)
                     continue
                 with self._cond:
                     self._stored = batch[-1].seq
-            elif closed:
+            elif ended:
                 return
 
 

@@ -376,11 +376,12 @@ class JobRunner:
             )
             finished.summary.MergeFrom(published)
             emit(pb.JobEvent(run_finished=finished))
-            run.log.close()  # every event stored before the status says the job ended
+            run.log.end()  # every event stored before the status says the job ended
             try:
                 self._persistence.finish_job(job.id, status, error, self.owner)
             except ServiceCallError as e:
                 log.error("job %d: could not record its final status: %s", job.id, e)
+            run.log.close()  # watchers here find the job ended, with nothing more to read
         finally:
             with self._lock:
                 if self._runs.get(job.id) is run:
