@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict
 
@@ -16,7 +15,7 @@ from tenacity import (
 )
 
 from generator_service.domain import ArticleRecord
-from persistence_service.client import PersistenceClient
+from persistence_service.client import PersistenceClient, outline_to_proto
 from tierwriter.persistence.v1 import persistence_service_pb2 as persistence_pb
 from tierwriter.runtime import ServiceCallError
 
@@ -57,9 +56,7 @@ class PersistenceSaver:
     def save(self, record: ArticleRecord, replace_failed: bool = False) -> tuple[int, bool]:
         fields = asdict(record)
         outline = fields.pop("outline")
-        article = persistence_pb.Article(
-            **fields, outline_json=json.dumps(outline) if outline is not None else ""
-        )
+        article = persistence_pb.Article(**fields, outline=outline_to_proto(outline))
         retrying = self._retrying.copy()  # one per call: saves run on many threads at once
         response = retrying(self._client.save_article, article, replace_failed)
         return response.article.id, response.created

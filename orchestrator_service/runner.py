@@ -351,7 +351,12 @@ class JobRunner:
                 )
             )
             work = self._work(
-                job, project, spec, cancellation, json.loads(job.titles_json), job.retry_failed
+                job,
+                project,
+                spec,
+                cancellation,
+                {t.tier: list(t.titles) for t in job.titles},
+                job.retry_failed,
             )
             while True:
                 try:

@@ -34,6 +34,13 @@ def _unavailable(error: BaseException) -> bool:
     )
 
 
+def outline_to_proto(outline: list[dict[str, Any]] | None) -> pb.Outline | None:
+    """A stored outline ([{"h2": …, "h3": […]}, …]) as its message; None stays unset."""
+    if outline is None:
+        return None
+    return pb.Outline(sections=[pb.OutlineSection(h2=s["h2"], h3=s.get("h3", [])) for s in outline])
+
+
 def _log_retry(state: RetryCallState) -> None:
     error = state.outcome.exception() if state.outcome else None
     log.warning("persistence call failed (%s); trying again", error)

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import grpc
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from persistence_service.client import outline_to_proto
 from persistence_service.models import Article, Job, Project, Site, User
 from persistence_service.store import (
     AuthenticationError,
@@ -100,7 +101,7 @@ def job_to_proto(j: Job) -> pb.Job:
         max_workers=j.max_workers,
         requested_articles=j.requested_articles,
         error=j.error,
-        titles_json=json.dumps(j.titles),
+        titles=[pb.TierTitles(tier=tier, titles=titles) for tier, titles in j.titles.items()],
         created_at=j.created_at.timestamp(),
         finished_at=j.finished_at.timestamp() if j.finished_at else 0.0,
         title_api_calls=j.title_api_calls,
@@ -129,7 +130,7 @@ def article_to_proto(a: Article) -> pb.Article:
     return pb.Article(
         **{name: getattr(a, name) for name in ARTICLE_FIELDS},
         id=a.id,
-        outline_json=json.dumps(a.outline) if a.outline is not None else "",
+        outline=outline_to_proto(a.outline),
         url=a.url,
         output_path=a.output_path,
         html=a.html,
@@ -139,10 +140,11 @@ def article_to_proto(a: Article) -> pb.Article:
 def article_from_proto(a: pb.Article) -> dict[str, Any]:
     """The storable fields of an Article message (id, url, output_path and html are not
     taken: post-processing sets them)."""
-    try:
-        outline = json.loads(a.outline_json) if a.outline_json else None
-    except json.JSONDecodeError as e:
-        raise InvalidRecordError(f"article.outline_json: not valid JSON ({e.msg})") from e
+    outline = (
+        [{"h2": section.h2, "h3": list(section.h3)} for section in a.outline.sections]
+        if a.HasField("outline")
+        else None
+    )
     return {**{name: getattr(a, name) for name in ARTICLE_FIELDS}, "outline": outline}
 
 

@@ -379,7 +379,7 @@ class Job(_message.Message):
     MAX_WORKERS_FIELD_NUMBER: _builtins.int
     REQUESTED_ARTICLES_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
-    TITLES_JSON_FIELD_NUMBER: _builtins.int
+    TITLES_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     TITLE_API_CALLS_FIELD_NUMBER: _builtins.int
@@ -406,8 +406,6 @@ class Job(_message.Message):
     """Articles requested over all tiers."""
     error: _builtins.str
     """Why the job failed, when it did."""
-    titles_json: _builtins.str
-    """Titles per tier, as JSON: {"tier1": ["…", …]}."""
     created_at: _builtins.float
     """Creation time, seconds since the epoch (UTC)."""
     finished_at: _builtins.float
@@ -432,6 +430,10 @@ class Job(_message.Message):
     """Sequence number of the job's last stored event; 0 before any."""
     retry_failed: _builtins.bool
     """The queued resume also generates the failed articles."""
+    @_builtins.property
+    def titles(self) -> _containers.RepeatedCompositeFieldContainer[Global___TierTitles]:
+        """Each started tier's titles, in article order."""
+
     def __init__(
         self,
         *,
@@ -442,7 +444,7 @@ class Job(_message.Message):
         max_workers: _builtins.int = ...,
         requested_articles: _builtins.int = ...,
         error: _builtins.str = ...,
-        titles_json: _builtins.str = ...,
+        titles: _abc.Iterable[Global___TierTitles] | None = ...,
         created_at: _builtins.float = ...,
         finished_at: _builtins.float = ...,
         title_api_calls: _builtins.int = ...,
@@ -458,7 +460,7 @@ class Job(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_reason", b"cancel_reason", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "id", b"id", "last_event_seq", b"last_event_seq", "lease_owner", b"lease_owner", "max_workers", b"max_workers", "owner", b"owner", "project_id", b"project_id", "requested_articles", b"requested_articles", "retry_failed", b"retry_failed", "spec_json", b"spec_json", "status", b"status", "title_api_calls", b"title_api_calls", "title_completion_tokens", b"title_completion_tokens", "title_cost_usd", b"title_cost_usd", "title_prompt_tokens", b"title_prompt_tokens", "title_shortfall", b"title_shortfall", "titles_json", b"titles_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_reason", b"cancel_reason", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "id", b"id", "last_event_seq", b"last_event_seq", "lease_owner", b"lease_owner", "max_workers", b"max_workers", "owner", b"owner", "project_id", b"project_id", "requested_articles", b"requested_articles", "retry_failed", b"retry_failed", "spec_json", b"spec_json", "status", b"status", "title_api_calls", b"title_api_calls", "title_completion_tokens", b"title_completion_tokens", "title_cost_usd", b"title_cost_usd", "title_prompt_tokens", b"title_prompt_tokens", "title_shortfall", b"title_shortfall", "titles", b"titles"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -699,6 +701,86 @@ class ListJobsResponse(_message.Message):
 Global___ListJobsResponse: _TypeAlias = ListJobsResponse  # noqa: Y015
 
 @_typing.final
+class OutlineSection(_message.Message):
+    """One H2 section of an outline with its H3 headings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    H2_FIELD_NUMBER: _builtins.int
+    H3_FIELD_NUMBER: _builtins.int
+    h2: _builtins.str
+    """The H2 heading."""
+    @_builtins.property
+    def h3(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Its H3 headings, in order."""
+
+    def __init__(
+        self,
+        *,
+        h2: _builtins.str = ...,
+        h3: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["h2", b"h2", "h3", b"h3"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutlineSection: _TypeAlias = OutlineSection  # noqa: Y015
+
+@_typing.final
+class Outline(_message.Message):
+    """An article's outline: its sections in order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SECTIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def sections(self) -> _containers.RepeatedCompositeFieldContainer[Global___OutlineSection]:
+        """The sections."""
+
+    def __init__(
+        self,
+        *,
+        sections: _abc.Iterable[Global___OutlineSection] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sections", b"sections"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Outline: _TypeAlias = Outline  # noqa: Y015
+
+@_typing.final
+class TierTitles(_message.Message):
+    """A tier's titles."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIER_FIELD_NUMBER: _builtins.int
+    TITLES_FIELD_NUMBER: _builtins.int
+    tier: _builtins.str
+    """The tier's name."""
+    @_builtins.property
+    def titles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Its titles, in article order."""
+
+    def __init__(
+        self,
+        *,
+        tier: _builtins.str = ...,
+        titles: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tier", b"tier", "titles", b"titles"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TierTitles: _TypeAlias = TierTitles  # noqa: Y015
+
+@_typing.final
 class Article(_message.Message):
     """An article's terminal record."""
 
@@ -711,7 +793,7 @@ class Article(_message.Message):
     ARTICLE_INDEX_FIELD_NUMBER: _builtins.int
     KEYWORD_FIELD_NUMBER: _builtins.int
     TITLE_FIELD_NUMBER: _builtins.int
-    OUTLINE_JSON_FIELD_NUMBER: _builtins.int
+    OUTLINE_FIELD_NUMBER: _builtins.int
     CONTENT_FIELD_NUMBER: _builtins.int
     WORD_COUNT_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
@@ -743,8 +825,6 @@ class Article(_message.Message):
     """The project's main keyword."""
     title: _builtins.str
     """The article's title."""
-    outline_json: _builtins.str
-    """The outline as JSON."""
     content: _builtins.str
     """The HTML body."""
     word_count: _builtins.int
@@ -781,6 +861,10 @@ class Article(_message.Message):
     """The lower word bound the content prompt asked for."""
     draft_words: _builtins.int
     """Words of the content reply before any augmentation."""
+    @_builtins.property
+    def outline(self) -> Global___Outline:
+        """The outline; unset when the article failed before it had one."""
+
     def __init__(
         self,
         *,
@@ -791,7 +875,7 @@ class Article(_message.Message):
         article_index: _builtins.int = ...,
         keyword: _builtins.str = ...,
         title: _builtins.str = ...,
-        outline_json: _builtins.str = ...,
+        outline: Global___Outline | None = ...,
         content: _builtins.str = ...,
         word_count: _builtins.int = ...,
         status: _builtins.str = ...,
@@ -810,9 +894,9 @@ class Article(_message.Message):
         asked_words: _builtins.int = ...,
         draft_words: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["outline", b"outline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "article_index", b"article_index", "asked_words", b"asked_words", "completion_tokens", b"completion_tokens", "content", b"content", "content_model", b"content_model", "cost_usd", b"cost_usd", "draft_words", b"draft_words", "error", b"error", "error_stage", b"error_stage", "html", b"html", "id", b"id", "job_id", b"job_id", "keyword", b"keyword", "outline_json", b"outline_json", "output_path", b"output_path", "project_id", b"project_id", "prompt_tokens", b"prompt_tokens", "rate_limited", b"rate_limited", "site", b"site", "status", b"status", "tier", b"tier", "title", b"title", "url", b"url", "word_count", b"word_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "article_index", b"article_index", "asked_words", b"asked_words", "completion_tokens", b"completion_tokens", "content", b"content", "content_model", b"content_model", "cost_usd", b"cost_usd", "draft_words", b"draft_words", "error", b"error", "error_stage", b"error_stage", "html", b"html", "id", b"id", "job_id", b"job_id", "keyword", b"keyword", "outline", b"outline", "output_path", b"output_path", "project_id", b"project_id", "prompt_tokens", b"prompt_tokens", "rate_limited", b"rate_limited", "site", b"site", "status", b"status", "tier", b"tier", "title", b"title", "url", b"url", "word_count", b"word_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
