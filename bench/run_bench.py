@@ -23,9 +23,13 @@ from generator_service.llm.simulator import SimulatorConfig
 from orchestrator_service.client import OrchestratorClient
 from orchestrator_service.console import augmentation_rate
 from orchestrator_service.stack import LocalStack, StackConfig
-from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
+from tierwriter.article.v1 import article_event_pb2 as article_pb
 
-TERMINAL = {pb.ARTICLE_STEP_SAVED, pb.ARTICLE_STEP_FAILED, pb.ARTICLE_STEP_SKIPPED}
+TERMINAL = {
+    article_pb.ARTICLE_EVENT_KIND_SAVED,
+    article_pb.ARTICLE_EVENT_KIND_FAILED,
+    article_pb.ARTICLE_EVENT_KIND_SKIPPED,
+}
 
 
 @dataclass
@@ -101,9 +105,12 @@ def measure(
             for event in client.run_job(job(articles)):
                 if event.WhichOneof("event") == "article":
                     now = time.perf_counter()
-                    if event.article.step == pb.ARTICLE_STEP_STARTED and not first_start:
+                    if (
+                        event.article.kind == article_pb.ARTICLE_EVENT_KIND_STARTED
+                        and not first_start
+                    ):
                         first_start = now
-                    if event.article.step in TERMINAL:
+                    if event.article.kind in TERMINAL:
                         last_end = now
                 elif event.WhichOneof("event") == "run_finished":
                     finished = event.run_finished

@@ -8,6 +8,7 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 import grpc
 
 from tierwriter import runtime
+from tierwriter.article.v1 import article_event_pb2 as article_pb
 from tierwriter.generator.v1 import generator_service_pb2 as pb
 from tierwriter.generator.v1 import generator_service_pb2_grpc as pb_grpc
 from tierwriter.service_auth import token_metadata
@@ -19,9 +20,9 @@ ARTICLES_DEADLINE = 24 * 3600.0
 STOP_POLL_SECONDS = 0.2
 TERMINAL_KINDS = frozenset(
     {
-        pb.ARTICLE_EVENT_KIND_SAVED,
-        pb.ARTICLE_EVENT_KIND_FAILED,
-        pb.ARTICLE_EVENT_KIND_SKIPPED,
+        article_pb.ARTICLE_EVENT_KIND_SAVED,
+        article_pb.ARTICLE_EVENT_KIND_FAILED,
+        article_pb.ARTICLE_EVENT_KIND_SKIPPED,
     }
 )
 
@@ -57,7 +58,7 @@ class GeneratorClient:
         stop: threading.Event,
         stop_reason: Callable[[], str] = lambda: "the job was cancelled",
         grace_seconds: Callable[[], float] = lambda: 0.0,
-    ) -> Generator[pb.ArticleEvent, None, None]:
+    ) -> Generator[article_pb.ArticleEvent, None, None]:
         """Send the settings and every article; yield events as they come back until each
         article has had its terminal event. Setting `stop` asks the generator to start no
         further article; the events of those in flight (failed as cancelled when they outlive

@@ -25,6 +25,7 @@ from generator_service.domain import (
 from generator_service.pipeline import ArticlePipeline
 from generator_service.titles import TitleWriter
 from tierwriter import runtime
+from tierwriter.article.v1 import article_event_pb2 as article_pb
 from tierwriter.generator.v1 import generator_service_pb2 as pb
 from tierwriter.generator.v1 import generator_service_pb2_grpc as pb_grpc
 
@@ -38,10 +39,11 @@ def project_from_proto(p: pb.ProjectContext) -> ProjectInfo:
     return ProjectInfo(p.project_id, p.main_keyword, list(p.entities), list(p.related_searches))
 
 
-def event_to_proto(e: ArticleEvent) -> pb.ArticleEvent:
-    """A domain event as its message."""
-    return pb.ArticleEvent(
-        kind=pb.ArticleEventKind.Value(f"ARTICLE_EVENT_KIND_{e.kind.value}"),
+def event_to_proto(e: ArticleEvent, tier_count: int) -> article_pb.ArticleEvent:
+    """A domain event as its message; `tier_count` is the tier's article count."""
+    return article_pb.ArticleEvent(
+        kind=article_pb.ArticleEventKind.Value(f"ARTICLE_EVENT_KIND_{e.kind.value}"),
+        tier_count=tier_count,
         tier=e.tier,
         article_index=e.index,
         title=e.title,
@@ -205,7 +207,9 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
         try:
             while (item := events.get()) is not _DONE:
                 assert isinstance(item, ArticleEvent)
-                yield pb.GenerateArticlesResponse(event=event_to_proto(item))
+                yield pb.GenerateArticlesResponse(
+                    event=event_to_proto(item, batch_context.tier.count)
+                )
         finally:
             # Also on cancellation: in-flight articles finish and are recorded before we return.
             producer.join()

@@ -309,6 +309,8 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
             counts += f", {t.short} short" if t.short else ""
             counts += f", {t.skipped} skipped" if t.skipped else ""
             print(f"  {t.tier}: {counts}; {format_cost(t.cost_usd)}")
+        if j.runner:
+            print(f"  running on: {j.runner}")
         if j.error:
             print(f"  error: {j.error}")
         return EXIT_OK

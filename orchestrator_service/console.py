@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tierwriter.article.v1 import article_event_pb2 as article_pb
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 
 RULE = "=" * 60
@@ -29,15 +30,19 @@ def _seconds(delay: float) -> str:
     return f"{round(delay, 1):g}s"
 
 
-def _article_lines(a: pb.ArticleProgress) -> list[str]:
+def _article_lines(a: article_pb.ArticleEvent) -> list[str]:
     prefix = f"[{a.tier}][{a.article_index + 1}/{a.tier_count}]"
-    step = a.step
-    if step == pb.ARTICLE_STEP_STARTED:
+    kinds = article_pb.ArticleEventKind
+    # A kind this client does not know yet (a newer server) reads as its number.
+    step = (
+        kinds.Name(a.kind).removeprefix("ARTICLE_EVENT_KIND_") if a.kind in kinds.values() else ""
+    )
+    if step == "STARTED":
         lines = [f'{prefix} Using title: "{a.title}"']
         if a.site:
             lines.insert(0, f"{prefix} Assigned to site: {a.site}")
         return lines
-    if step == pb.ARTICLE_STEP_FAILED:
+    if step == "FAILED":
         lines = [f"{prefix} FAILED at {a.stage}: {a.error}"]
         if a.fatal:
             lines.append(f"{prefix} The API cannot serve this job: no further article starts")
@@ -48,25 +53,28 @@ def _article_lines(a: pb.ArticleProgress) -> list[str]:
             else f"{prefix} Error record NOT saved"
         )
         return lines
-    text = {
-        pb.ARTICLE_STEP_OUTLINE_STARTED: "Generating outline...",
-        pb.ARTICLE_STEP_OUTLINE_REPAIRING: f"Outline unusable ({a.error}), asking once more...",
-        pb.ARTICLE_STEP_RETRYING: f"API Error: {a.error}, retrying in {_seconds(a.retry_delay)}...",
-        pb.ARTICLE_STEP_RETRY_SUCCEEDED: "Retry successful",
-        pb.ARTICLE_STEP_OUTLINE_DONE: f"Generated outline: {a.h2_count} H2s, {a.h3_count} H3s"
-        + (f" ({a.outline_fix})" if a.outline_fix else ""),
-        pb.ARTICLE_STEP_CONTENT_STARTED: "Generating content...",
-        pb.ARTICLE_STEP_CONTENT_DONE: f"Generated content: {a.word_count:,} words",
-        pb.ARTICLE_STEP_AUGMENTING: f"Below minimum ({a.min_word_count:,}), augmenting...",
-        pb.ARTICLE_STEP_AUGMENTED: f"Augmented content: {a.word_count:,} words"
-        + (", still below the minimum (short)" if a.status == "short" else ""),
-        pb.ARTICLE_STEP_SAVED: f"Saved (ID: {a.article_id}, Status: {a.status})",
-        pb.ARTICLE_STEP_SKIPPED: f"Skipped ({a.error})",
-        pb.ARTICLE_STEP_THROTTLED: f"Concurrency of {a.model} back to {a.concurrency_after}"
+    throttled = (
+        f"Concurrency of {a.model} back to {a.concurrency_after}"
         if a.restored
         else f"Rate limited: concurrency of {a.model} {a.concurrency_before} → "
-        f"{a.concurrency_after}",
-    }.get(step, f"step {step}")
+        f"{a.concurrency_after}"
+    )
+    outline_fix = f" ({a.outline_fix})" if a.outline_fix else ""
+    short = ", still below the minimum (short)" if a.status == "short" else ""
+    text = {
+        "OUTLINE_STARTED": "Generating outline...",
+        "OUTLINE_REPAIRING": f"Outline unusable ({a.error}), asking once more...",
+        "RETRYING": f"API Error: {a.error}, retrying in {_seconds(a.retry_delay)}...",
+        "RETRY_SUCCEEDED": "Retry successful",
+        "OUTLINE_DONE": f"Generated outline: {a.h2_count} H2s, {a.h3_count} H3s{outline_fix}",
+        "CONTENT_STARTED": "Generating content...",
+        "CONTENT_DONE": f"Generated content: {a.word_count:,} words",
+        "AUGMENTING": f"Below minimum ({a.min_word_count:,}), augmenting...",
+        "AUGMENTED": f"Augmented content: {a.word_count:,} words{short}",
+        "SAVED": f"Saved (ID: {a.article_id}, Status: {a.status})",
+        "SKIPPED": f"Skipped ({a.error})",
+        "THROTTLED": throttled,
+    }.get(step, f"step {a.kind}")
     return [f"{prefix} {text}"]
 
 

@@ -24,6 +24,7 @@ from orchestrator_service.events import JobEventLog
 from orchestrator_service.jobfile import JobFile, JobFileError, JobSpec, TierSpec, parse_job_file
 from orchestrator_service.postprocess import JobPublisher, write_atomically
 from persistence_service.client import PersistenceClient
+from tierwriter.article.v1 import article_event_pb2 as article_pb
 from tierwriter.generator.v1 import generator_service_pb2 as gen_pb
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 from tierwriter.persistence.v1 import persistence_service_pb2 as db_pb
@@ -96,47 +97,13 @@ class TierOutcome:
     failure: str  # the first failure that stops the job (continue_on_error false), else ""
 
 
-def progress_from_generator(
-    event: gen_pb.ArticleEvent, job_id: int, tier_count: int
-) -> pb.ArticleProgress:
-    """A generator event as the public ArticleProgress (the enums share their suffixes)."""
-    step_name = gen_pb.ArticleEventKind.Name(event.kind).removeprefix("ARTICLE_EVENT_KIND_")
-    return pb.ArticleProgress(
-        job_id=job_id,
-        step=pb.ArticleStep.Value(f"ARTICLE_STEP_{step_name}"),
-        tier=event.tier,
-        article_index=event.article_index,
-        tier_count=tier_count,
-        title=event.title,
-        site=event.site,
-        h2_count=event.h2_count,
-        h3_count=event.h3_count,
-        outline_fix=event.outline_fix,
-        word_count=event.word_count,
-        min_word_count=event.min_word_count,
-        article_id=event.article_id,
-        status=event.status,
-        stage=event.stage,
-        error=event.error,
-        traceback=event.traceback,
-        attempt=event.attempt,
-        retry_delay=event.retry_delay,
-        fatal=event.fatal,
-        cost_usd=event.cost_usd,
-        concurrency_before=event.concurrency_before,
-        concurrency_after=event.concurrency_after,
-        model=event.model,
-        restored=event.restored,
-    )
-
-
 def _count_published(event: pb.JobEvent, published: pb.Summary) -> str:
     """Add what a post-processing step made (and a throttle's low point) to the run's summary;
     the step's error, if any."""
     kind = event.WhichOneof("event")
     if kind == "article":
         article = event.article
-        if article.step == pb.ARTICLE_STEP_THROTTLED and not article.restored:
+        if article.kind == article_pb.ARTICLE_EVENT_KIND_THROTTLED and not article.restored:
             lowest = published.lowest_concurrency or article.concurrency_after
             published.lowest_concurrency = min(lowest, article.concurrency_after)
     elif kind == "post_processing":
@@ -617,17 +584,15 @@ class JobRunner:
                     )
                 ) as events:
                     for event in events:
-                        yield pb.JobEvent(
-                            article=progress_from_generator(event, job_id, tier.count)
-                        )
+                        yield pb.JobEvent(article=event)  # the generator's event, as it is
                         if (
-                            event.kind == gen_pb.ARTICLE_EVENT_KIND_FAILED
+                            event.kind == article_pb.ARTICLE_EVENT_KIND_FAILED
                             and not failure
                             and event.fatal
                         ):
                             failure = f"stopped: {event.error}"
                         elif (
-                            event.kind == gen_pb.ARTICLE_EVENT_KIND_FAILED
+                            event.kind == article_pb.ARTICLE_EVENT_KIND_FAILED
                             and not failure
                             and not spec.continue_on_error
                         ):

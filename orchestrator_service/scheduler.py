@@ -9,6 +9,8 @@ at once; otherwise it ticks every third of the lease."""
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import uuid
 
@@ -21,8 +23,9 @@ log = logging.getLogger(__name__)
 
 
 def new_orchestrator_id() -> str:
-    """This process's name on the leases it holds: unique per start."""
-    return f"orchestrator-{uuid.uuid4().hex[:12]}"
+    """This process's name on the leases it holds, unique per start: host (in a container, its
+    id), process id and a random part, so `jobs show` says where a job runs."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 class JobScheduler:

@@ -105,6 +105,7 @@ def job_info(
         owner=job.owner,
         cost_usd=job.title_cost_usd,
         max_cost_usd=max_cost_of(job.spec_json),
+        runner=job.lease_owner if job.status == "running" else "",
     )
     for t in tiers:
         info.generated_articles += t.counts.generated

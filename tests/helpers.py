@@ -84,7 +84,7 @@ def run_job(handle: Any, job_text: str) -> tuple[list[Any], Any]:
 
 
 def articles_of(events: list[Any]) -> list[Any]:
-    """The ArticleProgress events."""
+    """The article events (ArticleEvent)."""
     return [e.article for e in events if e.WhichOneof("event") == "article"]
 
 

@@ -112,6 +112,18 @@ class Deployment:
             timeout=300,
         )
 
+    def service_of_host(self, hostname: str) -> str:
+        """The compose service of the container with this hostname."""
+        ids = self.compose("--profile", "replica", "ps", "-q").stdout.split()
+        inspected = subprocess.run(
+            ["docker", "inspect", "-f", '{{.Config.Hostname}} {{index .Config.Labels '
+             '"com.docker.compose.service"}}', *ids],
+            capture_output=True,
+            text=True,
+        ).stdout  # fmt: skip
+        services = dict(line.split() for line in inspected.splitlines() if " " in line)
+        return services.get(hostname, "")
+
     def logs(self, service: str) -> str:
         return self.compose("logs", "--no-color", service).stdout
 
@@ -247,11 +259,24 @@ def test_the_compose_deployment_works_as_the_readme_says(deployment: Deployment)
     (d.folder / "job-takeover.json").write_text(_job("compose-takeover", tier1=30))
     submitted = d.cli("generate-batch", "-j", "job-takeover.json", "--detach")
     assert submitted.returncode == 0, submitted.stderr
-    job_id = re.search(r"Submitted: job (\d+)", submitted.stdout)
-    assert job_id, submitted.stdout
-    watch = [sys.executable, "-m", "orchestrator_service.cli", "jobs", "watch", job_id.group(1)]
+    found = re.search(r"Submitted: job (\d+)", submitted.stdout)
+    assert found, submitted.stdout
+    job_id = found.group(1)
+    # Either orchestrator may claim it; `jobs show` names the one that runs it (host:pid:id,
+    # the host being the container's hostname): watch on the other, kill that one.
+    deadline = time.monotonic() + 120
+    while not (
+        runner := re.search(r"running on: ([^:\s]+):", d.cli("jobs", "show", job_id).stdout)
+    ):
+        assert time.monotonic() < deadline, "no orchestrator claimed the job"
+        time.sleep(0.5)
+    victim = d.service_of_host(runner.group(1))
+    assert victim in ("orchestrator", "orchestrator-2"), victim
+    port = d.port2 if victim == "orchestrator" else d.port
+    watch = [sys.executable, "-m", "orchestrator_service.cli", "jobs", "watch", job_id]
     with subprocess.Popen(
-        [*watch, "--address", f"127.0.0.1:{d.port2}"],
+        # The saved session is for the first orchestrator's address: log in by password here.
+        [*watch, "--address", f"127.0.0.1:{port}", "-u", "admin", "-p", ADMIN_PASSWORD],
         cwd=d.folder,
         env={**os.environ, "TIERWRITER_TOKEN_FILE": str(d.token_file)},
         stdout=subprocess.PIPE,
@@ -263,12 +288,12 @@ def test_the_compose_deployment_works_as_the_readme_says(deployment: Deployment)
         for line in watcher.stdout:
             seen.append(line)
             if "Saved (ID:" in line:
-                break  # the first orchestrator is mid-job: kill it
-        d.compose("kill", "-s", "SIGKILL", "orchestrator")
+                break  # the job's orchestrator is mid-job: kill it
+        d.compose("--profile", "replica", "kill", "-s", "SIGKILL", victim)
         rest = watcher.stdout.read()
         assert watcher.wait(timeout=300) == 0, "".join(seen) + rest
     assert "taken over" in rest, rest[-2000:]
-    shown = d.cli("jobs", "show", job_id.group(1))
+    shown = d.cli("jobs", "show", job_id)
     written = re.search(r"articles: (\d+) generated, (\d+) augmented, (\d+) failed", shown.stdout)
     assert written and sum(int(n) for n in written.groups()) == 30, shown.stdout
     d.compose("--profile", "replica", "rm", "-s", "-f", "orchestrator-2")

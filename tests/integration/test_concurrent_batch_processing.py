@@ -22,6 +22,7 @@ from tests.helpers import (
     rows_by_status,
     run_job,
 )
+from tierwriter.article.v1 import article_event_pb2 as article_pb
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 from tierwriter.runtime import ServiceCallError
 
@@ -35,12 +36,16 @@ def tier(**overrides: Any) -> dict[str, Any]:
 
 
 def terminal_steps(events: list[pb.JobEvent]) -> dict[tuple[str, int], int]:
-    terminal = {pb.ARTICLE_STEP_SAVED, pb.ARTICLE_STEP_FAILED, pb.ARTICLE_STEP_SKIPPED}
+    terminal = {
+        article_pb.ARTICLE_EVENT_KIND_SAVED,
+        article_pb.ARTICLE_EVENT_KIND_FAILED,
+        article_pb.ARTICLE_EVENT_KIND_SKIPPED,
+    }
     found: dict[tuple[str, int], int] = {}
     for a in articles_of(events):
-        if a.step in terminal:
+        if a.kind in terminal:
             assert (a.tier, a.article_index) not in found, "two terminal events for one article"
-            found[(a.tier, a.article_index)] = a.step
+            found[(a.tier, a.article_index)] = a.kind
     return found
 
 
@@ -81,7 +86,7 @@ def test_concurrent_with_continue_on_error(start_stack) -> None:
     job_id = job_ids_of(events)[0]
     rows = rows_by_status(handle.database_url, job_id)
     assert rows.get("failed") == 3 and sum(rows.values()) == 10
-    failed = [a for a in articles_of(events) if a.step == pb.ARTICLE_STEP_FAILED]
+    failed = [a for a in articles_of(events) if a.kind == article_pb.ARTICLE_EVENT_KIND_FAILED]
     assert len(failed) == 3
     assert all(a.stage == "outline" and "OutlineError" in a.error and a.article_id for a in failed)
     assert all("Traceback" in a.traceback for a in failed)
@@ -105,12 +110,12 @@ def test_without_continue_on_error_the_run_stops_with_a_clear_error(start_stack,
     job_id = job_ids_of(events)[0]
     rows = rows_by_status(handle.database_url, job_id)
     steps = terminal_steps(events)
-    skipped = [key for key, step in steps.items() if step == pb.ARTICLE_STEP_SKIPPED]
+    skipped = [key for key, step in steps.items() if step == article_pb.ARTICLE_EVENT_KIND_SKIPPED]
     # Started articles all have a record; the skipped ones none; tier2 never started.
     assert skipped and sum(rows.values()) == len(steps) - len(skipped)
     assert rows.get("failed", 0) >= 1
     assert not any(t == "tier2" for t, _ in steps)
-    started = [a for a in articles_of(events) if a.step == pb.ARTICLE_STEP_STARTED]
+    started = [a for a in articles_of(events) if a.kind == article_pb.ARTICLE_EVENT_KIND_STARTED]
     assert len(started) == sum(rows.values())
     with OrchestratorClient(handle.stack.orchestrator_address, "admin", handle.password) as client:
         job = client.get_job(job_id).job
@@ -272,8 +277,10 @@ def test_rate_limits_are_retried_honouring_retry_after_and_shown(start_stack) ->
     assert finished.ok and finished.summary.failed_articles == 0
     assert stats.rate_limited >= 3
     assert finished.summary.api_calls == stats.requests  # refused attempts are not counted
-    retries = [a for a in articles_of(events) if a.step == pb.ARTICLE_STEP_RETRYING]
-    succeeded = [a for a in articles_of(events) if a.step == pb.ARTICLE_STEP_RETRY_SUCCEEDED]
+    retries = [a for a in articles_of(events) if a.kind == article_pb.ARTICLE_EVENT_KIND_RETRYING]
+    succeeded = [
+        a for a in articles_of(events) if a.kind == article_pb.ARTICLE_EVENT_KIND_RETRY_SUCCEEDED
+    ]
     assert retries and len(succeeded) == len(retries)  # each refusal retried once, then fine
     assert all(a.error == "Rate limit exceeded" and a.retry_delay >= 0.02 for a in retries)
     lines = [line for event in events for line in event_lines(event)]
@@ -285,7 +292,7 @@ def test_with_retries_off_a_rate_limit_is_a_recorded_failure(start_stack, monkey
     monkeypatch.setenv("LLM_MAX_RETRIES", "0")
     handle = start_stack(simulator=SimulatorConfig(rate_limit_every=3))
     events, finished = run_job(handle, job_file({"tier1": tier(count=4)}, max_workers=1))
-    failed = [a for a in articles_of(events) if a.step == pb.ARTICLE_STEP_FAILED]
+    failed = [a for a in articles_of(events) if a.kind == article_pb.ARTICLE_EVENT_KIND_FAILED]
     assert failed and all(a.error.startswith("RateLimitError:") for a in failed)
     rows = rows_by_status(handle.database_url, job_ids_of(events)[0])
     assert rows.get("failed") == len(failed) and sum(rows.values()) == 4

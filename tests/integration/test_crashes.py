@@ -28,6 +28,7 @@ from tests.helpers import (
     wait_until_serving,
 )
 from tests.integration.test_failures import duplicate_keys
+from tierwriter.article.v1 import article_event_pb2 as article_pb
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 
 MODULES = {
@@ -118,17 +119,23 @@ def services(tmp_path: Path, database_url: str) -> Iterator[tuple[Services, LlmS
 
 
 class Run:
-    """A job submitted, then watched on a thread (on `watch_address` when given), so the test
-    can kill things while it goes."""
+    """A job submitted, then watched on a thread, so the test can kill things while it goes."""
 
-    def __init__(self, address: str, job: str, watch_address: str = "") -> None:
+    def __init__(self, address: str, job: str = "", job_ids: list[int] | None = None) -> None:
         self.events: list[pb.JobEvent] = []
         self.error: BaseException | None = None
-        with OrchestratorClient(address, "admin", PASSWORD) as submitter:
-            self.job_ids = submitter.submit_job(job)
-        self._client = OrchestratorClient(watch_address or address, "admin", PASSWORD)
+        if job_ids is None:
+            with OrchestratorClient(address, "admin", PASSWORD) as submitter:
+                job_ids = submitter.submit_job(job)
+        self.job_ids = job_ids
+        self._client = OrchestratorClient(address, "admin", PASSWORD)
         self._thread = threading.Thread(target=self._consume, daemon=True)
         self._thread.start()
+
+    @classmethod
+    def watching(cls, address: str, job_ids: list[int]) -> Run:
+        """Watch jobs submitted already, on the orchestrator at `address`."""
+        return cls(address, job_ids=job_ids)
 
     def _consume(self) -> None:
         try:
@@ -139,7 +146,9 @@ class Run:
 
     def saved(self) -> set[int]:
         return {
-            a.article_index for a in articles_of(self.events) if a.step == pb.ARTICLE_STEP_SAVED
+            a.article_index
+            for a in articles_of(self.events)
+            if a.kind == article_pb.ARTICLE_EVENT_KIND_SAVED
         }
 
     def wait_saved(self, count: int, timeout: float = 60) -> None:
@@ -197,7 +206,7 @@ def test_a_killed_generator_is_waited_for_and_only_unrecorded_articles_are_resen
     restarted = {
         a.article_index
         for a in articles_of(run.events[lost_at:])
-        if a.step == pb.ARTICLE_STEP_STARTED
+        if a.kind == article_pb.ARTICLE_EVENT_KIND_STARTED
     }
     assert restarted and not restarted & saved_before
 
@@ -226,12 +235,19 @@ def test_a_killed_orchestrator_is_taken_over_by_another_and_no_article_is_paid_t
 ) -> None:
     running, simulator = services
     running.start("orchestrator2")
-    # Submitted to the first (which claims it at once); watched on the second.
-    run = Run(running.address("orchestrator"), _job(), running.address("orchestrator2"))
+    with OrchestratorClient(running.address("orchestrator"), "admin", PASSWORD) as client:
+        [job_id] = client.submit_job(_job())
+        # Either orchestrator may claim it: find the one that runs it (`host:pid:id`).
+        deadline = time.monotonic() + 60
+        while not (runner := client.get_job(job_id).job.runner):
+            assert time.monotonic() < deadline, "no orchestrator claimed the job"
+            time.sleep(0.05)
+    pid = int(runner.split(":")[1])
+    victim = next(name for name, p in running.processes.items() if p.pid == pid)
+    survivor = "orchestrator2" if victim == "orchestrator" else "orchestrator"
+    run = Run.watching(running.address(survivor), [job_id])  # from the job's first event
     run.wait_saved(5)
-    with OrchestratorClient(running.address("orchestrator2"), "admin", PASSWORD) as client:
-        assert client.get_job(1).job.status == pb.JOB_STATUS_RUNNING
-    running.kill("orchestrator")  # SIGKILL: no hand-off, its lease just stops being renewed
+    running.kill(victim)  # SIGKILL: no hand-off, its lease just stops being renewed
     finished = run.finish()
     assert finished is not None and finished.ok, (run.error, finished)
     assert run.error is None  # the watcher on the survivor saw the job to its end

@@ -22,6 +22,7 @@ from tests.helpers import (
     rows_by_status,
     run_job,
 )
+from tierwriter.article.v1 import article_event_pb2 as article_pb
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 from tierwriter.runtime import ServiceCallError
 
@@ -91,7 +92,7 @@ def test_a_batch_of_200_under_a_failing_api_ends_with_one_record_each(
     )
     # Retries, continuations and repairs saved most; what failed says why.
     assert s.title_shortfall == 0 and rows.get("failed", 0) <= 20
-    failures = [a for a in articles_of(events) if a.step == pb.ARTICLE_STEP_FAILED]
+    failures = [a for a in articles_of(events) if a.kind == article_pb.ARTICLE_EVENT_KIND_FAILED]
     assert len(failures) == rows.get("failed", 0)
     assert all(
         ("after one repair request" in a.error or "cut off by the token limit" in a.error)
@@ -100,9 +101,9 @@ def test_a_batch_of_200_under_a_failing_api_ends_with_one_record_each(
 
     # The retries show, with their reasons, and so do their successes.
     progress = articles_of(events)
-    reasons = {a.error for a in progress if a.step == pb.ARTICLE_STEP_RETRYING}
+    reasons = {a.error for a in progress if a.kind == article_pb.ARTICLE_EVENT_KIND_RETRYING}
     assert {"Rate limit exceeded", "Server error 500", "Timed out"} <= reasons
-    assert any(a.step == pb.ARTICLE_STEP_RETRY_SUCCEEDED for a in progress)
+    assert any(a.kind == article_pb.ARTICLE_EVENT_KIND_RETRY_SUCCEEDED for a in progress)
     lines = [line for event in events for line in event_lines(event)]
     assert any("API Error: Timed out, retrying in" in line for line in lines)
     assert any("Outline unusable" in line for line in lines)
@@ -119,7 +120,7 @@ def _consume_until(stream: Any, predicate: Any) -> list[pb.JobEvent]:
 
 def _saved(events: list[pb.JobEvent]) -> int:
     return sum(
-        e.WhichOneof("event") == "article" and e.article.step == pb.ARTICLE_STEP_SAVED
+        e.WhichOneof("event") == "article" and e.article.kind == article_pb.ARTICLE_EVENT_KIND_SAVED
         for e in events
     )
 
@@ -154,7 +155,7 @@ def test_cancel_mid_job_then_resume_finishes_it_paying_once(start_stack) -> None
     assert (done.summary.generated_articles + done.summary.augmented_articles) == 20
     # Each article's outline was asked for exactly once over the two runs: nothing paid twice.
     assert handle.stack.simulator.stats().by_kind["outline"] == 20
-    restarted = [a for a in articles_of(resumed) if a.step == pb.ARTICLE_STEP_STARTED]
+    restarted = [a for a in articles_of(resumed) if a.kind == article_pb.ARTICLE_EVENT_KIND_STARTED]
     assert len(restarted) == 20 - sum(before.values())
 
 
@@ -162,7 +163,8 @@ def _outlines_started(events: list[pb.JobEvent]) -> set[int]:
     return {
         e.article.article_index
         for e in events
-        if e.WhichOneof("event") == "article" and e.article.step == pb.ARTICLE_STEP_OUTLINE_STARTED
+        if e.WhichOneof("event") == "article"
+        and e.article.kind == article_pb.ARTICLE_EVENT_KIND_OUTLINE_STARTED
     }
 
 
@@ -255,7 +257,9 @@ def test_a_job_left_running_by_a_dead_orchestrator_is_taken_over_when_one_starts
     assert taken_over[0].notice.message.startswith("taken over")
     assert taken_over[-1].run_finished.ok
     started = [
-        a.article_index for a in articles_of(taken_over) if a.step == pb.ARTICLE_STEP_STARTED
+        a.article_index
+        for a in articles_of(taken_over)
+        if a.kind == article_pb.ARTICLE_EVENT_KIND_STARTED
     ]
     assert sorted(started) == [2, 3]
     assert sum(rows_by_status(again.database_url, job_id).values()) == 4

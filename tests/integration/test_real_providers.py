@@ -23,7 +23,7 @@ from tests.helpers import (
     run_job,
     sql_rows,
 )
-from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
+from tierwriter.article.v1 import article_event_pb2 as article_pb
 
 
 def tier(count: int, **shape: int) -> dict[str, Any]:
@@ -73,7 +73,9 @@ def test_429s_halve_the_models_concurrency_and_no_article_fails(start_stack) -> 
     events, finished = run_job(handle, job_file({"tier1": tier(24)}))
     assert finished.ok, finished.error
     assert finished.summary.failed_articles == 0
-    throttled = [a for a in articles_of(events) if a.step == pb.ARTICLE_STEP_THROTTLED]
+    throttled = [
+        a for a in articles_of(events) if a.kind == article_pb.ARTICLE_EVENT_KIND_THROTTLED
+    ]
     cuts = [a for a in throttled if not a.restored]
     assert all(a.model == "gpt-4o-mini" for a in throttled)
     assert cuts and all(1 <= a.concurrency_after < a.concurrency_before for a in cuts)
@@ -183,9 +185,9 @@ def test_an_unknown_model_stops_the_job_and_a_resume_finishes_it(start_stack) ->
     events, finished = run_job(handle, job_file({"tier1": tier(10)}, models=models))
     assert not finished.ok
     assert "model 'no-such-model' was not found" in finished.error
-    failed = [a for a in articles_of(events) if a.step == pb.ARTICLE_STEP_FAILED]
+    failed = [a for a in articles_of(events) if a.kind == article_pb.ARTICLE_EVENT_KIND_FAILED]
     assert 1 <= len(failed) <= 2 and all(a.fatal for a in failed)  # those in flight, no more
-    assert any(a.step == pb.ARTICLE_STEP_SKIPPED for a in articles_of(events))
+    assert any(a.kind == article_pb.ARTICLE_EVENT_KIND_SKIPPED for a in articles_of(events))
     assert handle.stack.simulator.stats().faults["model_not_found"] == len(failed)
     assert "The API cannot serve this job" in console(events)
 

@@ -15,6 +15,7 @@ import pytest
 from generator_service.llm.simulator import SimulatorConfig
 from orchestrator_service.client import OrchestratorClient
 from tests.helpers import TIER, job_file, rows_by_status, sql_rows
+from tierwriter.article.v1 import article_event_pb2 as article_pb
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 from tierwriter.runtime import ServiceCallError
 
@@ -33,7 +34,8 @@ def _saved(events: list[pb.JobEvent]) -> list[int]:
     return [
         e.article.article_index
         for e in events
-        if e.WhichOneof("event") == "article" and e.article.step == pb.ARTICLE_STEP_SAVED
+        if e.WhichOneof("event") == "article"
+        and e.article.kind == article_pb.ARTICLE_EVENT_KIND_SAVED
     ]
 
 

@@ -24,6 +24,7 @@ from tests.helpers import (
     run_job,
 )
 from tests.xss_payloads import PAYLOADS, active_content
+from tierwriter.article.v1 import article_event_pb2 as article_pb
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 from tierwriter.runtime import ServiceCallError
 
@@ -170,7 +171,9 @@ def test_outlines_are_repaired_once_and_kept_in_range(start_stack) -> None:
     shape = {"min_h2_tags": 3, "max_h2_tags": 4, "min_h3_tags": 4, "max_h3_tags": 6}
     events, finished = run_job(handle, job_file({"tier1": tier(6, **shape)}))
     assert finished.ok and finished.summary.failed_articles == 0
-    repairs = [a for a in articles_of(events) if a.step == pb.ARTICLE_STEP_OUTLINE_REPAIRING]
+    repairs = [
+        a for a in articles_of(events) if a.kind == article_pb.ARTICLE_EVENT_KIND_OUTLINE_REPAIRING
+    ]
     assert len(repairs) == 3 and all(", the tier needs at least 3" in a.error for a in repairs)
     assert handle.stack.simulator.stats().by_kind["outline_repair"] == 3
     for r in article_rows(handle.database_url, job_ids_of(events)[0]):

@@ -3,12 +3,13 @@
 from typing import Any
 
 from orchestrator_service.console import augmentation_rate, event_lines
+from tierwriter.article.v1 import article_event_pb2 as article_pb
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 
 
 def article(**fields: Any) -> pb.JobEvent:
     return pb.JobEvent(
-        article=pb.ArticleProgress(tier="tier2", tier_count=10, article_index=0, **fields)
+        article=article_pb.ArticleEvent(tier="tier2", tier_count=10, article_index=0, **fields)
     )
 
 
@@ -20,21 +21,21 @@ def test_concurrency_is_shown_at_tier_start() -> None:
 
 
 def test_article_steps_read_like_the_story() -> None:
-    assert event_lines(article(step=pb.ARTICLE_STEP_CONTENT_DONE, word_count=1020)) == [
-        "[tier2][1/10] Generated content: 1,020 words"
-    ]
-    assert event_lines(article(step=pb.ARTICLE_STEP_AUGMENTING, min_word_count=1000)) == [
-        "[tier2][1/10] Below minimum (1,000), augmenting..."
-    ]
-    assert event_lines(article(step=pb.ARTICLE_STEP_SAVED, article_id=45, status="generated")) == [
-        "[tier2][1/10] Saved (ID: 45, Status: generated)"
-    ]
+    assert event_lines(
+        article(kind=article_pb.ARTICLE_EVENT_KIND_CONTENT_DONE, word_count=1020)
+    ) == ["[tier2][1/10] Generated content: 1,020 words"]
+    assert event_lines(
+        article(kind=article_pb.ARTICLE_EVENT_KIND_AUGMENTING, min_word_count=1000)
+    ) == ["[tier2][1/10] Below minimum (1,000), augmenting..."]
+    assert event_lines(
+        article(kind=article_pb.ARTICLE_EVENT_KIND_SAVED, article_id=45, status="generated")
+    ) == ["[tier2][1/10] Saved (ID: 45, Status: generated)"]
 
 
 def test_a_failure_shows_its_traceback_and_record() -> None:
     lines = event_lines(
         article(
-            step=pb.ARTICLE_STEP_FAILED,
+            kind=article_pb.ARTICLE_EVENT_KIND_FAILED,
             stage="content",
             article_id=7,
             error="TimeoutError: slow",

@@ -22,41 +22,38 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from tierwriter.article.v1 import article_event_pb2 as tierwriter_dot_article_dot_v1_dot_article__event__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n/tierwriter/generator/v1/generator_service.proto\x12\x17tierwriter.generator.v1\"f\n\x0eProjectContext\x12\x12\n\nproject_id\x18\x01 \x01(\x03\x12\x14\n\x0cmain_keyword\x18\x02 \x01(\t\x12\x10\n\x08\x65ntities\x18\x03 \x03(\t\x12\x18\n\x10related_searches\x18\x04 \x03(\t\"9\n\x06Models\x12\r\n\x05title\x18\x01 \x01(\t\x12\x0f\n\x07outline\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\"\xab\x01\n\x08TierSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12\x16\n\x0emin_word_count\x18\x03 \x01(\x05\x12\x16\n\x0emax_word_count\x18\x04 \x01(\x05\x12\x13\n\x0bmin_h2_tags\x18\x05 \x01(\x05\x12\x13\n\x0bmax_h2_tags\x18\x06 \x01(\x05\x12\x13\n\x0bmin_h3_tags\x18\x07 \x01(\x05\x12\x13\n\x0bmax_h3_tags\x18\x08 \x01(\x05\"\xb2\x01\n\x15GenerateTitlesRequest\x12\x38\n\x07project\x18\x01 \x01(\x0b\x32\'.tierwriter.generator.v1.ProjectContext\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12\r\n\x05model\x18\x04 \x01(\t\x12\x1a\n\x12max_parallel_calls\x18\x05 \x01(\x05\x12\x17\n\x0f\x65xisting_titles\x18\x06 \x03(\t\"\xf8\x01\n\x16GenerateTitlesResponse\x12\x0e\n\x06titles\x18\x01 \x03(\t\x12\x11\n\tshortfall\x18\x02 \x01(\x05\x12\x11\n\tapi_calls\x18\x03 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x03\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\r\n\x05\x66\x61tal\x18\x07 \x01(\x08\x12\x10\n\x08\x63ost_usd\x18\x08 \x01(\x01\x12\x10\n\x08rejected\x18\t \x01(\x05\x12\x34\n\x07retries\x18\n \x03(\x0b\x32#.tierwriter.generator.v1.TitleRetry\"<\n\nTitleRetry\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x64\x65lay\x18\x03 \x01(\x01\"\x97\x02\n\rBatchSettings\x12\x0e\n\x06job_id\x18\x01 \x01(\x03\x12\x38\n\x07project\x18\x02 \x01(\x0b\x32\'.tierwriter.generator.v1.ProjectContext\x12/\n\x04tier\x18\x03 \x01(\x0b\x32!.tierwriter.generator.v1.TierSpec\x12/\n\x06models\x18\x04 \x01(\x0b\x32\x1f.tierwriter.generator.v1.Models\x12\x13\n\x0bmax_workers\x18\x05 \x01(\x05\x12\x19\n\x11\x63ontinue_on_error\x18\x06 \x01(\x08\x12\x16\n\x0ereplace_failed\x18\x07 \x01(\x08\x12\x12\n\nbudget_usd\x18\x08 \x01(\x01\"D\n\x0e\x41rticleRequest\x12\x15\n\rarticle_index\x18\x01 \x01(\x05\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04site\x18\x03 \x01(\t\"\xcd\x01\n\x17GenerateArticlesRequest\x12:\n\x08settings\x18\x01 \x01(\x0b\x32&.tierwriter.generator.v1.BatchSettingsH\x00\x12:\n\x07\x61rticle\x18\x02 \x01(\x0b\x32\'.tierwriter.generator.v1.ArticleRequestH\x00\x12\x32\n\x04stop\x18\x03 \x01(\x0b\x32\".tierwriter.generator.v1.StopBatchH\x00\x42\x06\n\x04kind\"2\n\tStopBatch\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x15\n\rgrace_seconds\x18\x02 \x01(\x01\"\xe2\x03\n\x0c\x41rticleEvent\x12\x37\n\x04kind\x18\x01 \x01(\x0e\x32).tierwriter.generator.v1.ArticleEventKind\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x15\n\rarticle_index\x18\x03 \x01(\x05\x12\r\n\x05title\x18\x04 \x01(\t\x12\x0c\n\x04site\x18\x05 \x01(\t\x12\x10\n\x08h2_count\x18\x06 \x01(\x05\x12\x10\n\x08h3_count\x18\x07 \x01(\x05\x12\x13\n\x0boutline_fix\x18\x0f \x01(\t\x12\x12\n\nword_count\x18\x08 \x01(\x05\x12\x16\n\x0emin_word_count\x18\t \x01(\x05\x12\x12\n\narticle_id\x18\n \x01(\x03\x12\x0e\n\x06status\x18\x0b \x01(\t\x12\r\n\x05stage\x18\x0c \x01(\t\x12\r\n\x05\x65rror\x18\r \x01(\t\x12\x11\n\ttraceback\x18\x0e \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x10 \x01(\x05\x12\x13\n\x0bretry_delay\x18\x11 \x01(\x01\x12\r\n\x05\x66\x61tal\x18\x12 \x01(\x08\x12\x10\n\x08\x63ost_usd\x18\x13 \x01(\x01\x12\x1a\n\x12\x63oncurrency_before\x18\x14 \x01(\x05\x12\x19\n\x11\x63oncurrency_after\x18\x15 \x01(\x05\x12\r\n\x05model\x18\x16 \x01(\t\x12\x10\n\x08restored\x18\x17 \x01(\x08\"P\n\x18GenerateArticlesResponse\x12\x34\n\x05\x65vent\x18\x01 \x01(\x0b\x32%.tierwriter.generator.v1.ArticleEvent*\xa7\x04\n\x10\x41rticleEventKind\x12\"\n\x1e\x41RTICLE_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x41RTICLE_EVENT_KIND_STARTED\x10\x01\x12&\n\"ARTICLE_EVENT_KIND_OUTLINE_STARTED\x10\x02\x12#\n\x1f\x41RTICLE_EVENT_KIND_OUTLINE_DONE\x10\x03\x12&\n\"ARTICLE_EVENT_KIND_CONTENT_STARTED\x10\x04\x12#\n\x1f\x41RTICLE_EVENT_KIND_CONTENT_DONE\x10\x05\x12!\n\x1d\x41RTICLE_EVENT_KIND_AUGMENTING\x10\x06\x12 \n\x1c\x41RTICLE_EVENT_KIND_AUGMENTED\x10\x07\x12\x1c\n\x18\x41RTICLE_EVENT_KIND_SAVED\x10\x08\x12\x1d\n\x19\x41RTICLE_EVENT_KIND_FAILED\x10\t\x12\x1e\n\x1a\x41RTICLE_EVENT_KIND_SKIPPED\x10\n\x12(\n$ARTICLE_EVENT_KIND_OUTLINE_REPAIRING\x10\x0b\x12\x1f\n\x1b\x41RTICLE_EVENT_KIND_RETRYING\x10\x0c\x12&\n\"ARTICLE_EVENT_KIND_RETRY_SUCCEEDED\x10\r\x12 \n\x1c\x41RTICLE_EVENT_KIND_THROTTLED\x10\x0e\x32\x82\x02\n\x10GeneratorService\x12q\n\x0eGenerateTitles\x12..tierwriter.generator.v1.GenerateTitlesRequest\x1a/.tierwriter.generator.v1.GenerateTitlesResponse\x12{\n\x10GenerateArticles\x12\x30.tierwriter.generator.v1.GenerateArticlesRequest\x1a\x31.tierwriter.generator.v1.GenerateArticlesResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n/tierwriter/generator/v1/generator_service.proto\x12\x17tierwriter.generator.v1\x1a)tierwriter/article/v1/article_event.proto\"f\n\x0eProjectContext\x12\x12\n\nproject_id\x18\x01 \x01(\x03\x12\x14\n\x0cmain_keyword\x18\x02 \x01(\t\x12\x10\n\x08\x65ntities\x18\x03 \x03(\t\x12\x18\n\x10related_searches\x18\x04 \x03(\t\"9\n\x06Models\x12\r\n\x05title\x18\x01 \x01(\t\x12\x0f\n\x07outline\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\"\xab\x01\n\x08TierSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12\x16\n\x0emin_word_count\x18\x03 \x01(\x05\x12\x16\n\x0emax_word_count\x18\x04 \x01(\x05\x12\x13\n\x0bmin_h2_tags\x18\x05 \x01(\x05\x12\x13\n\x0bmax_h2_tags\x18\x06 \x01(\x05\x12\x13\n\x0bmin_h3_tags\x18\x07 \x01(\x05\x12\x13\n\x0bmax_h3_tags\x18\x08 \x01(\x05\"\xb2\x01\n\x15GenerateTitlesRequest\x12\x38\n\x07project\x18\x01 \x01(\x0b\x32\'.tierwriter.generator.v1.ProjectContext\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12\r\n\x05model\x18\x04 \x01(\t\x12\x1a\n\x12max_parallel_calls\x18\x05 \x01(\x05\x12\x17\n\x0f\x65xisting_titles\x18\x06 \x03(\t\"\xf8\x01\n\x16GenerateTitlesResponse\x12\x0e\n\x06titles\x18\x01 \x03(\t\x12\x11\n\tshortfall\x18\x02 \x01(\x05\x12\x11\n\tapi_calls\x18\x03 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x03\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\r\n\x05\x66\x61tal\x18\x07 \x01(\x08\x12\x10\n\x08\x63ost_usd\x18\x08 \x01(\x01\x12\x10\n\x08rejected\x18\t \x01(\x05\x12\x34\n\x07retries\x18\n \x03(\x0b\x32#.tierwriter.generator.v1.TitleRetry\"<\n\nTitleRetry\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x64\x65lay\x18\x03 \x01(\x01\"\x97\x02\n\rBatchSettings\x12\x0e\n\x06job_id\x18\x01 \x01(\x03\x12\x38\n\x07project\x18\x02 \x01(\x0b\x32\'.tierwriter.generator.v1.ProjectContext\x12/\n\x04tier\x18\x03 \x01(\x0b\x32!.tierwriter.generator.v1.TierSpec\x12/\n\x06models\x18\x04 \x01(\x0b\x32\x1f.tierwriter.generator.v1.Models\x12\x13\n\x0bmax_workers\x18\x05 \x01(\x05\x12\x19\n\x11\x63ontinue_on_error\x18\x06 \x01(\x08\x12\x16\n\x0ereplace_failed\x18\x07 \x01(\x08\x12\x12\n\nbudget_usd\x18\x08 \x01(\x01\"D\n\x0e\x41rticleRequest\x12\x15\n\rarticle_index\x18\x01 \x01(\x05\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04site\x18\x03 \x01(\t\"\xcd\x01\n\x17GenerateArticlesRequest\x12:\n\x08settings\x18\x01 \x01(\x0b\x32&.tierwriter.generator.v1.BatchSettingsH\x00\x12:\n\x07\x61rticle\x18\x02 \x01(\x0b\x32\'.tierwriter.generator.v1.ArticleRequestH\x00\x12\x32\n\x04stop\x18\x03 \x01(\x0b\x32\".tierwriter.generator.v1.StopBatchH\x00\x42\x06\n\x04kind\"2\n\tStopBatch\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x15\n\rgrace_seconds\x18\x02 \x01(\x01\"N\n\x18GenerateArticlesResponse\x12\x32\n\x05\x65vent\x18\x01 \x01(\x0b\x32#.tierwriter.article.v1.ArticleEvent2\x82\x02\n\x10GeneratorService\x12q\n\x0eGenerateTitles\x12..tierwriter.generator.v1.GenerateTitlesRequest\x1a/.tierwriter.generator.v1.GenerateTitlesResponse\x12{\n\x10GenerateArticles\x12\x30.tierwriter.generator.v1.GenerateArticlesRequest\x1a\x31.tierwriter.generator.v1.GenerateArticlesResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tierwriter.generator.v1.generator_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ARTICLEEVENTKIND']._serialized_start=2087
-  _globals['_ARTICLEEVENTKIND']._serialized_end=2638
-  _globals['_PROJECTCONTEXT']._serialized_start=76
-  _globals['_PROJECTCONTEXT']._serialized_end=178
-  _globals['_MODELS']._serialized_start=180
-  _globals['_MODELS']._serialized_end=237
-  _globals['_TIERSPEC']._serialized_start=240
-  _globals['_TIERSPEC']._serialized_end=411
-  _globals['_GENERATETITLESREQUEST']._serialized_start=414
-  _globals['_GENERATETITLESREQUEST']._serialized_end=592
-  _globals['_GENERATETITLESRESPONSE']._serialized_start=595
-  _globals['_GENERATETITLESRESPONSE']._serialized_end=843
-  _globals['_TITLERETRY']._serialized_start=845
-  _globals['_TITLERETRY']._serialized_end=905
-  _globals['_BATCHSETTINGS']._serialized_start=908
-  _globals['_BATCHSETTINGS']._serialized_end=1187
-  _globals['_ARTICLEREQUEST']._serialized_start=1189
-  _globals['_ARTICLEREQUEST']._serialized_end=1257
-  _globals['_GENERATEARTICLESREQUEST']._serialized_start=1260
-  _globals['_GENERATEARTICLESREQUEST']._serialized_end=1465
-  _globals['_STOPBATCH']._serialized_start=1467
-  _globals['_STOPBATCH']._serialized_end=1517
-  _globals['_ARTICLEEVENT']._serialized_start=1520
-  _globals['_ARTICLEEVENT']._serialized_end=2002
-  _globals['_GENERATEARTICLESRESPONSE']._serialized_start=2004
-  _globals['_GENERATEARTICLESRESPONSE']._serialized_end=2084
-  _globals['_GENERATORSERVICE']._serialized_start=2641
-  _globals['_GENERATORSERVICE']._serialized_end=2899
+  _globals['_PROJECTCONTEXT']._serialized_start=119
+  _globals['_PROJECTCONTEXT']._serialized_end=221
+  _globals['_MODELS']._serialized_start=223
+  _globals['_MODELS']._serialized_end=280
+  _globals['_TIERSPEC']._serialized_start=283
+  _globals['_TIERSPEC']._serialized_end=454
+  _globals['_GENERATETITLESREQUEST']._serialized_start=457
+  _globals['_GENERATETITLESREQUEST']._serialized_end=635
+  _globals['_GENERATETITLESRESPONSE']._serialized_start=638
+  _globals['_GENERATETITLESRESPONSE']._serialized_end=886
+  _globals['_TITLERETRY']._serialized_start=888
+  _globals['_TITLERETRY']._serialized_end=948
+  _globals['_BATCHSETTINGS']._serialized_start=951
+  _globals['_BATCHSETTINGS']._serialized_end=1230
+  _globals['_ARTICLEREQUEST']._serialized_start=1232
+  _globals['_ARTICLEREQUEST']._serialized_end=1300
+  _globals['_GENERATEARTICLESREQUEST']._serialized_start=1303
+  _globals['_GENERATEARTICLESREQUEST']._serialized_end=1508
+  _globals['_STOPBATCH']._serialized_start=1510
+  _globals['_STOPBATCH']._serialized_end=1560
+  _globals['_GENERATEARTICLESRESPONSE']._serialized_start=1562
+  _globals['_GENERATEARTICLESRESPONSE']._serialized_end=1640
+  _globals['_GENERATORSERVICE']._serialized_start=1643
+  _globals['_GENERATORSERVICE']._serialized_end=1901
 # @@protoc_insertion_point(module_scope)

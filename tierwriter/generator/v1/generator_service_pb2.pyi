@@ -7,7 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
-from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from tierwriter.article.v1 import article_event_pb2 as _article_event_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -18,90 +18,6 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
-
-class _ArticleEventKind:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
-
-class _ArticleEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ArticleEventKind.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
-    ARTICLE_EVENT_KIND_UNSPECIFIED: _ArticleEventKind.ValueType  # 0
-    """Never sent."""
-    ARTICLE_EVENT_KIND_STARTED: _ArticleEventKind.ValueType  # 1
-    """A worker picked the article up; `title` and `site` are set."""
-    ARTICLE_EVENT_KIND_OUTLINE_STARTED: _ArticleEventKind.ValueType  # 2
-    """The outline call started."""
-    ARTICLE_EVENT_KIND_OUTLINE_DONE: _ArticleEventKind.ValueType  # 3
-    """The outline is ready; `h2_count` and `h3_count` are set."""
-    ARTICLE_EVENT_KIND_CONTENT_STARTED: _ArticleEventKind.ValueType  # 4
-    """The content call started."""
-    ARTICLE_EVENT_KIND_CONTENT_DONE: _ArticleEventKind.ValueType  # 5
-    """The content is ready; `word_count` is set."""
-    ARTICLE_EVENT_KIND_AUGMENTING: _ArticleEventKind.ValueType  # 6
-    """The content fell below `min_word_count`; augmentation started."""
-    ARTICLE_EVENT_KIND_AUGMENTED: _ArticleEventKind.ValueType  # 7
-    """Augmentation is done; `word_count` is set."""
-    ARTICLE_EVENT_KIND_SAVED: _ArticleEventKind.ValueType  # 8
-    """The article is stored; `article_id`, `status` and `word_count` are set."""
-    ARTICLE_EVENT_KIND_FAILED: _ArticleEventKind.ValueType  # 9
-    """The article failed; `stage`, `error` and `traceback` are set, `article_id` if the record was saved."""
-    ARTICLE_EVENT_KIND_SKIPPED: _ArticleEventKind.ValueType  # 10
-    """The article never started: an earlier failure with continue_on_error false or a fatal one
-    (no record), or the budget (a skipped record: `status` "skipped"); `error` says why.
-    """
-    ARTICLE_EVENT_KIND_OUTLINE_REPAIRING: _ArticleEventKind.ValueType  # 11
-    """The outline was unusable; one repair request started. `error` says what was wrong."""
-    ARTICLE_EVENT_KIND_RETRYING: _ArticleEventKind.ValueType  # 12
-    """A model call failed in a way another try can fix; `stage`, `error` (the reason),
-    `attempt` (the try that failed) and `retry_delay` are set.
-    """
-    ARTICLE_EVENT_KIND_RETRY_SUCCEEDED: _ArticleEventKind.ValueType  # 13
-    """A model call that was retried succeeded; `stage` is set."""
-    ARTICLE_EVENT_KIND_THROTTLED: _ArticleEventKind.ValueType  # 14
-    """The model's concurrency changed: halved after a 429, or back where it was (`restored`);
-    `model`, `concurrency_before` and `concurrency_after` are set.
-    """
-
-class ArticleEventKind(_ArticleEventKind, metaclass=_ArticleEventKindEnumTypeWrapper):
-    """What happened to an article."""
-
-ARTICLE_EVENT_KIND_UNSPECIFIED: ArticleEventKind.ValueType  # 0
-"""Never sent."""
-ARTICLE_EVENT_KIND_STARTED: ArticleEventKind.ValueType  # 1
-"""A worker picked the article up; `title` and `site` are set."""
-ARTICLE_EVENT_KIND_OUTLINE_STARTED: ArticleEventKind.ValueType  # 2
-"""The outline call started."""
-ARTICLE_EVENT_KIND_OUTLINE_DONE: ArticleEventKind.ValueType  # 3
-"""The outline is ready; `h2_count` and `h3_count` are set."""
-ARTICLE_EVENT_KIND_CONTENT_STARTED: ArticleEventKind.ValueType  # 4
-"""The content call started."""
-ARTICLE_EVENT_KIND_CONTENT_DONE: ArticleEventKind.ValueType  # 5
-"""The content is ready; `word_count` is set."""
-ARTICLE_EVENT_KIND_AUGMENTING: ArticleEventKind.ValueType  # 6
-"""The content fell below `min_word_count`; augmentation started."""
-ARTICLE_EVENT_KIND_AUGMENTED: ArticleEventKind.ValueType  # 7
-"""Augmentation is done; `word_count` is set."""
-ARTICLE_EVENT_KIND_SAVED: ArticleEventKind.ValueType  # 8
-"""The article is stored; `article_id`, `status` and `word_count` are set."""
-ARTICLE_EVENT_KIND_FAILED: ArticleEventKind.ValueType  # 9
-"""The article failed; `stage`, `error` and `traceback` are set, `article_id` if the record was saved."""
-ARTICLE_EVENT_KIND_SKIPPED: ArticleEventKind.ValueType  # 10
-"""The article never started: an earlier failure with continue_on_error false or a fatal one
-(no record), or the budget (a skipped record: `status` "skipped"); `error` says why.
-"""
-ARTICLE_EVENT_KIND_OUTLINE_REPAIRING: ArticleEventKind.ValueType  # 11
-"""The outline was unusable; one repair request started. `error` says what was wrong."""
-ARTICLE_EVENT_KIND_RETRYING: ArticleEventKind.ValueType  # 12
-"""A model call failed in a way another try can fix; `stage`, `error` (the reason),
-`attempt` (the try that failed) and `retry_delay` are set.
-"""
-ARTICLE_EVENT_KIND_RETRY_SUCCEEDED: ArticleEventKind.ValueType  # 13
-"""A model call that was retried succeeded; `stage` is set."""
-ARTICLE_EVENT_KIND_THROTTLED: ArticleEventKind.ValueType  # 14
-"""The model's concurrency changed: halved after a 429, or back where it was (`restored`);
-`model`, `concurrency_before` and `concurrency_after` are set.
-"""
-Global___ArticleEventKind: _TypeAlias = ArticleEventKind  # noqa: Y015
 
 @_typing.final
 class ProjectContext(_message.Message):
@@ -516,122 +432,6 @@ class StopBatch(_message.Message):
 Global___StopBatch: _TypeAlias = StopBatch  # noqa: Y015
 
 @_typing.final
-class ArticleEvent(_message.Message):
-    """One step of one article."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    KIND_FIELD_NUMBER: _builtins.int
-    TIER_FIELD_NUMBER: _builtins.int
-    ARTICLE_INDEX_FIELD_NUMBER: _builtins.int
-    TITLE_FIELD_NUMBER: _builtins.int
-    SITE_FIELD_NUMBER: _builtins.int
-    H2_COUNT_FIELD_NUMBER: _builtins.int
-    H3_COUNT_FIELD_NUMBER: _builtins.int
-    OUTLINE_FIX_FIELD_NUMBER: _builtins.int
-    WORD_COUNT_FIELD_NUMBER: _builtins.int
-    MIN_WORD_COUNT_FIELD_NUMBER: _builtins.int
-    ARTICLE_ID_FIELD_NUMBER: _builtins.int
-    STATUS_FIELD_NUMBER: _builtins.int
-    STAGE_FIELD_NUMBER: _builtins.int
-    ERROR_FIELD_NUMBER: _builtins.int
-    TRACEBACK_FIELD_NUMBER: _builtins.int
-    ATTEMPT_FIELD_NUMBER: _builtins.int
-    RETRY_DELAY_FIELD_NUMBER: _builtins.int
-    FATAL_FIELD_NUMBER: _builtins.int
-    COST_USD_FIELD_NUMBER: _builtins.int
-    CONCURRENCY_BEFORE_FIELD_NUMBER: _builtins.int
-    CONCURRENCY_AFTER_FIELD_NUMBER: _builtins.int
-    MODEL_FIELD_NUMBER: _builtins.int
-    RESTORED_FIELD_NUMBER: _builtins.int
-    kind: Global___ArticleEventKind.ValueType
-    """What happened."""
-    tier: _builtins.str
-    """The tier's name."""
-    article_index: _builtins.int
-    """Zero-based index within the tier."""
-    title: _builtins.str
-    """The article's title (STARTED)."""
-    site: _builtins.str
-    """Assigned site (STARTED)."""
-    h2_count: _builtins.int
-    """H2 headings in the outline (OUTLINE_DONE)."""
-    h3_count: _builtins.int
-    """H3 headings in the outline (OUTLINE_DONE)."""
-    outline_fix: _builtins.str
-    """How the outline was made to fit the tier, e.g. "2 H3s padded" (OUTLINE_DONE); empty if it fit."""
-    word_count: _builtins.int
-    """Counted words (CONTENT_DONE, AUGMENTED, SAVED)."""
-    min_word_count: _builtins.int
-    """The original lower word bound (AUGMENTING)."""
-    article_id: _builtins.int
-    """The stored record's id (SAVED, FAILED when the failure record was saved)."""
-    status: _builtins.str
-    """The stored status: generated, augmented, short or failed (SAVED, FAILED); skipped (SKIPPED
-    for the budget, with a record); short or augmented (AUGMENTED).
-    """
-    stage: _builtins.str
-    """The stage that failed: outline, content, augmentation or save (FAILED)."""
-    error: _builtins.str
-    """Error class and message (FAILED, SKIPPED); the outline's problem (OUTLINE_REPAIRING)."""
-    traceback: _builtins.str
-    """Full traceback for the console; never stored (FAILED)."""
-    attempt: _builtins.int
-    """The try of a model call that failed, from 1 (RETRYING)."""
-    retry_delay: _builtins.float
-    """Seconds until the next try (RETRYING)."""
-    fatal: _builtins.bool
-    """The failure ends the job: the API rejected the key, does not know the model, or cannot be
-    reached (FAILED).
-    """
-    cost_usd: _builtins.float
-    """USD the article's model calls cost (SAVED, FAILED)."""
-    concurrency_before: _builtins.int
-    """The model's concurrency before and after the change (THROTTLED)."""
-    concurrency_after: _builtins.int
-    """See concurrency_before."""
-    model: _builtins.str
-    """The model whose concurrency changed (THROTTLED)."""
-    restored: _builtins.bool
-    """The throttle was lifted: the concurrency is back where it was before the first 429
-    (THROTTLED).
-    """
-    def __init__(
-        self,
-        *,
-        kind: Global___ArticleEventKind.ValueType = ...,
-        tier: _builtins.str = ...,
-        article_index: _builtins.int = ...,
-        title: _builtins.str = ...,
-        site: _builtins.str = ...,
-        h2_count: _builtins.int = ...,
-        h3_count: _builtins.int = ...,
-        outline_fix: _builtins.str = ...,
-        word_count: _builtins.int = ...,
-        min_word_count: _builtins.int = ...,
-        article_id: _builtins.int = ...,
-        status: _builtins.str = ...,
-        stage: _builtins.str = ...,
-        error: _builtins.str = ...,
-        traceback: _builtins.str = ...,
-        attempt: _builtins.int = ...,
-        retry_delay: _builtins.float = ...,
-        fatal: _builtins.bool = ...,
-        cost_usd: _builtins.float = ...,
-        concurrency_before: _builtins.int = ...,
-        concurrency_after: _builtins.int = ...,
-        model: _builtins.str = ...,
-        restored: _builtins.bool = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["article_id", b"article_id", "article_index", b"article_index", "attempt", b"attempt", "concurrency_after", b"concurrency_after", "concurrency_before", b"concurrency_before", "cost_usd", b"cost_usd", "error", b"error", "fatal", b"fatal", "h2_count", b"h2_count", "h3_count", b"h3_count", "kind", b"kind", "min_word_count", b"min_word_count", "model", b"model", "outline_fix", b"outline_fix", "restored", b"restored", "retry_delay", b"retry_delay", "site", b"site", "stage", b"stage", "status", b"status", "tier", b"tier", "title", b"title", "traceback", b"traceback", "word_count", b"word_count"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ArticleEvent: _TypeAlias = ArticleEvent  # noqa: Y015
-
-@_typing.final
 class GenerateArticlesResponse(_message.Message):
     """Response message of the GenerateArticles stream."""
 
@@ -639,13 +439,13 @@ class GenerateArticlesResponse(_message.Message):
 
     EVENT_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def event(self) -> Global___ArticleEvent:
+    def event(self) -> _article_event_pb2.ArticleEvent:
         """The event."""
 
     def __init__(
         self,
         *,
-        event: Global___ArticleEvent | None = ...,
+        event: _article_event_pb2.ArticleEvent | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...

@@ -9,6 +9,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from tierwriter.article.v1 import article_event_pb2 as _article_event_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -19,82 +20,6 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
-
-class _ArticleStep:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
-
-class _ArticleStepEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ArticleStep.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
-    ARTICLE_STEP_UNSPECIFIED: _ArticleStep.ValueType  # 0
-    """Never sent."""
-    ARTICLE_STEP_STARTED: _ArticleStep.ValueType  # 1
-    """A worker picked the article up."""
-    ARTICLE_STEP_OUTLINE_STARTED: _ArticleStep.ValueType  # 2
-    """The outline call started."""
-    ARTICLE_STEP_OUTLINE_DONE: _ArticleStep.ValueType  # 3
-    """The outline is ready."""
-    ARTICLE_STEP_CONTENT_STARTED: _ArticleStep.ValueType  # 4
-    """The content call started."""
-    ARTICLE_STEP_CONTENT_DONE: _ArticleStep.ValueType  # 5
-    """The content is ready."""
-    ARTICLE_STEP_AUGMENTING: _ArticleStep.ValueType  # 6
-    """Augmentation started."""
-    ARTICLE_STEP_AUGMENTED: _ArticleStep.ValueType  # 7
-    """Augmentation is done."""
-    ARTICLE_STEP_SAVED: _ArticleStep.ValueType  # 8
-    """The article is stored."""
-    ARTICLE_STEP_FAILED: _ArticleStep.ValueType  # 9
-    """The article failed."""
-    ARTICLE_STEP_SKIPPED: _ArticleStep.ValueType  # 10
-    """The article never started."""
-    ARTICLE_STEP_OUTLINE_REPAIRING: _ArticleStep.ValueType  # 11
-    """The outline was unusable; one repair request started (`error` says why)."""
-    ARTICLE_STEP_RETRYING: _ArticleStep.ValueType  # 12
-    """A model call failed and is retried (`error` says why, `retry_delay` when)."""
-    ARTICLE_STEP_RETRY_SUCCEEDED: _ArticleStep.ValueType  # 13
-    """A retried model call succeeded."""
-    ARTICLE_STEP_THROTTLED: _ArticleStep.ValueType  # 14
-    """The model's concurrency changed after a 429 or came back (`model`, `restored`,
-    `concurrency_before`, `concurrency_after`).
-    """
-
-class ArticleStep(_ArticleStep, metaclass=_ArticleStepEnumTypeWrapper):
-    """What happened to an article."""
-
-ARTICLE_STEP_UNSPECIFIED: ArticleStep.ValueType  # 0
-"""Never sent."""
-ARTICLE_STEP_STARTED: ArticleStep.ValueType  # 1
-"""A worker picked the article up."""
-ARTICLE_STEP_OUTLINE_STARTED: ArticleStep.ValueType  # 2
-"""The outline call started."""
-ARTICLE_STEP_OUTLINE_DONE: ArticleStep.ValueType  # 3
-"""The outline is ready."""
-ARTICLE_STEP_CONTENT_STARTED: ArticleStep.ValueType  # 4
-"""The content call started."""
-ARTICLE_STEP_CONTENT_DONE: ArticleStep.ValueType  # 5
-"""The content is ready."""
-ARTICLE_STEP_AUGMENTING: ArticleStep.ValueType  # 6
-"""Augmentation started."""
-ARTICLE_STEP_AUGMENTED: ArticleStep.ValueType  # 7
-"""Augmentation is done."""
-ARTICLE_STEP_SAVED: ArticleStep.ValueType  # 8
-"""The article is stored."""
-ARTICLE_STEP_FAILED: ArticleStep.ValueType  # 9
-"""The article failed."""
-ARTICLE_STEP_SKIPPED: ArticleStep.ValueType  # 10
-"""The article never started."""
-ARTICLE_STEP_OUTLINE_REPAIRING: ArticleStep.ValueType  # 11
-"""The outline was unusable; one repair request started (`error` says why)."""
-ARTICLE_STEP_RETRYING: ArticleStep.ValueType  # 12
-"""A model call failed and is retried (`error` says why, `retry_delay` when)."""
-ARTICLE_STEP_RETRY_SUCCEEDED: ArticleStep.ValueType  # 13
-"""A retried model call succeeded."""
-ARTICLE_STEP_THROTTLED: ArticleStep.ValueType  # 14
-"""The model's concurrency changed after a 429 or came back (`model`, `restored`,
-`concurrency_before`, `concurrency_after`).
-"""
-Global___ArticleStep: _TypeAlias = ArticleStep  # noqa: Y015
 
 class _PostStep:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -622,124 +547,6 @@ class TitlesReady(_message.Message):
 Global___TitlesReady: _TypeAlias = TitlesReady  # noqa: Y015
 
 @_typing.final
-class ArticleProgress(_message.Message):
-    """One step of one article, as the generator reported it."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    JOB_ID_FIELD_NUMBER: _builtins.int
-    STEP_FIELD_NUMBER: _builtins.int
-    TIER_FIELD_NUMBER: _builtins.int
-    ARTICLE_INDEX_FIELD_NUMBER: _builtins.int
-    TIER_COUNT_FIELD_NUMBER: _builtins.int
-    TITLE_FIELD_NUMBER: _builtins.int
-    SITE_FIELD_NUMBER: _builtins.int
-    H2_COUNT_FIELD_NUMBER: _builtins.int
-    H3_COUNT_FIELD_NUMBER: _builtins.int
-    WORD_COUNT_FIELD_NUMBER: _builtins.int
-    MIN_WORD_COUNT_FIELD_NUMBER: _builtins.int
-    ARTICLE_ID_FIELD_NUMBER: _builtins.int
-    STATUS_FIELD_NUMBER: _builtins.int
-    STAGE_FIELD_NUMBER: _builtins.int
-    ERROR_FIELD_NUMBER: _builtins.int
-    TRACEBACK_FIELD_NUMBER: _builtins.int
-    OUTLINE_FIX_FIELD_NUMBER: _builtins.int
-    ATTEMPT_FIELD_NUMBER: _builtins.int
-    RETRY_DELAY_FIELD_NUMBER: _builtins.int
-    FATAL_FIELD_NUMBER: _builtins.int
-    COST_USD_FIELD_NUMBER: _builtins.int
-    CONCURRENCY_BEFORE_FIELD_NUMBER: _builtins.int
-    CONCURRENCY_AFTER_FIELD_NUMBER: _builtins.int
-    MODEL_FIELD_NUMBER: _builtins.int
-    RESTORED_FIELD_NUMBER: _builtins.int
-    job_id: _builtins.int
-    """The job's id."""
-    step: Global___ArticleStep.ValueType
-    """What happened."""
-    tier: _builtins.str
-    """The tier's name."""
-    article_index: _builtins.int
-    """Zero-based index within the tier."""
-    tier_count: _builtins.int
-    """Articles in the tier."""
-    title: _builtins.str
-    """The title (STARTED)."""
-    site: _builtins.str
-    """The assigned site (STARTED)."""
-    h2_count: _builtins.int
-    """H2 headings (OUTLINE_DONE)."""
-    h3_count: _builtins.int
-    """H3 headings (OUTLINE_DONE)."""
-    word_count: _builtins.int
-    """Counted words (CONTENT_DONE, AUGMENTED, SAVED)."""
-    min_word_count: _builtins.int
-    """The original lower word bound (AUGMENTING)."""
-    article_id: _builtins.int
-    """The record's id (SAVED, FAILED)."""
-    status: _builtins.str
-    """generated, augmented, short, failed or skipped."""
-    stage: _builtins.str
-    """The stage that failed (FAILED)."""
-    error: _builtins.str
-    """Error class and message (FAILED, SKIPPED)."""
-    traceback: _builtins.str
-    """Full traceback (FAILED)."""
-    outline_fix: _builtins.str
-    """How the outline was made to fit the tier (OUTLINE_DONE); empty if it fit."""
-    attempt: _builtins.int
-    """The try of a model call that failed, from 1 (RETRYING)."""
-    retry_delay: _builtins.float
-    """Seconds until the next try (RETRYING)."""
-    fatal: _builtins.bool
-    """The failure ends the job (FAILED): rejected key, unknown model, unreachable endpoint."""
-    cost_usd: _builtins.float
-    """USD the article cost (SAVED, FAILED)."""
-    concurrency_before: _builtins.int
-    """The model's concurrency before the change (THROTTLED)."""
-    concurrency_after: _builtins.int
-    """The model's concurrency after the change (THROTTLED)."""
-    model: _builtins.str
-    """The model whose concurrency changed (THROTTLED)."""
-    restored: _builtins.bool
-    """The throttle was lifted: back to the concurrency before the first 429 (THROTTLED)."""
-    def __init__(
-        self,
-        *,
-        job_id: _builtins.int = ...,
-        step: Global___ArticleStep.ValueType = ...,
-        tier: _builtins.str = ...,
-        article_index: _builtins.int = ...,
-        tier_count: _builtins.int = ...,
-        title: _builtins.str = ...,
-        site: _builtins.str = ...,
-        h2_count: _builtins.int = ...,
-        h3_count: _builtins.int = ...,
-        word_count: _builtins.int = ...,
-        min_word_count: _builtins.int = ...,
-        article_id: _builtins.int = ...,
-        status: _builtins.str = ...,
-        stage: _builtins.str = ...,
-        error: _builtins.str = ...,
-        traceback: _builtins.str = ...,
-        outline_fix: _builtins.str = ...,
-        attempt: _builtins.int = ...,
-        retry_delay: _builtins.float = ...,
-        fatal: _builtins.bool = ...,
-        cost_usd: _builtins.float = ...,
-        concurrency_before: _builtins.int = ...,
-        concurrency_after: _builtins.int = ...,
-        model: _builtins.str = ...,
-        restored: _builtins.bool = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["article_id", b"article_id", "article_index", b"article_index", "attempt", b"attempt", "concurrency_after", b"concurrency_after", "concurrency_before", b"concurrency_before", "cost_usd", b"cost_usd", "error", b"error", "fatal", b"fatal", "h2_count", b"h2_count", "h3_count", b"h3_count", "job_id", b"job_id", "min_word_count", b"min_word_count", "model", b"model", "outline_fix", b"outline_fix", "restored", b"restored", "retry_delay", b"retry_delay", "site", b"site", "stage", b"stage", "status", b"status", "step", b"step", "tier", b"tier", "tier_count", b"tier_count", "title", b"title", "traceback", b"traceback", "word_count", b"word_count"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ArticleProgress: _TypeAlias = ArticleProgress  # noqa: Y015
-
-@_typing.final
 class TierFinished(_message.Message):
     """A tier's articles all have terminal records."""
 
@@ -1024,7 +831,7 @@ class JobEvent(_message.Message):
         """A tier's titles are ready."""
 
     @_builtins.property
-    def article(self) -> Global___ArticleProgress:
+    def article(self) -> _article_event_pb2.ArticleEvent:
         """An article moved on."""
 
     @_builtins.property
@@ -1051,7 +858,7 @@ class JobEvent(_message.Message):
         job_started: Global___JobStarted | None = ...,
         tier_started: Global___TierStarted | None = ...,
         titles_ready: Global___TitlesReady | None = ...,
-        article: Global___ArticleProgress | None = ...,
+        article: _article_event_pb2.ArticleEvent | None = ...,
         tier_finished: Global___TierFinished | None = ...,
         post_processing: Global___PostProcessingStep | None = ...,
         notice: Global___Notice | None = ...,
@@ -1106,6 +913,7 @@ class JobInfo(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     FINISH_TIME_FIELD_NUMBER: _builtins.int
+    RUNNER_FIELD_NUMBER: _builtins.int
     API_CALLS_FIELD_NUMBER: _builtins.int
     TOKENS_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
@@ -1131,6 +939,8 @@ class JobInfo(_message.Message):
     """Records failed."""
     error: _builtins.str
     """Why the job failed."""
+    runner: _builtins.str
+    """The orchestrator running it (host:pid:id), while it runs."""
     api_calls: _builtins.int
     """Model calls, titles included."""
     tokens: _builtins.int
@@ -1167,6 +977,7 @@ class JobInfo(_message.Message):
         error: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         finish_time: _timestamp_pb2.Timestamp | None = ...,
+        runner: _builtins.str = ...,
         api_calls: _builtins.int = ...,
         tokens: _builtins.int = ...,
         owner: _builtins.str = ...,
@@ -1177,7 +988,7 @@ class JobInfo(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "finish_time", b"finish_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "augmented_articles", b"augmented_articles", "cost_usd", b"cost_usd", "create_time", b"create_time", "error", b"error", "failed_articles", b"failed_articles", "finish_time", b"finish_time", "generated_articles", b"generated_articles", "job_id", b"job_id", "max_cost_usd", b"max_cost_usd", "max_workers", b"max_workers", "owner", b"owner", "project", b"project", "requested_articles", b"requested_articles", "short_articles", b"short_articles", "skipped_articles", b"skipped_articles", "status", b"status", "tokens", b"tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "augmented_articles", b"augmented_articles", "cost_usd", b"cost_usd", "create_time", b"create_time", "error", b"error", "failed_articles", b"failed_articles", "finish_time", b"finish_time", "generated_articles", b"generated_articles", "job_id", b"job_id", "max_cost_usd", b"max_cost_usd", "max_workers", b"max_workers", "owner", b"owner", "project", b"project", "requested_articles", b"requested_articles", "runner", b"runner", "short_articles", b"short_articles", "skipped_articles", b"skipped_articles", "status", b"status", "tokens", b"tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
