@@ -39,6 +39,13 @@ def project_from_proto(p: pb.ProjectContext) -> ProjectInfo:
     return ProjectInfo(p.project_id, p.main_keyword, list(p.entities), list(p.related_searches))
 
 
+def article_status(status: str) -> article_pb.ArticleStatus.ValueType:
+    """A record's status ("generated", …; "" for none) as the enum."""
+    if not status:
+        return article_pb.ARTICLE_STATUS_UNSPECIFIED
+    return article_pb.ArticleStatus.Value(f"ARTICLE_STATUS_{status.upper()}")
+
+
 def event_to_proto(e: ArticleEvent, tier_count: int) -> article_pb.ArticleEvent:
     """A domain event as its message; `tier_count` is the tier's article count."""
     return article_pb.ArticleEvent(
@@ -54,7 +61,7 @@ def event_to_proto(e: ArticleEvent, tier_count: int) -> article_pb.ArticleEvent:
         word_count=e.word_count,
         min_word_count=e.min_word_count,
         article_id=e.article_id,
-        status=e.status,
+        status=article_status(e.status),
         stage=e.stage,
         error=e.error,
         traceback=e.traceback,

@@ -60,7 +60,13 @@ def _article_lines(a: article_pb.ArticleEvent) -> list[str]:
         f"{a.concurrency_after}"
     )
     outline_fix = f" ({a.outline_fix})" if a.outline_fix else ""
-    short = ", still below the minimum (short)" if a.status == "short" else ""
+    statuses = article_pb.ArticleStatus
+    status = (
+        statuses.Name(a.status).removeprefix("ARTICLE_STATUS_").lower()
+        if a.status in statuses.values()
+        else str(a.status)
+    )
+    short = ", still below the minimum (short)" if status == "short" else ""
     text = {
         "OUTLINE_STARTED": "Generating outline...",
         "OUTLINE_REPAIRING": f"Outline unusable ({a.error}), asking once more...",
@@ -71,7 +77,7 @@ def _article_lines(a: article_pb.ArticleEvent) -> list[str]:
         "CONTENT_DONE": f"Generated content: {a.word_count:,} words",
         "AUGMENTING": f"Below minimum ({a.min_word_count:,}), augmenting...",
         "AUGMENTED": f"Augmented content: {a.word_count:,} words{short}",
-        "SAVED": f"Saved (ID: {a.article_id}, Status: {a.status})",
+        "SAVED": f"Saved (ID: {a.article_id}, Status: {status})",
         "SKIPPED": f"Skipped ({a.error})",
         "THROTTLED": throttled,
     }.get(step, f"step {a.kind}")

@@ -28,7 +28,11 @@ def test_article_steps_read_like_the_story() -> None:
         article(kind=article_pb.ARTICLE_EVENT_KIND_AUGMENTING, min_word_count=1000)
     ) == ["[tier2][1/10] Below minimum (1,000), augmenting..."]
     assert event_lines(
-        article(kind=article_pb.ARTICLE_EVENT_KIND_SAVED, article_id=45, status="generated")
+        article(
+            kind=article_pb.ARTICLE_EVENT_KIND_SAVED,
+            article_id=45,
+            status=article_pb.ARTICLE_STATUS_GENERATED,
+        )
     ) == ["[tier2][1/10] Saved (ID: 45, Status: generated)"]
 
 

@@ -17,6 +17,42 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _ArticleStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ArticleStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ArticleStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ARTICLE_STATUS_UNSPECIFIED: _ArticleStatus.ValueType  # 0
+    """No record (yet)."""
+    ARTICLE_STATUS_GENERATED: _ArticleStatus.ValueType  # 1
+    """Written within the word range at the first try."""
+    ARTICLE_STATUS_AUGMENTED: _ArticleStatus.ValueType  # 2
+    """Written, then lengthened to the minimum."""
+    ARTICLE_STATUS_SHORT: _ArticleStatus.ValueType  # 3
+    """Still below the minimum after augmentation; kept."""
+    ARTICLE_STATUS_FAILED: _ArticleStatus.ValueType  # 4
+    """Failed at a stage; the record says which and why."""
+    ARTICLE_STATUS_SKIPPED: _ArticleStatus.ValueType  # 5
+    """Not written, to stay within the job's budget; a resume with a higher one writes it."""
+
+class ArticleStatus(_ArticleStatus, metaclass=_ArticleStatusEnumTypeWrapper):
+    """The status an article's record has."""
+
+ARTICLE_STATUS_UNSPECIFIED: ArticleStatus.ValueType  # 0
+"""No record (yet)."""
+ARTICLE_STATUS_GENERATED: ArticleStatus.ValueType  # 1
+"""Written within the word range at the first try."""
+ARTICLE_STATUS_AUGMENTED: ArticleStatus.ValueType  # 2
+"""Written, then lengthened to the minimum."""
+ARTICLE_STATUS_SHORT: ArticleStatus.ValueType  # 3
+"""Still below the minimum after augmentation; kept."""
+ARTICLE_STATUS_FAILED: ArticleStatus.ValueType  # 4
+"""Failed at a stage; the record says which and why."""
+ARTICLE_STATUS_SKIPPED: ArticleStatus.ValueType  # 5
+"""Not written, to stay within the job's budget; a resume with a higher one writes it."""
+Global___ArticleStatus: _TypeAlias = ArticleStatus  # noqa: Y015
+
 class _ArticleEventKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -155,7 +191,7 @@ class ArticleEvent(_message.Message):
     """The original lower word bound (AUGMENTING)."""
     article_id: _builtins.int
     """The stored record's id (SAVED, FAILED when the failure record was saved)."""
-    status: _builtins.str
+    status: Global___ArticleStatus.ValueType
     """The stored status: generated, augmented, short or failed (SAVED, FAILED); skipped (SKIPPED
     for the budget, with a record); short or augmented (AUGMENTED).
     """
@@ -201,7 +237,7 @@ class ArticleEvent(_message.Message):
         word_count: _builtins.int = ...,
         min_word_count: _builtins.int = ...,
         article_id: _builtins.int = ...,
-        status: _builtins.str = ...,
+        status: Global___ArticleStatus.ValueType = ...,
         stage: _builtins.str = ...,
         error: _builtins.str = ...,
         traceback: _builtins.str = ...,
