@@ -33,6 +33,14 @@ def build_server(settings: Settings, address: str | None = None) -> runtime.Runn
         service_token=token,
         retry_seconds=settings.database_wait_seconds,
     )
+    # The scheduler's calls fail fast instead: a tick that finds persistence down is simply
+    # tried again at the next one, and stopping never waits for a stuck call.
+    scheduler_persistence = PersistenceClient(
+        settings.persistence_address,
+        deadline=max(1.0, settings.lease_seconds / 3),
+        service_token=token,
+        wait_for_ready=False,
+    )
     generator = GeneratorClient(settings.generator_address, service_token=token)
     try:
         scheduler: JobScheduler | None = None
@@ -43,7 +51,7 @@ def build_server(settings: Settings, address: str | None = None) -> runtime.Runn
             new_orchestrator_id(),
             on_finished=lambda: scheduler.wake() if scheduler else None,
         )
-        scheduler = JobScheduler(runner, persistence, settings)
+        scheduler = JobScheduler(runner, scheduler_persistence, settings)
         authenticator = Authenticator(
             persistence, settings.signing_secret_value(), settings.token_ttl_seconds
         )
@@ -62,6 +70,7 @@ def build_server(settings: Settings, address: str | None = None) -> runtime.Runn
             closers=[
                 persistence.close,
                 job_persistence.close,
+                scheduler_persistence.close,
                 generator.close,
                 scheduler.stop,
                 servicer.stop_watches,
@@ -71,6 +80,7 @@ def build_server(settings: Settings, address: str | None = None) -> runtime.Runn
     except BaseException:
         persistence.close()
         job_persistence.close()
+        scheduler_persistence.close()
         generator.close()
         raise
     scheduler.start()

@@ -50,7 +50,8 @@ class PersistenceClient:
     """A channel to persistence_service and one method per RPC it is used for. With
     `retry_seconds`, a call that finds persistence or its database down (UNAVAILABLE, or the
     deadline passed) is tried again with backoff for that long in all: every call is safe to
-    repeat (reads, upserts by key, and request ids on the two that add)."""
+    repeat (reads, upserts by key, and request ids on the two that add). Without
+    `wait_for_ready`, a call to a persistence that is down fails at once."""
 
     def __init__(
         self,
@@ -58,9 +59,11 @@ class PersistenceClient:
         deadline: float = DEFAULT_DEADLINE,
         service_token: str | None = None,
         retry_seconds: float = 0.0,
+        wait_for_ready: bool = True,
     ) -> None:
         self.address = address
         self._deadline = deadline
+        self._wait_for_ready = wait_for_ready
         self._metadata = token_metadata(service_token)
         self._channel = runtime.open_channel(address)
         self._stub = pb_grpc.PersistenceServiceStub(self._channel)
@@ -76,11 +79,14 @@ class PersistenceClient:
         return self._retrying.copy()(self._call_once, rpc, request)  # a copy per call: threads
 
     def _call_once(self, rpc: Callable[..., R], request: Any) -> R:
-        # wait_for_ready: a call made while persistence restarts waits for it (up to the
-        # deadline) instead of failing at once.
+        # wait_for_ready (unless turned off): a call made while persistence restarts waits for
+        # it (up to the deadline) instead of failing at once.
         try:
             return rpc(
-                request, timeout=self._deadline, wait_for_ready=True, metadata=self._metadata
+                request,
+                timeout=self._deadline,
+                wait_for_ready=self._wait_for_ready,
+                metadata=self._metadata,
             )
         except grpc.RpcError as e:
             raise runtime.ServiceCallError("persistence_service", self.address, e) from e

@@ -99,9 +99,10 @@ class Deployment:
         ).stdout  # a container replaced meanwhile is missing here: the next poll sees it
         return dict(line.split(maxsplit=1) for line in inspected.splitlines() if " " in line)
 
-    def cli(self, *args: str, tls: bool = False) -> subprocess.CompletedProcess[str]:
-        """The project's CLI on the host, in the project's folder."""
-        address = f"{'localhost' if tls else '127.0.0.1'}:{self.port}"
+    def cli(self, *args: str, tls: bool = False, port: int = 0) -> subprocess.CompletedProcess[str]:
+        """The project's CLI on the host, in the project's folder (on the first orchestrator
+        unless `port` names another)."""
+        address = f"{'localhost' if tls else '127.0.0.1'}:{port or self.port}"
         extra = ["--ca-file", str(self.folder / "tls" / "ca.pem")] if tls else []
         return subprocess.run(
             [sys.executable, "-m", "orchestrator_service.cli", *args, "--address", address, *extra],
@@ -181,7 +182,7 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
         assert down.returncode == 0 and not left, f"not cleaned up: {down.stderr} {left}"
 
 
-def _job(name: str, **tiers: int) -> str:
+def _job(name: str, max_workers: int = 5, **tiers: int) -> str:
     """A job file of the given tiers (tier1=3, tier2=6) on two sites."""
     shape = {"min_word_count": 300, "max_word_count": 450}
     project = {
@@ -195,6 +196,7 @@ def _job(name: str, **tiers: int) -> str:
         "project": project,
         "tiers": {tier: {"count": count, **shape} for tier, count in tiers.items()},
         "deployment_targets": ["blog-one.example.net", "blog-two.example.net"],
+        "max_workers": max_workers,
     }
     return json.dumps({"jobs": [job]})
 
@@ -256,7 +258,8 @@ def test_the_compose_deployment_works_as_the_readme_says(deployment: Deployment)
     # it sees the job to its end with every article once.
     d.compose("--profile", "replica", "up", "-d", "--build", "orchestrator-2")
     d.wait_healthy("--profile", "replica")
-    (d.folder / "job-takeover.json").write_text(_job("compose-takeover", tier1=30))
+    # One at a time (~20 s), so the kill lands well inside the job.
+    (d.folder / "job-takeover.json").write_text(_job("compose-takeover", max_workers=1, tier1=30))
     submitted = d.cli("generate-batch", "-j", "job-takeover.json", "--detach")
     assert submitted.returncode == 0, submitted.stderr
     found = re.search(r"Submitted: job (\d+)", submitted.stdout)
@@ -293,7 +296,7 @@ def test_the_compose_deployment_works_as_the_readme_says(deployment: Deployment)
         rest = watcher.stdout.read()
         assert watcher.wait(timeout=300) == 0, "".join(seen) + rest
     assert "taken over" in rest, rest[-2000:]
-    shown = d.cli("jobs", "show", job_id)
+    shown = d.cli("jobs", "show", job_id, "-u", "admin", "-p", ADMIN_PASSWORD, port=port)
     written = re.search(r"articles: (\d+) generated, (\d+) augmented, (\d+) failed", shown.stdout)
     assert written and sum(int(n) for n in written.groups()) == 30, shown.stdout
     d.compose("--profile", "replica", "rm", "-s", "-f", "orchestrator-2")
