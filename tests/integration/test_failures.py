@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import grpc
@@ -169,14 +170,16 @@ def _outlines_started(events: list[pb.JobEvent]) -> set[int]:
 
 
 class _LogSeen(logging.Handler):
-    """Sets `seen` when a record whose message contains `text` is logged."""
+    """Sets `seen` when a record whose message contains `text` is logged (kept as `record`)."""
 
     def __init__(self, text: str) -> None:
         super().__init__()
         self.text, self.seen = text, threading.Event()
+        self.record: logging.LogRecord | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         if self.text in record.getMessage():
+            self.record = record
             self.seen.set()
 
 
@@ -185,7 +188,8 @@ def test_in_flight_articles_past_the_grace_period_are_recorded_cancelled_and_ret
 ) -> None:
     """Ordered by events, not time: the three outlines in flight are held by the simulator
     until the generator has the stop, so the grace period has passed before their next call."""
-    monkeypatch.setenv("CANCEL_GRACE_SECONDS", "0.01")
+    grace = 0.01
+    monkeypatch.setenv("CANCEL_GRACE_SECONDS", str(grace))
     handle = start_stack(simulator=SimulatorConfig(latency=0.0))
     simulator = handle.stack.simulator
     simulator.hold("outline")
@@ -205,6 +209,10 @@ def test_in_flight_articles_past_the_grace_period_are_recorded_cancelled_and_ret
             job_id = job_ids_of(events)[0]
             c.cancel_job(job_id)
             assert stop_received.seen.wait(60), "the generator never got the stop"
+            assert stop_received.record is not None
+            # The grace period runs from the stop: the held outlines come back after it.
+            while time.time() <= stop_received.record.created + grace:
+                time.sleep(grace)
             simulator.release()
             events += list(stream)
             rows = article_rows(handle.database_url, job_id)
