@@ -303,8 +303,7 @@ class Store:
             raise InvalidRecordError(f"status: must be one of {', '.join(FINAL_JOB_STATUSES)}")
         with self._uow() as uow:
             job = self._job(uow.session, job_id, for_update=True)
-            if owner and job.lease_owner != owner:
-                raise StateError(f"job {job_id} is now run by another orchestrator")
+            self._check_lease(job, owner)
             job.status, job.error, job.finished_at = status, error, utcnow()
             job.lease_owner, job.lease_expires_at, job.cancel_reason = "", None, ""
             uow.commit()
@@ -397,8 +396,7 @@ class Store:
         lease (StateError once another took it over). Returns the last sequence number."""
         with self._uow() as uow:
             job = self._job(uow.session, job_id, for_update=True)
-            if owner and job.lease_owner != owner:
-                raise StateError(f"job {job_id} is now run by another orchestrator")
+            self._check_lease(job, owner)
             if events:
                 stored = repository.event_seqs(
                     uow.session, job_id, min(s for s, _ in events), max(s for s, _ in events)
@@ -427,6 +425,12 @@ class Store:
         """The owner's jobs (everyone's when `owner` is empty), newest first."""
         with self._uow() as uow:
             return repository.recent_jobs(uow.session, limit, owner)
+
+    @staticmethod
+    def _check_lease(job: Job, owner: str) -> None:
+        """StateError unless orchestrator `owner` holds the job's lease ("" checks nothing)."""
+        if owner and job.lease_owner != owner:
+            raise StateError(f"job {job.id} is now run by another orchestrator")
 
     @staticmethod
     def _job(session: Session, job_id: int, for_update: bool = False) -> Job:
