@@ -66,7 +66,6 @@ _SHOWN_AS_IS = {
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.UNAUTHENTICATED,
     grpc.StatusCode.PERMISSION_DENIED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
@@ -85,10 +84,10 @@ def _exit_code_for(error: runtime.ServiceCallError) -> int:
 
 def _error_text(error: runtime.ServiceCallError) -> str:
     """What to print for a failed call: the server's words when they are meant for the user."""
-    if error.code in _SHOWN_AS_IS:
-        return error.details
     if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return f"the orchestrator is busy: {error.details}"
+    if error.code in _SHOWN_AS_IS:
+        return error.details
     if error.code == grpc.StatusCode.UNAVAILABLE:
         return f"{error} (an orchestrator that serves TLS needs --ca-file or TIERWRITER_CA_FILE)"
     return str(error)

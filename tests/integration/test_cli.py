@@ -397,3 +397,61 @@ def test_ctrl_c_cancels_the_job_cleanly_and_twice_leaves_at_once(
     else:
         assert "Left at once" in rest and "Summary" not in rest
     assert sum(rows_by_status(handle.database_url, 1).values()) < 20
+
+
+def test_detached_jobs_are_watched_later_and_a_busy_orchestrator_exits_5(
+    start_stack, tmp_path: Path
+) -> None:
+    handle = start_stack(
+        simulator=SimulatorConfig(latency=0.0),
+        orchestrator_settings={"orchestrator_max_watches": 1},
+    )
+    env = {
+        "TIERWRITER_USER": "admin",
+        "TIERWRITER_PASSWORD": handle.password,
+        "ORCHESTRATOR_ADDRESS": handle.stack.orchestrator_address,
+    }
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return tierwriter(*args, cwd=tmp_path, env=env)
+
+    job = tmp_path / "job.json"
+    job.write_text(job_file({"tier1": {"count": 2, "min_word_count": 300, "max_word_count": 400}}))
+    detached = run("generate-batch", "-j", str(job), "--detach")
+    assert detached.returncode == 0, detached.stderr
+    assert "Submitted: job 1" in detached.stdout and "tierwriter jobs watch 1" in detached.stdout
+
+    # Attached later: the whole job from its first event, then its summary.
+    watched = run("jobs", "watch", "1")
+    assert watched.returncode == 0, watched.stderr
+    assert "Job 1/1 (ID: 1)" in watched.stdout
+    assert watched.stdout.count("Saved (ID:") == 2 and "Execution time:" in watched.stdout
+    after = run("jobs", "watch", "1", "--after", "1")  # the first event (JobStarted) left out
+    assert after.returncode == 0 and "Job 1/1 (ID: 1)" not in after.stdout
+    assert after.stdout.count("Saved (ID:") == 2
+
+    # A resume queued with --detach runs on its own; a watch then shows both runs.
+    resumed = run("jobs", "resume", "1", "--detach")
+    assert resumed.returncode == 0 and "Job 1 is queued to resume" in resumed.stdout
+    both = run("jobs", "watch", "1")
+    assert both.returncode == 0 and both.stdout.count("Execution time:") == 2, both.stdout
+
+    # The one watch slot taken by a stream of a job held in flight: the CLI says busy, exit 5.
+    simulator = handle.stack.simulator
+    simulator.hold("outline")
+    try:
+        with OrchestratorClient(
+            handle.stack.orchestrator_address, "admin", handle.password
+        ) as client:
+            [held] = client.submit_job(
+                job_file({"tier1": {"count": 1, "min_word_count": 300, "max_word_count": 400}})
+            )
+            with client.watch_job(held) as stream:
+                next(stream)  # the stream is open: the slot is taken
+                busy = run("jobs", "watch", str(held))
+                assert busy.returncode == 5, busy.stderr
+                assert "Error: the orchestrator is busy:" in busy.stderr
+                simulator.release()
+                assert list(stream)[-1].run_finished.ok
+    finally:
+        simulator.release()
