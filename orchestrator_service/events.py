@@ -39,7 +39,7 @@ class JobEventLog:
         store: Callable[[int, Sequence[tuple[int, bytes]]], object],
     ) -> None:
         self.job_id = job_id
-        self.first_seq = first_seq  # events up to this one were stored before this run
+        self.first_seq = first_seq  # numbers up to this one belong to earlier runs
         self._store = store
         self._cond = threading.Condition()
         self._events: list[pb.JobEvent] = []  # seq first_seq+1, first_seq+2, …
@@ -150,6 +150,10 @@ def watch(
             seq = record.seq
             yield event
         if page.events:
+            continue
+        live = local_log(job_id)
+        if live is not None and not live.closed and seq < live.first_seq:
+            seq = live.first_seq  # numbers skipped at a takeover: no event has them
             continue
         if page.status not in ACTIVE_STATUSES:
             return

@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 
 SERVER_STOPPING = "the orchestrator is stopping"
+# Far more events than a run can stream unstored (those of its articles in flight, while
+# persistence is away); int32 in the database still allows ~21,000 takeovers of one job.
+TAKEOVER_SEQ_GAP = 100_000
 # A lost generator shows as one of these on the article stream; anything else is not retried.
 _GENERATOR_LOST = {
     grpc.StatusCode.UNAVAILABLE,
@@ -136,9 +139,9 @@ def tier_finished(job_id: int, stats: db_pb.TierStats) -> pb.TierFinished:
 class JobRun:
     """One run of a job on this orchestrator: its thread, how it is stopped, its events."""
 
-    thread: threading.Thread
     cancellation: Cancellation
     log: JobEventLog
+    thread: threading.Thread = field(init=False)  # made once the run exists: it runs it
 
 
 class JobRunner:
@@ -232,11 +235,10 @@ class JobRunner:
         job still winding down here (its lease had lapsed) ends first: never two at once."""
         with self._lock:
             previous = self._runs.get(job.id)
-            run = JobRun(
-                threading.Thread(target=lambda: None),
-                Cancellation(),
-                JobEventLog(job.id, job.last_event_seq, self._store_events),
-            )
+            # Taken over: the orchestrator before may have streamed events it never stored, so
+            # this run's numbers start past any a watcher can have seen (the gap holds none).
+            first_seq = job.last_event_seq + (TAKEOVER_SEQ_GAP if previous_owner else 0)
+            run = JobRun(Cancellation(), JobEventLog(job.id, first_seq, self._store_events))
             run.thread = threading.Thread(
                 target=self._run,
                 args=(job, previous_owner, run, previous.thread if previous else None),

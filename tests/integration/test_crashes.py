@@ -263,6 +263,27 @@ def test_a_killed_orchestrator_is_taken_over_by_another_and_no_article_is_paid_t
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_watch_whose_orchestrator_restarts_reconnects_and_misses_nothing(
+    services: tuple[Services, LlmSimulator], database_url: str
+) -> None:
+    running, simulator = services
+    run = Run(running.address("orchestrator"), _job())
+    run.wait_saved(5)
+    running.kill("orchestrator")  # the watch's stream breaks (UNAVAILABLE)
+    running.start("orchestrator")  # same address: the watch reconnects; the job is taken over
+    finished = run.finish()
+    assert finished is not None and finished.ok, (run.error, finished)
+    assert run.error is None
+    seqs = [e.seq for e in run.events]
+    assert seqs == sorted(set(seqs))  # picked up after the last event seen: nothing twice
+    notices = [e.notice.message for e in run.events if e.WhichOneof("event") == "notice"]
+    assert any(n.startswith("taken over") for n in notices), notices
+    assert sum(rows_by_status(database_url, 1).values()) == ARTICLES
+    assert simulator.stats().by_kind["outline"] == ARTICLES
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_a_persistence_down_for_45_seconds_at_a_tier_boundary_is_waited_out(
     services: tuple[Services, LlmSimulator], database_url: str
 ) -> None:

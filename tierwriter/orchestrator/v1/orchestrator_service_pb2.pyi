@@ -815,7 +815,9 @@ class JobEvent(_message.Message):
     NOTICE_FIELD_NUMBER: _builtins.int
     RUN_FINISHED_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
-    """The event's place in its job's events, from 1."""
+    """The event's place in its job's events: from 1, increasing (a run that takes the job over
+    from a dead orchestrator starts past the numbers it may have used without storing them).
+    """
     job_id: _builtins.int
     """The job's id."""
     @_builtins.property
