@@ -18,6 +18,7 @@ from generator_service.domain import ArticleRecord
 from persistence_service.client import PersistenceClient, outline_to_proto
 from tierwriter.persistence.v1 import persistence_service_pb2 as persistence_pb
 from tierwriter.runtime import ServiceCallError
+from tierwriter.statuses import article_status
 
 log = logging.getLogger(__name__)
 # Each try already waits for persistence (wait_for_ready, up to the client's deadline); a save
@@ -55,8 +56,10 @@ class PersistenceSaver:
 
     def save(self, record: ArticleRecord, replace_failed: bool = False) -> tuple[int, bool]:
         fields = asdict(record)
-        outline = fields.pop("outline")
-        article = persistence_pb.Article(**fields, outline=outline_to_proto(outline))
+        outline, status = fields.pop("outline"), fields.pop("status")
+        article = persistence_pb.Article(
+            **fields, status=article_status(status), outline=outline_to_proto(outline)
+        )
         retrying = self._retrying.copy()  # one per call: saves run on many threads at once
         response = retrying(self._client.save_article, article, replace_failed)
         return response.article.id, response.created

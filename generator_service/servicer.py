@@ -28,6 +28,7 @@ from tierwriter import runtime
 from tierwriter.article.v1 import article_event_pb2 as article_pb
 from tierwriter.generator.v1 import generator_service_pb2 as pb
 from tierwriter.generator.v1 import generator_service_pb2_grpc as pb_grpc
+from tierwriter.statuses import article_status
 
 log = logging.getLogger(__name__)
 MAX_TITLES = 10_000
@@ -37,13 +38,6 @@ _DONE = object()
 def project_from_proto(p: pb.ProjectContext) -> ProjectInfo:
     """The project context as a domain object."""
     return ProjectInfo(p.project_id, p.main_keyword, list(p.entities), list(p.related_searches))
-
-
-def article_status(status: str) -> article_pb.ArticleStatus.ValueType:
-    """A record's status ("generated", …; "" for none) as the enum."""
-    if not status:
-        return article_pb.ARTICLE_STATUS_UNSPECIFIED
-    return article_pb.ArticleStatus.Value(f"ARTICLE_STATUS_{status.upper()}")
 
 
 def event_to_proto(e: ArticleEvent, tier_count: int) -> article_pb.ArticleEvent:

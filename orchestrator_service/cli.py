@@ -27,11 +27,11 @@ from orchestrator_service.console import (
     event_lines,
     format_cost,
     post_processing_lines,
-    status_name,
 )
 from orchestrator_service.stack import LocalStack, StackConfig
 from tierwriter import runtime
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
+from tierwriter.statuses import job_status_word
 
 EXIT_OK = 0
 EXIT_RUN_FAILED = 1  # the run stopped early or a service failed during it
@@ -248,7 +248,7 @@ def cmd_generate_batch(args: argparse.Namespace) -> int:
 def _job_row(j: pb.JobInfo) -> str:
     created = j.create_time.ToDatetime(UTC).strftime("%Y-%m-%d %H:%M")
     return (
-        f"{j.job_id:>6}  {created}  {status_name(j.status):<10} {j.project[:24]:<24} "
+        f"{j.job_id:>6}  {created}  {job_status_word(j.status):<10} {j.project[:24]:<24} "
         f"{j.generated_articles:>5} {j.augmented_articles:>5} {j.failed_articles:>5} "
         f"/{j.requested_articles:<5} w={j.max_workers}"
     )
@@ -283,7 +283,7 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
         response = client.get_job(args.job_id)
         j = response.job
         print(
-            f"Job {j.job_id}: project '{j.project}', status {status_name(j.status)}, "
+            f"Job {j.job_id}: project '{j.project}', status {job_status_word(j.status)}, "
             f"concurrency {j.max_workers}"
         )
         print(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from tierwriter.article.v1 import article_event_pb2 as article_pb
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
+from tierwriter.statuses import article_status_word
 
 RULE = "=" * 60
 
@@ -13,11 +14,6 @@ def augmentation_rate(generated: int, augmented: int, short: int = 0) -> float:
     minimum (augmented) or not (short); 0.0 when none got content."""
     written = generated + augmented + short
     return (augmented + short) / written if written else 0.0
-
-
-def status_name(status: pb.JobStatus.ValueType) -> str:
-    """JOB_STATUS_QUEUED → "queued": how a job's status reads."""
-    return pb.JobStatus.Name(status).removeprefix("JOB_STATUS_").lower()
 
 
 def format_cost(usd: float) -> str:
@@ -60,12 +56,7 @@ def _article_lines(a: article_pb.ArticleEvent) -> list[str]:
         f"{a.concurrency_after}"
     )
     outline_fix = f" ({a.outline_fix})" if a.outline_fix else ""
-    statuses = article_pb.ArticleStatus
-    status = (
-        statuses.Name(a.status).removeprefix("ARTICLE_STATUS_").lower()
-        if a.status in statuses.values()
-        else str(a.status)
-    )
+    status = article_status_word(a.status)
     short = ", still below the minimum (short)" if status == "short" else ""
     text = {
         "OUTLINE_STARTED": "Generating outline...",

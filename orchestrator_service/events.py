@@ -17,6 +17,7 @@ import grpc
 from persistence_service.client import PersistenceClient
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 from tierwriter.runtime import ServiceCallError
+from tierwriter.statuses import ACTIVE_JOB_STATUSES
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,6 @@ log = logging.getLogger(__name__)
 FLUSH_SECONDS = 0.2
 POLL_SECONDS = 1.0
 LOCAL_CHECK_SECONDS = 0.1
-ACTIVE_STATUSES = ("queued", "running")
 
 
 class JobEventLog:
@@ -155,7 +155,7 @@ def watch(
         if live is not None and not live.closed and seq < live.first_seq:
             seq = live.first_seq  # numbers skipped at a takeover: no event has them
             continue
-        if page.status not in ACTIVE_STATUSES:
+        if page.status not in ACTIVE_JOB_STATUSES:
             return
         # Queued, or running elsewhere: ask the database again shortly, or follow the job here
         # as soon as this orchestrator starts it.

@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tierwriter.job.v1 import job_pb2
+
 MAX_TIERS = 10
 MAX_ARTICLES_PER_TIER = 10_000
 MAX_JOB_FILE_BYTES = 1024 * 1024
@@ -134,14 +136,6 @@ class ModelsSpec(_Strict):
     content: Annotated[str, Field(max_length=200)] = ""
 
 
-def max_cost_of(spec_json: str) -> float:
-    """A stored job spec's max_cost_usd; 0 for none (or for a spec that no longer parses)."""
-    try:
-        return JobSpec.model_validate_json(spec_json).max_cost_usd or 0.0
-    except ValidationError:
-        return 0.0
-
-
 class JobSpec(_Strict):
     """One job: a project, its tiers, and how to run them."""
 
@@ -216,6 +210,82 @@ class JobSpec(_Strict):
     def requested_articles(self) -> int:
         """Articles over all tiers."""
         return sum(tier.count for tier in self.tiers.values())
+
+    def to_proto(self) -> job_pb2.JobSpec:
+        """The validated job as the message the services pass around and persistence keeps."""
+
+        def sites(targets: list[SiteSpec] | None) -> list[job_pb2.SiteSpec]:
+            return [job_pb2.SiteSpec(**site.model_dump()) for site in targets or []]
+
+        return job_pb2.JobSpec(
+            project=job_pb2.ProjectSpec(**self.project.model_dump()) if self.project else None,
+            project_id=self.project_id or 0,
+            tiers=[
+                job_pb2.TierSpec(
+                    name=name,
+                    **tier.model_dump(exclude={"deployment_targets"}),
+                    deployment_targets=sites(tier.deployment_targets),
+                )
+                for name, tier in self.ordered_tiers()
+            ],
+            models=job_pb2.ModelsSpec(**self.models.model_dump()),
+            deployment_targets=sites(self.deployment_targets),
+            max_workers=self.max_workers or 0,
+            continue_on_error=self.continue_on_error,
+            max_cost_usd=self.max_cost_usd or 0.0,
+            see_also_links=self.see_also_links,
+            link_style=job_pb2.LinkStyle.Value(f"LINK_STYLE_{self.link_style.upper()}"),
+        )
+
+    @classmethod
+    def from_proto(cls, spec: job_pb2.JobSpec) -> JobSpec:
+        """A stored job again, validated as a job file's would be (0 and empty mean unset)."""
+
+        def sites(targets: Any) -> list[dict[str, str]]:
+            return [{"hostname": s.hostname, "template": s.template} for s in targets]
+
+        project = spec.project
+        return cls.model_validate(
+            {
+                "project": {
+                    "name": project.name,
+                    "main_keyword": project.main_keyword,
+                    "entities": list(project.entities),
+                    "related_searches": list(project.related_searches),
+                    "money_site_url": project.money_site_url,
+                }
+                if spec.HasField("project")
+                else None,
+                "project_id": spec.project_id or None,
+                "tiers": {
+                    tier.name: {
+                        **{field: getattr(tier, field) for field in _TIER_SHAPE},
+                        "deployment_targets": sites(tier.deployment_targets) or None,
+                    }
+                    for tier in spec.tiers
+                },
+                "models": {
+                    "title": spec.models.title,
+                    "outline": spec.models.outline,
+                    "content": spec.models.content,
+                },
+                "deployment_targets": sites(spec.deployment_targets),
+                "max_workers": spec.max_workers or None,
+                "continue_on_error": spec.continue_on_error,
+                "max_cost_usd": spec.max_cost_usd or None,
+                "see_also_links": spec.see_also_links,
+                "link_style": "relative"
+                if spec.link_style == job_pb2.LINK_STYLE_RELATIVE
+                else "absolute",
+            }
+        )
+
+
+# A tier's numbers, as the job file and the TierSpec message both name them.
+_TIER_SHAPE = (
+    "count", "min_word_count", "max_word_count", "min_h2_tags", "max_h2_tags", "min_h3_tags",
+    "max_h3_tags",
+)  # fmt: skip
 
 
 class JobFile(_Strict):

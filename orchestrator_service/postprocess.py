@@ -5,7 +5,6 @@ articles stay stored either way, and `tierwriter jobs publish` runs it all again
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -20,6 +19,7 @@ from orchestrator_service import interlink, publish
 from orchestrator_service.interlink import Published
 from orchestrator_service.jobfile import JobSpec
 from persistence_service.client import PersistenceClient
+from tierwriter.article.v1 import article_event_pb2 as article_pb
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 from tierwriter.persistence.v1 import persistence_service_pb2 as db_pb
 from tierwriter.runtime import ServiceCallError
@@ -66,7 +66,7 @@ class JobPublisher:
     def publish(self, job_id: int) -> Iterator[pb.PostProcessingStep]:
         """The four steps' reports, in order; stops after a step that failed."""
         job = self._persistence.get_job(job_id)
-        spec = JobSpec.model_validate(json.loads(job.spec_json))
+        spec = JobSpec.from_proto(job.spec)
         project = self._persistence.get_project(job.project_id)
         records = sorted(
             self._persistence.list_articles(job_id),
@@ -79,9 +79,9 @@ class JobPublisher:
                 reason=f"failed at {a.error_stage}: {a.error}",
             )
             for a in records
-            if a.status == "failed"
+            if a.status == article_pb.ARTICLE_STATUS_FAILED
         ]
-        successful = [a for a in records if a.status != "failed"]
+        successful = [a for a in records if a.status != article_pb.ARTICLE_STATUS_FAILED]
         template_sets = {s.hostname: s.template for s in self._persistence.list_sites()}
         pages: list[_Page] = []
 

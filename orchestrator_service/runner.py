@@ -6,7 +6,6 @@ post-processing; then the run's summary, from the database."""
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -26,9 +25,11 @@ from orchestrator_service.postprocess import JobPublisher, write_atomically
 from persistence_service.client import PersistenceClient
 from tierwriter.article.v1 import article_event_pb2 as article_pb
 from tierwriter.generator.v1 import generator_service_pb2 as gen_pb
+from tierwriter.job.v1.job_pb2 import JobStatus
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 from tierwriter.persistence.v1 import persistence_service_pb2 as db_pb
 from tierwriter.runtime import ServiceCallError
+from tierwriter.statuses import JobStatusValue
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ class JobRunner:
             job = self._persistence.create_job(
                 db_pb.CreateJobRequest(
                     project_id=project.id,
-                    spec_json=spec.model_dump_json(),
+                    spec=spec.to_proto(),
                     max_workers=self.effective_workers(spec),
                     requested_articles=spec.requested_articles(),
                     owner=owner,
@@ -291,7 +292,7 @@ class JobRunner:
             previous_thread.join()
         started = time.monotonic()
         emit, cancellation = run.log.emit, run.cancellation
-        status, error = "failed", ""
+        status, error = JobStatus.JOB_STATUS_FAILED, ""
         published = pb.Summary()  # links and pages, as the post-processing steps report them
         unpublished: list[str] = []  # a job whose export failed is stored, not (all) published
         try:
@@ -305,7 +306,7 @@ class JobRunner:
                         )
                     )
                 )
-            spec = JobSpec.model_validate(json.loads(job.spec_json))
+            spec = JobSpec.from_proto(job.spec)
             project = self._persistence.get_project(job.project_id)
             emit(
                 pb.JobEvent(
@@ -362,13 +363,15 @@ class JobRunner:
                     del self._runs[job.id]
             self._on_finished()
 
-    def _finish(self, job_id: int, status: str, error: str, elapsed: float) -> pb.RunFinished:
+    def _finish(
+        self, job_id: int, status: JobStatusValue, error: str, elapsed: float
+    ) -> pb.RunFinished:
         """The run's summary: the job's totals from the database, its final status."""
         summary = pb.Summary(
             execution_seconds=elapsed,
             output_dirs=[str(publish.job_dir(self._settings.shown_output_dir(), job_id))],
             total_jobs=1,
-            processed_jobs=int(status == "completed"),
+            processed_jobs=int(status == JobStatus.JOB_STATUS_COMPLETED),
         )
         try:
             stats = self._persistence.job_stats([job_id])
@@ -404,10 +407,10 @@ class JobRunner:
         cancellation: Cancellation,
         titles: dict[str, list[str]],
         retry_failed: bool,
-    ) -> Generator[pb.JobEvent, None, tuple[str, str]]:
+    ) -> Generator[pb.JobEvent, None, tuple[JobStatusValue, str]]:
         """A job's tiers and post-processing; returns its final status and why. For a new job
         `titles` is empty, for a resumed one it holds the tiers' stored titles."""
-        status, error = "failed", ""
+        status, error = JobStatus.JOB_STATUS_FAILED, ""
         try:
             # Titles must differ from the project's other jobs' and from this job's other tiers.
             used = self._persistence.project_titles(project.id, exclude_job_id=job.id)
@@ -436,7 +439,13 @@ class JobRunner:
                 yield from (
                     pb.JobEvent(post_processing=step) for step in self.publisher.publish(job.id)
                 )
-            status = "cancelled" if cancellation.is_set() else "failed" if error else "completed"
+            status = (
+                JobStatus.JOB_STATUS_CANCELLED
+                if cancellation.is_set()
+                else JobStatus.JOB_STATUS_FAILED
+                if error
+                else JobStatus.JOB_STATUS_COMPLETED
+            )
             error = cancellation.message if cancellation.is_set() else error
         except ServiceCallError as e:
             error = str(e)
@@ -537,8 +546,8 @@ class JobRunner:
                 i
                 for i in range(len(titles))
                 if i not in stored
-                or stored[i].status == "skipped"
-                or (retry_failed and stored[i].status == "failed")
+                or stored[i].status == article_pb.ARTICLE_STATUS_SKIPPED
+                or (retry_failed and stored[i].status == article_pb.ARTICLE_STATUS_FAILED)
             ]
 
         def budget() -> float:
@@ -690,7 +699,7 @@ class JobRunner:
                     article_index=index,
                     keyword=project.main_keyword,
                     title="",
-                    status="failed",
+                    status=article_pb.ARTICLE_STATUS_FAILED,
                     error_stage="titles",
                     error=made.error,
                     site=sites[index % len(sites)] if sites else "",

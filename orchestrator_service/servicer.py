@@ -7,7 +7,7 @@ import logging
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -15,15 +15,17 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from orchestrator_service.auth import Authenticator, Principal
 from orchestrator_service.events import watch
 from orchestrator_service.interceptors import caller as current_caller
-from orchestrator_service.jobfile import max_cost_of, parse_project_file
+from orchestrator_service.jobfile import parse_project_file
 from orchestrator_service.runner import JobRunner, tier_finished
 from orchestrator_service.scheduler import JobScheduler
 from persistence_service.client import PersistenceClient
 from tierwriter import runtime
+from tierwriter.job.v1.job_pb2 import JobStatus
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 from tierwriter.persistence.v1 import persistence_service_pb2 as db_pb
 from tierwriter.runtime import ServiceCallError
+from tierwriter.statuses import ACTIVE_JOB_STATUSES, job_status_word
 
 log = logging.getLogger(__name__)
 MAX_LIST_LIMIT = 1000
@@ -69,8 +71,13 @@ def project_to_public(p: db_pb.Project) -> pb.Project:
 def user_to_public(u: db_pb.User) -> pb.User:
     """A stored user as the public message."""
     return pb.User(
-        username=u.username, role=u.role, active=u.active, create_time=timestamp(u.created_at)
+        username=u.username, role=u.role, active=u.active, create_time=_set(u, "create_time")
     )
+
+
+def _set(message: Any, field: str) -> Any:
+    """A message field's value, or None when it is unset (so a copy leaves it unset too)."""
+    return getattr(message, field) if message.HasField(field) else None
 
 
 def timestamp(seconds: float) -> Timestamp | None:
@@ -82,11 +89,6 @@ def timestamp(seconds: float) -> Timestamp | None:
     return stamp
 
 
-def job_status(status: str) -> pb.JobStatus.ValueType:
-    """A stored status ("queued", …) as the public enum."""
-    return pb.JobStatus.Value(f"JOB_STATUS_{status.upper()}")
-
-
 def job_info(
     job: db_pb.Job, project: str, tiers: list[db_pb.TierStats], title_calls: int, title_tokens: int
 ) -> pb.JobInfo:
@@ -94,18 +96,18 @@ def job_info(
     info = pb.JobInfo(
         job_id=job.id,
         project=project,
-        status=job_status(job.status),
+        status=job.status,
         max_workers=job.max_workers,
         requested_articles=job.requested_articles,
         error=job.error,
-        create_time=timestamp(job.created_at),
-        finish_time=timestamp(job.finished_at),
+        create_time=_set(job, "create_time"),
+        finish_time=_set(job, "finish_time"),
         api_calls=title_calls,
         tokens=title_tokens,
         owner=job.owner,
         cost_usd=job.title_cost_usd,
-        max_cost_usd=max_cost_of(job.spec_json),
-        runner=job.lease_owner if job.status == "running" else "",
+        max_cost_usd=job.spec.max_cost_usd,
+        runner=job.lease_owner if job.status == JobStatus.JOB_STATUS_RUNNING else "",
     )
     for t in tiers:
         info.generated_articles += t.counts.generated
@@ -231,7 +233,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         if not self._runner.cancel(job.id, reason):
             # Queued (cancelled now), or running on another orchestrator (told to stop).
             job = self._persistence.request_cancel(job.id, reason)
-            if job.status == "cancelled":
+            if job.status == JobStatus.JOB_STATUS_CANCELLED:
                 return pb.CancelJobResponse(message=f"job {job.id} was queued: cancelled")
         return pb.CancelJobResponse(
             message=f"job {job.id} is being cancelled: no new article starts; those "
@@ -290,11 +292,12 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         self, request: pb.PublishJobRequest, context: grpc.ServicerContext
     ) -> pb.PublishJobResponse:
         job = self._job(context, current_caller(), request.job_id)
-        if job.status in ("queued", "running"):
+        if job.status in ACTIVE_JOB_STATUSES:
             runtime.abort(
                 context,
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"job {job.id} is still {job.status}: it is published when its articles are done",
+                f"job {job.id} is still {job_status_word(job.status)}: it is published when its "
+                "articles are done",
             )
         steps = list(self._runner.publisher.publish(job.id))
         return pb.PublishJobResponse(steps=steps)

@@ -20,6 +20,7 @@ from tierwriter import runtime
 from tierwriter.persistence.v1 import persistence_service_pb2 as pb
 from tierwriter.persistence.v1 import persistence_service_pb2_grpc as pb_grpc
 from tierwriter.service_auth import token_metadata
+from tierwriter.statuses import JobStatusValue
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -140,7 +141,9 @@ class PersistenceClient:
         request.request_id = request.request_id or uuid.uuid4().hex
         return self._call(self._stub.RecordTitles, request).job
 
-    def finish_job(self, job_id: int, status: str, error: str = "", owner: str = "") -> pb.Job:
+    def finish_job(
+        self, job_id: int, status: JobStatusValue, error: str = "", owner: str = ""
+    ) -> pb.Job:
         request = pb.FinishJobRequest(job_id=job_id, status=status, error=error, owner=owner)
         return self._call(self._stub.FinishJob, request).job
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import json_format
+from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from persistence_service.client import outline_to_proto
@@ -22,8 +24,15 @@ from persistence_service.store import (
     Store,
 )
 from tierwriter import runtime
+from tierwriter.job.v1 import job_pb2
 from tierwriter.persistence.v1 import persistence_service_pb2 as pb
 from tierwriter.persistence.v1 import persistence_service_pb2_grpc as pb_grpc
+from tierwriter.statuses import (
+    article_status,
+    article_status_word,
+    job_status,
+    job_status_word,
+)
 
 T = TypeVar("T")
 
@@ -47,6 +56,27 @@ def _status_codes(context: grpc.ServicerContext) -> Iterator[None]:
         )
     except AuthenticationError as e:
         runtime.abort(context, grpc.StatusCode.UNAUTHENTICATED, str(e))
+
+
+def timestamp(moment: datetime | None) -> Timestamp | None:
+    """A stored time as a Timestamp; None (the field stays unset) for none. A naive time is
+    UTC (SQLite keeps no zone)."""
+    if moment is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def spec_to_dict(spec: job_pb2.JobSpec) -> dict[str, Any]:
+    """A job spec as the JSON the `jobs.spec` column keeps: the message's JSON form, field names
+    as in the proto, defaults left out."""
+    return json_format.MessageToDict(spec, preserving_proto_field_name=True)
+
+
+def spec_from_dict(stored: dict[str, Any]) -> job_pb2.JobSpec:
+    """A stored spec as its message (migration 0006 brought older rows to this form)."""
+    return json_format.ParseDict(stored, job_pb2.JobSpec())
 
 
 def project_to_proto(p: Project) -> pb.Project:
@@ -81,7 +111,7 @@ def user_to_proto(u: User) -> pb.User:
         username=u.username,
         role=u.role,
         active=u.active,
-        created_at=u.created_at.timestamp(),
+        create_time=timestamp(u.created_at),
         token_version=u.token_version,
     )
 
@@ -96,14 +126,14 @@ def job_to_proto(j: Job) -> pb.Job:
     return pb.Job(
         id=j.id,
         project_id=j.project_id,
-        status=j.status,
-        spec_json=json.dumps(j.spec),
+        status=job_status(j.status),
+        spec=spec_from_dict(j.spec),
         max_workers=j.max_workers,
         requested_articles=j.requested_articles,
         error=j.error,
         titles=[pb.TierTitles(tier=tier, titles=titles) for tier, titles in j.titles.items()],
-        created_at=j.created_at.timestamp(),
-        finished_at=j.finished_at.timestamp() if j.finished_at else 0.0,
+        create_time=timestamp(j.created_at),
+        finish_time=timestamp(j.finished_at),
         title_api_calls=j.title_api_calls,
         title_prompt_tokens=j.title_prompt_tokens,
         title_completion_tokens=j.title_completion_tokens,
@@ -120,7 +150,7 @@ def job_to_proto(j: Job) -> pb.Job:
 # Fields an article record and its message share, name for name and type for type.
 ARTICLE_FIELDS = (
     "job_id", "project_id", "tier", "article_index", "keyword", "title", "content", "word_count",
-    "status", "error_stage", "error", "site", "api_calls", "prompt_tokens", "completion_tokens",
+    "error_stage", "error", "site", "api_calls", "prompt_tokens", "completion_tokens",
     "cost_usd", "rate_limited", "content_model", "asked_words", "draft_words",
 )  # fmt: skip
 
@@ -130,6 +160,7 @@ def article_to_proto(a: Article) -> pb.Article:
     return pb.Article(
         **{name: getattr(a, name) for name in ARTICLE_FIELDS},
         id=a.id,
+        status=article_status(a.status),
         outline=outline_to_proto(a.outline),
         url=a.url,
         output_path=a.output_path,
@@ -145,7 +176,11 @@ def article_from_proto(a: pb.Article) -> dict[str, Any]:
         if a.HasField("outline")
         else None
     )
-    return {**{name: getattr(a, name) for name in ARTICLE_FIELDS}, "outline": outline}
+    return {
+        **{name: getattr(a, name) for name in ARTICLE_FIELDS},
+        "status": article_status_word(a.status),  # the store refuses what is no status
+        "outline": outline,
+    }
 
 
 def counts_to_proto(c: Counts) -> pb.ArticleCounts:
@@ -233,12 +268,7 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
     def CreateJob(
         self, request: pb.CreateJobRequest, context: grpc.ServicerContext
     ) -> pb.CreateJobResponse:
-        try:
-            spec = json.loads(request.spec_json)
-        except json.JSONDecodeError as e:
-            runtime.abort(
-                context, grpc.StatusCode.INVALID_ARGUMENT, f"spec_json: not valid JSON ({e.msg})"
-            )
+        spec = spec_to_dict(request.spec)
         job = self._call(
             context,
             lambda: self._store.create_job(
@@ -277,7 +307,7 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
         job = self._call(
             context,
             lambda: self._store.finish_job(
-                request.job_id, request.status, request.error, request.owner
+                request.job_id, job_status_word(request.status), request.error, request.owner
             ),
         )
         return pb.FinishJobResponse(job=job_to_proto(job))
@@ -385,7 +415,7 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
         )
         return pb.ListJobEventsResponse(
             events=[pb.JobEventRecord(seq=e.seq, payload=e.payload) for e in events],
-            status=status,
+            status=job_status(status),
         )
 
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.GetJobResponse:

@@ -544,8 +544,8 @@ class Store:
                 title_cost_usd=sum(job.title_cost_usd for job in jobs),
             )
             for job in jobs:  # every tier of the spec appears, even one with no record yet
-                for tier, spec in job.spec.get("tiers", {}).items():
-                    stats.tiers[(job.id, tier)] = Counts(requested=int(spec.get("count", 0)))
+                for tier in job.spec.get("tiers", []):  # the JobSpec message's JSON form
+                    stats.tiers[(job.id, tier["name"])] = Counts(requested=int(tier["count"]))
             for row in repository.article_totals(uow.session, [job.id for job in jobs]):
                 counts = stats.tiers.setdefault((row.job_id, row.tier), Counts())
                 setattr(counts, row.status, getattr(counts, row.status) + row.records)

@@ -20,7 +20,7 @@ import pytest
 from generator_service.llm.simulator import SimulatorConfig
 from orchestrator_service.client import OrchestratorClient
 from tests.helpers import article_pages, article_rows, job_file, rows_by_status
-from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
+from tierwriter.job.v1.job_pb2 import JobStatus
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -391,7 +391,7 @@ def test_ctrl_c_cancels_the_job_cleanly_and_twice_leaves_at_once(
     with OrchestratorClient(handle.stack.orchestrator_address, "admin", handle.password) as c:
         list(c.watch_job(1))  # returns once the job has ended on the server
         status = c.get_job(1).job.status
-    assert status == pb.JOB_STATUS_CANCELLED
+    assert status == JobStatus.JOB_STATUS_CANCELLED
     if presses == 1:
         assert "Summary (run stopped early)" in rest and "cancelled by admin" in rest
     else:

@@ -23,6 +23,7 @@ from tests.helpers import (
     run_job,
 )
 from tierwriter.article.v1 import article_event_pb2 as article_pb
+from tierwriter.job.v1.job_pb2 import JobStatus
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 from tierwriter.runtime import ServiceCallError
 
@@ -119,7 +120,7 @@ def test_without_continue_on_error_the_run_stops_with_a_clear_error(start_stack,
     assert len(started) == sum(rows.values())
     with OrchestratorClient(handle.stack.orchestrator_address, "admin", handle.password) as client:
         job = client.get_job(job_id).job
-    assert job.status == pb.JOB_STATUS_FAILED and "continue_on_error is false" in job.error
+    assert job.status == JobStatus.JOB_STATUS_FAILED and "continue_on_error is false" in job.error
 
 
 def test_stats_accuracy_concurrent(start_stack) -> None:

@@ -29,6 +29,7 @@ from tests.helpers import (
 )
 from tests.integration.test_failures import duplicate_keys
 from tierwriter.article.v1 import article_event_pb2 as article_pb
+from tierwriter.job.v1.job_pb2 import JobStatus
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 
 MODULES = {
@@ -299,7 +300,7 @@ def test_a_persistence_down_for_45_seconds_at_a_tier_boundary_is_waited_out(
     assert sum(rows.values()) == 8 and duplicate_keys(database_url, 1) == 0
     assert simulator.stats().by_kind["outline"] == 8
     with OrchestratorClient(running.address("orchestrator"), "admin", PASSWORD) as client:
-        assert client.get_job(1).job.status == pb.JOB_STATUS_COMPLETED
+        assert client.get_job(1).job.status == JobStatus.JOB_STATUS_COMPLETED
 
 
 @pytest.mark.postgres

@@ -24,6 +24,7 @@ from tests.helpers import (
     run_job,
 )
 from tierwriter.article.v1 import article_event_pb2 as article_pb
+from tierwriter.job.v1.job_pb2 import JobStatus
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 from tierwriter.runtime import ServiceCallError
 
@@ -141,7 +142,7 @@ def test_cancel_mid_job_then_resume_finishes_it_paying_once(start_stack) -> None
         finished = events[-1].run_finished
         assert not finished.ok and "cancelled by admin" in finished.error
         job = c.get_job(job_id).job
-        assert job.status == pb.JOB_STATUS_CANCELLED
+        assert job.status == JobStatus.JOB_STATUS_CANCELLED
         before = rows_by_status(handle.database_url, job_id)
         assert 3 <= sum(before.values()) < 20
         # Finished articles stay; nothing new started after the cancel except those in flight.
@@ -261,7 +262,7 @@ def test_a_job_left_running_by_a_dead_orchestrator_is_taken_over_when_one_starts
     with OrchestratorClient(again.stack.orchestrator_address, "admin", again.password) as c:
         # Nobody resumes it: the new orchestrator takes it over by itself.
         taken_over = list(c.watch_job(job_id, after_seq=events[-1].seq))
-        assert c.get_job(job_id).job.status == pb.JOB_STATUS_COMPLETED
+        assert c.get_job(job_id).job.status == JobStatus.JOB_STATUS_COMPLETED
     assert taken_over[0].notice.message.startswith("taken over")
     assert taken_over[-1].run_finished.ok
     started = [

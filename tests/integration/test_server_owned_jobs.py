@@ -16,6 +16,7 @@ from generator_service.llm.simulator import SimulatorConfig
 from orchestrator_service.client import OrchestratorClient
 from tests.helpers import TIER, job_file, rows_by_status, sql_rows
 from tierwriter.article.v1 import article_event_pb2 as article_pb
+from tierwriter.job.v1.job_pb2 import JobStatus
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 from tierwriter.runtime import ServiceCallError
 
@@ -57,7 +58,7 @@ def test_a_client_that_leaves_cancels_nothing_and_a_late_watcher_sees_every_even
     assert events[0].WhichOneof("event") == "job_started"
     assert events[-1].WhichOneof("event") == "run_finished" and events[-1].run_finished.ok
     assert sorted(_saved(events)) == list(range(12))
-    assert status == pb.JOB_STATUS_COMPLETED
+    assert status == JobStatus.JOB_STATUS_COMPLETED
     assert sum(rows_by_status(handle.database_url, job_id).values()) == 12
 
 
@@ -86,7 +87,7 @@ def test_one_users_jobs_beyond_the_limit_wait_queued_and_run_in_order(start_stac
         job_ids = [client.submit_job(job_file({"tier1": tier(3)}))[0] for _ in range(3)]
         statuses = [j.status for j in client.list_jobs() if j.job_id in job_ids[1:]]
         # The third is queued behind the first two whatever the timing: one runs at a time.
-        assert pb.JOB_STATUS_QUEUED in statuses
+        assert JobStatus.JOB_STATUS_QUEUED in statuses
         runs = [list(client.watch_job(job_id)) for job_id in job_ids]
         assert all(run[-1].run_finished.ok for run in runs)
     rows = sql_rows(
@@ -106,11 +107,11 @@ def test_cancelling_a_queued_job_ends_it_without_running_it(start_stack) -> None
     )
     with OrchestratorClient(handle.stack.orchestrator_address, "admin", handle.password) as client:
         first, second = (client.submit_job(job_file({"tier1": tier(4)}))[0] for _ in range(2))
-        assert client.get_job(second).job.status == pb.JOB_STATUS_QUEUED
+        assert client.get_job(second).job.status == JobStatus.JOB_STATUS_QUEUED
         assert "was queued: cancelled" in client.cancel_job(second)
         assert list(client.watch_job(second)) == []  # it never ran: nothing happened to it
         list(client.watch_job(first))
-        assert client.get_job(second).job.status == pb.JOB_STATUS_CANCELLED
+        assert client.get_job(second).job.status == JobStatus.JOB_STATUS_CANCELLED
     assert rows_by_status(handle.database_url, second) == {}
 
 
@@ -169,8 +170,8 @@ def test_two_hundred_watch_streams_and_twenty_jobs_leave_every_short_call_answer
         for job_id in job_ids:
             assert client.login("admin", password).token
             assert client.get_job(job_id).job.status in (
-                pb.JOB_STATUS_QUEUED,
-                pb.JOB_STATUS_RUNNING,
+                JobStatus.JOB_STATUS_QUEUED,
+                JobStatus.JOB_STATUS_RUNNING,
             )
             assert job_id in {j.job_id for j in client.list_jobs()}
             assert "cancel" in client.cancel_job(job_id)
@@ -179,4 +180,4 @@ def test_two_hundred_watch_streams_and_twenty_jobs_leave_every_short_call_answer
         for thread in watchers:
             thread.join(120)
         assert len(ended) == WATCHERS
-        assert {client.get_job(j).job.status for j in job_ids} == {pb.JOB_STATUS_CANCELLED}
+        assert {client.get_job(j).job.status for j in job_ids} == {JobStatus.JOB_STATUS_CANCELLED}

@@ -27,6 +27,7 @@ from tests.helpers import (
     run_job,
     wait_until_serving,
 )
+from tierwriter.article.v1.article_event_pb2 import ArticleStatus
 from tierwriter.generator.v1 import generator_service_pb2 as gen_pb
 from tierwriter.generator.v1 import generator_service_pb2_grpc as gen_grpc
 from tierwriter.persistence.v1 import persistence_service_pb2 as db_pb
@@ -160,7 +161,11 @@ def test_generator_rejects_a_bad_title_count(start_stack) -> None:
         (
             lambda s: s.SaveArticle(
                 db_pb.SaveArticleRequest(
-                    article=db_pb.Article(job_id=1, tier="tier1", status="finished")
+                    article=db_pb.Article(
+                        job_id=1,
+                        tier="tier1",
+                        status=ArticleStatus.ValueType(99),  # none such
+                    )
                 ),
                 timeout=10,
             ),

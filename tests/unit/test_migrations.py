@@ -3,6 +3,8 @@ first release in place with its records kept."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +13,27 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
 
-from persistence_service.migrate import upgrade_schema
+from orchestrator_service.jobfile import JobSpec
+from persistence_service.migrate import MIGRATIONS, upgrade_schema
 from persistence_service.models import Base
+from persistence_service.servicer import spec_from_dict, spec_to_dict
 from persistence_service.store import Store
 from persistence_service.unit_of_work import make_engine, make_session_factory
 from tests.unit import first_release_models  # its databases were made by create_all
+
+# A job as the first release stored it: the job file's JSON, hostnames given alone.
+FIRST_RELEASE_SPEC = {
+    "project": {"name": "p", "main_keyword": "k"},
+    "tiers": {
+        "tier1": {
+            "count": 2, "min_word_count": 500, "max_word_count": 900, "min_h2_tags": 3,
+            "max_h2_tags": 5, "min_h3_tags": 0, "max_h3_tags": 8, "deployment_targets": None,
+        }
+    },
+    "deployment_targets": ["a.net"],
+    "max_workers": 5,
+    "max_cost_usd": None,
+}  # fmt: skip
 
 
 def _schema_differences(url: str) -> list[Any]:
@@ -57,8 +75,9 @@ def test_a_first_release_database_is_upgraded_with_its_records(tmp_path: Path) -
                 "INSERT INTO jobs (project_id, owner, status, spec, max_workers,"
                 " requested_articles, titles, title_api_calls, title_prompt_tokens,"
                 " title_completion_tokens, error, created_at) VALUES (1, 'admin', 'completed',"
-                " '{}', 5, 2, '{}', 0, 0, 0, '', '2026-01-01')"
-            )
+                " :spec, 5, 2, '{}', 0, 0, 0, '', '2026-01-01')"
+            ),
+            {"spec": json.dumps(FIRST_RELEASE_SPEC)},
         )
         for article_id in (1, 2):  # two jobs' worth of one URL, as the first release allowed
             connection.execute(
@@ -78,7 +97,12 @@ def test_a_first_release_database_is_upgraded_with_its_records(tmp_path: Path) -
         assert _schema_differences(url) == []
         articles = Store(make_session_factory(upgraded)).list_articles(1)
         assert [(a.url, a.html) for a in articles] == [("https://a.net/t.html", ""), ("", "")]
-        assert Store(make_session_factory(upgraded)).get_job(1).title_shortfall == 0
+        job = Store(make_session_factory(upgraded)).get_job(1)
+        assert job.title_shortfall == 0
+        # The job file's JSON became the JobSpec message's, and reads as the same job.
+        spec = JobSpec.from_proto(spec_from_dict(job.spec))
+        assert spec.tiers["tier1"].count == 2 and spec.sites_of(spec.tiers["tier1"]) == ["a.net"]
+        assert spec.project is not None and spec.project.name == "p" and spec.max_workers == 5
         # The project now belongs to whoever ran its first job.
         assert Store(make_session_factory(upgraded)).get_project(name="p", owner="admin").id == 1
         with upgraded.connect() as connection:  # foreign keys are enforced again afterwards
@@ -87,3 +111,43 @@ def test_a_first_release_database_is_upgraded_with_its_records(tmp_path: Path) -
         assert inspect(upgraded).has_table("sites")
     finally:
         upgraded.dispose()
+
+
+def _typed_specs_migration() -> Any:
+    path = MIGRATIONS / "versions" / "0006_typed_job_specs.py"
+    spec = importlib.util.spec_from_file_location("typed_job_specs", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_migration_0006_writes_what_the_services_now_store_and_back() -> None:
+    """Every field of a job spec survives the migration: the stored job file's JSON becomes what
+    persistence stores for the same job now, and the downgrade gives the job file's form back."""
+    migration = _typed_specs_migration()
+    spec = JobSpec.model_validate(
+        {
+            "project_id": 7,
+            "tiers": {
+                "tier2": {"count": 3, "min_word_count": 300, "max_word_count": 600},
+                "tier1": {
+                    "count": 2, "min_word_count": 500, "max_word_count": 900, "min_h2_tags": 2,
+                    "max_h3_tags": 6,
+                    "deployment_targets": [{"hostname": "b.net", "template": "t"}],
+                },
+            },
+            "models": {"content": "big-model"},
+            "deployment_targets": ["a.net"],
+            "continue_on_error": False,
+            "max_cost_usd": 1.5,
+            "see_also_links": True,
+            "link_style": "relative",
+        }
+    )  # fmt: skip
+    job_file_form = json.loads(spec.model_dump_json())
+    stored = migration._to_message_form(job_file_form)
+    message = spec.to_proto()
+    assert spec_from_dict(stored) == spec_from_dict(spec_to_dict(message)) == message
+    assert JobSpec.from_proto(spec_from_dict(stored)) == spec
+    assert JobSpec.model_validate(migration._to_job_file_form(stored)) == spec

@@ -32,7 +32,9 @@ def _job(store: Store, count: int) -> tuple[int, int]:
             "money_site_url": "",
         }
     )
-    job = store.create_job(project.id, {"tiers": {"tier1": {"count": count}}}, 5, count, "admin")
+    job = store.create_job(
+        project.id, {"tiers": [{"name": "tier1", "count": count}]}, 5, count, "admin"
+    )
     return project.id, job.id
 
 
@@ -178,7 +180,7 @@ def test_a_stored_secret_is_generated_once_even_when_asked_concurrently(store: S
 def test_project_titles_come_from_the_other_jobs(store: Store) -> None:
     project_id, first = _job(store, 2)
     store.record_titles(first, "tier1", ["A", "B"], 1, 10, 20, shortfall=0)
-    second = store.create_job(project_id, {"tiers": {}}, 5, 2, "admin").id
+    second = store.create_job(project_id, {"tiers": []}, 5, 2, "admin").id
     store.record_titles(second, "tier1", ["C"], 1, 10, 20, shortfall=1)
     assert store.project_titles(project_id, exclude_job_id=second) == ["A", "B"]
     assert store.project_titles(project_id) == ["A", "B", "C"]
@@ -204,6 +206,6 @@ def test_a_url_belongs_to_one_article_and_a_conflict_changes_nothing(store: Stor
     with pytest.raises(ConflictError):
         store.set_urls(job_id, {ids[1]: "https://a.net/y.html", ids[2]: "https://a.net/x.html"})
     assert [a.url for a in store.list_articles(job_id)] == ["https://a.net/x.html", "", ""]
-    other = store.create_job(project_id, {"tiers": {}}, 5, 1, "admin").id
+    other = store.create_job(project_id, {"tiers": []}, 5, 1, "admin").id
     assert store.taken_urls(["a.net"], exclude_job_id=other) == []  # site of _article is ""
     assert store.taken_urls([""], exclude_job_id=other) == ["https://a.net/x.html"]

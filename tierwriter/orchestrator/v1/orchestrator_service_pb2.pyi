@@ -10,6 +10,7 @@ from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from tierwriter.article.v1 import article_event_pb2 as _article_event_pb2
+from tierwriter.job.v1 import job_pb2 as _job_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -54,50 +55,6 @@ POST_STEP_TEMPLATES: PostStep.ValueType  # 3
 POST_STEP_EXPORT: PostStep.ValueType  # 4
 """Pages and each site's index.html were written, and the records updated."""
 Global___PostStep: _TypeAlias = PostStep  # noqa: Y015
-
-class _JobStatus:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
-
-class _JobStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobStatus.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
-    JOB_STATUS_UNSPECIFIED: _JobStatus.ValueType  # 0
-    """Never sent."""
-    JOB_STATUS_QUEUED: _JobStatus.ValueType  # 1
-    """Stored, waiting for its turn (its user's limit, its project's running job, a free
-    orchestrator).
-    """
-    JOB_STATUS_RUNNING: _JobStatus.ValueType  # 2
-    """An orchestrator runs it (under a lease)."""
-    JOB_STATUS_COMPLETED: _JobStatus.ValueType  # 3
-    """Every tier and its post-processing ran."""
-    JOB_STATUS_FAILED: _JobStatus.ValueType  # 4
-    """It stopped on an error; it can be resumed."""
-    JOB_STATUS_CANCELLED: _JobStatus.ValueType  # 5
-    """Someone cancelled it; it can be resumed."""
-    JOB_STATUS_INTERRUPTED: _JobStatus.ValueType  # 6
-    """Left by an orchestrator of an earlier version; it can be resumed."""
-
-class JobStatus(_JobStatus, metaclass=_JobStatusEnumTypeWrapper):
-    """Where a job is in its life."""
-
-JOB_STATUS_UNSPECIFIED: JobStatus.ValueType  # 0
-"""Never sent."""
-JOB_STATUS_QUEUED: JobStatus.ValueType  # 1
-"""Stored, waiting for its turn (its user's limit, its project's running job, a free
-orchestrator).
-"""
-JOB_STATUS_RUNNING: JobStatus.ValueType  # 2
-"""An orchestrator runs it (under a lease)."""
-JOB_STATUS_COMPLETED: JobStatus.ValueType  # 3
-"""Every tier and its post-processing ran."""
-JOB_STATUS_FAILED: JobStatus.ValueType  # 4
-"""It stopped on an error; it can be resumed."""
-JOB_STATUS_CANCELLED: JobStatus.ValueType  # 5
-"""Someone cancelled it; it can be resumed."""
-JOB_STATUS_INTERRUPTED: JobStatus.ValueType  # 6
-"""Left by an orchestrator of an earlier version; it can be resumed."""
-Global___JobStatus: _TypeAlias = JobStatus  # noqa: Y015
 
 @_typing.final
 class LoginRequest(_message.Message):
@@ -927,7 +884,7 @@ class JobInfo(_message.Message):
     """The job's id."""
     project: _builtins.str
     """The project's name."""
-    status: Global___JobStatus.ValueType
+    status: _job_pb2.JobStatus.ValueType
     """Where the job is in its life."""
     max_workers: _builtins.int
     """The concurrency it ran with."""
@@ -970,7 +927,7 @@ class JobInfo(_message.Message):
         *,
         job_id: _builtins.int = ...,
         project: _builtins.str = ...,
-        status: Global___JobStatus.ValueType = ...,
+        status: _job_pb2.JobStatus.ValueType = ...,
         max_workers: _builtins.int = ...,
         requested_articles: _builtins.int = ...,
         generated_articles: _builtins.int = ...,

@@ -6,7 +6,10 @@ Persistence owns every database session of tierwriter."""
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from tierwriter.article.v1 import article_event_pb2 as _article_event_pb2
+from tierwriter.job.v1 import job_pb2 as _job_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -375,13 +378,13 @@ class Job(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     PROJECT_ID_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
-    SPEC_JSON_FIELD_NUMBER: _builtins.int
+    SPEC_FIELD_NUMBER: _builtins.int
     MAX_WORKERS_FIELD_NUMBER: _builtins.int
     REQUESTED_ARTICLES_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     TITLES_FIELD_NUMBER: _builtins.int
-    CREATED_AT_FIELD_NUMBER: _builtins.int
-    FINISHED_AT_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    FINISH_TIME_FIELD_NUMBER: _builtins.int
     TITLE_API_CALLS_FIELD_NUMBER: _builtins.int
     TITLE_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     TITLE_COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
@@ -396,20 +399,14 @@ class Job(_message.Message):
     """Database id."""
     project_id: _builtins.int
     """The project's id."""
-    status: _builtins.str
-    """queued, running, completed, failed, cancelled or interrupted."""
-    spec_json: _builtins.str
-    """The job's entry of the job file, as JSON."""
+    status: _job_pb2.JobStatus.ValueType
+    """Where the job is in its life."""
     max_workers: _builtins.int
     """The concurrency the job ran with."""
     requested_articles: _builtins.int
     """Articles requested over all tiers."""
     error: _builtins.str
     """Why the job failed, when it did."""
-    created_at: _builtins.float
-    """Creation time, seconds since the epoch (UTC)."""
-    finished_at: _builtins.float
-    """Time the job reached a final status, seconds since the epoch; 0 while running."""
     title_api_calls: _builtins.int
     """Model calls spent on titles."""
     title_prompt_tokens: _builtins.int
@@ -431,22 +428,34 @@ class Job(_message.Message):
     retry_failed: _builtins.bool
     """The queued resume also generates the failed articles."""
     @_builtins.property
+    def spec(self) -> _job_pb2.JobSpec:
+        """The job's entry of the job file."""
+
+    @_builtins.property
     def titles(self) -> _containers.RepeatedCompositeFieldContainer[Global___TierTitles]:
         """Each started tier's titles, in article order."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the job was created."""
+
+    @_builtins.property
+    def finish_time(self) -> _timestamp_pb2.Timestamp:
+        """When the job reached a final status; unset while queued or running."""
 
     def __init__(
         self,
         *,
         id: _builtins.int = ...,
         project_id: _builtins.int = ...,
-        status: _builtins.str = ...,
-        spec_json: _builtins.str = ...,
+        status: _job_pb2.JobStatus.ValueType = ...,
+        spec: _job_pb2.JobSpec | None = ...,
         max_workers: _builtins.int = ...,
         requested_articles: _builtins.int = ...,
         error: _builtins.str = ...,
         titles: _abc.Iterable[Global___TierTitles] | None = ...,
-        created_at: _builtins.float = ...,
-        finished_at: _builtins.float = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        finish_time: _timestamp_pb2.Timestamp | None = ...,
         title_api_calls: _builtins.int = ...,
         title_prompt_tokens: _builtins.int = ...,
         title_completion_tokens: _builtins.int = ...,
@@ -458,9 +467,9 @@ class Job(_message.Message):
         last_event_seq: _builtins.int = ...,
         retry_failed: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "finish_time", b"finish_time", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_reason", b"cancel_reason", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "id", b"id", "last_event_seq", b"last_event_seq", "lease_owner", b"lease_owner", "max_workers", b"max_workers", "owner", b"owner", "project_id", b"project_id", "requested_articles", b"requested_articles", "retry_failed", b"retry_failed", "spec_json", b"spec_json", "status", b"status", "title_api_calls", b"title_api_calls", "title_completion_tokens", b"title_completion_tokens", "title_cost_usd", b"title_cost_usd", "title_prompt_tokens", b"title_prompt_tokens", "title_shortfall", b"title_shortfall", "titles", b"titles"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_reason", b"cancel_reason", "create_time", b"create_time", "error", b"error", "finish_time", b"finish_time", "id", b"id", "last_event_seq", b"last_event_seq", "lease_owner", b"lease_owner", "max_workers", b"max_workers", "owner", b"owner", "project_id", b"project_id", "requested_articles", b"requested_articles", "retry_failed", b"retry_failed", "spec", b"spec", "status", b"status", "title_api_calls", b"title_api_calls", "title_completion_tokens", b"title_completion_tokens", "title_cost_usd", b"title_cost_usd", "title_prompt_tokens", b"title_prompt_tokens", "title_shortfall", b"title_shortfall", "titles", b"titles"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -473,15 +482,13 @@ class CreateJobRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PROJECT_ID_FIELD_NUMBER: _builtins.int
-    SPEC_JSON_FIELD_NUMBER: _builtins.int
+    SPEC_FIELD_NUMBER: _builtins.int
     MAX_WORKERS_FIELD_NUMBER: _builtins.int
     REQUESTED_ARTICLES_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     project_id: _builtins.int
     """The project's id."""
-    spec_json: _builtins.str
-    """The job's entry of the job file, as JSON."""
     max_workers: _builtins.int
     """The effective concurrency."""
     requested_articles: _builtins.int
@@ -490,19 +497,23 @@ class CreateJobRequest(_message.Message):
     """The owner's username."""
     request_id: _builtins.str
     """Makes a retried call safe: a second call with the same id returns the first one's job."""
+    @_builtins.property
+    def spec(self) -> _job_pb2.JobSpec:
+        """The job's entry of the job file."""
+
     def __init__(
         self,
         *,
         project_id: _builtins.int = ...,
-        spec_json: _builtins.str = ...,
+        spec: _job_pb2.JobSpec | None = ...,
         max_workers: _builtins.int = ...,
         requested_articles: _builtins.int = ...,
         owner: _builtins.str = ...,
         request_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_workers", b"max_workers", "owner", b"owner", "project_id", b"project_id", "request_id", b"request_id", "requested_articles", b"requested_articles", "spec_json", b"spec_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_workers", b"max_workers", "owner", b"owner", "project_id", b"project_id", "request_id", b"request_id", "requested_articles", b"requested_articles", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -576,8 +587,8 @@ class FinishJobRequest(_message.Message):
     OWNER_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     """The job's id."""
-    status: _builtins.str
-    """completed, failed, cancelled or interrupted."""
+    status: _job_pb2.JobStatus.ValueType
+    """Completed, failed, cancelled or interrupted."""
     error: _builtins.str
     """Why the job failed; empty when it did not."""
     owner: _builtins.str
@@ -586,7 +597,7 @@ class FinishJobRequest(_message.Message):
         self,
         *,
         job_id: _builtins.int = ...,
-        status: _builtins.str = ...,
+        status: _job_pb2.JobStatus.ValueType = ...,
         error: _builtins.str = ...,
         owner: _builtins.str = ...,
     ) -> None: ...
@@ -829,8 +840,8 @@ class Article(_message.Message):
     """The HTML body."""
     word_count: _builtins.int
     """Words counted on the visible text."""
-    status: _builtins.str
-    """generated, augmented, short (still below the minimum after augmentation), failed or
+    status: _article_event_pb2.ArticleStatus.ValueType
+    """Generated, augmented, short (still below the minimum after augmentation), failed or
     skipped (over the job's budget; a resume writes it).
     """
     error_stage: _builtins.str
@@ -878,7 +889,7 @@ class Article(_message.Message):
         outline: Global___Outline | None = ...,
         content: _builtins.str = ...,
         word_count: _builtins.int = ...,
-        status: _builtins.str = ...,
+        status: _article_event_pb2.ArticleStatus.ValueType = ...,
         error_stage: _builtins.str = ...,
         error: _builtins.str = ...,
         site: _builtins.str = ...,
@@ -1458,7 +1469,7 @@ class User(_message.Message):
     USERNAME_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
     ACTIVE_FIELD_NUMBER: _builtins.int
-    CREATED_AT_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
     TOKEN_VERSION_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Database id."""
@@ -1468,10 +1479,12 @@ class User(_message.Message):
     """admin or user."""
     active: _builtins.bool
     """False once disabled: the user can neither log in nor use a token issued before."""
-    created_at: _builtins.float
-    """When the account was created (seconds since the epoch, UTC)."""
     token_version: _builtins.int
     """Raised by every new password; a session token is valid only for the version it names."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the account was created."""
+
     def __init__(
         self,
         *,
@@ -1479,12 +1492,12 @@ class User(_message.Message):
         username: _builtins.str = ...,
         role: _builtins.str = ...,
         active: _builtins.bool = ...,
-        created_at: _builtins.float = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
         token_version: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "created_at", b"created_at", "id", b"id", "role", b"role", "token_version", b"token_version", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "create_time", b"create_time", "id", b"id", "role", b"role", "token_version", b"token_version", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2001,7 +2014,7 @@ class ListJobEventsResponse(_message.Message):
 
     EVENTS_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
-    status: _builtins.str
+    status: _job_pb2.JobStatus.ValueType
     """The job's status when they were read."""
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobEventRecord]:
@@ -2011,7 +2024,7 @@ class ListJobEventsResponse(_message.Message):
         self,
         *,
         events: _abc.Iterable[Global___JobEventRecord] | None = ...,
-        status: _builtins.str = ...,
+        status: _job_pb2.JobStatus.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
