@@ -1,25 +1,42 @@
-"""Benchmark: one job through the real services (gRPC on loopback, the simulator over HTTP through
-the openai SDK, SQLite) at a fixed simulated latency, at several worker counts, in one run.
+"""Benchmark: tierwriter through its real services against the in-process thread pool (baseline.py)
+on the same simulator, in one run.
 
-    python bench/run_bench.py                 # 100 articles, 0.25 s a call, workers 1 5 10
-    python bench/run_bench.py --articles 100 --latency 0.5 --workers 1 2 5 10 20
+    python bench/run_bench.py                      # the full comparison (about 15 minutes)
+    python bench/run_bench.py --workers 5 50 --repeats 1
+    python bench/run_bench.py --compensation       # WORD_COUNT_COMPENSATION on and off
+    py-spy record -o profile.svg -- python bench/run_bench.py --profile 50
 
-Reports wall time, speedup against workers=1, efficiency against the ideal bound
-ceil(N / W) x calls per article x latency, model calls per article and the augmentation rate;
-then the augmentation rate with and without WORD_COUNT_COMPENSATION."""
+For each worker count W, at 0.25 s a call and at zero latency, both designs run the same job
+(one tier, 800-1,200 words) on a fresh simulator with the same seed, `--repeats` times;
+tierwriter on the in-process stack (`tierwriter up`'s) with SQLite. Reported: the median of each
+figure and its spread (min-max), and tierwriter's as a ratio to the thread pool's:
+
+- wall time: from submitting the job to its end (tierwriter: titles, articles, post-processing,
+  stats; the thread pool: titles, articles);
+- efficiency: the ideal bound over the wall time. The ideal bound is one titles call, then
+  ceil(N / W) waves of the two calls an article needs (outline, content), at the latency;
+- articles per second (zero latency);
+- model calls per article (titles excluded), from the simulator's counts;
+- first outline: seconds from submitting to the first outline request.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import statistics
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from generator_service.llm.simulator import SimulatorConfig
+from baseline import run_baseline
+
+from generator_service.domain import ProjectInfo, TierShape
+from generator_service.llm.simulator import LlmSimulator, SimulatorConfig
 from orchestrator_service.client import OrchestratorClient
 from orchestrator_service.console import augmentation_rate
 from orchestrator_service.stack import LocalStack, StackConfig
@@ -30,62 +47,64 @@ TERMINAL = {
     article_pb.ARTICLE_EVENT_KIND_FAILED,
     article_pb.ARTICLE_EVENT_KIND_SKIPPED,
 }
+# The simulator's request kinds an article's calls fall into (titles are the job's).
+ARTICLE_CALLS = ("outline", "outline_repair", "content", "augment", "continue")
+TIER = TierShape("tier1", 0, 800, 1200, 3, 5, 3, 8)
+PROJECT = ProjectInfo(
+    0, "cnc machining", ["lathe", "spindle", "end mill"], ["cnc machining cost", "cnc near me"]
+)
 
 
 @dataclass
-class Measurement:
-    """One run at one worker count."""
+class Run:
+    """One run of one design."""
 
-    workers: int
     articles: int
-    wall: float  # the whole RunJob: titles, articles, post-processing, stats
-    article_phase: float  # first article started → last article terminal
+    wall: float
     article_calls: int  # outline + content + augmentation calls
-    augmented: int
-    generated: int
+    first_outline: float  # submit → first outline request
     failed: int
+    augmented: int = 0
 
     @property
     def calls_per_article(self) -> float:
         return self.article_calls / self.articles
 
-    def ideal(self, latency: float) -> float:
-        """The article phase if every wave of W articles took exactly its calls x latency."""
-        return math.ceil(self.articles / self.workers) * self.calls_per_article * latency
-
 
 def job(articles: int) -> str:
-    return json.dumps(
-        {
-            "jobs": [
-                {
-                    "project": {
-                        "name": f"bench-{uuid.uuid4().hex[:8]}",
-                        "main_keyword": "cnc machining",
-                        "entities": ["lathe", "spindle", "end mill"],
-                        "related_searches": ["cnc machining cost"],
-                    },
-                    "tiers": {
-                        "tier1": {
-                            "count": articles,
-                            "min_word_count": 1000,
-                            "max_word_count": 1500,
-                            "min_h2_tags": 3,
-                            "max_h2_tags": 5,
-                            "min_h3_tags": 5,
-                            "max_h3_tags": 10,
-                        }
-                    },
-                }
-            ]
-        }
-    )
+    tier = {
+        "count": articles,
+        "min_word_count": TIER.min_word_count,
+        "max_word_count": TIER.max_word_count,
+        "min_h2_tags": TIER.min_h2,
+        "max_h2_tags": TIER.max_h2,
+        "min_h3_tags": TIER.min_h3,
+        "max_h3_tags": TIER.max_h3,
+    }
+    project = {
+        "name": f"bench-{uuid.uuid4().hex[:8]}",
+        "main_keyword": PROJECT.keyword,
+        "entities": PROJECT.entities,
+        "related_searches": PROJECT.related_searches,
+    }
+    return json.dumps({"jobs": [{"project": project, "tiers": {"tier1": tier}}]})
 
 
-def measure(
-    workers: int, articles: int, latency: float, compensation: int | None, seed: int
-) -> Measurement:
-    """Run the job once on a fresh stack and database."""
+def _article_calls(simulator: LlmSimulator) -> int:
+    kinds = simulator.stats().by_kind
+    return sum(kinds.get(kind, 0) for kind in ARTICLE_CALLS)
+
+
+def run_tierwriter(
+    workers: int,
+    articles: int,
+    latency: float,
+    seed: int,
+    compensation: int | None = None,
+    processes: bool = True,
+) -> Run:
+    """The job through the real services, on a fresh stack and database: one process per
+    service as `tierwriter up` runs them, or (processes=False) threads of this process."""
     with tempfile.TemporaryDirectory(prefix="tierwriter-bench-") as tmp:
         password = uuid.uuid4().hex
         config = StackConfig.on_loopback(
@@ -95,90 +114,186 @@ def measure(
             concurrent_workers=workers,
             word_count_compensation=compensation,
             admin_password=password,
+            processes=processes,
+            generator_settings={"log_level": "WARNING"},
         )
         with (
             LocalStack(config) as stack,
             OrchestratorClient(stack.orchestrator_address, "admin", password) as client,
         ):
-            first_start = last_end = 0.0
+            first_outline = 0.0
             started = time.perf_counter()
             for event in client.run_job(job(articles)):
                 if event.WhichOneof("event") == "article":
-                    now = time.perf_counter()
-                    if (
-                        event.article.kind == article_pb.ARTICLE_EVENT_KIND_STARTED
-                        and not first_start
-                    ):
-                        first_start = now
-                    if event.article.kind in TERMINAL:
-                        last_end = now
+                    kind = event.article.kind
+                    if kind == article_pb.ARTICLE_EVENT_KIND_OUTLINE_STARTED and not first_outline:
+                        first_outline = time.perf_counter() - started
                 elif event.WhichOneof("event") == "run_finished":
                     finished = event.run_finished
             wall = time.perf_counter() - started
             assert stack.simulator is not None
-            kinds = stack.simulator.stats().by_kind
+            calls = _article_calls(stack.simulator)
     if not finished.ok:
         raise SystemExit(f"benchmark run failed: {finished.error}")
     s = finished.summary
-    return Measurement(
-        workers,
-        articles,
-        wall,
-        last_end - first_start,
-        kinds.get("outline", 0) + kinds.get("content", 0) + kinds.get("augment", 0),
-        s.augmented_articles,
-        s.generated_articles,
-        s.failed_articles,
-    )
+    return Run(articles, wall, calls, first_outline, s.failed_articles, s.augmented_articles)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--articles", type=int, default=100)
-    parser.add_argument(
-        "--latency", type=float, default=0.25, help="simulated seconds per model call"
-    )
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 5, 10])
-    parser.add_argument("--seed", type=int, default=7)
-    args = parser.parse_args()
-    if args.workers[0] != 1:
-        args.workers.insert(0, 1)  # speedup is against workers=1
-
-    print(
-        f"{args.articles} articles, one tier (1000-1500 words), "
-        f"simulated latency {args.latency}s a call\n"
-    )
-    print(
-        "| workers | wall time | speedup vs 1 | article phase | ideal bound | efficiency "
-        "| calls/article | augmentation rate |"
-    )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    baseline = None
-    for workers in args.workers:
-        m = measure(workers, args.articles, args.latency, None, args.seed)
-        baseline = baseline or m.wall
-        ideal = m.ideal(args.latency)
-        print(
-            f"| {workers} | {m.wall:.2f} s | {baseline / m.wall:.2f}x | {m.article_phase:.2f} s "
-            f"| {ideal:.2f} s | {ideal / m.article_phase:.0%} | {m.calls_per_article:.2f} "
-            f"| {augmentation_rate(m.generated, m.augmented):.1%} |",
-            flush=True,
+def run_thread_pool(workers: int, articles: int, latency: float, seed: int) -> Run:
+    """The same job on the in-process thread pool, on a fresh simulator."""
+    with (
+        tempfile.TemporaryDirectory(prefix="tierwriter-baseline-") as tmp,
+        LlmSimulator(SimulatorConfig(latency=latency, seed=seed)) as simulator,
+    ):
+        run = run_baseline(
+            simulator.base_url, workers, articles, TIER, PROJECT, Path(tmp) / "baseline.db"
         )
+        calls = _article_calls(simulator)
+    return Run(run.articles, run.wall, calls, run.first_outline_after, run.failed)
 
-    top = max(args.workers)
+
+def ideal_bound(articles: int, workers: int, latency: float) -> float:
+    """One titles call, then ceil(N / W) waves of outline + content."""
+    return (1 + 2 * math.ceil(articles / workers)) * latency
+
+
+def _spread(values: list[float], fmt: Callable[[float], str]) -> str:
+    middle = fmt(statistics.median(values))
+    if len(values) == 1:
+        return middle
+    return f"{middle} ({fmt(min(values))} to {fmt(max(values))})"
+
+
+def compare(
+    workers: list[int],
+    latency: float,
+    articles: int,
+    repeats: int,
+    seed: int,
+    processes: bool,
+) -> None:
+    """One table: both designs at each worker count."""
+    how = "one process per service" if processes else "in one process"
     print(
-        f"\nWord-count compensation at workers={top} (the simulator undershoots the asked lower "
-        "bound by ~175 +/- 20 words):\n"
+        f"\n{articles} articles (800-1,200 words), {latency} s a call, {repeats} repeat(s), "
+        f"tierwriter {how}:\n"
     )
+    if latency:
+        print(
+            "| W | tierwriter wall | thread pool wall | wall ratio | efficiency tierwriter "
+            "| efficiency thread pool | calls/article | first outline |"
+        )
+    else:
+        print(
+            "| W | tierwriter articles/s | thread pool articles/s | ratio "
+            "| calls/article | first outline |"
+        )
+    print("|---:" * (8 if latency else 6) + "|")
+    for w in workers:
+        ours = [
+            run_tierwriter(w, articles, latency, seed, processes=processes) for _ in range(repeats)
+        ]
+        peer = [run_thread_pool(w, articles, latency, seed) for _ in range(repeats)]
+        ratio = statistics.median(r.wall for r in ours) / statistics.median(r.wall for r in peer)
+        calls = (
+            f"{statistics.median(r.calls_per_article for r in ours):.2f} vs "
+            f"{statistics.median(r.calls_per_article for r in peer):.2f}"
+        )
+        first = (
+            f"{statistics.median(r.first_outline for r in ours):.2f} s vs "
+            f"{statistics.median(r.first_outline for r in peer):.2f} s"
+        )
+        failed = sum(r.failed for r in ours + peer)
+        note = f" ({failed} failed)" if failed else ""
+        if latency:
+            ideal = ideal_bound(articles, w, latency)
+            print(
+                f"| {w} | {_spread([r.wall for r in ours], lambda v: f'{v:.2f} s')} "
+                f"| {_spread([r.wall for r in peer], lambda v: f'{v:.2f} s')} "
+                f"| {ratio:.2f}x "
+                f"| {_spread([ideal / r.wall for r in ours], lambda v: f'{v:.2f}')} "
+                f"| {_spread([ideal / r.wall for r in peer], lambda v: f'{v:.2f}')} "
+                f"| {calls} | {first}{note} |",
+                flush=True,
+            )
+        else:
+            print(
+                f"| {w} | {_spread([articles / r.wall for r in ours], lambda v: f'{v:.0f}')} "
+                f"| {_spread([articles / r.wall for r in peer], lambda v: f'{v:.0f}')} "
+                f"| {1 / ratio:.2f}x | {calls} | {first}{note} |",
+                flush=True,
+            )
+
+
+def compensation_table(workers: int, articles: int, latency: float, seed: int) -> None:
+    print(f"\nWord-count compensation at workers={workers}:\n")
     print("| WORD_COUNT_COMPENSATION | augmentation rate | calls/article | wall time |")
     print("|---:|---:|---:|---:|")
     for compensation in (200, 0):
-        m = measure(top, args.articles, args.latency, compensation, args.seed)
+        r = run_tierwriter(workers, articles, latency, seed, compensation)
+        rate = augmentation_rate(r.articles - r.augmented - r.failed, r.augmented)
         print(
-            f"| {compensation} | {augmentation_rate(m.generated, m.augmented):.1%} "
-            f"| {m.calls_per_article:.2f} | {m.wall:.2f} s |",
+            f"| {compensation} | {rate:.1%} | {r.calls_per_article:.2f} | {r.wall:.2f} s |",
             flush=True,
         )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 5, 10, 50, 200])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--articles",
+        type=int,
+        default=0,
+        help="articles per job (default: 100 below 50 workers, 500 from 50, at 0.25 s; "
+        "500 at zero latency)",
+    )
+    parser.add_argument("--latencies", type=float, nargs="+", default=[0.25, 0.0])
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run tierwriter's services as threads of one process (as the tests and the demo "
+        "do) instead of one process per service (as `tierwriter up` does)",
+    )
+    parser.add_argument(
+        "--compensation",
+        action="store_true",
+        help="only the word-count compensation table (100 articles, 10 workers, 0.25 s)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        metavar="W",
+        help="only tierwriter, once, at W workers, 500 articles, zero latency (run it under "
+        "py-spy or pyinstrument)",
+    )
+    args = parser.parse_args()
+    if args.compensation:
+        compensation_table(10, args.articles or 100, 0.25, args.seed)
+        return
+    if args.profile:
+        r = run_tierwriter(
+            args.profile, args.articles or 500, 0.0, args.seed, processes=not args.in_process
+        )
+        print(f"{r.articles} articles in {r.wall:.2f} s: {r.articles / r.wall:.0f}/s")
+        return
+    for latency in args.latencies:
+        if args.articles:
+            groups = {args.articles: args.workers}
+        elif latency:
+            groups = {
+                100: [w for w in args.workers if w < 50],
+                500: [w for w in args.workers if w >= 50],
+            }
+        else:
+            groups = {500: args.workers}
+        for articles, workers in groups.items():
+            if workers:
+                compare(workers, latency, articles, args.repeats, args.seed, not args.in_process)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 # with many jobs finishing at once (server-owned jobs run side by side), that can happen a few
 # times in a row.
 URL_ATTEMPTS = 10
+# Pages recorded per SetArticlePublications call: about this many bytes of HTML, well below
+# gRPC's 4 MiB message limit.
+PUBLICATION_BATCH_BYTES = 1024 * 1024
 
 
 @dataclass
@@ -40,6 +43,7 @@ class _Page:
     published: Published
     body: str = ""
     html: str = ""
+    description: str = ""  # as the page's meta description, for the site's index
     path: Path = field(default_factory=Path)
 
 
@@ -200,7 +204,7 @@ class JobPublisher:
             site = page.published.site
             name = template_sets.get(site, "")
             template = publish.site_template(self._templates, name, publish.ARTICLE_TEMPLATE)
-            page.html = publish.render_article(
+            rendered = publish.render_article(
                 template,
                 title=page.record.title,
                 body=page.body,
@@ -209,6 +213,7 @@ class JobPublisher:
                 url=page.published.url,
                 tier=page.record.tier,
             )
+            page.html, page.description = rendered.html, rendered.description
         used = sorted({template_sets.get(p.published.site, "") or "default" for p in pages})
         detail = f"template sets: {', '.join(used) or 'none'}"
         if missing:
@@ -226,17 +231,29 @@ class JobPublisher:
     ) -> tuple[int, str]:
         root = self._output_root
         by_site: dict[str, list[_Page]] = {}
+        batch: list[db_pb.ArticlePublication] = []
+        batch_bytes = 0
         for page in pages:
             page.path = publish.output_path(root, job_id, page.published.site, page.published.slug)
             write_atomically(page.path, page.html)
-            self._persistence.set_publication(page.record.id, str(page.path), page.html)
             by_site.setdefault(page.published.site, []).append(page)
+            batch.append(
+                db_pb.ArticlePublication(
+                    article_id=page.record.id, output_path=str(page.path), html=page.html
+                )
+            )
+            batch_bytes += len(page.html)
+            if batch_bytes >= PUBLICATION_BATCH_BYTES:  # one commit per batch, not per page
+                self._persistence.set_publications(batch)
+                batch, batch_bytes = [], 0
+        if batch:
+            self._persistence.set_publications(batch)
         for site, site_pages in by_site.items():
             entries = [
                 publish.IndexEntry(
                     title=p.record.title,
                     href=p.path.name,
-                    description=publish.meta_description(publish.sanitise(p.record.content)),
+                    description=p.description,
                     tier=p.record.tier,
                 )
                 for p in site_pages

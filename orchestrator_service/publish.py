@@ -13,7 +13,7 @@ import jinja2
 import nh3
 from markupsafe import Markup
 
-from generator_service.text import count_words, visible_text
+from generator_service.text import count_text_words, visible_text
 
 BUNDLED_TEMPLATES = Path(__file__).parent / "templates"
 ARTICLE_TEMPLATE = "article.html"
@@ -116,10 +116,18 @@ def template_environment(templates_dir: Path | None) -> jinja2.Environment:
     )
 
 
-def meta_description(html: str, limit: int = 155) -> str:
-    """The first words of the visible text, cut at a word boundary."""
-    text = " ".join(visible_text(html).split())
+def meta_description(visible: str, limit: int = 155) -> str:
+    """The first words of a page's visible text (visible_text), cut at a word boundary."""
+    text = " ".join(visible.split())
     return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + "…"
+
+
+@dataclass(frozen=True)
+class RenderedPage:
+    """An article's page, and the description its site's index shows for it."""
+
+    html: str
+    description: str
 
 
 def has_template_set(env: jinja2.Environment, template_set: str) -> bool:
@@ -147,21 +155,24 @@ def render_article(
     url: str,
     tier: str,
     index_href: str = "index.html",
-) -> str:
+) -> RenderedPage:
     """One article page. Title and description are escaped by autoescape; the body is sanitised
-    first and only then marked safe."""
+    first and only then marked safe. Its HTML is parsed once (the most costly step)."""
     clean = sanitise(body)
-    return template.render(
+    visible = visible_text(clean)
+    description = meta_description(visible)
+    html = template.render(
         title=title,
         body=Markup(clean),
-        description=meta_description(clean),
+        description=description,
         keyword=keyword,
         site=site or NO_SITE,
         url=url,
         tier=tier,
-        word_count=count_words(clean),
+        word_count=count_text_words(visible),
         index_href=index_href,
     )
+    return RenderedPage(html, description)
 
 
 def render_index(

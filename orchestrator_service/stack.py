@@ -1,11 +1,19 @@
-"""LocalStack: all three services (and the simulator when no API key is set) in this process,
-on loopback. `tierwriter up`, `tierwriter demo`, the integration tests and the benchmark all start
-tierwriter this one way."""
+"""LocalStack: all three services (and the simulator when no API key is set) on this machine.
+`tierwriter up`, `tierwriter demo`, the integration tests and the benchmark all start tierwriter
+this one way: in this process (threads: quick to start, what tests and the demo use), or with
+`processes=True` one process per service, so that the three use every core instead of sharing
+one interpreter lock (`tierwriter up`, the benchmark)."""
 
 from __future__ import annotations
 
 import logging
+import os
 import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -22,7 +30,7 @@ from persistence_service.config import Settings as PersistenceSettings
 from persistence_service.server import bootstrap_admin
 from persistence_service.server import build_server as build_persistence
 from persistence_service.store import Store
-from tierwriter import runtime
+from tierwriter import healthcheck, runtime
 from tierwriter.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -50,6 +58,9 @@ class StackConfig:
     generator_settings: dict[str, Any] = field(default_factory=dict)
     # Orchestrator settings by field name, over the environment's (e.g. jobs_per_user=1).
     orchestrator_settings: dict[str, Any] = field(default_factory=dict)
+    # One process per service (python -m <service>), each started with this environment plus
+    # the settings above; False: threads of this process.
+    processes: bool = False
 
     @classmethod
     def on_loopback(cls, **fields: Any) -> StackConfig:
@@ -78,6 +89,7 @@ class LocalStack:
     generator_address: str = ""
     persistence_address: str = ""
     _running: list[runtime.RunningServer] = field(default_factory=list)
+    _processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def __enter__(self) -> LocalStack:
         try:
@@ -101,6 +113,9 @@ class LocalStack:
         # set, so even the in-process stack refuses outside callers of its internal services.
         token = SecretStr(ServiceSettings().service_token_value() or secrets.token_urlsafe(32))
         self.service_token = token.get_secret_value()
+        if c.processes:
+            self._start_processes()
+            return
         generator_settings = GeneratorSettings(
             **_given(  # type: ignore[arg-type]
                 word_count_compensation=c.word_count_compensation, service_token=token
@@ -154,11 +169,109 @@ class LocalStack:
             c.orchestrator_address or orchestrator_settings.orchestrator_address, orchestrator.port
         )
 
+    def _start_processes(self) -> None:
+        """persistence, generator, orchestrator: each `python -m` its package, in that order,
+        each SERVING before the next starts (the next one's first calls go to it)."""
+        c = self.config
+        env = {**os.environ, "SERVICE_TOKEN": self.service_token}
+        if c.simulator is not None or not (
+            os.environ.get("OPENAI_API_KEY") or os.environ.get("OPENAI_BASE_URL")
+        ):
+            self.simulator = LlmSimulator(c.simulator or SimulatorConfig()).start()
+            env.pop("OPENAI_API_KEY", None)
+            env["OPENAI_BASE_URL"] = self.simulator.base_url
+        self.persistence_address = _bindable(c.persistence_address, "PERSISTENCE_ADDRESS")
+        self.generator_address = _bindable(c.generator_address, "GENERATOR_ADDRESS")
+        self.orchestrator_address = _bindable(c.orchestrator_address, "ORCHESTRATOR_ADDRESS")
+        env.update(
+            PERSISTENCE_ADDRESS=self.persistence_address,
+            GENERATOR_ADDRESS=self.generator_address,
+            ORCHESTRATOR_ADDRESS=self.orchestrator_address,
+            **{
+                name: str(value)
+                for name, value in {
+                    "DATABASE_URL": c.database_url,
+                    "OUTPUT_DIR": c.output_dir,
+                    "TEMPLATES_DIR": c.templates_dir,
+                    "CONCURRENT_WORKERS": c.concurrent_workers,
+                    "WORD_COUNT_COMPENSATION": c.word_count_compensation,
+                    "TIERWRITER_ADMIN_PASSWORD": c.admin_password,
+                }.items()
+                if value is not None
+            },
+            **_environment(GeneratorSettings, c.generator_settings),
+            **_environment(OrchestratorSettings, c.orchestrator_settings),
+        )
+        for package, address in (
+            ("persistence_service", self.persistence_address),
+            ("generator_service", self.generator_address),
+            ("orchestrator_service", self.orchestrator_address),
+        ):
+            # Output and logs go where ours go; persistence prints a generated admin password.
+            process = subprocess.Popen([sys.executable, "-m", package], env=env)
+            self._processes.append(process)
+            _wait_until_serving(process, package, address)
+
     def stop(self, grace: float = 5.0) -> None:
         """Stop every server this stack started (in-flight calls get `grace` seconds), then the
         simulator."""
         while self._running:
             self._running.pop().stop(grace)
+        while self._processes:
+            process = self._processes.pop()
+            process.send_signal(signal.SIGTERM)  # each stops gracefully, as in production
+            try:
+                process.wait(timeout=grace + 10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
         if self.simulator is not None:
             self.simulator.stop()
             self.simulator = None
+
+
+# How long a service process may take to import, migrate the database and answer SERVING.
+START_SECONDS = 120.0
+
+
+def _bindable(address: str | None, variable: str) -> str:
+    """The address a service process listens on: the given one, else its *_ADDRESS setting; a
+    free port for port 0 (a child process could not tell us which one it picked)."""
+    address = address or os.environ.get(variable) or DEFAULT_ADDRESSES[variable]
+    host, _, port = address.rpartition(":")
+    if port != "0":
+        return address
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return f"{host}:{probe.getsockname()[1]}"
+
+
+DEFAULT_ADDRESSES = {
+    "PERSISTENCE_ADDRESS": PersistenceSettings.model_fields["persistence_address"].default,
+    "GENERATOR_ADDRESS": GeneratorSettings.model_fields["generator_address"].default,
+    "ORCHESTRATOR_ADDRESS": OrchestratorSettings.model_fields["orchestrator_address"].default,
+}
+
+
+def _environment(settings: type[Any], values: dict[str, Any]) -> dict[str, str]:
+    """Settings given by field name as the environment variables they are read from."""
+    fields = settings.model_fields
+    return {(fields[name].alias or name.upper()): str(value) for name, value in values.items()}
+
+
+def _wait_until_serving(process: subprocess.Popen[bytes], package: str, address: str) -> None:
+    """Until the service answers SERVING; RuntimeError when it exits first or never does."""
+    deadline = time.monotonic() + START_SECONDS
+    # Only the orchestrator serves TLS (TLS_CERT_FILE); the probe speaks it as a container's does.
+    tls = package == "orchestrator_service"
+    roots = healthcheck.trusted_roots() if tls else None
+    name = os.environ.get("TLS_SERVER_NAME", "") if tls else ""
+    while not healthcheck.check(address, timeout=2.0, root_certificates=roots, server_name=name):
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"{package} exited with code {process.returncode} before serving on {address} "
+                "(its messages are above)"
+            )
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{package} did not serve on {address} within {START_SECONDS:.0f} s")
+        time.sleep(0.2)

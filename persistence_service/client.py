@@ -217,11 +217,10 @@ class PersistenceClient:
         request = pb.ListTakenUrlsRequest(hostnames=hostnames, exclude_job_id=exclude_job_id)
         return list(self._call(self._stub.ListTakenUrls, request).urls)
 
-    def set_publication(self, article_id: int, output_path: str, html: str) -> pb.Article:
-        request = pb.SetArticlePublicationRequest(
-            article_id=article_id, output_path=output_path, html=html
-        )
-        return self._call(self._stub.SetArticlePublication, request).article
+    def set_publications(self, pages: Sequence[pb.ArticlePublication]) -> int:
+        """Record rendered pages, in one transaction per call."""
+        request = pb.SetArticlePublicationsRequest(publications=pages)
+        return self._call(self._stub.SetArticlePublications, request).count
 
     def word_samples(self, model: str, limit: int) -> list[tuple[int, int]]:
         """(asked, delivered) words of the model's latest drafts, oldest first."""

@@ -468,16 +468,12 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
         )
         return pb.ListTakenUrlsResponse(urls=urls)
 
-    def SetArticlePublication(
-        self, request: pb.SetArticlePublicationRequest, context: grpc.ServicerContext
-    ) -> pb.SetArticlePublicationResponse:
-        article = self._call(
-            context,
-            lambda: self._store.set_publication(
-                request.article_id, request.output_path, request.html
-            ),
-        )
-        return pb.SetArticlePublicationResponse(article=article_to_proto(article))
+    def SetArticlePublications(
+        self, request: pb.SetArticlePublicationsRequest, context: grpc.ServicerContext
+    ) -> pb.SetArticlePublicationsResponse:
+        pages = {p.article_id: (p.output_path, p.html) for p in request.publications}
+        count = self._call(context, lambda: self._store.set_publications(pages))
+        return pb.SetArticlePublicationsResponse(count=count)
 
     def GetJobStats(
         self, request: pb.GetJobStatsRequest, context: grpc.ServicerContext

@@ -516,15 +516,18 @@ class Store:
         with self._uow() as uow:
             return repository.urls_on_sites(uow.session, hostnames, exclude_job_id)
 
-    def set_publication(self, article_id: int, output_path: str, html: str) -> Article:
-        """Record the page post-processing rendered for an article and where it wrote it."""
+    def set_publications(self, pages: dict[int, tuple[str, str]]) -> int:
+        """Record the pages post-processing rendered, {article id: (output path, html)}, in one
+        transaction: all or, when an article does not exist, none."""
         with self._uow() as uow:
-            article = uow.session.get(Article, article_id)
-            if article is None:
-                raise NotFoundError(f"article {article_id} does not exist")
-            article.output_path, article.html = output_path, html
+            articles = repository.articles_by_ids(uow.session, list(pages))
+            missing = set(pages) - {a.id for a in articles}
+            if missing:
+                raise NotFoundError(f"article {min(missing)} does not exist")
+            for article in articles:
+                article.output_path, article.html = pages[article.id]
             uow.commit()
-            return article
+            return len(articles)
 
     def job_stats(self, job_ids: Sequence[int]) -> Stats:
         """Counts over the given jobs, computed from the records in one read."""

@@ -20,7 +20,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tierwriter import runtime
 
 
-def _trusted_roots() -> bytes | None:
+def trusted_roots() -> bytes | None:
+    """The certificates a probe of this container's TLS service trusts; None without TLS."""
     if not os.environ.get("TLS_CERT_FILE"):
         return None
     return Path(os.environ.get("TIERWRITER_CA_FILE") or os.environ["TLS_CERT_FILE"]).read_bytes()
@@ -50,5 +51,5 @@ if __name__ == "__main__":
         sys.exit(__doc__)
     service = sys.argv[2] if len(sys.argv) == 3 else ""
     name = os.environ.get("TLS_SERVER_NAME", "")
-    roots = _trusted_roots()
+    roots = trusted_roots()
     sys.exit(0 if check(sys.argv[1], service, root_certificates=roots, server_name=name) else 1)

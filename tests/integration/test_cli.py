@@ -245,6 +245,10 @@ def test_up_serves_until_ctrl_c_and_prints_the_generated_password_once(tmp_path:
             password = re.search(r"generated password: (\S+)", banner)
             assert password, banner
             assert "LLM simulator http://127.0.0.1:" in banner
+            # One process per service, so the three use every core.
+            assert _child_modules(process.pid) == {
+                "persistence_service", "generator_service", "orchestrator_service"
+            }  # fmt: skip
 
             job = tmp_path / "job.json"
             job.write_text(
@@ -294,6 +298,20 @@ def test_up_serves_until_ctrl_c_and_prints_the_generated_password_once(tmp_path:
         finally:
             if again.poll() is None:
                 again.kill()
+
+
+def _child_modules(pid: int) -> set[str]:
+    """The `python -m <module>` children of process `pid` (Linux /proc)."""
+    modules = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            command = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue  # the process ended while we looked
+        if parent == pid and b"-m" in command:
+            modules.add(command[command.index(b"-m") + 1].decode())
+    return modules
 
 
 def test_projects_sites_and_publish_from_the_command_line(start_stack, tmp_path: Path) -> None:

@@ -63,7 +63,7 @@ def _page(title: str, body: str) -> str:
         site="a.com",
         url="https://a.com/p.html",
         tier="tier1",
-    )
+    ).html
 
 
 @pytest.mark.parametrize("payload", PAYLOADS)
@@ -107,7 +107,7 @@ def test_a_site_template_set_is_used_and_the_default_otherwise(tmp_path: Path) -
         url="u",
         tier="tier1",
     )
-    assert page == "MAGAZINE &lt;T&gt; <p>x</p>"
+    assert page.html == "MAGAZINE &lt;T&gt; <p>x</p>"
     # The set has no index.html: the default one is used for the site index.
     assert site_template(env, "magazine", INDEX_TEMPLATE).name == INDEX_TEMPLATE
     assert site_template(env, "", ARTICLE_TEMPLATE).name == ARTICLE_TEMPLATE

@@ -209,3 +209,13 @@ def test_a_url_belongs_to_one_article_and_a_conflict_changes_nothing(store: Stor
     other = store.create_job(project_id, {"tiers": []}, 5, 1, "admin").id
     assert store.taken_urls(["a.net"], exclude_job_id=other) == []  # site of _article is ""
     assert store.taken_urls([""], exclude_job_id=other) == ["https://a.net/x.html"]
+
+
+def test_pages_are_recorded_together_or_not_at_all(store: Store) -> None:
+    project_id, job_id = _job(store, 2)
+    ids = [store.save_article(_article(project_id, job_id, i, "generated"))[0].id for i in range(2)]
+    with pytest.raises(NotFoundError, match="article 424242 does not exist"):
+        store.set_publications({ids[0]: ("a.html", "<p>a</p>"), 424242: ("x.html", "x")})
+    assert [a.html for a in store.list_articles(job_id)] == ["", ""]
+    assert store.set_publications({i: (f"{i}.html", f"<p>{i}</p>") for i in ids}) == 2
+    assert [a.output_path for a in store.list_articles(job_id)] == [f"{i}.html" for i in ids]

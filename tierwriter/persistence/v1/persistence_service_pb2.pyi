@@ -1148,8 +1148,8 @@ class ListTakenUrlsResponse(_message.Message):
 Global___ListTakenUrlsResponse: _TypeAlias = ListTakenUrlsResponse  # noqa: Y015
 
 @_typing.final
-class SetArticlePublicationRequest(_message.Message):
-    """Request for SetArticlePublication."""
+class ArticlePublication(_message.Message):
+    """One article's page."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1175,7 +1175,31 @@ class SetArticlePublicationRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___SetArticlePublicationRequest: _TypeAlias = SetArticlePublicationRequest  # noqa: Y015
+Global___ArticlePublication: _TypeAlias = ArticlePublication  # noqa: Y015
+
+@_typing.final
+class SetArticlePublicationsRequest(_message.Message):
+    """Request for SetArticlePublications."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PUBLICATIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def publications(self) -> _containers.RepeatedCompositeFieldContainer[Global___ArticlePublication]:
+        """The pages."""
+
+    def __init__(
+        self,
+        *,
+        publications: _abc.Iterable[Global___ArticlePublication] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["publications", b"publications"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetArticlePublicationsRequest: _TypeAlias = SetArticlePublicationsRequest  # noqa: Y015
 
 @_typing.final
 class ArticleCounts(_message.Message):
@@ -2251,28 +2275,26 @@ class GetJobResponse(_message.Message):
 Global___GetJobResponse: _TypeAlias = GetJobResponse  # noqa: Y015
 
 @_typing.final
-class SetArticlePublicationResponse(_message.Message):
-    """Response of SetArticlePublication."""
+class SetArticlePublicationsResponse(_message.Message):
+    """Response of SetArticlePublications."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    ARTICLE_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def article(self) -> Global___Article:
-        """The article now."""
-
+    COUNT_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    """Articles recorded."""
     def __init__(
         self,
         *,
-        article: Global___Article | None = ...,
+        count: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["article", b"article"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["article", b"article"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___SetArticlePublicationResponse: _TypeAlias = SetArticlePublicationResponse  # noqa: Y015
+Global___SetArticlePublicationsResponse: _TypeAlias = SetArticlePublicationsResponse  # noqa: Y015
 
 @_typing.final
 class VerifyCredentialsResponse(_message.Message):

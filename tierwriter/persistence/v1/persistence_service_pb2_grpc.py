@@ -146,10 +146,10 @@ class PersistenceServiceStub:
                 request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListTakenUrlsRequest.SerializeToString,
                 response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListTakenUrlsResponse.FromString,
                 _registered_method=True)
-        self.SetArticlePublication = channel.unary_unary(
-                '/tierwriter.persistence.v1.PersistenceService/SetArticlePublication',
-                request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetArticlePublicationRequest.SerializeToString,
-                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetArticlePublicationResponse.FromString,
+        self.SetArticlePublications = channel.unary_unary(
+                '/tierwriter.persistence.v1.PersistenceService/SetArticlePublications',
+                request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetArticlePublicationsRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetArticlePublicationsResponse.FromString,
                 _registered_method=True)
         self.GetJobStats = channel.unary_unary(
                 '/tierwriter.persistence.v1.PersistenceService/GetJobStats',
@@ -361,8 +361,9 @@ class PersistenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def SetArticlePublication(self, request, context):
-        """Records the page a post-processed article was rendered into and where it was written.
+    def SetArticlePublications(self, request, context):
+        """Records the pages post-processed articles were rendered into and where they were written,
+        in one transaction; NOT_FOUND (and nothing recorded) when an article does not exist.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -545,10 +546,10 @@ def add_PersistenceServiceServicer_to_server(servicer, server):
                     request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListTakenUrlsRequest.FromString,
                     response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListTakenUrlsResponse.SerializeToString,
             ),
-            'SetArticlePublication': grpc.unary_unary_rpc_method_handler(
-                    servicer.SetArticlePublication,
-                    request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetArticlePublicationRequest.FromString,
-                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetArticlePublicationResponse.SerializeToString,
+            'SetArticlePublications': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetArticlePublications,
+                    request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetArticlePublicationsRequest.FromString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetArticlePublicationsResponse.SerializeToString,
             ),
             'GetJobStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJobStats,
@@ -1203,7 +1204,7 @@ class PersistenceService:
             _registered_method=True)
 
     @staticmethod
-    def SetArticlePublication(request,
+    def SetArticlePublications(request,
             target,
             options=(),
             channel_credentials=None,
@@ -1216,9 +1217,9 @@ class PersistenceService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tierwriter.persistence.v1.PersistenceService/SetArticlePublication',
-            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetArticlePublicationRequest.SerializeToString,
-            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetArticlePublicationResponse.FromString,
+            '/tierwriter.persistence.v1.PersistenceService/SetArticlePublications',
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetArticlePublicationsRequest.SerializeToString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetArticlePublicationsResponse.FromString,
             options,
             channel_credentials,
             insecure,
