@@ -30,7 +30,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from baseline import run_baseline
@@ -65,6 +65,7 @@ class Run:
     first_outline: float  # submit → first outline request
     failed: int
     augmented: int = 0
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)  # per service process
 
     @property
     def calls_per_article(self) -> float:
@@ -133,10 +134,35 @@ def run_tierwriter(
             wall = time.perf_counter() - started
             assert stack.simulator is not None
             calls = _article_calls(stack.simulator)
+            peaks = {name: _peak_rss_mb(pid) for name, pid in stack.service_pids().items()}
     if not finished.ok:
         raise SystemExit(f"benchmark run failed: {finished.error}")
     s = finished.summary
-    return Run(articles, wall, calls, first_outline, s.failed_articles, s.augmented_articles)
+    return Run(articles, wall, calls, first_outline, s.failed_articles, s.augmented_articles, peaks)
+
+
+def _peak_rss_mb(pid: int) -> float:
+    """A process's peak resident memory so far (Linux: VmHWM), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def memory_table(workers: int, sizes: list[int], seed: int) -> None:
+    """Peak memory of the three service processes for jobs of growing size (zero latency)."""
+    print(f"\nPeak RSS of the service processes, one job, {workers} workers, zero latency:\n")
+    print("| articles | persistence | generator | orchestrator | together | wall |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for n in sizes:
+        r = run_tierwriter(workers, n, 0.0, seed)
+        peak = r.peak_rss_mb
+        print(
+            f"| {n} | {peak['persistence_service']:.0f} MB | {peak['generator_service']:.0f} MB "
+            f"| {peak['orchestrator_service']:.0f} MB | {sum(peak.values()):.0f} MB "
+            f"| {r.wall:.1f} s |",
+            flush=True,
+        )
 
 
 def run_thread_pool(workers: int, articles: int, latency: float, seed: int) -> Run:
@@ -265,6 +291,13 @@ def main() -> None:
         help="only the word-count compensation table (100 articles, 10 workers, 0.25 s)",
     )
     parser.add_argument(
+        "--memory",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="only the services' peak memory for jobs of N articles (e.g. 500 2000 10000)",
+    )
+    parser.add_argument(
         "--profile",
         type=int,
         metavar="W",
@@ -274,6 +307,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.compensation:
         compensation_table(10, args.articles or 100, 0.25, args.seed)
+        return
+    if args.memory:
+        memory_table(50, args.memory, args.seed)
         return
     if args.profile:
         r = run_tierwriter(

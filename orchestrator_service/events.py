@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 FLUSH_SECONDS = 0.2
 POLL_SECONDS = 1.0
 LOCAL_CHECK_SECONDS = 0.1
+# Stored events a log keeps in memory for watchers close behind; one further back reads the
+# database. Keeps an orchestrator's memory flat however long a job is.
+KEPT_STORED_EVENTS = 1000
 
 
 class JobEventLog:
@@ -42,8 +45,11 @@ class JobEventLog:
         self.first_seq = first_seq  # numbers up to this one belong to earlier runs
         self._store = store
         self._cond = threading.Condition()
-        self._events: list[pb.JobEvent] = []  # seq first_seq+1, first_seq+2, …
-        self._stored = first_seq
+        # Events from seq first_seq + dropped + 1 on; the stored ones beyond the newest
+        # KEPT_STORED_EVENTS are dropped.
+        self._events: list[pb.JobEvent] = []
+        self._dropped = 0
+        self._stored = first_seq  # the last stored seq
         self._ended = False  # no more events: the writer stores the rest and stops
         self._closed = False  # and watchers here stop following the log
         self._writer = threading.Thread(target=self._write, name=f"job{job_id}-events")
@@ -52,7 +58,14 @@ class JobEventLog:
     @property
     def last_seq(self) -> int:
         with self._cond:
-            return self.first_seq + len(self._events)
+            return self._last_seq()
+
+    def _last_seq(self) -> int:
+        return self.first_seq + self._dropped + len(self._events)
+
+    def _index(self, seq: int) -> int:
+        """Where the event after `seq` is in self._events (negative: dropped already)."""
+        return seq - self.first_seq - self._dropped
 
     @property
     def closed(self) -> bool:
@@ -62,20 +75,24 @@ class JobEventLog:
     def emit(self, event: pb.JobEvent) -> pb.JobEvent:
         """Number the event and publish it."""
         with self._cond:
-            event.seq = self.first_seq + len(self._events) + 1
+            event.seq = self._last_seq() + 1
             event.job_id = self.job_id
             self._events.append(event)
             self._cond.notify_all()
         return event
 
-    def read(self, after_seq: int, timeout: float) -> tuple[list[pb.JobEvent], bool]:
+    def read(self, after_seq: int, timeout: float) -> tuple[list[pb.JobEvent], bool] | None:
         """Events after `after_seq` (waiting up to `timeout` for one), and whether the log is
-        closed with nothing more to come."""
+        closed with nothing more to come; None when events after `after_seq` were dropped from
+        memory (they are stored: read them from the database)."""
         with self._cond:
-            start = max(0, after_seq - self.first_seq)
-            if start >= len(self._events) and not self._closed:
+            if self._index(max(after_seq, self.first_seq)) < 0:
+                return None
+            if self._index(after_seq) >= len(self._events) and not self._closed:
                 self._cond.wait(timeout)
-            events = self._events[start:]
+                if self._index(max(after_seq, self.first_seq)) < 0:
+                    return None
+            events = self._events[self._index(max(after_seq, self.first_seq)) :]
             return events, self._closed and not events
 
     def end(self) -> None:
@@ -97,13 +114,13 @@ class JobEventLog:
     def _write(self) -> None:
         while True:
             with self._cond:
-                while self._stored - self.first_seq >= len(self._events) and not self._ended:
+                while self._stored >= self._last_seq() and not self._ended:
                     self._cond.wait()
                 ended = self._ended
             if not ended:
                 threading.Event().wait(FLUSH_SECONDS)  # gather a batch
             with self._cond:
-                batch = self._events[self._stored - self.first_seq :]
+                batch = self._events[self._index(self._stored) :]
                 ended = self._ended
             if batch:
                 try:
@@ -118,6 +135,10 @@ class JobEventLog:
                     continue
                 with self._cond:
                     self._stored = batch[-1].seq
+                    extra = self._index(self._stored) - KEPT_STORED_EVENTS
+                    if extra > 0:  # stored and far behind: the database has them
+                        del self._events[:extra]
+                        self._dropped += extra
             elif ended:
                 return
 
@@ -136,8 +157,9 @@ def watch(
     seq = after_seq
     while active():
         live = local_log(job_id)
-        if live is not None and seq >= live.first_seq:
-            events, closed = live.read(seq, POLL_SECONDS)
+        read = live.read(seq, POLL_SECONDS) if live is not None and seq >= live.first_seq else None
+        if read is not None:
+            events, closed = read
             for event in events:
                 seq = event.seq
                 yield event

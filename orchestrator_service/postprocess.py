@@ -37,13 +37,13 @@ PUBLICATION_BATCH_BYTES = 1024 * 1024
 
 @dataclass
 class _Page:
-    """One successful article on its way to a file."""
+    """One successful article on its way to a file. Only its metadata stays in memory: its
+    text is read a page of records at a time while the files are written."""
 
-    record: db_pb.Article
+    record: db_pb.Article  # without content and html
     published: Published
-    body: str = ""
-    html: str = ""
-    description: str = ""  # as the page's meta description, for the site's index
+    links: list[interlink.Link] = field(default_factory=list)
+    description: str = ""  # the page's meta description, for the site's index
     path: Path = field(default_factory=Path)
 
 
@@ -73,7 +73,7 @@ class JobPublisher:
         spec = JobSpec.from_proto(job.spec)
         project = self._persistence.get_project(job.project_id)
         records = sorted(
-            self._persistence.list_articles(job_id),
+            self._persistence.list_articles(job_id, metadata_only=True),
             key=lambda a: (tier_number(a.tier), a.article_index),
         )
         skipped = [
@@ -88,6 +88,7 @@ class JobPublisher:
         successful = [a for a in records if a.status != article_pb.ARTICLE_STATUS_FAILED]
         template_sets = {s.hostname: s.template for s in self._persistence.list_sites()}
         pages: list[_Page] = []
+        templates: dict[tuple[str, str], jinja2.Template] = {}  # (site, file) → template
 
         def urls() -> tuple[int, str]:
             nonlocal pages
@@ -97,8 +98,8 @@ class JobPublisher:
         steps = [
             (pb.POST_STEP_URLS, urls),
             (pb.POST_STEP_LINKS, lambda: self._links(spec, project, pages)),
-            (pb.POST_STEP_TEMPLATES, lambda: self._render(pages, template_sets)),
-            (pb.POST_STEP_EXPORT, lambda: self._export(job_id, project, pages, template_sets)),
+            (pb.POST_STEP_TEMPLATES, lambda: self._templates_of(pages, template_sets, templates)),
+            (pb.POST_STEP_EXPORT, lambda: self._export(job_id, project, pages, templates)),
         ]
         for step, run in steps:
             report = pb.PostProcessingStep(job_id=job_id, step=step)
@@ -179,9 +180,8 @@ class JobPublisher:
         by_source: dict[int, list[interlink.Link]] = {}
         for link in plan.links:
             by_source.setdefault(link.source_id, []).append(link)
-        for page in pages:
-            links = by_source.get(page.record.id, [])
-            page.body = interlink.place_links(page.record.content, links, seed=page.record.id)
+        for page in pages:  # placed in the text when the page is written (export)
+            page.links = by_source.get(page.record.id, [])
         parts = [
             f"{plan.count('money')} to the money site",
             f"{plan.count('up')} up a tier",
@@ -192,7 +192,15 @@ class JobPublisher:
 
     # Templating -----------------------------------------------------------------------------
 
-    def _render(self, pages: list[_Page], template_sets: dict[str, str]) -> tuple[int, str]:
+    def _templates_of(
+        self,
+        pages: list[_Page],
+        template_sets: dict[str, str],
+        templates: dict[tuple[str, str], jinja2.Template],
+    ) -> tuple[int, str]:
+        """Each site's article and index templates, loaded and compiled into `templates` (a
+        template with an error fails here, before any file is written); the pages render as
+        they are written."""
         missing = sorted(
             {
                 f"{site} ({name})"
@@ -200,20 +208,11 @@ class JobPublisher:
                 if name and not publish.has_template_set(self._templates, name)
             }
         )
-        for page in pages:
-            site = page.published.site
-            name = template_sets.get(site, "")
-            template = publish.site_template(self._templates, name, publish.ARTICLE_TEMPLATE)
-            rendered = publish.render_article(
-                template,
-                title=page.record.title,
-                body=page.body,
-                keyword=page.record.keyword,
-                site=site,
-                url=page.published.url,
-                tier=page.record.tier,
-            )
-            page.html, page.description = rendered.html, rendered.description
+        for site in {page.published.site for page in pages}:
+            for name in (publish.ARTICLE_TEMPLATE, publish.INDEX_TEMPLATE):
+                templates[site, name] = publish.site_template(
+                    self._templates, template_sets.get(site, ""), name
+                )
         used = sorted({template_sets.get(p.published.site, "") or "default" for p in pages})
         detail = f"template sets: {', '.join(used) or 'none'}"
         if missing:
@@ -222,32 +221,58 @@ class JobPublisher:
 
     # Export ---------------------------------------------------------------------------------
 
+    def _write_pages(
+        self, job_id: int, pages: list[_Page], templates: dict[tuple[str, str], jinja2.Template]
+    ) -> None:
+        """Each page rendered with its links and written, its record told where and what: the
+        records' text read a page of records at a time, so a job of any size fits in memory."""
+        wanted = {page.record.id: page for page in pages}
+        batch: list[db_pb.ArticlePublication] = []
+        batch_bytes = 0
+        for records in self._persistence.article_pages(job_id):
+            for record in records:
+                page = wanted.get(record.id)
+                if page is None:  # a failed record: no page
+                    continue
+                site = page.published.site
+                rendered = publish.render_article(
+                    templates[site, publish.ARTICLE_TEMPLATE],
+                    title=record.title,
+                    body=interlink.place_links(record.content, page.links, seed=record.id),
+                    keyword=record.keyword,
+                    site=site,
+                    url=page.published.url,
+                    tier=record.tier,
+                )
+                page.description = rendered.description
+                page.path = publish.output_path(
+                    self._output_root, job_id, site, page.published.slug
+                )
+                write_atomically(page.path, rendered.html)
+                batch.append(
+                    db_pb.ArticlePublication(
+                        article_id=record.id, output_path=str(page.path), html=rendered.html
+                    )
+                )
+                batch_bytes += len(rendered.html)
+                if batch_bytes >= PUBLICATION_BATCH_BYTES:  # one commit per batch, not per page
+                    self._persistence.set_publications(batch)
+                    batch, batch_bytes = [], 0
+        if batch:
+            self._persistence.set_publications(batch)
+
     def _export(
         self,
         job_id: int,
         project: db_pb.Project,
         pages: list[_Page],
-        template_sets: dict[str, str],
+        templates: dict[tuple[str, str], jinja2.Template],
     ) -> tuple[int, str]:
         root = self._output_root
+        self._write_pages(job_id, pages, templates)
         by_site: dict[str, list[_Page]] = {}
-        batch: list[db_pb.ArticlePublication] = []
-        batch_bytes = 0
         for page in pages:
-            page.path = publish.output_path(root, job_id, page.published.site, page.published.slug)
-            write_atomically(page.path, page.html)
             by_site.setdefault(page.published.site, []).append(page)
-            batch.append(
-                db_pb.ArticlePublication(
-                    article_id=page.record.id, output_path=str(page.path), html=page.html
-                )
-            )
-            batch_bytes += len(page.html)
-            if batch_bytes >= PUBLICATION_BATCH_BYTES:  # one commit per batch, not per page
-                self._persistence.set_publications(batch)
-                batch, batch_bytes = [], 0
-        if batch:
-            self._persistence.set_publications(batch)
         for site, site_pages in by_site.items():
             entries = [
                 publish.IndexEntry(
@@ -258,11 +283,11 @@ class JobPublisher:
                 )
                 for p in site_pages
             ]
-            template = publish.site_template(
-                self._templates, template_sets.get(site, ""), publish.INDEX_TEMPLATE
-            )
             index = publish.render_index(
-                template, site=site, keyword=project.main_keyword, entries=entries
+                templates[site, publish.INDEX_TEMPLATE],
+                site=site,
+                keyword=project.main_keyword,
+                entries=entries,
             )
             write_atomically(site_pages[0].path.parent / "index.html", index)
         job_dir = publish.job_dir(root, job_id)

@@ -519,7 +519,10 @@ class JobRunner:
         sites = spec.sites_of(tier)
 
         def stored_now() -> dict[int, db_pb.Article]:
-            return {a.article_index: a for a in self._persistence.list_articles(job_id, tier_name)}
+            return {
+                a.article_index: a
+                for a in self._persistence.list_articles(job_id, tier_name, metadata_only=True)
+            }
 
         records = stored_now() if resuming else {}
 

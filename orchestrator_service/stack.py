@@ -212,6 +212,10 @@ class LocalStack:
             self._processes.append(process)
             _wait_until_serving(process, package, address)
 
+    def service_pids(self) -> dict[str, int]:
+        """The service processes' PIDs by package (processes=True; empty otherwise)."""
+        return {str(p.args[2]): p.pid for p in self._processes}  # type: ignore[index]
+
     def stop(self, grace: float = 5.0) -> None:
         """Stop every server this stack started (in-flight calls get `grace` seconds), then the
         simulator."""

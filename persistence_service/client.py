@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -203,9 +203,25 @@ class PersistenceClient:
         request = pb.SaveArticleRequest(article=article, replace_failed=replace_failed)
         return self._call(self._stub.SaveArticle, request)
 
-    def list_articles(self, job_id: int, tier: str = "") -> list[pb.Article]:
-        request = pb.ListArticlesRequest(job_id=job_id, tier=tier)
-        return list(self._call(self._stub.ListArticles, request).articles)
+    def list_articles(
+        self, job_id: int, tier: str = "", metadata_only: bool = False
+    ) -> list[pb.Article]:
+        """Every record of the job (of `tier`), in (tier, index) order, page by page; without
+        content and html for `metadata_only`."""
+        return [a for page in self.article_pages(job_id, tier, metadata_only) for a in page]
+
+    def article_pages(
+        self, job_id: int, tier: str = "", metadata_only: bool = False
+    ) -> Iterator[list[pb.Article]]:
+        """The job's records a page at a time (about 4 MiB at most): for walking a large job
+        without holding it all."""
+        request = pb.ListArticlesRequest(job_id=job_id, tier=tier, metadata_only=metadata_only)
+        while True:
+            page = self._call(self._stub.ListArticles, request)
+            yield list(page.articles)
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
 
     def set_urls(self, job_id: int, urls: dict[int, str]) -> int:
         request = pb.SetArticleUrlsRequest(

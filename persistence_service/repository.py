@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, or_, select, text
-from sqlalchemy.orm import Session
+from sqlalchemy import and_, func, or_, select, text
+from sqlalchemy.orm import Session, defer
 
 from persistence_service.models import Article, Job, JobEvent, Project, Site, User
 
@@ -46,9 +46,15 @@ def sites_of(session: Session, owner: str) -> Sequence[Site]:
     return session.scalars(query).all()
 
 
+# An article's large columns: what a listing of a whole job leaves out.
+_TEXT = (Article.content, Article.html, Article.outline)
+
+
 def articles_by_ids(session: Session, article_ids: Sequence[int]) -> Sequence[Article]:
-    """The records with these ids."""
-    return session.scalars(select(Article).where(Article.id.in_(article_ids))).all()
+    """The records with these ids, for setting their URL or page: without their text, which
+    for a whole job of thousands would be loaded for nothing (read on access)."""
+    query = select(Article).where(Article.id.in_(article_ids))
+    return session.scalars(query.options(*(defer(column) for column in _TEXT))).all()
 
 
 def urls_on_sites(session: Session, hostnames: Sequence[str], exclude_job_id: int) -> list[str]:
@@ -68,12 +74,32 @@ def article_by_key(session: Session, job_id: int, tier: str, article_index: int)
     ).one_or_none()
 
 
-def articles_of_job(session: Session, job_id: int, tier: str = "") -> Sequence[Article]:
-    """A job's records in (tier, index) order, optionally of one tier."""
+def articles_of_job(
+    session: Session,
+    job_id: int,
+    tier: str = "",
+    after: tuple[str, int] | None = None,
+    limit: int | None = None,
+    metadata_only: bool = False,
+) -> Sequence[Article]:
+    """A job's records in (tier, index) order, optionally of one tier, after the record with
+    the (tier, index) `after`, at most `limit`; without their text (content, html, outline)
+    for `metadata_only` (those attributes then raise when read)."""
     query = select(Article).where(Article.job_id == job_id)
     if tier:
         query = query.where(Article.tier == tier)
-    return session.scalars(query.order_by(Article.tier, Article.article_index)).all()
+    if after is not None:
+        tier_after, index_after = after
+        query = query.where(
+            or_(
+                Article.tier > tier_after,
+                and_(Article.tier == tier_after, Article.article_index > index_after),
+            )
+        )
+    if metadata_only:
+        query = query.options(*(defer(column, raiseload=True) for column in _TEXT))
+    query = query.order_by(Article.tier, Article.article_index).limit(limit)
+    return session.scalars(query).all()
 
 
 def jobs_with_status(session: Session, status: str) -> Sequence[Job]:

@@ -155,17 +155,21 @@ ARTICLE_FIELDS = (
 )  # fmt: skip
 
 
-def article_to_proto(a: Article) -> pb.Article:
-    """An Article row as its message."""
-    return pb.Article(
-        **{name: getattr(a, name) for name in ARTICLE_FIELDS},
+def article_to_proto(a: Article, with_text: bool = True) -> pb.Article:
+    """An Article row as its message; without `content`, `html` and `outline` unless
+    `with_text`."""
+    message = pb.Article(
+        **{name: getattr(a, name) for name in ARTICLE_FIELDS if name != "content"},
         id=a.id,
         status=article_status(a.status),
-        outline=outline_to_proto(a.outline),
         url=a.url,
         output_path=a.output_path,
-        html=a.html,
     )
+    if with_text:
+        message.content, message.html = a.content, a.html
+        if (outline := outline_to_proto(a.outline)) is not None:
+            message.outline.CopyFrom(outline)
+    return message
 
 
 def article_from_proto(a: pb.Article) -> dict[str, Any]:
@@ -181,6 +185,25 @@ def article_from_proto(a: pb.Article) -> dict[str, Any]:
         "status": article_status_word(a.status),  # the store refuses what is no status
         "outline": outline,
     }
+
+
+# ListArticles pages: records per page by default and at most, and bytes a page stops at (well
+# below the 16 MiB message limit even when the last record is as large as a record can be).
+DEFAULT_PAGE_SIZE = 500
+MAX_PAGE_SIZE = 5000
+PAGE_BYTES = 4 * 1024 * 1024
+
+
+def _page_position(context: grpc.ServicerContext, token: str) -> tuple[str, int] | None:
+    """The (tier, index) a page token says the previous page ended at; None for the first."""
+    if not token:
+        return None
+    tier, _, index = token.rpartition("/")
+    if not tier or not index.isdigit():
+        runtime.abort(
+            context, grpc.StatusCode.INVALID_ARGUMENT, "page_token: not one this service gave"
+        )
+    return tier, int(index)
 
 
 def counts_to_proto(c: Counts) -> pb.ArticleCounts:
@@ -445,10 +468,31 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
     def ListArticles(
         self, request: pb.ListArticlesRequest, context: grpc.ServicerContext
     ) -> pb.ListArticlesResponse:
+        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
+            runtime.abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"page_size: 1 to {MAX_PAGE_SIZE} (0 means {DEFAULT_PAGE_SIZE})",
+            )
+        after = _page_position(context, request.page_token)
+        size = request.page_size or DEFAULT_PAGE_SIZE
         articles = self._call(
-            context, lambda: self._store.list_articles(request.job_id, request.tier)
+            context,
+            lambda: self._store.list_articles(
+                request.job_id, request.tier, after, size + 1, request.metadata_only
+            ),
         )
-        return pb.ListArticlesResponse(articles=[article_to_proto(a) for a in articles])
+        page, page_bytes = pb.ListArticlesResponse(), 0
+        for article in articles[:size]:
+            message = article_to_proto(article, not request.metadata_only)
+            page.articles.append(message)
+            page_bytes += message.ByteSize()
+            if page_bytes >= PAGE_BYTES:
+                break
+        if len(page.articles) < len(articles):  # there is more after the last one sent
+            last = page.articles[-1]
+            page.next_page_token = f"{last.tier}/{last.article_index}"
+        return page
 
     def SetArticleUrls(
         self, request: pb.SetArticleUrlsRequest, context: grpc.ServicerContext

@@ -486,11 +486,21 @@ class Store:
                 raise InvalidRecordError(f"article: not stored: {conflict.orig}") from conflict
             return found, False
 
-    def list_articles(self, job_id: int, tier: str = "") -> Sequence[Article]:
-        """A job's records in (tier, index) order."""
+    def list_articles(
+        self,
+        job_id: int,
+        tier: str = "",
+        after: tuple[str, int] | None = None,
+        limit: int | None = None,
+        metadata_only: bool = False,
+    ) -> Sequence[Article]:
+        """A job's records in (tier, index) order: after (tier, index) `after`, at most
+        `limit`, without content and html for `metadata_only`."""
         with self._uow() as uow:
             self._job(uow.session, job_id)
-            return repository.articles_of_job(uow.session, job_id, tier)
+            return repository.articles_of_job(
+                uow.session, job_id, tier, after, limit, metadata_only
+            )
 
     def set_urls(self, job_id: int, urls: dict[int, str]) -> int:
         """Give the job's articles their URLs, all in one commit or none. ConflictError when a

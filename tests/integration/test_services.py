@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from generator_service.llm.simulator import SimulatorConfig
+from persistence_service.client import PersistenceClient
 from tests.helpers import (
     internal_channel,
     job_file,
@@ -173,6 +174,13 @@ def test_generator_rejects_a_bad_title_count(start_stack) -> None:
             "article.status: must be one of generated, augmented, short, failed, skipped",
         ),
         (
+            lambda s: s.ListArticles(
+                db_pb.ListArticlesRequest(job_id=1, page_token="not-a-token"), timeout=10
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "page_token: not one this service gave",
+        ),
+        (
             lambda s: s.GetJobStats(db_pb.GetJobStatsRequest(), timeout=10),
             grpc.StatusCode.INVALID_ARGUMENT,
             "job_ids: name at least one job",
@@ -194,6 +202,46 @@ def test_persistence_maps_errors_to_status_codes(start_stack, call, code, proble
     ):
         call(db_grpc.PersistenceServiceStub(channel))
     assert error.value.code() == code and problem in error.value.details()
+
+
+def test_a_jobs_records_come_in_pages_with_or_without_their_text(start_stack) -> None:
+    """A job of thousands of articles is larger than one message may be: ListArticles pages."""
+    handle = start_stack(simulator=SimulatorConfig())
+    events, _ = run_job(
+        handle,
+        job_file(
+            {
+                "tier1": {"count": 3, "min_word_count": 100, "max_word_count": 200},
+                "tier2": {"count": 2, "min_word_count": 100, "max_word_count": 200},
+            }
+        ),
+    )
+    job_id = events[0].job_started.job_id
+    client = PersistenceClient(
+        handle.stack.persistence_address, service_token=handle.stack.service_token
+    )
+    with client:
+        pages = list(client.article_pages(job_id, metadata_only=True))
+        assert [len(page) for page in pages] == [5]
+        keys = [(a.tier, a.article_index) for a in pages[0]]
+        assert keys == [("tier1", 0), ("tier1", 1), ("tier1", 2), ("tier2", 0), ("tier2", 1)]
+        assert all(a.title and a.url and not a.content and not a.html for a in pages[0])
+        full = client.list_articles(job_id)
+        assert [(a.tier, a.article_index) for a in full] == keys
+        assert all(a.content and a.html for a in full)
+
+    with internal_channel(handle.stack.persistence_address, handle.stack.service_token) as channel:
+        stub, seen, token = db_grpc.PersistenceServiceStub(channel), [], ""
+        while True:
+            page = stub.ListArticles(
+                db_pb.ListArticlesRequest(job_id=job_id, page_size=2, page_token=token),
+                timeout=10,
+            )
+            seen.append([(a.tier, a.article_index) for a in page.articles])
+            token = page.next_page_token
+            if not token:
+                break
+    assert seen == [keys[0:2], keys[2:4], keys[4:5]]
 
 
 def test_an_unreachable_generator_fails_the_job_with_a_message_naming_it(start_stack) -> None:

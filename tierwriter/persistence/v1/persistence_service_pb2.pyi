@@ -971,25 +971,41 @@ Global___SaveArticleResponse: _TypeAlias = SaveArticleResponse  # noqa: Y015
 
 @_typing.final
 class ListArticlesRequest(_message.Message):
-    """Request for ListArticles."""
+    """Request for ListArticles. A job's records come in pages: a job of thousands of articles is
+    larger than one message may be.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     TIER_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    METADATA_ONLY_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     """The job's id."""
     tier: _builtins.str
     """Only this tier; empty for all."""
+    page_size: _builtins.int
+    """At most this many records; 0 means 500. A page also ends at about 4 MiB."""
+    page_token: _builtins.str
+    """Where the previous page ended (its `next_page_token`); empty for the first page."""
+    metadata_only: _builtins.bool
+    """Leave out `content`, `html` and `outline`: the records' metadata only (statuses, titles,
+    URLs).
+    """
     def __init__(
         self,
         *,
         job_id: _builtins.int = ...,
         tier: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        metadata_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "metadata_only", b"metadata_only", "page_size", b"page_size", "page_token", b"page_token", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1002,6 +1018,9 @@ class ListArticlesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ARTICLES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass it as `page_token` for the next page; empty after the last one."""
     @_builtins.property
     def articles(self) -> _containers.RepeatedCompositeFieldContainer[Global___Article]:
         """Records in (tier, article_index) order."""
@@ -1010,10 +1029,11 @@ class ListArticlesResponse(_message.Message):
         self,
         *,
         articles: _abc.Iterable[Global___Article] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["articles", b"articles"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["articles", b"articles", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
