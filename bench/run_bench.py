@@ -229,8 +229,8 @@ def compare(
             f"{statistics.median(r.first_outline for r in ours):.2f} s vs "
             f"{statistics.median(r.first_outline for r in peer):.2f} s"
         )
-        failed = sum(r.failed for r in ours + peer)
-        note = f" ({failed} failed)" if failed else ""
+        failed = (sum(r.failed for r in ours), sum(r.failed for r in peer))
+        note = f" (failed: {failed[0]} tierwriter, {failed[1]} thread pool)" if any(failed) else ""
         if latency:
             ideal = ideal_bound(articles, w, latency)
             print(

@@ -84,7 +84,7 @@ STEP_NAMES = {
 STEP_UNITS = {
     pb.POST_STEP_URLS: "URLs",
     pb.POST_STEP_LINKS: "links placed",
-    pb.POST_STEP_TEMPLATES: "pages rendered",
+    pb.POST_STEP_TEMPLATES: "pages to render, templates loaded",
     pb.POST_STEP_EXPORT: "pages written",
 }
 

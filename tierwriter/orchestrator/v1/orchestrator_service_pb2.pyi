@@ -35,9 +35,11 @@ class _PostStepEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PostStep.Val
     POST_STEP_LINKS: _PostStep.ValueType  # 2
     """Links were placed: tier 1 to the money site, tier N+1 to tier N, optional see-also."""
     POST_STEP_TEMPLATES: _PostStep.ValueType  # 3
-    """Pages were rendered through the sites' templates, bodies sanitised."""
+    """Each site's templates were loaded and compiled; the pages render through them as they
+    are written (bodies sanitised).
+    """
     POST_STEP_EXPORT: _PostStep.ValueType  # 4
-    """Pages and each site's index.html were written, and the records updated."""
+    """Pages were rendered and written with each site's index.html, and the records updated."""
 
 class PostStep(_PostStep, metaclass=_PostStepEnumTypeWrapper):
     """A post-processing step; they run once per job, in this order, after every article of the job
@@ -51,9 +53,11 @@ POST_STEP_URLS: PostStep.ValueType  # 1
 POST_STEP_LINKS: PostStep.ValueType  # 2
 """Links were placed: tier 1 to the money site, tier N+1 to tier N, optional see-also."""
 POST_STEP_TEMPLATES: PostStep.ValueType  # 3
-"""Pages were rendered through the sites' templates, bodies sanitised."""
+"""Each site's templates were loaded and compiled; the pages render through them as they
+are written (bodies sanitised).
+"""
 POST_STEP_EXPORT: PostStep.ValueType  # 4
-"""Pages and each site's index.html were written, and the records updated."""
+"""Pages were rendered and written with each site's index.html, and the records updated."""
 Global___PostStep: _TypeAlias = PostStep  # noqa: Y015
 
 @_typing.final
