@@ -173,7 +173,11 @@ class LocalStack:
         """persistence, generator, orchestrator: each `python -m` its package, in that order,
         each SERVING before the next starts (the next one's first calls go to it)."""
         c = self.config
-        env = {**os.environ, "SERVICE_TOKEN": self.service_token}
+        env = {
+            **os.environ,
+            "SERVICE_TOKEN": self.service_token,
+            runtime.PARENT_PID_VARIABLE: str(os.getpid()),  # they stop if we are killed
+        }
         if c.simulator is not None or not (
             os.environ.get("OPENAI_API_KEY") or os.environ.get("OPENAI_BASE_URL")
         ):
@@ -263,14 +267,27 @@ def _environment(settings: type[Any], values: dict[str, Any]) -> dict[str, str]:
     return {(fields[name].alias or name.upper()): str(value) for name, value in values.items()}
 
 
+def _ready(package: str, address: str) -> bool:
+    """Whether the service answers SERVING. Only the orchestrator serves TLS (TLS_CERT_FILE):
+    the probe speaks it as a container's does when TLS_SERVER_NAME says which name the
+    certificate holds; without it the certificate may not name 127.0.0.1, and that the port
+    accepts connections is all this can check."""
+    roots = healthcheck.trusted_roots() if package == "orchestrator_service" else None
+    name = os.environ.get("TLS_SERVER_NAME", "")
+    if roots is not None and not name:
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=2.0).close()
+        except OSError:
+            return False
+        return True
+    return healthcheck.check(address, timeout=2.0, root_certificates=roots, server_name=name)
+
+
 def _wait_until_serving(process: subprocess.Popen[bytes], package: str, address: str) -> None:
     """Until the service answers SERVING; RuntimeError when it exits first or never does."""
     deadline = time.monotonic() + START_SECONDS
-    # Only the orchestrator serves TLS (TLS_CERT_FILE); the probe speaks it as a container's does.
-    tls = package == "orchestrator_service"
-    roots = healthcheck.trusted_roots() if tls else None
-    name = os.environ.get("TLS_SERVER_NAME", "") if tls else ""
-    while not healthcheck.check(address, timeout=2.0, root_certificates=roots, server_name=name):
+    while not _ready(package, address):
         if process.poll() is not None:
             raise RuntimeError(
                 f"{package} exited with code {process.returncode} before serving on {address} "

@@ -4,6 +4,7 @@ deadlines-by-default channels, and logging set up once."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -115,9 +116,21 @@ def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) ->
     raise AssertionError("unreachable: ServicerContext.abort raises")
 
 
+# Set by LocalStack(processes=True) in the environment of the services it starts: the PID of
+# the `tierwriter up` that started them. A service whose starter is gone (killed with SIGKILL,
+# so it could not stop them) stops too, instead of running on unowned.
+PARENT_PID_VARIABLE = "TIERWRITER_PARENT_PID"
+
+
+def _parent_gone() -> bool:
+    expected = os.environ.get(PARENT_PID_VARIABLE)
+    return bool(expected) and os.getppid() != int(expected or 0)
+
+
 def wait_for_stop_signal(on_ready: Callable[[], None] | None = None) -> None:
-    """Block until SIGTERM or SIGINT (Ctrl-C); the caller then stops its servers gracefully.
-    `on_ready` runs once the signals are caught, e.g. to report SERVING only then."""
+    """Block until SIGTERM or SIGINT (Ctrl-C), or until the process that started this one as
+    part of `tierwriter up` is gone; the caller then stops its servers gracefully. `on_ready`
+    runs once the signals are caught, e.g. to report SERVING only then."""
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -129,7 +142,9 @@ def wait_for_stop_signal(on_ready: Callable[[], None] | None = None) -> None:
         if on_ready:
             on_ready()
         while not stop.wait(0.5):
-            pass
+            if _parent_gone():
+                log.warning("the tierwriter up that started this service is gone, stopping")
+                break
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

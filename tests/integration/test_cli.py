@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TextIO
 
 import pytest
+import trustme
 
 from generator_service.llm.simulator import SimulatorConfig
 from orchestrator_service.client import OrchestratorClient
@@ -293,25 +294,89 @@ def test_up_serves_until_ctrl_c_and_prints_the_generated_password_once(tmp_path:
     ) as again:
         try:
             assert "generated password" not in _Lines(again).until("tierwriter is up")
-            again.send_signal(signal.SIGTERM)
-            assert again.wait(timeout=60) == 0
+            # Killed outright, `up` cannot stop its services: they notice and stop themselves.
+            services = _child_pids(again.pid)
+            assert len(services) == 3
+            again.kill()
+            again.wait(timeout=60)
+            deadline = time.monotonic() + 60
+            while any(Path(f"/proc/{pid}").exists() for pid in services):
+                assert time.monotonic() < deadline, "the services outlived their `up`"
+                time.sleep(0.1)
         finally:
             if again.poll() is None:
                 again.kill()
 
 
-def _child_modules(pid: int) -> set[str]:
-    """The `python -m <module>` children of process `pid` (Linux /proc)."""
-    modules = set()
+def test_up_serves_tls_with_a_certificate_for_another_name(tmp_path: Path) -> None:
+    """`up` knows its orchestrator is ready even when the certificate names localhost only (not
+    the 127.0.0.1 it probes), and the CLI reaches it over TLS by that name."""
+    ca = trustme.CA()
+    certificate = ca.issue_cert("localhost")
+    certificate.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    certificate.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    port = _free_port()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "TLS_SERVER_NAME")
+    }
+    env.update(
+        ORCHESTRATOR_ADDRESS=f"127.0.0.1:{port}",
+        GENERATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
+        PERSISTENCE_ADDRESS=f"127.0.0.1:{_free_port()}",
+        DATABASE_URL=f"sqlite:///{tmp_path}/tw.db",
+        OUTPUT_DIR=str(tmp_path / "out"),
+        LOG_LEVEL="WARNING",
+        TLS_CERT_FILE=str(tmp_path / "cert.pem"),
+        TLS_KEY_FILE=str(tmp_path / "key.pem"),
+        TIERWRITER_ADMIN_PASSWORD="tls-admin-password",
+    )
+    command = [sys.executable, "-m", "orchestrator_service.cli", "up"]
+    with subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as process:
+        try:
+            assert "(TLS with" in _Lines(process).until("tierwriter is up")
+            listed = tierwriter(
+                "jobs", "list", "--address", f"localhost:{port}", "--ca-file",
+                str(tmp_path / "ca.pem"), "-u", "admin", "-p", "tls-admin-password",
+                cwd=tmp_path,
+            )  # fmt: skip
+            assert listed.returncode == 0, listed.stdout + listed.stderr
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=60) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+
+
+def _children(pid: int) -> dict[int, list[bytes]]:
+    """The child processes of `pid` and their command lines (Linux /proc)."""
+    children = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
             command = (stat.parent / "cmdline").read_bytes().split(b"\0")
         except (OSError, ValueError, IndexError):
             continue  # the process ended while we looked
-        if parent == pid and b"-m" in command:
-            modules.add(command[command.index(b"-m") + 1].decode())
-    return modules
+        if parent == pid:
+            children[int(stat.parent.name)] = command
+    return children
+
+
+def _child_pids(pid: int) -> list[int]:
+    return list(_children(pid))
+
+
+def _child_modules(pid: int) -> set[str]:
+    """The `python -m <module>` children of process `pid`."""
+    return {
+        command[command.index(b"-m") + 1].decode()
+        for command in _children(pid).values()
+        if b"-m" in command
+    }
 
 
 def test_projects_sites_and_publish_from_the_command_line(start_stack, tmp_path: Path) -> None:
