@@ -89,7 +89,7 @@ class LocalStack:
     generator_address: str = ""
     persistence_address: str = ""
     _running: list[runtime.RunningServer] = field(default_factory=list)
-    _processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    _processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)  # by package
 
     def __enter__(self) -> LocalStack:
         try:
@@ -213,12 +213,12 @@ class LocalStack:
         ):
             # Output and logs go where ours go; persistence prints a generated admin password.
             process = subprocess.Popen([sys.executable, "-m", package], env=env)
-            self._processes.append(process)
+            self._processes[package] = process
             _wait_until_serving(process, package, address)
 
     def service_pids(self) -> dict[str, int]:
         """The service processes' PIDs by package (processes=True; empty otherwise)."""
-        return {str(p.args[2]): p.pid for p in self._processes}  # type: ignore[index]
+        return {package: process.pid for package, process in self._processes.items()}
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop every server this stack started (in-flight calls get `grace` seconds), then the
@@ -226,7 +226,7 @@ class LocalStack:
         while self._running:
             self._running.pop().stop(grace)
         while self._processes:
-            process = self._processes.pop()
+            _package, process = self._processes.popitem()  # the last started first
             process.send_signal(signal.SIGTERM)  # each stops gracefully, as in production
             try:
                 process.wait(timeout=grace + 10)
