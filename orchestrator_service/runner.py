@@ -25,6 +25,7 @@ from orchestrator_service.postprocess import JobPublisher, write_atomically
 from persistence_service.client import PersistenceClient
 from tierwriter.article.v1 import article_event_pb2 as article_pb
 from tierwriter.generator.v1 import generator_service_pb2 as gen_pb
+from tierwriter.job.v1 import job_pb2
 from tierwriter.job.v1.job_pb2 import JobStatus
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 from tierwriter.persistence.v1 import persistence_service_pb2 as db_pb
@@ -564,8 +565,10 @@ class JobRunner:
         settings = gen_pb.BatchSettings(
             job_id=job_id,
             project=context,
-            tier=gen_pb.TierSpec(name=tier_name, **tier.model_dump(exclude={"deployment_targets"})),
-            models=gen_pb.Models(**spec.models.model_dump()),
+            tier=job_pb2.TierSpec(
+                name=tier_name, **tier.model_dump(exclude={"deployment_targets"})
+            ),
+            models=job_pb2.ModelsSpec(**spec.models.model_dump()),
             max_workers=workers,
             continue_on_error=spec.continue_on_error,
             replace_failed=retry_failed,

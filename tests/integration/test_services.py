@@ -31,6 +31,7 @@ from tests.helpers import (
 from tierwriter.article.v1.article_event_pb2 import ArticleStatus
 from tierwriter.generator.v1 import generator_service_pb2 as gen_pb
 from tierwriter.generator.v1 import generator_service_pb2_grpc as gen_grpc
+from tierwriter.job.v1 import job_pb2
 from tierwriter.persistence.v1 import persistence_service_pb2 as db_pb
 from tierwriter.persistence.v1 import persistence_service_pb2_grpc as db_grpc
 from tierwriter.service_auth import required_token, token_metadata
@@ -70,7 +71,7 @@ def _settings(**overrides: object) -> gen_pb.BatchSettings:
     settings = gen_pb.BatchSettings(
         job_id=1,
         project=gen_pb.ProjectContext(project_id=1, main_keyword="k"),
-        tier=gen_pb.TierSpec(
+        tier=job_pb2.TierSpec(
             name="tier1",
             count=2,
             min_word_count=100,

@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from tierwriter.article.v1 import article_event_pb2 as _article_event_pb2
+from tierwriter.job.v1 import job_pb2 as _job_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -56,86 +57,6 @@ class ProjectContext(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ProjectContext: _TypeAlias = ProjectContext  # noqa: Y015
-
-@_typing.final
-class Models(_message.Message):
-    """The model to use per stage; empty means the generator's configured default."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    TITLE_FIELD_NUMBER: _builtins.int
-    OUTLINE_FIELD_NUMBER: _builtins.int
-    CONTENT_FIELD_NUMBER: _builtins.int
-    title: _builtins.str
-    """Model for titles."""
-    outline: _builtins.str
-    """Model for outlines."""
-    content: _builtins.str
-    """Model for content and augmentation."""
-    def __init__(
-        self,
-        *,
-        title: _builtins.str = ...,
-        outline: _builtins.str = ...,
-        content: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "outline", b"outline", "title", b"title"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___Models: _TypeAlias = Models  # noqa: Y015
-
-@_typing.final
-class TierSpec(_message.Message):
-    """The shape every article of one tier must have."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    NAME_FIELD_NUMBER: _builtins.int
-    COUNT_FIELD_NUMBER: _builtins.int
-    MIN_WORD_COUNT_FIELD_NUMBER: _builtins.int
-    MAX_WORD_COUNT_FIELD_NUMBER: _builtins.int
-    MIN_H2_TAGS_FIELD_NUMBER: _builtins.int
-    MAX_H2_TAGS_FIELD_NUMBER: _builtins.int
-    MIN_H3_TAGS_FIELD_NUMBER: _builtins.int
-    MAX_H3_TAGS_FIELD_NUMBER: _builtins.int
-    name: _builtins.str
-    """The tier's name, e.g. "tier1"."""
-    count: _builtins.int
-    """How many articles the tier asks for."""
-    min_word_count: _builtins.int
-    """Lower word bound as the user wrote it (augmentation threshold)."""
-    max_word_count: _builtins.int
-    """Upper word bound as the user wrote it."""
-    min_h2_tags: _builtins.int
-    """Lower bound of H2 headings in the outline."""
-    max_h2_tags: _builtins.int
-    """Upper bound of H2 headings in the outline."""
-    min_h3_tags: _builtins.int
-    """Lower bound of H3 headings in the whole outline."""
-    max_h3_tags: _builtins.int
-    """Upper bound of H3 headings in the whole outline."""
-    def __init__(
-        self,
-        *,
-        name: _builtins.str = ...,
-        count: _builtins.int = ...,
-        min_word_count: _builtins.int = ...,
-        max_word_count: _builtins.int = ...,
-        min_h2_tags: _builtins.int = ...,
-        max_h2_tags: _builtins.int = ...,
-        min_h3_tags: _builtins.int = ...,
-        max_h3_tags: _builtins.int = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "max_h2_tags", b"max_h2_tags", "max_h3_tags", b"max_h3_tags", "max_word_count", b"max_word_count", "min_h2_tags", b"min_h2_tags", "min_h3_tags", b"min_h3_tags", "min_word_count", b"min_word_count", "name", b"name"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___TierSpec: _TypeAlias = TierSpec  # noqa: Y015
 
 @_typing.final
 class GenerateTitlesRequest(_message.Message):
@@ -308,11 +229,11 @@ class BatchSettings(_message.Message):
         """The project context for the prompts."""
 
     @_builtins.property
-    def tier(self) -> Global___TierSpec:
-        """The tier's shape."""
+    def tier(self) -> _job_pb2.TierSpec:
+        """The tier's shape (its deployment targets are not used here)."""
 
     @_builtins.property
-    def models(self) -> Global___Models:
+    def models(self) -> _job_pb2.ModelsSpec:
         """Models per stage."""
 
     def __init__(
@@ -320,8 +241,8 @@ class BatchSettings(_message.Message):
         *,
         job_id: _builtins.int = ...,
         project: Global___ProjectContext | None = ...,
-        tier: Global___TierSpec | None = ...,
-        models: Global___Models | None = ...,
+        tier: _job_pb2.TierSpec | None = ...,
+        models: _job_pb2.ModelsSpec | None = ...,
         max_workers: _builtins.int = ...,
         continue_on_error: _builtins.bool = ...,
         replace_failed: _builtins.bool = ...,
