@@ -221,13 +221,20 @@ class _Lines:
         return "".join(iter(self._queue.get_nowait, ""))
 
 
-def test_up_serves_until_ctrl_c_and_prints_the_generated_password_once(tmp_path: Path) -> None:
+def _up_environment(tmp_path: Path) -> tuple[dict[str, str], int]:
+    """The environment `tierwriter up` runs in here (free loopback ports, a database and output
+    under tmp_path, the simulator, no admin password given, plaintext), and its orchestrator's
+    port."""
     ports = [_free_port() for _ in range(3)]
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "TIERWRITER_ADMIN_PASSWORD")
-    }
+        if k
+        not in (
+            "OPENAI_API_KEY", "OPENAI_BASE_URL", "TIERWRITER_ADMIN_PASSWORD", "TLS_CERT_FILE",
+            "TLS_KEY_FILE", "TLS_SERVER_NAME",
+        )
+    }  # fmt: skip
     env.update(
         ORCHESTRATOR_ADDRESS=f"127.0.0.1:{ports[0]}",
         GENERATOR_ADDRESS=f"127.0.0.1:{ports[1]}",
@@ -236,6 +243,11 @@ def test_up_serves_until_ctrl_c_and_prints_the_generated_password_once(tmp_path:
         OUTPUT_DIR=str(tmp_path / "out"),
         LOG_LEVEL="WARNING",
     )
+    return env, ports[0]
+
+
+def test_up_serves_until_ctrl_c_and_prints_the_generated_password_once(tmp_path: Path) -> None:
+    env, port = _up_environment(tmp_path)
     command = [sys.executable, "-m", "orchestrator_service.cli", "up"]
     with subprocess.Popen(
         command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -264,7 +276,7 @@ def test_up_serves_until_ctrl_c_and_prints_the_generated_password_once(tmp_path:
                 "-p",
                 password.group(1),
                 "--address",
-                f"127.0.0.1:{ports[0]}",
+                f"127.0.0.1:{port}",
                 cwd=tmp_path,
             )
             assert run.returncode == 0, run.stdout + run.stderr
@@ -273,7 +285,7 @@ def test_up_serves_until_ctrl_c_and_prints_the_generated_password_once(tmp_path:
 
             # The README's session: log in once, then commands need no credentials.
             session = {"TIERWRITER_TOKEN_FILE": str(tmp_path / "session" / "token.json")}
-            address = ["--address", f"127.0.0.1:{ports[0]}"]
+            address = ["--address", f"127.0.0.1:{port}"]
             login = tierwriter(
                 "login", "-u", "admin", "-p", password.group(1), *address, cwd=tmp_path, env=session
             )
@@ -316,19 +328,8 @@ def test_up_serves_tls_with_a_certificate_for_another_name(tmp_path: Path) -> No
     certificate.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
     certificate.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    port = _free_port()
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "TLS_SERVER_NAME")
-    }
+    env, port = _up_environment(tmp_path)
     env.update(
-        ORCHESTRATOR_ADDRESS=f"127.0.0.1:{port}",
-        GENERATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
-        PERSISTENCE_ADDRESS=f"127.0.0.1:{_free_port()}",
-        DATABASE_URL=f"sqlite:///{tmp_path}/tw.db",
-        OUTPUT_DIR=str(tmp_path / "out"),
-        LOG_LEVEL="WARNING",
         TLS_CERT_FILE=str(tmp_path / "cert.pem"),
         TLS_KEY_FILE=str(tmp_path / "key.pem"),
         TIERWRITER_ADMIN_PASSWORD="tls-admin-password",
