@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, field
 
 import grpc
 from tenacity import (
@@ -24,6 +27,13 @@ log = logging.getLogger(__name__)
 # Each try already waits for persistence (wait_for_ready, up to the client's deadline); a save
 # keeps trying this long in all before the article's record is given up.
 SAVE_RETRY_SECONDS = 180.0
+# One SaveArticles call carries at most this many records and (past its first) this many bytes.
+SAVE_BATCH_RECORDS = 200
+SAVE_BATCH_BYTES = 1024 * 1024
+
+
+class ArticleNotSavedError(Exception):
+    """Persistence refused this one record (invalid, or its job does not exist)."""
 
 
 def _persistence_down(error: BaseException) -> bool:
@@ -35,12 +45,31 @@ def _persistence_down(error: BaseException) -> bool:
 
 def _log_retry(state: RetryCallState) -> None:
     error = state.outcome.exception() if state.outcome else None
-    log.warning("saving an article failed (%s); trying again", error)
+    log.warning("saving articles failed (%s); trying again", error)
+
+
+@dataclass
+class _Save:
+    """One save waiting for the writer: the record, and the future its worker waits on."""
+
+    article: persistence_pb.Article
+    replace_failed: bool
+    size: int
+    done: Future[tuple[int, bool]] = field(default_factory=Future)
+
+
+_CLOSE = object()
 
 
 class PersistenceSaver:
-    """Saves terminal records through SaveArticle (idempotent on the article's key, so a save
-    repeated after a lost reply stores nothing twice). Rides out a persistence restart."""
+    """Saves terminal records through SaveArticles, idempotent on the article's key (a save
+    repeated after a lost reply stores nothing twice), riding out a persistence restart.
+
+    Group commit: one writer thread sends the saves; those that arrive while a call is on its
+    way go together in the next one, in one transaction. A lone save goes at once, so this
+    only shares commits and round trips when workers finish together — the many-worker case,
+    where one commit and one gRPC call per article cost the most. `save` still returns only
+    once its record is stored, so a SAVED event never goes out before the row exists."""
 
     def __init__(
         self, client: PersistenceClient, retry_seconds: float = SAVE_RETRY_SECONDS
@@ -53,13 +82,66 @@ class PersistenceSaver:
             before_sleep=_log_retry,
             reraise=True,
         )
+        self._pending: queue.SimpleQueue[_Save | object] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # orders saves against close: none is queued after it
+        self._closed = False
+        self._writer = threading.Thread(target=self._write, name="article-saver", daemon=True)
+        self._writer.start()
 
     def save(self, record: ArticleRecord, replace_failed: bool = False) -> tuple[int, bool]:
+        """Store one record; (article id, whether this save stored it). Blocks until stored."""
         fields = asdict(record)
         outline, status = fields.pop("outline"), fields.pop("status")
         article = persistence_pb.Article(
             **fields, status=article_status(status), outline=outline_to_proto(outline)
         )
-        retrying = self._retrying.copy()  # one per call: saves run on many threads at once
-        response = retrying(self._client.save_article, article, replace_failed)
-        return response.article.id, response.created
+        waiting = _Save(article, replace_failed, article.ByteSize())
+        with self._lock:
+            if self._closed:
+                raise ArticleNotSavedError("the generator is shutting down")
+            self._pending.put(waiting)
+        return waiting.done.result()
+
+    def close(self) -> None:
+        """Stop the writer once the saves queued before this are done."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._pending.put(_CLOSE)
+        self._writer.join()
+
+    def _write(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            try:
+                results = self._retrying.copy()(
+                    self._client.save_articles, [(s.article, s.replace_failed) for s in batch]
+                )
+            except Exception as e:  # persistence stayed down or refused the call: each worker
+                for waiting in batch:  # reports its article as not saved
+                    waiting.done.set_exception(e)
+                continue
+            for waiting, result in zip(batch, results, strict=True):
+                if result.error:
+                    waiting.done.set_exception(ArticleNotSavedError(result.error))
+                else:
+                    waiting.done.set_result((result.article_id, result.created))
+
+    def _next_batch(self) -> list[_Save] | None:
+        """The next save (waiting for one) and whatever else is queued behind it, up to the
+        batch limits; None once closed."""
+        first = self._pending.get()
+        if not isinstance(first, _Save):
+            return None
+        batch, size = [first], first.size
+        while len(batch) < SAVE_BATCH_RECORDS and size < SAVE_BATCH_BYTES:
+            try:
+                item = self._pending.get_nowait()
+            except queue.Empty:
+                break
+            if not isinstance(item, _Save):
+                self._pending.put(item)  # close after this batch: nothing is queued behind it
+                break
+            batch.append(item)
+            size += item.size
+        return batch

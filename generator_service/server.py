@@ -65,7 +65,9 @@ def build_server(
         model = RetryingLlm(llm or build_llm(settings, closers), policy, gate=gate)
         prices = PriceTable.with_file(settings.llm_prices_file)
         targets = WordTargets(settings.word_count_compensation, persistence.word_samples)
-        pipeline = ArticlePipeline(model, PersistenceSaver(persistence), targets, prices)
+        saver = PersistenceSaver(persistence)
+        closers.append(saver.close)  # closers run last first: the saves end before the channel
+        pipeline = ArticlePipeline(model, saver, targets, prices)
         titles = TitleWriter(model, prices, (settings.title_min_chars, settings.title_max_chars))
         servicer = GeneratorServicer(pipeline, titles, settings.default_model)
         return runtime.build_server(

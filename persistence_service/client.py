@@ -203,6 +203,13 @@ class PersistenceClient:
         request = pb.SaveArticleRequest(article=article, replace_failed=replace_failed)
         return self._call(self._stub.SaveArticle, request)
 
+    def save_articles(self, saves: Sequence[tuple[pb.Article, bool]]) -> list[pb.SaveArticleResult]:
+        """Many (record, replace_failed) saves in one call; one result each, in order."""
+        request = pb.SaveArticlesRequest(
+            saves=[pb.SaveArticleRequest(article=a, replace_failed=r) for a, r in saves]
+        )
+        return list(self._call(self._stub.SaveArticles, request).results)
+
     def list_articles(
         self, job_id: int, tier: str = "", metadata_only: bool = False
     ) -> list[pb.Article]:

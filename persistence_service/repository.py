@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, func, or_, select, text
+from sqlalchemy import and_, func, or_, select, text, tuple_
 from sqlalchemy.orm import Session, defer
 
 from persistence_service.models import Article, Job, JobEvent, Project, Site, User
@@ -72,6 +72,24 @@ def article_by_key(session: Session, job_id: int, tier: str, article_index: int)
             Article.job_id == job_id, Article.tier == tier, Article.article_index == article_index
         )
     ).one_or_none()
+
+
+def articles_by_keys(
+    session: Session, keys: Sequence[tuple[int, str, int]]
+) -> dict[tuple[int, str, int], Article]:
+    """The stored records among these (job, tier, index) keys, by key."""
+    if not keys:
+        return {}
+    key = tuple_(Article.job_id, Article.tier, Article.article_index)
+    found = session.scalars(select(Article).where(key.in_(set(keys))))
+    return {(a.job_id, a.tier, a.article_index): a for a in found}
+
+
+def existing_job_ids(session: Session, job_ids: set[int]) -> set[int]:
+    """Which of these job ids name a job."""
+    if not job_ids:
+        return set()
+    return set(session.scalars(select(Job.id).where(Job.id.in_(job_ids))))
 
 
 def articles_of_job(

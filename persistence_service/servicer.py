@@ -191,6 +191,7 @@ def article_from_proto(a: pb.Article) -> dict[str, Any]:
 # below the 16 MiB message limit even when the last record is as large as a record can be).
 DEFAULT_PAGE_SIZE = 500
 MAX_PAGE_SIZE = 5000
+MAX_SAVES = 1000  # records one SaveArticles call may carry
 PAGE_BYTES = 4 * 1024 * 1024
 
 
@@ -464,6 +465,24 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
             ),
         )
         return pb.SaveArticleResponse(article=article_to_proto(article), created=created)
+
+    def SaveArticles(
+        self, request: pb.SaveArticlesRequest, context: grpc.ServicerContext
+    ) -> pb.SaveArticlesResponse:
+        if len(request.saves) > MAX_SAVES:
+            runtime.abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"saves: at most {MAX_SAVES} records a call, got {len(request.saves)}",
+            )
+        saves = [(article_from_proto(s.article), s.replace_failed) for s in request.saves]
+        results = self._call(context, lambda: self._store.save_articles(saves))
+        return pb.SaveArticlesResponse(
+            results=[
+                pb.SaveArticleResult(article_id=r.article_id, created=r.created, error=r.error)
+                for r in results
+            ]
+        )
 
     def ListArticles(
         self, request: pb.ListArticlesRequest, context: grpc.ServicerContext

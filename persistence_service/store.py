@@ -57,6 +57,49 @@ class AuthenticationError(Exception):
     """Username and password do not match an active user."""
 
 
+@dataclass(frozen=True)
+class SaveResult:
+    """What became of one record of save_articles: its id and whether this save stored it, or
+    why it was not stored."""
+
+    article_id: int = 0
+    created: bool = False
+    error: str = ""
+
+
+def _check_article(fields: dict[str, Any]) -> None:
+    """The rules a record must keep before it is looked at further."""
+    if fields.get("status") not in ARTICLE_STATUSES:
+        raise InvalidRecordError(f"article.status: must be one of {', '.join(ARTICLE_STATUSES)}")
+    if not fields.get("tier"):
+        raise InvalidRecordError("article.tier: must not be empty")
+    if fields.get("article_index", -1) < 0:
+        raise InvalidRecordError("article.article_index: must not be negative")
+
+
+def _article_key(fields: dict[str, Any]) -> tuple[int, str, int]:
+    return fields["job_id"], fields["tier"], fields["article_index"]
+
+
+def _put_article(
+    session: Session, existing: Article | None, fields: dict[str, Any], replace_failed: bool
+) -> tuple[Article, bool]:
+    """A record into the session for its key (not committed); (record, whether it changes
+    anything). A stored *skipped* record is replaced, a *failed* one with `replace_failed`; any
+    other stored record stays as it is."""
+    replaceable = ("failed", "skipped") if replace_failed else ("skipped",)
+    if existing is not None and existing.status in replaceable:
+        for name, value in fields.items():
+            setattr(existing, name, value)
+        existing.created_at = utcnow()
+        return existing, True
+    if existing is not None:
+        return existing, False
+    article = Article(**fields)
+    session.add(article)
+    return article, True
+
+
 _PASSWORD_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789"
 
 
@@ -451,30 +494,15 @@ class Store:
         `replace_failed` (a resume retrying failed articles), a stored *failed* record is
         replaced in place by this one, and a *skipped* one (over a budget) always is: still one
         record per key."""
-        if fields.get("status") not in ARTICLE_STATUSES:
-            raise InvalidRecordError(
-                f"article.status: must be one of {', '.join(ARTICLE_STATUSES)}"
-            )
-        if not fields.get("tier"):
-            raise InvalidRecordError("article.tier: must not be empty")
-        if fields.get("article_index", -1) < 0:
-            raise InvalidRecordError("article.article_index: must not be negative")
-        key = (fields["job_id"], fields["tier"], fields["article_index"])
+        _check_article(fields)
+        key = _article_key(fields)
         with self._uow() as uow:
             if uow.session.get(Job, fields["job_id"]) is None:
                 raise NotFoundError(f"job {fields['job_id']} does not exist")
             existing = repository.article_by_key(uow.session, *key)
-            replaceable = ("failed", "skipped") if replace_failed else ("skipped",)
-            if existing is not None and existing.status in replaceable:
-                for name, value in fields.items():
-                    setattr(existing, name, value)
-                existing.created_at = utcnow()
-                uow.commit()
-                return existing, True
-            if existing is not None:
-                return existing, False
-            article = Article(**fields)
-            uow.session.add(article)
+            article, created = _put_article(uow.session, existing, fields, replace_failed)
+            if not created:
+                return article, False
             try:
                 uow.commit()
                 return article, True
@@ -485,6 +513,57 @@ class Store:
             if found is None:  # not a race: e.g. project_id names no project
                 raise InvalidRecordError(f"article: not stored: {conflict.orig}") from conflict
             return found, False
+
+    def save_articles(self, saves: Sequence[tuple[dict[str, Any], bool]]) -> list[SaveResult]:
+        """Store many terminal records (fields, replace_failed) in one transaction: one commit
+        and one lookup for all, each judged as save_article judges it alone. An invalid record
+        or one whose job does not exist gets its error and the others are stored. Should the
+        transaction conflict (a concurrent save of the same key, a bad reference), each record
+        is saved on its own instead, so one cannot take the others down with it."""
+        results: dict[int, SaveResult] = {}  # by position in `saves`
+        valid: list[int] = []
+        for i, (fields, _replace) in enumerate(saves):
+            try:
+                _check_article(fields)
+                valid.append(i)
+            except InvalidRecordError as e:
+                results[i] = SaveResult(error=str(e))
+        try:
+            with self._uow() as uow:
+                jobs = repository.existing_job_ids(
+                    uow.session, {saves[i][0]["job_id"] for i in valid}
+                )
+                stored = repository.articles_by_keys(
+                    uow.session, [_article_key(saves[i][0]) for i in valid]
+                )
+                written: list[tuple[int, Article, bool]] = []
+                for i in valid:
+                    fields, replace_failed = saves[i]
+                    if fields["job_id"] not in jobs:
+                        results[i] = SaveResult(error=f"job {fields['job_id']} does not exist")
+                        continue
+                    key = _article_key(fields)
+                    article, created = _put_article(
+                        uow.session, stored.get(key), fields, replace_failed
+                    )
+                    stored[key] = article  # a key given twice: the second finds the first
+                    written.append((i, article, created))
+                uow.commit()
+        except IntegrityError:
+            for i in valid:
+                if i not in results:
+                    results[i] = self._save_alone(*saves[i])
+        else:
+            for i, article, created in written:
+                results[i] = SaveResult(article.id, created)
+        return [results[i] for i in range(len(saves))]
+
+    def _save_alone(self, fields: dict[str, Any], replace_failed: bool) -> SaveResult:
+        try:
+            article, created = self.save_article(fields, replace_failed)
+            return SaveResult(article.id, created)
+        except (InvalidRecordError, NotFoundError) as e:
+            return SaveResult(error=str(e))
 
     def list_articles(
         self,

@@ -175,6 +175,13 @@ def test_generator_rejects_a_bad_title_count(start_stack) -> None:
             "article.status: must be one of generated, augmented, short, failed, skipped",
         ),
         (
+            lambda s: s.SaveArticles(
+                db_pb.SaveArticlesRequest(saves=[db_pb.SaveArticleRequest()] * 1001), timeout=10
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "saves: at most 1000 records a call, got 1001",
+        ),
+        (
             lambda s: s.ListArticles(
                 db_pb.ListArticlesRequest(job_id=1, page_token="not-a-token"), timeout=10
             ),
@@ -243,6 +250,43 @@ def test_a_jobs_records_come_in_pages_with_or_without_their_text(start_stack) ->
             if not token:
                 break
     assert seen == [keys[0:2], keys[2:4], keys[4:5]]
+
+
+def test_save_articles_answers_each_record_and_stores_the_good_ones(start_stack) -> None:
+    handle = start_stack(simulator=SimulatorConfig())
+    events, _ = run_job(
+        handle, job_file({"tier1": {"count": 1, "min_word_count": 100, "max_word_count": 200}})
+    )
+    job_id = events[0].job_started.job_id
+    with PersistenceClient(
+        handle.stack.persistence_address, service_token=handle.stack.service_token
+    ) as client:
+        stored = client.list_articles(job_id)[0]
+
+        def record(index: int, status: ArticleStatus.ValueType) -> db_pb.Article:
+            return db_pb.Article(
+                job_id=job_id,
+                project_id=stored.project_id,
+                tier="tier1",
+                article_index=index,
+                title=f"extra {index}",
+                status=status,
+            )
+
+        results = client.save_articles(
+            [
+                (record(0, stored.status), False),  # the job's own article: stored already
+                (record(1, ArticleStatus.ARTICLE_STATUS_GENERATED), False),
+                (record(2, ArticleStatus.ValueType(99)), False),
+            ]
+        )
+        assert [(r.article_id, r.created) for r in results[:2]] == [
+            (stored.id, False),
+            (results[1].article_id, True),
+        ]
+        assert results[1].article_id and not results[0].error and not results[1].error
+        assert results[2].error.startswith("article.status: must be one of")
+        assert [a.title for a in client.list_articles(job_id)] == [stored.title, "extra 1"]
 
 
 def test_an_unreachable_generator_fails_the_job_with_a_message_naming_it(start_stack) -> None:

@@ -98,6 +98,59 @@ def test_a_bad_status_is_rejected_and_writes_nothing(store: Store) -> None:
     assert store.list_articles(job_id) == []
 
 
+def test_saving_many_judges_each_record_as_a_lone_save_would(store: Store) -> None:
+    project_id, job_id = _job(store, 6)
+    stored, _ = store.save_article(_article(project_id, job_id, 0, "generated"))
+    skipped, _ = store.save_article(_article(project_id, job_id, 1, "skipped"))
+    results = store.save_articles(
+        [
+            (_article(project_id, job_id, 0, "failed"), False),  # stored already: unchanged
+            (_article(project_id, job_id, 1, "generated"), False),  # a skipped one is replaced
+            (_article(project_id, job_id, 2, "generated"), False),
+            (_article(project_id, job_id, 3, "done"), False),  # no such status
+            (_article(project_id, job_id + 99, 4, "generated"), False),  # no such job
+            (_article(project_id, job_id, 2, "failed"), False),  # key given twice: once stored
+        ]
+    )
+    assert [(r.created, r.error) for r in results] == [
+        (False, ""),
+        (True, ""),
+        (True, ""),
+        (False, "article.status: must be one of generated, augmented, short, failed, skipped"),
+        (False, f"job {job_id + 99} does not exist"),
+        (False, ""),
+    ]
+    assert results[0].article_id == stored.id and results[1].article_id == skipped.id
+    assert results[5].article_id == results[2].article_id
+    by_index = {a.article_index: a.status for a in store.list_articles(job_id)}
+    assert by_index == {0: "generated", 1: "generated", 2: "generated"}
+
+
+def test_one_bad_reference_in_many_saves_costs_only_its_own_record(store: Store) -> None:
+    project_id, job_id = _job(store, 3)
+    results = store.save_articles(
+        [
+            (_article(project_id, job_id, 0, "generated"), False),
+            (_article(project_id + 99, job_id, 1, "generated"), False),  # the commit fails
+            (_article(project_id, job_id, 2, "generated"), False),
+        ]
+    )
+    assert [r.created for r in results] == [True, False, True]
+    assert results[1].error.startswith("article: not stored")
+    assert [a.article_index for a in store.list_articles(job_id)] == [0, 2]
+
+
+def test_concurrent_batches_of_the_same_keys_store_each_once(store: Store) -> None:
+    project_id, job_id = _job(store, 20)
+    batch = [(_article(project_id, job_id, i, "generated"), False) for i in range(20)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        runs = list(pool.map(lambda _: store.save_articles(batch), range(4)))
+    for i in range(20):
+        assert sum(run[i].created for run in runs) == 1
+        assert len({run[i].article_id for run in runs}) == 1
+    assert len(store.list_articles(job_id)) == 20
+
+
 def test_admin_is_created_once_and_passwords_are_checked(store: Store) -> None:
     generated = store.ensure_admin(None)
     assert generated and store.ensure_admin("other") is None

@@ -970,6 +970,84 @@ class SaveArticleResponse(_message.Message):
 Global___SaveArticleResponse: _TypeAlias = SaveArticleResponse  # noqa: Y015
 
 @_typing.final
+class SaveArticlesRequest(_message.Message):
+    """Request for SaveArticles."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAVES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def saves(self) -> _containers.RepeatedCompositeFieldContainer[Global___SaveArticleRequest]:
+        """The saves, at most 1,000. A key given twice is stored once, as by two SaveArticle calls."""
+
+    def __init__(
+        self,
+        *,
+        saves: _abc.Iterable[Global___SaveArticleRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["saves", b"saves"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SaveArticlesRequest: _TypeAlias = SaveArticlesRequest  # noqa: Y015
+
+@_typing.final
+class SaveArticlesResponse(_message.Message):
+    """Response of SaveArticles."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SaveArticleResult]:
+        """One per save, in the request's order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___SaveArticleResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SaveArticlesResponse: _TypeAlias = SaveArticlesResponse  # noqa: Y015
+
+@_typing.final
+class SaveArticleResult(_message.Message):
+    """What became of one save of a SaveArticles call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARTICLE_ID_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    article_id: _builtins.int
+    """The stored record's id (0 when `error` is set)."""
+    created: _builtins.bool
+    """False when the record already existed and this save changed nothing."""
+    error: _builtins.str
+    """Why this record was not stored (invalid, or its job does not exist); empty when it was."""
+    def __init__(
+        self,
+        *,
+        article_id: _builtins.int = ...,
+        created: _builtins.bool = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["article_id", b"article_id", "created", b"created", "error", b"error"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SaveArticleResult: _TypeAlias = SaveArticleResult  # noqa: Y015
+
+@_typing.final
 class ListArticlesRequest(_message.Message):
     """Request for ListArticles. A job's records come in pages: a job of thousands of articles is
     larger than one message may be.

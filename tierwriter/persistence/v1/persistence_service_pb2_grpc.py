@@ -131,6 +131,11 @@ class PersistenceServiceStub:
                 request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SaveArticleRequest.SerializeToString,
                 response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SaveArticleResponse.FromString,
                 _registered_method=True)
+        self.SaveArticles = channel.unary_unary(
+                '/tierwriter.persistence.v1.PersistenceService/SaveArticles',
+                request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SaveArticlesRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SaveArticlesResponse.FromString,
+                _registered_method=True)
         self.ListArticles = channel.unary_unary(
                 '/tierwriter.persistence.v1.PersistenceService/ListArticles',
                 request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListArticlesRequest.SerializeToString,
@@ -340,6 +345,15 @@ class PersistenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SaveArticles(self, request, context):
+        """Stores many terminal records in one transaction (a generator's saves gathered while its
+        previous call was on the way). Each is judged as SaveArticle would judge it alone: one that
+        is invalid or names no job gets its error in its result and the others are stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListArticles(self, request, context):
         """Lists a job's articles, optionally of one tier, in (tier, article_index) order.
         """
@@ -530,6 +544,11 @@ def add_PersistenceServiceServicer_to_server(servicer, server):
                     servicer.SaveArticle,
                     request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SaveArticleRequest.FromString,
                     response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SaveArticleResponse.SerializeToString,
+            ),
+            'SaveArticles': grpc.unary_unary_rpc_method_handler(
+                    servicer.SaveArticles,
+                    request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SaveArticlesRequest.FromString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SaveArticlesResponse.SerializeToString,
             ),
             'ListArticles': grpc.unary_unary_rpc_method_handler(
                     servicer.ListArticles,
@@ -1112,6 +1131,33 @@ class PersistenceService:
             '/tierwriter.persistence.v1.PersistenceService/SaveArticle',
             tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SaveArticleRequest.SerializeToString,
             tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SaveArticleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveArticles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.persistence.v1.PersistenceService/SaveArticles',
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SaveArticlesRequest.SerializeToString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SaveArticlesResponse.FromString,
             options,
             channel_credentials,
             insecure,
