@@ -17,7 +17,8 @@ figure and its spread (min-max), and tierwriter's as a ratio to the thread pool'
   ceil(N / W) waves of the two calls an article needs (outline, content), at the latency;
 - articles per second (zero latency);
 - model calls per article (titles excluded), from the simulator's counts;
-- first outline: seconds from submitting to the first outline request.
+- first outline: seconds from the job's start (tierwriter: its job_started event, once the job
+  is accepted and running; the thread pool: its start) to the first outline request.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import tempfile
 import time
@@ -62,17 +64,22 @@ class Run:
     articles: int
     wall: float
     article_calls: int  # outline + content + augmentation calls
-    first_outline: float  # submit → first outline request
+    first_outline: float  # job started → first outline request
     failed: int
     augmented: int = 0
     peak_rss_mb: dict[str, float] = field(default_factory=dict)  # per service process
+    # CPU seconds (user + system) per process: the services', and "bench" for this process
+    # (the simulator and the client; for the thread pool, the simulator and the pool).
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def calls_per_article(self) -> float:
         return self.article_calls / self.articles
 
 
-def job(articles: int) -> str:
+def job(articles: int, workers: int = 0) -> str:
+    """The benchmark's job file: one tier of `articles`; with `workers`, its max_workers (else
+    the stack's CONCURRENT_WORKERS)."""
     tier = {
         "count": articles,
         "min_word_count": TIER.min_word_count,
@@ -88,7 +95,10 @@ def job(articles: int) -> str:
         "entities": PROJECT.entities,
         "related_searches": PROJECT.related_searches,
     }
-    return json.dumps({"jobs": [{"project": project, "tiers": {"tier1": tier}}]})
+    spec: dict[str, object] = {"project": project, "tiers": {"tier1": tier}}
+    if workers:
+        spec["max_workers"] = workers
+    return json.dumps({"jobs": [spec]})
 
 
 def _article_calls(simulator: LlmSimulator) -> int:
@@ -122,23 +132,38 @@ def run_tierwriter(
             LocalStack(config) as stack,
             OrchestratorClient(stack.orchestrator_address, "admin", password) as client,
         ):
+            pids = stack.service_pids()
+            cpu_before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+            cpu_before["bench"] = time.process_time()
             first_outline = 0.0
-            started = time.perf_counter()
+            started = job_started = time.perf_counter()
             for event in client.run_job(job(articles)):
-                if event.WhichOneof("event") == "article":
+                if event.WhichOneof("event") == "job_started":
+                    job_started = time.perf_counter()
+                elif event.WhichOneof("event") == "article":
                     kind = event.article.kind
                     if kind == article_pb.ARTICLE_EVENT_KIND_OUTLINE_STARTED and not first_outline:
-                        first_outline = time.perf_counter() - started
+                        first_outline = time.perf_counter() - job_started
                 elif event.WhichOneof("event") == "run_finished":
                     finished = event.run_finished
             wall = time.perf_counter() - started
+            cpu = {name: _cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+            cpu["bench"] = time.process_time() - cpu_before["bench"]
             assert stack.simulator is not None
             calls = _article_calls(stack.simulator)
-            peaks = {name: _peak_rss_mb(pid) for name, pid in stack.service_pids().items()}
+            peaks = {name: _peak_rss_mb(pid) for name, pid in pids.items()}
     if not finished.ok:
         raise SystemExit(f"benchmark run failed: {finished.error}")
     s = finished.summary
-    return Run(articles, wall, calls, first_outline, s.failed_articles, s.augmented_articles, peaks)
+    return Run(
+        articles, wall, calls, first_outline, s.failed_articles, s.augmented_articles, peaks, cpu
+    )
+
+
+def _cpu_seconds(pid: int) -> float:
+    """A process's CPU time so far, user + system (Linux: /proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _peak_rss_mb(pid: int) -> float:
@@ -171,11 +196,42 @@ def run_thread_pool(workers: int, articles: int, latency: float, seed: int) -> R
         tempfile.TemporaryDirectory(prefix="tierwriter-baseline-") as tmp,
         LlmSimulator(SimulatorConfig(latency=latency, seed=seed)) as simulator,
     ):
+        cpu_before = time.process_time()
         run = run_baseline(
             simulator.base_url, workers, articles, TIER, PROJECT, Path(tmp) / "baseline.db"
         )
+        cpu = {"bench": time.process_time() - cpu_before}
         calls = _article_calls(simulator)
-    return Run(run.articles, run.wall, calls, run.first_outline_after, run.failed)
+    return Run(run.articles, run.wall, calls, run.first_outline_after, run.failed, cpu_seconds=cpu)
+
+
+def _cpu_figures(ours: list[Run], peer: list[Run]) -> str:
+    """Median CPU milliseconds per article, all processes: tierwriter's (by process) vs the
+    thread pool's."""
+
+    def median_ms(runs: list[Run], name: str | None = None) -> float:
+        return statistics.median(
+            1000
+            * (r.cpu_seconds.get(name, 0.0) if name else sum(r.cpu_seconds.values()))
+            / r.articles
+            for r in runs
+        )
+
+    parts = ", ".join(
+        f"{name.removesuffix('_service')} {median_ms(ours, name):.1f}"
+        for name in sorted(ours[0].cpu_seconds)
+    )
+    return f"{median_ms(ours):.1f} ({parts}) vs {median_ms(peer):.1f}"
+
+
+def _cpu_per_article(r: Run) -> str:
+    """CPU milliseconds per article, by process, and in all."""
+    parts = [
+        f"{name.removesuffix('_service')} {1000 * s / r.articles:.1f}"
+        for name, s in sorted(r.cpu_seconds.items())
+    ]
+    total = 1000 * sum(r.cpu_seconds.values()) / r.articles
+    return f"CPU ms/article: {', '.join(parts)}; total {total:.1f}"
 
 
 def ideal_bound(articles: int, workers: int, latency: float) -> float:
@@ -183,7 +239,7 @@ def ideal_bound(articles: int, workers: int, latency: float) -> float:
     return (1 + 2 * math.ceil(articles / workers)) * latency
 
 
-def _spread(values: list[float], fmt: Callable[[float], str]) -> str:
+def spread(values: list[float], fmt: Callable[[float], str]) -> str:
     middle = fmt(statistics.median(values))
     if len(values) == 1:
         return middle
@@ -212,9 +268,9 @@ def compare(
     else:
         print(
             "| W | tierwriter articles/s | thread pool articles/s | ratio "
-            "| calls/article | first outline |"
+            "| calls/article | first outline | CPU ms/article |"
         )
-    print("|---:" * (8 if latency else 6) + "|")
+    print("|---:" * (8 if latency else 7) + "|")
     for w in workers:
         ours = [
             run_tierwriter(w, articles, latency, seed, processes=processes) for _ in range(repeats)
@@ -234,19 +290,19 @@ def compare(
         if latency:
             ideal = ideal_bound(articles, w, latency)
             print(
-                f"| {w} | {_spread([r.wall for r in ours], lambda v: f'{v:.2f} s')} "
-                f"| {_spread([r.wall for r in peer], lambda v: f'{v:.2f} s')} "
+                f"| {w} | {spread([r.wall for r in ours], lambda v: f'{v:.2f} s')} "
+                f"| {spread([r.wall for r in peer], lambda v: f'{v:.2f} s')} "
                 f"| {ratio:.2f}x "
-                f"| {_spread([ideal / r.wall for r in ours], lambda v: f'{v:.2f}')} "
-                f"| {_spread([ideal / r.wall for r in peer], lambda v: f'{v:.2f}')} "
+                f"| {spread([ideal / r.wall for r in ours], lambda v: f'{v:.2f}')} "
+                f"| {spread([ideal / r.wall for r in peer], lambda v: f'{v:.2f}')} "
                 f"| {calls} | {first}{note} |",
                 flush=True,
             )
         else:
             print(
-                f"| {w} | {_spread([articles / r.wall for r in ours], lambda v: f'{v:.0f}')} "
-                f"| {_spread([articles / r.wall for r in peer], lambda v: f'{v:.0f}')} "
-                f"| {1 / ratio:.2f}x | {calls} | {first}{note} |",
+                f"| {w} | {spread([articles / r.wall for r in ours], lambda v: f'{v:.0f}')} "
+                f"| {spread([articles / r.wall for r in peer], lambda v: f'{v:.0f}')} "
+                f"| {1 / ratio:.2f}x | {calls} | {first} | {_cpu_figures(ours, peer)}{note} |",
                 flush=True,
             )
 
@@ -316,6 +372,7 @@ def main() -> None:
             args.profile, args.articles or 500, 0.0, args.seed, processes=not args.in_process
         )
         print(f"{r.articles} articles in {r.wall:.2f} s: {r.articles / r.wall:.0f}/s")
+        print(_cpu_per_article(r))
         return
     for latency in args.latencies:
         if args.articles:
