@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator
 
 import grpc
 
@@ -43,55 +43,95 @@ class GeneratorClient:
     def _error(self, error: grpc.RpcError) -> runtime.ServiceCallError:
         return runtime.ServiceCallError("generator_service", self.address, error)
 
-    def generate_titles(self, request: pb.GenerateTitlesRequest) -> pb.GenerateTitlesResponse:
+    def generate_titles(
+        self,
+        request: pb.GenerateTitlesRequest,
+        on_titles: Callable[[list[str]], None] = lambda titles: None,
+    ) -> pb.GenerateTitlesResponse:
+        """The tier's titles and their totals, as one message; `on_titles` gets each batch of
+        new titles as it streams in (in order), for articles to start on them."""
+        merged = pb.GenerateTitlesResponse()
+        stream = self._stub.GenerateTitles(
+            request, timeout=TITLES_DEADLINE, metadata=self._metadata
+        )
         try:
-            return self._stub.GenerateTitles(
-                request, timeout=TITLES_DEADLINE, metadata=self._metadata
-            )
+            for message in stream:
+                if message.titles:
+                    on_titles(list(message.titles))
+                    merged.titles.extend(message.titles)
+                else:  # the last: the totals
+                    titles = list(merged.titles)
+                    merged.CopyFrom(message)
+                    merged.titles.extend(titles)
         except grpc.RpcError as e:
             raise self._error(e) from e
+        finally:
+            stream.cancel()  # a no-op once it ended
+        return merged
 
     def generate_articles(
         self,
         settings: pb.BatchSettings,
-        articles: Sequence[pb.ArticleRequest],
-        stop: threading.Event,
+        articles: Iterable[pb.ArticleRequest],
+        stop: Callable[[], bool],
         stop_reason: Callable[[], str] = lambda: "the job was cancelled",
         grace_seconds: Callable[[], float] = lambda: 0.0,
     ) -> Generator[article_pb.ArticleEvent, None, None]:
         """Send the settings and every article; yield events as they come back until each
-        article has had its terminal event. Setting `stop` asks the generator to start no
-        further article; the events of those in flight (failed as cancelled when they outlive
-        `grace_seconds()`, read when the stop goes out; 0: never), and SKIPPED for the rest,
-        still come.
+        article has had its terminal event. `articles` may be a feed that blocks while it waits
+        for titles: each article goes out as it comes, and the stream ends once the feed has
+        ended and every article sent is terminal. The feed should end early once `stop()` is
+        true: a stop then asks the generator to start no further article; the events of those
+        in flight (failed as cancelled when they outlive `grace_seconds()`, read when the stop
+        goes out; 0: never), and SKIPPED for the rest, still come.
         Closing the iterator early cancels the stream outright."""
+        lock = threading.Lock()  # guards the counts: the request thread sends, we receive
+        sent = terminal = 0
+        fed = False
         all_terminal = threading.Event()
-        if not articles:
-            all_terminal.set()  # nothing to wait for: close our side right after the settings
+
+        def settle() -> None:
+            with lock:
+                if fed and terminal >= sent:
+                    all_terminal.set()
+
+        def stop_request() -> pb.GenerateArticlesRequest:
+            return pb.GenerateArticlesRequest(
+                stop=pb.StopBatch(reason=stop_reason(), grace_seconds=grace_seconds())
+            )
 
         def requests() -> Iterator[pb.GenerateArticlesRequest]:
+            nonlocal sent, fed
             yield pb.GenerateArticlesRequest(settings=settings)
+            stop_sent = False
             for article in articles:
+                if not stop_sent and stop():
+                    # Before the rest: they are then reported SKIPPED, none starts.
+                    stop_sent = True
+                    yield stop_request()
+                with lock:
+                    sent += 1
                 yield pb.GenerateArticlesRequest(article=article)
+            with lock:
+                fed = True
+            settle()  # nothing sent, or all already terminal: close our side now
             # Our side stays open so that a stop can still be sent; it closes once every
             # article is terminal (the generator then ends the stream) or right after a stop.
             # Wait on all_terminal, not on stop: the end of a tier must not wait out a poll.
-            while not all_terminal.wait(STOP_POLL_SECONDS):
-                if stop.is_set():
-                    stop_message = pb.StopBatch(reason=stop_reason(), grace_seconds=grace_seconds())
-                    yield pb.GenerateArticlesRequest(stop=stop_message)
+            while not stop_sent and not all_terminal.wait(STOP_POLL_SECONDS):
+                if stop():
+                    yield stop_request()
                     return
 
         responses = self._stub.GenerateArticles(
             requests(), timeout=ARTICLES_DEADLINE, metadata=self._metadata
         )
-        remaining = len(articles)
         try:
             for response in responses:
                 if response.event.kind in TERMINAL_KINDS:
-                    remaining -= 1
-                    if remaining == 0:
-                        all_terminal.set()
+                    with lock:
+                        terminal += 1
+                    settle()
                 yield response.event
         except grpc.RpcError as e:
             raise self._error(e) from e

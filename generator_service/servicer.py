@@ -23,7 +23,7 @@ from generator_service.domain import (
     validate_task,
 )
 from generator_service.pipeline import ArticlePipeline
-from generator_service.titles import TitleWriter
+from generator_service.titles import TitlesResult, TitleWriter
 from tierwriter import runtime
 from tierwriter.article.v1 import article_event_pb2 as article_pb
 from tierwriter.generator.v1 import generator_service_pb2 as pb
@@ -70,6 +70,23 @@ def event_to_proto(e: ArticleEvent, tier_count: int) -> article_pb.ArticleEvent:
     )
 
 
+def _titles_totals(result: TitlesResult) -> pb.GenerateTitlesResponse:
+    """The last message of a titles stream: what the titles cost and what is missing."""
+    return pb.GenerateTitlesResponse(
+        shortfall=result.shortfall,
+        api_calls=result.api_calls,
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        error=result.error,
+        fatal=result.fatal,
+        cost_usd=result.cost_usd,
+        rejected=result.rejected,
+        retries=[
+            pb.TitleRetry(attempt=r.attempt, reason=r.reason, delay=r.delay) for r in result.retries
+        ],
+    )
+
+
 class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
     """Translates GeneratorService calls onto TitleWriter and ArticleBatch."""
 
@@ -83,7 +100,7 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
 
     def GenerateTitles(
         self, request: pb.GenerateTitlesRequest, context: grpc.ServicerContext
-    ) -> pb.GenerateTitlesResponse:
+    ) -> Iterator[pb.GenerateTitlesResponse]:
         if not 1 <= request.count <= MAX_TITLES:
             runtime.abort(
                 context,
@@ -95,28 +112,34 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
                 context, grpc.StatusCode.INVALID_ARGUMENT, "project.main_keyword: must not be empty"
             )
         parallel = min(max(request.max_parallel_calls, 1), MAX_WORKERS_LIMIT)
-        result = self._titles.write(
-            project_from_proto(request.project),
-            request.count,
-            self._model(request.model),
-            parallel,
-            list(request.existing_titles),
-        )
-        return pb.GenerateTitlesResponse(
-            titles=result.titles,
-            shortfall=result.shortfall,
-            api_calls=result.api_calls,
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-            error=result.error,
-            fatal=result.fatal,
-            cost_usd=result.cost_usd,
-            rejected=result.rejected,
-            retries=[
-                pb.TitleRetry(attempt=r.attempt, reason=r.reason, delay=r.delay)
-                for r in result.retries
-            ],
-        )
+        messages: queue.Queue[object] = queue.Queue()
+
+        def write() -> None:
+            try:
+                result = self._titles.write(
+                    project_from_proto(request.project),
+                    request.count,
+                    self._model(request.model),
+                    parallel,
+                    list(request.existing_titles),
+                    on_titles=lambda titles: messages.put(pb.GenerateTitlesResponse(titles=titles)),
+                )
+                messages.put(_titles_totals(result))
+            except BaseException as e:  # ends the stream with the error, not a hang
+                messages.put(e)
+            finally:
+                messages.put(_DONE)
+
+        writer = threading.Thread(target=write, name="titles-stream", daemon=True)
+        writer.start()
+        try:
+            while (item := messages.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                assert isinstance(item, pb.GenerateTitlesResponse)
+                yield item
+        finally:
+            writer.join()  # also when the caller left: the calls in flight end first
 
     def _batch_context(self, s: pb.BatchSettings) -> BatchContext:
         t = s.tier

@@ -98,9 +98,17 @@ class TitleWriter:
         self._length = length
 
     def write(
-        self, project: ProjectInfo, count: int, model: str, max_parallel: int, existing: list[str]
+        self,
+        project: ProjectInfo,
+        count: int,
+        model: str,
+        max_parallel: int,
+        existing: list[str],
+        on_titles: Callable[[list[str]], None] = lambda titles: None,
     ) -> TitlesResult:
-        """`count` titles distinct from each other and from `existing` (after normalisation)."""
+        """`count` titles distinct from each other and from `existing` (after normalisation).
+        `on_titles` gets each reply's new titles as soon as they are taken, in their final
+        order, so a caller can start on the first ones while the rest are asked for."""
         result = TitlesResult()
         retries_lock = threading.Lock()
 
@@ -140,6 +148,7 @@ class TitleWriter:
                     lines = reply.text.splitlines()
                     if reply.finish_reason == "length":  # cut off: the last line may be half
                         lines = lines[:-1]
+                    taken = len(result.titles)
                     for line in lines:
                         title = clean_title(line)
                         if not title:
@@ -151,6 +160,8 @@ class TitleWriter:
                         if key and key not in seen and len(result.titles) < count:
                             seen.add(key)
                             result.titles.append(title)
+                    if len(result.titles) > taken:
+                        on_titles(result.titles[taken:])
         missing = count - len(result.titles)
         # Titles the model could not be asked for (an error) are failures, not a shortfall.
         result.shortfall = 0 if result.error else missing

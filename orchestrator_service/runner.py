@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 
@@ -22,6 +22,7 @@ from orchestrator_service.config import Settings
 from orchestrator_service.events import JobEventLog
 from orchestrator_service.jobfile import JobFile, JobFileError, JobSpec, TierSpec, parse_job_file
 from orchestrator_service.postprocess import JobPublisher, write_atomically
+from orchestrator_service.title_feed import TitleFeed
 from persistence_service.client import PersistenceClient
 from tierwriter.article.v1 import article_event_pb2 as article_pb
 from tierwriter.generator.v1 import generator_service_pb2 as gen_pb
@@ -525,34 +526,58 @@ class JobRunner:
                 for a in self._persistence.list_articles(job_id, tier_name, metadata_only=True)
             }
 
-        records = stored_now() if resuming else {}
+        # A resumed tier's records, or those of one whose titles a crash cut off: its articles
+        # start as the titles stream in, before the titles are kept with the job.
+        records = stored_now()
 
         # Titles: a new tier gets all of them; a resumed one keeps its own, and gets new ones
         # only for articles that failed at `titles` when those are retried.
-        titles = list(stored_titles or [])
         want = 0 if resuming else tier.count
         if resuming and retry_failed:
             want = sum(
                 1
                 for index, record in records.items()
-                if index >= len(titles) and record.error_stage == "titles"
+                if index >= len(stored_titles or []) and record.error_stage == "titles"
             )
+        feed = TitleFeed(stored_titles or [])
+        tier_stop = threading.Event()  # the titles failed: start no further article of the tier
+        # None while titles are on their way; then why they stop the tier, or "".
+        titles_failure: str | None = None
         if want:
-            made = yield from self._titles(run, context, titles, want)
-            if made.failure:
-                yield self._tier_finished(job_id, tier_name)
-                return made
+            self._start_titles(run, context, feed, want, [r.title for r in records.values()])
+        else:
+            titles_failure = ""
+
+        def finish_titles() -> Generator[pb.JobEvent, None, None]:
+            """Once the titles are in: keep them with the job, and say how it went (once)."""
+            nonlocal titles_failure
+            if titles_failure is None and feed.done:
+                outcome = yield from self._titles_done(run, feed, want, records, needed)
+                titles_failure = outcome.failure
+                if titles_failure:
+                    tier_stop.set()
 
         # Exactly the articles that have no terminal record yet or were skipped for the budget
         # (and, retrying, the failed).
-        def pending(stored: dict[int, db_pb.Article]) -> list[int]:
-            return [
-                i
-                for i in range(len(titles))
-                if i not in stored
-                or stored[i].status == article_pb.ARTICLE_STATUS_SKIPPED
-                or (retry_failed and stored[i].status == article_pb.ARTICLE_STATUS_FAILED)
-            ]
+        def needed(index: int, stored: dict[int, db_pb.Article]) -> bool:
+            record = stored.get(index)
+            return (
+                record is None
+                or record.status == article_pb.ARTICLE_STATUS_SKIPPED
+                or (retry_failed and record.status == article_pb.ARTICLE_STATUS_FAILED)
+            )
+
+        def stopped() -> bool:
+            return cancellation.is_set() or tier_stop.is_set()
+
+        def article_requests(stored: dict[int, db_pb.Article]) -> Iterator[gen_pb.ArticleRequest]:
+            """Each needed article as soon as its title is there (a feed that blocks)."""
+            index = 0
+            while (title := feed.wait_for(index, stopped)) is not None:
+                if needed(index, stored):
+                    site = sites[index % len(sites)] if sites else ""
+                    yield gen_pb.ArticleRequest(article_index=index, title=title, site=site)
+                index += 1
 
         def budget() -> float:
             """What the job may still spend (0: no limit); read again for every stream, since a
@@ -574,102 +599,142 @@ class JobRunner:
             replace_failed=retry_failed,
         )
         failure = ""
-        # Read before the titles: records they add replace failed ones, so the set is the same.
-        todo = pending(records)
-        for attempt in range(self._settings.generator_reconnect_attempts + 1):
-            settings.budget_usd = budget()
-            requests = [
-                gen_pb.ArticleRequest(
-                    article_index=i, title=titles[i], site=sites[i % len(sites)] if sites else ""
-                )
-                for i in todo
-            ]
-            try:
-                # A cancel becomes a stop message: nothing new starts, in-flight articles finish
-                # (or stop after the grace period) and are recorded; the stream still ends only
-                # when every article is terminal.
-                with closing(
-                    self._generator.generate_articles(
-                        settings,
-                        requests,
-                        stop=cancellation.event,
-                        stop_reason=lambda: cancellation.reason or "the job was cancelled",
-                        # A hand-off lets in-flight articles finish: they are paid for already.
-                        grace_seconds=lambda: (
-                            0.0 if cancellation.handoff else self._settings.cancel_grace_seconds
-                        ),
+        try:
+            if spec.max_cost_usd:
+                # With a budget, the titles come first: what they cost counts before any article.
+                feed.wait()
+                yield from finish_titles()
+                if titles_failure:
+                    yield self._tier_finished(job_id, tier_name)
+                    return TierOutcome(titles_failure)
+            # Read before the titles: records they add replace failed ones, so the set is the same.
+            todo = article_requests(records)
+            for attempt in range(self._settings.generator_reconnect_attempts + 1):
+                settings.budget_usd = budget()
+                try:
+                    # A cancel becomes a stop message: nothing new starts, in-flight articles
+                    # finish (or stop after the grace period) and are recorded; the stream still
+                    # ends only when every article is terminal.
+                    with closing(
+                        self._generator.generate_articles(
+                            settings,
+                            todo,
+                            stop=stopped,
+                            stop_reason=lambda: (
+                                cancellation.reason or titles_failure or "the job was cancelled"
+                            ),
+                            # A hand-off lets in-flight articles finish: they are paid for already.
+                            grace_seconds=lambda: (
+                                0.0
+                                if cancellation.handoff or not cancellation.is_set()
+                                else self._settings.cancel_grace_seconds
+                            ),
+                        )
+                    ) as events:
+                        for event in events:
+                            yield from finish_titles()  # "titles ready" before what follows
+                            yield pb.JobEvent(article=event)  # the generator's event, as it is
+                            if (
+                                event.kind == article_pb.ARTICLE_EVENT_KIND_FAILED
+                                and not failure
+                                and event.fatal
+                            ):
+                                failure = f"stopped: {event.error}"
+                            elif (
+                                event.kind == article_pb.ARTICLE_EVENT_KIND_FAILED
+                                and not failure
+                                and not spec.continue_on_error
+                            ):
+                                failure = (
+                                    f"{tier_name} article {event.article_index + 1}/{tier.count} "
+                                    f"failed and continue_on_error is false: {event.error}"
+                                )
+                    break
+                except ServiceCallError as e:
+                    if e.code not in _GENERATOR_LOST or cancellation.is_set() or failure:
+                        raise
+                    if attempt == self._settings.generator_reconnect_attempts:
+                        raise
+                    delay = min(_RECONNECT_MAX_DELAY, 2.0**attempt)
+                    yield pb.JobEvent(
+                        notice=pb.Notice(
+                            job_id=job_id,
+                            tier=tier_name,
+                            message=f"lost the generator ({e.details}); trying "
+                            f"again in {delay:g}s ({attempt + 1}/"
+                            f"{self._settings.generator_reconnect_attempts})",
+                        )
                     )
-                ) as events:
-                    for event in events:
-                        yield pb.JobEvent(article=event)  # the generator's event, as it is
-                        if (
-                            event.kind == article_pb.ARTICLE_EVENT_KIND_FAILED
-                            and not failure
-                            and event.fatal
-                        ):
-                            failure = f"stopped: {event.error}"
-                        elif (
-                            event.kind == article_pb.ARTICLE_EVENT_KIND_FAILED
-                            and not failure
-                            and not spec.continue_on_error
-                        ):
-                            failure = (
-                                f"{tier_name} article {event.article_index + 1}/{tier.count} "
-                                f"failed and continue_on_error is false: {event.error}"
-                            )
-                break
-            except ServiceCallError as e:
-                if e.code not in _GENERATOR_LOST or cancellation.is_set() or failure:
-                    raise
-                if attempt == self._settings.generator_reconnect_attempts:
-                    raise
-                delay = min(_RECONNECT_MAX_DELAY, 2.0**attempt)
-                yield pb.JobEvent(
-                    notice=pb.Notice(
-                        job_id=job_id,
-                        tier=tier_name,
-                        message=f"lost the generator ({e.details}); trying "
-                        f"again in {delay:g}s ({attempt + 1}/"
-                        f"{self._settings.generator_reconnect_attempts})",
+                    cancellation.event.wait(delay)
+                    feed.wait()  # the titles ended too (or went on elsewhere): take what came
+                    yield from finish_titles()
+                    stored = stored_now()  # what the lost generator saved is not redone
+                    titles = feed.titles()
+                    missing = sum(1 for i in range(len(titles)) if needed(i, stored))
+                    todo = article_requests(stored)
+                    yield pb.JobEvent(
+                        notice=pb.Notice(
+                            job_id=job_id,
+                            tier=tier_name,
+                            message=f"sending the {missing} articles without a record again",
+                        )
                     )
-                )
-                cancellation.event.wait(delay)
-                todo = pending(stored_now())  # what the lost generator saved is not redone
-                yield pb.JobEvent(
-                    notice=pb.Notice(
-                        job_id=job_id,
-                        tier=tier_name,
-                        message=f"sending the {len(todo)} articles without a record again",
-                    )
-                )
+            feed.wait()
+            yield from finish_titles()
+        finally:
+            tier_stop.set()  # a feed still waiting for titles ends
+            feed.wait()
         if cancellation.is_set() and not failure:
             failure = cancellation.message
         yield self._tier_finished(job_id, tier_name)
-        return TierOutcome(failure)
+        return TierOutcome(failure or titles_failure or "")
 
-    def _titles(
-        self, run: TierRun, context: gen_pb.ProjectContext, titles: list[str], want: int
+    def _start_titles(
+        self,
+        run: TierRun,
+        context: gen_pb.ProjectContext,
+        feed: TitleFeed,
+        want: int,
+        recorded: list[str],
+    ) -> None:
+        """Ask the generator for `want` more titles, streaming into `feed`. They must differ
+        from the job's and project's others and from the tier's `recorded` articles' titles."""
+        request = gen_pb.GenerateTitlesRequest(
+            project=context,
+            tier=run.name,
+            count=want,
+            model=run.spec.models.title,
+            max_parallel_calls=run.job.max_workers,
+            existing_titles=[*run.used_titles, *feed.titles(), *recorded],
+        )
+        feed.start(lambda on_titles: self._generator.generate_titles(request, on_titles))
+
+    def _titles_done(
+        self,
+        run: TierRun,
+        feed: TitleFeed,
+        want: int,
+        records: dict[int, db_pb.Article],
+        needed: Callable[[int, dict[int, db_pb.Article]], bool],
     ) -> Generator[pb.JobEvent, None, TierOutcome]:
-        """`want` more titles appended to `titles` (kept with the job and written beside the
-        output). Articles whose title could not be made (the model failed) get failed records
-        at stage `titles`, so every requested article still ends as exactly one record."""
+        """The titles are in: keep them with the job and beside the output, give articles whose
+        title could not be made (the model failed) failed records at stage `titles`, so every
+        requested article still ends as exactly one record, and report. Returns why the titles
+        stop the tier, or ""."""
         job, project, spec, tier_name = run.job, run.project, run.spec, run.name
-        used_titles, retry_failed = run.used_titles, run.retry_failed
+        if feed.error is not None:  # the call itself failed (e.g. the generator went away)
+            return TierOutcome(f"{tier_name}: titles: {feed.error}")
+        made = feed.result
+        assert made is not None
         tier = spec.tiers[tier_name]
         sites = spec.sites_of(tier)
-        made = self._generator.generate_titles(
-            gen_pb.GenerateTitlesRequest(
-                project=context,
-                tier=tier_name,
-                count=want,
-                model=spec.models.title,
-                max_parallel_calls=job.max_workers,
-                existing_titles=[*used_titles, *titles],
-            )
-        )
-        first_new = len(titles)
-        titles.extend(made.titles)
-        used_titles.extend(made.titles)  # later tiers must differ from these too
+        titles = feed.titles()
+        first_new = len(titles) - len(made.titles)
+        # An article recorded before a crash cut its tier's titles off keeps the title it has.
+        for index, record in records.items():
+            if index < len(titles) and not needed(index, records):
+                titles[index] = record.title
+        run.used_titles.extend(made.titles)  # later tiers must differ from these too
         self._persistence.record_titles(
             db_pb.RecordTitlesRequest(
                 job_id=job.id,
@@ -710,7 +775,7 @@ class JobRunner:
                     error=made.error,
                     site=sites[index % len(sites)] if sites else "",
                 ),
-                replace_failed=retry_failed,
+                replace_failed=run.retry_failed,
             )
         yield pb.JobEvent(
             titles_ready=pb.TitlesReady(

@@ -420,6 +420,7 @@ class LlmSimulator:
         }
         # Requests of the held kinds wait in flight until release(): tests order events by it.
         self._held: frozenset[str] = frozenset()
+        self._hold_after = 0
         self._released = threading.Condition(self._lock)
         self._server = ThreadingHTTPServer((host, port), _make_handler(self))
         self._server.daemon_threads = True
@@ -467,11 +468,13 @@ class LlmSimulator:
                 self._stats.tokens_charged,
             )
 
-    def hold(self, *kinds: str) -> None:
+    def hold(self, *kinds: str, after: int = 0) -> None:
         """Keep requests of these kinds ("outline", "content", …) in flight, unanswered, until
-        release(): a test can then act while they are known to be running."""
+        release(): a test can then act while they are known to be running. With `after`, the
+        first `after` requests of each kind (since the last reset) are answered as usual."""
         with self._lock:
             self._held = frozenset(kinds)
+            self._hold_after = after
 
     def release(self) -> None:
         """Answer the held requests, and hold none from now on."""
@@ -479,9 +482,10 @@ class LlmSimulator:
             self._held = frozenset()
             self._released.notify_all()
 
-    def _wait_while_held(self, kind: str) -> None:
+    def _wait_while_held(self, kind: str, number: int) -> None:
+        """Wait while requests of `kind` are held; `number` is this one's count in its kind."""
         with self._lock:
-            while kind in self._held:
+            while kind in self._held and number > self._hold_after:
                 self._released.wait()
 
     def reset(self) -> None:
@@ -493,8 +497,9 @@ class LlmSimulator:
 
     # Called by the handler threads.
 
-    def _enter(self, kind: str, max_tokens: int = 0, structured: bool = False) -> int:
-        """Count the request in; returns how many outline requests there have been."""
+    def _enter(self, kind: str, max_tokens: int = 0, structured: bool = False) -> tuple[int, int]:
+        """Count the request in; returns its number in its kind and how many outline requests
+        there have been."""
         with self._lock:
             self._stats.requests += 1
             self._kinds[kind] += 1
@@ -506,7 +511,7 @@ class LlmSimulator:
             self._stats.peak_in_flight = max(self._stats.peak_in_flight, self._stats.in_flight)
             if kind == "outline":
                 self._outline_requests += 1
-            return self._outline_requests
+            return self._kinds[kind], self._outline_requests
 
     def _leave(self) -> None:
         with self._lock:
@@ -659,9 +664,9 @@ class LlmSimulator:
         # Seeded by the prompt, not by arrival order: the same job gets the same replies however
         # its requests interleave, so runs at different concurrency are comparable.
         rng = random.Random(f"{self.config.seed}:{prompt}")
-        outline_number = self._enter(kind, max_tokens, "response_format" in body)
+        number, outline_number = self._enter(kind, max_tokens, "response_format" in body)
         try:
-            self._wait_while_held(kind)
+            self._wait_while_held(kind, number)
             time.sleep(self.config.latency)
             if kind in ("outline", "outline_repair") and self._garbage_outline():
                 text = "Here is an outline: {'outline': [ oops"

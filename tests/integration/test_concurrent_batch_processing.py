@@ -15,6 +15,7 @@ from orchestrator_service.console import event_lines
 from tests.helpers import (
     TIER,
     article_pages,
+    article_rows,
     articles_of,
     count_rows,
     job_file,
@@ -298,3 +299,39 @@ def test_with_retries_off_a_rate_limit_is_a_recorded_failure(start_stack, monkey
     rows = rows_by_status(handle.database_url, job_ids_of(events)[0])
     assert rows.get("failed") == len(failed) and sum(rows.values()) == 4
     assert finished.ok and finished.summary.failed_articles == len(failed)  # the batch went on
+
+
+def test_articles_start_on_the_first_titles_while_the_rest_are_asked_for(start_stack) -> None:
+    """Ordered by events: the simulator answers the first titles call and holds the second
+    until released, so an outline request can only come first if titles stream into the pool."""
+    handle = start_stack(simulator=SimulatorConfig(latency=0.0))
+    simulator = handle.stack.simulator
+    simulator.hold("titles", after=1)  # 30 titles, one call at a time: 25, then 5 held
+    try:
+        with OrchestratorClient(handle.stack.orchestrator_address, "admin", handle.password) as c:
+            stream = c.run_job(job_file({"tier1": tier(count=30)}, max_workers=1))
+            before_release = []
+            for event in stream:
+                before_release.append(event)
+                kind = event.WhichOneof("event")
+                assert kind != "titles_ready", "the titles ended before any article started"
+                if kind == "article" and event.article.kind == article_pb.ARTICLE_EVENT_KIND_SAVED:
+                    break  # an article was written while the last titles call was held
+            assert simulator.stats().by_kind["titles"] == 2
+            simulator.release()
+            events = before_release + list(stream)
+    finally:
+        simulator.release()
+    finished = events[-1].run_finished
+    assert finished.ok, finished.error
+    assert finished.summary.generated_articles + finished.summary.augmented_articles == 30
+    ready = [e.titles_ready for e in events if e.WhichOneof("event") == "titles_ready"]
+    assert [r.count for r in ready] == [30]
+    saved = {
+        e.article_index
+        for e in articles_of(events)
+        if e.kind == article_pb.ARTICLE_EVENT_KIND_SAVED
+    }
+    assert saved == set(range(30))
+    rows = article_rows(handle.database_url, job_ids_of(events)[0])
+    assert len(rows) == 30 and len({r["title"] for r in rows}) == 30

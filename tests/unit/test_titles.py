@@ -58,3 +58,13 @@ def test_large_counts_are_asked_in_batches_of_25() -> None:
     llm = ScriptedTitles("\n".join(f"Title {i}" for i in range(60)))
     result = TitleWriter(llm, length=SHORT_OK).write(PROJECT, 60, "m", 3, existing=[])
     assert len(result.titles) == 60 and llm.calls == 3
+
+
+def test_each_replys_new_titles_are_handed_on_as_they_are_taken() -> None:
+    llm = ScriptedTitles("Alpha\nalpha!\nBeta", "Beta\nGamma\nDelta")
+    batches: list[list[str]] = []
+    result = TitleWriter(llm, length=SHORT_OK).write(
+        PROJECT, 3, "m", 1, existing=[], on_titles=batches.append
+    )
+    assert batches == [["Alpha", "Beta"], ["Gamma"]]  # a duplicate or an extra is not handed on
+    assert [t for batch in batches for t in batch] == result.titles

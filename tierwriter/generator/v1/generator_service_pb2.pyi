@@ -106,7 +106,7 @@ Global___GenerateTitlesRequest: _TypeAlias = GenerateTitlesRequest  # noqa: Y015
 
 @_typing.final
 class GenerateTitlesResponse(_message.Message):
-    """Response of GenerateTitles."""
+    """One message of the GenerateTitles stream: new titles, or (the last) the totals."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -142,7 +142,7 @@ class GenerateTitlesResponse(_message.Message):
     """Reply lines dropped because they were not titles (preambles, too long, braces)."""
     @_builtins.property
     def titles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Distinct titles, at most `count` of them."""
+        """Titles new since the previous message; over the stream, at most `count` distinct ones."""
 
     @_builtins.property
     def retries(self) -> _containers.RepeatedCompositeFieldContainer[Global___TitleRetry]:

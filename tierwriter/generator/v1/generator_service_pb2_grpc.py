@@ -35,7 +35,7 @@ class GeneratorServiceStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.GenerateTitles = channel.unary_unary(
+        self.GenerateTitles = channel.unary_stream(
                 '/tierwriter.generator.v1.GeneratorService/GenerateTitles',
                 request_serializer=tierwriter_dot_generator_dot_v1_dot_generator__service__pb2.GenerateTitlesRequest.SerializeToString,
                 response_deserializer=tierwriter_dot_generator_dot_v1_dot_generator__service__pb2.GenerateTitlesResponse.FromString,
@@ -52,7 +52,10 @@ class GeneratorServiceServicer:
     """
 
     def GenerateTitles(self, request, context):
-        """Generates `count` distinct titles for one tier, in batches of up to 25 per model call.
+        """Generates `count` distinct titles for one tier, in batches of up to 25 per model call, and
+        streams them as the replies come, so a tier's articles can start on the first ones. Every
+        message but the last carries the titles new since the one before (in order); the last
+        carries no titles, only the totals.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -70,7 +73,7 @@ class GeneratorServiceServicer:
 
 def add_GeneratorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'GenerateTitles': grpc.unary_unary_rpc_method_handler(
+            'GenerateTitles': grpc.unary_stream_rpc_method_handler(
                     servicer.GenerateTitles,
                     request_deserializer=tierwriter_dot_generator_dot_v1_dot_generator__service__pb2.GenerateTitlesRequest.FromString,
                     response_serializer=tierwriter_dot_generator_dot_v1_dot_generator__service__pb2.GenerateTitlesResponse.SerializeToString,
@@ -103,7 +106,7 @@ class GeneratorService:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
+        return grpc.experimental.unary_stream(
             request,
             target,
             '/tierwriter.generator.v1.GeneratorService/GenerateTitles',
