@@ -267,8 +267,10 @@ def test_a_user_calling_the_internal_services_directly_is_refused(team) -> None:
             assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
         with grpc.insecure_channel(stack.generator_address) as channel:
             with pytest.raises(grpc.RpcError) as error:
-                gen_grpc.GeneratorServiceStub(channel).GenerateTitles(
-                    gen_pb.GenerateTitlesRequest(), timeout=10, metadata=metadata
+                list(  # a stream: its status comes with the first read
+                    gen_grpc.GeneratorServiceStub(channel).GenerateTitles(
+                        gen_pb.GenerateTitlesRequest(), timeout=10, metadata=metadata
+                    )
                 )
             assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
 

@@ -144,9 +144,13 @@ def test_generator_rejects_a_bad_title_count(start_stack) -> None:
         internal_channel(handle.stack.generator_address, handle.stack.service_token) as channel,
         pytest.raises(grpc.RpcError) as error,
     ):
-        gen_grpc.GeneratorServiceStub(channel).GenerateTitles(
-            gen_pb.GenerateTitlesRequest(project=gen_pb.ProjectContext(main_keyword="k"), count=0),
-            timeout=10,
+        list(  # a stream: its status comes with the first read
+            gen_grpc.GeneratorServiceStub(channel).GenerateTitles(
+                gen_pb.GenerateTitlesRequest(
+                    project=gen_pb.ProjectContext(main_keyword="k"), count=0
+                ),
+                timeout=10,
+            )
         )
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "count: must be between 1 and 10000" in error.value.details()
@@ -457,8 +461,10 @@ def test_internal_services_answer_only_the_other_services(start_stack, token) ->
         ),
         (
             handle.stack.generator_address,
-            lambda channel: gen_grpc.GeneratorServiceStub(channel).GenerateTitles(
-                gen_pb.GenerateTitlesRequest(), timeout=10, metadata=metadata
+            lambda channel: list(
+                gen_grpc.GeneratorServiceStub(channel).GenerateTitles(
+                    gen_pb.GenerateTitlesRequest(), timeout=10, metadata=metadata
+                )
             ),
         ),
         (
