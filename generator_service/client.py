@@ -18,6 +18,8 @@ TITLES_DEADLINE = 600.0  # many title calls may queue behind a slow model
 ARTICLES_DEADLINE = 24 * 3600.0
 # How often an open request stream checks whether the caller asked to stop (cancel latency).
 STOP_POLL_SECONDS = 0.2
+# Articles sent ahead per worker, beyond those running (see generate_articles).
+QUEUED_PER_WORKER = 2
 TERMINAL_KINDS = frozenset(
     {
         article_pb.ARTICLE_EVENT_KIND_SAVED,
@@ -79,7 +81,8 @@ class GeneratorClient:
     ) -> Generator[article_pb.ArticleEvent, None, None]:
         """Send the settings and every article; yield events as they come back until each
         article has had its terminal event. `articles` may be a feed that blocks while it waits
-        for titles: each article goes out as it comes, and the stream ends once the feed has
+        for titles: each article goes out as it comes (at most QUEUED_PER_WORKER per worker
+        waiting in the generator at a time), and the stream ends once the feed has
         ended and every article sent is terminal. The feed should end early once `stop()` is
         true: a stop then asks the generator to start no further article; the events of those
         in flight (failed as cancelled when they outlive `grace_seconds()`, read when the stop
@@ -89,6 +92,12 @@ class GeneratorClient:
         sent = terminal = 0
         fed = False
         all_terminal = threading.Event()
+        # Articles sent that have had no event yet wait in the generator's queue. Keeping at most
+        # QUEUED_PER_WORKER per worker there means a worker never waits for the next, while a
+        # tier of any size costs the generator the same memory.
+        unstarted: set[int] = set()
+        room = threading.Condition(lock)
+        queue_limit = QUEUED_PER_WORKER * max(1, settings.max_workers)
 
         def settle() -> None:
             with lock:
@@ -105,12 +114,17 @@ class GeneratorClient:
             yield pb.GenerateArticlesRequest(settings=settings)
             stop_sent = False
             for article in articles:
-                if not stop_sent and stop():
-                    # Before the rest: they are then reported SKIPPED, none starts.
-                    stop_sent = True
-                    yield stop_request()
+                if not stop_sent:
+                    with room:
+                        while len(unstarted) >= queue_limit and not stop():
+                            room.wait(STOP_POLL_SECONDS)
+                    if stop():
+                        # Before the rest: they are then reported SKIPPED, none starts.
+                        stop_sent = True
+                        yield stop_request()
                 with lock:
                     sent += 1
+                    unstarted.add(article.article_index)
                 yield pb.GenerateArticlesRequest(article=article)
             with lock:
                 fed = True
@@ -128,6 +142,10 @@ class GeneratorClient:
         )
         try:
             for response in responses:
+                with room:
+                    if response.event.article_index in unstarted:  # its first event: it left
+                        unstarted.discard(response.event.article_index)  # the queue
+                        room.notify()
                 if response.event.kind in TERMINAL_KINDS:
                     with lock:
                         terminal += 1

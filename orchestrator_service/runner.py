@@ -542,11 +542,7 @@ class JobRunner:
         feed = TitleFeed(stored_titles or [])
         tier_stop = threading.Event()  # the titles failed: start no further article of the tier
         # None while titles are on their way; then why they stop the tier, or "".
-        titles_failure: str | None = None
-        if want:
-            self._start_titles(run, context, feed, want, [r.title for r in records.values()])
-        else:
-            titles_failure = ""
+        titles_failure: str | None = None if want else ""
 
         def finish_titles() -> Generator[pb.JobEvent, None, None]:
             """Once the titles are in: keep them with the job, and say how it went (once)."""
@@ -600,6 +596,8 @@ class JobRunner:
         )
         failure = ""
         try:
+            if want:
+                self._start_titles(run, context, feed, want, [r.title for r in records.values()])
             if spec.max_cost_usd:
                 # With a budget, the titles come first: what they cost counts before any article.
                 feed.wait()
