@@ -13,7 +13,8 @@ from tierwriter.generator.v1 import generator_service_pb2 as pb
 from tierwriter.generator.v1 import generator_service_pb2_grpc as pb_grpc
 from tierwriter.service_auth import token_metadata
 
-TITLES_DEADLINE = 600.0  # many title calls may queue behind a slow model
+# A titles stream runs beside its tier's articles, on the same model: bounded, but generous.
+TITLES_DEADLINE = 3600.0
 # A stream carries a whole tier: long, but bounded, so a hung generator cannot hang a job forever.
 ARTICLES_DEADLINE = 24 * 3600.0
 # How often an open request stream checks whether the caller asked to stop (cancel latency).
@@ -83,10 +84,11 @@ class GeneratorClient:
         article has had its terminal event. `articles` may be a feed that blocks while it waits
         for titles: each article goes out as it comes (at most QUEUED_PER_WORKER per worker
         waiting in the generator at a time), and the stream ends once the feed has
-        ended and every article sent is terminal. The feed should end early once `stop()` is
-        true: a stop then asks the generator to start no further article; the events of those
-        in flight (failed as cancelled when they outlive `grace_seconds()`, read when the stop
-        goes out; 0: never), and SKIPPED for the rest, still come.
+        ended and every article sent is terminal. Once `stop()` is true, a stop goes out before
+        any further article: the generator starts none of them (each is reported SKIPPED), and
+        the events of those in flight (failed as cancelled when they outlive `grace_seconds()`,
+        read when the stop goes out; 0: never) still come. A feed should stop waiting for
+        articles it does not have yet once `stop()` is true.
         Closing the iterator early cancels the stream outright."""
         lock = threading.Lock()  # guards the counts: the request thread sends, we receive
         sent = terminal = 0
@@ -116,7 +118,11 @@ class GeneratorClient:
             for article in articles:
                 if not stop_sent:
                     with room:
-                        while len(unstarted) >= queue_limit and not stop():
+                        while (
+                            len(unstarted) >= queue_limit
+                            and not stop()
+                            and not all_terminal.is_set()  # the stream ended or was closed
+                        ):
                             room.wait(STOP_POLL_SECONDS)
                     if stop():
                         # Before the rest: they are then reported SKIPPED, none starts.

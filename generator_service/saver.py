@@ -117,15 +117,19 @@ class PersistenceSaver:
                 results = self._retrying.copy()(
                     self._client.save_articles, [(s.article, s.replace_failed) for s in batch]
                 )
+                if len(results) != len(batch):
+                    raise ArticleNotSavedError(
+                        f"persistence answered {len(results)} saves for {len(batch)}"
+                    )
+                for waiting, result in zip(batch, results, strict=True):
+                    if result.error:
+                        waiting.done.set_exception(ArticleNotSavedError(result.error))
+                    else:
+                        waiting.done.set_result((result.article_id, result.created))
             except Exception as e:  # persistence stayed down or refused the call: each worker
-                for waiting in batch:  # reports its article as not saved
-                    waiting.done.set_exception(e)
-                continue
-            for waiting, result in zip(batch, results, strict=True):
-                if result.error:
-                    waiting.done.set_exception(ArticleNotSavedError(result.error))
-                else:
-                    waiting.done.set_result((result.article_id, result.created))
+                for waiting in batch:  # still waiting reports its article as not saved
+                    if not waiting.done.done():
+                        waiting.done.set_exception(e)
 
     def _next_batch(self) -> list[_Save] | None:
         """The next save (waiting for one) and whatever else is queued behind it, up to the

@@ -112,34 +112,18 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
                 context, grpc.StatusCode.INVALID_ARGUMENT, "project.main_keyword: must not be empty"
             )
         parallel = min(max(request.max_parallel_calls, 1), MAX_WORKERS_LIMIT)
-        messages: queue.Queue[object] = queue.Queue()
-
-        def write() -> None:
-            try:
-                result = self._titles.write(
-                    project_from_proto(request.project),
-                    request.count,
-                    self._model(request.model),
-                    parallel,
-                    list(request.existing_titles),
-                    on_titles=lambda titles: messages.put(pb.GenerateTitlesResponse(titles=titles)),
-                )
-                messages.put(_titles_totals(result))
-            except BaseException as e:  # ends the stream with the error, not a hang
-                messages.put(e)
-            finally:
-                messages.put(_DONE)
-
-        writer = threading.Thread(target=write, name="titles-stream", daemon=True)
-        writer.start()
-        try:
-            while (item := messages.get()) is not _DONE:
-                if isinstance(item, BaseException):
-                    raise item
-                assert isinstance(item, pb.GenerateTitlesResponse)
-                yield item
-        finally:
-            writer.join()  # also when the caller left: the calls in flight end first
+        for item in self._titles.stream(
+            project_from_proto(request.project),
+            request.count,
+            self._model(request.model),
+            parallel,
+            list(request.existing_titles),
+            stopped=lambda: not context.is_active(),
+        ):
+            if isinstance(item, TitlesResult):
+                yield _titles_totals(item)
+            else:
+                yield pb.GenerateTitlesResponse(titles=item)
 
     def _batch_context(self, s: pb.BatchSettings) -> BatchContext:
         t = s.tier

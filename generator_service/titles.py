@@ -8,10 +8,11 @@ for again like duplicates."""
 
 from __future__ import annotations
 
+import queue
 import re
 import threading
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ from generator_service.llm.pricing import PriceTable
 TITLES_PER_CALL = 25
 # Rounds after the first that ask only for what is still missing; then the shortfall is reported.
 TOP_UP_ROUNDS = 3
+_END = object()  # closes a stream()
 DEFAULT_LENGTH = (20, 120)  # characters: TITLE_MIN_CHARS, TITLE_MAX_CHARS
 _NUMBERING = re.compile(r"^\s*(?:[-*•]|\d+\s*[.):]|#+|title\s*\d*\s*:)\s*", re.IGNORECASE)
 _EMPHASIS = re.compile(r"\*\*|__|\*|`")
@@ -105,10 +107,12 @@ class TitleWriter:
         max_parallel: int,
         existing: list[str],
         on_titles: Callable[[list[str]], None] = lambda titles: None,
+        stopped: Callable[[], bool] = lambda: False,
     ) -> TitlesResult:
         """`count` titles distinct from each other and from `existing` (after normalisation).
         `on_titles` gets each reply's new titles as soon as they are taken, in their final
-        order, so a caller can start on the first ones while the rest are asked for."""
+        order, so a caller can start on the first ones while the rest are asked for. Once
+        `stopped()` is true (the caller went away), no further round of calls starts."""
         result = TitlesResult()
         retries_lock = threading.Lock()
 
@@ -123,6 +127,9 @@ class TitleWriter:
             for _round in range(1 + TOP_UP_ROUNDS):
                 missing = count - len(result.titles)
                 if missing <= 0 or result.error:
+                    break
+                if stopped():
+                    result.error = "stopped: the caller went away"
                     break
                 batches = [
                     min(TITLES_PER_CALL, missing - i) for i in range(0, missing, TITLES_PER_CALL)
@@ -166,6 +173,40 @@ class TitleWriter:
         # Titles the model could not be asked for (an error) are failures, not a shortfall.
         result.shortfall = 0 if result.error else missing
         return result
+
+    def stream(
+        self,
+        project: ProjectInfo,
+        count: int,
+        model: str,
+        max_parallel: int,
+        existing: list[str],
+        stopped: Callable[[], bool] = lambda: False,
+    ) -> Iterator[list[str] | TitlesResult]:
+        """write() as an iterator: each reply's new titles as they are taken, then the
+        TitlesResult. The calls run on a thread of their own, joined before this returns."""
+        items: queue.Queue[object] = queue.Queue()
+
+        def run() -> None:
+            try:
+                items.put(
+                    self.write(project, count, model, max_parallel, existing, items.put, stopped)
+                )
+            except BaseException as e:  # ends the iteration with the error, not a hang
+                items.put(e)
+            finally:
+                items.put(_END)
+
+        writer = threading.Thread(target=run, name="titles-stream", daemon=True)
+        writer.start()
+        try:
+            while (item := items.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                assert isinstance(item, list | TitlesResult)
+                yield item
+        finally:
+            writer.join()  # also when the caller left: the calls in flight end first
 
     def _ask(
         self,

@@ -496,7 +496,9 @@ class JobRunner:
         cancellation, retry_failed = run.cancellation, run.retry_failed
         job_id, workers = job.id, job.max_workers
         stored_titles = run.stored_titles
-        resuming = stored_titles is not None  # else the tier never started: it has no records
+        # Else its titles were never kept: a new tier, or one that a crash cut off while its
+        # titles streamed in (it may have records).
+        resuming = stored_titles is not None
         if not resuming and spec.max_cost_usd and not self._can_pay(job_id, spec.max_cost_usd):
             # Titles cost too: a tier that cannot pay for one article does not ask for them.
             yield pb.JobEvent(
@@ -548,7 +550,8 @@ class JobRunner:
             """Once the titles are in: keep them with the job, and say how it went (once)."""
             nonlocal titles_failure
             if titles_failure is None and feed.done:
-                outcome = yield from self._titles_done(run, feed, want, records, needed)
+                # Read again: a lost generator may have saved records since the tier began.
+                outcome = yield from self._titles_done(run, feed, want, stored_now(), needed)
                 titles_failure = outcome.failure
                 if titles_failure:
                     tier_stop.set()
@@ -666,6 +669,8 @@ class JobRunner:
                     cancellation.event.wait(delay)
                     feed.wait()  # the titles ended too (or went on elsewhere): take what came
                     yield from finish_titles()
+                    if titles_failure:
+                        break  # the titles were lost with it: the tier ends (a resume goes on)
                     stored = stored_now()  # what the lost generator saved is not redone
                     titles = feed.titles()
                     missing = sum(1 for i in range(len(titles)) if needed(i, stored))
@@ -677,10 +682,13 @@ class JobRunner:
                             message=f"sending the {missing} articles without a record again",
                         )
                     )
+            if stopped():
+                feed.stop()  # cancelled, or the titles failed: no more titles are wanted
             feed.wait()
             yield from finish_titles()
         finally:
             tier_stop.set()  # a feed still waiting for titles ends
+            feed.stop()
             feed.wait()
         if cancellation.is_set() and not failure:
             failure = cancellation.message
@@ -732,7 +740,7 @@ class JobRunner:
         for index, record in records.items():
             if index < len(titles) and not needed(index, records):
                 titles[index] = record.title
-        run.used_titles.extend(made.titles)  # later tiers must differ from these too
+        run.used_titles.extend(titles[first_new:])  # later tiers must differ from these too
         self._persistence.record_titles(
             db_pb.RecordTitlesRequest(
                 job_id=job.id,

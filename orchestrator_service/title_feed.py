@@ -13,6 +13,10 @@ STOP_POLL_SECONDS = 0.2
 TitlesCall = Callable[[Callable[[list[str]], None]], gen_pb.GenerateTitlesResponse]
 
 
+class TitlesStoppedError(Exception):
+    """The tier stopped: its titles call was given up."""
+
+
 class TitleFeed:
     """The titles of one tier: those it had (a resumed tier's), then those a titles call adds as
     its replies come. One thread runs the call; any thread may wait for a title. Thread-safe."""
@@ -21,6 +25,7 @@ class TitleFeed:
         self._titles = list(titles)
         self._changed = threading.Condition()
         self._done = True
+        self._stopping = False
         self._thread: threading.Thread | None = None
         self.result: gen_pb.GenerateTitlesResponse | None = None  # the call's totals, once done
         self.error: Exception | None = None  # why the call failed, if it did
@@ -43,8 +48,16 @@ class TitleFeed:
 
     def _add(self, titles: list[str]) -> None:
         with self._changed:
+            if self._stopping:  # raised into the call, which then cancels its stream
+                raise TitlesStoppedError("the tier stopped before its titles were all in")
             self._titles.extend(titles)
             self._changed.notify_all()
+
+    def stop(self) -> None:
+        """Give the titles call up: it ends when its next titles come (the generator then
+        starts no further round of calls). A no-op once it is done."""
+        with self._changed:
+            self._stopping = not self._done
 
     @property
     def done(self) -> bool:

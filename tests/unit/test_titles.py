@@ -4,7 +4,13 @@ import threading
 
 from generator_service.domain import ProjectInfo
 from generator_service.llm import Completion
-from generator_service.titles import TOP_UP_ROUNDS, TitleWriter, clean_title, normalise_title
+from generator_service.titles import (
+    TOP_UP_ROUNDS,
+    TitlesResult,
+    TitleWriter,
+    clean_title,
+    normalise_title,
+)
 
 PROJECT = ProjectInfo(1, "cnc machining")
 SHORT_OK = (1, 120)  # the scripts' titles are shorter than the default 20 characters
@@ -68,3 +74,19 @@ def test_each_replys_new_titles_are_handed_on_as_they_are_taken() -> None:
     )
     assert batches == [["Alpha", "Beta"], ["Gamma"]]  # a duplicate or an extra is not handed on
     assert [t for batch in batches for t in batch] == result.titles
+
+
+def test_no_further_round_starts_once_the_caller_is_gone() -> None:
+    llm = ScriptedTitles("Same title\nSame title")
+    result = TitleWriter(llm, length=SHORT_OK).write(
+        PROJECT, 5, "m", 1, existing=[], stopped=lambda: llm.calls > 0
+    )
+    assert llm.calls == 1 and result.titles == ["Same title"]
+    assert result.error.startswith("stopped") and result.shortfall == 0
+
+
+def test_a_stream_gives_each_replys_titles_then_the_result() -> None:
+    llm = ScriptedTitles("Alpha\nBeta", "Gamma")
+    items = list(TitleWriter(llm, length=SHORT_OK).stream(PROJECT, 3, "m", 1, existing=[]))
+    assert items[:-1] == [["Alpha", "Beta"], ["Gamma"]]
+    assert isinstance(items[-1], TitlesResult) and items[-1].titles == ["Alpha", "Beta", "Gamma"]
