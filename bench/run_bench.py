@@ -205,33 +205,23 @@ def run_thread_pool(workers: int, articles: int, latency: float, seed: int) -> R
     return Run(run.articles, run.wall, calls, run.first_outline_after, run.failed, cpu_seconds=cpu)
 
 
-def _cpu_figures(ours: list[Run], peer: list[Run]) -> str:
-    """Median CPU milliseconds per article, all processes: tierwriter's (by process) vs the
-    thread pool's."""
-
-    def median_ms(runs: list[Run], name: str | None = None) -> float:
-        return statistics.median(
-            1000
-            * (r.cpu_seconds.get(name, 0.0) if name else sum(r.cpu_seconds.values()))
-            / r.articles
-            for r in runs
-        )
-
-    parts = ", ".join(
-        f"{name.removesuffix('_service')} {median_ms(ours, name):.1f}"
-        for name in sorted(ours[0].cpu_seconds)
+def _cpu_ms(runs: list[Run], process: str | None = None) -> float:
+    """Median CPU milliseconds per article: of one process, or of all of them."""
+    return statistics.median(
+        1000
+        * (r.cpu_seconds.get(process, 0.0) if process else sum(r.cpu_seconds.values()))
+        / r.articles
+        for r in runs
     )
-    return f"{median_ms(ours):.1f} ({parts}) vs {median_ms(peer):.1f}"
 
 
-def _cpu_per_article(r: Run) -> str:
-    """CPU milliseconds per article, by process, and in all."""
-    parts = [
-        f"{name.removesuffix('_service')} {1000 * s / r.articles:.1f}"
-        for name, s in sorted(r.cpu_seconds.items())
-    ]
-    total = 1000 * sum(r.cpu_seconds.values()) / r.articles
-    return f"CPU ms/article: {', '.join(parts)}; total {total:.1f}"
+def _cpu_by_process(runs: list[Run]) -> str:
+    """Median CPU milliseconds per article in all, and by process."""
+    parts = ", ".join(
+        f"{name.removesuffix('_service')} {_cpu_ms(runs, name):.1f}"
+        for name in sorted(runs[0].cpu_seconds)
+    )
+    return f"{_cpu_ms(runs):.1f} ({parts})"
 
 
 def ideal_bound(articles: int, workers: int, latency: float) -> float:
@@ -302,7 +292,8 @@ def compare(
             print(
                 f"| {w} | {spread([articles / r.wall for r in ours], lambda v: f'{v:.0f}')} "
                 f"| {spread([articles / r.wall for r in peer], lambda v: f'{v:.0f}')} "
-                f"| {1 / ratio:.2f}x | {calls} | {first} | {_cpu_figures(ours, peer)}{note} |",
+                f"| {1 / ratio:.2f}x | {calls} | {first} "
+                f"| {_cpu_by_process(ours)} vs {_cpu_ms(peer):.1f}{note} |",
                 flush=True,
             )
 
@@ -372,7 +363,7 @@ def main() -> None:
             args.profile, args.articles or 500, 0.0, args.seed, processes=not args.in_process
         )
         print(f"{r.articles} articles in {r.wall:.2f} s: {r.articles / r.wall:.0f}/s")
-        print(_cpu_per_article(r))
+        print(f"CPU ms/article: {_cpu_by_process([r])}")
         return
     for latency in args.latencies:
         if args.articles:

@@ -61,11 +61,7 @@ class GeneratorClient:
             for message in stream:
                 if message.titles:
                     on_titles(list(message.titles))
-                    merged.titles.extend(message.titles)
-                else:  # the last: the totals
-                    titles = list(merged.titles)
-                    merged.CopyFrom(message)
-                    merged.titles.extend(titles)
+                merged.MergeFrom(message)  # titles add up; the last message brings the totals
         except grpc.RpcError as e:
             raise self._error(e) from e
         finally:
