@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
+import openai
 from pydantic import SecretStr
 
 from generator_service.llm.simulator import SimulatorConfig
@@ -193,11 +194,15 @@ def test_an_unknown_model_stops_the_job_and_a_resume_finishes_it(start_stack) ->
 
 
 def test_title_retries_are_shown_on_the_console(start_stack) -> None:
-    # 30 titles are two calls at once; every second request gets a 429.
+    # Every second request gets a 429. One request of our own goes first, so the job's first,
+    # its first titles call, is the second: articles start on the first titles and their calls
+    # would otherwise race the second titles call for the 429.
     handle = start_stack(
         simulator=SimulatorConfig(rate_limit_every=2, rate_limit_retry_after_ms=5),
         concurrent_workers=2,
     )
+    with openai.OpenAI(base_url=handle.stack.simulator.base_url, api_key="unused") as llm:
+        llm.chat.completions.create(model="m", messages=[{"role": "user", "content": "hello"}])
     events, _finished = run_job(handle, job_file({"tier1": tier(30)}))
     notices = [e.notice.message for e in events if e.WhichOneof("event") == "notice"]
     assert any(n.startswith("titles: API Error: Rate limit exceeded, retried") for n in notices)
