@@ -4,6 +4,7 @@ on the same simulator, in one run.
     python bench/run_bench.py                      # the full comparison (about 15 minutes)
     python bench/run_bench.py --workers 5 50 --repeats 1
     python bench/run_bench.py --compensation       # WORD_COUNT_COMPENSATION on and off
+    python bench/run_bench.py --tiers 100 400 --workers 50   # tiers sharing the workers
     py-spy record -o profile.svg -- python bench/run_bench.py --profile 50
 
 For each worker count W, at 0.25 s a call and at zero latency, both designs run the same job
@@ -68,6 +69,8 @@ class Run:
     failed: int
     augmented: int = 0
     peak_rss_mb: dict[str, float] = field(default_factory=dict)  # per service process
+    # The same when post-processing began: the articles' part of the peak.
+    articles_peak_rss_mb: dict[str, float] = field(default_factory=dict)
     # CPU seconds (user + system) per process: the services', and "bench" for this process
     # (the simulator and the client; for the thread pool, the simulator and the pool).
     cpu_seconds: dict[str, float] = field(default_factory=dict)
@@ -77,11 +80,13 @@ class Run:
         return self.article_calls / self.articles
 
 
-def job(articles: int, workers: int = 0) -> str:
-    """The benchmark's job file: one tier of `articles`; with `workers`, its max_workers (else
-    the stack's CONCURRENT_WORKERS)."""
-    tier = {
-        "count": articles,
+def job(
+    articles: int, workers: int = 0, tiers: list[int] | None = None, stop_on_error: bool = False
+) -> str:
+    """The benchmark's job file: one tier of `articles`, or tiers of the `tiers` counts (tier 1
+    first); with `workers`, its max_workers (else the stack's CONCURRENT_WORKERS). With
+    `stop_on_error`, continue_on_error is false, which runs the tiers one after the other."""
+    shape = {
         "min_word_count": TIER.min_word_count,
         "max_word_count": TIER.max_word_count,
         "min_h2_tags": TIER.min_h2,
@@ -95,7 +100,12 @@ def job(articles: int, workers: int = 0) -> str:
         "entities": PROJECT.entities,
         "related_searches": PROJECT.related_searches,
     }
-    spec: dict[str, object] = {"project": project, "tiers": {"tier1": tier}}
+    counts = tiers or [articles]
+    spec: dict[str, object] = {
+        "project": project,
+        "tiers": {f"tier{n}": {"count": count, **shape} for n, count in enumerate(counts, 1)},
+        "continue_on_error": not stop_on_error,
+    }
     if workers:
         spec["max_workers"] = workers
     return json.dumps({"jobs": [spec]})
@@ -113,9 +123,11 @@ def run_tierwriter(
     seed: int,
     compensation: int | None = None,
     processes: bool = True,
+    job_text: str = "",
 ) -> Run:
-    """The job through the real services, on a fresh stack and database: one process per
-    service as `tierwriter up` runs them, or (processes=False) threads of this process."""
+    """The job (`job_text`, else one tier of `articles`) through the real services, on a fresh
+    stack and database: one process per service as `tierwriter up` runs them, or
+    (processes=False) threads of this process."""
     with tempfile.TemporaryDirectory(prefix="tierwriter-bench-") as tmp:
         password = uuid.uuid4().hex
         config = StackConfig.on_loopback(
@@ -136,14 +148,17 @@ def run_tierwriter(
             cpu_before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
             cpu_before["bench"] = time.process_time()
             first_outline = 0.0
+            articles_peaks: dict[str, float] = {}
             started = job_started = time.perf_counter()
-            for event in client.run_job(job(articles)):
+            for event in client.run_job(job_text or job(articles)):
                 if event.WhichOneof("event") == "job_started":
                     job_started = time.perf_counter()
                 elif event.WhichOneof("event") == "article":
                     kind = event.article.kind
                     if kind == article_pb.ARTICLE_EVENT_KIND_OUTLINE_STARTED and not first_outline:
                         first_outline = time.perf_counter() - job_started
+                elif event.WhichOneof("event") == "post_processing" and not articles_peaks:
+                    articles_peaks = {name: _peak_rss_mb(pid) for name, pid in pids.items()}
                 elif event.WhichOneof("event") == "run_finished":
                     finished = event.run_finished
             wall = time.perf_counter() - started
@@ -156,7 +171,15 @@ def run_tierwriter(
         raise SystemExit(f"benchmark run failed: {finished.error}")
     s = finished.summary
     return Run(
-        articles, wall, calls, first_outline, s.failed_articles, s.augmented_articles, peaks, cpu
+        articles,
+        wall,
+        calls,
+        first_outline,
+        s.failed_articles,
+        s.augmented_articles,
+        peaks,
+        articles_peaks,
+        cpu,
     )
 
 
@@ -177,15 +200,19 @@ def _peak_rss_mb(pid: int) -> float:
 def memory_table(workers: int, sizes: list[int], seed: int) -> None:
     """Peak memory of the three service processes for jobs of growing size (zero latency)."""
     print(f"\nPeak RSS of the service processes, one job, {workers} workers, zero latency:\n")
-    print("| articles | persistence | generator | orchestrator | together | wall |")
+    print(
+        "| articles | persistence | generator | orchestrator (until post-processing) "
+        "| together | wall |"
+    )
     print("|---:|---:|---:|---:|---:|---:|")
     for n in sizes:
         r = run_tierwriter(workers, n, 0.0, seed)
         peak = r.peak_rss_mb
+        before = r.articles_peak_rss_mb.get("orchestrator_service", 0.0)
         print(
             f"| {n} | {peak['persistence_service']:.0f} MB | {peak['generator_service']:.0f} MB "
-            f"| {peak['orchestrator_service']:.0f} MB | {sum(peak.values()):.0f} MB "
-            f"| {r.wall:.1f} s |",
+            f"| {peak['orchestrator_service']:.0f} MB ({before:.0f} MB) "
+            f"| {sum(peak.values()):.0f} MB | {r.wall:.1f} s |",
             flush=True,
         )
 
@@ -203,6 +230,54 @@ def run_thread_pool(workers: int, articles: int, latency: float, seed: int) -> R
         cpu = {"bench": time.process_time() - cpu_before}
         calls = _article_calls(simulator)
     return Run(run.articles, run.wall, calls, run.first_outline_after, run.failed, cpu_seconds=cpu)
+
+
+def run_thread_pool_tiers(workers: int, counts: list[int], latency: float, seed: int) -> float:
+    """Wall seconds of the seed's design for a job of several tiers: each tier's titles, then its
+    articles on the thread pool, tier after tier, on one simulator."""
+    with (
+        tempfile.TemporaryDirectory(prefix="tierwriter-baseline-") as tmp,
+        LlmSimulator(SimulatorConfig(latency=latency, seed=seed)) as simulator,
+    ):
+        return sum(
+            run_baseline(
+                simulator.base_url, workers, count, TIER, PROJECT, Path(tmp) / f"tier{n}.db"
+            ).wall
+            for n, count in enumerate(counts, 1)
+        )
+
+
+def tiers_table(workers: int, counts: list[int], latency: float, repeats: int, seed: int) -> None:
+    """A job of several tiers: tierwriter with its tiers sharing the workers, tierwriter with
+    them one after the other (continue_on_error false), and the thread pool tier after tier."""
+    total = sum(counts)
+    ideal = (1 + 2 * math.ceil(total / workers)) * latency
+    print(
+        f"\nTiers of {'/'.join(map(str, counts))} articles, {workers} workers, {latency} s a call, "
+        f"{repeats} repeat(s); ideal bound {ideal:.2f} s:\n"
+    )
+    print("| design | wall | efficiency |")
+    print("|---|---:|---:|")
+    designs: dict[str, Callable[[], float]] = {
+        "tierwriter, tiers share the workers": lambda: (
+            run_tierwriter(workers, total, latency, seed, job_text=job(0, workers, counts)).wall
+        ),
+        "tierwriter, tier after tier (continue_on_error false)": lambda: (
+            run_tierwriter(
+                workers, total, latency, seed, job_text=job(0, workers, counts, stop_on_error=True)
+            ).wall
+        ),
+        "thread pool, tier after tier": lambda: run_thread_pool_tiers(
+            workers, counts, latency, seed
+        ),
+    }
+    for name, run in designs.items():
+        walls = [run() for _ in range(repeats)]
+        print(
+            f"| {name} | {spread(walls, lambda v: f'{v:.2f} s')} "
+            f"| {spread([ideal / w for w in walls], lambda v: f'{v:.2f}')} |",
+            flush=True,
+        )
 
 
 def _cpu_ms(runs: list[Run], process: str | None = None) -> float:
@@ -345,6 +420,14 @@ def main() -> None:
         help="only the services' peak memory for jobs of N articles (e.g. 500 2000 10000)",
     )
     parser.add_argument(
+        "--tiers",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="only a job of tiers of these counts (e.g. 100 400) at the first --workers and "
+        "0.25 s: tiers sharing the workers, tier after tier, and the thread pool tier after tier",
+    )
+    parser.add_argument(
         "--profile",
         type=int,
         metavar="W",
@@ -357,6 +440,9 @@ def main() -> None:
         return
     if args.memory:
         memory_table(50, args.memory, args.seed)
+        return
+    if args.tiers:
+        tiers_table(args.workers[0], args.tiers, args.latencies[0], args.repeats, args.seed)
         return
     if args.profile:
         r = run_tierwriter(

@@ -1,10 +1,11 @@
-"""ArticleBatch: the articles of one stream on a pool of exactly `max_workers` threads."""
+"""ArticleBatch: the articles of one stream, of one tier or several, on a pool of exactly
+`max_workers` threads."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from generator_service.domain import ArticleEvent, ArticleTask, BatchContext, EventKind
@@ -15,16 +16,26 @@ class ArticleBatch:
     """Runs tasks as they arrive, at most `max_workers` at once and exactly that many while work
     is waiting (a ThreadPoolExecutor of that size). With continue_on_error false, the first
     failure stops new articles from starting: those in flight finish and are recorded, the rest
-    are reported SKIPPED. A fatal API error (key, model, endpoint) does the same whatever
+    are reported SKIPPED. Several tiers share the one pool: an article runs with its task's
+    tier's context, and the next tier's first articles start as soon as workers free up. A
+    fatal API error (key, model, endpoint) does the same whatever
     continue_on_error says, and so does `stop()` from outside (the caller went away).
 
     With a budget, an article starts only while what the batch spent, plus the estimate of
     those in flight, plus its own estimate stays within it; from the first that does not, every
     article left is recorded as skipped (a resume with a higher budget writes them)."""
 
-    def __init__(self, pipeline: ArticlePipeline, context: BatchContext) -> None:
+    def __init__(
+        self,
+        pipeline: ArticlePipeline,
+        context: BatchContext,
+        more_tiers: Sequence[BatchContext] = (),
+    ) -> None:
+        """`context` holds what the whole batch shares (job, workers, continue_on_error,
+        budget) and its first tier; `more_tiers` differ from it only in their tier."""
         self._pipeline = pipeline
         self._context = context
+        self._tiers = {c.tier.name: c for c in (context, *more_tiers)}
         self._stopped = threading.Event()
         self._lock = threading.Lock()  # guards the stop state: workers and the feed may race
         self._stop_reason = ""
@@ -56,7 +67,7 @@ class ArticleBatch:
         """Run every task; returns when each has had its terminal event."""
         with ThreadPoolExecutor(
             max_workers=self._context.max_workers,
-            thread_name_prefix=f"job{self._context.job_id}-{self._context.tier.name}",
+            thread_name_prefix=f"job{self._context.job_id}",
         ) as pool:
             for task in tasks:
                 pool.submit(self._one, task, emit)
@@ -64,6 +75,9 @@ class ArticleBatch:
     def _reason(self) -> str:
         with self._lock:
             return self._stop_reason
+
+    def _tier_of(self, task: ArticleTask) -> BatchContext:
+        return self._tiers[task.tier] if task.tier else self._context
 
     def _admit(self, task: ArticleTask) -> str:
         """Book the article's estimated cost and return "", or say why the budget stops it."""
@@ -76,7 +90,7 @@ class ArticleBatch:
                 if self._finished:
                     estimate = self._spent / self._finished
                 else:
-                    estimate = self._pipeline.estimate_cost(self._context)
+                    estimate = self._pipeline.estimate_cost(self._tier_of(task))
                 committed = self._spent + sum(self._estimates.values())
                 if committed + estimate > budget:
                     self._over_budget = (
@@ -97,11 +111,12 @@ class ArticleBatch:
                 self._finished += 1
 
     def _one(self, task: ArticleTask, emit: Emit) -> None:
+        context = self._tier_of(task)
         if self._stopped.is_set():
             emit(
                 ArticleEvent(
                     EventKind.SKIPPED,
-                    self._context.tier.name,
+                    context.tier.name,
                     task.index,
                     title=task.title,
                     error=self._reason(),
@@ -110,14 +125,14 @@ class ArticleBatch:
             return
 
         if over_budget := self._admit(task):
-            self._pipeline.skip(self._context, task, over_budget, emit)
+            self._pipeline.skip(context, task, over_budget, emit)
             return
 
         def emit_and_stop(event: ArticleEvent) -> None:
             # Stop before the FAILED event goes out: whoever sees it can count on no new start.
             if event.kind is EventKind.FAILED and event.fatal:
                 self.stop(f"not started: {event.error}")
-            elif event.kind is EventKind.FAILED and not self._context.continue_on_error:
+            elif event.kind is EventKind.FAILED and not context.continue_on_error:
                 self.stop(
                     f"not started: article {task.index + 1} failed and continue_on_error is false"
                 )
@@ -125,4 +140,4 @@ class ArticleBatch:
                 self._settle(event)
             emit(event)
 
-        self._pipeline.run(self._context, task, emit_and_stop, self._abandoned)
+        self._pipeline.run(context, task, emit_and_stop, self._abandoned)

@@ -76,7 +76,8 @@ class GeneratorClient:
         stop_reason: Callable[[], str] = lambda: "the job was cancelled",
         grace_seconds: Callable[[], float] = lambda: 0.0,
     ) -> Generator[article_pb.ArticleEvent, None, None]:
-        """Send the settings and every article; yield events as they come back until each
+        """Send the settings and every article (of settings.tier, or of one of
+        settings.more_tiers, named by its `tier`); yield events as they come back until each
         article has had its terminal event. `articles` may be a feed that blocks while it waits
         for titles: each article goes out as it comes (at most QUEUED_PER_WORKER per worker
         waiting in the generator at a time), and the stream ends once the feed has
@@ -93,7 +94,7 @@ class GeneratorClient:
         # Articles sent that have had no event yet wait in the generator's queue. Keeping at most
         # QUEUED_PER_WORKER per worker there means a worker never waits for the next, while a
         # tier of any size costs the generator the same memory.
-        unstarted: set[int] = set()
+        unstarted: set[tuple[str, int]] = set()
         room = threading.Condition(lock)
         queue_limit = QUEUED_PER_WORKER * max(1, settings.max_workers)
 
@@ -126,7 +127,7 @@ class GeneratorClient:
                         yield stop_request()
                 with lock:
                     sent += 1
-                    unstarted.add(article.article_index)
+                    unstarted.add((article.tier or settings.tier.name, article.article_index))
                 yield pb.GenerateArticlesRequest(article=article)
             with lock:
                 fed = True
@@ -144,9 +145,10 @@ class GeneratorClient:
         )
         try:
             for response in responses:
+                key = (response.event.tier, response.event.article_index)
                 with room:
-                    if response.event.article_index in unstarted:  # its first event: it left
-                        unstarted.discard(response.event.article_index)  # the queue
+                    if key in unstarted:  # its first event: it left the queue
+                        unstarted.discard(key)
                         room.notify()
                 if response.event.kind in TERMINAL_KINDS:
                     with lock:

@@ -63,6 +63,7 @@ class ArticleTask:
     index: int
     title: str
     site: str = ""
+    tier: str = ""  # in a batch of several tiers, which; "": the batch's first
 
 
 class EventKind(Enum):
@@ -159,8 +160,9 @@ class InvalidRequestError(ValueError):
 MAX_WORKERS_LIMIT = 256
 
 
-def validate_batch(batch: BatchContext) -> None:
-    """Raise InvalidRequestError for settings no article could be written with."""
+def validate_batch(batch: BatchContext, tier_field: str = "settings.tier") -> None:
+    """Raise InvalidRequestError for settings no article could be written with; `tier_field`
+    is where the tier came from, for the message."""
     tier = batch.tier
     checks = [
         (batch.job_id > 0, "settings.job_id: must be a positive job id"),
@@ -169,14 +171,14 @@ def validate_batch(batch: BatchContext) -> None:
             f"settings.max_workers: must be between 1 and {MAX_WORKERS_LIMIT}, "
             f"got {batch.max_workers}",
         ),
-        (bool(tier.name), "settings.tier.name: must not be empty"),
+        (bool(tier.name), f"{tier_field}.name: must not be empty"),
         (bool(batch.project.keyword.strip()), "settings.project.main_keyword: must not be empty"),
         (
             0 < tier.min_word_count <= tier.max_word_count,
-            "settings.tier: need 0 < min_word_count <= max_word_count",
+            f"{tier_field}: need 0 < min_word_count <= max_word_count",
         ),
-        (0 < tier.min_h2 <= tier.max_h2, "settings.tier: need 0 < min_h2_tags <= max_h2_tags"),
-        (0 <= tier.min_h3 <= tier.max_h3, "settings.tier: need 0 <= min_h3_tags <= max_h3_tags"),
+        (0 < tier.min_h2 <= tier.max_h2, f"{tier_field}: need 0 < min_h2_tags <= max_h2_tags"),
+        (0 <= tier.min_h3 <= tier.max_h3, f"{tier_field}: need 0 <= min_h3_tags <= max_h3_tags"),
         (batch.budget_usd >= 0, "settings.budget_usd: must not be negative"),
     ]
     for ok, message in checks:

@@ -125,34 +125,41 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
             else:
                 yield pb.GenerateTitlesResponse(titles=item)
 
-    def _batch_context(self, s: pb.BatchSettings) -> BatchContext:
-        t = s.tier
-        batch = BatchContext(
-            job_id=s.job_id,
-            project=project_from_proto(s.project),
-            tier=TierShape(
-                t.name,
-                t.count,
-                t.min_word_count,
-                t.max_word_count,
-                t.min_h2_tags,
-                t.max_h2_tags,
-                t.min_h3_tags,
-                t.max_h3_tags,
-            ),
-            models=StageModels(
-                self._model(s.models.title),
-                self._model(s.models.outline),
-                self._model(s.models.content),
-            ),
-            max_workers=s.max_workers,
-            continue_on_error=s.continue_on_error,
-            replace_failed=s.replace_failed,
-            budget_usd=s.budget_usd,
-        )
-        validate_batch(batch)
-        self._pipeline.check_budget(batch)
-        return batch
+    def _batch_contexts(self, s: pb.BatchSettings) -> list[BatchContext]:
+        """One context per tier of the stream, `settings.tier`'s first; each checked."""
+        contexts: list[BatchContext] = []
+        for field, t in [("settings.tier", s.tier)] + [
+            (f"settings.more_tiers[{n}]", t) for n, t in enumerate(s.more_tiers)
+        ]:
+            context = BatchContext(
+                job_id=s.job_id,
+                project=project_from_proto(s.project),
+                tier=TierShape(
+                    t.name,
+                    t.count,
+                    t.min_word_count,
+                    t.max_word_count,
+                    t.min_h2_tags,
+                    t.max_h2_tags,
+                    t.min_h3_tags,
+                    t.max_h3_tags,
+                ),
+                models=StageModels(
+                    self._model(s.models.title),
+                    self._model(s.models.outline),
+                    self._model(s.models.content),
+                ),
+                max_workers=s.max_workers,
+                continue_on_error=s.continue_on_error,
+                replace_failed=s.replace_failed,
+                budget_usd=s.budget_usd,
+            )
+            validate_batch(context, field)
+            if any(c.tier.name == t.name for c in contexts):
+                raise InvalidRequestError(f"{field}.name: tier {t.name!r} is in the stream twice")
+            self._pipeline.check_budget(context)
+            contexts.append(context)
+        return contexts
 
     def GenerateArticles(
         self, request_iterator: Iterator[pb.GenerateArticlesRequest], context: grpc.ServicerContext
@@ -165,10 +172,11 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
                 "the first message of the stream must carry the batch settings",
             )
         try:
-            batch_context = self._batch_context(first.settings)
+            batch_context, *more_tiers = self._batch_contexts(first.settings)
         except InvalidRequestError as e:
             runtime.abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        batch = ArticleBatch(self._pipeline, batch_context)
+        tiers = {c.tier.name: c.tier for c in (batch_context, *more_tiers)}
+        batch = ArticleBatch(self._pipeline, batch_context, more_tiers)
         # The caller went away (cancelled, deadline, crash): start nothing new.
         context.add_callback(lambda: batch.stop("not started: the stream was cancelled"))
 
@@ -176,7 +184,7 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
         problems: list[str] = []
 
         def tasks() -> Iterator[ArticleTask]:
-            seen: set[int] = set()  # owned by the feed thread
+            seen: set[tuple[str, int]] = set()  # owned by the feed thread
             for message in request_iterator:
                 kind = message.WhichOneof("kind")
                 if kind == "stop":
@@ -186,15 +194,19 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
                     continue
                 if kind != "article":
                     raise InvalidRequestError("only the first message may carry settings")
-                task = ArticleTask(
-                    message.article.article_index, message.article.title, message.article.site
-                )
-                validate_task(task, batch_context.tier)
-                if task.index in seen:
+                article = message.article
+                tier = tiers.get(article.tier or batch_context.tier.name)
+                if tier is None:
                     raise InvalidRequestError(
-                        f"article.article_index: article {task.index} was sent twice"
+                        f"article.tier: {article.tier!r} is not one of the stream's tiers"
                     )
-                seen.add(task.index)
+                task = ArticleTask(article.article_index, article.title, article.site, tier.name)
+                validate_task(task, tier)
+                if (tier.name, task.index) in seen:
+                    raise InvalidRequestError(
+                        f"article.article_index: {tier.name} article {task.index} was sent twice"
+                    )
+                seen.add((tier.name, task.index))
                 yield task
 
         def produce() -> None:
@@ -216,7 +228,7 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
             while (item := events.get()) is not _DONE:
                 assert isinstance(item, ArticleEvent)
                 yield pb.GenerateArticlesResponse(
-                    event=event_to_proto(item, batch_context.tier.count)
+                    event=event_to_proto(item, tiers[item.tier].count)
                 )
         finally:
             # Also on cancellation: in-flight articles finish and are recorded before we return.

@@ -1,8 +1,9 @@
 """JobRunner: runs a validated job file (or resumes a stored job) across the generator and
-persistence, as a stream of JobEvents. Per job: project and sites → job record → per tier:
-titles → article stream (only the articles without a terminal record; re-sent to a generator
-that answers again when one is lost) → tier stats; then (every article terminal)
-post-processing; then the run's summary, from the database."""
+persistence, as a stream of JobEvents. Per job: project and sites → job record → one article
+stream for its tiers (only the articles without a terminal record; re-sent to a generator that
+answers again when one is lost), on which each tier's titles feed its articles and the next
+tier's follow the last tier's → per tier, once its articles are terminal: its stats; then
+(every article terminal) post-processing; then the run's summary, from the database."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from generator_service.client import GeneratorClient
+from generator_service.client import TERMINAL_KINDS, GeneratorClient
 from orchestrator_service import publish
 from orchestrator_service.auth import Principal
 from orchestrator_service.config import Settings
@@ -92,8 +93,22 @@ class TierRun:
     tier: TierSpec
     cancellation: Cancellation
     retry_failed: bool  # a resume that also redoes the failed articles
-    used_titles: list[str]  # titles this tier's must differ from; its new ones are added
     stored_titles: list[str] | None  # a resumed tier's own titles; None: it never started
+
+    def needed(self, index: int, stored: dict[int, db_pb.Article]) -> bool:
+        """Whether article `index` is to be written: it has no terminal record yet, or was
+        skipped for the budget (or, retrying, failed)."""
+        record = stored.get(index)
+        return (
+            record is None
+            or record.status == article_pb.ARTICLE_STATUS_SKIPPED
+            or (self.retry_failed and record.status == article_pb.ARTICLE_STATUS_FAILED)
+        )
+
+    def site(self, index: int) -> str:
+        """The site article `index` is assigned to (round robin), "" for none."""
+        sites = self.spec.sites_of(self.tier)
+        return sites[index % len(sites)] if sites else ""
 
 
 @dataclass(frozen=True)
@@ -101,6 +116,69 @@ class TierOutcome:
     """What a tier's article stream ended with."""
 
     failure: str  # the first failure that stops the job (continue_on_error false), else ""
+
+
+class StreamProgress:
+    """How far one article stream got with each tier: what its feeder sent, which tiers it is
+    done with, and the terminal events back. A stream that was lost keeps its own: its feeder
+    can outlive it, and must not count on the next one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # the feeder writes, the job's thread reads
+        self._sent: dict[str, int] = {}
+        self._fed: set[str] = set()
+        self._terminal: dict[str, int] = {}  # the job's thread only
+        self.over = threading.Event()  # lost or ended: its feeder begins no further tier
+
+    def sent(self, tier: str) -> None:
+        with self._lock:
+            self._sent[tier] = self._sent.get(tier, 0) + 1
+
+    def fed(self, tier: str) -> None:
+        """The feeder sent every article of `tier` it will."""
+        with self._lock:
+            self._fed.add(tier)
+
+    def terminal(self, tier: str) -> None:
+        self._terminal[tier] = self._terminal.get(tier, 0) + 1
+
+    def all_terminal(self, tier: str) -> bool:
+        """Every article of `tier` this stream will carry had its terminal event."""
+        with self._lock:
+            return tier in self._fed and self._terminal.get(tier, 0) >= self._sent.get(tier, 0)
+
+
+class RunningTier:
+    """A tier on an article stream that it may share with the job's next tiers. It begins once
+    (its records read, its titles asked for), on whichever thread reaches it first; the stream's
+    feeder then sends its articles as titles come, and the job's thread reports it."""
+
+    def __init__(self, run: TierRun) -> None:
+        self.run = run
+        self._begin_lock = threading.Lock()
+        self.began = threading.Event()
+        # Set when it begins, read only after `began`:
+        self.records: dict[int, db_pb.Article] = {}  # read again after a lost generator
+        self.want = 0  # titles asked for
+        self.feed = TitleFeed([])
+        # The job's thread only: what has been reported.
+        self.announced = False  # tier_started
+        self.titles_failure: str | None = None  # None until titles_ready; then why they stop it
+        self.finished = False  # tier_finished
+
+    def begin(self, start: Callable[[RunningTier], None]) -> None:
+        """`start(self)` exactly once, whoever asks first."""
+        with self._begin_lock:
+            if not self.began.is_set():
+                start(self)
+                self.began.set()
+
+    def titles_allow_next(self) -> bool:
+        """Its titles are in and did not fail in a way that ends the job: the next tier's may
+        be asked for (they must differ from these)."""
+        if not self.feed.done or self.feed.error is not None:
+            return False
+        return not (self.feed.result is not None and self.feed.result.fatal)
 
 
 def _count_published(event: pb.JobEvent, published: pb.Summary) -> str:
@@ -417,16 +495,23 @@ class JobRunner:
             # Titles must differ from the project's other jobs' and from this job's other tiers.
             used = self._persistence.project_titles(project.id, exclude_job_id=job.id)
             used += [title for tier_titles in titles.values() for title in tier_titles]
-            for tier_name, tier in spec.ordered_tiers():
+            tiers = [
+                TierRun(
+                    job, project, spec, tier_name, tier, cancellation, retry_failed,
+                    titles.get(tier_name),
+                )
+                for tier_name, tier in spec.ordered_tiers()
+            ]  # fmt: skip
+            # The tiers share one article stream: the next one's articles start on workers the
+            # last ones of the tier before leave free. A job that stops at its first failure or
+            # keeps a budget runs them one after the other instead, so nothing of a tier is paid
+            # for once the tier before has stopped the job or spent the budget.
+            shared = spec.continue_on_error and not spec.max_cost_usd
+            for group in [tiers] if shared else [[t] for t in tiers]:
                 if cancellation.is_set():
                     error = cancellation.message
                     break
-                outcome = yield from self._run_tier(
-                    TierRun(
-                        job, project, spec, tier_name, tier, cancellation, retry_failed,
-                        used, titles.get(tier_name),
-                    )
-                )  # fmt: skip
+                outcome = yield from self._run_tiers(group, used)
                 if outcome.failure:
                     error = outcome.failure
                     break
@@ -491,92 +576,140 @@ class JobRunner:
             db_pb.Project(**spec.project.model_dump(), owner=owner)
         )
 
-    def _run_tier(self, run: TierRun) -> Generator[pb.JobEvent, None, TierOutcome]:
-        job, project, spec, tier_name, tier = run.job, run.project, run.spec, run.name, run.tier
-        cancellation, retry_failed = run.cancellation, run.retry_failed
-        job_id, workers = job.id, job.max_workers
-        stored_titles = run.stored_titles
-        # Else its titles were never kept: a new tier, or one that a crash cut off while its
-        # titles streamed in (it may have records).
-        resuming = stored_titles is not None
-        if not resuming and spec.max_cost_usd and not self._can_pay(job_id, spec.max_cost_usd):
+    def _run_tiers(
+        self, group: list[TierRun], used: list[str]
+    ) -> Generator[pb.JobEvent, None, TierOutcome]:
+        """Tiers on one article stream, in order. The first begins now; each next one begins
+        (its titles asked for) once the titles of the one before are in, and its articles go
+        out after that one's, on the same `max_workers`. A tier's tier_started comes before
+        its articles' events, its tier_finished once each of its articles is terminal. `used`:
+        the titles new ones must differ from; the tiers' new titles are added to it."""
+        first = group[0]
+        job, spec, cancellation = first.job, first.spec, first.cancellation
+        job_id = job.id
+        if (
+            first.stored_titles is None
+            and spec.max_cost_usd
+            and not self._can_pay(job_id, spec.max_cost_usd)
+        ):
             # Titles cost too: a tier that cannot pay for one article does not ask for them.
             yield pb.JobEvent(
                 notice=pb.Notice(
                     job_id=job_id,
-                    tier=tier_name,
+                    tier=first.name,
                     message=f"not started: the job's max_cost_usd ${spec.max_cost_usd:g} is spent",
                 )
             )
             return TierOutcome("")
-        yield pb.JobEvent(
-            tier_started=pb.TierStarted(
-                job_id=job_id, tier=tier_name, count=tier.count, max_workers=workers
-            )
-        )
         context = gen_pb.ProjectContext(
-            project_id=project.id,
-            main_keyword=project.main_keyword,
-            entities=project.entities,
-            related_searches=project.related_searches,
+            project_id=first.project.id,
+            main_keyword=first.project.main_keyword,
+            entities=first.project.entities,
+            related_searches=first.project.related_searches,
         )
-        sites = spec.sites_of(tier)
-
-        def stored_now() -> dict[int, db_pb.Article]:
-            return {
-                a.article_index: a
-                for a in self._persistence.list_articles(job_id, tier_name, metadata_only=True)
-            }
-
-        # A resumed tier's records, or those of one whose titles a crash cut off: its articles
-        # start as the titles stream in, before the titles are kept with the job.
-        records = stored_now()
-
-        # Titles: a new tier gets all of them; a resumed one keeps its own, and gets new ones
-        # only for articles that failed at `titles` when those are retried.
-        want = 0 if resuming else tier.count
-        if resuming and retry_failed:
-            want = sum(
-                1
-                for index, record in records.items()
-                if index >= len(stored_titles or []) and record.error_stage == "titles"
-            )
-        feed = TitleFeed(stored_titles or [])
-        tier_stop = threading.Event()  # the titles failed: start no further article of the tier
-        # None while titles are on their way; then why they stop the tier, or "".
-        titles_failure: str | None = None if want else ""
-
-        def finish_titles() -> Generator[pb.JobEvent, None, None]:
-            """Once the titles are in: keep them with the job, and say how it went (once)."""
-            nonlocal titles_failure
-            if titles_failure is None and feed.done:
-                # Read again: a lost generator may have saved records since the tier began.
-                outcome = yield from self._titles_done(run, feed, want, stored_now(), needed)
-                titles_failure = outcome.failure
-                if titles_failure:
-                    tier_stop.set()
-
-        # Exactly the articles that have no terminal record yet or were skipped for the budget
-        # (and, retrying, the failed).
-        def needed(index: int, stored: dict[int, db_pb.Article]) -> bool:
-            record = stored.get(index)
-            return (
-                record is None
-                or record.status == article_pb.ARTICLE_STATUS_SKIPPED
-                or (retry_failed and record.status == article_pb.ARTICLE_STATUS_FAILED)
-            )
+        tiers = [RunningTier(run) for run in group]
+        group_stop = threading.Event()  # titles failed: start no further article of the group
+        before = list(used)  # the feeder's copy: `used` belongs to this thread
+        progress = StreamProgress()  # the current stream's
 
         def stopped() -> bool:
-            return cancellation.is_set() or tier_stop.is_set()
+            return cancellation.is_set() or group_stop.is_set()
 
-        def article_requests(stored: dict[int, db_pb.Article]) -> Iterator[gen_pb.ArticleRequest]:
-            """Each needed article as soon as its title is there (a feed that blocks)."""
-            index = 0
-            while (title := feed.wait_for(index, stopped)) is not None:
-                if needed(index, stored):
-                    site = sites[index % len(sites)] if sites else ""
-                    yield gen_pb.ArticleRequest(article_index=index, title=title, site=site)
-                index += 1
+        def begin(n: int) -> None:
+            """Begin tier n: read its records, ask for the titles it lacks. Its titles must
+            differ from the job's and project's others, and from the tiers' before it."""
+
+            def start(tier: RunningTier) -> None:
+                run = tier.run
+                tier.records = self._stored(run)
+                earlier = [
+                    title
+                    for t in tiers[:n]
+                    for title in [*t.feed.titles(), *(r.title for r in t.records.values())]
+                ]
+                if run.stored_titles is None:  # new, or its titles were never kept
+                    tier.want = run.tier.count
+                elif run.retry_failed:  # resumed: new titles only for those that had none
+                    tier.want = sum(
+                        1
+                        for index, record in tier.records.items()
+                        if index >= len(run.stored_titles) and record.error_stage == "titles"
+                    )
+                tier.feed = TitleFeed(run.stored_titles or [])
+                if not tier.want:
+                    return  # nothing to ask for, nothing to report
+                recorded = [r.title for r in tier.records.values()]
+                self._start_titles(
+                    run, context, tier.feed, tier.want, [*before, *earlier, *recorded]
+                )
+
+            tiers[n].begin(start)
+
+        def article_requests(
+            pending: list[int], stream: StreamProgress
+        ) -> Iterator[gen_pb.ArticleRequest]:
+            """The feeder: each needed article of the pending tiers as soon as its title is
+            there (it blocks while titles come); the next tier begins once this one's titles
+            are in."""
+            for position, n in enumerate(pending):
+                tier = tiers[n]
+                if not tier.began.is_set():
+                    if stopped() or stream.over.is_set() or not tiers[n - 1].titles_allow_next():
+                        return
+                    begin(n)
+                try:
+                    index = 0
+                    while (title := tier.feed.wait_for(index, stopped)) is not None:
+                        if tier.run.needed(index, tier.records):
+                            stream.sent(tier.run.name)
+                            yield gen_pb.ArticleRequest(
+                                article_index=index,
+                                title=title,
+                                site=tier.run.site(index),
+                                tier=tier.run.name,
+                            )
+                        index += 1
+                        following = pending[position + 1] if position + 1 < len(pending) else None
+                        if (
+                            following is not None
+                            and tier.titles_allow_next()
+                            and not stopped()
+                            and not stream.over.is_set()
+                        ):
+                            begin(following)  # its titles come while this tier's articles run
+                finally:
+                    stream.fed(tier.run.name)
+
+        def report_titles() -> Generator[pb.JobEvent, None, None]:
+            """Before an article's event: tier_started of the tiers that began, and
+            titles_ready (once) of those whose titles are in; in tier order."""
+            for tier in tiers:
+                if not tier.began.is_set():
+                    break
+                if not tier.announced:
+                    tier.announced = True
+                    yield self._tier_started(tier.run)
+                if tier.titles_failure is None and not tier.want:
+                    tier.titles_failure = ""  # it asked for none
+                elif tier.titles_failure is None and tier.feed.done:
+                    # Read again: a lost generator may have saved records since it began.
+                    outcome = yield from self._titles_done(
+                        tier.run, tier.feed, tier.want, self._stored(tier.run), used
+                    )
+                    tier.titles_failure = outcome.failure
+                    if outcome.failure:
+                        group_stop.set()
+
+        def report_finished() -> Generator[pb.JobEvent, None, None]:
+            """After an article's event: tier_finished of the tiers whose articles are all
+            terminal, in tier order."""
+            for tier in tiers:
+                if not tier.finished:
+                    reported = tier.began.is_set() and tier.titles_failure is not None
+                    if not reported or not progress.all_terminal(tier.run.name):
+                        return
+                    tier.finished = True
+                    yield self._tier_finished(job_id, tier.run.name)
 
         def budget() -> float:
             """What the job may still spend (0: no limit); read again for every stream, since a
@@ -586,32 +719,35 @@ class JobRunner:
                 return 0.0
             return max(self._budget_left(job_id, spec.max_cost_usd)[0], 1e-9)
 
+        def tier_spec(run: TierRun) -> job_pb2.TierSpec:
+            return job_pb2.TierSpec(
+                name=run.name, **run.tier.model_dump(exclude={"deployment_targets"})
+            )
+
         settings = gen_pb.BatchSettings(
             job_id=job_id,
             project=context,
-            tier=job_pb2.TierSpec(
-                name=tier_name, **tier.model_dump(exclude={"deployment_targets"})
-            ),
+            tier=tier_spec(first),
+            more_tiers=[tier_spec(run) for run in group[1:]],
             models=job_pb2.ModelsSpec(**spec.models.model_dump()),
-            max_workers=workers,
+            max_workers=job.max_workers,
             continue_on_error=spec.continue_on_error,
-            replace_failed=retry_failed,
+            replace_failed=first.retry_failed,
         )
         failure = ""
         try:
-            if want:
-                self._start_titles(run, context, feed, want, [r.title for r in records.values()])
+            begin(0)
+            yield from report_titles()  # tier_started before the titles come
             if spec.max_cost_usd:
                 # With a budget, the titles come first: what they cost counts before any article.
-                feed.wait()
-                yield from finish_titles()
-                if titles_failure:
-                    yield self._tier_finished(job_id, tier_name)
-                    return TierOutcome(titles_failure)
-            # Read before the titles: records they add replace failed ones, so the set is the same.
-            todo = article_requests(records)
+                tiers[0].feed.wait()
+                yield from report_titles()
+            pending = list(range(len(tiers)))
             for attempt in range(self._settings.generator_reconnect_attempts + 1):
+                if stopped():
+                    break
                 settings.budget_usd = budget()
+                progress = StreamProgress()
                 try:
                     # A cancel becomes a stop message: nothing new starts, in-flight articles
                     # finish (or stop after the grace period) and are recorded; the stream still
@@ -619,10 +755,12 @@ class JobRunner:
                     with closing(
                         self._generator.generate_articles(
                             settings,
-                            todo,
+                            article_requests(pending, progress),
                             stop=stopped,
                             stop_reason=lambda: (
-                                cancellation.reason or titles_failure or "the job was cancelled"
+                                cancellation.reason
+                                or next((t.titles_failure for t in tiers if t.titles_failure), "")
+                                or "the job was cancelled"
                             ),
                             # A hand-off lets in-flight articles finish: they are paid for already.
                             grace_seconds=lambda: (
@@ -633,25 +771,23 @@ class JobRunner:
                         )
                     ) as events:
                         for event in events:
-                            yield from finish_titles()  # "titles ready" before what follows
+                            yield from report_titles()  # "titles ready" before what follows
                             yield pb.JobEvent(article=event)  # the generator's event, as it is
-                            if (
-                                event.kind == article_pb.ARTICLE_EVENT_KIND_FAILED
-                                and not failure
-                                and event.fatal
-                            ):
-                                failure = f"stopped: {event.error}"
-                            elif (
-                                event.kind == article_pb.ARTICLE_EVENT_KIND_FAILED
-                                and not failure
-                                and not spec.continue_on_error
-                            ):
-                                failure = (
-                                    f"{tier_name} article {event.article_index + 1}/{tier.count} "
-                                    f"failed and continue_on_error is false: {event.error}"
-                                )
+                            if event.kind in TERMINAL_KINDS:
+                                progress.terminal(event.tier)
+                            if event.kind == article_pb.ARTICLE_EVENT_KIND_FAILED and not failure:
+                                if event.fatal:
+                                    failure = f"stopped: {event.error}"
+                                elif not spec.continue_on_error:
+                                    failure = (
+                                        f"{event.tier} article {event.article_index + 1}/"
+                                        f"{event.tier_count} failed and continue_on_error is "
+                                        f"false: {event.error}"
+                                    )
+                            yield from report_finished()
                     break
                 except ServiceCallError as e:
+                    progress.over.set()  # its feeder begins no further tier
                     if e.code not in _GENERATOR_LOST or cancellation.is_set() or failure:
                         raise
                     if attempt == self._settings.generator_reconnect_attempts:
@@ -660,40 +796,73 @@ class JobRunner:
                     yield pb.JobEvent(
                         notice=pb.Notice(
                             job_id=job_id,
-                            tier=tier_name,
+                            tier=next(t.run.name for t in tiers if not t.finished),
                             message=f"lost the generator ({e.details}); trying "
                             f"again in {delay:g}s ({attempt + 1}/"
                             f"{self._settings.generator_reconnect_attempts})",
                         )
                     )
                     cancellation.event.wait(delay)
-                    feed.wait()  # the titles ended too (or went on elsewhere): take what came
-                    yield from finish_titles()
-                    if titles_failure:
-                        break  # the titles were lost with it: the tier ends (a resume goes on)
-                    stored = stored_now()  # what the lost generator saved is not redone
-                    titles = feed.titles()
-                    missing = sum(1 for i in range(len(titles)) if needed(i, stored))
-                    todo = article_requests(stored)
-                    yield pb.JobEvent(
-                        notice=pb.Notice(
-                            job_id=job_id,
-                            tier=tier_name,
-                            message=f"sending the {missing} articles without a record again",
+                    begun = [t for t in tiers if t.began.is_set()]
+                    for tier in begun:
+                        tier.feed.wait()  # its titles ended too (or went on elsewhere)
+                    yield from report_titles()
+                    if stopped():
+                        break  # titles were lost with it: the tiers end (a resume goes on)
+                    pending = [n for n, t in enumerate(tiers) if not t.finished]
+                    for tier in begun:
+                        if tier.finished:
+                            continue
+                        tier.records = self._stored(tier.run)  # what it saved is not redone
+                        missing = sum(
+                            1
+                            for i in range(len(tier.feed.titles()))
+                            if tier.run.needed(i, tier.records)
                         )
-                    )
-            if stopped():
-                feed.stop()  # cancelled, or the titles failed: no more titles are wanted
-            feed.wait()
-            yield from finish_titles()
+                        yield pb.JobEvent(
+                            notice=pb.Notice(
+                                job_id=job_id,
+                                tier=tier.run.name,
+                                message=f"sending the {missing} articles without a record again",
+                            )
+                        )
+            progress.over.set()
+            for tier in tiers:
+                if stopped():
+                    tier.feed.stop()  # cancelled, or titles failed: no more titles are wanted
+                tier.feed.wait()
+            yield from report_titles()
         finally:
-            tier_stop.set()  # a feed still waiting for titles ends
-            feed.stop()
-            feed.wait()
+            group_stop.set()  # a feed still waiting for titles ends
+            for tier in tiers:
+                tier.feed.stop()
+                tier.feed.wait()
         if cancellation.is_set() and not failure:
             failure = cancellation.message
-        yield self._tier_finished(job_id, tier_name)
-        return TierOutcome(failure or titles_failure or "")
+        for tier in tiers:
+            if tier.began.is_set() and not tier.finished:
+                tier.finished = True
+                yield self._tier_finished(job_id, tier.run.name)
+        titles_failure = next((t.titles_failure for t in tiers if t.titles_failure), "")
+        return TierOutcome(failure or titles_failure)
+
+    def _stored(self, run: TierRun) -> dict[int, db_pb.Article]:
+        """The tier's records so far, by article index."""
+        return {
+            a.article_index: a
+            for a in self._persistence.list_articles(run.job.id, run.name, metadata_only=True)
+        }
+
+    @staticmethod
+    def _tier_started(run: TierRun) -> pb.JobEvent:
+        return pb.JobEvent(
+            tier_started=pb.TierStarted(
+                job_id=run.job.id,
+                tier=run.name,
+                count=run.tier.count,
+                max_workers=run.job.max_workers,
+            )
+        )
 
     def _start_titles(
         self,
@@ -701,17 +870,17 @@ class JobRunner:
         context: gen_pb.ProjectContext,
         feed: TitleFeed,
         want: int,
-        recorded: list[str],
+        existing: list[str],
     ) -> None:
         """Ask the generator for `want` more titles, streaming into `feed`. They must differ
-        from the job's and project's others and from the tier's `recorded` articles' titles."""
+        from `existing` and from those the feed has."""
         request = gen_pb.GenerateTitlesRequest(
             project=context,
             tier=run.name,
             count=want,
             model=run.spec.models.title,
             max_parallel_calls=run.job.max_workers,
-            existing_titles=[*run.used_titles, *feed.titles(), *recorded],
+            existing_titles=[*existing, *feed.titles()],
         )
         feed.start(lambda on_titles: self._generator.generate_titles(request, on_titles))
 
@@ -721,26 +890,24 @@ class JobRunner:
         feed: TitleFeed,
         want: int,
         records: dict[int, db_pb.Article],
-        needed: Callable[[int, dict[int, db_pb.Article]], bool],
+        used: list[str],
     ) -> Generator[pb.JobEvent, None, TierOutcome]:
         """The titles are in: keep them with the job and beside the output, give articles whose
         title could not be made (the model failed) failed records at stage `titles`, so every
-        requested article still ends as exactly one record, and report. Returns why the titles
-        stop the tier, or ""."""
+        requested article still ends as exactly one record, and report. The titles it keeps are
+        added to `used`. Returns why the titles stop the tier, or ""."""
         job, project, spec, tier_name = run.job, run.project, run.spec, run.name
         if feed.error is not None:  # the call itself failed (e.g. the generator went away)
             return TierOutcome(f"{tier_name}: titles: {feed.error}")
         made = feed.result
         assert made is not None
-        tier = spec.tiers[tier_name]
-        sites = spec.sites_of(tier)
         titles = feed.titles()
         first_new = len(titles) - len(made.titles)
         # An article recorded before a crash cut its tier's titles off keeps the title it has.
         for index, record in records.items():
-            if index < len(titles) and not needed(index, records):
+            if index < len(titles) and not run.needed(index, records):
                 titles[index] = record.title
-        run.used_titles.extend(titles[first_new:])  # later tiers must differ from these too
+        used.extend(titles[first_new:])  # later tiers must differ from these too
         self._persistence.record_titles(
             db_pb.RecordTitlesRequest(
                 job_id=job.id,
@@ -779,7 +946,7 @@ class JobRunner:
                     status=article_pb.ARTICLE_STATUS_FAILED,
                     error_stage="titles",
                     error=made.error,
-                    site=sites[index % len(sites)] if sites else "",
+                    site=run.site(index),
                 ),
                 replace_failed=run.retry_failed,
             )

@@ -335,3 +335,51 @@ def test_articles_start_on_the_first_titles_while_the_rest_are_asked_for(start_s
     assert saved == set(range(30))
     rows = article_rows(handle.database_url, job_ids_of(events)[0])
     assert len(rows) == 30 and len({r["title"] for r in rows}) == 30
+
+
+def test_the_next_tier_starts_on_workers_the_tier_before_leaves_free(start_stack) -> None:
+    """Ordered by events: the simulator answers the first content call and holds the rest, so a
+    tier-2 article can only start while a tier-1 article is still running if the tiers share
+    the workers (before, each tier drained to zero before the next one's first article)."""
+    handle = start_stack(simulator=SimulatorConfig(latency=0.0))
+    simulator = handle.stack.simulator
+    simulator.hold("content", after=1)
+    try:
+        with OrchestratorClient(handle.stack.orchestrator_address, "admin", handle.password) as c:
+            stream = c.run_job(
+                job_file({"tier1": tier(count=2), "tier2": tier(count=3)}, max_workers=2)
+            )
+            before_release = []
+            for event in stream:
+                before_release.append(event)
+                kind = event.WhichOneof("event")
+                assert kind != "tier_finished", "tier 1 ended before tier 2 started"
+                if kind == "article" and event.article.tier == "tier2":
+                    break  # a tier-2 article started while a tier-1 article is held
+            simulator.release()
+            events = before_release + list(stream)
+    finally:
+        simulator.release()
+    finished = events[-1].run_finished
+    assert finished.ok, finished.error
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds.count("tier_started") == 2 and kinds.count("tier_finished") == 2
+    tier_events = [
+        (kind, getattr(e, kind).tier)
+        for e, kind in zip(events, kinds, strict=True)
+        if kind in ("tier_started", "titles_ready", "tier_finished")
+    ]
+    assert tier_events.index(("tier_started", "tier2")) > tier_events.index(
+        ("titles_ready", "tier1")
+    )
+    # Each tier's events sit between its tier_started and its tier_finished.
+    for name in ("tier1", "tier2"):
+        start = events.index(next(e for e in events if e.tier_started.tier == name))
+        end = events.index(next(e for e in events if e.tier_finished.tier == name))
+        positions = [n for n, e in enumerate(events) if e.article.tier == name]
+        assert start < min(positions) and max(positions) < end
+        counts = next(e.tier_finished for e in events if e.tier_finished.tier == name)
+        assert counts.generated + counts.augmented + counts.short == {"tier1": 2, "tier2": 3}[name]
+    rows = article_rows(handle.database_url, job_ids_of(events)[0])
+    assert len(rows) == 5 and len({r["title"] for r in rows}) == 5  # titles differ across tiers
+    assert simulator.stats().peak_in_flight <= 2 + 1  # two articles, and tier 2's titles call

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -67,20 +68,27 @@ def test_every_service_serves_health_and_reflection(start_stack, service: str) -
         assert {SERVICES[service], "grpc.health.v1.Health"} <= names
 
 
-def _settings(**overrides: object) -> gen_pb.BatchSettings:
+def _tier(name: str, min_word_count: int = 100) -> job_pb2.TierSpec:
+    return job_pb2.TierSpec(
+        name=name,
+        count=2,
+        min_word_count=min_word_count,
+        max_word_count=200,
+        min_h2_tags=1,
+        max_h2_tags=2,
+        min_h3_tags=0,
+        max_h3_tags=2,
+    )
+
+
+def _settings(
+    more_tiers: Sequence[job_pb2.TierSpec] = (), **overrides: object
+) -> gen_pb.BatchSettings:
     settings = gen_pb.BatchSettings(
         job_id=1,
         project=gen_pb.ProjectContext(project_id=1, main_keyword="k"),
-        tier=job_pb2.TierSpec(
-            name="tier1",
-            count=2,
-            min_word_count=100,
-            max_word_count=200,
-            min_h2_tags=1,
-            max_h2_tags=2,
-            min_h3_tags=0,
-            max_h3_tags=2,
-        ),
+        tier=_tier("tier1"),
+        more_tiers=more_tiers,
         max_workers=2,
     )
     for name, value in overrides.items():
@@ -121,6 +129,36 @@ def _settings(**overrides: object) -> gen_pb.BatchSettings:
                 ),
             ],
             "article.title",
+        ),
+        (
+            [
+                gen_pb.GenerateArticlesRequest(settings=_settings()),
+                gen_pb.GenerateArticlesRequest(
+                    article=gen_pb.ArticleRequest(article_index=0, title="t", tier="tier9")
+                ),
+            ],
+            "article.tier: 'tier9' is not one of the stream's tiers",
+        ),
+        (
+            [
+                gen_pb.GenerateArticlesRequest(
+                    settings=_settings(more_tiers=[_tier("tier2", min_word_count=0)])
+                )
+            ],
+            "settings.more_tiers[0]: need 0 < min_word_count <= max_word_count",
+        ),
+        (
+            [gen_pb.GenerateArticlesRequest(settings=_settings(more_tiers=[_tier("tier1")]))],
+            "settings.more_tiers[0].name: tier 'tier1' is in the stream twice",
+        ),
+        (
+            [
+                gen_pb.GenerateArticlesRequest(settings=_settings(more_tiers=[_tier("tier2")])),
+                gen_pb.GenerateArticlesRequest(
+                    article=gen_pb.ArticleRequest(article_index=2, title="t", tier="tier2")
+                ),
+            ],
+            "article.article_index: must be between 0 and 1, got 2",
         ),
     ],
 )
@@ -356,7 +394,7 @@ def test_generator_rejects_an_article_sent_twice_and_writes_it_once(start_stack)
     ):
         list(gen_grpc.GeneratorServiceStub(channel).GenerateArticles(iter(messages), timeout=30))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "article.article_index: article 1 was sent twice" in error.value.details()
+    assert "article.article_index: tier1 article 1 was sent twice" in error.value.details()
     outlines = handle.stack.simulator.stats().by_kind.get("outline", 0)
     assert outlines == 2  # the job's one article, and the first copy; never the second
 

@@ -1,6 +1,7 @@
 """ArticleBatch: exact concurrency, sequential mode, failure isolation, continue_on_error."""
 
 import threading
+from dataclasses import replace
 
 from generator_service.batch import ArticleBatch
 from generator_service.calibration import WordTargets
@@ -100,3 +101,21 @@ def test_stop_starts_no_new_article() -> None:
     kinds = [e.kind for e in log.terminal()]
     assert len(kinds) == 10
     assert kinds.count(EventKind.SAVED) <= 2 and kinds.count(EventKind.SKIPPED) >= 8
+
+
+def test_tiers_of_one_batch_share_its_workers_each_article_with_its_own_tier() -> None:
+    # Five of each tier, gathered five at a time: the peak stays at max_workers across both.
+    llm = FakeLlm(gather=5, gather_timeout=10)
+    saver, log = MemorySaver(), EventLog()
+    first = batch_context(5, max_workers=5)
+    second = replace(first, tier=replace(first.tier, name="tier2", min_h2=1, max_h2=1))
+    both = tasks(5) + [replace(t, tier="tier2") for t in tasks(5)]
+    ArticleBatch(ArticlePipeline(llm, saver, WordTargets(200)), first, [second]).run(both, log)
+    assert llm.peak == 5
+    assert sorted((e.tier, e.index) for e in log.terminal()) == sorted(
+        (tier, i) for tier in ("tier1", "tier2") for i in range(5)
+    )
+    # Each article was written to its own tier's shape: tier 2's outlines have one H2.
+    h2s = {(tier, i): len(r.outline or []) for (_, tier, i), r in saver.records.items()}
+    assert len(h2s) == 10
+    assert all(2 <= h2s["tier1", i] <= 4 and h2s["tier2", i] == 1 for i in range(5))

@@ -209,6 +209,7 @@ class BatchSettings(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     PROJECT_FIELD_NUMBER: _builtins.int
     TIER_FIELD_NUMBER: _builtins.int
+    MORE_TIERS_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
     MAX_WORKERS_FIELD_NUMBER: _builtins.int
     CONTINUE_ON_ERROR_FIELD_NUMBER: _builtins.int
@@ -233,6 +234,13 @@ class BatchSettings(_message.Message):
         """The tier's shape (its deployment targets are not used here)."""
 
     @_builtins.property
+    def more_tiers(self) -> _containers.RepeatedCompositeFieldContainer[_job_pb2.TierSpec]:
+        """Further tiers of the job on the same workers, named by ArticleRequest.tier: the next tier's
+        articles start while the last ones of the tier before finish. Names differ from each other
+        and from `tier`'s.
+        """
+
+    @_builtins.property
     def models(self) -> _job_pb2.ModelsSpec:
         """Models per stage."""
 
@@ -242,6 +250,7 @@ class BatchSettings(_message.Message):
         job_id: _builtins.int = ...,
         project: Global___ProjectContext | None = ...,
         tier: _job_pb2.TierSpec | None = ...,
+        more_tiers: _abc.Iterable[_job_pb2.TierSpec] | None = ...,
         models: _job_pb2.ModelsSpec | None = ...,
         max_workers: _builtins.int = ...,
         continue_on_error: _builtins.bool = ...,
@@ -250,7 +259,7 @@ class BatchSettings(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["models", b"models", "project", b"project", "tier", b"tier"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_usd", b"budget_usd", "continue_on_error", b"continue_on_error", "job_id", b"job_id", "max_workers", b"max_workers", "models", b"models", "project", b"project", "replace_failed", b"replace_failed", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_usd", b"budget_usd", "continue_on_error", b"continue_on_error", "job_id", b"job_id", "max_workers", b"max_workers", "models", b"models", "more_tiers", b"more_tiers", "project", b"project", "replace_failed", b"replace_failed", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -265,22 +274,28 @@ class ArticleRequest(_message.Message):
     ARTICLE_INDEX_FIELD_NUMBER: _builtins.int
     TITLE_FIELD_NUMBER: _builtins.int
     SITE_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
     article_index: _builtins.int
     """Zero-based index of the article within its tier."""
     title: _builtins.str
     """The article's title."""
     site: _builtins.str
     """Hostname of the site the article is assigned to; empty for none."""
+    tier: _builtins.str
+    """The tier the article belongs to: settings.tier's name or one of settings.more_tiers';
+    empty for settings.tier.
+    """
     def __init__(
         self,
         *,
         article_index: _builtins.int = ...,
         title: _builtins.str = ...,
         site: _builtins.str = ...,
+        tier: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["article_index", b"article_index", "site", b"site", "title", b"title"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["article_index", b"article_index", "site", b"site", "tier", b"tier", "title", b"title"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
