@@ -103,7 +103,6 @@ class ArticleEvent:
     status: str = ""
     stage: str = ""
     error: str = ""
-    traceback: str = ""
     attempt: int = 0
     retry_delay: float = 0.0
     fatal: bool = False  # FAILED by an API error that ends the job (key, model, endpoint)
@@ -135,6 +134,7 @@ class ArticleRecord:
     word_count: int = 0
     error_stage: str = ""
     error: str = ""
+    error_traceback: str = ""  # a failure's: for the job's owner, never in the events
     site: str = ""
     api_calls: int = 0
     prompt_tokens: int = 0

@@ -438,11 +438,17 @@ class ArticlePipeline:
             batch.tier.count,
             stage,
             message,
-            exc_info=error,  # the traceback goes to the log (and the event), not the database
+            exc_info=error,  # the traceback goes to the log and the record, not the events
         )
         # The same record, minus any content written before the failure.
         failed = replace(
-            record, status="failed", content="", word_count=0, error_stage=stage, error=message
+            record,
+            status="failed",
+            content="",
+            word_count=0,
+            error_stage=stage,
+            error=message,
+            error_traceback=trace,
         )
         self._fill_usage(failed, usage)
         article_id = 0
@@ -467,7 +473,6 @@ class ArticlePipeline:
             status="failed",
             stage=stage,
             error=message,
-            traceback=trace,
             fatal=isinstance(error, FatalApiError),
             cost_usd=failed.cost_usd,
         )

@@ -58,7 +58,6 @@ def event_to_proto(e: ArticleEvent, tier_count: int) -> article_pb.ArticleEvent:
         status=article_status(e.status),
         stage=e.stage,
         error=e.error,
-        traceback=e.traceback,
         attempt=e.attempt,
         retry_delay=e.retry_delay,
         fatal=e.fatal,

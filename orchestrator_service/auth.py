@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import grpc
 import jwt
 
+from orchestrator_service.credentials import METADATA_KEY
 from persistence_service.client import PersistenceClient
 from tierwriter import accounts
 from tierwriter.persistence.v1 import persistence_service_pb2 as db_pb
@@ -23,7 +24,6 @@ from tierwriter.runtime import ServiceCallError
 
 log = logging.getLogger(__name__)
 
-METADATA_KEY = "authorization"
 SIGNING_SECRET_NAME = "token-signing"  # under this name persistence keeps a generated secret
 _ISSUER = "tierwriter"
 _ALGORITHM = "HS256"
@@ -74,17 +74,6 @@ class ThrottledError(Exception):
         super().__init__(
             f"too many failed logins for {username!r}: try again in {retry_after:.0f} s"
         )
-
-
-def basic_credentials(username: str, password: str) -> tuple[tuple[str, str], ...]:
-    """Call metadata carrying a username and password."""
-    token = base64.b64encode(f"{username}:{password}".encode()).decode()
-    return ((METADATA_KEY, f"Basic {token}"),)
-
-
-def bearer_credentials(token: str) -> tuple[tuple[str, str], ...]:
-    """Call metadata carrying a session token from Login."""
-    return ((METADATA_KEY, f"Bearer {token}"),)
 
 
 def credentials_from_metadata(

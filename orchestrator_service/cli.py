@@ -1,8 +1,15 @@
-"""The `tierwriter` command: a plain gRPC client of the orchestrator, plus `up` and `demo`."""
+"""The `tierwriter` command (Click): a plain gRPC client of the orchestrator, plus `up` and
+`demo`, which start the services in this process.
+
+Click, not argparse: each option is declared on the command that handles it, with its
+environment variable beside it, and shell completion comes with it. The client commands import
+only the gRPC client and the protos: `up` and `demo` import the services (the openai SDK,
+SQLAlchemy) when they run, so `tierwriter --help` or `jobs list` starts in a fraction of a
+second (tests/unit/test_cli_imports.py keeps it so)."""
 
 from __future__ import annotations
 
-import argparse
+import functools
 import getpass
 import json
 import os
@@ -11,24 +18,23 @@ import secrets
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC
 from importlib import resources
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
+import click
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from generator_service.llm.simulator import SimulatorConfig
 from orchestrator_service import token_file
 from orchestrator_service.client import EventStream, OrchestratorClient
-from orchestrator_service.config import Settings
 from orchestrator_service.console import (
     event_lines,
     format_cost,
     post_processing_lines,
 )
-from orchestrator_service.stack import LocalStack, StackConfig
 from tierwriter import runtime
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 from tierwriter.statuses import job_status_word
@@ -41,6 +47,7 @@ EXIT_UNAVAILABLE = 4  # a service could not be reached
 EXIT_BUSY = 5  # the orchestrator refused for now (too many watches, login brake): try later
 EXIT_INTERRUPTED = 130
 
+DEFAULT_ADDRESS = "127.0.0.1:50051"  # ORCHESTRATOR_ADDRESS's default, as the services have it
 DEMO_DATABASE = Path("data/demo.db")
 DEMO_OUTPUT = Path("output/demo")
 
@@ -175,74 +182,364 @@ def _interactive() -> bool:
     return sys.stdin.isatty()
 
 
-def _username(args: argparse.Namespace) -> str:
-    """-u, else $TIERWRITER_USER; empty when neither is given."""
-    return args.user or os.environ.get("TIERWRITER_USER", "")
+@dataclass(frozen=True)
+class Connection:
+    """Where the orchestrator is and who calls it, from the options every client command has."""
+
+    user: str  # -u, else $TIERWRITER_USER; "" for the saved login
+    password: str  # -p, else $TIERWRITER_PASSWORD; "" to be asked
+    address: str
+    ca_file: str  # "" for plaintext
+
+    def password_for(self, username: str) -> str:
+        """The password given, else one asked for on a terminal."""
+        password = self.password
+        if not password and _interactive():
+            password = getpass.getpass(f"Password for {username}: ")
+        if not password:
+            raise CliError(
+                f"no password for {username!r}: set TIERWRITER_PASSWORD, pass -p, or run on a "
+                "terminal to be asked",
+                EXIT_UNAUTHENTICATED,
+            )
+        return password
+
+    def root_certificates(self) -> bytes | None:
+        """The CA bundle to trust for TLS; None: plaintext."""
+        if not self.ca_file:
+            return None
+        try:
+            return Path(self.ca_file).read_bytes()
+        except OSError as e:
+            raise CliError(
+                f"cannot read CA file {self.ca_file}: {e.strerror}", EXIT_BAD_INPUT
+            ) from e
+
+    def open_client(self) -> OrchestratorClient:
+        """A client with the caller's credentials: a username with a password, else the
+        session saved by `tierwriter login`."""
+        roots = self.root_certificates()
+        if self.user:
+            password = self.password_for(self.user)
+            return OrchestratorClient(self.address, self.user, password, root_certificates=roots)
+        try:
+            session = token_file.load(token_file.default_path(), self.address)
+        except token_file.TokenFileError as e:
+            raise CliError(str(e), EXIT_UNAUTHENTICATED) from e
+        if session is None:
+            raise CliError(
+                "not logged in: run `tierwriter login`, or pass -u USER (or set "
+                "TIERWRITER_USER and TIERWRITER_PASSWORD)",
+                EXIT_UNAUTHENTICATED,
+            )
+        return OrchestratorClient(self.address, token=session.token, root_certificates=roots)
+
+    def run(self, action: Callable[[OrchestratorClient], int]) -> int:
+        """Run `action` with a client; a failed call prints its reason and gives its exit
+        code."""
+        with self.open_client() as client:
+            try:
+                return action(client)
+            except runtime.ServiceCallError as e:
+                print(f"Error: {_error_text(e)}", file=sys.stderr)
+                return _exit_code_for(e)
 
 
-def _password(args: argparse.Namespace, username: str) -> str:
-    """-p, else $TIERWRITER_PASSWORD, else a prompt on a terminal."""
-    password = args.password or os.environ.get("TIERWRITER_PASSWORD", "")
-    if not password and _interactive():
-        password = getpass.getpass(f"Password for {username}: ")
-    if not password:
-        raise CliError(
-            f"no password for {username!r}: set TIERWRITER_PASSWORD, pass -p, or run on a "
-            "terminal to be asked",
-            EXIT_UNAUTHENTICATED,
-        )
-    return password
+def connection_options(command: Callable[..., int]) -> Callable[..., int]:
+    """The options of every command that calls the orchestrator, handed to it as a Connection."""
+
+    @click.option(
+        "-u",
+        "--user",
+        envvar="TIERWRITER_USER",
+        default="",
+        show_envvar=True,
+        help="Username (else the saved login).",
+    )
+    @click.option(
+        "-p",
+        "--password",
+        envvar="TIERWRITER_PASSWORD",
+        default="",
+        show_envvar=True,
+        help="Password (else asked on a terminal). On the command line it is visible to other "
+        "local users: prefer the variable or the prompt.",
+    )
+    @click.option(
+        "--address",
+        envvar="ORCHESTRATOR_ADDRESS",
+        default=DEFAULT_ADDRESS,
+        show_default=True,
+        show_envvar=True,
+        help="Orchestrator address.",
+    )
+    @click.option(
+        "--ca-file",
+        envvar="TIERWRITER_CA_FILE",
+        default="",
+        show_envvar=True,
+        help="Connect with TLS, trusting this CA certificate (PEM); unset: plaintext.",
+    )
+    @functools.wraps(command)
+    def with_connection(
+        user: str, password: str, address: str, ca_file: str, **options: Any
+    ) -> int:
+        return command(Connection(user, password, address, ca_file), **options)
+
+    return with_connection
 
 
-def _root_certificates(args: argparse.Namespace) -> bytes | None:
-    """The CA bundle to trust for TLS (--ca-file or $TIERWRITER_CA_FILE); None: plaintext."""
-    ca_file = args.ca_file or os.environ.get("TIERWRITER_CA_FILE")
-    if not ca_file:
-        return None
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@click.group(
+    context_settings=CONTEXT,
+    epilog="Credentials: `tierwriter login` once (the token is kept in TIERWRITER_TOKEN_FILE, "
+    "default ~/.config/tierwriter/token.json), or -u/-p, or TIERWRITER_USER and "
+    "TIERWRITER_PASSWORD; without a password on a terminal you are asked. The services read "
+    "CONCURRENT_WORKERS, WORD_COUNT_COMPENSATION, OPENAI_BASE_URL, OPENAI_API_KEY, "
+    "DATABASE_URL, TLS_CERT_FILE, TLS_KEY_FILE (see README). Shell completion: "
+    'eval "$(_TIERWRITER_COMPLETE=bash_source tierwriter)" (zsh_source, fish_source).',
+)
+def cli() -> None:
+    """Generate batches of long-form articles with an LLM, concurrently.
+
+    \b
+    Start here:
+      tierwriter demo                  the bundled job, end to end, no setup
+      tierwriter up                    every service on loopback, in the foreground
+      tierwriter login -u admin        then, from another shell:
+      tierwriter generate-batch -j job.json
+    """
+
+
+@cli.command("generate-batch", context_settings=CONTEXT)
+@click.option(
+    "-j", "--job-file", required=True, type=click.Path(dir_okay=False), help="The job file (JSON)."
+)
+@click.option(
+    "--detach",
+    is_flag=True,
+    help="Print the job ids and return at once; `tierwriter jobs watch ID` follows a job.",
+)
+@connection_options
+def generate_batch(connection: Connection, job_file: str, detach: bool) -> int:
+    """Submit a job file and watch its jobs.
+
+    The jobs run on the server whatever happens to this command; Ctrl-C cancels them (a second
+    Ctrl-C leaves at once).
+
+    \b
+    Examples:
+      tierwriter generate-batch -j jobs/cnc.json
+      tierwriter generate-batch -j jobs/cnc.json --detach
+    """
     try:
-        return Path(ca_file).read_bytes()
-    except OSError as e:
-        raise CliError(f"cannot read CA file {ca_file}: {e.strerror}", EXIT_BAD_INPUT) from e
-
-
-def _open_client(args: argparse.Namespace) -> OrchestratorClient:
-    """A client with the caller's credentials: -u (or $TIERWRITER_USER) with a password, else
-    the session saved by `tierwriter login`."""
-    roots = _root_certificates(args)
-    username = _username(args)
-    if username:
-        password = _password(args, username)
-        return OrchestratorClient(args.address, username, password, root_certificates=roots)
-    try:
-        session = token_file.load(token_file.default_path(), args.address)
-    except token_file.TokenFileError as e:
-        raise CliError(str(e), EXIT_UNAUTHENTICATED) from e
-    if session is None:
-        raise CliError(
-            "not logged in: run `tierwriter login`, or pass -u USER (or set TIERWRITER_USER "
-            "and TIERWRITER_PASSWORD)",
-            EXIT_UNAUTHENTICATED,
-        )
-    return OrchestratorClient(args.address, token=session.token, root_certificates=roots)
-
-
-def cmd_generate_batch(args: argparse.Namespace) -> int:
-    try:
-        job_file = Path(args.job_file).read_text(encoding="utf-8")
+        text = Path(job_file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        print(f"Error: cannot read job file {args.job_file}: {e}", file=sys.stderr)
+        print(f"Error: cannot read job file {job_file}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
     def submit(client: OrchestratorClient) -> int:
-        job_ids = client.submit_job(job_file)
-        if args.detach:
+        job_ids = client.submit_job(text)
+        if detach:
             listed = ", ".join(map(str, job_ids))
             print(f"Submitted: job{'s' if len(job_ids) > 1 else ''} {listed}")
             print(f"Watch with `tierwriter jobs watch {job_ids[0]}`; they run on the server.")
             return EXIT_OK
         return watch_and_print(client, client.watch_jobs(job_ids), sys.stdout)
 
-    return _client_command(args, submit)
+    return connection.run(submit)
+
+
+@cli.command(context_settings=CONTEXT)
+def up() -> int:
+    """Start every service on loopback, in the foreground.
+
+    Without OPENAI_API_KEY the bundled LLM simulator stands in for the model. Ctrl-C stops
+    every service.
+    """
+    from orchestrator_service.config import Settings
+    from orchestrator_service.stack import LocalStack, StackConfig
+
+    runtime.configure_logging(os.environ.get("LOG_LEVEL", "INFO"))
+    # One process per service: the three use every core rather than one interpreter lock.
+    with LocalStack(StackConfig(processes=True)) as stack:
+        if stack.admin_password_generated:
+            print(
+                f"Created user 'admin' with generated password: {stack.admin_password_generated}\n"
+                "(shown once; set TIERWRITER_ADMIN_PASSWORD to choose it yourself)",
+                flush=True,
+            )
+        certificate = Settings().tls_cert_file
+        tls = f"TLS with {certificate}" if certificate else "plaintext: set TLS_CERT_FILE/_KEY_FILE"
+        print(
+            f"orchestrator  {stack.orchestrator_address} ({tls})\n"
+            f"generator     {stack.generator_address}\n"
+            f"persistence   {stack.persistence_address}\n"
+            "Next: tierwriter login -u admin",
+            flush=True,
+        )
+        if stack.simulator:
+            print(f"LLM simulator {stack.simulator.base_url} (no OPENAI_API_KEY set)", flush=True)
+        print("tierwriter is up. Ctrl-C stops every service.", flush=True)
+        runtime.wait_for_stop_signal()
+        print("Stopping: in-flight calls get a few seconds to finish...", flush=True)
+    return EXIT_OK
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option(
+    "--latency",
+    type=click.FloatRange(min=0),
+    default=0.3,
+    show_default=True,
+    help="Simulated seconds per model call.",
+)
+@click.option(
+    "--fail-every",
+    type=click.IntRange(min=0),
+    default=12,
+    show_default=True,
+    metavar="N",
+    help="Every N-th outline reply is malformed, to show failure handling; 0 for none.",
+)
+@click.option(
+    "--repair-every",
+    type=click.IntRange(min=0),
+    default=7,
+    show_default=True,
+    metavar="N",
+    help="Every N-th outline has too few sections and gets a repair request; 0 for none.",
+)
+@click.option(
+    "--rate-limit-every",
+    type=click.IntRange(min=0),
+    default=15,
+    show_default=True,
+    metavar="N",
+    help="Every N-th model call gets a 429 with Retry-After and is retried; 0 for none.",
+)
+def demo(latency: float, fail_every: int, repair_every: int, rate_limit_every: int) -> int:
+    """Run the bundled two-tier demo job end to end, with no setup.
+
+    The three services and the LLM simulator run on loopback in this process; the database
+    (data/demo.db) is made anew each run and the pages go to output/demo.
+
+    \b
+    Examples:
+      tierwriter demo
+      tierwriter demo --latency 0 --fail-every 0
+    """
+    from generator_service.llm.simulator import SimulatorConfig
+    from orchestrator_service.stack import LocalStack, StackConfig
+
+    # The console lines tell the story; service logs would repeat them. Errors still show.
+    runtime.configure_logging("ERROR")
+    # A fresh database each run, so the demo never depends on (or touches) earlier state.
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{DEMO_DATABASE}{suffix}").unlink(missing_ok=True)
+    password = secrets.token_urlsafe(16)
+    simulator = SimulatorConfig(
+        latency=latency,
+        garbage_outline_every=fail_every,
+        short_outline_every=repair_every,
+        rate_limit_every=rate_limit_every,
+        rate_limit_retry_after_ms=500,
+    )
+    config = StackConfig.on_loopback(
+        database_url=f"sqlite:///{DEMO_DATABASE}",
+        output_dir=DEMO_OUTPUT,
+        simulator=simulator,
+        admin_password=password,
+    )
+    print(
+        "tierwriter demo: the three services and the LLM simulator, on loopback, in this process."
+    )
+    print(f"Database: {DEMO_DATABASE} (recreated each run); simulated latency {latency}s a call.")
+    if fail_every:
+        print(
+            f"The simulator returns a malformed outline for every {fail_every}th outline "
+            "request, to show a failure being recorded while the rest of the batch goes on."
+        )
+    if rate_limit_every:
+        print(
+            f"Every {rate_limit_every}th model call is refused with 429 and Retry-After, to "
+            "show a retry."
+        )
+    if repair_every:
+        print(
+            f"Every {repair_every}th outline comes back with too few sections, to show the "
+            "one repair request."
+        )
+    print()
+    with (
+        LocalStack(config) as stack,
+        OrchestratorClient(stack.orchestrator_address, "admin", password) as client,
+    ):
+        return watch_and_print(client, client.run_job(demo_job()), sys.stdout)
+
+
+def _utc(stamp: Timestamp) -> str:
+    return stamp.ToDatetime(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+@cli.command(context_settings=CONTEXT)
+@connection_options
+def login(connection: Connection) -> int:
+    """Log in once: the session token is kept in a file only you can read.
+
+    The other commands use it until it expires.
+
+    \b
+    Examples:
+      tierwriter login -u admin
+      tierwriter login -u ann --address orchestrator.example.net:50051 --ca-file ca.pem
+    """
+    username = connection.user
+    if not username and _interactive():
+        username = input("Username: ").strip()
+    if not username:
+        raise CliError("give a username: -u USER or $TIERWRITER_USER", EXIT_BAD_INPUT)
+    password = connection.password_for(username)
+    address = connection.address
+    with OrchestratorClient(address, root_certificates=connection.root_certificates()) as client:
+        try:
+            response = client.login(username, password)
+        except runtime.ServiceCallError as e:
+            print(f"Error: {_error_text(e)}", file=sys.stderr)
+            return _exit_code_for(e)
+    path = token_file.default_path()
+    token_file.save(
+        token_file.SavedSession(
+            address,
+            response.user.username,
+            response.token,
+            response.expire_time.ToNanoseconds() / 1e9,
+        ),
+        path,
+    )
+    print(
+        f"Logged in to {address} as {response.user.username} ({response.user.role}) until "
+        f"{_utc(response.expire_time)}; the session is kept in {path}, readable only by you."
+    )
+    return EXIT_OK
+
+
+@cli.command(context_settings=CONTEXT)
+def logout() -> int:
+    """Forget the saved session token."""
+    path = token_file.default_path()
+    print(f"Logged out: removed {path}." if token_file.delete(path) else "Not logged in.")
+    return EXIT_OK
+
+
+# jobs -----------------------------------------------------------------------------------------
+
+
+@cli.group(context_settings=CONTEXT)
+def jobs() -> None:
+    """List, show, watch, cancel, resume or publish jobs."""
 
 
 def _job_row(j: pb.JobInfo) -> str:
@@ -254,33 +551,51 @@ def _job_row(j: pb.JobInfo) -> str:
     )
 
 
-def _client_command(args: argparse.Namespace, action: Callable[[OrchestratorClient], int]) -> int:
-    """Run `action` with a client; a failed call prints its reason and gives its exit code."""
-    with _open_client(args) as client:
-        try:
-            return action(client)
-        except runtime.ServiceCallError as e:
-            print(f"Error: {_error_text(e)}", file=sys.stderr)
-            return _exit_code_for(e)
+@jobs.command("list", context_settings=CONTEXT)
+@click.option(
+    "--limit", type=click.IntRange(1, 1000), default=50, show_default=True, help="Jobs to list."
+)
+@connection_options
+def jobs_list(connection: Connection, limit: int) -> int:
+    """Jobs, newest first (yours; an admin's: everyone's).
 
+    \b
+    Example:
+      tierwriter jobs list --limit 10
+    """
 
-def cmd_jobs_list(args: argparse.Namespace) -> int:
     def listing(client: OrchestratorClient) -> int:
-        jobs = client.list_jobs(args.limit)
+        found = client.list_jobs(limit)
         print(
             f"{'ID':>6}  {'created (UTC)':<16}  {'status':<10} {'project':<24} {'gen':>5} "
             f"{'aug':>5} {'fail':>5} /total"
         )
-        for j in jobs:
+        for j in found:
             print(_job_row(j))
         return EXIT_OK
 
-    return _client_command(args, listing)
+    return connection.run(listing)
 
 
-def cmd_jobs_show(args: argparse.Namespace) -> int:
+@jobs.command("show", context_settings=CONTEXT)
+@click.argument("job_id", type=int)
+@click.option(
+    "--errors",
+    is_flag=True,
+    help="Also each failed article: its stage, error and the traceback where it was raised.",
+)
+@connection_options
+def jobs_show(connection: Connection, job_id: int, errors: bool) -> int:
+    """One job with its per-tier counts.
+
+    \b
+    Examples:
+      tierwriter jobs show 12
+      tierwriter jobs show 12 --errors
+    """
+
     def show(client: OrchestratorClient) -> int:
-        response = client.get_job(args.job_id)
+        response = client.get_job(job_id, errors)
         j = response.job
         print(
             f"Job {j.job_id}: project '{j.project}', status {job_status_word(j.status)}, "
@@ -312,65 +627,130 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
             print(f"  running on: {j.runner}")
         if j.error:
             print(f"  error: {j.error}")
+        if errors:
+            print(f"  failed articles: {len(response.failures) or 'none'}")
+        for f in response.failures:
+            record = f" (error record ID {f.article_id})" if f.article_id else ""
+            print(f"\n[{f.tier}][{f.article_index + 1}] {f.title or '(no title)'}{record}")
+            print(f"  FAILED at {f.stage}: {f.error}")
+            for line in f.traceback.rstrip().splitlines():
+                print(f"    {line}")
         return EXIT_OK
 
-    return _client_command(args, show)
+    return connection.run(show)
 
 
-def cmd_jobs_cancel(args: argparse.Namespace) -> int:
+@jobs.command("cancel", context_settings=CONTEXT)
+@click.argument("job_id", type=int)
+@connection_options
+def jobs_cancel(connection: Connection, job_id: int) -> int:
+    """Cancel a queued or running job.
+
+    Nothing new starts; articles in flight finish (or stop after CANCEL_GRACE_SECONDS) and are
+    recorded; the job ends cancelled.
+    """
+
     def cancel(client: OrchestratorClient) -> int:
-        print(client.cancel_job(args.job_id))
+        print(client.cancel_job(job_id))
         return EXIT_OK
 
-    return _client_command(args, cancel)
+    return connection.run(cancel)
 
 
-def cmd_jobs_resume(args: argparse.Namespace) -> int:
+@jobs.command("resume", context_settings=CONTEXT)
+@click.argument("job_id", type=int)
+@click.option("--retry-failed", is_flag=True, help="Also generate the articles that failed.")
+@click.option(
+    "--max-cost-usd",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="USD",
+    help="A new budget for the job (its articles skipped for the budget are written while it "
+    "lasts).",
+)
+@click.option("--detach", is_flag=True, help="Queue the resume and return at once.")
+@connection_options
+def jobs_resume(
+    connection: Connection,
+    job_id: int,
+    retry_failed: bool,
+    max_cost_usd: float | None,
+    detach: bool,
+) -> int:
+    """Finish a failed, cancelled or interrupted job.
+
+    Only the articles without a record are generated (titles reused), then the whole job is
+    post-processed.
+
+    \b
+    Examples:
+      tierwriter jobs resume 12
+      tierwriter jobs resume 12 --retry-failed --max-cost-usd 5
+    """
+
     def resume(client: OrchestratorClient) -> int:
-        queued = client.resume_job(args.job_id, args.retry_failed, args.max_cost_usd or 0.0)
-        if args.detach:
-            print(f"Job {queued.job_id} is queued to resume; `tierwriter jobs watch "
-                  f"{queued.job_id}` shows it.")  # fmt: skip
+        queued = client.resume_job(job_id, retry_failed, max_cost_usd or 0.0)
+        if detach:
+            print(
+                f"Job {queued.job_id} is queued to resume; `tierwriter jobs watch "
+                f"{queued.job_id}` shows it."
+            )
             return EXIT_OK
         return watch_and_print(
             client, client.watch_job(queued.job_id, queued.after_seq), sys.stdout
         )
 
-    return _client_command(args, resume)
+    return connection.run(resume)
 
 
-def cmd_jobs_watch(args: argparse.Namespace) -> int:
-    def watch(client: OrchestratorClient) -> int:
-        return watch_and_print(client, client.watch_job(args.job_id, args.after), sys.stdout)
+@jobs.command("watch", context_settings=CONTEXT)
+@click.argument("job_id", type=int)
+@click.option(
+    "--after",
+    type=click.IntRange(min=0),
+    default=0,
+    metavar="SEQ",
+    help="Only events after this sequence number (default: from the job's start).",
+)
+@connection_options
+def jobs_watch(connection: Connection, job_id: int, after: int) -> int:
+    """Follow a job's events until it ends.
 
-    return _client_command(args, watch)
+    Ctrl-C cancels the job, a second Ctrl-C leaves at once.
+
+    \b
+    Example:
+      tierwriter jobs watch 12
+    """
+    return connection.run(
+        lambda client: watch_and_print(client, client.watch_job(job_id, after), sys.stdout)
+    )
 
 
-def cmd_jobs_publish(args: argparse.Namespace) -> int:
+@jobs.command("publish", context_settings=CONTEXT)
+@click.argument("job_id", type=int)
+@connection_options
+def jobs_publish(connection: Connection, job_id: int) -> int:
+    """Run a finished job's post-processing again.
+
+    URLs are kept; links, pages and files are made anew, e.g. after changing a site template.
+    """
+
     def publish(client: OrchestratorClient) -> int:
-        steps = client.publish_job(args.job_id)
+        steps = client.publish_job(job_id)
         for step in steps:
             for line in post_processing_lines(step):
                 print(line)
         return EXIT_RUN_FAILED if any(step.error for step in steps) else EXIT_OK
 
-    return _client_command(args, publish)
+    return connection.run(publish)
 
 
-def _project_json(args: argparse.Namespace) -> str | None:
-    if args.file:
-        return Path(args.file).read_text(encoding="utf-8")
-    if not args.name or not args.keyword:
-        return None
-    return json.dumps(
-        {
-            "name": args.name,
-            "main_keyword": args.keyword,
-            "entities": args.entity or [],
-            "related_searches": args.related or [],
-            "money_site_url": args.money_site_url or "",
-        }
-    )
+# projects and sites ---------------------------------------------------------------------------
+
+
+@cli.group(context_settings=CONTEXT)
+def projects() -> None:
+    """Create, list or show projects."""
 
 
 def _print_project(p: pb.Project) -> None:
@@ -381,13 +761,53 @@ def _print_project(p: pb.Project) -> None:
     print(f"  money site:       {p.money_site_url or '-'}")
 
 
-def cmd_projects_create(args: argparse.Namespace) -> int:
-    try:
-        project_json = _project_json(args)
-    except (OSError, UnicodeDecodeError) as e:
-        print(f"Error: cannot read project file {args.file}: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if project_json is None:
+@projects.command("create", context_settings=CONTEXT)
+@click.option(
+    "-f",
+    "--file",
+    "project_file",
+    type=click.Path(dir_okay=False),
+    help="Project file: the job file's `project` object as JSON.",
+)
+@click.option("--name", default="", help="Unique project name.")
+@click.option("--keyword", default="", help="Main keyword.")
+@click.option("--entity", multiple=True, help="An entity (repeat for more).")
+@click.option("--related", multiple=True, help="A related search (repeat for more).")
+@click.option("--money-site-url", default="", help="The site tier-1 articles link to.")
+@connection_options
+def projects_create(
+    connection: Connection,
+    project_file: str | None,
+    name: str,
+    keyword: str,
+    entity: tuple[str, ...],
+    related: tuple[str, ...],
+    money_site_url: str,
+) -> int:
+    """Create a project from a project file or from flags.
+
+    \b
+    Examples:
+      tierwriter projects create --name lathes --keyword "cnc lathe" --entity chuck
+      tierwriter projects create -f project.json
+    """
+    if project_file:
+        try:
+            project_json = Path(project_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            print(f"Error: cannot read project file {project_file}: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    elif name and keyword:
+        project_json = json.dumps(
+            {
+                "name": name,
+                "main_keyword": keyword,
+                "entities": list(entity),
+                "related_searches": list(related),
+                "money_site_url": money_site_url,
+            }
+        )
+    else:
         print("Error: give -f PROJECT_FILE, or --name and --keyword", file=sys.stderr)
         return EXIT_BAD_INPUT
 
@@ -395,81 +815,68 @@ def cmd_projects_create(args: argparse.Namespace) -> int:
         _print_project(client.create_project(project_json))
         return EXIT_OK
 
-    return _client_command(args, create)
+    return connection.run(create)
 
 
-def cmd_projects_list(args: argparse.Namespace) -> int:
+@projects.command("list", context_settings=CONTEXT)
+@connection_options
+def projects_list(connection: Connection) -> int:
+    """Projects (yours; an admin's: everyone's)."""
+
     def listing(client: OrchestratorClient) -> int:
+        found = client.list_projects()
         print(f"{'ID':>6}  {'name':<32} {'main keyword':<32} money site")
-        for p in client.list_projects():
+        for p in found:
             print(f"{p.id:>6}  {p.name[:32]:<32} {p.main_keyword[:32]:<32} {p.money_site_url}")
         return EXIT_OK
 
-    return _client_command(args, listing)
+    return connection.run(listing)
 
 
-def cmd_projects_show(args: argparse.Namespace) -> int:
+@projects.command("show", context_settings=CONTEXT)
+@click.argument("project")
+@connection_options
+def projects_show(connection: Connection, project: str) -> int:
+    """One project, by id or name."""
+
     def show(client: OrchestratorClient) -> int:
-        ref = args.project
-        project = (
-            client.get_project(project_id=int(ref))
-            if ref.isdigit()
-            else client.get_project(name=ref)
+        found = (
+            client.get_project(project_id=int(project))
+            if project.isdigit()
+            else client.get_project(name=project)
         )
-        _print_project(project)
+        _print_project(found)
         return EXIT_OK
 
-    return _client_command(args, show)
+    return connection.run(show)
 
 
-def cmd_sites_list(args: argparse.Namespace) -> int:
+@cli.group(context_settings=CONTEXT)
+def sites() -> None:
+    """List the sites jobs publish on."""
+
+
+@sites.command("list", context_settings=CONTEXT)
+@connection_options
+def sites_list(connection: Connection) -> int:
+    """Sites with their template sets."""
+
     def listing(client: OrchestratorClient) -> int:
+        found = client.list_sites()
         print(f"{'hostname':<40} template set")
-        for site in client.list_sites():
+        for site in found:
             print(f"{site.hostname:<40} {site.template or '(default)'}")
         return EXIT_OK
 
-    return _client_command(args, listing)
+    return connection.run(listing)
 
 
-def _utc(stamp: Timestamp) -> str:
-    return stamp.ToDatetime(UTC).strftime("%Y-%m-%d %H:%M UTC")
+# users ----------------------------------------------------------------------------------------
 
 
-def cmd_login(args: argparse.Namespace) -> int:
-    username = _username(args)
-    if not username and _interactive():
-        username = input("Username: ").strip()
-    if not username:
-        raise CliError("give a username: -u USER or $TIERWRITER_USER", EXIT_BAD_INPUT)
-    password = _password(args, username)
-    with OrchestratorClient(args.address, root_certificates=_root_certificates(args)) as client:
-        try:
-            response = client.login(username, password)
-        except runtime.ServiceCallError as e:
-            print(f"Error: {_error_text(e)}", file=sys.stderr)
-            return _exit_code_for(e)
-    path = token_file.default_path()
-    token_file.save(
-        token_file.SavedSession(
-            args.address,
-            response.user.username,
-            response.token,
-            response.expire_time.ToNanoseconds() / 1e9,
-        ),
-        path,
-    )
-    print(
-        f"Logged in to {args.address} as {response.user.username} ({response.user.role}) until "
-        f"{_utc(response.expire_time)}; the session is kept in {path}, readable only by you."
-    )
-    return EXIT_OK
-
-
-def cmd_logout(args: argparse.Namespace) -> int:
-    path = token_file.default_path()
-    print(f"Logged out: removed {path}." if token_file.delete(path) else "Not logged in.")
-    return EXIT_OK
+@cli.group(context_settings=CONTEXT)
+def users() -> None:
+    """Create, list, disable, enable users, or set a password (admins)."""
 
 
 def _new_password(username: str) -> str:
@@ -490,42 +897,82 @@ def _user_row(u: pb.User) -> str:
     return f"{u.username:<32} {u.role:<6} {state:<9} {_utc(u.create_time)}"
 
 
-def cmd_users_create(args: argparse.Namespace) -> int:
-    password = _new_password(args.username)
+@users.command("create", context_settings=CONTEXT)
+@click.argument("username")
+@click.option("--role", type=click.Choice(["user", "admin"]), default="user", show_default=True)
+@connection_options
+def users_create(connection: Connection, username: str, role: str) -> int:
+    """Create a user.
+
+    The password is asked twice on a terminal, else read from the first line of standard input.
+
+    \b
+    Example:
+      printf '%s\\n' "$PASSWORD" | tierwriter users create ann --role user
+    """
+    password = _new_password(username)
 
     def create(client: OrchestratorClient) -> int:
-        user = client.create_user(args.username, password, args.role)
+        user = client.create_user(username, password, role)
         print(f"Created user {user.username} ({user.role}).")
         return EXIT_OK
 
-    return _client_command(args, create)
+    return connection.run(create)
 
 
-def cmd_users_list(args: argparse.Namespace) -> int:
+@users.command("list", context_settings=CONTEXT)
+@connection_options
+def users_list(connection: Connection) -> int:
+    """Every user."""
+
     def listing(client: OrchestratorClient) -> int:
+        found = client.list_users()
         print(f"{'username':<32} {'role':<6} {'state':<9} created")
-        for user in client.list_users():
+        for user in found:
             print(_user_row(user))
         return EXIT_OK
 
-    return _client_command(args, listing)
+    return connection.run(listing)
 
 
-def cmd_users_set_active(args: argparse.Namespace) -> int:
+def _set_active(connection: Connection, username: str, active: bool) -> int:
     def set_active(client: OrchestratorClient) -> int:
-        user = client.set_user_active(args.username, args.active)
+        user = client.set_user_active(username, active)
         done = "enabled" if user.active else "disabled: it can no longer log in or use a token"
         print(f"User {user.username} is {done}.")
         return EXIT_OK
 
-    return _client_command(args, set_active)
+    return connection.run(set_active)
 
 
-def cmd_users_passwd(args: argparse.Namespace) -> int:
-    username = args.username or _username(args)
+@users.command("disable", context_settings=CONTEXT)
+@click.argument("username")
+@connection_options
+def users_disable(connection: Connection, username: str) -> int:
+    """Disable a user: no login, and their tokens stop working at once."""
+    return _set_active(connection, username, False)
+
+
+@users.command("enable", context_settings=CONTEXT)
+@click.argument("username")
+@connection_options
+def users_enable(connection: Connection, username: str) -> int:
+    """Enable a disabled user again."""
+    return _set_active(connection, username, True)
+
+
+@users.command("passwd", context_settings=CONTEXT)
+@click.argument("username", required=False, default="")
+@connection_options
+def users_passwd(connection: Connection, username: str) -> int:
+    """Set a password: yours by default; an admin may set anyone's.
+
+    Asked twice on a terminal, else read from standard input.
+    """
+    username = username or connection.user
     if not username:
         try:
-            saved = token_file.load(token_file.default_path(), args.address)
+            saved = token_file.load(token_file.default_path(), connection.address)
         except token_file.TokenFileError:
             saved = None
         username = saved.username if saved else ""
@@ -541,347 +988,25 @@ def cmd_users_passwd(args: argparse.Namespace) -> int:
         )
         return EXIT_OK
 
-    return _client_command(args, passwd)
-
-
-def cmd_up(args: argparse.Namespace) -> int:
-    runtime.configure_logging(os.environ.get("LOG_LEVEL", "INFO"))
-    # One process per service: the three use every core rather than one interpreter lock.
-    with LocalStack(StackConfig(processes=True)) as stack:
-        if stack.admin_password_generated:
-            print(
-                f"Created user 'admin' with generated password: {stack.admin_password_generated}\n"
-                "(shown once; set TIERWRITER_ADMIN_PASSWORD to choose it yourself)",
-                flush=True,
-            )
-        certificate = Settings().tls_cert_file
-        tls = f"TLS with {certificate}" if certificate else "plaintext: set TLS_CERT_FILE/_KEY_FILE"
-        print(
-            f"orchestrator  {stack.orchestrator_address} ({tls})\n"
-            f"generator     {stack.generator_address}\n"
-            f"persistence   {stack.persistence_address}\n"
-            "Next: tierwriter login -u admin",
-            flush=True,
-        )
-        if stack.simulator:
-            print(f"LLM simulator {stack.simulator.base_url} (no OPENAI_API_KEY set)", flush=True)
-        print("tierwriter is up. Ctrl-C stops every service.", flush=True)
-        runtime.wait_for_stop_signal()
-        print("Stopping: in-flight calls get a few seconds to finish...", flush=True)
-    return EXIT_OK
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    # The console lines tell the story; service logs would repeat them. Errors still show.
-    runtime.configure_logging("ERROR")
-    # A fresh database each run, so the demo never depends on (or touches) earlier state.
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{DEMO_DATABASE}{suffix}").unlink(missing_ok=True)
-    password = secrets.token_urlsafe(16)
-    simulator = SimulatorConfig(
-        latency=args.latency,
-        garbage_outline_every=args.fail_every,
-        short_outline_every=args.repair_every,
-        rate_limit_every=args.rate_limit_every,
-        rate_limit_retry_after_ms=500,
-    )
-    config = StackConfig.on_loopback(
-        database_url=f"sqlite:///{DEMO_DATABASE}",
-        output_dir=DEMO_OUTPUT,
-        simulator=simulator,
-        admin_password=password,
-    )
-    print(
-        "tierwriter demo: the three services and the LLM simulator, on loopback, in this process."
-    )
-    print(
-        f"Database: {DEMO_DATABASE} (recreated each run); simulated latency {args.latency}s a call."
-    )
-    if args.fail_every:
-        print(
-            f"The simulator returns a malformed outline for every {args.fail_every}th "
-            "outline request,"
-            " to show a failure being recorded while the rest of the batch goes on."
-        )
-    if args.rate_limit_every:
-        print(
-            f"Every {args.rate_limit_every}th model call is refused with 429 and Retry-After, to "
-            "show a retry."
-        )
-    if args.repair_every:
-        print(
-            f"Every {args.repair_every}th outline comes back with too few sections, to show the "
-            "one repair request."
-        )
-    print()
-    with (
-        LocalStack(config) as stack,
-        OrchestratorClient(stack.orchestrator_address, "admin", password) as client,
-    ):
-        return watch_and_print(client, client.run_job(demo_job()), sys.stdout)
-
-
-def _positive_float(text: str) -> float:
-    """argparse type: a number above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser: `tierwriter --help` lists the commands."""
-    address_default = Settings().orchestrator_address
-    parser = argparse.ArgumentParser(
-        prog="tierwriter",
-        description="Generate batches of long-form articles with an LLM, concurrently.",
-        epilog="Credentials: `tierwriter login` once (the token is kept in "
-        "TIERWRITER_TOKEN_FILE, default ~/.config/tierwriter/token.json), or -u/-p, or "
-        "TIERWRITER_USER and TIERWRITER_PASSWORD; without a password on a terminal you are "
-        "asked. Environment: ORCHESTRATOR_ADDRESS, TIERWRITER_CA_FILE; the services read "
-        "CONCURRENT_WORKERS, WORD_COUNT_COMPENSATION, OPENAI_BASE_URL, OPENAI_API_KEY, "
-        "DATABASE_URL, TLS_CERT_FILE, TLS_KEY_FILE (see README).",
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def with_client_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument(
-            "-u", "--user", help="username (default: $TIERWRITER_USER, else the saved login)"
-        )
-        p.add_argument(
-            "-p",
-            "--password",
-            help="password (default: $TIERWRITER_PASSWORD, else asked on a terminal; a "
-            "password on the command line is visible to other local users)",
-        )
-        p.add_argument(
-            "--address",
-            default=address_default,
-            help="orchestrator address (default: $ORCHESTRATOR_ADDRESS or %(default)s)",
-        )
-        p.add_argument(
-            "--ca-file",
-            help="connect with TLS, trusting this CA certificate (PEM) (default: "
-            "$TIERWRITER_CA_FILE; unset: plaintext)",
-        )
-        return p
-
-    login = with_client_options(
-        commands.add_parser(
-            "login",
-            help="log in once: the session token is kept in a file only you can read and used "
-            "by the other commands until it expires",
-        )
-    )
-    login.set_defaults(handler=cmd_login)
-    logout = commands.add_parser("logout", help="forget the saved session token")
-    logout.set_defaults(handler=cmd_logout)
-
-    batch = with_client_options(
-        commands.add_parser(
-            "generate-batch",
-            help="submit a job file to a running tierwriter (see `up`) and watch its jobs; "
-            "they run on the server whatever happens to this command (Ctrl-C cancels them)",
-        )
-    )
-    batch.add_argument("-j", "--job-file", required=True, help="the job file (JSON)")
-    batch.add_argument(
-        "--detach",
-        action="store_true",
-        help="print the job ids and return at once; `tierwriter jobs watch ID` follows a job",
-    )
-    batch.set_defaults(handler=cmd_generate_batch)
-
-    up = commands.add_parser(
-        "up",
-        help="start all services (and the simulator without an API key) "
-        "on loopback in the foreground; Ctrl-C stops them",
-    )
-    up.set_defaults(handler=cmd_up)
-
-    demo = commands.add_parser(
-        "demo", help="run the bundled two-tier demo job end to end with no setup"
-    )
-    demo.add_argument(
-        "--latency",
-        type=float,
-        default=0.3,
-        help="simulated seconds per model call (default: %(default)s)",
-    )
-    demo.add_argument(
-        "--fail-every",
-        type=int,
-        default=12,
-        metavar="N",
-        help="every N-th outline reply is malformed, to show failure handling; "
-        "0 for none (default: %(default)s)",
-    )
-    demo.add_argument(
-        "--repair-every",
-        type=int,
-        default=7,
-        metavar="N",
-        help="every N-th outline has too few sections and gets a repair request; "
-        "0 for none (default: %(default)s)",
-    )
-    demo.add_argument(
-        "--rate-limit-every",
-        type=int,
-        default=15,
-        metavar="N",
-        help="every N-th model call gets a 429 with Retry-After and is retried; "
-        "0 for none (default: %(default)s)",
-    )
-    demo.set_defaults(handler=cmd_demo)
-
-    jobs = commands.add_parser(
-        "jobs", help="list, show, watch, cancel, resume or publish jobs"
-    ).add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
-    listing = with_client_options(jobs.add_parser("list", help="jobs, newest first"))
-    listing.add_argument("--limit", type=int, default=50)
-    listing.set_defaults(handler=cmd_jobs_list)
-    show = with_client_options(jobs.add_parser("show", help="one job with its per-tier counts"))
-    show.add_argument("job_id", type=int)
-    show.set_defaults(handler=cmd_jobs_show)
-    cancel = with_client_options(
-        jobs.add_parser(
-            "cancel",
-            help="cancel a queued or running job: nothing new starts, articles in flight finish "
-            "(or stop after CANCEL_GRACE_SECONDS) and are recorded; the job ends cancelled",
-        )
-    )
-    cancel.add_argument("job_id", type=int)
-    cancel.set_defaults(handler=cmd_jobs_cancel)
-    resume = with_client_options(
-        jobs.add_parser(
-            "resume",
-            help="finish a failed, cancelled or interrupted job: only the articles without a "
-            "record are generated (titles reused), then the whole job is post-processed",
-        )
-    )
-    resume.add_argument("job_id", type=int)
-    resume.add_argument(
-        "--retry-failed", action="store_true", help="also generate the articles that failed"
-    )
-    resume.add_argument(
-        "--max-cost-usd",
-        type=_positive_float,
-        metavar="USD",
-        help="a new budget for the job (its articles skipped for the budget are written "
-        "while it lasts)",
-    )
-    resume.add_argument("--detach", action="store_true", help="queue the resume and return at once")
-    resume.set_defaults(handler=cmd_jobs_resume)
-    watch = with_client_options(
-        jobs.add_parser(
-            "watch",
-            help="follow a job's events (all of them, from its start) until it ends; "
-            "Ctrl-C cancels it, a second Ctrl-C leaves at once",
-        )
-    )
-    watch.add_argument("job_id", type=int)
-    watch.add_argument(
-        "--after",
-        type=int,
-        default=0,
-        metavar="SEQ",
-        help="only events after this sequence number (default: from the job's start)",
-    )
-    watch.set_defaults(handler=cmd_jobs_watch)
-    republish = with_client_options(
-        jobs.add_parser(
-            "publish",
-            help="run a finished job's post-processing again (URLs kept; links, pages and "
-            "files remade), e.g. after changing a site template",
-        )
-    )
-    republish.add_argument("job_id", type=int)
-    republish.set_defaults(handler=cmd_jobs_publish)
-
-    projects = commands.add_parser("projects", help="create, list or show projects")
-    project_actions = projects.add_subparsers(
-        dest="projects_command", required=True, metavar="ACTION"
-    )
-    create = with_client_options(
-        project_actions.add_parser(
-            "create", help="create a project from a project file or from flags"
-        )
-    )
-    create.add_argument(
-        "-f", "--file", help="project file: the job file's `project` object as JSON"
-    )
-    create.add_argument("--name", help="unique project name")
-    create.add_argument("--keyword", help="main keyword")
-    create.add_argument("--entity", action="append", help="an entity (repeat for more)")
-    create.add_argument("--related", action="append", help="a related search (repeat for more)")
-    create.add_argument("--money-site-url", help="the site tier-1 articles link to")
-    create.set_defaults(handler=cmd_projects_create)
-    project_list = with_client_options(project_actions.add_parser("list", help="projects"))
-    project_list.set_defaults(handler=cmd_projects_list)
-    project_show = with_client_options(project_actions.add_parser("show", help="one project"))
-    project_show.add_argument("project", help="the project's id or name")
-    project_show.set_defaults(handler=cmd_projects_show)
-
-    sites = commands.add_parser("sites", help="list the sites jobs publish on")
-    site_actions = sites.add_subparsers(dest="sites_command", required=True, metavar="ACTION")
-    site_list = with_client_options(
-        site_actions.add_parser("list", help="sites with their template sets")
-    )
-    site_list.set_defaults(handler=cmd_sites_list)
-
-    users = commands.add_parser(
-        "users", help="create, list, disable, enable users, or set a password (admins)"
-    )
-    user_actions = users.add_subparsers(dest="users_command", required=True, metavar="ACTION")
-    user_create = with_client_options(
-        user_actions.add_parser(
-            "create",
-            help="create a user; the password is asked twice on a terminal, else read from "
-            "the first line of standard input",
-        )
-    )
-    user_create.add_argument("username")
-    user_create.add_argument("--role", choices=["user", "admin"], default="user")
-    user_create.set_defaults(handler=cmd_users_create)
-    user_list = with_client_options(user_actions.add_parser("list", help="every user"))
-    user_list.set_defaults(handler=cmd_users_list)
-    user_disable = with_client_options(
-        user_actions.add_parser(
-            "disable", help="disable a user: no login, and their tokens stop working at once"
-        )
-    )
-    user_disable.add_argument("username")
-    user_disable.set_defaults(handler=cmd_users_set_active, active=False)
-    user_enable = with_client_options(
-        user_actions.add_parser("enable", help="enable a disabled user again")
-    )
-    user_enable.add_argument("username")
-    user_enable.set_defaults(handler=cmd_users_set_active, active=True)
-    user_passwd = with_client_options(
-        user_actions.add_parser(
-            "passwd",
-            help="set a password (yours by default; an admin may set anyone's); asked twice "
-            "on a terminal, else read from standard input",
-        )
-    )
-    user_passwd.add_argument("username", nargs="?")
-    user_passwd.set_defaults(handler=cmd_users_passwd)
-    return parser
+    return connection.run(passwd)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `tierwriter` console script."""
-    args = build_parser().parse_args(argv)
+    """Entry point of the `tierwriter` console script; returns the exit code."""
     try:
-        return int(args.handler(args))
+        result = cli.main(args=argv, prog_name="tierwriter", standalone_mode=False)
+    except click.UsageError as e:  # a bad option or argument: nothing was called
+        e.show()
+        return EXIT_BAD_INPUT
+    except click.ClickException as e:
+        e.show()
+        return EXIT_BAD_INPUT
     except CliError as e:
         print(f"Error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, click.Abort):
         return EXIT_INTERRUPTED
+    return int(result or 0)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from orchestrator_service.auth import basic_credentials, bearer_credentials
+from orchestrator_service.credentials import basic_credentials, bearer_credentials
 from tierwriter import runtime
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
@@ -160,8 +160,9 @@ class OrchestratorClient:
         except grpc.RpcError as e:
             raise self._error(e) from e
 
-    def get_job(self, job_id: int) -> pb.GetJobResponse:
-        return self._call(self._stub.GetJob, pb.GetJobRequest(job_id=job_id))
+    def get_job(self, job_id: int, errors: bool = False) -> pb.GetJobResponse:
+        """The job with its counts; with `errors`, its failed articles and their tracebacks."""
+        return self._call(self._stub.GetJob, pb.GetJobRequest(job_id=job_id, errors=errors))
 
     def list_jobs(self, limit: int = 50) -> list[pb.JobInfo]:
         return list(self._call(self._stub.ListJobs, pb.ListJobsRequest(limit=limit)).jobs)

@@ -39,16 +39,10 @@ def _article_lines(a: article_pb.ArticleEvent) -> list[str]:
             lines.insert(0, f"{prefix} Assigned to site: {a.site}")
         return lines
     if step == "FAILED":
-        lines = [f"{prefix} FAILED at {a.stage}: {a.error}"]
-        if a.fatal:
-            lines.append(f"{prefix} The API cannot serve this job: no further article starts")
-        lines += ["    " + line for line in a.traceback.rstrip().splitlines()]
-        lines.append(
-            f"{prefix} Saved error record to database (ID: {a.article_id})"
-            if a.article_id
-            else f"{prefix} Error record NOT saved"
-        )
-        return lines
+        # One line: the traceback is in the generator's log and `tierwriter jobs show ID --errors`.
+        record = f"error record ID {a.article_id}" if a.article_id else "error record NOT saved"
+        fatal = "; the API cannot serve this job: no further article starts" if a.fatal else ""
+        return [f"{prefix} FAILED at {a.stage}: {a.error} ({record}){fatal}"]
     throttled = (
         f"Concurrency of {a.model} back to {a.concurrency_after}"
         if a.restored

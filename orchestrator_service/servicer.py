@@ -20,6 +20,7 @@ from orchestrator_service.runner import JobRunner, tier_finished
 from orchestrator_service.scheduler import JobScheduler
 from persistence_service.client import PersistenceClient
 from tierwriter import runtime
+from tierwriter.article.v1.article_event_pb2 import ArticleStatus
 from tierwriter.job.v1.job_pb2 import JobStatus
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
@@ -252,7 +253,24 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             stats.title_prompt_tokens + stats.title_completion_tokens,
         )
         tiers = [tier_finished(job.id, t) for t in stats.tiers]
-        return pb.GetJobResponse(job=info, tiers=tiers)
+        failures = []
+        if request.errors:  # the caller owns the job (or is an admin): _job checked
+            failed = self._persistence.list_articles(
+                job.id, status=ArticleStatus.ARTICLE_STATUS_FAILED
+            )
+            failures = [
+                pb.FailedArticle(
+                    tier=a.tier,
+                    article_index=a.article_index,
+                    title=a.title,
+                    stage=a.error_stage,
+                    error=a.error,
+                    traceback=a.error_traceback,
+                    article_id=a.id,
+                )
+                for a in failed
+            ]
+        return pb.GetJobResponse(job=info, tiers=tiers, failures=failures)
 
     def ListJobs(
         self, request: pb.ListJobsRequest, context: grpc.ServicerContext

@@ -17,6 +17,7 @@ from tenacity import (
 )
 
 from tierwriter import runtime
+from tierwriter.article.v1.article_event_pb2 import ArticleStatus
 from tierwriter.persistence.v1 import persistence_service_pb2 as pb
 from tierwriter.persistence.v1 import persistence_service_pb2_grpc as pb_grpc
 from tierwriter.service_auth import token_metadata
@@ -211,18 +212,28 @@ class PersistenceClient:
         return list(self._call(self._stub.SaveArticles, request).results)
 
     def list_articles(
-        self, job_id: int, tier: str = "", metadata_only: bool = False
+        self,
+        job_id: int,
+        tier: str = "",
+        metadata_only: bool = False,
+        status: ArticleStatus.ValueType = ArticleStatus.ARTICLE_STATUS_UNSPECIFIED,
     ) -> list[pb.Article]:
-        """Every record of the job (of `tier`), in (tier, index) order, page by page; without
-        content and html for `metadata_only`."""
-        return [a for page in self.article_pages(job_id, tier, metadata_only) for a in page]
+        """Every record of the job (of `tier`, of `status`), in (tier, index) order, page by
+        page; without their text for `metadata_only`."""
+        return [a for page in self.article_pages(job_id, tier, metadata_only, status) for a in page]
 
     def article_pages(
-        self, job_id: int, tier: str = "", metadata_only: bool = False
+        self,
+        job_id: int,
+        tier: str = "",
+        metadata_only: bool = False,
+        status: ArticleStatus.ValueType = ArticleStatus.ARTICLE_STATUS_UNSPECIFIED,
     ) -> Iterator[list[pb.Article]]:
         """The job's records a page at a time (about 4 MiB at most): for walking a large job
         without holding it all."""
-        request = pb.ListArticlesRequest(job_id=job_id, tier=tier, metadata_only=metadata_only)
+        request = pb.ListArticlesRequest(
+            job_id=job_id, tier=tier, metadata_only=metadata_only, status=status
+        )
         while True:
             page = self._call(self._stub.ListArticles, request)
             yield list(page.articles)

@@ -143,6 +143,7 @@ class Article(Base):
     status: Mapped[str] = mapped_column(String(20))
     error_stage: Mapped[str] = mapped_column(String(50), default="")
     error: Mapped[str] = mapped_column(Text, default="")
+    error_traceback: Mapped[str] = mapped_column(Text, default="")  # a failure's, for its owner
     site: Mapped[str] = mapped_column(String(300), default="")
     url: Mapped[str] = mapped_column(String(2000), default="")
     output_path: Mapped[str] = mapped_column(String(2000), default="")

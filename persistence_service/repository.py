@@ -47,7 +47,7 @@ def sites_of(session: Session, owner: str) -> Sequence[Site]:
 
 
 # An article's large columns: what a listing of a whole job leaves out.
-_TEXT = (Article.content, Article.html, Article.outline)
+_TEXT = (Article.content, Article.html, Article.outline, Article.error_traceback)
 
 
 def articles_by_ids(session: Session, article_ids: Sequence[int]) -> Sequence[Article]:
@@ -99,13 +99,16 @@ def articles_of_job(
     after: tuple[str, int] | None = None,
     limit: int | None = None,
     metadata_only: bool = False,
+    status: str = "",
 ) -> Sequence[Article]:
-    """A job's records in (tier, index) order, optionally of one tier, after the record with
-    the (tier, index) `after`, at most `limit`; without their text (content, html, outline)
-    for `metadata_only` (those attributes then raise when read)."""
+    """A job's records in (tier, index) order, optionally of one tier or one status, after the
+    record with the (tier, index) `after`, at most `limit`; without their text (content, html,
+    outline, traceback) for `metadata_only` (those attributes then raise when read)."""
     query = select(Article).where(Article.job_id == job_id)
     if tier:
         query = query.where(Article.tier == tier)
+    if status:
+        query = query.where(Article.status == status)
     if after is not None:
         tier_after, index_after = after
         query = query.where(

@@ -151,15 +151,16 @@ def job_to_proto(j: Job) -> pb.Job:
 ARTICLE_FIELDS = (
     "job_id", "project_id", "tier", "article_index", "keyword", "title", "content", "word_count",
     "error_stage", "error", "site", "api_calls", "prompt_tokens", "completion_tokens",
-    "cost_usd", "rate_limited", "content_model", "asked_words", "draft_words",
+    "cost_usd", "rate_limited", "content_model", "asked_words", "draft_words", "error_traceback",
 )  # fmt: skip
+_TEXT_FIELDS = ("content", "error_traceback")  # with the html and outline: not metadata
 
 
 def article_to_proto(a: Article, with_text: bool = True) -> pb.Article:
-    """An Article row as its message; without `content`, `html` and `outline` unless
-    `with_text`."""
+    """An Article row as its message; without `content`, `html`, `outline` and
+    `error_traceback` unless `with_text`."""
     message = pb.Article(
-        **{name: getattr(a, name) for name in ARTICLE_FIELDS if name != "content"},
+        **{name: getattr(a, name) for name in ARTICLE_FIELDS if name not in _TEXT_FIELDS},
         id=a.id,
         status=article_status(a.status),
         url=a.url,
@@ -167,6 +168,7 @@ def article_to_proto(a: Article, with_text: bool = True) -> pb.Article:
     )
     if with_text:
         message.content, message.html = a.content, a.html
+        message.error_traceback = a.error_traceback
         if (outline := outline_to_proto(a.outline)) is not None:
             message.outline.CopyFrom(outline)
     return message
@@ -498,7 +500,12 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
         articles = self._call(
             context,
             lambda: self._store.list_articles(
-                request.job_id, request.tier, after, size + 1, request.metadata_only
+                request.job_id,
+                request.tier,
+                after,
+                size + 1,
+                request.metadata_only,
+                article_status_word(request.status) if request.status else "",
             ),
         )
         page, page_bytes = pb.ListArticlesResponse(), 0

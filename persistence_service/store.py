@@ -572,13 +572,14 @@ class Store:
         after: tuple[str, int] | None = None,
         limit: int | None = None,
         metadata_only: bool = False,
+        status: str = "",
     ) -> Sequence[Article]:
-        """A job's records in (tier, index) order: after (tier, index) `after`, at most
-        `limit`, without content and html for `metadata_only`."""
+        """A job's records in (tier, index) order (of one status, if given): after (tier,
+        index) `after`, at most `limit`, without their text for `metadata_only`."""
         with self._uow() as uow:
             self._job(uow.session, job_id)
             return repository.articles_of_job(
-                uow.session, job_id, tier, after, limit, metadata_only
+                uow.session, job_id, tier, after, limit, metadata_only, status
             )
 
     def set_urls(self, job_id: int, urls: dict[int, str]) -> int:

@@ -539,3 +539,44 @@ def test_detached_jobs_are_watched_later_and_a_busy_orchestrator_exits_5(
                 assert list(stream)[-1].run_finished.ok
     finally:
         simulator.release()
+
+
+def test_a_failure_is_one_console_line_and_its_traceback_is_for_the_owner(
+    start_stack, tmp_path: Path
+) -> None:
+    # Every 2nd outline reply is not JSON: 2 of the 4 articles fail at `outline`.
+    handle = start_stack(simulator=SimulatorConfig(latency=0.01, garbage_outline_every=2))
+    admin = ["-u", "admin", "-p", handle.password, "--address", handle.stack.orchestrator_address]
+    job = tmp_path / "job.json"
+    job.write_text(job_file({"tier1": {"count": 4, "min_word_count": 300, "max_word_count": 500}}))
+    ran = tierwriter("generate-batch", "-j", str(job), *admin, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    failed = [line for line in ran.stdout.splitlines() if "FAILED" in line]
+    assert len(failed) == 2, ran.stdout
+    assert all(
+        re.fullmatch(
+            r"\[tier1\]\[\d/4\] FAILED at outline: OutlineError: .+ \(error record ID \d+\)", line
+        )
+        for line in failed
+    )
+    assert "Traceback" not in ran.stdout + ran.stderr
+
+    shown = tierwriter("jobs", "show", "1", "--errors", *admin, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "failed articles: 2" in shown.stdout
+    assert shown.stdout.count("FAILED at outline: OutlineError") == 2
+    assert shown.stdout.count("    Traceback (most recent call last):") >= 2  # one each, or more
+
+    # Another user sees neither the job nor its tracebacks.
+    created = subprocess.run(
+        [sys.executable, "-m", "orchestrator_service.cli", "users", "create", "bob", *admin],
+        input="bob-password-123\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert created.returncode == 0, created.stderr
+    bob = ["-u", "bob", "-p", "bob-password-123", "--address", handle.stack.orchestrator_address]
+    refused = tierwriter("jobs", "show", "1", "--errors", *bob, cwd=tmp_path)
+    assert refused.returncode in (2, 3) and "Traceback" not in refused.stdout + refused.stderr

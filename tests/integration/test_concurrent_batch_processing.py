@@ -91,8 +91,18 @@ def test_concurrent_with_continue_on_error(start_stack) -> None:
     failed = [a for a in articles_of(events) if a.kind == article_pb.ARTICLE_EVENT_KIND_FAILED]
     assert len(failed) == 3
     assert all(a.stage == "outline" and "OutlineError" in a.error and a.article_id for a in failed)
-    assert all("Traceback" in a.traceback for a in failed)
     assert finished.summary.failed_articles == 3 and finished.summary.processed_jobs == 1
+    # One console line each; the traceback is for the job's owner, never in the events.
+    lines = [line for e in events for line in event_lines(e) if "FAILED" in line]
+    assert len(lines) == 3 and all(" (error record ID " in line for line in lines)
+    assert not any("Traceback" in e.SerializeToString().decode(errors="replace") for e in events)
+    with OrchestratorClient(handle.stack.orchestrator_address, "admin", handle.password) as c:
+        failures = c.get_job(job_id, errors=True).failures
+    assert sorted(f.article_id for f in failures) == sorted(a.article_id for a in failed)
+    assert all(f.stage == "outline" and "OutlineError" in f.error for f in failures)
+    assert all(
+        f.traceback.startswith("Traceback") and "OutlineError" in f.traceback for f in failures
+    )
 
 
 @pytest.mark.parametrize("workers", [1, 2, 50])

@@ -3,7 +3,6 @@ names the field, the command exits 2, and the database is exactly as it was."""
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -11,6 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 from sqlalchemy import create_engine, inspect, text
 
@@ -198,14 +198,21 @@ def test_help_never_shows_a_secret_from_the_environment(
     monkeypatch.setenv("TIERWRITER_PASSWORD", ADMIN_PASSWORD)
     monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
     monkeypatch.setenv("TOKEN_SIGNING_SECRET", SIGNING_SECRET)
-    parser = cli.build_parser()
-    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    helps = [parser.format_help()]
-    for sub in actions[0].choices.values():
-        helps.append(sub.format_help())
-        for inner in sub._actions:
-            if isinstance(inner, argparse._SubParsersAction):
-                helps.extend(p.format_help() for p in inner.choices.values())
+    paths: list[list[str]] = []
+
+    def walk(group: click.Group, path: list[str]) -> None:
+        paths.append(path)
+        for name, command in group.commands.items():
+            if isinstance(command, click.Group):
+                walk(command, [*path, name])
+            else:
+                paths.append([*path, name])
+
+    walk(cli.cli, [])
+    helps = []
+    for path in paths:
+        assert cli.main([*path, "--help"]) == 0
+        helps.append(capsys.readouterr().out)
     assert len(helps) > 15 and any("users" in h for h in helps)
     for secret in (ADMIN_PASSWORD, API_KEY, SIGNING_SECRET):
         assert all(secret not in h for h in helps)

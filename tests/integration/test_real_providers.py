@@ -190,7 +190,7 @@ def test_an_unknown_model_stops_the_job_and_a_resume_finishes_it(start_stack) ->
     assert 1 <= len(failed) <= 2 and all(a.fatal for a in failed)  # those in flight, no more
     assert any(a.kind == article_pb.ARTICLE_EVENT_KIND_SKIPPED for a in articles_of(events))
     assert handle.stack.simulator.stats().faults["model_not_found"] == len(failed)
-    assert "The API cannot serve this job" in console(events)
+    assert "the API cannot serve this job" in console(events)
 
 
 def test_title_retries_are_shown_on_the_console(start_stack) -> None:

@@ -18,8 +18,9 @@ import jwt
 import pytest
 
 from generator_service.llm.simulator import SimulatorConfig
-from orchestrator_service.auth import TokenSigner, bearer_credentials
+from orchestrator_service.auth import TokenSigner
 from orchestrator_service.client import OrchestratorClient
+from orchestrator_service.credentials import bearer_credentials
 from tests.helpers import TIER, job_file
 from tierwriter.generator.v1 import generator_service_pb2 as gen_pb
 from tierwriter.generator.v1 import generator_service_pb2_grpc as gen_grpc

@@ -22,11 +22,10 @@ from orchestrator_service.auth import (
     Principal,
     TokenClaims,
     TokenSigner,
-    basic_credentials,
-    bearer_credentials,
     credentials_from_metadata,
 )
 from orchestrator_service.config import Settings as OrchestratorSettings
+from orchestrator_service.credentials import basic_credentials, bearer_credentials
 from persistence_service.config import Settings as PersistenceSettings
 
 SECRET = "unit-test-signing-secret-0123456789abcdef"

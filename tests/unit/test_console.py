@@ -36,19 +36,21 @@ def test_article_steps_read_like_the_story() -> None:
     ) == ["[tier2][1/10] Saved (ID: 45, Status: generated)"]
 
 
-def test_a_failure_shows_its_traceback_and_record() -> None:
-    lines = event_lines(
-        article(
-            kind=article_pb.ARTICLE_EVENT_KIND_FAILED,
-            stage="content",
-            article_id=7,
-            error="TimeoutError: slow",
-            traceback="Traceback...\n  line\n",
-        )
+def test_a_failure_is_one_line_with_its_stage_error_and_record() -> None:
+    failed = article(
+        kind=article_pb.ARTICLE_EVENT_KIND_FAILED,
+        stage="content",
+        article_id=7,
+        error="TimeoutError: slow",
     )
-    assert lines[0] == "[tier2][1/10] FAILED at content: TimeoutError: slow"
-    assert lines[1:3] == ["    Traceback...", "      line"]
-    assert lines[-1] == "[tier2][1/10] Saved error record to database (ID: 7)"
+    assert event_lines(failed) == [
+        "[tier2][1/10] FAILED at content: TimeoutError: slow (error record ID 7)"
+    ]
+    failed.article.article_id, failed.article.fatal = 0, True
+    assert event_lines(failed) == [
+        "[tier2][1/10] FAILED at content: TimeoutError: slow (error record NOT saved); the API "
+        "cannot serve this job: no further article starts"
+    ]
 
 
 def test_summary_shows_totals_rate_calls_and_time() -> None:

@@ -93,7 +93,7 @@ def test_an_exception_becomes_a_failed_record_and_event() -> None:
     assert record.status == "failed" and record.error_stage == "content"
     assert record.error == "ConnectionError: simulated connection reset"
     assert record.api_calls == 1 and record.outline is not None  # the outline call was paid for
-    assert "Traceback" in outcome.traceback and outcome.article_id > 0
+    assert "Traceback" in record.error_traceback and outcome.article_id > 0
 
 
 def test_a_failure_whose_record_cannot_be_saved_is_still_reported() -> None:

@@ -78,7 +78,7 @@ class _ArticleEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Arti
     ARTICLE_EVENT_KIND_SAVED: _ArticleEventKind.ValueType  # 8
     """The article is stored; `article_id`, `status` and `word_count` are set."""
     ARTICLE_EVENT_KIND_FAILED: _ArticleEventKind.ValueType  # 9
-    """The article failed; `stage`, `error` and `traceback` are set, `article_id` if the record was saved."""
+    """The article failed; `stage` and `error` are set, `article_id` if the record was saved."""
     ARTICLE_EVENT_KIND_SKIPPED: _ArticleEventKind.ValueType  # 10
     """The article never started: an earlier failure with continue_on_error false or a fatal one
     (no record), or the budget (a skipped record: `status` "skipped"); `error` says why.
@@ -118,7 +118,7 @@ ARTICLE_EVENT_KIND_AUGMENTED: ArticleEventKind.ValueType  # 7
 ARTICLE_EVENT_KIND_SAVED: ArticleEventKind.ValueType  # 8
 """The article is stored; `article_id`, `status` and `word_count` are set."""
 ARTICLE_EVENT_KIND_FAILED: ArticleEventKind.ValueType  # 9
-"""The article failed; `stage`, `error` and `traceback` are set, `article_id` if the record was saved."""
+"""The article failed; `stage` and `error` are set, `article_id` if the record was saved."""
 ARTICLE_EVENT_KIND_SKIPPED: ArticleEventKind.ValueType  # 10
 """The article never started: an earlier failure with continue_on_error false or a fatal one
 (no record), or the budget (a skipped record: `status` "skipped"); `error` says why.
@@ -159,7 +159,6 @@ class ArticleEvent(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     STAGE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
-    TRACEBACK_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     RETRY_DELAY_FIELD_NUMBER: _builtins.int
     FATAL_FIELD_NUMBER: _builtins.int
@@ -199,8 +198,6 @@ class ArticleEvent(_message.Message):
     """The stage that failed: outline, content, augmentation or save (FAILED)."""
     error: _builtins.str
     """Error class and message (FAILED, SKIPPED); the outline's problem (OUTLINE_REPAIRING)."""
-    traceback: _builtins.str
-    """Full traceback for the console; never stored (FAILED)."""
     attempt: _builtins.int
     """The try of a model call that failed, from 1 (RETRYING)."""
     retry_delay: _builtins.float
@@ -240,7 +237,6 @@ class ArticleEvent(_message.Message):
         status: Global___ArticleStatus.ValueType = ...,
         stage: _builtins.str = ...,
         error: _builtins.str = ...,
-        traceback: _builtins.str = ...,
         attempt: _builtins.int = ...,
         retry_delay: _builtins.float = ...,
         fatal: _builtins.bool = ...,
@@ -253,7 +249,7 @@ class ArticleEvent(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["article_id", b"article_id", "article_index", b"article_index", "attempt", b"attempt", "concurrency_after", b"concurrency_after", "concurrency_before", b"concurrency_before", "cost_usd", b"cost_usd", "error", b"error", "fatal", b"fatal", "h2_count", b"h2_count", "h3_count", b"h3_count", "kind", b"kind", "min_word_count", b"min_word_count", "model", b"model", "outline_fix", b"outline_fix", "restored", b"restored", "retry_delay", b"retry_delay", "site", b"site", "stage", b"stage", "status", b"status", "tier", b"tier", "tier_count", b"tier_count", "title", b"title", "traceback", b"traceback", "word_count", b"word_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["article_id", b"article_id", "article_index", b"article_index", "attempt", b"attempt", "concurrency_after", b"concurrency_after", "concurrency_before", b"concurrency_before", "cost_usd", b"cost_usd", "error", b"error", "fatal", b"fatal", "h2_count", b"h2_count", "h3_count", b"h3_count", "kind", b"kind", "min_word_count", b"min_word_count", "model", b"model", "outline_fix", b"outline_fix", "restored", b"restored", "retry_delay", b"retry_delay", "site", b"site", "stage", b"stage", "status", b"status", "tier", b"tier", "tier_count", b"tier_count", "title", b"title", "word_count", b"word_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -844,16 +844,20 @@ class GetJobRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_ID_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     """The job's id."""
+    errors: _builtins.bool
+    """Also the failed articles, with their tracebacks."""
     def __init__(
         self,
         *,
         job_id: _builtins.int = ...,
+        errors: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "job_id", b"job_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -965,6 +969,7 @@ class GetJobResponse(_message.Message):
 
     JOB_FIELD_NUMBER: _builtins.int
     TIERS_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def job(self) -> Global___JobInfo:
         """The job."""
@@ -973,19 +978,70 @@ class GetJobResponse(_message.Message):
     def tiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___TierFinished]:
         """Per-tier counts, in tier order."""
 
+    @_builtins.property
+    def failures(self) -> _containers.RepeatedCompositeFieldContainer[Global___FailedArticle]:
+        """With `errors`: the failed articles, in (tier, article_index) order."""
+
     def __init__(
         self,
         *,
         job: Global___JobInfo | None = ...,
         tiers: _abc.Iterable[Global___TierFinished] | None = ...,
+        failures: _abc.Iterable[Global___FailedArticle] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "tiers", b"tiers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failures", b"failures", "job", b"job", "tiers", b"tiers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetJobResponse: _TypeAlias = GetJobResponse  # noqa: Y015
+
+@_typing.final
+class FailedArticle(_message.Message):
+    """An article that failed, as its record keeps it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIER_FIELD_NUMBER: _builtins.int
+    ARTICLE_INDEX_FIELD_NUMBER: _builtins.int
+    TITLE_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    TRACEBACK_FIELD_NUMBER: _builtins.int
+    ARTICLE_ID_FIELD_NUMBER: _builtins.int
+    tier: _builtins.str
+    """Its tier."""
+    article_index: _builtins.int
+    """Zero-based index within the tier."""
+    title: _builtins.str
+    """Its title; empty when the title itself could not be made."""
+    stage: _builtins.str
+    """The step that failed: titles, outline, content, augment, save."""
+    error: _builtins.str
+    """Error class and message."""
+    traceback: _builtins.str
+    """The traceback where the failure was raised; empty when there was none (e.g. titles)."""
+    article_id: _builtins.int
+    """The failed record's id."""
+    def __init__(
+        self,
+        *,
+        tier: _builtins.str = ...,
+        article_index: _builtins.int = ...,
+        title: _builtins.str = ...,
+        stage: _builtins.str = ...,
+        error: _builtins.str = ...,
+        traceback: _builtins.str = ...,
+        article_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["article_id", b"article_id", "article_index", b"article_index", "error", b"error", "stage", b"stage", "tier", b"tier", "title", b"title", "traceback", b"traceback"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FailedArticle: _TypeAlias = FailedArticle  # noqa: Y015
 
 @_typing.final
 class ListJobsRequest(_message.Message):

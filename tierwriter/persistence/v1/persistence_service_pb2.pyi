@@ -822,6 +822,7 @@ class Article(_message.Message):
     CONTENT_MODEL_FIELD_NUMBER: _builtins.int
     ASKED_WORDS_FIELD_NUMBER: _builtins.int
     DRAFT_WORDS_FIELD_NUMBER: _builtins.int
+    ERROR_TRACEBACK_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Database id."""
     job_id: _builtins.int
@@ -872,6 +873,8 @@ class Article(_message.Message):
     """The lower word bound the content prompt asked for."""
     draft_words: _builtins.int
     """Words of the content reply before any augmentation."""
+    error_traceback: _builtins.str
+    """A failed article's traceback, for its job's owner and admins (left out with metadata_only)."""
     @_builtins.property
     def outline(self) -> Global___Outline:
         """The outline; unset when the article failed before it had one."""
@@ -904,10 +907,11 @@ class Article(_message.Message):
         content_model: _builtins.str = ...,
         asked_words: _builtins.int = ...,
         draft_words: _builtins.int = ...,
+        error_traceback: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["outline", b"outline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "article_index", b"article_index", "asked_words", b"asked_words", "completion_tokens", b"completion_tokens", "content", b"content", "content_model", b"content_model", "cost_usd", b"cost_usd", "draft_words", b"draft_words", "error", b"error", "error_stage", b"error_stage", "html", b"html", "id", b"id", "job_id", b"job_id", "keyword", b"keyword", "outline", b"outline", "output_path", b"output_path", "project_id", b"project_id", "prompt_tokens", b"prompt_tokens", "rate_limited", b"rate_limited", "site", b"site", "status", b"status", "tier", b"tier", "title", b"title", "url", b"url", "word_count", b"word_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "article_index", b"article_index", "asked_words", b"asked_words", "completion_tokens", b"completion_tokens", "content", b"content", "content_model", b"content_model", "cost_usd", b"cost_usd", "draft_words", b"draft_words", "error", b"error", "error_stage", b"error_stage", "error_traceback", b"error_traceback", "html", b"html", "id", b"id", "job_id", b"job_id", "keyword", b"keyword", "outline", b"outline", "output_path", b"output_path", "project_id", b"project_id", "prompt_tokens", b"prompt_tokens", "rate_limited", b"rate_limited", "site", b"site", "status", b"status", "tier", b"tier", "title", b"title", "url", b"url", "word_count", b"word_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1060,6 +1064,7 @@ class ListArticlesRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     METADATA_ONLY_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     """The job's id."""
     tier: _builtins.str
@@ -1069,9 +1074,11 @@ class ListArticlesRequest(_message.Message):
     page_token: _builtins.str
     """Where the previous page ended (its `next_page_token`); empty for the first page."""
     metadata_only: _builtins.bool
-    """Leave out `content`, `html` and `outline`: the records' metadata only (statuses, titles,
-    URLs).
+    """Leave out `content`, `html`, `outline` and `error_traceback`: the records' metadata only
+    (statuses, titles, URLs).
     """
+    status: _article_event_pb2.ArticleStatus.ValueType
+    """Only records of this status; unspecified for all."""
     def __init__(
         self,
         *,
@@ -1080,10 +1087,11 @@ class ListArticlesRequest(_message.Message):
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
         metadata_only: _builtins.bool = ...,
+        status: _article_event_pb2.ArticleStatus.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "metadata_only", b"metadata_only", "page_size", b"page_size", "page_token", b"page_token", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "metadata_only", b"metadata_only", "page_size", b"page_size", "page_token", b"page_token", "status", b"status", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
