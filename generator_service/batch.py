@@ -16,10 +16,11 @@ class ArticleBatch:
     """Runs tasks as they arrive, at most `max_workers` at once and exactly that many while work
     is waiting (a ThreadPoolExecutor of that size). With continue_on_error false, the first
     failure stops new articles from starting: those in flight finish and are recorded, the rest
-    are reported SKIPPED. Several tiers share the one pool: an article runs with its task's
-    tier's context, and the next tier's first articles start as soon as workers free up. A
-    fatal API error (key, model, endpoint) does the same whatever
+    are reported SKIPPED. A fatal API error (key, model, endpoint) does the same whatever
     continue_on_error says, and so does `stop()` from outside (the caller went away).
+
+    Several tiers share the one pool: an article runs with its task's tier's context, so the
+    next tier's first articles start as soon as the last tier's leave workers free.
 
     With a budget, an article starts only while what the batch spent, plus the estimate of
     those in flight, plus its own estimate stays within it; from the first that does not, every

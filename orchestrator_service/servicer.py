@@ -16,8 +16,9 @@ from orchestrator_service.auth import Authenticator, Principal
 from orchestrator_service.events import watch
 from orchestrator_service.interceptors import caller as current_caller
 from orchestrator_service.jobfile import parse_project_file
-from orchestrator_service.runner import JobRunner, tier_finished
+from orchestrator_service.runner import JobRunner
 from orchestrator_service.scheduler import JobScheduler
+from orchestrator_service.tier_group import tier_finished
 from persistence_service.client import PersistenceClient
 from tierwriter import runtime
 from tierwriter.article.v1.article_event_pb2 import ArticleStatus
