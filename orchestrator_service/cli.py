@@ -26,6 +26,8 @@ from typing import Any, TextIO
 
 import click
 import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from orchestrator_service import token_file
@@ -100,11 +102,23 @@ def _error_text(error: runtime.ServiceCallError) -> str:
     return str(error)
 
 
-def watch_and_print(client: OrchestratorClient, stream: EventStream, out: TextIO) -> int:
-    """Print every event of the watched jobs as it arrives; return the exit code (the worst
-    over the jobs). The first Ctrl-C cancels the watched jobs (queued ones at once, running
-    ones cleanly) and waits for their summaries; a second leaves at once, and the cancelled
-    jobs wind down on the server. Leaving any other way cancels nothing: the jobs run on.
+def as_json(message: Message) -> str:
+    """A message as one line of JSON: the protos' field names, enums by name, int64s as
+    numbers, fields at their zero value left out (protobuf's JSON mapping)."""
+    document = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, unquote_int64_if_possible=True
+    )
+    return json.dumps(document, ensure_ascii=False)
+
+
+def watch_and_print(
+    client: OrchestratorClient, stream: EventStream, out: TextIO, ndjson: bool = False
+) -> int:
+    """Print every event of the watched jobs as it arrives (as console lines, or with `ndjson`
+    as one JSON object each); return the exit code (the worst over the jobs). The first Ctrl-C
+    cancels the watched jobs (queued ones at once, running ones cleanly) and waits for their
+    summaries; a second leaves at once, and the cancelled jobs wind down on the server.
+    Leaving any other way cancels nothing: the jobs run on.
 
     A thread reads the stream: a Ctrl-C landing inside gRPC's own wait would corrupt the call,
     while one landing in queue.get() is harmless."""
@@ -137,7 +151,7 @@ def watch_and_print(client: OrchestratorClient, stream: EventStream, out: TextIO
                 if kind == "job_started" and len(position) > 1:  # "Job 2/3": the file's order
                     item.job_started.job_number = position.get(item.job_id, 0)
                     item.job_started.job_count = len(position)
-                for line in event_lines(item):
+                for line in [as_json(item)] if ndjson else event_lines(item):
                     print(line, file=out, flush=True)
                 if kind == "run_finished":
                     finished.add(item.job_id)
@@ -290,6 +304,13 @@ def connection_options(command: Callable[..., int]) -> Callable[..., int]:
 
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+# --json: one JSON document (listings), or one JSON object per event, a line each (NDJSON).
+json_option = click.option(
+    "--json",
+    "as_json_output",
+    is_flag=True,
+    help="Print JSON for scripts (field names as in the protos; see README).",
+)
 
 
 @click.group(
@@ -322,8 +343,11 @@ def cli() -> None:
     is_flag=True,
     help="Print the job ids and return at once; `tierwriter jobs watch ID` follows a job.",
 )
+@json_option
 @connection_options
-def generate_batch(connection: Connection, job_file: str, detach: bool) -> int:
+def generate_batch(
+    connection: Connection, job_file: str, detach: bool, as_json_output: bool
+) -> int:
     """Submit a job file and watch its jobs.
 
     The jobs run on the server whatever happens to this command; Ctrl-C cancels them (a second
@@ -333,6 +357,7 @@ def generate_batch(connection: Connection, job_file: str, detach: bool) -> int:
     Examples:
       tierwriter generate-batch -j jobs/cnc.json
       tierwriter generate-batch -j jobs/cnc.json --detach
+      tierwriter generate-batch -j jobs/cnc.json --json | jq -c 'select(.run_finished)'
     """
     try:
         text = Path(job_file).read_text(encoding="utf-8")
@@ -342,12 +367,15 @@ def generate_batch(connection: Connection, job_file: str, detach: bool) -> int:
 
     def submit(client: OrchestratorClient) -> int:
         job_ids = client.submit_job(text)
+        if detach and as_json_output:
+            print(as_json(pb.SubmitJobResponse(job_ids=job_ids)))
+            return EXIT_OK
         if detach:
             listed = ", ".join(map(str, job_ids))
             print(f"Submitted: job{'s' if len(job_ids) > 1 else ''} {listed}")
             print(f"Watch with `tierwriter jobs watch {job_ids[0]}`; they run on the server.")
             return EXIT_OK
-        return watch_and_print(client, client.watch_jobs(job_ids), sys.stdout)
+        return watch_and_print(client, client.watch_jobs(job_ids), sys.stdout, as_json_output)
 
     return connection.run(submit)
 
@@ -555,8 +583,9 @@ def _job_row(j: pb.JobInfo) -> str:
 @click.option(
     "--limit", type=click.IntRange(1, 1000), default=50, show_default=True, help="Jobs to list."
 )
+@json_option
 @connection_options
-def jobs_list(connection: Connection, limit: int) -> int:
+def jobs_list(connection: Connection, limit: int, as_json_output: bool) -> int:
     """Jobs, newest first (yours; an admin's: everyone's).
 
     \b
@@ -566,6 +595,9 @@ def jobs_list(connection: Connection, limit: int) -> int:
 
     def listing(client: OrchestratorClient) -> int:
         found = client.list_jobs(limit)
+        if as_json_output:
+            print(as_json(pb.ListJobsResponse(jobs=found)))
+            return EXIT_OK
         print(
             f"{'ID':>6}  {'created (UTC)':<16}  {'status':<10} {'project':<24} {'gen':>5} "
             f"{'aug':>5} {'fail':>5} /total"
@@ -584,8 +616,9 @@ def jobs_list(connection: Connection, limit: int) -> int:
     is_flag=True,
     help="Also each failed article: its stage, error and the traceback where it was raised.",
 )
+@json_option
 @connection_options
-def jobs_show(connection: Connection, job_id: int, errors: bool) -> int:
+def jobs_show(connection: Connection, job_id: int, errors: bool, as_json_output: bool) -> int:
     """One job with its per-tier counts.
 
     \b
@@ -596,6 +629,9 @@ def jobs_show(connection: Connection, job_id: int, errors: bool) -> int:
 
     def show(client: OrchestratorClient) -> int:
         response = client.get_job(job_id, errors)
+        if as_json_output:
+            print(as_json(response))
+            return EXIT_OK
         j = response.job
         print(
             f"Job {j.job_id}: project '{j.project}', status {job_status_word(j.status)}, "
@@ -668,6 +704,7 @@ def jobs_cancel(connection: Connection, job_id: int) -> int:
     "lasts).",
 )
 @click.option("--detach", is_flag=True, help="Queue the resume and return at once.")
+@json_option
 @connection_options
 def jobs_resume(
     connection: Connection,
@@ -675,6 +712,7 @@ def jobs_resume(
     retry_failed: bool,
     max_cost_usd: float | None,
     detach: bool,
+    as_json_output: bool,
 ) -> int:
     """Finish a failed, cancelled or interrupted job.
 
@@ -689,6 +727,9 @@ def jobs_resume(
 
     def resume(client: OrchestratorClient) -> int:
         queued = client.resume_job(job_id, retry_failed, max_cost_usd or 0.0)
+        if detach and as_json_output:
+            print(as_json(queued))
+            return EXIT_OK
         if detach:
             print(
                 f"Job {queued.job_id} is queued to resume; `tierwriter jobs watch "
@@ -696,7 +737,7 @@ def jobs_resume(
             )
             return EXIT_OK
         return watch_and_print(
-            client, client.watch_job(queued.job_id, queued.after_seq), sys.stdout
+            client, client.watch_job(queued.job_id, queued.after_seq), sys.stdout, as_json_output
         )
 
     return connection.run(resume)
@@ -711,8 +752,9 @@ def jobs_resume(
     metavar="SEQ",
     help="Only events after this sequence number (default: from the job's start).",
 )
+@json_option
 @connection_options
-def jobs_watch(connection: Connection, job_id: int, after: int) -> int:
+def jobs_watch(connection: Connection, job_id: int, after: int, as_json_output: bool) -> int:
     """Follow a job's events until it ends.
 
     Ctrl-C cancels the job, a second Ctrl-C leaves at once.
@@ -720,9 +762,12 @@ def jobs_watch(connection: Connection, job_id: int, after: int) -> int:
     \b
     Example:
       tierwriter jobs watch 12
+      tierwriter jobs watch 12 --json > events.ndjson
     """
     return connection.run(
-        lambda client: watch_and_print(client, client.watch_job(job_id, after), sys.stdout)
+        lambda client: watch_and_print(
+            client, client.watch_job(job_id, after), sys.stdout, as_json_output
+        )
     )
 
 
@@ -753,7 +798,10 @@ def projects() -> None:
     """Create, list or show projects."""
 
 
-def _print_project(p: pb.Project) -> None:
+def _print_project(p: pb.Project, json_output: bool = False) -> None:
+    if json_output:
+        print(as_json(p))
+        return
     print(f"Project {p.id}: {p.name}")
     print(f"  main keyword:     {p.main_keyword}")
     print(f"  entities:         {', '.join(p.entities) or '-'}")
@@ -774,6 +822,7 @@ def _print_project(p: pb.Project) -> None:
 @click.option("--entity", multiple=True, help="An entity (repeat for more).")
 @click.option("--related", multiple=True, help="A related search (repeat for more).")
 @click.option("--money-site-url", default="", help="The site tier-1 articles link to.")
+@json_option
 @connection_options
 def projects_create(
     connection: Connection,
@@ -783,6 +832,7 @@ def projects_create(
     entity: tuple[str, ...],
     related: tuple[str, ...],
     money_site_url: str,
+    as_json_output: bool,
 ) -> int:
     """Create a project from a project file or from flags.
 
@@ -812,19 +862,23 @@ def projects_create(
         return EXIT_BAD_INPUT
 
     def create(client: OrchestratorClient) -> int:
-        _print_project(client.create_project(project_json))
+        _print_project(client.create_project(project_json), as_json_output)
         return EXIT_OK
 
     return connection.run(create)
 
 
 @projects.command("list", context_settings=CONTEXT)
+@json_option
 @connection_options
-def projects_list(connection: Connection) -> int:
+def projects_list(connection: Connection, as_json_output: bool) -> int:
     """Projects (yours; an admin's: everyone's)."""
 
     def listing(client: OrchestratorClient) -> int:
         found = client.list_projects()
+        if as_json_output:
+            print(as_json(pb.ListProjectsResponse(projects=found)))
+            return EXIT_OK
         print(f"{'ID':>6}  {'name':<32} {'main keyword':<32} money site")
         for p in found:
             print(f"{p.id:>6}  {p.name[:32]:<32} {p.main_keyword[:32]:<32} {p.money_site_url}")
@@ -835,8 +889,9 @@ def projects_list(connection: Connection) -> int:
 
 @projects.command("show", context_settings=CONTEXT)
 @click.argument("project")
+@json_option
 @connection_options
-def projects_show(connection: Connection, project: str) -> int:
+def projects_show(connection: Connection, project: str, as_json_output: bool) -> int:
     """One project, by id or name."""
 
     def show(client: OrchestratorClient) -> int:
@@ -845,7 +900,7 @@ def projects_show(connection: Connection, project: str) -> int:
             if project.isdigit()
             else client.get_project(name=project)
         )
-        _print_project(found)
+        _print_project(found, as_json_output)
         return EXIT_OK
 
     return connection.run(show)
@@ -857,12 +912,16 @@ def sites() -> None:
 
 
 @sites.command("list", context_settings=CONTEXT)
+@json_option
 @connection_options
-def sites_list(connection: Connection) -> int:
+def sites_list(connection: Connection, as_json_output: bool) -> int:
     """Sites with their template sets."""
 
     def listing(client: OrchestratorClient) -> int:
         found = client.list_sites()
+        if as_json_output:
+            print(as_json(pb.ListSitesResponse(sites=found)))
+            return EXIT_OK
         print(f"{'hostname':<40} template set")
         for site in found:
             print(f"{site.hostname:<40} {site.template or '(default)'}")
@@ -921,12 +980,16 @@ def users_create(connection: Connection, username: str, role: str) -> int:
 
 
 @users.command("list", context_settings=CONTEXT)
+@json_option
 @connection_options
-def users_list(connection: Connection) -> int:
+def users_list(connection: Connection, as_json_output: bool) -> int:
     """Every user."""
 
     def listing(client: OrchestratorClient) -> int:
         found = client.list_users()
+        if as_json_output:
+            print(as_json(pb.ListUsersResponse(users=found)))
+            return EXIT_OK
         print(f"{'username':<32} {'role':<6} {'state':<9} created")
         for user in found:
             print(_user_row(user))

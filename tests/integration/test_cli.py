@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import pytest
 import trustme
@@ -580,3 +580,53 @@ def test_a_failure_is_one_console_line_and_its_traceback_is_for_the_owner(
     bob = ["-u", "bob", "-p", "bob-password-123", "--address", handle.stack.orchestrator_address]
     refused = tierwriter("jobs", "show", "1", "--errors", *bob, cwd=tmp_path)
     assert refused.returncode in (2, 3) and "Traceback" not in refused.stdout + refused.stderr
+
+
+def test_json_output_is_one_object_per_event_and_one_document_per_listing(
+    start_stack, tmp_path: Path
+) -> None:
+    handle = start_stack(simulator=SimulatorConfig(latency=0.01, garbage_outline_every=3))
+    admin = ["-u", "admin", "-p", handle.password, "--address", handle.stack.orchestrator_address]
+    job = tmp_path / "job.json"
+    job.write_text(job_file({"tier1": {"count": 3, "min_word_count": 300, "max_word_count": 500}}))
+    ran = tierwriter("generate-batch", "-j", str(job), "--json", *admin, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    events = [json.loads(line) for line in ran.stdout.splitlines()]  # every line is JSON
+    assert "job_started" in events[0] and "run_finished" in events[-1]
+    assert [e["seq"] for e in events] == sorted(e["seq"] for e in events)
+    terminal = [
+        e["article"]
+        for e in events
+        if e.get("article", {}).get("kind")
+        in ("ARTICLE_EVENT_KIND_SAVED", "ARTICLE_EVENT_KIND_FAILED")
+    ]
+    summary = events[-1]["run_finished"]["summary"]
+    assert len(terminal) == summary["requested_articles"] == 3
+    assert summary.get("failed_articles", 0) == sum(
+        a["kind"] == "ARTICLE_EVENT_KIND_FAILED" for a in terminal
+    )
+    job_id = events[0]["job_id"]
+
+    watched = tierwriter("jobs", "watch", str(job_id), "--json", *admin, cwd=tmp_path)
+    assert watched.returncode == 0, watched.stderr
+    assert [json.loads(line) for line in watched.stdout.splitlines()] == events
+
+    listed = tierwriter("jobs", "list", "--json", *admin, cwd=tmp_path)
+    (listed_job,) = json.loads(listed.stdout)["jobs"]
+    assert listed_job["job_id"] == job_id and listed_job["status"] == "JOB_STATUS_COMPLETED"
+    shown = json.loads(
+        tierwriter("jobs", "show", str(job_id), "--errors", "--json", *admin, cwd=tmp_path).stdout
+    )
+    assert shown["job"]["requested_articles"] == 3
+    assert len(shown.get("failures", [])) == summary.get("failed_articles", 0)
+
+    def listing(command: str) -> Any:
+        return json.loads(tierwriter(command, "list", "--json", *admin, cwd=tmp_path).stdout)
+
+    assert [p["name"] for p in listing("projects")["projects"]] == [listed_job["project"]]
+    assert [u["username"] for u in listing("users")["users"]] == ["admin"]
+    assert isinstance(listing("sites").get("sites", []), list)  # the job named no site
+    detached = tierwriter(
+        "generate-batch", "-j", str(job), "--detach", "--json", *admin, cwd=tmp_path
+    )
+    assert json.loads(detached.stdout) == {"job_ids": [job_id + 1]}
