@@ -45,7 +45,15 @@ def test_demo_runs_end_to_end_with_no_setup(tmp_path: Path) -> None:
     out = result.stdout
     assert "tier1: Generating 5 articles (concurrency: 5)" in out
     assert "tier2: Generating 10 articles (concurrency: 5)" in out
-    assert "FAILED at outline" in out and "Traceback (most recent call last)" in out
+    (failed,) = [line for line in out.splitlines() if "FAILED at outline" in line]
+    assert failed.endswith(")") and "(error record ID " in failed  # one line, no traceback
+    assert "Traceback" not in out
+    (record,) = [
+        r
+        for r in article_rows(f"sqlite:///{tmp_path / 'data' / 'demo.db'}", 1)
+        if r["status"] == "failed"
+    ]
+    assert record["error_traceback"].startswith("Traceback (most recent call last)")
     for line in (
         "Jobs:               1/1 processed",
         "Articles requested: 15",
