@@ -107,6 +107,7 @@ class ArticleEvent:
     retry_delay: float = 0.0
     fatal: bool = False  # FAILED by an API error that ends the job (key, model, endpoint)
     cost_usd: float = 0.0
+    tokens: int = 0  # prompt + completion (SAVED, FAILED)
     concurrency_before: int = 0  # THROTTLED
     concurrency_after: int = 0
     model: str = ""  # THROTTLED

@@ -352,6 +352,7 @@ class ArticlePipeline:
                 status=record.status,
                 word_count=words,
                 cost_usd=record.cost_usd,
+                tokens=record.prompt_tokens + record.completion_tokens,
             )
         except Exception as e:  # one article's failure must never reach the other workers
             return self._fail(batch, task, record, usage, stage, e, event)
@@ -475,6 +476,7 @@ class ArticlePipeline:
             error=message,
             fatal=isinstance(error, FatalApiError),
             cost_usd=failed.cost_usd,
+            tokens=failed.prompt_tokens + failed.completion_tokens,
         )
 
     @staticmethod

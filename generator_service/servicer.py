@@ -62,6 +62,7 @@ def event_to_proto(e: ArticleEvent, tier_count: int) -> article_pb.ArticleEvent:
         retry_delay=e.retry_delay,
         fatal=e.fatal,
         cost_usd=e.cost_usd,
+        tokens=e.tokens,
         concurrency_before=e.concurrency_before,
         concurrency_after=e.concurrency_after,
         model=e.model,

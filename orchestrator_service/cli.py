@@ -17,7 +17,8 @@ import queue
 import secrets
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC
 from importlib import resources
@@ -111,6 +112,32 @@ def as_json(message: Message) -> str:
     return json.dumps(document, ensure_ascii=False)
 
 
+@contextmanager
+def event_view(out: TextIO, ndjson: bool) -> Iterator[Callable[[pb.JobEvent], None]]:
+    """How events are shown: as NDJSON; on a terminal, as bars per tier and for the job with
+    the lines that matter above them (rich, imported only then); else as the plain lines."""
+    if ndjson:
+        yield lambda event: print(as_json(event), file=out, flush=True)
+        return
+    # TTY_COMPATIBLE=1 makes rich treat any output as a terminal (the tests use it).
+    if out.isatty() or os.environ.get("TTY_COMPATIBLE") == "1":
+        from rich.console import Console
+
+        from orchestrator_service.live_progress import LiveProgress
+
+        console = Console(file=out)
+        if console.is_terminal:
+            with LiveProgress(console) as live:
+                yield live.show
+            return
+
+    def plain(event: pb.JobEvent) -> None:
+        for line in event_lines(event):
+            print(line, file=out, flush=True)
+
+    yield plain
+
+
 def watch_and_print(
     client: OrchestratorClient, stream: EventStream, out: TextIO, ndjson: bool = False
 ) -> int:
@@ -137,7 +164,7 @@ def watch_and_print(
     position = {job_id: n for n, job_id in enumerate(stream.job_ids)}
     finished: set[int] = set()
     exit_code, cancelling = EXIT_OK, False
-    with stream:
+    with stream, event_view(out, ndjson) as show:
         reader.start()
         while True:
             try:
@@ -151,8 +178,7 @@ def watch_and_print(
                 if kind == "job_started" and len(position) > 1:  # "Job 2/3": the file's order
                     item.job_started.job_number = position.get(item.job_id, 0)
                     item.job_started.job_count = len(position)
-                for line in [as_json(item)] if ndjson else event_lines(item):
-                    print(line, file=out, flush=True)
+                show(item)
                 if kind == "run_finished":
                     finished.add(item.job_id)
                     if not item.run_finished.ok:

@@ -638,3 +638,53 @@ def test_json_output_is_one_object_per_event_and_one_document_per_listing(
         "generate-batch", "-j", str(job), "--detach", "--json", *admin, cwd=tmp_path
     )
     assert json.loads(detached.stdout) == {"job_ids": [job_id + 1]}
+
+
+def test_a_terminal_gets_bars_per_tier_and_for_the_job_with_lines_above(
+    start_stack, tmp_path: Path
+) -> None:
+    # rich's forced terminal mode: what a user at a terminal sees, bars redrawn in place.
+    handle = start_stack(simulator=SimulatorConfig(latency=0.01, garbage_outline_every=4))
+    admin = ["-u", "admin", "-p", handle.password, "--address", handle.stack.orchestrator_address]
+    job = tmp_path / "job.json"
+    tiers = {
+        "tier1": {"count": 2, "min_word_count": 300, "max_word_count": 500},
+        "tier2": {"count": 4, "min_word_count": 300, "max_word_count": 500},
+    }
+    job.write_text(job_file(tiers))
+    ran = tierwriter(
+        "generate-batch",
+        "-j",
+        str(job),
+        *admin,
+        cwd=tmp_path,
+        env={"TTY_COMPATIBLE": "1", "COLUMNS": "160", "NO_COLOR": "1"},
+    )
+    assert ran.returncode == 0, ran.stderr
+    screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", ran.stdout)  # cursor moves and styles
+    assert "\x1b[" in ran.stdout  # it was drawn as on a terminal
+    # The bars' last state: done/total, rate, ETA, failed, tokens and cost of each.
+    final = {
+        name: re.findall(
+            rf"^{name} +\S* +(\d+)/(\d+) +(\d+)/min ETA \S+ (\d+) failed"
+            r" +([\d,]+) tokens +\$([\d.]+)",
+            screen,
+            re.MULTILINE,
+        )[-1]
+        for name in ("tier1", "tier2", "job 1")
+    }
+    assert [final[n][:2] for n in ("tier1", "tier2", "job 1")] == [
+        ("2", "2"),
+        ("4", "4"),
+        ("6", "6"),
+    ]
+    failed = sum(int(final[n][3]) for n in ("tier1", "tier2"))
+    assert failed == int(final["job 1"][3]) >= 1
+    assert int(final["job 1"][4].replace(",", "")) > 0 and float(final["job 1"][5]) > 0
+    # Above the bars: each finished article once, the failure on one line, the summary; the
+    # steps in between only move the bars.
+    lines = screen.splitlines()
+    assert sum("Saved (ID:" in line for line in lines) == 6 - failed
+    assert sum(" FAILED at outline: " in line for line in lines) == failed
+    assert "Generating outline..." not in screen and "Generated content:" not in screen
+    assert "Articles requested: 6" in screen and "[tier2] Done:" in screen
