@@ -816,6 +816,52 @@ def jobs_publish(connection: Connection, job_id: int) -> int:
     return connection.run(publish)
 
 
+@jobs.command("export", context_settings=CONTEXT)
+@click.argument("job_id", type=int)
+@click.option(
+    "-o",
+    "--output",
+    "output_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="The folder to write the job's files into (made if missing; files there are replaced).",
+)
+@connection_options
+def jobs_export(connection: Connection, job_id: int, output_dir: str) -> int:
+    """Download a finished job's files from the orchestrator.
+
+    Its pages, site indexes, title lists and index.html, as post-processing wrote them under the
+    orchestrator's OUTPUT_DIR, each checked against its SHA-256: for an orchestrator that runs
+    elsewhere (docker-compose, a server). The pages link to each other relatively, so the folder
+    can be browsed and uploaded as it is.
+
+    \b
+    Example:
+      tierwriter jobs export 12 -o ./job-12 && open ./job-12/index.html
+    """
+    from orchestrator_service.export import ExportError, write_files
+
+    root = Path(output_dir)
+
+    def export(client: OrchestratorClient) -> int:
+        try:
+            written = write_files(client.export_job(job_id), root)
+        except ExportError as e:
+            print(f"Error: {e}", file=sys.stderr)
+            return EXIT_RUN_FAILED
+        except OSError as e:
+            print(f"Error: cannot write the export under {root}: {e}", file=sys.stderr)
+            return EXIT_RUN_FAILED
+        total = sum(f.size for f in written)
+        print(f"Exported job {job_id}: {len(written)} files, {total:,} bytes, under {root}/")
+        index = root / "index.html"
+        if index.is_file():
+            print(f"Open {index} to browse the sites")
+        return EXIT_OK
+
+    return connection.run(export)
+
+
 # projects and sites ---------------------------------------------------------------------------
 
 

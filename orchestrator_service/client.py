@@ -15,6 +15,8 @@ from tierwriter.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 
 R = TypeVar("R")
 DEADLINE = 30.0
+# An export streams every page of a job: bounded, but sized for thousands of them.
+EXPORT_DEADLINE = 3600.0
 PUBLISH_DEADLINE = 600.0  # re-rendering and writing thousands of pages
 WATCH_DEADLINE = 7 * 24 * 3600.0  # a batch of thousands of articles may take days
 
@@ -163,6 +165,18 @@ class OrchestratorClient:
     def get_job(self, job_id: int, errors: bool = False) -> pb.GetJobResponse:
         """The job with its counts; with `errors`, its failed articles and their tracebacks."""
         return self._call(self._stub.GetJob, pb.GetJobRequest(job_id=job_id, errors=errors))
+
+    def export_job(self, job_id: int) -> Iterator[pb.ExportJobResponse]:
+        """The job's files, as chunks (export.write_files writes them)."""
+        stream = self._stub.ExportJob(
+            pb.ExportJobRequest(job_id=job_id), timeout=EXPORT_DEADLINE, metadata=self._metadata
+        )
+        try:
+            yield from stream
+        except grpc.RpcError as e:
+            raise self._error(e) from e
+        finally:
+            stream.cancel()  # a no-op once it ended
 
     def list_jobs(self, limit: int = 50) -> list[pb.JobInfo]:
         return list(self._call(self._stub.ListJobs, pb.ListJobsRequest(limit=limit)).jobs)

@@ -12,6 +12,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from orchestrator_service import export, publish
 from orchestrator_service.auth import Authenticator, Principal
 from orchestrator_service.events import watch
 from orchestrator_service.interceptors import caller as current_caller
@@ -320,6 +321,25 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             )
         steps = list(self._runner.publisher.publish(job.id))
         return pb.PublishJobResponse(steps=steps)
+
+    def ExportJob(
+        self, request: pb.ExportJobRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ExportJobResponse]:
+        job = self._job(context, current_caller(), request.job_id)
+        if job.status in ACTIVE_JOB_STATUSES:
+            runtime.abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"job {job.id} is still {job_status_word(job.status)}: export it once it ends",
+            )
+        folder = publish.job_dir(self._runner.output_dir, job.id)
+        if not export.job_files(folder):
+            runtime.abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"job {job.id} has no files here: `tierwriter jobs publish {job.id}` writes them",
+            )
+        yield from export.file_chunks(folder)
 
     def CreateProject(
         self, request: pb.CreateProjectRequest, context: grpc.ServicerContext

@@ -688,3 +688,45 @@ def test_a_terminal_gets_bars_per_tier_and_for_the_job_with_lines_above(
     assert sum(" FAILED at outline: " in line for line in lines) == failed
     assert "Generating outline..." not in screen and "Generated content:" not in screen
     assert "Articles requested: 6" in screen and "[tier2] Done:" in screen
+
+
+def test_jobs_export_downloads_the_jobs_files_as_the_server_wrote_them(
+    start_stack, tmp_path: Path
+) -> None:
+    handle = start_stack(simulator=SimulatorConfig(latency=0.01))
+    admin = ["-u", "admin", "-p", handle.password, "--address", handle.stack.orchestrator_address]
+    job = tmp_path / "job.json"
+    tiers = {
+        "tier1": {"count": 2, "min_word_count": 300, "max_word_count": 500},
+        "tier2": {"count": 3, "min_word_count": 300, "max_word_count": 500},
+    }
+    job.write_text(job_file(tiers, deployment_targets=["one.example.net", "two.example.net"]))
+    assert tierwriter("generate-batch", "-j", str(job), *admin, cwd=tmp_path).returncode == 0
+    server = handle.output_dir / "1"
+    # A link the server's folder should never hand out.
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for export")
+    (server / "link.txt").symlink_to(secret)
+
+    local = tmp_path / "download"
+    exported = tierwriter("jobs", "export", "1", "-o", str(local), *admin, cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    assert (
+        f"under {local}/" in exported.stdout and f"Open {local / 'index.html'}" in exported.stdout
+    )
+
+    def tree(root: Path) -> dict[str, bytes]:
+        return {
+            p.relative_to(root).as_posix(): p.read_bytes()
+            for p in root.rglob("*")
+            if p.is_file() and not p.is_symlink()
+        }
+
+    served = tree(server)
+    assert tree(local) == served  # file by file, byte for byte
+    assert "index.html" in served and "titles-tier2.txt" in served
+    assert sum(name.endswith(".html") and "/" in name for name in served) >= 5  # the pages
+    assert not (local / "link.txt").exists()
+
+    missing = tierwriter("jobs", "export", "99", "-o", str(local), *admin, cwd=tmp_path)
+    assert missing.returncode == 2 and "job 99 does not exist" in missing.stderr

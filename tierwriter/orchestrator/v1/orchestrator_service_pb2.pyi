@@ -1136,6 +1136,62 @@ class PublishJobResponse(_message.Message):
 Global___PublishJobResponse: _TypeAlias = PublishJobResponse  # noqa: Y015
 
 @_typing.final
+class ExportJobRequest(_message.Message):
+    """Request for ExportJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.int
+    """The job's id."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportJobRequest: _TypeAlias = ExportJobRequest  # noqa: Y015
+
+@_typing.final
+class ExportJobResponse(_message.Message):
+    """Response of ExportJob: one chunk of one file. A file's chunks come together, in order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """The file's path inside the job's folder, "/"-separated; set on the file's first chunk."""
+    size: _builtins.int
+    """The file's size in bytes; set on its first chunk."""
+    data: _builtins.bytes
+    """The file's next bytes (at most 256 KiB)."""
+    sha256: _builtins.str
+    """SHA-256 of the whole file, in hex; set on its last chunk, which ends the file."""
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        size: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "path", b"path", "sha256", b"sha256", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportJobResponse: _TypeAlias = ExportJobResponse  # noqa: Y015
+
+@_typing.final
 class Project(_message.Message):
     """A project: the subject a job's articles are about."""
 

@@ -79,6 +79,11 @@ class OrchestratorServiceStub:
                 request_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.PublishJobRequest.SerializeToString,
                 response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.PublishJobResponse.FromString,
                 _registered_method=True)
+        self.ExportJob = channel.unary_stream(
+                '/tierwriter.orchestrator.v1.OrchestratorService/ExportJob',
+                request_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ExportJobRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ExportJobResponse.FromString,
+                _registered_method=True)
         self.CreateProject = channel.unary_unary(
                 '/tierwriter.orchestrator.v1.OrchestratorService/CreateProject',
                 request_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.CreateProjectRequest.SerializeToString,
@@ -196,6 +201,16 @@ class OrchestratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportJob(self, request, context):
+        """Streams a finished job's files (pages, site indexes, title lists, the job's index) from the
+        orchestrator's OUTPUT_DIR, file after file in chunks, each file's SHA-256 on its last
+        chunk; only regular files inside the job's folder. FAILED_PRECONDITION while the job runs,
+        NOT_FOUND when it has no files (it was never published).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateProject(self, request, context):
         """Creates a project owned by the caller; ALREADY_EXISTS if the caller has one of that name.
         """
@@ -296,6 +311,11 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.PublishJob,
                     request_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.PublishJobRequest.FromString,
                     response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.PublishJobResponse.SerializeToString,
+            ),
+            'ExportJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportJob,
+                    request_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ExportJobRequest.FromString,
+                    response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ExportJobResponse.SerializeToString,
             ),
             'CreateProject': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateProject,
@@ -559,6 +579,33 @@ class OrchestratorService:
             '/tierwriter.orchestrator.v1.OrchestratorService/PublishJob',
             tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.PublishJobRequest.SerializeToString,
             tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.PublishJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tierwriter.orchestrator.v1.OrchestratorService/ExportJob',
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ExportJobRequest.SerializeToString,
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ExportJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
