@@ -46,6 +46,7 @@ class Link:
     href: str
     anchor: str
     kind: str  # "money", "up" or "see_also"
+    target_id: int = 0  # the article linked to; 0 for the money site
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,7 @@ def plan_links(
                         href(source, target, link_style),
                         anchors.next(target.title),
                         "up",
+                        target.article_id,
                     )
                 )
     if see_also:
@@ -162,6 +164,7 @@ def plan_links(
                             href(source, target, link_style),
                             target.title,
                             "see_also",
+                            target.article_id,
                         )
                     )
     return LinkPlan(links, notes)

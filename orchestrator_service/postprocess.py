@@ -10,12 +10,13 @@ import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
 import jinja2
 
-from orchestrator_service import interlink, publish
+from orchestrator_service import interlink, publish, report
 from orchestrator_service.interlink import Published
 from orchestrator_service.jobfile import JobSpec
 from persistence_service.client import PersistenceClient
@@ -99,7 +100,10 @@ class JobPublisher:
             (pb.POST_STEP_URLS, urls),
             (pb.POST_STEP_LINKS, lambda: self._links(spec, project, pages)),
             (pb.POST_STEP_TEMPLATES, lambda: self._templates_of(pages, template_sets, templates)),
-            (pb.POST_STEP_EXPORT, lambda: self._export(job_id, project, pages, templates)),
+            (
+                pb.POST_STEP_EXPORT,
+                lambda: self._export(job, spec, project, pages, templates, records),
+            ),
         ]
         for step, run in steps:
             report = pb.PostProcessingStep(job_id=job_id, step=step)
@@ -263,11 +267,14 @@ class JobPublisher:
 
     def _export(
         self,
-        job_id: int,
+        job: db_pb.Job,
+        spec: JobSpec,
         project: db_pb.Project,
         pages: list[_Page],
         templates: dict[tuple[str, str], jinja2.Template],
+        records: list[db_pb.Article],
     ) -> tuple[int, str]:
+        job_id = job.id
         root = self._output_root
         self._write_pages(job_id, pages, templates)
         by_site: dict[str, list[_Page]] = {}
@@ -302,10 +309,71 @@ class JobPublisher:
                 money_site_url=project.money_site_url,
                 sites=[(site, len(site_pages)) for site, site_pages in sorted(by_site.items())],
                 titles_files=titles_files,
+                report=self._report(job, spec, project, pages, records, job_dir),
             ),
         )
         shown = publish.job_dir(self._shown_root, job_id)
         return len(pages), f"{len(by_site)} site indexes, under {shown}/"
+
+    def _report(
+        self,
+        job: db_pb.Job,
+        spec: JobSpec,
+        project: db_pb.Project,
+        pages: list[_Page],
+        records: list[db_pb.Article],
+        job_dir: Path,
+    ) -> report.JobReport:
+        """What the job's index shows of the run: its numbers from the database, the word
+        counts and failures from its records, the link graph from the links placed."""
+        stats = self._persistence.job_stats([job.id])
+        counts = {t.tier: t.counts for t in stats.tiers}
+        tiers = []
+        for name, tier in spec.ordered_tiers():
+            c = counts.get(name, db_pb.ArticleCounts())
+            words = [
+                a.word_count
+                for a in records
+                if a.tier == name and a.status != article_pb.ARTICLE_STATUS_FAILED and a.word_count
+            ]
+            tiers.append(
+                report.TierReport(
+                    name, tier.count, c.generated, c.augmented, c.short, c.failed, c.skipped,
+                    c.cost_usd, tier.min_word_count, tier.max_word_count, words,
+                    report.word_histogram(words, tier.min_word_count, tier.max_word_count),
+                )
+            )  # fmt: skip
+        failed = [
+            report.FailedEntry(a.tier, a.article_index + 1, a.title, a.error_stage, a.error)
+            for a in records
+            if a.status == article_pb.ARTICLE_STATUS_FAILED
+        ]
+        graph = report.link_graph(
+            project.money_site_url,
+            [
+                report.GraphPage(
+                    p.record.id,
+                    p.published.tier,
+                    p.record.title,
+                    os.path.relpath(p.path, job_dir),
+                )
+                for p in pages
+            ],
+            [(link.source_id, link.target_id) for p in pages for link in p.links],
+        )
+        t = stats.totals
+        return report.JobReport(
+            tiers=tiers,
+            failed=failed,
+            link_graph=graph,
+            links=sum(len(p.links) for p in pages),
+            api_calls=t.api_calls + stats.title_api_calls,
+            tokens=t.prompt_tokens + t.completion_tokens + stats.title_prompt_tokens
+            + stats.title_completion_tokens,
+            cost_usd=t.cost_usd + stats.title_cost_usd,
+            submitted=job.create_time.ToDatetime(UTC),
+            written=datetime.now(UTC),
+        )  # fmt: skip
 
 
 def write_atomically(path: Path, text: str) -> None:

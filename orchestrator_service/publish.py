@@ -14,6 +14,7 @@ import nh3
 from markupsafe import Markup
 
 from generator_service.text import count_text_words, visible_text
+from orchestrator_service.report import JobReport
 
 BUNDLED_TEMPLATES = Path(__file__).parent / "templates"
 ARTICLE_TEMPLATE = "article.html"
@@ -190,14 +191,17 @@ def render_job_index(
     money_site_url: str,
     sites: list[tuple[str, int]],
     titles_files: list[str],
+    report: JobReport,
 ) -> str:
-    """output/<job id>/index.html: the job's sites, each with its page count, and title lists."""
+    """output/<job id>/index.html: the job's report (report.py), its sites, each with its page
+    count, and title lists."""
     return env.get_template(JOB_INDEX_TEMPLATE).render(
         job_id=job_id,
         project=project,
         money_site_url=money_site_url,
         sites=[(site or NO_SITE, count) for site, count in sites],
         titles_files=titles_files,
+        report=report,
     )
 
 
