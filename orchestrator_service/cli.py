@@ -18,7 +18,7 @@ import secrets
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC
 from importlib import resources
@@ -413,12 +413,25 @@ def up() -> int:
     Without OPENAI_API_KEY the bundled LLM simulator stands in for the model. Ctrl-C stops
     every service.
     """
+    from generator_service.config import Settings as GeneratorSettings
     from orchestrator_service.config import Settings
     from orchestrator_service.stack import LocalStack, StackConfig
+    from persistence_service.config import Settings as PersistenceSettings
+    from tierwriter import settings
 
+    # Every service's settings, checked before any starts: one line naming each bad variable.
+    try:
+        for service_settings in (PersistenceSettings, GeneratorSettings, Settings):
+            settings.load(service_settings)
+    except settings.SettingsError as e:
+        raise CliError(str(e), EXIT_BAD_INPUT) from None
     runtime.configure_logging(os.environ.get("LOG_LEVEL", "INFO"))
     # One process per service: the three use every core rather than one interpreter lock.
-    with LocalStack(StackConfig(processes=True)) as stack:
+    with ExitStack() as running:
+        try:
+            stack = running.enter_context(LocalStack(StackConfig(processes=True)))
+        except RuntimeError as e:  # a service exited before serving; its own lines are above
+            raise CliError(str(e), EXIT_RUN_FAILED) from None
         if stack.admin_password_generated:
             print(
                 f"Created user 'admin' with generated password: {stack.admin_password_generated}\n"

@@ -2,5 +2,6 @@
 
 from persistence_service.config import Settings
 from persistence_service.server import serve
+from tierwriter.settings import load_or_exit
 
-serve(Settings())
+serve(load_or_exit(Settings))

@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+import sys
+from typing import TypeVar
+
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+S = TypeVar("S", bound="ServiceSettings")
+EXIT_BAD_SETTING = 2  # as the CLI's bad input: nothing was started
+
+
+class SettingsError(ValueError):
+    """The environment has a setting the service cannot run with; one line per problem, each
+    naming the variable (never its value: it may be a secret)."""
 
 
 class ServiceSettings(BaseSettings):
@@ -27,3 +38,24 @@ class ServiceSettings(BaseSettings):
     def service_token_value(self) -> str | None:
         """The token as text, for the clients and interceptors that need it (never logged)."""
         return self.service_token.get_secret_value() if self.service_token else None
+
+
+def load(cls: type[S]) -> S:
+    """The settings from the environment; SettingsError naming each rejected variable."""
+    try:
+        return cls()
+    except ValidationError as e:
+        problems = [
+            f"{'.'.join(str(part) for part in error['loc']) or cls.__name__}: {error['msg']}"
+            for error in e.errors(include_input=False, include_url=False)
+        ]
+        raise SettingsError("; ".join(problems)) from None
+
+
+def load_or_exit(cls: type[S]) -> S:
+    """load(), or one `Error:` line on stderr and exit 2: what a service's main wants."""
+    try:
+        return load(cls)
+    except SettingsError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_SETTING) from None

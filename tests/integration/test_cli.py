@@ -730,3 +730,32 @@ def test_jobs_export_downloads_the_jobs_files_as_the_server_wrote_them(
 
     missing = tierwriter("jobs", "export", "99", "-o", str(local), *admin, cwd=tmp_path)
     assert missing.returncode == 2 and "job 99 does not exist" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    "variable, value, problem, service",
+    [
+        ("TIERWRITER_ADMIN_PASSWORD", "short", "at least", "persistence_service"),
+        ("CONCURRENT_WORKERS", "many", "valid integer", "orchestrator_service"),
+    ],
+)
+def test_a_rejected_setting_is_one_error_line_naming_the_variable(
+    tmp_path: Path, variable: str, value: str, problem: str, service: str
+) -> None:
+    env = {variable: value, "DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"}
+    up = tierwriter("up", cwd=tmp_path, env=env)
+    assert up.returncode == 2
+    assert up.stderr.startswith(f"Error: {variable}: ") and problem in up.stderr
+    assert "Traceback" not in up.stdout + up.stderr and f"{value}" not in up.stderr
+    # The service that reads it, started on its own (as compose starts it), says the same.
+    alone = subprocess.run(
+        [sys.executable, "-m", service],
+        cwd=tmp_path,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert alone.returncode == 2 and alone.stderr.startswith(f"Error: {variable}: ")
+    assert "Traceback" not in alone.stderr
