@@ -18,6 +18,7 @@ import trustme
 
 from generator_service.llm.simulator import SimulatorConfig
 from orchestrator_service import cli
+from orchestrator_service.cli import common
 from orchestrator_service.client import OrchestratorClient
 from orchestrator_service.config import Settings
 from orchestrator_service.stack import LocalStack, StackConfig
@@ -107,8 +108,8 @@ def test_a_missing_password_is_asked_for_on_a_terminal_only(
         asked.append(prompt)
         return PASSWORD
 
-    monkeypatch.setattr(cli, "_interactive", lambda: True)
-    monkeypatch.setattr(cli.getpass, "getpass", answer)
+    monkeypatch.setattr(common, "interactive", lambda: True)
+    monkeypatch.setattr(common.getpass, "getpass", answer)
     assert cli.main(["jobs", "list", "-u", "admin", *address]) == 0
     assert asked == ["Password for admin: "]
 
