@@ -58,6 +58,7 @@ MAX_CONTINUATIONS = 2
 # Augmentation requests per article: the second only when the first did not reach the minimum.
 MAX_AUGMENTATIONS = 2
 _TYPICAL_PROMPT_TOKENS = 400  # the system message, the project context and the instructions
+MAX_TRACEBACK_CHARS = 16_000  # kept with a failed record
 
 
 class EmptyContentError(ValueError):
@@ -430,7 +431,8 @@ class ArticlePipeline:
         message = f"{type(error).__name__}: {error}"
         if isinstance(error, FatalApiError):
             message = str(error)  # it says what to fix; the class name adds nothing
-        trace = traceback.format_exc()
+        # Its end says where it was raised; a chain of retries can make the rest long.
+        trace = traceback.format_exc()[-MAX_TRACEBACK_CHARS:]
         log.warning(
             "job %d %s article %d/%d failed at %s: %s",
             batch.job_id,

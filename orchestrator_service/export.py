@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 
 CHUNK_BYTES = 256 * 1024
+PAGE_MODE = 0o644  # pages are for publishing: anyone may read them
 
 
 class ExportError(Exception):
@@ -26,13 +27,16 @@ class ExportError(Exception):
 
 
 def job_files(job_dir: Path) -> list[Path]:
-    """The regular files inside `job_dir`, in path order; anything that is a symlink or
-    resolves outside the folder is left out."""
+    """The regular files inside `job_dir`, in path order; anything that is a symlink, resolves
+    outside the folder or is hidden (a half-written `.page.html.tmp`) is left out."""
     root = job_dir.resolve()
     files = []
     for folder, dirs, names in os.walk(root):  # os.walk does not follow symlinked folders
         dirs.sort()
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
         for name in sorted(names):
+            if name.startswith("."):
+                continue
             path = Path(folder) / name
             if path.is_symlink() or not path.is_file():
                 continue
@@ -56,7 +60,7 @@ def file_chunks(job_dir: Path) -> Iterator[pb.ExportJobResponse]:
                 following = f.read(CHUNK_BYTES) if data else b""
                 message = pb.ExportJobResponse(data=data)
                 if first:
-                    message.path, message.size = relative, path.stat().st_size
+                    message.path, message.size = relative, os.fstat(f.fileno()).st_size
                     first = False
                 if not following:
                     message.sha256 = digest.hexdigest()
@@ -70,10 +74,15 @@ def destination(root: Path, path: str) -> Path:
     """Where a file the server names goes under `root`; ExportError for a path that is empty,
     absolute, or climbs out of it."""
     relative = PurePosixPath(path)
-    if not path or relative.is_absolute() or ".." in relative.parts or "\\" in path:
-        raise ExportError(f"refused a file path from the server: {path!r}")
-    target = (root / Path(*relative.parts)).resolve()
-    if not target.is_relative_to(root.resolve()):
+    refused = (
+        not path
+        or "\0" in path
+        or "\\" in path
+        or relative.is_absolute()
+        or any(part in (".", "..") for part in path.split("/"))
+    )
+    target = root.resolve() if refused else (root / Path(*relative.parts)).resolve()
+    if refused or target == root.resolve() or not target.is_relative_to(root.resolve()):
         raise ExportError(f"refused a file path from the server: {path!r}")
     return target
 
@@ -90,7 +99,7 @@ def write_files(messages: Iterable[pb.ExportJobResponse], root: Path) -> list[Wr
     """Write the streamed files under `root`, each to a temporary file first and renamed into
     place once its checksum matches; the files written, in order."""
     written: list[WrittenFile] = []
-    current: tuple[Path, int, hashlib._Hash, tempfile._TemporaryFileWrapper[bytes]] | None = None
+    current: tuple[Path, hashlib._Hash, tempfile._TemporaryFileWrapper[bytes]] | None = None
     try:
         for message in messages:
             if message.path:
@@ -101,23 +110,24 @@ def write_files(messages: Iterable[pb.ExportJobResponse], root: Path) -> list[Wr
                 temp = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed when the file ends)
                     dir=target.parent, prefix=f".{target.name}.", delete=False
                 )
-                current = (target, message.size, hashlib.sha256(), temp)
+                current = (target, hashlib.sha256(), temp)
             if current is None:
                 raise ExportError("the server sent data before naming its file")
-            target, size, digest, temp = current
+            target, digest, temp = current
             temp.write(message.data)
             digest.update(message.data)
             if message.sha256:
                 temp.close()
                 if digest.hexdigest() != message.sha256:
                     raise ExportError(f"{target}: its checksum does not match; try again")
+                os.chmod(temp.name, PAGE_MODE)  # a temporary file is its owner's only
                 os.replace(temp.name, target)
-                written.append(WrittenFile(target, size))
+                written.append(WrittenFile(target, target.stat().st_size))
                 current = None
         if current is not None:
             raise ExportError(f"{current[0]}: the stream ended inside it")
     finally:
         if current is not None:  # an unfinished file leaves no trace
-            current[3].close()
-            Path(current[3].name).unlink(missing_ok=True)
+            current[2].close()
+            Path(current[2].name).unlink(missing_ok=True)
     return written

@@ -61,7 +61,7 @@ class _Done:
     """What one bar has counted."""
 
     articles: int = 0
-    failed: int = 0  # failed or skipped
+    failed: int = 0
     tokens: int = 0
     cost: float = 0.0
 
@@ -80,6 +80,7 @@ class LiveProgress:
             TimeRemainingColumn(),
             _SpendColumn(),
             console=console,
+            redirect_stderr=False,  # `Error:` lines stay on stderr, for a 2> to catch
         )
         self._jobs: dict[int, TaskID] = {}
         self._tiers: dict[tuple[int, str], TaskID] = {}
@@ -134,7 +135,7 @@ class LiveProgress:
                 continue
             done = self._done[task]
             done.articles += 1
-            done.failed += article.kind != article_pb.ARTICLE_EVENT_KIND_SAVED
+            done.failed += article.kind == article_pb.ARTICLE_EVENT_KIND_FAILED
             done.tokens += article.tokens
             done.cost += article.cost_usd
             self._progress.update(

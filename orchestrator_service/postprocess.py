@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import jinja2
 
-from orchestrator_service import interlink, publish, report
+from orchestrator_service import export, interlink, publish, report
 from orchestrator_service.interlink import Published
 from orchestrator_service.jobfile import JobSpec
 from persistence_service.client import PersistenceClient
@@ -106,20 +106,20 @@ class JobPublisher:
             ),
         ]
         for step, run in steps:
-            report = pb.PostProcessingStep(job_id=job_id, step=step)
+            step_report = pb.PostProcessingStep(job_id=job_id, step=step)
             if step == pb.POST_STEP_URLS:
-                report.skipped.extend(skipped)
+                step_report.skipped.extend(skipped)
             try:
-                report.count, report.detail = run()
+                step_report.count, step_report.detail = run()
             except (ServiceCallError, OSError, jinja2.TemplateError, ValueError) as e:
                 log.exception("job %d: post-processing failed", job_id)
-                report.error = (
+                step_report.error = (
                     f"failed: {type(e).__name__}: {e}; the articles are stored, "
                     f"`tierwriter jobs publish {job_id}` runs it again"
                 )
-                yield report
+                yield step_report
                 return
-            yield report
+            yield step_report
 
     # URLs -----------------------------------------------------------------------------------
 
@@ -383,6 +383,7 @@ def write_atomically(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, export.PAGE_MODE)  # mkstemp makes it its owner's only
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -32,6 +32,8 @@ from tierwriter.statuses import ACTIVE_JOB_STATUSES, job_status_word
 
 log = logging.getLogger(__name__)
 MAX_LIST_LIMIT = 1000
+# GetJob with errors: the first failures, tracebacks and all, well within a message's 16 MiB.
+MAX_FAILURES_SHOWN = 500
 
 
 class _Owned(Protocol):
@@ -270,7 +272,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                     traceback=a.error_traceback,
                     article_id=a.id,
                 )
-                for a in failed
+                for a in failed[:MAX_FAILURES_SHOWN]
             ]
         return pb.GetJobResponse(job=info, tiers=tiers, failures=failures)
 
@@ -339,7 +341,18 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                 grpc.StatusCode.NOT_FOUND,
                 f"job {job.id} has no files here: `tierwriter jobs publish {job.id}` writes them",
             )
-        yield from export.file_chunks(folder)
+        # An export is a stream too: it takes a watch's slot, so the short calls keep threads.
+        if not self._watch_slots.acquire(blocking=False):
+            runtime.abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self._max_watches} job watches and exports are open on this orchestrator; "
+                "try again later",
+            )
+        try:
+            yield from export.file_chunks(folder)
+        finally:
+            self._watch_slots.release()
 
     def CreateProject(
         self, request: pb.CreateProjectRequest, context: grpc.ServicerContext

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from typing import TypeVar
 
+import pydantic_settings
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -12,7 +13,7 @@ S = TypeVar("S", bound="ServiceSettings")
 EXIT_BAD_SETTING = 2  # as the CLI's bad input: nothing was started
 
 
-class SettingsError(ValueError):
+class BadSettingError(ValueError):
     """The environment has a setting the service cannot run with; one line per problem, each
     naming the variable (never its value: it may be a secret)."""
 
@@ -41,21 +42,23 @@ class ServiceSettings(BaseSettings):
 
 
 def load(cls: type[S]) -> S:
-    """The settings from the environment; SettingsError naming each rejected variable."""
+    """The settings from the environment; BadSettingError naming each rejected variable."""
     try:
         return cls()
+    except pydantic_settings.SettingsError as e:  # a JSON value that does not parse
+        raise BadSettingError(str(e)) from None
     except ValidationError as e:
         problems = [
             f"{'.'.join(str(part) for part in error['loc']) or cls.__name__}: {error['msg']}"
             for error in e.errors(include_input=False, include_url=False)
         ]
-        raise SettingsError("; ".join(problems)) from None
+        raise BadSettingError("; ".join(problems)) from None
 
 
 def load_or_exit(cls: type[S]) -> S:
     """load(), or one `Error:` line on stderr and exit 2: what a service's main wants."""
     try:
         return load(cls)
-    except SettingsError as e:
+    except BadSettingError as e:
         print(f"Error: {e}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_SETTING) from None

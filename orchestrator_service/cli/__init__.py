@@ -50,10 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `tierwriter` console script; returns the exit code."""
     try:
         result = cli.main(args=argv, prog_name="tierwriter", standalone_mode=False)
-    except click.UsageError as e:  # a bad option or argument: nothing was called
-        e.show()
-        return EXIT_BAD_INPUT
-    except click.ClickException as e:
+    except click.ClickException as e:  # a bad option, argument or file: nothing was called
         e.show()
         return EXIT_BAD_INPUT
     except CliError as e:

@@ -11,10 +11,7 @@ import click
 
 from orchestrator_service import token_file
 from orchestrator_service.cli.app import cli
-
-# projects and sites ---------------------------------------------------------------------------
 from orchestrator_service.cli.common import (
-    CONTEXT,
     EXIT_BAD_INPUT,
     EXIT_OK,
     CliError,
@@ -28,8 +25,10 @@ from orchestrator_service.cli.common import (
 from orchestrator_service.client import OrchestratorClient
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 
+# projects and sites ---------------------------------------------------------------------------
 
-@cli.group(context_settings=CONTEXT)
+
+@cli.group()
 def projects() -> None:
     """Create, list or show projects."""
 
@@ -45,7 +44,7 @@ def _print_project(p: pb.Project, json_output: bool = False) -> None:
     print(f"  money site:       {p.money_site_url or '-'}")
 
 
-@projects.command("create", context_settings=CONTEXT)
+@projects.command("create")
 @click.option(
     "-f",
     "--file",
@@ -104,7 +103,7 @@ def projects_create(
     return connection.run(create)
 
 
-@projects.command("list", context_settings=CONTEXT)
+@projects.command("list")
 @json_option
 @connection_options
 def projects_list(connection: Connection, as_json_output: bool) -> int:
@@ -123,7 +122,7 @@ def projects_list(connection: Connection, as_json_output: bool) -> int:
     return connection.run(listing)
 
 
-@projects.command("show", context_settings=CONTEXT)
+@projects.command("show")
 @click.argument("project")
 @json_option
 @connection_options
@@ -142,12 +141,12 @@ def projects_show(connection: Connection, project: str, as_json_output: bool) ->
     return connection.run(show)
 
 
-@cli.group(context_settings=CONTEXT)
+@cli.group()
 def sites() -> None:
     """List the sites jobs publish on."""
 
 
-@sites.command("list", context_settings=CONTEXT)
+@sites.command("list")
 @json_option
 @connection_options
 def sites_list(connection: Connection, as_json_output: bool) -> int:
@@ -169,7 +168,7 @@ def sites_list(connection: Connection, as_json_output: bool) -> int:
 # users ----------------------------------------------------------------------------------------
 
 
-@cli.group(context_settings=CONTEXT)
+@cli.group()
 def users() -> None:
     """Create, list, disable, enable users, or set a password (admins)."""
 
@@ -192,7 +191,7 @@ def _user_row(u: pb.User) -> str:
     return f"{u.username:<32} {u.role:<6} {state:<9} {utc(u.create_time)}"
 
 
-@users.command("create", context_settings=CONTEXT)
+@users.command("create")
 @click.argument("username")
 @click.option("--role", type=click.Choice(["user", "admin"]), default="user", show_default=True)
 @connection_options
@@ -215,7 +214,7 @@ def users_create(connection: Connection, username: str, role: str) -> int:
     return connection.run(create)
 
 
-@users.command("list", context_settings=CONTEXT)
+@users.command("list")
 @json_option
 @connection_options
 def users_list(connection: Connection, as_json_output: bool) -> int:
@@ -244,7 +243,7 @@ def _set_active(connection: Connection, username: str, active: bool) -> int:
     return connection.run(set_active)
 
 
-@users.command("disable", context_settings=CONTEXT)
+@users.command("disable")
 @click.argument("username")
 @connection_options
 def users_disable(connection: Connection, username: str) -> int:
@@ -252,7 +251,7 @@ def users_disable(connection: Connection, username: str) -> int:
     return _set_active(connection, username, False)
 
 
-@users.command("enable", context_settings=CONTEXT)
+@users.command("enable")
 @click.argument("username")
 @connection_options
 def users_enable(connection: Connection, username: str) -> int:
@@ -260,7 +259,7 @@ def users_enable(connection: Connection, username: str) -> int:
     return _set_active(connection, username, True)
 
 
-@users.command("passwd", context_settings=CONTEXT)
+@users.command("passwd")
 @click.argument("username", required=False, default="")
 @connection_options
 def users_passwd(connection: Connection, username: str) -> int:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from orchestrator_service.cli.common import CONTEXT
+# Every command inherits these from the group: -h as well as --help, and wider help text.
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 @click.group(

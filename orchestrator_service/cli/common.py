@@ -12,7 +12,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC
 from pathlib import Path
 from typing import Any, TextIO
@@ -209,7 +209,7 @@ class Connection:
     """Where the orchestrator is and who calls it, from the options every client command has."""
 
     user: str  # -u, else $TIERWRITER_USER; "" for the saved login
-    password: str  # -p, else $TIERWRITER_PASSWORD; "" to be asked
+    password: str = field(repr=False)  # -p, else $TIERWRITER_PASSWORD; "" to be asked
     address: str
     ca_file: str  # "" for plaintext
 
@@ -311,7 +311,6 @@ def connection_options(command: Callable[..., int]) -> Callable[..., int]:
     return with_connection
 
 
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 # --json: one JSON document (listings), or one JSON object per event, a line each (NDJSON).
 json_option = click.option(
     "--json",

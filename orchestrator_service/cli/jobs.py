@@ -10,7 +10,6 @@ import click
 
 from orchestrator_service.cli.app import cli
 from orchestrator_service.cli.common import (
-    CONTEXT,
     EXIT_BAD_INPUT,
     EXIT_OK,
     EXIT_RUN_FAILED,
@@ -29,7 +28,7 @@ from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 from tierwriter.statuses import job_status_word
 
 
-@cli.command("generate-batch", context_settings=CONTEXT)
+@cli.command("generate-batch")
 @click.option(
     "-j", "--job-file", required=True, type=click.Path(dir_okay=False), help="The job file (JSON)."
 )
@@ -78,7 +77,7 @@ def generate_batch(
 # jobs -----------------------------------------------------------------------------------------
 
 
-@cli.group(context_settings=CONTEXT)
+@cli.group()
 def jobs() -> None:
     """List, show, watch, cancel, resume or publish jobs."""
 
@@ -92,7 +91,7 @@ def _job_row(j: pb.JobInfo) -> str:
     )
 
 
-@jobs.command("list", context_settings=CONTEXT)
+@jobs.command("list")
 @click.option(
     "--limit", type=click.IntRange(1, 1000), default=50, show_default=True, help="Jobs to list."
 )
@@ -122,7 +121,7 @@ def jobs_list(connection: Connection, limit: int, as_json_output: bool) -> int:
     return connection.run(listing)
 
 
-@jobs.command("show", context_settings=CONTEXT)
+@jobs.command("show")
 @click.argument("job_id", type=int)
 @click.option(
     "--errors",
@@ -189,7 +188,7 @@ def jobs_show(connection: Connection, job_id: int, errors: bool, as_json_output:
     return connection.run(show)
 
 
-@jobs.command("cancel", context_settings=CONTEXT)
+@jobs.command("cancel")
 @click.argument("job_id", type=int)
 @connection_options
 def jobs_cancel(connection: Connection, job_id: int) -> int:
@@ -206,7 +205,7 @@ def jobs_cancel(connection: Connection, job_id: int) -> int:
     return connection.run(cancel)
 
 
-@jobs.command("resume", context_settings=CONTEXT)
+@jobs.command("resume")
 @click.argument("job_id", type=int)
 @click.option("--retry-failed", is_flag=True, help="Also generate the articles that failed.")
 @click.option(
@@ -256,7 +255,7 @@ def jobs_resume(
     return connection.run(resume)
 
 
-@jobs.command("watch", context_settings=CONTEXT)
+@jobs.command("watch")
 @click.argument("job_id", type=int)
 @click.option(
     "--after",
@@ -284,7 +283,7 @@ def jobs_watch(connection: Connection, job_id: int, after: int, as_json_output: 
     )
 
 
-@jobs.command("publish", context_settings=CONTEXT)
+@jobs.command("publish")
 @click.argument("job_id", type=int)
 @connection_options
 def jobs_publish(connection: Connection, job_id: int) -> int:
@@ -303,7 +302,7 @@ def jobs_publish(connection: Connection, job_id: int) -> int:
     return connection.run(publish)
 
 
-@jobs.command("export", context_settings=CONTEXT)
+@jobs.command("export")
 @click.argument("job_id", type=int)
 @click.option(
     "-o",

@@ -13,7 +13,6 @@ import click
 
 from orchestrator_service.cli.app import cli
 from orchestrator_service.cli.common import (
-    CONTEXT,
     EXIT_BAD_INPUT,
     EXIT_OK,
     EXIT_RUN_FAILED,
@@ -32,7 +31,7 @@ def demo_job() -> str:
     return resources.files("orchestrator_service").joinpath("jobs/demo.json").read_text("utf-8")
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.command()
 def up() -> int:
     """Start every service on loopback, in the foreground.
 
@@ -46,11 +45,14 @@ def up() -> int:
     from tierwriter import settings
 
     # Every service's settings, checked before any starts: one line naming each bad variable.
-    try:
-        for service_settings in (PersistenceSettings, GeneratorSettings, Settings):
+    problems = []
+    for service_settings in (PersistenceSettings, GeneratorSettings, Settings):
+        try:
             settings.load(service_settings)
-    except settings.SettingsError as e:
-        raise CliError(str(e), EXIT_BAD_INPUT) from None
+        except settings.BadSettingError as e:
+            problems.append(str(e))
+    if problems:
+        raise CliError("; ".join(dict.fromkeys(problems)), EXIT_BAD_INPUT)
     runtime.configure_logging(os.environ.get("LOG_LEVEL", "INFO"))
     # One process per service: the three use every core rather than one interpreter lock.
     with ExitStack() as running:
@@ -81,7 +83,7 @@ def up() -> int:
     return EXIT_OK
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.command()
 @click.option(
     "--latency",
     type=click.FloatRange(min=0),

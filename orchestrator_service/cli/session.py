@@ -7,7 +7,6 @@ import sys
 from orchestrator_service import token_file
 from orchestrator_service.cli.app import cli
 from orchestrator_service.cli.common import (
-    CONTEXT,
     EXIT_BAD_INPUT,
     EXIT_OK,
     CliError,
@@ -22,7 +21,7 @@ from orchestrator_service.client import OrchestratorClient
 from tierwriter import runtime
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.command()
 @connection_options
 def login(connection: Connection) -> int:
     """Log in once: the session token is kept in a file only you can read.
@@ -64,7 +63,7 @@ def login(connection: Connection) -> int:
     return EXIT_OK
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.command()
 def logout() -> int:
     """Forget the saved session token."""
     path = token_file.default_path()

@@ -587,7 +587,10 @@ def test_a_failure_is_one_console_line_and_its_traceback_is_for_the_owner(
     assert created.returncode == 0, created.stderr
     bob = ["-u", "bob", "-p", "bob-password-123", "--address", handle.stack.orchestrator_address]
     refused = tierwriter("jobs", "show", "1", "--errors", *bob, cwd=tmp_path)
-    assert refused.returncode in (2, 3) and "Traceback" not in refused.stdout + refused.stderr
+    assert refused.returncode == 3 and "job 1 is not one of your jobs" in refused.stderr
+    assert "OutlineError" not in refused.stdout + refused.stderr
+    exported = tierwriter("jobs", "export", "1", "-o", str(tmp_path / "bob"), *bob, cwd=tmp_path)
+    assert exported.returncode == 3 and not (tmp_path / "bob").exists()
 
 
 def test_json_output_is_one_object_per_event_and_one_document_per_listing(
@@ -596,7 +599,12 @@ def test_json_output_is_one_object_per_event_and_one_document_per_listing(
     handle = start_stack(simulator=SimulatorConfig(latency=0.01, garbage_outline_every=3))
     admin = ["-u", "admin", "-p", handle.password, "--address", handle.stack.orchestrator_address]
     job = tmp_path / "job.json"
-    job.write_text(job_file({"tier1": {"count": 3, "min_word_count": 300, "max_word_count": 500}}))
+    job.write_text(
+        job_file(
+            {"tier1": {"count": 3, "min_word_count": 300, "max_word_count": 500}},
+            deployment_targets=["one.example.net"],
+        )
+    )
     ran = tierwriter("generate-batch", "-j", str(job), "--json", *admin, cwd=tmp_path)
     assert ran.returncode == 0, ran.stderr
     events = [json.loads(line) for line in ran.stdout.splitlines()]  # every line is JSON
@@ -633,7 +641,7 @@ def test_json_output_is_one_object_per_event_and_one_document_per_listing(
 
     assert [p["name"] for p in listing("projects")["projects"]] == [listed_job["project"]]
     assert [u["username"] for u in listing("users")["users"]] == ["admin"]
-    assert isinstance(listing("sites").get("sites", []), list)  # the job named no site
+    assert [site["hostname"] for site in listing("sites")["sites"]] == ["one.example.net"]
     detached = tierwriter(
         "generate-batch", "-j", str(job), "--detach", "--json", *admin, cwd=tmp_path
     )

@@ -13,7 +13,18 @@ from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 
 
 @pytest.mark.parametrize(
-    "path", ["", "/etc/passwd", "../outside.html", "site/../../outside.html", "site\\..\\x"]
+    "path",
+    [
+        "",
+        ".",
+        "./",
+        "site/./x.html",
+        "a\0b",
+        "/etc/passwd",
+        "../outside.html",
+        "site/../../outside.html",
+        "site\\..\\x",
+    ],
 )
 def test_a_path_that_leaves_the_folder_is_refused(tmp_path: Path, path: str) -> None:
     with pytest.raises(ExportError, match="refused a file path"):
@@ -30,6 +41,7 @@ def test_chunks_round_trip_byte_for_byte_and_skip_links_out_of_the_folder(tmp_pa
     secret = tmp_path / "secret.txt"
     secret.write_text("not for export")
     (job / "link.txt").symlink_to(secret)
+    (job / ".index.html.tmp").write_text("a publish that crashed")
     out = tmp_path / "client"
     written = write_files(file_chunks(job), out)
     assert sorted(f.path.relative_to(out).as_posix() for f in written) == [
@@ -40,6 +52,8 @@ def test_chunks_round_trip_byte_for_byte_and_skip_links_out_of_the_folder(tmp_pa
     assert (out / "blog.example.net" / "page.html").read_bytes() == big
     assert (out / "empty.txt").read_bytes() == b""
     assert not (out / "link.txt").exists()
+    assert all((f.path.stat().st_mode & 0o777) == 0o644 for f in written)  # ready to publish
+    assert [f.size for f in written if f.path.name == "page.html"] == [len(big)]
     assert sorted(p.name for p in out.rglob(".*")) == []  # no temporary file left
 
 

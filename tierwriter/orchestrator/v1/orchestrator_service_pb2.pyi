@@ -980,7 +980,9 @@ class GetJobResponse(_message.Message):
 
     @_builtins.property
     def failures(self) -> _containers.RepeatedCompositeFieldContainer[Global___FailedArticle]:
-        """With `errors`: the failed articles, in (tier, article_index) order."""
+        """With `errors`: the failed articles, in (tier, article_index) order; the first 500 (the
+        job's failed_articles counts them all).
+        """
 
     def __init__(
         self,
