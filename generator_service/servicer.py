@@ -112,6 +112,11 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
                 context, grpc.StatusCode.INVALID_ARGUMENT, "project.main_keyword: must not be empty"
             )
         parallel = min(max(request.max_parallel_calls, 1), MAX_WORKERS_LIMIT)
+        # A line per call: with several generators, the log shows which one served what.
+        log.info(
+            "project %d %s: %d titles asked for", request.project.project_id, request.tier,
+            request.count,
+        )  # fmt: skip
         for item in self._titles.stream(
             project_from_proto(request.project),
             request.count,
@@ -176,6 +181,10 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
         except InvalidRequestError as e:
             runtime.abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         tiers = {c.tier.name: c.tier for c in (batch_context, *more_tiers)}
+        log.info(
+            "job %d: article stream for %s, %d workers",
+            batch_context.job_id, ", ".join(tiers), batch_context.max_workers,
+        )  # fmt: skip
         batch = ArticleBatch(self._pipeline, batch_context, more_tiers)
         # The caller went away (cancelled, deadline, crash): start nothing new.
         context.add_callback(lambda: batch.stop("not started: the stream was cancelled"))

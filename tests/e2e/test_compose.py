@@ -223,9 +223,15 @@ def test_the_compose_deployment_works_as_the_readme_says(deployment: Deployment)
     pages = [p for p in (d.folder / "output" / "1").rglob("*.html") if p.name != "index.html"]
     assert len(pages) == 9
 
-    # Three generators share one job's work: tier streams and title calls go round-robin.
+    # Three generators share the work: the job's article stream (its tiers share one) and its
+    # tiers' title calls go round-robin, and each generator logs a line per call it serves.
     generators = d.logs("generator")
-    workers = set(re.findall(r"(generator_\d+)\s+\|.*\[(?:job1-|titles)", generators))
+    workers = set(
+        re.findall(
+            r"(generator_\d+)\s+\|.*(?:job 1: article stream|project 1 tier\d: \d+ titles)",
+            generators,
+        )
+    )
     assert len(workers) >= 2, workers
 
     # Persistence restarted in the middle of a job: the job completes, every article once.

@@ -104,9 +104,12 @@ def test_injection_strings_in_every_text_field_are_stored_as_data_and_rendered_h
 
     pages = [p for p in written if p.suffix == ".html"]
     assert len(pages) == len(rows) + 1 + 1  # the articles, the site's index, the job's index
+    report = output / str(job_id) / "index.html"
     for page in pages:
         content = page.read_text(encoding="utf-8")
-        assert set(active_content(content)) <= TEMPLATE_OWN, page
+        # The job's report draws its own SVGs (no script, no handler: active_content checks).
+        own = TEMPLATE_OWN | ({"<svg>"} if page.resolve() == report else set())
+        assert set(active_content(content)) <= own, page
         if page.name != "index.html":
             # Every string is on the page as text: template syntax is shown, not evaluated.
             shown = html.unescape(content)
