@@ -294,10 +294,57 @@ class JobFile(_Strict):
     jobs: Annotated[list[JobSpec], Field(min_length=1, max_length=100)]
 
 
+# Deeper than any job file needs; Python's own parser would run out of stack near 1,000.
+MAX_NESTING = 32
+# Digits a number may have: every count and budget fits; a 100,000-digit one would take
+# Python's int conversion seconds (it refuses past 4,300 digits, with its own words).
+MAX_NUMBER_DIGITS = 30
+
+
+class _TooLong(str):
+    """A JSON number with more digits than MAX_NUMBER_DIGITS, kept as text: every field that
+    wants a number refuses it, and the error names the field."""
+
+
+def _number(text: str) -> int | float | str:
+    if len(text) > MAX_NUMBER_DIGITS:
+        return _TooLong(text)
+    return float(text) if any(c in text for c in ".eE") else int(text)
+
+
+def _nesting_problem(text: str) -> str:
+    """Where `text` nests arrays and objects deeper than MAX_NESTING, or "" (one pass, outside
+    strings, before any parser recurses into it)."""
+    depth, in_string, escaped = 0, False, False
+    line, column = 1, 0
+    for char in text:
+        column += 1
+        if char == "\n":
+            line, column = line + 1, 0
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > MAX_NESTING:
+                return f"nested deeper than {MAX_NESTING} levels at line {line} column {column}"
+        elif char in "]}":
+            depth -= 1
+    return ""
+
+
 def _problems(error: ValidationError) -> str:
     problems = []
     for err in error.errors(include_url=False):
         message = err["msg"].removeprefix("Value error, ")
+        if isinstance(err.get("input"), _TooLong):
+            message = f"a number of {len(err['input']):,} digits; at most {MAX_NUMBER_DIGITS}"
         problems.append(f"{_location(err['loc'])}: {message}")
     return "\n  ".join(problems)
 
@@ -317,8 +364,11 @@ def _parse(text: str, model: type[Parsed], what: str) -> Parsed:
         raise JobFileError(f"(file): larger than {MAX_JOB_FILE_BYTES // 1024} KiB")
     if not text.strip():
         raise JobFileError(f"(file): the {what} is empty")
+    if nesting := _nesting_problem(text):
+        raise JobFileError(f"(file): {nesting}")
     try:
-        data = json.loads(text)
+        # Numbers past MAX_NUMBER_DIGITS stay text, so the field that gets one names it.
+        data = json.loads(text, parse_int=_number, parse_float=_number)
     except json.JSONDecodeError as e:
         raise JobFileError(
             f"(file): not valid JSON at line {e.lineno} column {e.colno}: {e.msg}"

@@ -96,6 +96,11 @@ CORPUS: list[tuple[str, str]] = [
     (job(models={"content": "m" * 201}), "jobs[0].models.content: String should have at most 200 characters"),
     (job(link_style="both"), "jobs[0].link_style: Input should be 'absolute' or 'relative'"),
     ('{"a": "' + "x" * (1024 * 1024) + '"}', "(file): larger than 1024 KiB"),
+    ("[" * 100_000 + "]" * 100_000, "(file): nested deeper than 32 levels at line 1 column 33"),
+    ('{"jobs": [' + "{" * 40 + "}" * 40 + "]}", "(file): nested deeper than 32 levels"),
+    (job(max_workers=7_654_321).replace("7654321", "9" * 100_000), "jobs[0].max_workers: a number of 100,000 digits; at most 30"),
+    (job(tiers=tier(count=7_654_321)).replace("7654321", "1" + "0" * 5000), "jobs[0].tiers.tier1.count: a number of 5,001 digits"),
+    (job(max_cost_usd=float("inf")), "jobs[0].max_cost_usd: Input should be less than or equal to"),
 ]  # fmt: skip
 
 
