@@ -72,6 +72,9 @@ def build_server(
     name) plus health and reflection, start, and mark every service SERVING — or, with
     serving=False, NOT_SERVING until the caller's set_serving() (a dependency is not ready).
     With `tls` (PEM key, PEM certificate chain) the port serves TLS only."""
+    # gRPC's own parse errors: a line a minute with a count, not a traceback a request.
+    if _MALFORMED_REQUESTS not in logging.getLogger("grpc._common").filters:
+        logging.getLogger("grpc._common").addFilter(_MALFORMED_REQUESTS)
     executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc")
     server = grpc.server(
         executor,
@@ -199,6 +202,39 @@ def read_tls_files(cert_file: Path, key_file: Path) -> tuple[bytes, bytes]:
             raise ValueError(f"{setting}: {path} is not a PEM file")
         loaded.append(data)
     return loaded[0], loaded[1]
+
+
+class MalformedRequestLog(logging.Filter):
+    """gRPC logs a full ERROR traceback for each request it cannot parse; a flood of garbage
+    would bury everything else. The first in a minute becomes one WARNING line, the rest of
+    that minute are counted, and the next line says how many there were."""
+
+    WINDOW_SECONDS = 60.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._window_start = float("-inf")
+        self._suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith("Exception deserializing"):
+            return True
+        with self._lock:
+            if record.created - self._window_start < self.WINDOW_SECONDS:
+                self._suppressed += 1
+                return False
+            self._window_start, earlier = record.created, self._suppressed
+            self._suppressed = 0
+        reason = record.exc_info[1] if record.exc_info else "unreadable bytes"
+        more = f" ({earlier} more in the minute before)" if earlier else ""
+        record.msg, record.args = f"a request that cannot be parsed: %s{more}", (reason,)
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info = record.exc_text = None
+        return True
+
+
+_MALFORMED_REQUESTS = MalformedRequestLog()
 
 
 def configure_logging(level: str = "INFO") -> None:

@@ -320,3 +320,44 @@ def test_a_message_over_the_size_cap_is_refused_and_the_server_goes_on(team) -> 
         assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     with OrchestratorClient(team["address"], "admin", team["handle"].password) as admin:
         assert [j.job_id for j in admin.list_jobs()] == [team["ann_job"]]
+
+
+def test_a_flood_of_garbage_calls_logs_a_line_a_minute_not_a_traceback_a_call(
+    start_stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    handle = start_stack(simulator=SimulatorConfig())
+    stack = handle.stack
+    caplog.set_level(logging.INFO)
+    garbage = b"\xff\xfe\x00 not a protobuf message"
+
+    def raw(address: str, method: str, metadata: tuple[tuple[str, str], ...] = ()) -> list[Any]:
+        codes = []
+        with grpc.insecure_channel(address) as channel:
+            call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+            for _ in range(100):
+                with pytest.raises(grpc.RpcError) as error:
+                    call(garbage, timeout=10, metadata=metadata)
+                codes.append(error.value.code())
+        return codes
+
+    # Strangers' garbage to the internal services is refused unread: nothing to log.
+    persistence = raw(
+        stack.persistence_address, "/tierwriter.persistence.v1.PersistenceService/GetJob"
+    )
+    generator = raw(
+        stack.generator_address, "/tierwriter.generator.v1.GeneratorService/GenerateTitles"
+    )
+    assert set(persistence) == set(generator) == {grpc.StatusCode.UNAUTHENTICATED}
+    # Garbage that must be read (the orchestrator's public API; an internal caller's): one
+    # line for the minute, however many calls.
+    public = raw(
+        stack.orchestrator_address, "/tierwriter.orchestrator.v1.OrchestratorService/GetJob"
+    )
+    token = (("x-tierwriter-service-token", stack.service_token),)
+    inside = raw(
+        stack.persistence_address, "/tierwriter.persistence.v1.PersistenceService/GetJob", token
+    )
+    assert set(public) == set(inside) == {grpc.StatusCode.INTERNAL}
+    unreadable = [r for r in caplog.records if "cannot be parsed" in r.getMessage()]
+    assert len(unreadable) <= 1 and all(r.levelno == logging.WARNING for r in unreadable)
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
