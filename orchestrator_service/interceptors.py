@@ -31,6 +31,7 @@ OPEN_METHODS = frozenset({f"{SERVICE_PREFIX}Login"})
 # Codes of a dependency that a client of ours should see as they are; anything else means our
 # dependency is in trouble, which to our client is UNAVAILABLE.
 _PASSED_THROUGH = {
+    grpc.StatusCode.RESOURCE_EXHAUSTED,  # busy (e.g. password checks): the client retries later
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.ALREADY_EXISTS,

@@ -17,6 +17,8 @@ class Settings(ServiceSettings):
     persistence_address: str = Field("127.0.0.1:50053", alias="PERSISTENCE_ADDRESS")
     # gRPC threads; also the PostgreSQL pool size, so a call never waits for a connection.
     persistence_threads: int = Field(32, ge=1, alias="PERSISTENCE_THREADS")
+    # argon2 takes 64 MiB a hash: at most this many at once (logins, new users, passwords).
+    password_hashes_at_once: int = Field(2, ge=1, le=64, alias="PASSWORD_HASHES_AT_ONCE")
     # The first admin's password; checked like any password, so the admin can always log in.
     admin_password: SecretStr | None = Field(
         None, min_length=8, max_length=1024, alias="TIERWRITER_ADMIN_PASSWORD"

@@ -33,7 +33,7 @@ def build_server(
     engine = make_engine(
         settings.database_url, pool_size=settings.persistence_threads, migrate=False
     )
-    store = Store(make_session_factory(engine))
+    store = Store(make_session_factory(engine), settings.password_hashes_at_once)
     try:
         running = runtime.build_server(
             listen,

@@ -16,6 +16,7 @@ from persistence_service.client import outline_to_proto
 from persistence_service.models import Article, Job, Project, Site, User
 from persistence_service.store import (
     AuthenticationError,
+    BusyError,
     ConflictError,
     Counts,
     InvalidRecordError,
@@ -56,6 +57,8 @@ def _status_codes(context: grpc.ServicerContext) -> Iterator[None]:
         )
     except AuthenticationError as e:
         runtime.abort(context, grpc.StatusCode.UNAUTHENTICATED, str(e))
+    except BusyError as e:
+        runtime.abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
 
 
 def timestamp(moment: datetime | None) -> Timestamp | None:

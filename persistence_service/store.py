@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -35,6 +37,11 @@ log = logging.getLogger(__name__)
 _hasher = PasswordHasher()
 # Hashed when there is no account to check against, so a miss takes as long as a wrong password.
 _TIMING_PASSWORD = "not-a-password-only-spends-time"
+# argon2's default hash takes 64 MiB of memory: this many at once bounds what logins can make
+# persistence hold, credentials or not; the rest wait their turn, and a call that waited
+# HASH_WAIT_SECONDS is told the service is busy.
+PASSWORD_HASHES_AT_ONCE = 2
+HASH_WAIT_SECONDS = 10.0
 
 
 class NotFoundError(Exception):
@@ -51,6 +58,28 @@ class ConflictError(Exception):
 
 class StateError(Exception):
     """The record is not in a state that allows this change (e.g. resuming a running job)."""
+
+
+class BusyError(Exception):
+    """Too many of one costly thing at once (password hashes); try again in a moment."""
+
+
+class _HashSlots:
+    """At most `at_once` password hashes run at a time; a wait longer than `wait_seconds` is
+    BusyError."""
+
+    def __init__(self, at_once: int, wait_seconds: float) -> None:
+        self._slots = threading.BoundedSemaphore(at_once)
+        self._wait = wait_seconds
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        if not self._slots.acquire(timeout=self._wait):
+            raise BusyError("too many password checks at once: try again in a few seconds")
+        try:
+            yield
+        finally:
+            self._slots.release()
 
 
 class AuthenticationError(Exception):
@@ -165,8 +194,13 @@ class Stats:
 class Store:
     """Projects, jobs, articles and users; one fresh session per method call."""
 
-    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        password_hashes_at_once: int = PASSWORD_HASHES_AT_ONCE,
+    ) -> None:
         self._session_factory = session_factory
+        self._hashes = _HashSlots(password_hashes_at_once, HASH_WAIT_SECONDS)
 
     def _uow(self) -> UnitOfWork:
         return UnitOfWork(self._session_factory)
@@ -694,7 +728,9 @@ class Store:
                 f"role: must be one of {', '.join(accounts.ROLES)}, not {role!r}"
             )
         with self._uow() as uow:
-            user = User(username=username, password_hash=_hasher.hash(password), role=role)
+            with self._hashes.slot():
+                password_hash = _hasher.hash(password)
+            user = User(username=username, password_hash=password_hash, role=role)
             uow.session.add(user)
             try:
                 uow.commit()
@@ -730,7 +766,8 @@ class Store:
         check_password(password)
         with self._uow() as uow:
             user = self._user(uow.session, username, for_update=True)
-            user.password_hash = _hasher.hash(password)
+            with self._hashes.slot():
+                user.password_hash = _hasher.hash(password)
             user.token_version += 1
             uow.commit()
             return user
@@ -764,9 +801,12 @@ class Store:
 
     def verify_credentials(self, username: str, password: str) -> User:
         """The active user with these credentials; AuthenticationError otherwise (the message
-        does not say which part was wrong)."""
+        does not say which part was wrong), BusyError when the hash waited too long for a
+        slot. The hash runs after the session is closed: a queue of logins holds no database
+        connection."""
         with self._uow() as uow:
             user = repository.user_by_name(uow.session, username)
+        with self._hashes.slot():
             if user is None or not user.active or accounts.password_problem(password):
                 _hasher.hash(_TIMING_PASSWORD)  # spend the same time as a real check
                 raise AuthenticationError("invalid username or password")
@@ -774,4 +814,4 @@ class Store:
                 _hasher.verify(user.password_hash, password)
             except (VerificationError, InvalidHashError) as e:
                 raise AuthenticationError("invalid username or password") from e
-            return user
+        return user

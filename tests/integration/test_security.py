@@ -9,8 +9,11 @@ import base64
 import json
 import logging
 import time
+import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -21,6 +24,7 @@ from generator_service.llm.simulator import SimulatorConfig
 from orchestrator_service.auth import TokenSigner
 from orchestrator_service.client import OrchestratorClient
 from orchestrator_service.credentials import bearer_credentials
+from orchestrator_service.stack import LocalStack, StackConfig
 from tests.helpers import TIER, job_file
 from tierwriter.generator.v1 import generator_service_pb2 as gen_pb
 from tierwriter.generator.v1 import generator_service_pb2_grpc as gen_grpc
@@ -361,3 +365,40 @@ def test_a_flood_of_garbage_calls_logs_a_line_a_minute_not_a_traceback_a_call(
     unreadable = [r for r in caplog.records if "cannot be parsed" in r.getMessage()]
     assert len(unreadable) <= 1 and all(r.levelno == logging.WARNING for r in unreadable)
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+def _rss_mb(pid: int, field: str) -> float:
+    """VmRSS (now) or VmHWM (the peak) of a process, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no {field} for {pid}")
+
+
+def test_logins_with_unknown_names_cannot_exhaust_persistences_memory(tmp_path: Path) -> None:
+    # Each argon2 hash takes 64 MiB: 32 logins at once used to hold 32 of them (2 GiB).
+    config = StackConfig.on_loopback(
+        database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
+        output_dir=tmp_path / "output",
+        simulator=SimulatorConfig(),
+        admin_password="admin-password-123",
+        processes=True,
+    )
+    with LocalStack(config) as stack:
+        persistence = stack.service_pids()["persistence_service"]
+
+        def attempt(n: int) -> grpc.StatusCode | None:
+            with OrchestratorClient(stack.orchestrator_address) as client:
+                try:
+                    client.login(f"nobody-{n}-{uuid.uuid4().hex[:8]}", "wrong-password-123")
+                except ServiceCallError as e:
+                    return e.code
+            return None
+
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            codes = list(pool.map(attempt, range(200)))
+        peak = _rss_mb(persistence, "VmHWM")
+    # Refused as unknown, or (waited too long for a hash) as busy; never let in.
+    assert set(codes) <= {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert codes.count(grpc.StatusCode.UNAUTHENTICATED) >= 100
+    assert peak < 300, f"persistence peaked at {peak:.0f} MB"
