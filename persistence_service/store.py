@@ -727,9 +727,9 @@ class Store:
             raise InvalidRecordError(
                 f"role: must be one of {', '.join(accounts.ROLES)}, not {role!r}"
             )
+        with self._hashes.slot():  # before the session: a wait holds no connection
+            password_hash = _hasher.hash(password)
         with self._uow() as uow:
-            with self._hashes.slot():
-                password_hash = _hasher.hash(password)
             user = User(username=username, password_hash=password_hash, role=role)
             uow.session.add(user)
             try:
@@ -764,10 +764,11 @@ class Store:
         """Replace a user's password (its argon2 hash); session tokens issued before stop
         working."""
         check_password(password)
+        with self._hashes.slot():  # before the session: a wait holds no row lock
+            password_hash = _hasher.hash(password)
         with self._uow() as uow:
             user = self._user(uow.session, username, for_update=True)
-            with self._hashes.slot():
-                user.password_hash = _hasher.hash(password)
+            user.password_hash = password_hash
             user.token_version += 1
             uow.commit()
             return user
