@@ -45,11 +45,6 @@ from orchestrator_service.console import augmentation_rate
 from orchestrator_service.stack import LocalStack, StackConfig
 from tierwriter.article.v1 import article_event_pb2 as article_pb
 
-TERMINAL = {
-    article_pb.ARTICLE_EVENT_KIND_SAVED,
-    article_pb.ARTICLE_EVENT_KIND_FAILED,
-    article_pb.ARTICLE_EVENT_KIND_SKIPPED,
-}
 # The simulator's request kinds an article's calls fall into (titles are the job's).
 ARTICLE_CALLS = ("outline", "outline_repair", "content", "augment", "continue")
 TIER = TierShape("tier1", 0, 800, 1200, 3, 5, 3, 8)

@@ -12,6 +12,7 @@ from tierwriter.article.v1 import article_event_pb2 as article_pb
 from tierwriter.generator.v1 import generator_service_pb2 as pb
 from tierwriter.generator.v1 import generator_service_pb2_grpc as pb_grpc
 from tierwriter.service_auth import token_metadata
+from tierwriter.statuses import TERMINAL_ARTICLE_EVENTS
 
 # A titles stream runs beside its tier's articles, on the same model: bounded, but generous.
 TITLES_DEADLINE = 3600.0
@@ -21,13 +22,6 @@ ARTICLES_DEADLINE = 24 * 3600.0
 STOP_POLL_SECONDS = 0.2
 # Articles sent ahead per worker, beyond those running (see generate_articles).
 QUEUED_PER_WORKER = 2
-TERMINAL_KINDS = frozenset(
-    {
-        article_pb.ARTICLE_EVENT_KIND_SAVED,
-        article_pb.ARTICLE_EVENT_KIND_FAILED,
-        article_pb.ARTICLE_EVENT_KIND_SKIPPED,
-    }
-)
 
 
 class GeneratorClient:
@@ -150,7 +144,7 @@ class GeneratorClient:
                     if key in unstarted:  # its first event: it left the queue
                         unstarted.discard(key)
                         room.notify()
-                if response.event.kind in TERMINAL_KINDS:
+                if response.event.kind in TERMINAL_ARTICLE_EVENTS:
                     with lock:
                         terminal += 1
                     settle()

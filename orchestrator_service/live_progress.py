@@ -24,14 +24,10 @@ from rich.text import Text
 from orchestrator_service.console import event_lines, format_cost
 from tierwriter.article.v1 import article_event_pb2 as article_pb
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
+from tierwriter.statuses import TERMINAL_ARTICLE_EVENTS
 
-_TERMINAL = {
-    article_pb.ARTICLE_EVENT_KIND_SAVED,
-    article_pb.ARTICLE_EVENT_KIND_FAILED,
-    article_pb.ARTICLE_EVENT_KIND_SKIPPED,
-}
 # Steps shown as lines above the bars as they happen; the other steps only move the bars.
-_SHOWN_STEPS = _TERMINAL | {
+_SHOWN_STEPS = TERMINAL_ARTICLE_EVENTS | {
     article_pb.ARTICLE_EVENT_KIND_RETRYING,
     article_pb.ARTICLE_EVENT_KIND_THROTTLED,
     article_pb.ARTICLE_EVENT_KIND_OUTLINE_REPAIRING,
@@ -109,7 +105,7 @@ class LiveProgress:
             self._tiers[event.job_id, tier.tier] = self._task(tier.tier, tier.count)
         elif kind == "article":
             article = event.article
-            if article.kind in _TERMINAL:
+            if article.kind in TERMINAL_ARTICLE_EVENTS:
                 self._finished(event.job_id, article)
             if article.kind not in _SHOWN_STEPS:
                 return

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import grpc
 
-from generator_service.client import TERMINAL_KINDS, GeneratorClient
+from generator_service.client import GeneratorClient
 from orchestrator_service import publish
 from orchestrator_service.jobfile import JobSpec, TierSpec
 from orchestrator_service.postprocess import write_atomically
@@ -31,6 +31,7 @@ from tierwriter.job.v1 import job_pb2
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 from tierwriter.persistence.v1 import persistence_service_pb2 as db_pb
 from tierwriter.runtime import ServiceCallError
+from tierwriter.statuses import TERMINAL_ARTICLE_EVENTS
 
 # A lost generator shows as one of these on the article stream; anything else is not retried.
 GENERATOR_LOST = {
@@ -354,7 +355,7 @@ class TierGroup:
             for event in events:
                 yield from self._report_titles()  # "titles ready" before what follows
                 yield pb.JobEvent(article=event)  # the generator's event, as it is
-                if event.kind in TERMINAL_KINDS:
+                if event.kind in TERMINAL_ARTICLE_EVENTS:
                     self._progress.terminal(event.tier)
                 if event.kind == article_pb.ARTICLE_EVENT_KIND_FAILED and not self._failure:
                     if event.fatal:

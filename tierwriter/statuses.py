@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TypeAlias
 
-from tierwriter.article.v1.article_event_pb2 import ArticleStatus
+from tierwriter.article.v1.article_event_pb2 import ArticleEventKind, ArticleStatus
 from tierwriter.job.v1.job_pb2 import JobStatus
 
 JobStatusValue: TypeAlias = JobStatus.ValueType
@@ -13,6 +13,14 @@ ArticleStatusValue: TypeAlias = ArticleStatus.ValueType
 
 # A job in one of these may still change; a watch of it goes on.
 ACTIVE_JOB_STATUSES = (JobStatus.JOB_STATUS_QUEUED, JobStatus.JOB_STATUS_RUNNING)
+# An article's last event is one of these: it has its record (or, skipped, never will).
+TERMINAL_ARTICLE_EVENTS = frozenset(
+    {
+        ArticleEventKind.ARTICLE_EVENT_KIND_SAVED,
+        ArticleEventKind.ARTICLE_EVENT_KIND_FAILED,
+        ArticleEventKind.ARTICLE_EVENT_KIND_SKIPPED,
+    }
+)
 
 
 def job_status(word: str) -> JobStatusValue:
