@@ -46,10 +46,10 @@ def job_files(job_dir: Path) -> list[Path]:
     return files
 
 
-def file_chunks(job_dir: Path) -> Iterator[pb.ExportJobResponse]:
-    """Every file of the job's folder as ExportJob messages."""
+def file_chunks(job_dir: Path, files: Iterable[Path]) -> Iterator[pb.ExportJobResponse]:
+    """`files` (job_files of the job's folder) as ExportJob messages."""
     root = job_dir.resolve()
-    for path in job_files(job_dir):
+    for path in files:
         digest = hashlib.sha256()
         relative = path.relative_to(root).as_posix()
         with path.open("rb") as f:

@@ -335,7 +335,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                 f"job {job.id} is still {job_status_word(job.status)}: export it once it ends",
             )
         folder = publish.job_dir(self._runner.output_dir, job.id)
-        if not export.job_files(folder):
+        files = export.job_files(folder)
+        if not files:
             runtime.abort(
                 context,
                 grpc.StatusCode.NOT_FOUND,
@@ -350,7 +351,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                 "try again later",
             )
         try:
-            yield from export.file_chunks(folder)
+            yield from export.file_chunks(folder, files)
         finally:
             self._watch_slots.release()
 

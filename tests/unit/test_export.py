@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator_service.export import ExportError, destination, file_chunks, write_files
+from orchestrator_service.export import (
+    ExportError,
+    destination,
+    file_chunks,
+    job_files,
+    write_files,
+)
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 
 
@@ -43,7 +49,7 @@ def test_chunks_round_trip_byte_for_byte_and_skip_links_out_of_the_folder(tmp_pa
     (job / "link.txt").symlink_to(secret)
     (job / ".index.html.tmp").write_text("a publish that crashed")
     out = tmp_path / "client"
-    written = write_files(file_chunks(job), out)
+    written = write_files(file_chunks(job, job_files(job)), out)
     assert sorted(f.path.relative_to(out).as_posix() for f in written) == [
         "blog.example.net/page.html",
         "empty.txt",
