@@ -1,6 +1,6 @@
 """Who is calling the orchestrator: credentials in call metadata (`authorization: Basic …` or
-`Bearer <token>`), short-lived signed session tokens, and a per-user brake on failed logins.
-No gRPC here: the servicer maps the errors below onto status codes."""
+`Bearer <token>`), short-lived signed session tokens, and a brake on failed logins per client
+address and per account. No gRPC here: the servicer maps the errors below onto status codes."""
 
 from __future__ import annotations
 
@@ -67,12 +67,13 @@ class NotAuthenticatedError(Exception):
 
 
 class ThrottledError(Exception):
-    """Too many failed logins for this username in a row; try again in `retry_after` seconds."""
+    """Too many failed logins in a row from this address or at this account; try again in
+    `retry_after` seconds."""
 
-    def __init__(self, username: str, retry_after: float) -> None:
+    def __init__(self, where: str, retry_after: float) -> None:
         self.retry_after = retry_after
         super().__init__(
-            f"too many failed logins for {username!r}: try again in {retry_after:.0f} s"
+            f"too many failed logins {where}: try again in {max(1, round(retry_after))} s"
         )
 
 
@@ -151,59 +152,134 @@ class TokenSigner:
         return TokenClaims(str(claims["sub"]), int(claims["ver"]))
 
 
-class LoginThrottle:
-    """Slows down password guessing per username: after `free_attempts` attempts in a row that
-    did not succeed, each further attempt must wait a delay that doubles from `base_delay` up to
-    `max_delay`. An attempt counts as failed from the moment it starts, so guesses sent in
-    parallel are held back like guesses sent one by one; a success clears the count. Usernames
-    that do not exist are counted too (so the answer does not tell them apart); the oldest
-    entries are dropped beyond `max_tracked`."""
+def client_address(
+    peer: str,
+    metadata: Iterable[tuple[str, str | bytes]] = (),
+    trusted_proxies: frozenset[str] = frozenset(),
+) -> str:
+    """The address a call comes from, without its port: gRPC's `peer()` ("ipv4:10.0.0.5:4711",
+    "ipv6:[::1]:4711", "unix:…"). Behind a proxy named in `trusted_proxies`, the last address
+    that proxy appended to `x-forwarded-for`: the caller it saw. Anyone else's
+    `x-forwarded-for` is ignored, or a client could name any address it likes."""
+    scheme, _, rest = peer.partition(":")
+    if scheme == "ipv6" and rest.startswith("["):
+        address = rest[1 : rest.find("]")]
+    elif scheme == "ipv4":
+        address = rest.rpartition(":")[0]
+    else:
+        address = peer
+    if address in trusted_proxies:
+        for key, value in metadata:
+            if key == FORWARDED_FOR_KEY and isinstance(value, str):
+                forwarded = value.rpartition(",")[2].strip()
+                if forwarded:
+                    address = forwarded
+    return address
+
+
+FORWARDED_FOR_KEY = "x-forwarded-for"
+
+
+class _FailureCounts:
+    """Failed logins in a row per key (an address or a username), with the time of the last;
+    forgotten after `forget_after` seconds without a failure, and the least recently failed
+    keys dropped beyond `max_tracked` so guesses at random names cannot grow it."""
+
+    def __init__(self, forget_after: float, max_tracked: int) -> None:
+        self._forget_after = forget_after
+        self._max_tracked = max_tracked
+        self._counts: OrderedDict[str, tuple[int, float]] = OrderedDict()
+
+    def get(self, key: str, now: float) -> tuple[int, float]:
+        """(failures in a row, time of the last); (0, 0.0) once forgotten."""
+        count, last = self._counts.get(key, (0, 0.0))
+        if count and now - last > self._forget_after:
+            del self._counts[key]
+            return 0, 0.0
+        return count, last
+
+    def add(self, key: str, now: float) -> int:
+        count = self.get(key, now)[0] + 1
+        self._counts[key] = (count, now)
+        self._counts.move_to_end(key)
+        while len(self._counts) > self._max_tracked:
+            self._counts.popitem(last=False)
+        return count
+
+    def clear(self, key: str) -> None:
+        self._counts.pop(key, None)
+
+
+class LoginBrake:
+    """Slows password guessing down without locking the real user out. Only failures count
+    (a wrong password, or a username that does not exist): attempts in flight and successes
+    never do, so correct logins sent in parallel are never refused.
+
+    - Per address: after `address_free` failures in a row from one client address, each
+      further attempt from it (at any account) waits a delay that doubles from `base_delay` up
+      to `max_delay` after its last failure. A success does not clear it (an attacker with an
+      account of their own could otherwise reset it between guesses); `forget_after` seconds
+      without a failure do.
+    - Per account: after `account_free` failures in a row at one username, from wherever,
+      attempts at it wait the same way, except from an address with no failures on record:
+      the real user, at their own machine, still gets in while others guess. A success clears
+      the account's count."""
 
     def __init__(
         self,
-        free_attempts: int = 3,
+        account_free: int = 3,
+        address_free: int = 10,
         base_delay: float = 1.0,
         max_delay: float = 300.0,
+        forget_after: float = 900.0,
         clock: Callable[[], float] = time.monotonic,
         max_tracked: int = 10_000,
     ) -> None:
-        self._free = free_attempts
+        self._account_free = account_free
+        self._address_free = address_free
         self._base = base_delay
         self._max = max_delay
         self._clock = clock
-        self._max_tracked = max_tracked
         self._lock = threading.Lock()
-        # username → (attempts in a row without success, earliest time of the next attempt)
-        self._attempts: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self._addresses = _FailureCounts(forget_after, max_tracked)
+        self._accounts = _FailureCounts(forget_after, max_tracked)
 
-    def attempt(self, username: str) -> float:
-        """Start an attempt: 0 when it may go ahead (and is counted), else the seconds to wait
-        (and it is not counted)."""
-        with self._lock:
-            count, not_before = self._attempts.pop(username, (0, 0.0))
-            now = self._clock()
-            if now < not_before:
-                self._attempts[username] = (count, not_before)
-                return not_before - now
-            count += 1
-            delay = 0.0
-            if count >= self._free:
-                delay = min(self._max, self._base * 2 ** (count - self._free))
-            self._attempts[username] = (count, now + delay)
-            while len(self._attempts) > self._max_tracked:
-                self._attempts.popitem(last=False)
+    def _wait(self, counts: _FailureCounts, key: str, free: int, now: float) -> float:
+        count, last = counts.get(key, now)
+        if count < free:
             return 0.0
+        delay = min(self._max, self._base * 2 ** (count - free))
+        return max(0.0, last + delay - now)
 
-    def standing(self, username: str) -> tuple[int, float]:
-        """(attempts in a row without success, seconds before the next may start)."""
+    def check(self, address: str, username: str) -> None:
+        """ThrottledError when an attempt at `username` from `address` must wait."""
         with self._lock:
-            count, not_before = self._attempts.get(username, (0, 0.0))
-        return count, max(0.0, not_before - self._clock())
+            now = self._clock()
+            wait = self._wait(self._addresses, address, self._address_free, now)
+            if wait > 0:
+                raise ThrottledError("from your address", wait)
+            if self._addresses.get(address, now)[0] == 0:
+                return  # no failures from here: the account's brake is not for this caller
+            wait = self._wait(self._accounts, username, self._account_free, now)
+            if wait > 0:
+                raise ThrottledError(f"for {username!r}", wait)
+
+    def failed(self, address: str, username: str) -> tuple[int, int]:
+        """Record a failure: (failures in a row from the address, at the account)."""
+        with self._lock:
+            now = self._clock()
+            return self._addresses.add(address, now), self._accounts.add(username, now)
 
     def succeeded(self, username: str) -> None:
-        """Forget the user's attempts."""
+        """The account's count starts over; the address's stays (see the class)."""
         with self._lock:
-            self._attempts.pop(username, None)
+            self._accounts.clear(username)
+
+    def failures(self, address: str, username: str) -> tuple[int, int]:
+        """(failures in a row from the address, at the account), for tests and logs."""
+        with self._lock:
+            now = self._clock()
+            return self._addresses.get(address, now)[0], self._accounts.get(username, now)[0]
 
 
 class Authenticator:
@@ -215,14 +291,20 @@ class Authenticator:
         persistence: PersistenceClient,
         signing_secret: str | None,
         token_ttl_seconds: float,
-        throttle: LoginThrottle | None = None,
+        brake: LoginBrake | None = None,
+        trusted_proxies: frozenset[str] = frozenset(),
     ) -> None:
         self._persistence = persistence
         self._secret = signing_secret
         self._ttl = token_ttl_seconds
-        self._throttle = throttle or LoginThrottle()
+        self._brake = brake or LoginBrake()
+        self._trusted_proxies = trusted_proxies
         self._signer: TokenSigner | None = None
         self._signer_lock = threading.Lock()
+
+    def address(self, peer: str, metadata: Iterable[tuple[str, str | bytes]]) -> str:
+        """Where a call comes from (see client_address), for the login brake and the log."""
+        return client_address(peer, metadata, self._trusted_proxies)
 
     def signer(self) -> TokenSigner:
         """The token signer, built on first use (persistence may start after us)."""
@@ -232,42 +314,42 @@ class Authenticator:
                 self._signer = TokenSigner(secret, self._ttl)
             return self._signer
 
-    def check_password(self, username: str, password: str) -> db_pb.User:
-        """The active user with these credentials. ThrottledError while the user must wait;
-        NotAuthenticatedError otherwise (a failure is logged without the password)."""
+    def check_password(self, username: str, password: str, address: str) -> db_pb.User:
+        """The active user with these credentials, tried from `address`. ThrottledError while
+        the address or the account must wait; NotAuthenticatedError otherwise (a failure is
+        logged without the password)."""
         if not accounts.could_be_credentials(username, password):
-            # No account can match: refused without a lookup, a hash, or a throttle entry (a
+            # No account can match: refused without a lookup, a hash, or a brake entry (a
             # megabyte "username" must not become a key that stays in memory).
             raise NotAuthenticatedError("invalid username or password")
-        wait = self._throttle.attempt(username)
-        if wait > 0:
-            raise ThrottledError(username, wait)
+        self._brake.check(address, username)
         try:
             user = self._persistence.verify_credentials(username, password)
         except ServiceCallError as e:
             if e.code != grpc.StatusCode.UNAUTHENTICATED:
-                raise
-            failures, delay = self._throttle.standing(username)
+                raise  # busy or down: not a failed guess
+            from_address, at_account = self._brake.failed(address, username)
             log.warning(
-                "failed login for %r (%d in a row); next attempt allowed in %.0f s",
+                "failed login for %r from %s (%d in a row at the account, %d from the address)",
                 username,
-                failures,
-                delay,
+                address,
+                at_account,
+                from_address,
             )
             raise NotAuthenticatedError("invalid username or password") from e
-        self._throttle.succeeded(username)
+        self._brake.succeeded(username)
         return user
 
-    def login(self, username: str, password: str) -> tuple[str, float, db_pb.User]:
+    def login(self, username: str, password: str, address: str) -> tuple[str, float, db_pb.User]:
         """(token, expiry, user) for valid credentials."""
-        user = self.check_password(username, password)
+        user = self.check_password(username, password, address)
         token, expires = self.signer().issue(user.username, user.token_version)
-        log.info("%r logged in", user.username)
+        log.info("%r logged in from %s", user.username, address)
         return token, expires, user
 
-    def authenticate(self, metadata: Iterable[tuple[str, str | bytes]]) -> Principal:
-        """The caller named by the call's credentials. A token's account is looked up on every
-        call, so disabling a user takes effect at once."""
+    def authenticate(self, metadata: Iterable[tuple[str, str | bytes]], address: str) -> Principal:
+        """The caller named by the call's credentials, calling from `address`. A token's
+        account is looked up on every call, so disabling a user takes effect at once."""
         credentials = credentials_from_metadata(metadata)
         if credentials is None:
             raise NotAuthenticatedError(
@@ -275,7 +357,7 @@ class Authenticator:
                 "(or set TIERWRITER_USER and TIERWRITER_PASSWORD)"
             )
         if isinstance(credentials, PasswordCredentials):
-            user = self.check_password(credentials.username, credentials.password)
+            user = self.check_password(credentials.username, credentials.password, address)
         else:
             claims = self.signer().claims(credentials)
             try:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from tierwriter.settings import ServiceSettings
 
@@ -51,9 +52,31 @@ class Settings(ServiceSettings):
     )
     # How long a token from `tierwriter login` works.
     token_ttl_seconds: int = Field(3600, ge=60, le=7 * 24 * 3600, alias="TOKEN_TTL_SECONDS")
+    # Addresses of proxies in front of the orchestrator (comma-separated IPs): a call from one
+    # of them is taken to come from the last address it appended to `x-forwarded-for`, so the
+    # login brake slows down the client instead of everyone behind the proxy.
+    trusted_proxies: str = Field("", alias="ORCHESTRATOR_TRUSTED_PROXIES")
     # Serve TLS with this PEM certificate (chain) and key; both or neither.
     tls_cert_file: Path | None = Field(None, alias="TLS_CERT_FILE")
     tls_key_file: Path | None = Field(None, alias="TLS_KEY_FILE")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies_are_ip_addresses(cls, value: str) -> str:
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            try:
+                ipaddress.ip_address(part)
+            except ValueError:
+                raise ValueError("must be IP addresses, separated by commas") from None
+        return value
+
+    def trusted_proxy_addresses(self) -> frozenset[str]:
+        """ORCHESTRATOR_TRUSTED_PROXIES as a set, in the form gRPC's peer() shows them."""
+        return frozenset(
+            str(ipaddress.ip_address(p.strip()))
+            for p in self.trusted_proxies.split(",")
+            if p.strip()
+        )
 
     @model_validator(mode="after")
     def _tls_needs_both_files(self) -> Settings:

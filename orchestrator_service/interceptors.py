@@ -137,8 +137,12 @@ class Authentication(grpc.ServerInterceptor):
             return handler
         return _wrapped(handler, self._call, self._stream)
 
+    def _authenticate(self, context: grpc.ServicerContext) -> Principal:
+        metadata = context.invocation_metadata()
+        return self._auth.authenticate(metadata, self._auth.address(context.peer(), metadata))
+
     def _call(self, behavior: Behavior, request: Any, context: grpc.ServicerContext) -> Any:
-        token = _caller.set(self._auth.authenticate(context.invocation_metadata()))
+        token = _caller.set(self._authenticate(context))
         try:
             return behavior(request, context)
         finally:
@@ -147,7 +151,7 @@ class Authentication(grpc.ServerInterceptor):
     def _stream(
         self, behavior: Behavior, request: Any, context: grpc.ServicerContext
     ) -> Iterator[Any]:
-        principal = self._auth.authenticate(context.invocation_metadata())
+        principal = self._authenticate(context)
         # Set around each step: gRPC may resume the stream from another context.
         responses = iter(behavior(request, context))
         while True:

@@ -53,7 +53,10 @@ def build_server(settings: Settings, address: str | None = None) -> runtime.Runn
         )
         scheduler = JobScheduler(runner, scheduler_persistence, settings)
         authenticator = Authenticator(
-            persistence, settings.signing_secret_value(), settings.token_ttl_seconds
+            persistence,
+            settings.signing_secret_value(),
+            settings.token_ttl_seconds,
+            trusted_proxies=settings.trusted_proxy_addresses(),
         )
         servicer = OrchestratorServicer(
             runner, scheduler, persistence, authenticator, settings.orchestrator_max_watches

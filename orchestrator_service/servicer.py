@@ -173,7 +173,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             runtime.abort(
                 context, grpc.StatusCode.INVALID_ARGUMENT, "username and password: both required"
             )
-        token, expires_at, user = self._auth.login(request.username, request.password)
+        address = self._auth.address(context.peer(), context.invocation_metadata())
+        token, expires_at, user = self._auth.login(request.username, request.password, address)
         return pb.LoginResponse(
             token=token, expire_time=timestamp(expires_at), user=user_to_public(user)
         )

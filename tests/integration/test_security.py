@@ -239,24 +239,64 @@ def test_only_admins_manage_users_and_a_user_changes_only_their_own_password(tea
         assert "last active admin" in last.details
 
 
-def test_repeated_failed_logins_are_slowed_down_per_user_and_logged_without_the_password(
-    team, caplog: pytest.LogCaptureFixture
+def login_from(
+    orchestrator: str, client: str, username: str, password: str
+) -> tuple[grpc.StatusCode, str] | None:
+    """A Login as if from `client`, through a proxy the orchestrator trusts (127.0.0.1, with
+    `x-forwarded-for`): None when it succeeds, else its status code and details."""
+    with grpc.insecure_channel(orchestrator) as channel:
+        try:
+            pb_grpc.OrchestratorServiceStub(channel).Login(
+                pb.LoginRequest(username=username, password=password),
+                timeout=30,
+                metadata=(("x-forwarded-for", client),),
+            )
+        except grpc.RpcError as e:
+            return e.code(), e.details() or ""
+    return None
+
+
+def test_the_login_brake_slows_the_guesser_down_but_never_locks_the_user_out(
+    start_stack, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    address = team["address"]
-    with OrchestratorClient(address) as anonymous:
-        for guess in ("guess-number-0", "guess-number-1", "guess-number-2"):
-            wrong = denied(partial(anonymous.login, "ann", guess))
-            assert wrong.code == grpc.StatusCode.UNAUTHENTICATED
-        # Now even the right password has to wait; another user does not.
-        slowed = denied(lambda: anonymous.login("ann", "ann-password-1"))
-        assert slowed.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "too many failed logins for 'ann'" in slowed.details
-        assert anonymous.login("bob", "bob-password-1").user.username == "bob"
-        time.sleep(1.1)  # the first delay is 1 s
-        assert anonymous.login("ann", "ann-password-1").user.username == "ann"
-    assert "failed login for 'ann' (3 in a row)" in caplog.text
+    handle = start_stack(simulator=FAST, orchestrator_settings={"trusted_proxies": "127.0.0.1"})
+    address, admin_password = handle.stack.orchestrator_address, handle.password
+    with OrchestratorClient(address, "admin", admin_password) as admin:
+        admin.create_user("ann", "ann-password-1")
+    guesser, ann_at_home = "203.0.113.66", "198.51.100.7"
+
+    def code(client: str, username: str, password: str) -> grpc.StatusCode | None:
+        failure = login_from(address, client, username, password)
+        return failure[0] if failure else None
+
+    for n in range(3):
+        assert code(guesser, "ann", f"guess-number-{n}") == grpc.StatusCode.UNAUTHENTICATED
+    # Now even the right password waits when it comes from the address that failed.
+    assert login_from(address, guesser, "ann", "ann-password-1") == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "too many failed logins for 'ann': try again in 1 s",
+    )
+    # The real ann, at a machine with no failures, gets in: the guesses cost her nothing.
+    assert code(ann_at_home, "ann", "ann-password-1") is None
+    # Ten failures from one address, at any names, slow that address down for every account.
+    for n in range(7):
+        assert code(guesser, f"nobody-{n}", "wrong-password") == grpc.StatusCode.UNAUTHENTICATED
+    slowed = login_from(address, guesser, "admin", admin_password)
+    assert slowed and "too many failed logins from your address" in slowed[1]
+    assert code(ann_at_home, "admin", admin_password) is None
+    # Correct credentials sent at once are never refused, however many (24 commands of a script
+    # with -u/-p: each logs in with the password).
+    with ThreadPoolExecutor(max_workers=24) as pool:
+
+        def list_jobs(_: int) -> int:
+            with OrchestratorClient(address, "admin", admin_password) as client:
+                return len(client.list_jobs())
+
+        assert list(pool.map(list_jobs, range(24))) == [0] * 24
+    assert "failed login for 'ann' from 203.0.113.66 (3 in a row at the account" in caplog.text
     assert "guess-number" not in caplog.text and "ann-password-1" not in caplog.text
+    assert admin_password not in caplog.text
 
 
 def test_a_user_calling_the_internal_services_directly_is_refused(team) -> None:
@@ -383,17 +423,18 @@ def test_logins_with_unknown_names_cannot_exhaust_persistences_memory(tmp_path: 
         simulator=SimulatorConfig(),
         admin_password="admin-password-123",
         processes=True,
+        # Each login from an address of its own (through a trusted proxy): a crowd of machines,
+        # so the per-address brake does not stop them and only the hashing bound is tested.
+        orchestrator_settings={"trusted_proxies": "127.0.0.1"},
     )
     with LocalStack(config) as stack:
         persistence = stack.service_pids()["persistence_service"]
 
         def attempt(n: int) -> grpc.StatusCode | None:
-            with OrchestratorClient(stack.orchestrator_address) as client:
-                try:
-                    client.login(f"nobody-{n}-{uuid.uuid4().hex[:8]}", "wrong-password-123")
-                except ServiceCallError as e:
-                    return e.code
-            return None
+            client = f"10.0.{n // 250}.{n % 250 + 1}"
+            name = f"nobody-{n}-{uuid.uuid4().hex[:8]}"
+            failure = login_from(stack.orchestrator_address, client, name, "wrong-password-123")
+            return failure[0] if failure else None
 
         with ThreadPoolExecutor(max_workers=32) as pool:
             codes = list(pool.map(attempt, range(200)))

@@ -16,12 +16,14 @@ from pydantic import ValidationError
 from orchestrator_service import token_file
 from orchestrator_service.auth import (
     Authenticator,
-    LoginThrottle,
+    LoginBrake,
     NotAuthenticatedError,
     PasswordCredentials,
     Principal,
+    ThrottledError,
     TokenClaims,
     TokenSigner,
+    client_address,
     credentials_from_metadata,
 )
 from orchestrator_service.config import Settings as OrchestratorSettings
@@ -84,35 +86,87 @@ class Clock:
         return self.now
 
 
-def test_failed_logins_make_the_next_attempt_wait_ever_longer_per_user() -> None:
+def _wait_of(brake: LoginBrake, address: str, username: str) -> float:
+    """0 when an attempt may go ahead now, else the seconds it is told to wait."""
+    try:
+        brake.check(address, username)
+    except ThrottledError as e:
+        return e.retry_after
+    return 0.0
+
+
+def test_failures_from_one_address_make_its_next_attempts_wait_ever_longer() -> None:
     clock = Clock()
-    throttle = LoginThrottle(free_attempts=3, base_delay=1.0, max_delay=8.0, clock=clock)
-    assert [throttle.attempt("ann") for _ in range(3)] == [0, 0, 0]
-    assert throttle.standing("ann") == (3, 1.0)
-    assert throttle.attempt("ann") == 1.0 and throttle.attempt("bob") == 0
-    assert throttle.standing("ann") == (3, 1.0)  # a refused attempt is not counted
+    brake = LoginBrake(account_free=100, address_free=3, max_delay=8.0, clock=clock)
+    for n in range(3):
+        assert _wait_of(brake, "10.0.0.9", f"name-{n}") == 0
+        brake.failed("10.0.0.9", f"name-{n}")  # a different account each time
+    assert _wait_of(brake, "10.0.0.9", "ann") == 1.0
+    assert _wait_of(brake, "10.0.0.7", "ann") == 0  # another address is not held back
     delays = []
     for _ in range(4):
-        clock.now += throttle.standing("ann")[1]
-        assert throttle.attempt("ann") == 0
-        delays.append(throttle.standing("ann")[1])
+        clock.now += _wait_of(brake, "10.0.0.9", "ann")
+        assert _wait_of(brake, "10.0.0.9", "ann") == 0
+        brake.failed("10.0.0.9", "ann")
+        delays.append(_wait_of(brake, "10.0.0.9", "ann"))
     assert delays == [2.0, 4.0, 8.0, 8.0]  # doubling, capped
-    throttle.succeeded("ann")
-    assert throttle.standing("ann") == (0, 0.0)
+    brake.succeeded("ann")  # a success at an account does not clear the address
+    assert _wait_of(brake, "10.0.0.9", "bob") == 8.0
+    clock.now += 901  # 15 quiet minutes do
+    assert brake.failures("10.0.0.9", "bob") == (0, 0)
 
 
-def test_guesses_sent_in_parallel_are_held_back_like_guesses_in_a_row() -> None:
-    throttle = LoginThrottle(free_attempts=3, base_delay=1.0, clock=Clock())
+def test_the_account_brake_lets_the_right_password_through_from_a_clean_address() -> None:
+    clock = Clock()
+    brake = LoginBrake(account_free=3, address_free=10, clock=clock)
+    for _ in range(3):
+        brake.failed("10.0.0.9", "admin")  # someone guesses at admin
+    with pytest.raises(ThrottledError, match="too many failed logins for 'admin'"):
+        brake.check("10.0.0.9", "admin")
+    brake.check("10.0.0.9", "bob")  # the guesser's address may still try other accounts
+    brake.check("192.168.1.5", "admin")  # the real admin's machine has no failures: let in
+    brake.succeeded("admin")
+    assert brake.failures("10.0.0.9", "admin") == (3, 0)
+    brake.check("10.0.0.9", "admin")  # the account's count started over
+    brake.failed("192.168.1.5", "admin")
+    brake.failed("192.168.1.5", "admin")
+    brake.failed("192.168.1.5", "admin")
+    with pytest.raises(ThrottledError):  # once an address has failed too, it waits as well
+        brake.check("192.168.1.5", "admin")
+
+
+def test_attempts_in_flight_never_count_so_parallel_logins_go_through() -> None:
+    brake = LoginBrake(account_free=3, address_free=3, clock=Clock())
     with ThreadPoolExecutor(16) as pool:
-        waits = list(pool.map(lambda _: throttle.attempt("ann"), range(16)))
-    assert waits.count(0) == 3  # three went ahead before any had answered; the rest wait
+        waits = list(pool.map(lambda _: _wait_of(brake, "10.0.0.9", "admin"), range(24)))
+    assert waits == [0.0] * 24
+    assert brake.failures("10.0.0.9", "admin") == (0, 0)
 
 
-def test_the_throttle_forgets_the_oldest_names_beyond_its_bound() -> None:
-    throttle = LoginThrottle(free_attempts=1, clock=Clock(), max_tracked=3)
+def test_the_brake_forgets_the_least_recent_keys_beyond_its_bound() -> None:
+    brake = LoginBrake(clock=Clock(), max_tracked=3)
     for name in ("a", "b", "c", "d"):
-        throttle.attempt(name)
-    assert throttle.standing("a") == (0, 0.0) and throttle.standing("d")[0] == 1
+        brake.failed(f"10.0.0.{name.encode()[0]}", name)
+    assert brake.failures("10.0.0.97", "a") == (0, 0)
+    assert brake.failures("10.0.0.100", "d") == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("peer", "metadata", "expected"),
+    [
+        ("ipv4:10.0.0.5:4711", (), "10.0.0.5"),
+        ("ipv6:[::1]:4711", (), "::1"),
+        ("unix:/run/tw.sock", (), "unix:/run/tw.sock"),
+        # Only a trusted proxy's x-forwarded-for counts, and only its last (own) entry.
+        ("ipv4:10.0.0.5:4711", (("x-forwarded-for", "6.6.6.6"),), "10.0.0.5"),
+        ("ipv4:10.0.0.2:4711", (("x-forwarded-for", "6.6.6.6, 203.0.113.9"),), "203.0.113.9"),
+        ("ipv4:10.0.0.2:4711", (), "10.0.0.2"),
+    ],
+)
+def test_the_client_address_is_the_peer_or_what_a_trusted_proxy_says(
+    peer: str, metadata: tuple[tuple[str, str], ...], expected: str
+) -> None:
+    assert client_address(peer, metadata, frozenset({"10.0.0.2"})) == expected
 
 
 def test_an_admin_owns_everything_and_a_user_their_own() -> None:
@@ -156,6 +210,7 @@ def test_the_token_file_path_follows_the_environment(monkeypatch, tmp_path: Path
         (PersistenceSettings, "TIERWRITER_ADMIN_PASSWORD", "Xq7-pw"),  # too short
         (OrchestratorSettings, "TOKEN_SIGNING_SECRET", "Xq7-signing-secret"),  # too short
         (OrchestratorSettings, "TOKEN_TTL_SECONDS", "Xq7-not-a-number"),
+        (OrchestratorSettings, "ORCHESTRATOR_TRUSTED_PROXIES", "10.0.0.2,Xq7-proxy"),
     ],
 )
 def test_a_rejected_setting_is_named_but_its_value_never_repeated(
@@ -166,14 +221,14 @@ def test_a_rejected_setting_is_named_but_its_value_never_repeated(
     assert variable in str(error.value) and value not in str(error.value)
 
 
-def test_impossible_credentials_are_refused_without_a_lookup_or_a_throttle_entry() -> None:
+def test_impossible_credentials_are_refused_without_a_lookup_or_a_brake_entry() -> None:
     class NoPersistence:
         def __getattr__(self, name: str) -> None:
             raise AssertionError(f"persistence was asked: {name}")
 
-    throttle = LoginThrottle(clock=Clock())
-    authenticator = Authenticator(NoPersistence(), SECRET, 600, throttle)  # type: ignore[arg-type]
+    brake = LoginBrake(clock=Clock())
+    authenticator = Authenticator(NoPersistence(), SECRET, 600, brake)  # type: ignore[arg-type]
     for username, password in [("x" * 100_000, "long-enough"), ("ann", "p" * 2000), ("", "pw")]:
         with pytest.raises(NotAuthenticatedError, match="invalid username or password"):
-            authenticator.check_password(username, password)
-    assert throttle.standing("ann") == (0, 0.0)
+            authenticator.check_password(username, password, "10.0.0.9")
+    assert brake.failures("10.0.0.9", "ann") == (0, 0)
