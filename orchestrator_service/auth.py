@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -35,6 +36,9 @@ class Principal:
 
     username: str
     role: str
+    # The session token the call carries (its id and expiry); "" for a call with a password.
+    token_id: str = ""
+    token_expires: float = 0.0
 
     @property
     def is_admin(self) -> bool:
@@ -100,10 +104,13 @@ def credentials_from_metadata(
 
 @dataclass(frozen=True)
 class TokenClaims:
-    """Whose token it is, and the account's token version when it was issued."""
+    """Whose token it is, the account's token version when it was issued, the token's own id
+    (what Logout revokes) and its expiry."""
 
     username: str
     version: int
+    token_id: str = ""
+    expires: float = 0.0
 
 
 class TokenSigner:
@@ -124,6 +131,7 @@ class TokenSigner:
         claims = {
             "sub": username,
             "ver": version,
+            "jti": secrets.token_urlsafe(16),  # the id Logout revokes it by
             "iss": _ISSUER,
             "iat": int(now),
             "exp": int(expires),
@@ -139,7 +147,7 @@ class TokenSigner:
                 self._secret,
                 algorithms=[_ALGORITHM],
                 issuer=_ISSUER,
-                options={"require": ["sub", "ver", "iss", "iat", "exp"]},
+                options={"require": ["sub", "ver", "jti", "iss", "iat", "exp"]},
             )
         except jwt.ExpiredSignatureError as e:
             raise NotAuthenticatedError(
@@ -149,7 +157,9 @@ class TokenSigner:
             raise NotAuthenticatedError(
                 "invalid session token (not issued by this tierwriter): run `tierwriter login`"
             ) from e
-        return TokenClaims(str(claims["sub"]), int(claims["ver"]))
+        return TokenClaims(
+            str(claims["sub"]), int(claims["ver"]), str(claims["jti"]), float(claims["exp"])
+        )
 
 
 def client_address(
@@ -358,21 +368,31 @@ class Authenticator:
             )
         if isinstance(credentials, PasswordCredentials):
             user = self.check_password(credentials.username, credentials.password, address)
-        else:
-            claims = self.signer().claims(credentials)
-            try:
-                user = self._persistence.get_user(claims.username)
-            except ServiceCallError as e:
-                if e.code != grpc.StatusCode.NOT_FOUND:
-                    raise
-                user = db_pb.User(active=False)
-            if not user.active:
-                raise NotAuthenticatedError(
-                    "the account of this session token is disabled: ask an admin"
-                )
-            if user.token_version != claims.version:
-                raise NotAuthenticatedError(
-                    "the password changed after this session token was issued: run "
-                    "`tierwriter login` again"
-                )
-        return Principal(user.username, user.role)
+            return Principal(user.username, user.role)
+        claims = self.signer().claims(credentials)
+        try:
+            user, revoked = self._persistence.token_holder(claims.username, claims.token_id)
+        except ServiceCallError as e:
+            if e.code != grpc.StatusCode.NOT_FOUND:
+                raise
+            user, revoked = db_pb.User(active=False), False
+        if revoked:
+            raise NotAuthenticatedError(
+                "this session token was logged out: run `tierwriter login` again"
+            )
+        if not user.active:
+            raise NotAuthenticatedError(
+                "the account of this session token is disabled: ask an admin"
+            )
+        if user.token_version != claims.version:
+            raise NotAuthenticatedError(
+                "the password changed after this session token was issued: run "
+                "`tierwriter login` again"
+            )
+        return Principal(user.username, user.role, claims.token_id, claims.expires)
+
+    def logout(self, caller: Principal) -> None:
+        """Revoke the session token the caller's call carries (the caller must have one), on
+        every orchestrator on the database."""
+        self._persistence.revoke_token(caller.token_id, caller.username, caller.token_expires)
+        log.info("%r logged out (token %s… revoked)", caller.username, caller.token_id[:6])

@@ -205,6 +205,10 @@ class OrchestratorClient:
         request = pb.LoginRequest(username=username, password=password)
         return self._call(self._stub.Login, request)
 
+    def logout(self) -> str:
+        """Revoke the session token this client calls with; whose it was."""
+        return self._call(self._stub.Logout, pb.LogoutRequest()).username
+
     def create_user(self, username: str, password: str, role: str = "user") -> pb.User:
         request = pb.CreateUserRequest(username=username, password=password, role=role)
         return self._call(self._stub.CreateUser, request).user

@@ -179,6 +179,18 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             token=token, expire_time=timestamp(expires_at), user=user_to_public(user)
         )
 
+    def Logout(self, request: pb.LogoutRequest, context: grpc.ServicerContext) -> pb.LogoutResponse:
+        caller = current_caller()
+        if not caller.token_id:
+            runtime.abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this call carries a password, not a session token: there is no session to log "
+                "out (change the password to stop it working)",
+            )
+        self._auth.logout(caller)
+        return pb.LogoutResponse(username=caller.username)
+
     def SubmitJob(
         self, request: pb.SubmitJobRequest, context: grpc.ServicerContext
     ) -> pb.SubmitJobResponse:

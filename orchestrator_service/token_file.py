@@ -52,6 +52,17 @@ def save(session: SavedSession, path: Path) -> None:
         raise
 
 
+def read(path: Path) -> SavedSession | None:
+    """The saved session, whatever its address, age or file mode (for logout, which revokes it
+    even then); None when there is no file. TokenFileError when it cannot be read."""
+    try:
+        return SavedSession(**json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError) as e:
+        raise TokenFileError(f"{path} is not a tierwriter token file ({e}): run login") from e
+
+
 def load(path: Path, address: str) -> SavedSession | None:
     """The saved session for `address`; None when there is no file. TokenFileError when the
     file is readable by others, unreadable, for another address, or expired."""
@@ -64,10 +75,9 @@ def load(path: Path, address: str) -> SavedSession | None:
             f"{path} can be read by other users, so its token is not used: delete it and run "
             "`tierwriter login` again"
         )
-    try:
-        session = SavedSession(**json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError) as e:
-        raise TokenFileError(f"{path} is not a tierwriter token file ({e}): run login") from e
+    session = read(path)
+    if session is None:
+        return None
     if session.address != address:
         raise TokenFileError(
             f"not logged in to {address} (the saved session is for {session.address}): run "

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -276,6 +277,22 @@ class PersistenceClient:
 
     def get_user(self, username: str) -> pb.User:
         return self._call(self._stub.GetUser, pb.GetUserRequest(username=username)).user
+
+    def token_holder(self, username: str, token_id: str) -> tuple[pb.User, bool]:
+        """The user a session token names, and whether that token was revoked."""
+        response = self._call(
+            self._stub.GetUser, pb.GetUserRequest(username=username, token_id=token_id)
+        )
+        return response.user, response.token_revoked
+
+    def revoke_token(self, token_id: str, username: str, expires_at: float) -> None:
+        """Refuse this session token until `expires_at` (seconds since the epoch)."""
+        expire_time = Timestamp()
+        expire_time.FromSeconds(int(expires_at))
+        request = pb.RevokeTokenRequest(
+            token_id=token_id, username=username, expire_time=expire_time
+        )
+        self._call(self._stub.RevokeToken, request)
 
     def list_users(self) -> list[pb.User]:
         return list(self._call(self._stub.ListUsers, pb.ListUsersRequest()).users)

@@ -186,6 +186,18 @@ class User(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class RevokedToken(Base):
+    """A session token revoked by Logout before it expired; kept until then, and checked on
+    every call that carries it."""
+
+    __tablename__ = "revoked_tokens"
+
+    token_id: Mapped[str] = mapped_column(String(64), primary_key=True)  # the token's `jti`
+    username: Mapped[str] = mapped_column(String(200))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class StoredSecret(Base):
     """A secret the services generated once and share through the database (the token signing
     secret when TOKEN_SIGNING_SECRET is not set)."""

@@ -6,10 +6,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, func, or_, select, text, tuple_
+from sqlalchemy import and_, delete, func, or_, select, text, tuple_
 from sqlalchemy.orm import Session, defer
 
-from persistence_service.models import Article, Job, JobEvent, Project, Site, User
+from persistence_service.models import (
+    Article,
+    Job,
+    JobEvent,
+    Project,
+    RevokedToken,
+    Site,
+    User,
+)
 
 
 def project_by_name(session: Session, owner: str, name: str) -> Project | None:
@@ -213,6 +221,16 @@ def user_by_name(session: Session, username: str, for_update: bool = False) -> U
     if for_update:
         query = query.with_for_update()
     return session.scalars(query).one_or_none()
+
+
+def token_revoked(session: Session, token_id: str) -> bool:
+    """Whether Logout revoked the session token with this id."""
+    return session.get(RevokedToken, token_id) is not None
+
+
+def prune_revoked_tokens(session: Session, now: datetime) -> None:
+    """Forget revocations of tokens that have expired anyway."""
+    session.execute(delete(RevokedToken).where(RevokedToken.expires_at < now))
 
 
 def all_users(session: Session) -> Sequence[User]:

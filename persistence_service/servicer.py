@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import grpc
@@ -606,9 +606,26 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
     def GetUser(
         self, request: pb.GetUserRequest, context: grpc.ServicerContext
     ) -> pb.GetUserResponse:
+        if request.token_id:
+            user, revoked = self._call(
+                context, lambda: self._store.token_holder(request.username, request.token_id)
+            )
+            return pb.GetUserResponse(user=user_to_proto(user), token_revoked=revoked)
         return pb.GetUserResponse(
             user=user_to_proto(self._call(context, lambda: self._store.get_user(request.username)))
         )
+
+    def RevokeToken(
+        self, request: pb.RevokeTokenRequest, context: grpc.ServicerContext
+    ) -> pb.RevokeTokenResponse:
+        if not request.HasField("expire_time"):
+            runtime.abort(context, grpc.StatusCode.INVALID_ARGUMENT, "expire_time: required")
+        expires_at = request.expire_time.ToDatetime(tzinfo=UTC)
+        self._call(
+            context,
+            lambda: self._store.revoke_token(request.token_id, request.username, expires_at),
+        )
+        return pb.RevokeTokenResponse()
 
     def ListUsers(
         self, request: pb.ListUsersRequest, context: grpc.ServicerContext

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from argon2 import PasswordHasher
@@ -25,6 +26,7 @@ from persistence_service.models import (
     Job,
     JobEvent,
     Project,
+    RevokedToken,
     Site,
     StoredSecret,
     User,
@@ -742,6 +744,29 @@ class Store:
         """One user by name, active or not; NotFoundError otherwise."""
         with self._uow() as uow:
             return self._user(uow.session, username)
+
+    def token_holder(self, username: str, token_id: str) -> tuple[User, bool]:
+        """The user a session token names, and whether Logout revoked that token (one read
+        for the check every call with a token makes)."""
+        with self._uow() as uow:
+            return self._user(uow.session, username), repository.token_revoked(
+                uow.session, token_id
+            )
+
+    def revoke_token(self, token_id: str, username: str, expires_at: datetime) -> None:
+        """Refuse this session token from now until it expires; revocations of tokens that
+        expired anyway are dropped on the way. Revoking it again changes nothing."""
+        if not 1 <= len(token_id) <= 64:
+            raise InvalidRecordError("token_id: 1-64 characters")
+        with self._uow() as uow:
+            repository.prune_revoked_tokens(uow.session, utcnow())
+            if not repository.token_revoked(uow.session, token_id):
+                uow.session.add(
+                    RevokedToken(token_id=token_id, username=username, expires_at=expires_at)
+                )
+            # Revoked at the same moment by another call: revoked all the same.
+            with contextlib.suppress(IntegrityError):
+                uow.commit()
 
     def list_users(self) -> Sequence[User]:
         """Every user, by name."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import socket
 import subprocess
 import time
 import uuid
@@ -195,3 +196,10 @@ def internal_channel(address: str, service_token: str) -> Any:
             return continuation(self._details(details), requests)
 
     return grpc.intercept_channel(grpc.insecure_channel(address), WithToken())
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import sys
+import time
+
+import click
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from orchestrator_service import token_file
 from orchestrator_service.cli.app import cli
@@ -64,8 +69,57 @@ def login(connection: Connection) -> int:
 
 
 @cli.command()
-def logout() -> int:
-    """Forget the saved session token."""
+@click.option(
+    "--ca-file",
+    envvar="TIERWRITER_CA_FILE",
+    default="",
+    show_envvar=True,
+    help="The CA certificate (PEM) of an orchestrator that serves TLS.",
+)
+def logout(ca_file: str) -> int:
+    """Log out: the server revokes the saved session token, then its file is removed.
+
+    A revoked token is refused everywhere, even where it was copied to. When the orchestrator
+    cannot be reached, the file is kept so that logout can be tried again.
+
+    \b
+    Examples:
+      tierwriter logout
+      tierwriter logout --ca-file ca.pem
+    """
     path = token_file.default_path()
-    print(f"Logged out: removed {path}." if token_file.delete(path) else "Not logged in.")
+    try:
+        session = token_file.read(path)
+    except token_file.TokenFileError as e:
+        token_file.delete(path)
+        print(f"Logged out: removed {path} ({e}).")
+        return EXIT_OK
+    if session is None:
+        print("Not logged in.")
+        return EXIT_OK
+    if session.expires_at <= time.time():
+        token_file.delete(path)
+        print(f"Logged out: the session had expired anyway; removed {path}.")
+        return EXIT_OK
+    roots = Connection("", "", session.address, ca_file).root_certificates()
+    with OrchestratorClient(session.address, token=session.token, root_certificates=roots) as c:
+        try:
+            c.logout()
+        except runtime.ServiceCallError as e:
+            if e.code != grpc.StatusCode.UNAUTHENTICATED:
+                print(
+                    f"Error: the token could not be revoked: {error_text(e)}\n"
+                    f"{path} is kept: run `tierwriter logout` again (deleting it instead leaves "
+                    f"the token working until {utc(Timestamp(seconds=int(session.expires_at)))})",
+                    file=sys.stderr,
+                )
+                return exit_code_for(e)
+            token_file.delete(path)  # the server no longer takes it: nothing to revoke
+            print(f"Logged out: the server had already ended this session; removed {path}.")
+            return EXIT_OK
+    token_file.delete(path)
+    print(
+        f"Logged out of {session.address} as {session.username}: the token is revoked on the "
+        f"server and {path} is removed."
+    )
     return EXIT_OK

@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import pytest
 import trustme
+
+from tests.helpers import free_port
 
 # Builds, three `up`s and jobs: well past the suite's 300 s per test, teardown included.
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(1800)]
@@ -41,12 +42,6 @@ def _engine_answers() -> bool:
     if shutil.which("docker") is None or shutil.which("docker-compose") is None:
         return False
     return subprocess.run(["docker", "version"], capture_output=True).returncode == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -143,7 +138,7 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
         pytest.skip(message)
     folder = tmp_path / "tierwriter"
     shutil.copytree(ROOT, folder, ignore=COPY_IGNORE)
-    port, port2 = _free_port(), _free_port()
+    port, port2 = free_port(), free_port()
     (folder / ".env").write_text(
         f"POSTGRES_PASSWORD={POSTGRES_PASSWORD}\n"
         f"SERVICE_TOKEN={uuid.uuid4().hex}{uuid.uuid4().hex}\n"

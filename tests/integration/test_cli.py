@@ -7,7 +7,6 @@ import os
 import queue
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ import trustme
 
 from generator_service.llm.simulator import SimulatorConfig
 from orchestrator_service.client import OrchestratorClient
-from tests.helpers import article_pages, article_rows, job_file, rows_by_status
+from tests.helpers import article_pages, article_rows, free_port, job_file, rows_by_status
 from tierwriter.job.v1.job_pb2 import JobStatus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -189,12 +188,6 @@ def test_help_lists_every_command() -> None:
         assert command in result.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class _Lines:
     """The lines a subprocess prints, collected by a thread (select() on a buffered text pipe
     misses lines already in Python's buffer)."""
@@ -233,7 +226,7 @@ def _up_environment(tmp_path: Path) -> tuple[dict[str, str], int]:
     """The environment `tierwriter up` runs in here (free loopback ports, a database and output
     under tmp_path, the simulator, no admin password given, plaintext), and its orchestrator's
     port."""
-    ports = [_free_port() for _ in range(3)]
+    ports = [free_port() for _ in range(3)]
     env = {
         k: v
         for k, v in os.environ.items()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ from orchestrator_service.client import OrchestratorClient
 from tests.helpers import (
     PostgresServer,
     articles_of,
+    free_port,
     job_file,
     rows_by_status,
     wait_until_serving,
@@ -45,17 +45,11 @@ PASSWORD = "crash-test-password"
 ARTICLES = 24
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Services:
     """The three services as subprocesses on fixed loopback ports, started and killed by PID."""
 
     def __init__(self, tmp: Path, database_url: str, simulator: LlmSimulator) -> None:
-        self.ports = {name: _free_port() for name in MODULES}
+        self.ports = {name: free_port() for name in MODULES}
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
         self.env.update(
             {f"{name.upper()}_ADDRESS": f"127.0.0.1:{port}" for name, port in self.ports.items()}

@@ -299,6 +299,28 @@ def test_the_login_brake_slows_the_guesser_down_but_never_locks_the_user_out(
     assert admin_password not in caplog.text
 
 
+def test_logout_revokes_the_token_on_every_orchestrator_copies_included(team, start_stack) -> None:
+    other = start_stack(simulator=FAST).stack.orchestrator_address  # same database
+    with OrchestratorClient(team["address"]) as anonymous:
+        token = anonymous.login("ann", "ann-password-1").token
+    for address in (team["address"], other):
+        with OrchestratorClient(address, token=token) as copy:
+            assert [j.job_id for j in copy.list_jobs()] == [team["ann_job"]]
+    with OrchestratorClient(team["address"], token=token) as ann:
+        assert ann.logout() == "ann"
+    for address in (team["address"], other):
+        with OrchestratorClient(address, token=token) as copy:
+            refused = denied(copy.list_jobs)
+            assert refused.code == grpc.StatusCode.UNAUTHENTICATED
+            assert "this session token was logged out" in refused.details
+            assert denied(copy.logout).code == grpc.StatusCode.UNAUTHENTICATED
+    with OrchestratorClient(team["address"], "ann", "ann-password-1") as by_password:
+        assert denied(by_password.logout).code == grpc.StatusCode.FAILED_PRECONDITION
+        fresh = by_password.login("ann", "ann-password-1").token
+    with OrchestratorClient(other, token=fresh) as ann:  # her other sessions go on
+        assert [j.job_id for j in ann.list_jobs()] == [team["ann_job"]]
+
+
 def test_a_user_calling_the_internal_services_directly_is_refused(team) -> None:
     stack = team["handle"].stack
     with OrchestratorClient(team["address"]) as anonymous:

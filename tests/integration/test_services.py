@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from generator_service.llm.simulator import SimulatorConfig
 from persistence_service.client import PersistenceClient
 from tests.helpers import (
+    free_port,
     internal_channel,
     job_file,
     rows_by_status,
@@ -43,12 +44,6 @@ SERVICES = {
     "generator_address": "tierwriter.generator.v1.GeneratorService",
     "persistence_address": "tierwriter.persistence.v1.PersistenceService",
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.parametrize("service", sorted(SERVICES))
@@ -347,7 +342,7 @@ def test_an_unreachable_generator_fails_the_job_with_a_message_naming_it(start_s
     "module", ["persistence_service", "generator_service", "orchestrator_service"]
 )
 def test_sigterm_stops_a_service_gracefully(tmp_path: Path, module: str) -> None:
-    ports = {name: _free_port() for name in ("PERSISTENCE", "GENERATOR", "ORCHESTRATOR")}
+    ports = {name: free_port() for name in ("PERSISTENCE", "GENERATOR", "ORCHESTRATOR")}
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
     env.update({f"{name}_ADDRESS": f"127.0.0.1:{port}" for name, port in ports.items()})
     env.update(
@@ -408,7 +403,7 @@ def test_the_container_health_probe_tells_serving_from_down(start_stack) -> None
         subprocess.run([*probe, address, SERVICES["orchestrator_address"]], timeout=30).returncode
         == 0
     )
-    assert subprocess.run([*probe, f"127.0.0.1:{_free_port()}"], timeout=30).returncode == 1
+    assert subprocess.run([*probe, f"127.0.0.1:{free_port()}"], timeout=30).returncode == 1
 
 
 class _Forwarder(socketserver.ThreadingTCPServer):
@@ -446,7 +441,7 @@ class _Pipe(socketserver.BaseRequestHandler):
 @pytest.mark.postgres
 def test_persistence_is_not_serving_until_its_database_answers(tmp_path: Path, postgres_server):
     url = postgres_server.create_database(f"tw_{uuid.uuid4().hex[:12]}")
-    db_port, own_port = _free_port(), _free_port()
+    db_port, own_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
     env.update(
         DATABASE_URL=url.replace(f":{postgres_server.port}/", f":{db_port}/"),

@@ -5,10 +5,12 @@ certificate the orchestrator speaks TLS only, which the CLI trusts through --ca-
 from __future__ import annotations
 
 import io
+import json
 import os
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,11 +19,12 @@ import pytest
 import trustme
 
 from generator_service.llm.simulator import SimulatorConfig
-from orchestrator_service import cli
+from orchestrator_service import cli, token_file
 from orchestrator_service.cli import common
 from orchestrator_service.client import OrchestratorClient
 from orchestrator_service.config import Settings
 from orchestrator_service.stack import LocalStack, StackConfig
+from tests.helpers import free_port
 from tierwriter import healthcheck
 from tierwriter.runtime import ServiceCallError, read_tls_files
 
@@ -90,9 +93,33 @@ def test_login_keeps_a_private_token_that_the_other_commands_use(
     code, _, err = run(capsys, "users", "list", "-u", "ann", "-p", "ann-password-2", *address)
     assert code == cli.EXIT_UNAUTHENTICATED and "only an admin can manage users" in err
 
+    copied = json.loads(token_path.read_text())["token"]
     code, out, _ = run(capsys, "logout")
     assert code == 0 and not token_path.exists()
+    assert "the token is revoked on the server" in out
     assert run(capsys, "jobs", "list", *address)[0] == cli.EXIT_UNAUTHENTICATED
+    # A copy of the token is refused too: logout ended the session on the server.
+    with (
+        OrchestratorClient(stack.orchestrator_address, token=copied) as thief,
+        pytest.raises(ServiceCallError) as refused,
+    ):
+        thief.list_jobs()
+    assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert "this session token was logged out" in refused.value.details
+    assert run(capsys, "logout")[1:] == ("Not logged in.\n", "")
+
+
+def test_logout_keeps_the_token_file_when_the_server_cannot_revoke_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "token.json"
+    monkeypatch.setenv("TIERWRITER_TOKEN_FILE", str(path))
+    unused_port = free_port()
+    session = token_file.SavedSession(f"127.0.0.1:{unused_port}", "ann", "tok", time.time() + 60)
+    token_file.save(session, path)
+    code, _, err = run(capsys, "logout")
+    assert code == cli.EXIT_UNAVAILABLE and path.exists()
+    assert "the token could not be revoked" in err and "run `tierwriter logout` again" in err
 
 
 def test_a_missing_password_is_asked_for_on_a_terminal_only(

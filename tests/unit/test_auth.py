@@ -47,8 +47,11 @@ def test_credentials_are_read_from_basic_or_bearer_metadata() -> None:
 def test_a_token_names_its_user_until_it_expires() -> None:
     now = time.time()
     token, expires = TokenSigner(SECRET, 600, clock=lambda: now).issue("ann", version=4)
-    assert TokenSigner(SECRET, 600).claims(token) == TokenClaims("ann", 4)
+    claims = TokenSigner(SECRET, 600).claims(token)
+    assert claims == TokenClaims("ann", 4, claims.token_id, expires)
     assert expires == int(now + 600)
+    another, _ = TokenSigner(SECRET, 600, clock=lambda: now).issue("ann", version=4)
+    assert len(claims.token_id) >= 16 and TokenSigner(SECRET, 600).claims(another) != claims
     old, _ = TokenSigner(SECRET, 600, clock=lambda: now - 601).issue("ann")
     with pytest.raises(NotAuthenticatedError, match="expired"):
         TokenSigner(SECRET, 600).claims(old)
@@ -64,6 +67,12 @@ def test_a_token_names_its_user_until_it_expires() -> None:
             algorithm="none",
         ),
         lambda: jwt.encode({"sub": "admin", "ver": 1, "exp": 2**40}, SECRET, algorithm="HS256"),
+        # Signed here but without an id (as tokens were before Logout): nothing to revoke.
+        lambda: jwt.encode(
+            {"sub": "admin", "ver": 1, "iss": "tierwriter", "iat": 1, "exp": 2**40},
+            SECRET,
+            algorithm="HS256",
+        ),
         lambda: jwt.encode(
             {"sub": "admin", "ver": 1, "iss": "someone", "iat": 1, "exp": 2**40},
             SECRET,

@@ -1,6 +1,7 @@
 """Store: idempotent saves and exact stats under many threads, on a real SQLite file."""
 
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -228,6 +229,23 @@ def test_a_stored_secret_is_generated_once_even_when_asked_concurrently(store: S
         values = set(pool.map(lambda _: store.stored_secret("token-signing"), range(16)))
     assert len(values) == 1
     assert len(values.pop()) >= 48
+
+
+def test_a_revoked_token_is_kept_until_it_expires_then_pruned(store: Store) -> None:
+    store.create_user("ann", "ann-password-1")
+    now = datetime.now(UTC)
+    store.revoke_token("old-token", "ann", now - timedelta(seconds=1))  # expired already
+    assert store.token_holder("ann", "old-token")[1]
+    store.revoke_token("live-token", "ann", now + timedelta(hours=1))
+    store.revoke_token("live-token", "ann", now + timedelta(hours=1))  # twice: no error
+    user, revoked = store.token_holder("ann", "live-token")
+    assert user.username == "ann" and revoked
+    assert not store.token_holder("ann", "another-token")[1]
+    assert not store.token_holder("ann", "old-token")[1]  # pruned: it cannot be used anyway
+    with pytest.raises(InvalidRecordError, match="token_id: 1-64 characters"):
+        store.revoke_token("x" * 65, "ann", now)
+    with pytest.raises(NotFoundError):
+        store.token_holder("nobody", "live-token")
 
 
 def test_project_titles_come_from_the_other_jobs(store: Store) -> None:

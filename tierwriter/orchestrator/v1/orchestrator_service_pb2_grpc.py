@@ -124,6 +124,11 @@ class OrchestratorServiceStub:
                 request_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.SetPasswordRequest.SerializeToString,
                 response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.SetPasswordResponse.FromString,
                 _registered_method=True)
+        self.Logout = channel.unary_unary(
+                '/tierwriter.orchestrator.v1.OrchestratorService/Logout',
+                request_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.LogoutRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.LogoutResponse.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServiceServicer:
@@ -136,7 +141,8 @@ class OrchestratorServiceServicer:
 
     def Login(self, request, context):
         """Exchanges a username and password for a short-lived signed session token.
-        RESOURCE_EXHAUSTED after repeated failures for one username, until its delay has passed.
+        RESOURCE_EXHAUSTED after repeated failures from the caller's address, or at one username
+        from an address that failed too, until the delay has passed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -269,6 +275,15 @@ class OrchestratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Logout(self, request, context):
+        """Revokes the session token the call carries, on every orchestrator on the database: it is
+        refused from now on, even where it was copied to. FAILED_PRECONDITION when the call
+        carries a password instead of a token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -356,6 +371,11 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.SetPassword,
                     request_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.SetPasswordRequest.FromString,
                     response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.SetPasswordResponse.SerializeToString,
+            ),
+            'Logout': grpc.unary_unary_rpc_method_handler(
+                    servicer.Logout,
+                    request_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.LogoutRequest.FromString,
+                    response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.LogoutResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -822,6 +842,33 @@ class OrchestratorService:
             '/tierwriter.orchestrator.v1.OrchestratorService/SetPassword',
             tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.SetPasswordRequest.SerializeToString,
             tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.SetPasswordResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Logout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.orchestrator.v1.OrchestratorService/Logout',
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.LogoutRequest.SerializeToString,
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.LogoutResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -201,6 +201,11 @@ class PersistenceServiceStub:
                 request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetStoredSecretRequest.SerializeToString,
                 response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetStoredSecretResponse.FromString,
                 _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/tierwriter.persistence.v1.PersistenceService/RevokeToken',
+                request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.RevokeTokenResponse.FromString,
+                _registered_method=True)
 
 
 class PersistenceServiceServicer:
@@ -447,6 +452,14 @@ class PersistenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeToken(self, request, context):
+        """Revokes a session token (by its id) until it expires; revocations of expired tokens are
+        pruned on the way. Revoking one twice is not an error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PersistenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -614,6 +627,11 @@ def add_PersistenceServiceServicer_to_server(servicer, server):
                     servicer.GetStoredSecret,
                     request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetStoredSecretRequest.FromString,
                     response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetStoredSecretResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.RevokeTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1509,6 +1527,33 @@ class PersistenceService:
             '/tierwriter.persistence.v1.PersistenceService/GetStoredSecret',
             tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetStoredSecretRequest.SerializeToString,
             tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetStoredSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.persistence.v1.PersistenceService/RevokeToken',
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.RevokeTokenRequest.SerializeToString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.RevokeTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,
