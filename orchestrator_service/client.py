@@ -201,6 +201,10 @@ class OrchestratorClient:
     def list_sites(self) -> list[pb.Site]:
         return list(self._call(self._stub.ListSites, pb.ListSitesRequest()).sites)
 
+    def transfer_site(self, hostname: str, new_owner: str) -> pb.Site:
+        request = pb.TransferSiteRequest(hostname=hostname, new_owner=new_owner)
+        return self._call(self._stub.TransferSite, request).site
+
     def login(self, username: str, password: str) -> pb.LoginResponse:
         request = pb.LoginRequest(username=username, password=password)
         return self._call(self._stub.Login, request)

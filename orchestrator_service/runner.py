@@ -100,12 +100,20 @@ class JobRunner:
         return self._settings.output_dir
 
     def validate(self, text: str, caller: Principal) -> JobFile:
-        """The job file, checked completely before anything is written: schema, then that every
-        project_id names a project the caller owns. JobFileError names the field and the
-        problem (the same for someone else's project as for none)."""
+        """The job file, checked completely before anything is written: schema, that every
+        project_id names a project the caller owns, and that no site is someone else's.
+        JobFileError names the field and the problem (the same for someone else's project as
+        for none)."""
         job_file = parse_job_file(text)
+        others = self._others_sites(job_file, caller)
         for n, spec in enumerate(job_file.jobs):
             for site in spec.all_sites():
+                if site.hostname in others:
+                    raise JobFileError(
+                        f"jobs[{n}].deployment_targets: {site.hostname}: this site belongs to "
+                        "another user; use a hostname of your own (an admin can transfer it: "
+                        "`tierwriter sites transfer`)"
+                    )
                 if site.template and not publish.has_template_set(self._templates, site.template):
                     where = self._settings.templates_dir or "(TEMPLATES_DIR is not set)"
                     raise JobFileError(
@@ -126,18 +134,36 @@ class JobRunner:
                     )
         return job_file
 
+    def _others_sites(self, job_file: JobFile, caller: Principal) -> set[str]:
+        """The file's hostnames that are stored as another user's sites (none for an admin,
+        who may use every site)."""
+        if caller.is_admin:
+            return set()
+        hostnames = sorted({s.hostname for spec in job_file.jobs for s in spec.all_sites()})
+        if not hostnames:
+            return set()
+        stored = self._persistence.list_sites(hostnames=hostnames)
+        return {s.hostname for s in stored if s.owner != caller.username}
+
     def effective_workers(self, spec: JobSpec) -> int:
         """The job's max_workers, else CONCURRENT_WORKERS (default 5)."""
         return spec.max_workers or self._settings.concurrent_workers
 
-    def submit(self, job_file: JobFile, owner: str) -> list[int]:
-        """Store every job of a validated file, queued, in its order; their ids."""
+    def submit(self, job_file: JobFile, caller: Principal) -> list[int]:
+        """Store every job of a validated file, queued, in its order; their ids. The sites of
+        all its jobs are stored first, in one step: a site another user took meanwhile refuses
+        the file before any job is written."""
+        owner = caller.username
+        sites = {s.hostname: s.template for spec in job_file.jobs for s in spec.all_sites()}
+        if sites:
+            self._persistence.ensure_sites(
+                [db_pb.Site(hostname=h, template=t) for h, t in sites.items()],
+                owner,
+                any_owner=caller.is_admin,
+            )
         job_ids = []
         for spec in job_file.jobs:
             project = self._project(spec, owner)
-            self._persistence.ensure_sites(
-                [db_pb.Site(hostname=s.hostname, template=s.template) for s in spec.all_sites()]
-            )
             job = self._persistence.create_job(
                 db_pb.CreateJobRequest(
                     project_id=project.id,

@@ -73,6 +73,10 @@ def project_to_public(p: db_pb.Project) -> pb.Project:
     )
 
 
+def site_to_public(s: db_pb.Site) -> pb.Site:
+    return pb.Site(hostname=s.hostname, template=s.template, owner=s.owner)
+
+
 def user_to_public(u: db_pb.User) -> pb.User:
     """A stored user as the public message."""
     return pb.User(
@@ -196,7 +200,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     ) -> pb.SubmitJobResponse:
         caller = current_caller()
         job_file = self._runner.validate(request.job_file, caller)
-        job_ids = self._runner.submit(job_file, caller.username)
+        job_ids = self._runner.submit(job_file, caller)
         self._scheduler.wake()
         return pb.SubmitJobResponse(job_ids=job_ids)
 
@@ -410,9 +414,23 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     ) -> pb.ListSitesResponse:
         caller = current_caller()
         sites = self._persistence.list_sites(caller.scope)
-        return pb.ListSitesResponse(
-            sites=[pb.Site(hostname=s.hostname, template=s.template) for s in sites]
-        )
+        return pb.ListSitesResponse(sites=[site_to_public(s) for s in sites])
+
+    def TransferSite(
+        self, request: pb.TransferSiteRequest, context: grpc.ServicerContext
+    ) -> pb.TransferSiteResponse:
+        caller = current_caller()
+        if not caller.is_admin:
+            runtime.abort(
+                context, grpc.StatusCode.PERMISSION_DENIED, "only an admin can transfer a site"
+            )
+        if not request.hostname or not request.new_owner:
+            runtime.abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, "hostname and new_owner: both required"
+            )
+        site = self._persistence.set_site_owner(request.hostname, request.new_owner)
+        log.info("%r gave site %s to %r", caller.username, site.hostname, site.owner)
+        return pb.TransferSiteResponse(site=site_to_public(site))
 
     def CreateUser(
         self, request: pb.CreateUserRequest, context: grpc.ServicerContext

@@ -126,11 +126,19 @@ class PersistenceClient:
         request = pb.ListProjectTitlesRequest(project_id=project_id, exclude_job_id=exclude_job_id)
         return list(self._call(self._stub.ListProjectTitles, request).titles)
 
-    def ensure_sites(self, sites: list[pb.Site]) -> list[pb.Site]:
-        return list(self._call(self._stub.EnsureSites, pb.EnsureSitesRequest(sites=sites)).sites)
+    def ensure_sites(
+        self, sites: list[pb.Site], owner: str, any_owner: bool = False
+    ) -> list[pb.Site]:
+        request = pb.EnsureSitesRequest(sites=sites, owner=owner, any_owner=any_owner)
+        return list(self._call(self._stub.EnsureSites, request).sites)
 
-    def list_sites(self, owner: str = "") -> list[pb.Site]:
-        return list(self._call(self._stub.ListSites, pb.ListSitesRequest(owner=owner)).sites)
+    def list_sites(self, owner: str = "", hostnames: Sequence[str] = ()) -> list[pb.Site]:
+        request = pb.ListSitesRequest(owner=owner, hostnames=hostnames)
+        return list(self._call(self._stub.ListSites, request).sites)
+
+    def set_site_owner(self, hostname: str, owner: str) -> pb.Site:
+        request = pb.SetSiteOwnerRequest(hostname=hostname, owner=owner)
+        return self._call(self._stub.SetSiteOwner, request).site
 
     def create_job(self, request: pb.CreateJobRequest) -> pb.Job:
         """A queued job; the request gets an id (unless it has one), so a retry makes no

@@ -161,13 +161,16 @@ class Article(Base):
 
 
 class Site(Base):
-    """A site articles are published on; its pages use its template set, if it names one."""
+    """A site articles are published on, owned by one user; its pages use its template set, if
+    it names one."""
 
     __tablename__ = "sites"
 
     id: Mapped[int] = mapped_column(primary_key=True)
     hostname: Mapped[str] = mapped_column(String(253), unique=True)
     template: Mapped[str] = mapped_column(String(200), default="")
+    # The user whose job first named it: only they (and admins) use it or change its template.
+    owner: Mapped[str] = mapped_column(String(200), default="", index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

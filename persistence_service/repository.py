@@ -45,13 +45,23 @@ def sites_by_hostname(session: Session, sites: Sequence[tuple[str, str]]) -> Seq
     return session.scalars(select(Site).where(Site.hostname.in_(hostnames))).all()
 
 
-def sites_of(session: Session, owner: str) -> Sequence[Site]:
-    """The sites the owner's jobs have records on (every site when `owner` is empty)."""
+def sites_of(session: Session, owner: str, hostnames: Sequence[str] = ()) -> Sequence[Site]:
+    """The owner's sites (everyone's when `owner` is empty), only those of `hostnames` when
+    given, by hostname."""
     query = select(Site).order_by(Site.hostname)
     if owner:
-        used = select(Article.site).join(Job, Job.id == Article.job_id).where(Job.owner == owner)
-        query = query.where(Site.hostname.in_(used))
+        query = query.where(Site.owner == owner)
+    if hostnames:
+        query = query.where(Site.hostname.in_(hostnames))
     return session.scalars(query).all()
+
+
+def site_by_hostname(session: Session, hostname: str, for_update: bool = False) -> Site | None:
+    """The site with this hostname, if any."""
+    query = select(Site).where(Site.hostname == hostname)
+    if for_update:
+        query = query.with_for_update()
+    return session.scalars(query).one_or_none()
 
 
 # An article's large columns: what a listing of a whole job leaves out.

@@ -121,7 +121,7 @@ def user_to_proto(u: User) -> pb.User:
 
 def site_to_proto(s: Site) -> pb.Site:
     """A Site row as its message."""
-    return pb.Site(id=s.id, hostname=s.hostname, template=s.template)
+    return pb.Site(id=s.id, hostname=s.hostname, template=s.template, owner=s.owner)
 
 
 def job_to_proto(j: Job) -> pb.Job:
@@ -285,14 +285,25 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
         self, request: pb.EnsureSitesRequest, context: grpc.ServicerContext
     ) -> pb.EnsureSitesResponse:
         pairs = [(s.hostname.strip().lower(), s.template.strip()) for s in request.sites]
-        sites = self._call(context, lambda: self._store.ensure_sites(pairs))
+        sites = self._call(
+            context,
+            lambda: self._store.ensure_sites(pairs, request.owner, request.any_owner),
+        )
         return pb.EnsureSitesResponse(sites=[site_to_proto(s) for s in sites])
 
     def ListSites(
         self, request: pb.ListSitesRequest, context: grpc.ServicerContext
     ) -> pb.ListSitesResponse:
-        sites = self._call(context, lambda: self._store.list_sites(request.owner))
+        hostnames = [h.strip().lower() for h in request.hostnames]
+        sites = self._call(context, lambda: self._store.list_sites(request.owner, hostnames))
         return pb.ListSitesResponse(sites=[site_to_proto(s) for s in sites])
+
+    def SetSiteOwner(
+        self, request: pb.SetSiteOwnerRequest, context: grpc.ServicerContext
+    ) -> pb.SetSiteOwnerResponse:
+        hostname = request.hostname.strip().lower()
+        site = self._call(context, lambda: self._store.set_site_owner(hostname, request.owner))
+        return pb.SetSiteOwnerResponse(site=site_to_proto(site))
 
     def CreateJob(
         self, request: pb.CreateJobRequest, context: grpc.ServicerContext

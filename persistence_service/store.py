@@ -280,9 +280,15 @@ class Store:
 
     # Sites ----------------------------------------------------------------------------------
 
-    def ensure_sites(self, sites: Sequence[tuple[str, str]]) -> list[Site]:
-        """(hostname, template) pairs as stored sites: missing ones are created, a given
-        template replaces the stored one, an empty one leaves it. In request order."""
+    def ensure_sites(
+        self, sites: Sequence[tuple[str, str]], owner: str, any_owner: bool = False
+    ) -> list[Site]:
+        """(hostname, template) pairs as stored sites of `owner`: missing ones are created as
+        theirs, a given template replaces the stored one, an empty one leaves it. In request
+        order. A stored site of someone else is ConflictError and nothing is written, unless
+        `any_owner` (an admin: the site keeps its owner)."""
+        if not owner:
+            raise InvalidRecordError("owner: required")
         for hostname, _template in sites:
             if not hostname:
                 raise InvalidRecordError("site.hostname: must not be empty")
@@ -292,9 +298,15 @@ class Store:
                 for hostname, template in sites:
                     site = stored.get(hostname)
                     if site is None:
-                        site = stored[hostname] = Site(hostname=hostname, template=template)
+                        site = Site(hostname=hostname, template=template, owner=owner)
+                        stored[hostname] = site
                         uow.session.add(site)
-                    elif template:
+                        continue
+                    if site.owner != owner and not any_owner:
+                        raise ConflictError(
+                            f"site {hostname} belongs to another user: use a hostname of your own"
+                        )
+                    if template:
                         site.template = template
                 try:
                     uow.commit()
@@ -304,11 +316,22 @@ class Store:
                 return [stored[hostname] for hostname, _ in sites]
         raise InvalidRecordError(f"sites: not stored: {conflict.orig}") from conflict
 
-    def list_sites(self, owner: str = "") -> Sequence[Site]:
-        """The sites the owner's jobs have records on (every site when `owner` is empty), by
-        hostname."""
+    def list_sites(self, owner: str = "", hostnames: Sequence[str] = ()) -> Sequence[Site]:
+        """The owner's sites (everyone's when `owner` is empty), only those of `hostnames` when
+        given, by hostname."""
         with self._uow() as uow:
-            return repository.sites_of(uow.session, owner)
+            return repository.sites_of(uow.session, owner, hostnames)
+
+    def set_site_owner(self, hostname: str, owner: str) -> Site:
+        """Give a site to another user; NotFoundError for an unknown site or user."""
+        with self._uow() as uow:
+            self._user(uow.session, owner)
+            site = repository.site_by_hostname(uow.session, hostname, for_update=True)
+            if site is None:
+                raise NotFoundError(f"site {hostname!r} does not exist")
+            site.owner = owner
+            uow.commit()
+            return site
 
     # Jobs -----------------------------------------------------------------------------------
 

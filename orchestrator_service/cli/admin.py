@@ -143,26 +143,49 @@ def projects_show(connection: Connection, project: str, as_json_output: bool) ->
 
 @cli.group()
 def sites() -> None:
-    """List the sites jobs publish on."""
+    """List your sites, or give one to another user (admins).
+
+    A site belongs to the user whose job first named it; another user's job file naming it is
+    refused."""
 
 
 @sites.command("list")
 @json_option
 @connection_options
 def sites_list(connection: Connection, as_json_output: bool) -> int:
-    """Sites with their template sets."""
+    """Your sites (an admin's: everyone's) with their owners and template sets."""
 
     def listing(client: OrchestratorClient) -> int:
         found = client.list_sites()
         if as_json_output:
             print(as_json(pb.ListSitesResponse(sites=found)))
             return EXIT_OK
-        print(f"{'hostname':<40} template set")
+        print(f"{'hostname':<40} {'owner':<20} template set")
         for site in found:
-            print(f"{site.hostname:<40} {site.template or '(default)'}")
+            print(f"{site.hostname:<40} {site.owner:<20} {site.template or '(default)'}")
         return EXIT_OK
 
     return connection.run(listing)
+
+
+@sites.command("transfer")
+@click.argument("hostname")
+@click.argument("new_owner")
+@connection_options
+def sites_transfer(connection: Connection, hostname: str, new_owner: str) -> int:
+    """Give a site to another user (admins only).
+
+    \b
+    Examples:
+      tierwriter sites transfer blog.example.net ann
+    """
+
+    def transfer(client: OrchestratorClient) -> int:
+        site = client.transfer_site(hostname, new_owner)
+        print(f"{site.hostname} now belongs to {site.owner}.")
+        return EXIT_OK
+
+    return connection.run(transfer)
 
 
 # users ----------------------------------------------------------------------------------------

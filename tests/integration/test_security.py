@@ -21,6 +21,7 @@ import jwt
 import pytest
 
 from generator_service.llm.simulator import SimulatorConfig
+from orchestrator_service import cli
 from orchestrator_service.auth import TokenSigner
 from orchestrator_service.client import OrchestratorClient
 from orchestrator_service.credentials import bearer_credentials
@@ -297,6 +298,42 @@ def test_the_login_brake_slows_the_guesser_down_but_never_locks_the_user_out(
     assert "failed login for 'ann' from 203.0.113.66 (3 in a row at the account" in caplog.text
     assert "guess-number" not in caplog.text and "ann-password-1" not in caplog.text
     assert admin_password not in caplog.text
+
+
+def test_a_site_belongs_to_its_first_user_until_an_admin_transfers_it(
+    team, capsys: pytest.CaptureFixture[str]
+) -> None:
+    address, admin_password = team["address"], team["handle"].password
+    evil = job_file(
+        SMALL_TIER, deployment_targets=[{"hostname": "ann.example.net", "template": "evil"}]
+    )
+    with OrchestratorClient(address, "bob", "bob-password-1") as bob:
+        refused = denied(lambda: bob.submit_job(evil))
+        assert refused.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert refused.details.startswith(
+            "jobs[0].deployment_targets: ann.example.net: this site belongs to another user"
+        )
+        assert bob.list_jobs() == [] and bob.list_sites() == []
+    with OrchestratorClient(address, "admin", admin_password) as admin:
+        sites = [(s.hostname, s.template, s.owner) for s in admin.list_sites()]
+        assert sites == [("ann.example.net", "", "ann")]  # her template and URLs untouched
+        assert denied(lambda: admin.transfer_site("ann.example.net", "nobody")).code == (
+            grpc.StatusCode.NOT_FOUND
+        )
+    with OrchestratorClient(address, "bob", "bob-password-1") as bob:
+        assert denied(lambda: bob.transfer_site("ann.example.net", "bob")).code == (
+            grpc.StatusCode.PERMISSION_DENIED
+        )
+    argv = ["sites", "transfer", "ann.example.net", "bob", "--address", address, "-u", "admin"]
+    assert cli.main([*argv, "-p", admin_password]) == 0
+    assert "ann.example.net now belongs to bob." in capsys.readouterr().out
+    mine = job_file(SMALL_TIER, deployment_targets=["ann.example.net"])
+    with OrchestratorClient(address, "bob", "bob-password-1") as bob:
+        assert list(bob.run_job(mine))[-1].run_finished.ok
+        assert [(s.hostname, s.owner) for s in bob.list_sites()] == [("ann.example.net", "bob")]
+    with OrchestratorClient(address, "ann", "ann-password-1") as ann:
+        assert denied(lambda: ann.submit_job(mine)).code == grpc.StatusCode.INVALID_ARGUMENT
+        assert [j.job_id for j in ann.list_jobs()] == [team["ann_job"]]
 
 
 def test_logout_revokes_the_token_on_every_orchestrator_copies_included(team, start_stack) -> None:

@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
 
 from orchestrator_service.jobfile import JobSpec
-from persistence_service.migrate import MIGRATIONS, upgrade_schema
+from persistence_service.migrate import MIGRATIONS, alembic_config, upgrade_schema
 from persistence_service.models import Base
 from persistence_service.servicer import spec_from_dict, spec_to_dict
 from persistence_service.store import Store
@@ -151,3 +152,38 @@ def test_migration_0006_writes_what_the_services_now_store_and_back() -> None:
     assert spec_from_dict(stored) == spec_from_dict(spec_to_dict(message)) == message
     assert JobSpec.from_proto(spec_from_dict(stored)) == spec
     assert JobSpec.model_validate(migration._to_job_file_form(stored)) == spec
+
+
+def test_migration_0009_gives_each_site_to_the_owner_of_its_first_job(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}", pool_size=5)
+    try:
+        upgrade_schema(engine)
+        store = Store(make_session_factory(engine))
+        project = store.ensure_project(
+            {"name": "p", "main_keyword": "k", "entities": [], "related_searches": [],
+             "money_site_url": ""}
+        )  # fmt: skip
+
+        def job(owner: str, hostnames: list[str]) -> int:
+            spec = {"tiers": [{"name": "tier1", "count": 1}],
+                    "deployment_targets": [{"hostname": h} for h in hostnames]}  # fmt: skip
+            return store.create_job(project.id, spec, 5, 1, owner).id
+
+        ann_job, bob_job = job("ann", ["a.net"]), job("bob", ["a.net", "b.net"])
+        for job_id in (bob_job, ann_job):  # bob's record is saved first, on ann's older job's site
+            store.save_article(
+                dict(job_id=job_id, project_id=project.id, tier="tier1", article_index=0,
+                     keyword="k", title=f"t{job_id}", status="generated", site="a.net")
+            )  # fmt: skip
+        store.ensure_sites([("a.net", ""), ("b.net", ""), ("c.net", "")], "x", any_owner=True)
+        with engine.begin() as connection:  # back to before sites had owners, and up again
+            command.downgrade(alembic_config(connection), "0008")
+        assert "owner" not in {c["name"] for c in inspect(engine).get_columns("sites")}
+        upgrade_schema(engine)
+        owners = {s.hostname: s.owner for s in store.list_sites()}
+        # a.net: ann's job is the earliest with a record on it; b.net: only named in bob's
+        # spec; c.net: used by no job, so the admin's.
+        assert owners == {"a.net": "ann", "b.net": "bob", "c.net": "admin"}
+        assert _schema_differences(str(engine.url)) == []
+    finally:
+        engine.dispose()

@@ -259,15 +259,37 @@ def test_project_titles_come_from_the_other_jobs(store: Store) -> None:
 
 
 def test_sites_are_created_once_and_keep_a_template_until_given_another(store: Store) -> None:
-    store.ensure_sites([("a.net", "magazine"), ("b.net", "")])
-    sites = store.ensure_sites([("a.net", ""), ("c.net", "")])
+    store.ensure_sites([("a.net", "magazine"), ("b.net", "")], "ann")
+    sites = store.ensure_sites([("a.net", ""), ("c.net", "")], "ann")
     assert [(s.hostname, s.template) for s in sites] == [("a.net", "magazine"), ("c.net", "")]
-    store.ensure_sites([("a.net", "plain")])
+    store.ensure_sites([("a.net", "plain")], "ann")
     assert [(s.hostname, s.template) for s in store.list_sites()] == [
         ("a.net", "plain"),
         ("b.net", ""),
         ("c.net", ""),
     ]
+
+
+def test_a_site_belongs_to_its_first_user_and_another_changes_nothing(store: Store) -> None:
+    store.create_user("ann", "ann-password-1")
+    store.ensure_sites([("a.net", "magazine")], "ann")
+    with pytest.raises(ConflictError, match=r"site a\.net belongs to another user"):
+        store.ensure_sites([("new.net", ""), ("a.net", "evil")], "bob")
+    assert [(s.hostname, s.template, s.owner) for s in store.list_sites()] == [
+        ("a.net", "magazine", "ann")  # bob's new.net was not written either
+    ]
+    store.ensure_sites([("a.net", "plain")], "root", any_owner=True)  # an admin may use it
+    assert [(s.template, s.owner) for s in store.list_sites("ann", ["a.net"])] == [("plain", "ann")]
+    assert store.list_sites("bob") == []
+    with pytest.raises(NotFoundError, match="user 'bob' does not exist"):
+        store.set_site_owner("a.net", "bob")
+    with pytest.raises(NotFoundError, match=r"site 'b\.net' does not exist"):
+        store.set_site_owner("b.net", "ann")
+    store.create_user("bob", "bob-password-1")
+    assert store.set_site_owner("a.net", "bob").owner == "bob"
+    store.ensure_sites([("a.net", "evil")], "bob")  # now his
+    with pytest.raises(ConflictError):
+        store.ensure_sites([("a.net", "")], "ann")
 
 
 def test_a_url_belongs_to_one_article_and_a_conflict_changes_nothing(store: Store) -> None:

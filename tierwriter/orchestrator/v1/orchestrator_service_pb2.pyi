@@ -1396,23 +1396,77 @@ class Site(_message.Message):
 
     HOSTNAME_FIELD_NUMBER: _builtins.int
     TEMPLATE_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     hostname: _builtins.str
     """Unique hostname."""
     template: _builtins.str
     """Its template set under TEMPLATES_DIR; empty for the default."""
+    owner: _builtins.str
+    """The user who first used it; only they (and admins) may name it in a job file."""
     def __init__(
         self,
         *,
         hostname: _builtins.str = ...,
         template: _builtins.str = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hostname", b"hostname", "template", b"template"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hostname", b"hostname", "owner", b"owner", "template", b"template"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Site: _TypeAlias = Site  # noqa: Y015
+
+@_typing.final
+class TransferSiteRequest(_message.Message):
+    """Request for TransferSite."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOSTNAME_FIELD_NUMBER: _builtins.int
+    NEW_OWNER_FIELD_NUMBER: _builtins.int
+    hostname: _builtins.str
+    """The site's hostname."""
+    new_owner: _builtins.str
+    """The user it is given to."""
+    def __init__(
+        self,
+        *,
+        hostname: _builtins.str = ...,
+        new_owner: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hostname", b"hostname", "new_owner", b"new_owner"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransferSiteRequest: _TypeAlias = TransferSiteRequest  # noqa: Y015
+
+@_typing.final
+class TransferSiteResponse(_message.Message):
+    """Response of TransferSite."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SITE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def site(self) -> Global___Site:
+        """The site, with its new owner."""
+
+    def __init__(
+        self,
+        *,
+        site: Global___Site | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["site", b"site"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["site", b"site"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransferSiteResponse: _TypeAlias = TransferSiteResponse  # noqa: Y015
 
 @_typing.final
 class ListSitesResponse(_message.Message):

@@ -104,6 +104,11 @@ class OrchestratorServiceStub:
                 request_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListSitesRequest.SerializeToString,
                 response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListSitesResponse.FromString,
                 _registered_method=True)
+        self.TransferSite = channel.unary_unary(
+                '/tierwriter.orchestrator.v1.OrchestratorService/TransferSite',
+                request_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.TransferSiteRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.TransferSiteResponse.FromString,
+                _registered_method=True)
         self.CreateUser = channel.unary_unary(
                 '/tierwriter.orchestrator.v1.OrchestratorService/CreateUser',
                 request_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.CreateUserRequest.SerializeToString,
@@ -240,7 +245,15 @@ class OrchestratorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListSites(self, request, context):
-        """Lists the sites jobs have published on, by hostname.
+        """Lists the caller's sites (an admin's: everyone's), by hostname. A site belongs to the
+        user whose job first named it; another user's job file naming it is refused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TransferSite(self, request, context):
+        """Gives a site to another user (admins only; NOT_FOUND for an unknown site or user).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -351,6 +364,11 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.ListSites,
                     request_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListSitesRequest.FromString,
                     response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListSitesResponse.SerializeToString,
+            ),
+            'TransferSite': grpc.unary_unary_rpc_method_handler(
+                    servicer.TransferSite,
+                    request_deserializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.TransferSiteRequest.FromString,
+                    response_serializer=tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.TransferSiteResponse.SerializeToString,
             ),
             'CreateUser': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateUser,
@@ -734,6 +752,33 @@ class OrchestratorService:
             '/tierwriter.orchestrator.v1.OrchestratorService/ListSites',
             tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListSitesRequest.SerializeToString,
             tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListSitesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TransferSite(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.orchestrator.v1.OrchestratorService/TransferSite',
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.TransferSiteRequest.SerializeToString,
+            tierwriter_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.TransferSiteResponse.FromString,
             options,
             channel_credentials,
             insecure,

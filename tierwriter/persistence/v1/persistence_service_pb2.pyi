@@ -254,22 +254,26 @@ class Site(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     HOSTNAME_FIELD_NUMBER: _builtins.int
     TEMPLATE_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Database id."""
     hostname: _builtins.str
     """Unique hostname, e.g. blog-one.example.net."""
     template: _builtins.str
     """The template set under TEMPLATES_DIR its pages use; empty for the default."""
+    owner: _builtins.str
+    """The user who first used it: only they (and admins) publish on it or change its template."""
     def __init__(
         self,
         *,
         id: _builtins.int = ...,
         hostname: _builtins.str = ...,
         template: _builtins.str = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hostname", b"hostname", "id", b"id", "template", b"template"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hostname", b"hostname", "id", b"id", "owner", b"owner", "template", b"template"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -282,6 +286,14 @@ class EnsureSitesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SITES_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    ANY_OWNER_FIELD_NUMBER: _builtins.int
+    owner: _builtins.str
+    """Who uses them: new sites become theirs; a stored site of another owner is refused
+    (ALREADY_EXISTS, naming it) and nothing is written.
+    """
+    any_owner: _builtins.bool
+    """The caller is an admin: anyone's stored site may be used (it keeps its owner)."""
     @_builtins.property
     def sites(self) -> _containers.RepeatedCompositeFieldContainer[Global___Site]:
         """The sites; an empty `template` leaves a stored one as it is."""
@@ -290,10 +302,12 @@ class EnsureSitesRequest(_message.Message):
         self,
         *,
         sites: _abc.Iterable[Global___Site] | None = ...,
+        owner: _builtins.str = ...,
+        any_owner: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sites", b"sites"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["any_owner", b"any_owner", "owner", b"owner", "sites", b"sites"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -330,20 +344,76 @@ class ListSitesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     OWNER_FIELD_NUMBER: _builtins.int
+    HOSTNAMES_FIELD_NUMBER: _builtins.int
     owner: _builtins.str
-    """Only the sites this user's jobs have records on; empty for every site."""
+    """Only this user's sites; empty for everyone's."""
+    @_builtins.property
+    def hostnames(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only these hostnames (those stored); empty for all."""
+
     def __init__(
         self,
         *,
         owner: _builtins.str = ...,
+        hostnames: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["owner", b"owner"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hostnames", b"hostnames", "owner", b"owner"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListSitesRequest: _TypeAlias = ListSitesRequest  # noqa: Y015
+
+@_typing.final
+class SetSiteOwnerRequest(_message.Message):
+    """Request for SetSiteOwner."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOSTNAME_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    hostname: _builtins.str
+    """The site's hostname."""
+    owner: _builtins.str
+    """The user it is given to (NOT_FOUND if there is no such user, or no such site)."""
+    def __init__(
+        self,
+        *,
+        hostname: _builtins.str = ...,
+        owner: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hostname", b"hostname", "owner", b"owner"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetSiteOwnerRequest: _TypeAlias = SetSiteOwnerRequest  # noqa: Y015
+
+@_typing.final
+class SetSiteOwnerResponse(_message.Message):
+    """Response of SetSiteOwner."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SITE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def site(self) -> Global___Site:
+        """The site, with its new owner."""
+
+    def __init__(
+        self,
+        *,
+        site: Global___Site | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["site", b"site"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["site", b"site"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetSiteOwnerResponse: _TypeAlias = SetSiteOwnerResponse  # noqa: Y015
 
 @_typing.final
 class ListSitesResponse(_message.Message):

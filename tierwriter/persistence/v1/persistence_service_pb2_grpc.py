@@ -71,6 +71,11 @@ class PersistenceServiceStub:
                 request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListSitesRequest.SerializeToString,
                 response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListSitesResponse.FromString,
                 _registered_method=True)
+        self.SetSiteOwner = channel.unary_unary(
+                '/tierwriter.persistence.v1.PersistenceService/SetSiteOwner',
+                request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetSiteOwnerRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetSiteOwnerResponse.FromString,
+                _registered_method=True)
         self.CreateJob = channel.unary_unary(
                 '/tierwriter.persistence.v1.PersistenceService/CreateJob',
                 request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.CreateJobRequest.SerializeToString,
@@ -257,6 +262,13 @@ class PersistenceServiceServicer:
 
     def ListSites(self, request, context):
         """Lists sites, by hostname.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetSiteOwner(self, request, context):
+        """Gives a site to another user.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -497,6 +509,11 @@ def add_PersistenceServiceServicer_to_server(servicer, server):
                     servicer.ListSites,
                     request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListSitesRequest.FromString,
                     response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListSitesResponse.SerializeToString,
+            ),
+            'SetSiteOwner': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSiteOwner,
+                    request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetSiteOwnerRequest.FromString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetSiteOwnerResponse.SerializeToString,
             ),
             'CreateJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateJob,
@@ -825,6 +842,33 @@ class PersistenceService:
             '/tierwriter.persistence.v1.PersistenceService/ListSites',
             tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListSitesRequest.SerializeToString,
             tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListSitesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSiteOwner(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.persistence.v1.PersistenceService/SetSiteOwner',
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetSiteOwnerRequest.SerializeToString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetSiteOwnerResponse.FromString,
             options,
             channel_credentials,
             insecure,
