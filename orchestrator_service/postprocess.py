@@ -5,6 +5,7 @@ articles stay stored either way, and `tierwriter jobs publish` runs it all again
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import tempfile
@@ -116,6 +117,14 @@ class JobPublisher:
                 step_report.error = (
                     f"failed: {type(e).__name__}: {e}; the articles are stored, "
                     f"`tierwriter jobs publish {job_id}` runs it again"
+                )
+                yield step_report
+                return
+            except OutputWriteError as e:  # not a bug: the disk, for the user to fix
+                log.error("job %d: post-processing failed: %s", job_id, e)
+                step_report.error = (
+                    f"failed: {e}; the articles are stored: once that is fixed, "
+                    f"`tierwriter jobs publish {job_id}` finishes it"
                 )
                 yield step_report
                 return
@@ -298,7 +307,13 @@ class JobPublisher:
             )
             write_atomically(site_pages[0].path.parent / "index.html", index)
         job_dir = publish.job_dir(root, job_id)
-        job_dir.mkdir(parents=True, exist_ok=True)
+        # Each tier's titles, from the database: the copy written as the tier ran may be
+        # missing (the disk was full then) or out of date (a resume).
+        for tier in job.titles:
+            write_atomically(
+                publish.titles_path(root, job_id, tier.tier),
+                "".join(f"{title}\n" for title in tier.titles),
+            )
         titles_files = sorted(p.name for p in job_dir.glob("titles-*.txt"))
         write_atomically(
             job_dir / "index.html",
@@ -376,15 +391,46 @@ class JobPublisher:
         )  # fmt: skip
 
 
+class OutputWriteError(Exception):
+    """A file under OUTPUT_DIR could not be written; the message names the file and the cause
+    in words a user acts on (the disk is full, permission denied, …)."""
+
+    def __init__(self, path: Path, cause: OSError) -> None:
+        self.path = path
+        super().__init__(f"cannot write {path}: {_cause_of(cause)}")
+
+
+# What a user does about each: free space, fix the owner/mode, remount; the rest in the OS's words.
+_CAUSES = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "the file system is read-only",
+}
+
+
+def _cause_of(error: OSError) -> str:
+    reason = error.strerror or type(error).__name__
+    cause = _CAUSES.get(error.errno or 0)
+    return f"{cause} ({reason})" if cause else reason
+
+
 def write_atomically(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: no half-written page is ever seen."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write to a temporary file beside `path`, then rename: no half-written page is ever seen.
+    OutputWriteError, naming `path`, when the disk or its permissions refuse."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise OutputWriteError(path, e) from e
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.chmod(tmp, export.PAGE_MODE)  # mkstemp makes it its owner's only
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OutputWriteError(path, e) from e
         raise

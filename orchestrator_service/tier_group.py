@@ -22,7 +22,7 @@ import grpc
 from generator_service.client import GeneratorClient
 from orchestrator_service import publish
 from orchestrator_service.jobfile import JobSpec, TierSpec
-from orchestrator_service.postprocess import write_atomically
+from orchestrator_service.postprocess import OutputWriteError, write_atomically
 from orchestrator_service.title_feed import TitleFeed
 from persistence_service.client import PersistenceClient
 from tierwriter.article.v1 import article_event_pb2 as article_pb
@@ -471,10 +471,22 @@ class TierGroup:
                     f"{round(retry.delay, 1):g}s (attempt {retry.attempt})",
                 )
             )
-        write_atomically(
-            publish.titles_path(self._output_dir, job.id, run.name),
-            "".join(f"{title}\n" for title in titles),
-        )
+        try:
+            write_atomically(
+                publish.titles_path(self._output_dir, job.id, run.name),
+                "".join(f"{title}\n" for title in titles),
+            )
+        except OutputWriteError as e:
+            # The titles are recorded; the file is a copy that publishing writes again. The
+            # tier goes on: its articles are what the disk must not cost.
+            yield pb.JobEvent(
+                notice=pb.Notice(
+                    job_id=job.id,
+                    tier=run.name,
+                    message=f"titles file not written ({e}); the titles are stored and the "
+                    "articles go on: publishing writes the file",
+                )
+            )
         untitled = range(len(titles), first_new + tier.want - made.shortfall) if made.error else []
         for index in untitled:
             self._persistence.save_article(

@@ -123,7 +123,7 @@ def start_stack(database_url: str, tmp_path: Path) -> Iterator[Callable[..., Sta
     def start(**overrides: Any) -> StackHandle:
         config = StackConfig.on_loopback(
             database_url=overrides.pop("database_url", database_url),
-            output_dir=tmp_path / f"output{len(started)}",
+            output_dir=overrides.pop("output_dir", tmp_path / f"output{len(started)}"),
             admin_password=overrides.pop("admin_password", password),
             **overrides,
         )

@@ -3,8 +3,12 @@ sites, URLs, the interlink graph, templates, sanitising and the export tree."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +237,75 @@ def test_slugs_are_unique_per_site_across_jobs_and_stable_on_republish(start_sta
     assert missing.value.code == grpc.StatusCode.NOT_FOUND
     assert steps[0].detail == "0 new, 3 kept from an earlier run" and not steps[-1].error
     assert [r["url"] for r in article_rows(handle.database_url, first)] == urls_first
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB file system of its own (a tmpfs: mounting needs root, which CI has), unmounted
+    afterwards. Ask for it before start_stack, so the services stop before it goes."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)]
+    mounted = subprocess.run(mount, capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small file system here: {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=True)
+
+
+def fill(disk: Path) -> Path:
+    """Write a file until the disk has no room left; the file."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_a_full_disk_costs_the_publish_step_not_the_articles(small_disk, start_stack) -> None:
+    output = small_disk / "output"
+    handle = start_stack(simulator=SimulatorConfig(latency=0.0), output_dir=output)
+    filler = fill(small_disk)  # full before the tier writes its titles file
+    events, finished = run_job(handle, job_file({"tier1": tier(3)}, deployment_targets=SITES[:1]))
+    job_id = job_ids_of(events)[0]
+    titles_file = output / str(job_id) / "titles-tier1.txt"
+    notices = [e.notice.message for e in events if e.WhichOneof("event") == "notice"]
+    assert (
+        f"titles file not written (cannot write {titles_file}: the disk is full (No space left "
+        "on device)); the titles are stored and the articles go on: publishing writes the file"
+    ) in notices
+    # Every article was generated and recorded all the same: the tier did not stop.
+    assert {r["status"] for r in article_rows(handle.database_url, job_id)} <= {
+        "generated",
+        "augmented",
+    }
+    assert finished.summary.generated_articles + finished.summary.augmented_articles == 3
+    export_step = steps_of(events)[-1]
+    assert export_step.step == pb.POST_STEP_EXPORT
+    assert export_step.error.startswith(f"failed: cannot write {output / str(job_id)}/")
+    assert "the disk is full" in export_step.error
+    assert f"`tierwriter jobs publish {job_id}` finishes it" in export_step.error
+    assert not finished.ok and "post-processing failed: cannot write" in finished.error
+
+    with OrchestratorClient(handle.stack.orchestrator_address, "admin", handle.password) as c:
+        subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+        try:
+            read_only = c.publish_job(job_id)[-1].error
+        finally:
+            subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+        assert "the file system is read-only" in read_only
+        filler.unlink()  # room again: publishing finishes the job, titles file included
+        again = c.publish_job(job_id)
+    assert not any(s.error for s in again) and again[-1].count == 3
+    assert len(article_pages(output / str(job_id))) == 3
+    assert len(titles_file.read_text().splitlines()) == 3
 
 
 def test_a_site_uses_its_template_set(start_stack, tmp_path: Path) -> None:

@@ -1,9 +1,11 @@
 """Post-processing helpers: slugs, URLs, sanitising and escaping, template sets."""
 
+import errno
 from pathlib import Path
 
 import pytest
 
+from orchestrator_service.postprocess import OutputWriteError, write_atomically
 from orchestrator_service.publish import (
     ARTICLE_TEMPLATE,
     INDEX_TEMPLATE,
@@ -111,3 +113,25 @@ def test_a_site_template_set_is_used_and_the_default_otherwise(tmp_path: Path) -
     # The set has no index.html: the default one is used for the site index.
     assert site_template(env, "magazine", INDEX_TEMPLATE).name == INDEX_TEMPLATE
     assert site_template(env, "", ARTICLE_TEMPLATE).name == ARTICLE_TEMPLATE
+
+
+@pytest.mark.parametrize(
+    ("error", "cause"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), "the disk is full (No space left"),
+        (PermissionError(errno.EACCES, "Permission denied"), "permission denied (Permission"),
+        (OSError(errno.EROFS, "Read-only file system"), "the file system is read-only (Read"),
+        (OSError(errno.EIO, "Input/output error"), "Input/output error"),
+    ],
+)
+def test_a_failed_write_names_the_file_and_the_cause_in_words(error: OSError, cause: str) -> None:
+    message = str(OutputWriteError(Path("/srv/output/1/titles-tier1.txt"), error))
+    assert message.startswith(f"cannot write /srv/output/1/titles-tier1.txt: {cause}")
+
+
+def test_write_atomically_reports_the_path_it_could_not_write(tmp_path: Path) -> None:
+    (tmp_path / "1").write_text("a file where a folder must go")
+    page = tmp_path / "1" / "site" / "page.html"
+    with pytest.raises(OutputWriteError, match=r"cannot write .*/1/site/page\.html: Not a dir"):
+        write_atomically(page, "<p>x</p>")
+    assert [p.name for p in tmp_path.iterdir()] == ["1"]  # nothing half-written left
