@@ -21,6 +21,7 @@ from orchestrator_service.credentials import METADATA_KEY
 from persistence_service.client import PersistenceClient
 from tierwriter import accounts
 from tierwriter.persistence.v1 import persistence_service_pb2 as db_pb
+from tierwriter.refused_calls import REFUSED, RefusedCalls, peer_address
 from tierwriter.runtime import ServiceCallError
 
 log = logging.getLogger(__name__)
@@ -171,13 +172,7 @@ def client_address(
     "ipv6:[::1]:4711", "unix:…"). Behind a proxy named in `trusted_proxies`, the last address
     that proxy appended to `x-forwarded-for`: the caller it saw. Anyone else's
     `x-forwarded-for` is ignored, or a client could name any address it likes."""
-    scheme, _, rest = peer.partition(":")
-    if scheme == "ipv6" and rest.startswith("["):
-        address = rest[1 : rest.find("]")]
-    elif scheme == "ipv4":
-        address = rest.rpartition(":")[0]
-    else:
-        address = peer
+    address = peer_address(peer)
     if address in trusted_proxies:
         for key, value in metadata:
             if key == FORWARDED_FOR_KEY and isinstance(value, str):
@@ -303,12 +298,14 @@ class Authenticator:
         token_ttl_seconds: float,
         brake: LoginBrake | None = None,
         trusted_proxies: frozenset[str] = frozenset(),
+        refused: RefusedCalls = REFUSED,
     ) -> None:
         self._persistence = persistence
         self._secret = signing_secret
         self._ttl = token_ttl_seconds
         self._brake = brake or LoginBrake()
         self._trusted_proxies = trusted_proxies
+        self._refused = refused
         self._signer: TokenSigner | None = None
         self._signer_lock = threading.Lock()
 
@@ -326,25 +323,28 @@ class Authenticator:
 
     def check_password(self, username: str, password: str, address: str) -> db_pb.User:
         """The active user with these credentials, tried from `address`. ThrottledError while
-        the address or the account must wait; NotAuthenticatedError otherwise (a failure is
-        logged without the password)."""
+        the address or the account must wait; NotAuthenticatedError otherwise. Failures are
+        logged once per address, kind and minute, never with the password."""
         if not accounts.could_be_credentials(username, password):
             # No account can match: refused without a lookup, a hash, or a brake entry (a
             # megabyte "username" must not become a key that stays in memory).
+            self._refused.note(address, "impossible credentials (too long, or empty)")
             raise NotAuthenticatedError("invalid username or password")
-        self._brake.check(address, username)
+        try:
+            self._brake.check(address, username)
+        except ThrottledError as e:
+            self._refused.note(address, "login held back by the brake", str(e))
+            raise
         try:
             user = self._persistence.verify_credentials(username, password)
         except ServiceCallError as e:
             if e.code != grpc.StatusCode.UNAUTHENTICATED:
                 raise  # busy or down: not a failed guess
             from_address, at_account = self._brake.failed(address, username)
-            log.warning(
-                "failed login for %r from %s (%d in a row at the account, %d from the address)",
-                username,
+            self._refused.note(
                 address,
-                at_account,
-                from_address,
+                f"failed login for {username!r}",
+                f"{at_account} in a row at the account, {from_address} from the address",
             )
             raise NotAuthenticatedError("invalid username or password") from e
         self._brake.succeeded(username)
@@ -362,6 +362,7 @@ class Authenticator:
         account is looked up on every call, so disabling a user takes effect at once."""
         credentials = credentials_from_metadata(metadata)
         if credentials is None:
+            self._refused.note(address, "no credentials")
             raise NotAuthenticatedError(
                 "credentials required: run `tierwriter login`, or pass -u/-p "
                 "(or set TIERWRITER_USER and TIERWRITER_PASSWORD)"
@@ -369,7 +370,16 @@ class Authenticator:
         if isinstance(credentials, PasswordCredentials):
             user = self.check_password(credentials.username, credentials.password, address)
             return Principal(user.username, user.role)
-        claims = self.signer().claims(credentials)
+        try:
+            return self._token_holder(credentials)
+        except NotAuthenticatedError as e:
+            self._refused.note(address, "session token refused", str(e))
+            raise
+
+    def _token_holder(self, token: str) -> Principal:
+        """The caller a session token names, if it was signed here, has not expired or been
+        logged out, and its account is active with the same password."""
+        claims = self.signer().claims(token)
         try:
             user, revoked = self._persistence.token_holder(claims.username, claims.token_id)
         except ServiceCallError as e:

@@ -18,6 +18,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from tierwriter.refused_calls import ParsedHere
+
 log = logging.getLogger("tierwriter")
 
 # Large enough for a long article with its outline; a cap keeps one bad message from eating memory.
@@ -72,13 +74,15 @@ def build_server(
     name) plus health and reflection, start, and mark every service SERVING — or, with
     serving=False, NOT_SERVING until the caller's set_serving() (a dependency is not ready).
     With `tls` (PEM key, PEM certificate chain) the port serves TLS only."""
-    # gRPC's own parse errors: a line a minute with a count, not a traceback a request.
+    # gRPC's own parse errors (streamed requests; ParsedHere parses the rest): a line a minute
+    # with a count, not a traceback a request.
     if _MALFORMED_REQUESTS not in logging.getLogger("grpc._common").filters:
         logging.getLogger("grpc._common").addFilter(_MALFORMED_REQUESTS)
     executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc")
     server = grpc.server(
         executor,
-        interceptors=list(interceptors),
+        # Innermost: the given interceptors refuse strangers before a request is parsed.
+        interceptors=[*interceptors, ParsedHere()],
         options=CHANNEL_OPTIONS,
         # Calls beyond the threads wait their turn (a burst of saves must not fail); only a
         # backlog past this is refused with RESOURCE_EXHAUSTED, so memory stays bounded.

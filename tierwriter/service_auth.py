@@ -12,6 +12,8 @@ from typing import Any
 
 import grpc
 
+from tierwriter.refused_calls import REFUSED, peer_address
+
 log = logging.getLogger(__name__)
 
 TOKEN_HEADER = "x-tierwriter-service-token"
@@ -75,10 +77,11 @@ class ServiceTokenInterceptor(grpc.ServerInterceptor):
 
 def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     """A handler of the same shape as `handler` that ends every call UNAUTHENTICATED. It takes
-    the request as raw bytes: a stranger's call is never parsed, so garbage costs no parse and
-    no error log."""
+    the request as raw bytes: a stranger's call is never parsed, so garbage costs no parse; it
+    is logged once per client and minute, with a count."""
 
     def deny(_request: Any, context: grpc.ServicerContext) -> Any:
+        REFUSED.note(peer_address(context.peer()), "no valid service token")
         context.abort(grpc.StatusCode.UNAUTHENTICATED, DENIED)
 
     serializers = {"response_serializer": handler.response_serializer}

@@ -33,6 +33,7 @@ from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 from tierwriter.persistence.v1 import persistence_service_pb2 as db_pb
 from tierwriter.persistence.v1 import persistence_service_pb2_grpc as db_grpc
+from tierwriter.refused_calls import REFUSED
 from tierwriter.runtime import MAX_MESSAGE_BYTES, ServiceCallError
 
 SECRET = "a-signing-secret-for-these-tests-only-0123456789"
@@ -261,6 +262,7 @@ def test_the_login_brake_slows_the_guesser_down_but_never_locks_the_user_out(
     start_stack, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
+    REFUSED.forget()  # its lines are checked below: no earlier test's minute may hold them back
     handle = start_stack(simulator=FAST, orchestrator_settings={"trusted_proxies": "127.0.0.1"})
     address, admin_password = handle.stack.orchestrator_address, handle.password
     with OrchestratorClient(address, "admin", admin_password) as admin:
@@ -295,7 +297,13 @@ def test_the_login_brake_slows_the_guesser_down_but_never_locks_the_user_out(
                 return len(client.list_jobs())
 
         assert list(pool.map(list_jobs, range(24))) == [0] * 24
-    assert "failed login for 'ann' from 203.0.113.66 (3 in a row at the account" in caplog.text
+    failures = [
+        r.getMessage() for r in caplog.records if "failed login for 'ann'" in r.getMessage()
+    ]
+    assert failures == [  # three in the minute: the first is logged, the others counted
+        "refused a call from 203.0.113.66: failed login for 'ann': 1 in a row at the account, "
+        "1 from the address"
+    ]
     assert "guess-number" not in caplog.text and "ann-password-1" not in caplog.text
     assert admin_password not in caplog.text
 
@@ -425,12 +433,13 @@ def test_a_message_over_the_size_cap_is_refused_and_the_server_goes_on(team) -> 
         assert [j.job_id for j in admin.list_jobs()] == [team["ann_job"]]
 
 
-def test_a_flood_of_garbage_calls_logs_a_line_a_minute_not_a_traceback_a_call(
+def test_a_flood_of_refused_calls_logs_a_line_per_client_and_minute_not_a_traceback_a_call(
     start_stack, caplog: pytest.LogCaptureFixture
 ) -> None:
     handle = start_stack(simulator=SimulatorConfig())
     stack = handle.stack
     caplog.set_level(logging.INFO)
+    REFUSED.forget()  # earlier tests' refusals from 127.0.0.1 are still in their minute
     garbage = b"\xff\xfe\x00 not a protobuf message"
 
     def raw(address: str, method: str, metadata: tuple[tuple[str, str], ...] = ()) -> list[Any]:
@@ -443,26 +452,36 @@ def test_a_flood_of_garbage_calls_logs_a_line_a_minute_not_a_traceback_a_call(
                 codes.append(error.value.code())
         return codes
 
-    # Strangers' garbage to the internal services is refused unread: nothing to log.
-    persistence = raw(
-        stack.persistence_address, "/tierwriter.persistence.v1.PersistenceService/GetJob"
-    )
+    persistence_get_job = "/tierwriter.persistence.v1.PersistenceService/GetJob"
+    public_get_job = "/tierwriter.orchestrator.v1.OrchestratorService/GetJob"
+    # Strangers' calls are refused unread: to the internal services without the service token,
+    # to the public API without credentials.
+    persistence = raw(stack.persistence_address, persistence_get_job)
     generator = raw(
         stack.generator_address, "/tierwriter.generator.v1.GeneratorService/GenerateTitles"
     )
-    assert set(persistence) == set(generator) == {grpc.StatusCode.UNAUTHENTICATED}
-    # Garbage that must be read (the orchestrator's public API; an internal caller's): one
-    # line for the minute, however many calls.
-    public = raw(
-        stack.orchestrator_address, "/tierwriter.orchestrator.v1.OrchestratorService/GetJob"
-    )
-    token = (("x-tierwriter-service-token", stack.service_token),)
-    inside = raw(
-        stack.persistence_address, "/tierwriter.persistence.v1.PersistenceService/GetJob", token
-    )
-    assert set(public) == set(inside) == {grpc.StatusCode.INTERNAL}
-    unreadable = [r for r in caplog.records if "cannot be parsed" in r.getMessage()]
-    assert len(unreadable) <= 1 and all(r.levelno == logging.WARNING for r in unreadable)
+    public = raw(stack.orchestrator_address, public_get_job)
+    assert set(persistence) == set(generator) == set(public) == {grpc.StatusCode.UNAUTHENTICATED}
+    # Garbage from callers who may call is read, and refused as a bad argument.
+    with OrchestratorClient(stack.orchestrator_address) as client:
+        token = client.login("admin", handle.password).token
+    user = raw(stack.orchestrator_address, public_get_job, bearer_credentials(token))
+    service = (("x-tierwriter-service-token", stack.service_token),)
+    inside = raw(stack.persistence_address, persistence_get_job, service)
+    assert set(user) == set(inside) == {grpc.StatusCode.INVALID_ARGUMENT}
+
+    # 500 refused calls, one line per client and kind: the minute's first, naming the client.
+    refused = [r.getMessage() for r in caplog.records if "refused a call" in r.getMessage()]
+    # (protobuf's own reason follows "Error parsing message"; its wording varies by version)
+    assert sorted(m.partition(" with type")[0] for m in refused) == [
+        "refused a call from 127.0.0.1: a request to "
+        f"{public_get_job} that cannot be parsed: Error parsing message",
+        "refused a call from 127.0.0.1: a request to "
+        f"{persistence_get_job} that cannot be parsed: Error parsing message",
+        "refused a call from 127.0.0.1: no credentials",
+        "refused a call from 127.0.0.1: no valid service token",
+    ]
+    assert all(r.levelno == logging.WARNING for r in caplog.records if "refused" in r.getMessage())
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
 
 
