@@ -5,7 +5,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from argon2 import extract_parameters
 
+from persistence_service import store as store_module
 from persistence_service.store import (
     AuthenticationError,
     ConflictError,
@@ -160,6 +162,42 @@ def test_admin_is_created_once_and_passwords_are_checked(store: Store) -> None:
         store.verify_credentials("admin", "wrong")
     with pytest.raises(AuthenticationError):
         store.verify_credentials("nobody", generated)
+
+
+def test_every_failed_login_spends_one_argon2_operation_of_the_same_cost(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Timing is not measured here (machine speed): what makes it the same is measured instead.
+    Whether the name exists, is disabled, or the password is wrong, a login does exactly one
+    argon2 operation with the stored hashes' parameters, so it takes a real check's time."""
+    store.create_user("ann", "ann-password-1")
+    store.create_user("off", "off-password-1")
+    store.set_user_active("off", False)
+    real = store_module._hasher
+    stored = extract_parameters(store.get_user("ann").password_hash)
+    operations: list[tuple[str, object]] = []
+
+    class Recording:
+        def hash(self, password: str) -> str:
+            made = real.hash(password)
+            operations.append(("hash", extract_parameters(made)))
+            return made
+
+        def verify(self, password_hash: str, password: str) -> bool:
+            operations.append(("verify", extract_parameters(password_hash)))
+            return real.verify(password_hash, password)
+
+    monkeypatch.setattr(store_module, "_hasher", Recording())
+    for username, password in [
+        ("ann", "wrong-password-1"),  # exists, wrong password
+        ("nobody", "wrong-password-1"),  # no such user
+        ("off", "off-password-1"),  # disabled
+        ("ann", "short"),  # a password no account can have
+    ]:
+        operations.clear()
+        with pytest.raises(AuthenticationError, match=r"^invalid username or password$"):
+            store.verify_credentials(username, password)
+        assert len(operations) == 1 and operations[0][1] == stored, (username, operations)
 
 
 def test_a_record_with_an_unknown_project_is_rejected_naming_the_problem(store: Store) -> None:
