@@ -457,9 +457,8 @@ def test_a_flood_of_refused_calls_logs_a_line_per_client_and_minute_not_a_traceb
     # Strangers' calls are refused unread: to the internal services without the service token,
     # to the public API without credentials.
     persistence = raw(stack.persistence_address, persistence_get_job)
-    generator = raw(
-        stack.generator_address, "/tierwriter.generator.v1.GeneratorService/GenerateTitles"
-    )
+    generate_titles = "/tierwriter.generator.v1.GeneratorService/GenerateTitles"
+    generator = raw(stack.generator_address, generate_titles)
     public = raw(stack.orchestrator_address, public_get_job)
     assert set(persistence) == set(generator) == set(public) == {grpc.StatusCode.UNAUTHENTICATED}
     # Garbage from callers who may call is read, and refused as a bad argument.
@@ -468,19 +467,24 @@ def test_a_flood_of_refused_calls_logs_a_line_per_client_and_minute_not_a_traceb
     user = raw(stack.orchestrator_address, public_get_job, bearer_credentials(token))
     service = (("x-tierwriter-service-token", stack.service_token),)
     inside = raw(stack.persistence_address, persistence_get_job, service)
-    assert set(user) == set(inside) == {grpc.StatusCode.INVALID_ARGUMENT}
+    streamed = raw(stack.generator_address, generate_titles, service)  # a stream of responses
+    assert set(user) == set(inside) == set(streamed) == {grpc.StatusCode.INVALID_ARGUMENT}
 
-    # 500 refused calls, one line per client and kind: the minute's first, naming the client.
+    # 600 refused calls, one line per client and kind: the minute's first, naming the client.
     refused = [r.getMessage() for r in caplog.records if "refused a call" in r.getMessage()]
     # (protobuf's own reason follows "Error parsing message"; its wording varies by version)
-    assert sorted(m.partition(" with type")[0] for m in refused) == [
-        "refused a call from 127.0.0.1: a request to "
-        f"{public_get_job} that cannot be parsed: Error parsing message",
-        "refused a call from 127.0.0.1: a request to "
-        f"{persistence_get_job} that cannot be parsed: Error parsing message",
-        "refused a call from 127.0.0.1: no credentials",
-        "refused a call from 127.0.0.1: no valid service token",
-    ]
+    assert sorted(m.partition(" with type")[0] for m in refused) == sorted(
+        [
+            "refused a call from 127.0.0.1: a request to "
+            f"{public_get_job} that cannot be parsed: Error parsing message",
+            "refused a call from 127.0.0.1: a request to "
+            f"{persistence_get_job} that cannot be parsed: Error parsing message",
+            "refused a call from 127.0.0.1: a request to "
+            f"{generate_titles} that cannot be parsed: Error parsing message",
+            "refused a call from 127.0.0.1: no credentials",
+            "refused a call from 127.0.0.1: no valid service token",
+        ]
+    )
     assert all(r.levelno == logging.WARNING for r in caplog.records if "refused" in r.getMessage())
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
 
