@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import logging
+import math
 import secrets
 import threading
 import time
@@ -37,9 +39,6 @@ class Principal:
 
     username: str
     role: str
-    # The session token the call carries (its id and expiry); "" for a call with a password.
-    token_id: str = ""
-    token_expires: float = 0.0
 
     @property
     def is_admin(self) -> bool:
@@ -78,7 +77,7 @@ class ThrottledError(Exception):
     def __init__(self, where: str, retry_after: float) -> None:
         self.retry_after = retry_after
         super().__init__(
-            f"too many failed logins {where}: try again in {max(1, round(retry_after))} s"
+            f"too many failed logins {where}: try again in {max(1, math.ceil(retry_after))} s"
         )
 
 
@@ -163,26 +162,44 @@ class TokenSigner:
         )
 
 
+FORWARDED_FOR_KEY = "x-forwarded-for"
+
+
 def client_address(
     peer: str,
     metadata: Iterable[tuple[str, str | bytes]] = (),
     trusted_proxies: frozenset[str] = frozenset(),
 ) -> str:
-    """The address a call comes from, without its port: gRPC's `peer()` ("ipv4:10.0.0.5:4711",
-    "ipv6:[::1]:4711", "unix:…"). Behind a proxy named in `trusted_proxies`, the last address
-    that proxy appended to `x-forwarded-for`: the caller it saw. Anyone else's
-    `x-forwarded-for` is ignored, or a client could name any address it likes."""
+    """The address a call comes from, without its port (see peer_address). Behind proxies named
+    in `trusted_proxies`, `x-forwarded-for` is read from its end — where each proxy appends the
+    address it saw — past every trusted proxy, to the first address one of them vouches for.
+    Anyone else's `x-forwarded-for` is ignored, or a client could name any address it likes;
+    so is an entry that is not an IP address."""
     address = peer_address(peer)
-    if address in trusted_proxies:
-        for key, value in metadata:
-            if key == FORWARDED_FOR_KEY and isinstance(value, str):
-                forwarded = value.rpartition(",")[2].strip()
-                if forwarded:
-                    address = forwarded
+    forwarded = [
+        part.strip()
+        for key, value in metadata
+        if key == FORWARDED_FOR_KEY and isinstance(value, str)
+        for part in value.split(",")
+    ]
+    while address in trusted_proxies and forwarded:
+        try:
+            address = str(ipaddress.ip_address(forwarded.pop()))
+        except ValueError:
+            break  # garbage in the header: the last proxy is as far as we can trust
     return address
 
 
-FORWARDED_FOR_KEY = "x-forwarded-for"
+def brake_key(address: str) -> str:
+    """What the login brake counts an address under: an IPv6 address by its /64, which one
+    host or customer usually holds whole (else each of its 2^64 addresses would start clean)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 6:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return address
 
 
 class _FailureCounts:
@@ -211,6 +228,12 @@ class _FailureCounts:
             self._counts.popitem(last=False)
         return count
 
+    def restart_wait(self, key: str, now: float) -> None:
+        """Count the delay from now, as if a failure had just happened (without one more)."""
+        count, _last = self._counts.get(key, (0, 0.0))
+        if count:
+            self._counts[key] = (count, now)
+
     def clear(self, key: str) -> None:
         self._counts.pop(key, None)
 
@@ -228,7 +251,11 @@ class LoginBrake:
     - Per account: after `account_free` failures in a row at one username, from wherever,
       attempts at it wait the same way, except from an address with no failures on record:
       the real user, at their own machine, still gets in while others guess. A success clears
-      the account's count."""
+      the account's count.
+
+    Once a brake's delay has passed, one attempt goes through and the delay starts again, so a
+    braked address or account gets one guess per delay even when it sends many at once. An
+    IPv6 address counts by its /64 (brake_key)."""
 
     def __init__(
         self,
@@ -249,31 +276,43 @@ class LoginBrake:
         self._addresses = _FailureCounts(forget_after, max_tracked)
         self._accounts = _FailureCounts(forget_after, max_tracked)
 
-    def _wait(self, counts: _FailureCounts, key: str, free: int, now: float) -> float:
+    def _wait(self, counts: _FailureCounts, key: str, free: int, now: float) -> float | None:
+        """Seconds the key must still wait; None when it has fewer failures than `free`."""
         count, last = counts.get(key, now)
         if count < free:
-            return 0.0
+            return None
         delay = min(self._max, self._base * 2 ** (count - free))
         return max(0.0, last + delay - now)
 
     def check(self, address: str, username: str) -> None:
-        """ThrottledError when an attempt at `username` from `address` must wait."""
+        """ThrottledError when an attempt at `username` from `address` must wait. Once a
+        brake's delay has passed, the attempt goes through and the delay starts again: a braked
+        address or account gets one attempt per delay, not a burst of them at once."""
+        key = brake_key(address)
         with self._lock:
             now = self._clock()
-            wait = self._wait(self._addresses, address, self._address_free, now)
-            if wait > 0:
-                raise ThrottledError("from your address", wait)
-            if self._addresses.get(address, now)[0] == 0:
-                return  # no failures from here: the account's brake is not for this caller
-            wait = self._wait(self._accounts, username, self._account_free, now)
-            if wait > 0:
-                raise ThrottledError(f"for {username!r}", wait)
+            if self._addresses.get(key, now)[0] == 0:
+                return  # no failures from here: neither brake is for this caller
+            brakes = [
+                (self._addresses, key, "from your address", self._address_free),
+                (self._accounts, username, f"for {username!r}", self._account_free),
+            ]
+            waits = [self._wait(counts, name, free, now) for counts, name, _, free in brakes]
+            for (_, _, where, _), wait in zip(brakes, waits, strict=True):
+                if wait:
+                    raise ThrottledError(where, wait)
+            for (counts, name, _, _), wait in zip(brakes, waits, strict=True):
+                if wait is not None:  # braked, and the delay has passed: this one goes
+                    counts.restart_wait(name, now)
 
     def failed(self, address: str, username: str) -> tuple[int, int]:
         """Record a failure: (failures in a row from the address, at the account)."""
         with self._lock:
             now = self._clock()
-            return self._addresses.add(address, now), self._accounts.add(username, now)
+            return (
+                self._addresses.add(brake_key(address), now),
+                self._accounts.add(username, now),
+            )
 
     def succeeded(self, username: str) -> None:
         """The account's count starts over; the address's stays (see the class)."""
@@ -284,7 +323,10 @@ class LoginBrake:
         """(failures in a row from the address, at the account), for tests and logs."""
         with self._lock:
             now = self._clock()
-            return self._addresses.get(address, now)[0], self._accounts.get(username, now)[0]
+            return (
+                self._addresses.get(brake_key(address), now)[0],
+                self._accounts.get(username, now)[0],
+            )
 
 
 class Authenticator:
@@ -341,10 +383,11 @@ class Authenticator:
             if e.code != grpc.StatusCode.UNAUTHENTICATED:
                 raise  # busy or down: not a failed guess
             from_address, at_account = self._brake.failed(address, username)
-            self._refused.note(
+            self._refused.note(  # per address, not per name: rotating names floods nothing
                 address,
-                f"failed login for {username!r}",
-                f"{at_account} in a row at the account, {from_address} from the address",
+                "failed login",
+                f"{username!r}, {at_account} in a row at the account, {from_address} from the "
+                "address",
             )
             raise NotAuthenticatedError("invalid username or password") from e
         self._brake.succeeded(username)
@@ -399,10 +442,27 @@ class Authenticator:
                 "the password changed after this session token was issued: run "
                 "`tierwriter login` again"
             )
-        return Principal(user.username, user.role, claims.token_id, claims.expires)
+        return Principal(user.username, user.role)
 
-    def logout(self, caller: Principal) -> None:
-        """Revoke the session token the caller's call carries (the caller must have one), on
-        every orchestrator on the database."""
-        self._persistence.revoke_token(caller.token_id, caller.username, caller.token_expires)
-        log.info("%r logged out (token %s… revoked)", caller.username, caller.token_id[:6])
+    def logout(self, metadata: Iterable[tuple[str, str | bytes]], address: str) -> str:
+        """Revoke the session token the call carries, on every orchestrator on the database;
+        whose it was. Only its signature and expiry are checked — a token whose account is
+        disabled or whose password changed can be logged out too, so it stays dead if that is
+        undone. NotAuthenticatedError without a valid token; ValueError for a password."""
+        credentials = credentials_from_metadata(metadata)
+        if isinstance(credentials, PasswordCredentials):
+            raise ValueError(
+                "this call carries a password, not a session token: there is no session to log "
+                "out (change the password to stop it working)"
+            )
+        if credentials is None:
+            self._refused.note(address, "no credentials")
+            raise NotAuthenticatedError("no session token: there is nothing to log out")
+        try:
+            claims = self.signer().claims(credentials)
+        except NotAuthenticatedError as e:
+            self._refused.note(address, "session token refused", str(e))
+            raise
+        self._persistence.revoke_token(claims.token_id, claims.username, claims.expires)
+        log.info("%r logged out from %s", claims.username, address)
+        return claims.username

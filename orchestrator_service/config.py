@@ -52,6 +52,9 @@ class Settings(ServiceSettings):
     )
     # How long a token from `tierwriter login` works.
     token_ttl_seconds: int = Field(3600, ge=60, le=7 * 24 * 3600, alias="TOKEN_TTL_SECONDS")
+    # The login brake's first delay, after 3 failed logins at an account or 10 from an address;
+    # each further failure doubles it, up to 5 minutes.
+    login_delay_seconds: float = Field(1.0, gt=0, le=300, alias="LOGIN_DELAY_SECONDS")
     # Addresses of proxies in front of the orchestrator (comma-separated IPs): a call from one
     # of them is taken to come from the last address it appended to `x-forwarded-for`, so the
     # login brake slows down the client instead of everyone behind the proxy.

@@ -26,7 +26,8 @@ from tierwriter import runtime
 from tierwriter.runtime import ServiceCallError
 
 SERVICE_PREFIX = "/tierwriter.orchestrator.v1.OrchestratorService/"
-OPEN_METHODS = frozenset({f"{SERVICE_PREFIX}Login"})
+# Login makes credentials; Logout checks the token it ends itself (its account may be disabled).
+OPEN_METHODS = frozenset({f"{SERVICE_PREFIX}Login", f"{SERVICE_PREFIX}Logout"})
 
 # Codes of a dependency that a client of ours should see as they are; anything else means our
 # dependency is in trouble, which to our client is UNAVAILABLE.

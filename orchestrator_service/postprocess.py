@@ -122,8 +122,9 @@ class JobPublisher:
                 return
             except OutputWriteError as e:  # not a bug: the disk, for the user to fix
                 log.error("job %d: post-processing failed: %s", job_id, e)
+                problem = e.seen_from(self._output_root, self._shown_root)
                 step_report.error = (
-                    f"failed: {e}; the articles are stored: once that is fixed, "
+                    f"failed: {problem}; the articles are stored: once that is fixed, "
                     f"`tierwriter jobs publish {job_id}` finishes it"
                 )
                 yield step_report
@@ -397,7 +398,17 @@ class OutputWriteError(Exception):
 
     def __init__(self, path: Path, cause: OSError) -> None:
         self.path = path
-        super().__init__(f"cannot write {path}: {_cause_of(cause)}")
+        self.cause = _cause_of(cause)
+        super().__init__(f"cannot write {path}: {self.cause}")
+
+    def seen_from(self, root: Path, shown_root: Path) -> str:
+        """The message with the path where the user finds it: under `shown_root`
+        (PUBLIC_OUTPUT_DIR, e.g. the host folder a container's OUTPUT_DIR is mounted from)."""
+        try:
+            path = shown_root / self.path.relative_to(root)
+        except ValueError:
+            path = self.path
+        return f"cannot write {path}: {self.cause}"
 
 
 # What a user does about each: free space, fix the owner/mode, remount; the rest in the OS's words.

@@ -139,11 +139,34 @@ class JobRunner:
         who may use every site)."""
         if caller.is_admin:
             return set()
-        hostnames = sorted({s.hostname for spec in job_file.jobs for s in spec.all_sites()})
+        hostnames = {s.hostname for spec in job_file.jobs for s in spec.all_sites()}
+        return self._sites_not_of(hostnames, caller.username)
+
+    def _sites_not_of(self, hostnames: set[str], username: str) -> set[str]:
+        """Of these hostnames, those stored as a site of another user than `username`."""
         if not hostnames:
             return set()
-        stored = self._persistence.list_sites(hostnames=hostnames)
-        return {s.hostname for s in stored if s.owner != caller.username}
+        stored = self._persistence.list_sites(hostnames=sorted(hostnames))
+        return {s.hostname for s in stored if s.owner != username}
+
+    def check_sites_still_owned(self, job: db_pb.Job) -> None:
+        """ValueError naming a site of the job that belongs to another user than the job's
+        owner by now (given away since the job was stored, or before sites had owners): the
+        job must not take URLs or write pages there. An admin's job may use every site."""
+        try:
+            owner_is_admin = self._persistence.get_user(job.owner).role == "admin"
+        except ServiceCallError as e:
+            if e.code != grpc.StatusCode.NOT_FOUND:
+                raise
+            owner_is_admin = False
+        if owner_is_admin:
+            return
+        hostnames = {s.hostname for s in JobSpec.from_proto(job.spec).all_sites()}
+        if taken := sorted(self._sites_not_of(hostnames, job.owner)):
+            raise ValueError(
+                f"site {taken[0]} of job {job.id} belongs to another user now; an admin can "
+                f"give it back (`tierwriter sites transfer {taken[0]} {job.owner}`)"
+            )
 
     def effective_workers(self, spec: JobSpec) -> int:
         """The job's max_workers, else CONCURRENT_WORKERS (default 5)."""
@@ -154,7 +177,10 @@ class JobRunner:
         all its jobs are stored first, in one step: a site another user took meanwhile refuses
         the file before any job is written."""
         owner = caller.username
-        sites = {s.hostname: s.template for spec in job_file.jobs for s in spec.all_sites()}
+        sites: dict[str, str] = {}
+        for site in (s for spec in job_file.jobs for s in spec.all_sites()):
+            if site.template or site.hostname not in sites:  # a bare mention keeps a template
+                sites[site.hostname] = site.template
         if sites:
             self._persistence.ensure_sites(
                 [db_pb.Site(hostname=h, template=t) for h, t in sites.items()],
@@ -262,6 +288,7 @@ class JobRunner:
                         )
                     )
                 )
+            self.check_sites_still_owned(job)
             spec = JobSpec.from_proto(job.spec)
             project = self._persistence.get_project(job.project_id)
             emit(
@@ -409,6 +436,7 @@ class JobRunner:
                     self._persistence,
                     self._generator,
                     self._settings.output_dir,
+                    self._settings.shown_output_dir(),
                     self._settings.generator_reconnect_attempts,
                     self._settings.cancel_grace_seconds,
                     lambda: self._budget_usd(job.id, spec.max_cost_usd or 0.0),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from generator_service.client import GeneratorClient
-from orchestrator_service.auth import Authenticator
+from orchestrator_service.auth import Authenticator, LoginBrake
 from orchestrator_service.config import Settings
 from orchestrator_service.interceptors import Authentication, ErrorCodes
 from orchestrator_service.runner import JobRunner
@@ -56,6 +56,7 @@ def build_server(settings: Settings, address: str | None = None) -> runtime.Runn
             persistence,
             settings.signing_secret_value(),
             settings.token_ttl_seconds,
+            brake=LoginBrake(base_delay=settings.login_delay_seconds),
             trusted_proxies=settings.trusted_proxy_addresses(),
         )
         servicer = OrchestratorServicer(

@@ -74,6 +74,7 @@ def project_to_public(p: db_pb.Project) -> pb.Project:
 
 
 def site_to_public(s: db_pb.Site) -> pb.Site:
+    """A stored site as the public API shows it (without its database id)."""
     return pb.Site(hostname=s.hostname, template=s.template, owner=s.owner)
 
 
@@ -165,6 +166,12 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             f"job {job_id} is not one of your jobs: you can see and act on your own jobs only",
         )
 
+    def _require_sites_owned(self, context: grpc.ServicerContext, job: db_pb.Job) -> None:
+        try:
+            self._runner.check_sites_still_owned(job)
+        except ValueError as e:
+            runtime.abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(e))
+
     @staticmethod
     def _require_admin(context: grpc.ServicerContext, caller: Principal) -> None:
         if not caller.is_admin:
@@ -184,16 +191,12 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         )
 
     def Logout(self, request: pb.LogoutRequest, context: grpc.ServicerContext) -> pb.LogoutResponse:
-        caller = current_caller()
-        if not caller.token_id:
-            runtime.abort(
-                context,
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "this call carries a password, not a session token: there is no session to log "
-                "out (change the password to stop it working)",
-            )
-        self._auth.logout(caller)
-        return pb.LogoutResponse(username=caller.username)
+        metadata = context.invocation_metadata()
+        try:
+            username = self._auth.logout(metadata, self._auth.address(context.peer(), metadata))
+        except ValueError as e:
+            runtime.abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        return pb.LogoutResponse(username=username)
 
     def SubmitJob(
         self, request: pb.SubmitJobRequest, context: grpc.ServicerContext
@@ -241,6 +244,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             runtime.abort(
                 context, grpc.StatusCode.INVALID_ARGUMENT, "max_cost_usd: must not be negative"
             )
+        self._require_sites_owned(context, job)
         # FAILED_PRECONDITION if it is queued or running; a new budget is kept in its spec.
         job = self._persistence.reopen_job(job.id, request.max_cost_usd, request.retry_failed)
         self._scheduler.wake()
@@ -338,6 +342,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                 f"job {job.id} is still {job_status_word(job.status)}: it is published when its "
                 "articles are done",
             )
+        self._require_sites_owned(context, job)
         steps = list(self._runner.publisher.publish(job.id))
         return pb.PublishJobResponse(steps=steps)
 

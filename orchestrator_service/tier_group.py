@@ -237,6 +237,7 @@ class TierGroup:
         persistence: PersistenceClient,
         generator: GeneratorClient,
         output_dir: Path,
+        shown_output_dir: Path,
         reconnect_attempts: int,
         cancel_grace_seconds: float,
         budget: Callable[[], float],
@@ -246,6 +247,7 @@ class TierGroup:
         self._persistence = persistence
         self._generator = generator
         self._output_dir = output_dir
+        self._shown_output_dir = shown_output_dir  # where the user finds it, for messages
         self._reconnect_attempts = reconnect_attempts
         self._cancel_grace_seconds = cancel_grace_seconds
         self._budget = budget  # USD the job may still spend, read for every stream; 0: no limit
@@ -483,8 +485,9 @@ class TierGroup:
                 notice=pb.Notice(
                     job_id=job.id,
                     tier=run.name,
-                    message=f"titles file not written ({e}); the titles are stored and the "
-                    "articles go on: publishing writes the file",
+                    message=f"titles file not written "
+                    f"({e.seen_from(self._output_dir, self._shown_output_dir)}); the titles are "
+                    "stored and the articles go on: publishing writes the file",
                 )
             )
         untitled = range(len(titles), first_new + tier.want - made.shortfall) if made.error else []

@@ -5,7 +5,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -16,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import PostgresServer
+from tests.helpers import PostgresServer, free_port
 
 
 def _postgres_bindir() -> Path | None:
@@ -27,10 +26,13 @@ def _postgres_bindir() -> Path | None:
     return Path(candidates[-1]).parent if candidates else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@pytest.fixture(autouse=True)
+def _refused_calls_start_afresh() -> None:
+    """The log of refused calls is per process and counts a minute per client: a test that
+    reads its lines must not find them held back by an earlier test's refusals."""
+    from tierwriter.refused_calls import REFUSED
+
+    REFUSED.forget()
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +51,7 @@ def postgres_server() -> Iterator[PostgresServer]:
     if os.geteuid() == 0:
         shutil.chown(base, "postgres", "postgres")
         as_postgres = ["runuser", "-u", "postgres", "--"]
-    data, port = base / "data", _free_port()
+    data, port = base / "data", free_port()
 
     def run(*args: str) -> None:
         subprocess.run(

@@ -8,9 +8,11 @@ handler as bytes and are parsed there, where the client is known."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 import time
+import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -21,14 +23,20 @@ log = logging.getLogger("tierwriter.refused_calls")
 
 
 def peer_address(peer: str) -> str:
-    """The address in gRPC's `peer()` ("ipv4:10.0.0.5:4711", "ipv6:[::1]:4711"), without its
-    port; anything else ("unix:…") as it is."""
-    scheme, _, rest = peer.partition(":")
+    """The address in gRPC's `peer()` ("ipv4:10.0.0.5:4711", "ipv6:%5B::1%5D:4711" — gRPC
+    percent-encodes the brackets), without its port and in canonical form; anything else
+    ("unix:…") as it is."""
+    scheme, _, rest = urllib.parse.unquote(peer).partition(":")
     if scheme == "ipv6" and rest.startswith("["):
-        return rest[1 : rest.find("]")]
-    if scheme == "ipv4":
-        return rest.rpartition(":")[0]
-    return peer
+        host = rest[1 : rest.find("]")]
+    elif scheme == "ipv4":
+        host = rest.rpartition(":")[0]
+    else:
+        return peer
+    try:
+        return str(ipaddress.ip_address(host.partition("%")[0]))  # without an IPv6 zone
+    except ValueError:
+        return peer
 
 
 class RefusedCalls:

@@ -146,10 +146,31 @@ def test_the_account_brake_lets_the_right_password_through_from_a_clean_address(
 
 def test_attempts_in_flight_never_count_so_parallel_logins_go_through() -> None:
     brake = LoginBrake(account_free=3, address_free=3, clock=Clock())
+    brake.failed("10.0.0.9", "admin")  # a typo each: below both brakes
+    brake.failed("10.0.0.9", "admin")
     with ThreadPoolExecutor(16) as pool:
         waits = list(pool.map(lambda _: _wait_of(brake, "10.0.0.9", "admin"), range(24)))
     assert waits == [0.0] * 24
-    assert brake.failures("10.0.0.9", "admin") == (0, 0)
+    assert brake.failures("10.0.0.9", "admin") == (2, 2)
+
+
+def test_a_braked_address_gets_one_attempt_per_delay_however_many_it_sends() -> None:
+    clock = Clock()
+    brake = LoginBrake(account_free=100, address_free=3, clock=clock)
+    for n in range(3):
+        brake.failed("10.0.0.9", f"name-{n}")
+    clock.now += 1.0  # the first delay has passed
+    with ThreadPoolExecutor(16) as pool:
+        waits = list(pool.map(lambda n: _wait_of(brake, "10.0.0.9", f"x{n}"), range(24)))
+    assert waits.count(0.0) == 1 and all(w == 1.0 for w in waits if w)
+
+
+def test_an_ipv6_client_counts_by_its_64_so_rotating_addresses_does_not_start_clean() -> None:
+    brake = LoginBrake(account_free=100, address_free=3, clock=Clock())
+    for n in range(3):
+        brake.failed(f"2001:db8:0:1::{n + 1}", f"name-{n}")
+    assert _wait_of(brake, "2001:db8:0:1:ffff::9", "ann") == 1.0
+    assert _wait_of(brake, "2001:db8:0:2::1", "ann") == 0  # another /64
 
 
 def test_the_brake_forgets_the_least_recent_keys_beyond_its_bound() -> None:
@@ -170,12 +191,20 @@ def test_the_brake_forgets_the_least_recent_keys_beyond_its_bound() -> None:
         ("ipv4:10.0.0.5:4711", (("x-forwarded-for", "6.6.6.6"),), "10.0.0.5"),
         ("ipv4:10.0.0.2:4711", (("x-forwarded-for", "6.6.6.6, 203.0.113.9"),), "203.0.113.9"),
         ("ipv4:10.0.0.2:4711", (), "10.0.0.2"),
+        # Several proxies, each appending what it saw: read back past the trusted ones.
+        (
+            "ipv4:10.0.0.2:4711",
+            (("x-forwarded-for", "6.6.6.6, 203.0.113.9, 10.0.0.3"),),
+            "203.0.113.9",
+        ),
+        ("ipv4:10.0.0.2:4711", (("x-forwarded-for", "203.0.113.9, not-an-ip"),), "10.0.0.2"),
+        ("ipv6:%5B::1%5D:4711", (), "::1"),  # gRPC percent-encodes the brackets
     ],
 )
 def test_the_client_address_is_the_peer_or_what_a_trusted_proxy_says(
     peer: str, metadata: tuple[tuple[str, str], ...], expected: str
 ) -> None:
-    assert client_address(peer, metadata, frozenset({"10.0.0.2"})) == expected
+    assert client_address(peer, metadata, frozenset({"10.0.0.2", "10.0.0.3"})) == expected
 
 
 def test_an_admin_owns_everything_and_a_user_their_own() -> None:

@@ -154,8 +154,8 @@ def test_migration_0006_writes_what_the_services_now_store_and_back() -> None:
     assert JobSpec.model_validate(migration._to_job_file_form(stored)) == spec
 
 
-def test_migration_0009_gives_each_site_to_the_owner_of_its_first_job(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}", pool_size=5)
+def test_migration_0009_gives_each_site_to_the_owner_of_its_first_job(database_url: str) -> None:
+    engine = make_engine(database_url, pool_size=5)
     try:
         upgrade_schema(engine)
         store = Store(make_session_factory(engine))
@@ -184,6 +184,6 @@ def test_migration_0009_gives_each_site_to_the_owner_of_its_first_job(tmp_path: 
         # a.net: ann's job is the earliest with a record on it; b.net: only named in bob's
         # spec; c.net: used by no job, so the admin's.
         assert owners == {"a.net": "ann", "b.net": "bob", "c.net": "admin"}
-        assert _schema_differences(str(engine.url)) == []
+        assert _schema_differences(database_url) == []
     finally:
         engine.dispose()

@@ -37,14 +37,15 @@ def upgrade() -> None:
         sites.create_index("ix_sites_owner", ["owner"])
     bind = op.get_bind()
     owners: dict[str, str] = {}
+    # One row per site: the earliest job (with an owner) that has a record on it.
     first_records = bind.execute(
         sa.text(
-            "SELECT a.site, j.owner FROM generated_content a JOIN jobs j ON j.id = a.job_id "
-            "WHERE j.owner != '' ORDER BY j.id"
+            "SELECT f.site, j.owner FROM (SELECT a.site AS site, MIN(a.job_id) AS first_job"
+            " FROM generated_content a JOIN jobs o ON o.id = a.job_id WHERE o.owner != ''"
+            " GROUP BY a.site) f JOIN jobs j ON j.id = f.first_job"
         )
     )
-    for hostname, owner in first_records:
-        owners.setdefault(hostname, owner)
+    owners.update({hostname: owner for hostname, owner in first_records})
     jobs = sa.table("jobs", sa.column("id"), sa.column("owner"), sa.column("spec", sa.JSON))
     for owner, spec in bind.execute(sa.select(jobs.c.owner, jobs.c.spec).order_by(jobs.c.id)):
         for hostname in _hostnames(spec):

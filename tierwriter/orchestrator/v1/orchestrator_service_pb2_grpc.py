@@ -290,8 +290,10 @@ class OrchestratorServiceServicer:
 
     def Logout(self, request, context):
         """Revokes the session token the call carries, on every orchestrator on the database: it is
-        refused from now on, even where it was copied to. FAILED_PRECONDITION when the call
-        carries a password instead of a token.
+        refused from now on, even where it was copied to. Only the token's signature and expiry
+        are checked, so a disabled account's token can be logged out too; revoking twice is not
+        an error. UNAUTHENTICATED without a valid token; FAILED_PRECONDITION when the call carries
+        a password instead.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
