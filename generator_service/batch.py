@@ -8,7 +8,13 @@ import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from generator_service.domain import ArticleEvent, ArticleTask, BatchContext, EventKind
+from generator_service.domain import (
+    ArticleEvent,
+    ArticleTask,
+    BatchContext,
+    EventKind,
+    TierShape,
+)
 from generator_service.pipeline import ArticlePipeline, Emit
 
 
@@ -46,6 +52,16 @@ class ArticleBatch:
         self._finished = 0
         self._estimates: dict[int, float] = {}
         self._over_budget = ""
+
+    @property
+    def tier_names(self) -> list[str]:
+        """The stream's tiers, the first one first."""
+        return list(self._tiers)
+
+    def tier(self, name: str) -> TierShape | None:
+        """The shape of the stream's tier `name` ("": the first); None if it has no such tier."""
+        context = self._tiers.get(name) if name else self._context
+        return context.tier if context else None
 
     def stop(self, reason: str, grace_seconds: float = 0.0) -> None:
         """Start no further article; in-flight ones finish. With `grace_seconds`, those still

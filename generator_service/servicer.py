@@ -180,12 +180,11 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
             batch_context, *more_tiers = self._batch_contexts(first.settings)
         except InvalidRequestError as e:
             runtime.abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        tiers = {c.tier.name: c.tier for c in (batch_context, *more_tiers)}
+        batch = ArticleBatch(self._pipeline, batch_context, more_tiers)
         log.info(
             "job %d: article stream for %s, %d workers",
-            batch_context.job_id, ", ".join(tiers), batch_context.max_workers,
+            batch_context.job_id, ", ".join(batch.tier_names), batch_context.max_workers,
         )  # fmt: skip
-        batch = ArticleBatch(self._pipeline, batch_context, more_tiers)
         # The caller went away (cancelled, deadline, crash): start nothing new.
         context.add_callback(lambda: batch.stop("not started: the stream was cancelled"))
 
@@ -204,7 +203,7 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
                 if kind != "article":
                     raise InvalidRequestError("only the first message may carry settings")
                 article = message.article
-                tier = tiers.get(article.tier or batch_context.tier.name)
+                tier = batch.tier(article.tier)
                 if tier is None:
                     raise InvalidRequestError(
                         f"article.tier: {article.tier!r} is not one of the stream's tiers"
@@ -236,9 +235,9 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
         try:
             while (item := events.get()) is not _DONE:
                 assert isinstance(item, ArticleEvent)
-                yield pb.GenerateArticlesResponse(
-                    event=event_to_proto(item, tiers[item.tier].count)
-                )
+                shape = batch.tier(item.tier)
+                assert shape is not None  # events are of tasks, and tasks of the stream's tiers
+                yield pb.GenerateArticlesResponse(event=event_to_proto(item, shape.count))
         finally:
             # Also on cancellation: in-flight articles finish and are recorded before we return.
             producer.join()
