@@ -419,6 +419,25 @@ class Authenticator:
             self._refused.note(address, "session token refused", str(e))
             raise
 
+    def recheck(self, metadata: Iterable[tuple[str, str | bytes]], address: str) -> None:
+        """For a stream that runs long: NotAuthenticatedError once the credentials it opened
+        with no longer hold — its token logged out or expired, its account disabled or (for a
+        token) given a new password. A password is not hashed again (the costly part, and it
+        was right when the stream opened): only the account's state is read."""
+        credentials = credentials_from_metadata(metadata)
+        if not isinstance(credentials, PasswordCredentials):
+            self.authenticate(metadata, address)
+            return
+        try:
+            active = self._persistence.get_user(credentials.username).active
+        except ServiceCallError as e:
+            if e.code != grpc.StatusCode.NOT_FOUND:
+                raise
+            active = False
+        if not active:
+            self._refused.note(address, "stream of a disabled account")
+            raise NotAuthenticatedError("the account is disabled: ask an admin")
+
     def _token_holder(self, token: str) -> Principal:
         """The caller a session token names, if it was signed here, has not expired or been
         logged out, and its account is active with the same password."""

@@ -10,6 +10,7 @@ as status codes. The servicer's methods then hold only what differs between them
 from __future__ import annotations
 
 import contextvars
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
@@ -40,6 +41,8 @@ _PASSED_THROUGH = {
 }
 
 _caller: contextvars.ContextVar[Principal] = contextvars.ContextVar("caller")
+# How often a stream (a watch, an export) checks again that its caller's credentials still hold.
+RECHECK_SECONDS = 30.0
 
 
 def caller() -> Principal:
@@ -153,14 +156,26 @@ class Authentication(grpc.ServerInterceptor):
         self, behavior: Behavior, request: Any, context: grpc.ServicerContext
     ) -> Iterator[Any]:
         principal = self._authenticate(context)
-        # Set around each step: gRPC may resume the stream from another context.
+        checked = time.monotonic()
         responses = iter(behavior(request, context))
-        while True:
-            token = _caller.set(principal)
-            try:
-                response = next(responses)
-            except StopIteration:
-                return
-            finally:
-                _caller.reset(token)
-            yield response
+        try:
+            while True:
+                # Set around each step: gRPC may resume the stream from another context.
+                token = _caller.set(principal)
+                try:
+                    response = next(responses)
+                except StopIteration:
+                    return
+                finally:
+                    _caller.reset(token)
+                # A watch may outlive its credentials: nothing more goes out once its token
+                # is logged out or its account disabled (checked every RECHECK_SECONDS).
+                if time.monotonic() - checked >= RECHECK_SECONDS:
+                    metadata = context.invocation_metadata()
+                    self._auth.recheck(metadata, self._auth.address(context.peer(), metadata))
+                    checked = time.monotonic()
+                yield response
+        finally:
+            close = getattr(responses, "close", None)
+            if close is not None:
+                close()  # the method's own cleanup (a watch's slot) runs now, not at collection

@@ -22,7 +22,7 @@ import jwt
 import pytest
 
 from generator_service.llm.simulator import SimulatorConfig
-from orchestrator_service import cli
+from orchestrator_service import cli, interceptors
 from orchestrator_service.auth import TokenSigner
 from orchestrator_service.client import OrchestratorClient
 from orchestrator_service.credentials import bearer_credentials
@@ -378,6 +378,30 @@ def test_logout_revokes_the_token_on_every_orchestrator_copies_included(team, st
         admin.set_user_active("ann", True)
     with OrchestratorClient(other, token=fresh) as ann:
         assert "this session token was logged out" in denied(ann.list_jobs).details
+
+
+def test_a_watch_stream_ends_once_its_token_is_logged_out(
+    team, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(interceptors, "RECHECK_SECONDS", 0.0)  # before every event it sends
+    simulator = team["handle"].stack.simulator
+    with OrchestratorClient(team["address"]) as anonymous:
+        token = anonymous.login("ann", "ann-password-1").token
+    simulator.hold("outline")  # the job waits, in flight, until the token is logged out
+    try:
+        with OrchestratorClient(team["address"], token=token) as ann:
+            [held] = ann.submit_job(job_file(SMALL_TIER))
+            with ann.watch_job(held) as stream:
+                assert next(stream).WhichOneof("event") == "job_started"
+                ann.logout()
+                simulator.release()
+                with pytest.raises(ServiceCallError) as ended:
+                    for event in stream:  # what was sent before the logout still arrives
+                        assert event.WhichOneof("event") != "run_finished"
+        assert ended.value.code == grpc.StatusCode.UNAUTHENTICATED
+        assert "this session token was logged out" in ended.value.details
+    finally:
+        simulator.release()
 
 
 def test_a_user_calling_the_internal_services_directly_is_refused(team) -> None:

@@ -29,6 +29,7 @@ from orchestrator_service.auth import (
 from orchestrator_service.config import Settings as OrchestratorSettings
 from orchestrator_service.credentials import basic_credentials, bearer_credentials
 from persistence_service.config import Settings as PersistenceSettings
+from tierwriter.persistence.v1 import persistence_service_pb2 as db_pb
 
 SECRET = "unit-test-signing-secret-0123456789abcdef"
 
@@ -270,3 +271,23 @@ def test_impossible_credentials_are_refused_without_a_lookup_or_a_brake_entry() 
         with pytest.raises(NotAuthenticatedError, match="invalid username or password"):
             authenticator.check_password(username, password, "10.0.0.9")
     assert brake.failures("10.0.0.9", "ann") == (0, 0)
+
+
+def test_a_long_stream_rechecks_a_password_by_the_accounts_state_without_hashing() -> None:
+    class Accounts:
+        def __init__(self) -> None:
+            self.active = True
+
+        def get_user(self, username: str) -> db_pb.User:
+            return db_pb.User(username=username, role="user", active=self.active)
+
+        def verify_credentials(self, username: str, password: str) -> db_pb.User:
+            raise AssertionError("a recheck must not hash the password again")
+
+    accounts = Accounts()
+    authenticator = Authenticator(accounts, SECRET, 600)  # type: ignore[arg-type]
+    metadata = basic_credentials("ann", "ann-password-1")
+    authenticator.recheck(metadata, "10.0.0.9")  # still active: goes on
+    accounts.active = False
+    with pytest.raises(NotAuthenticatedError, match="the account is disabled"):
+        authenticator.recheck(metadata, "10.0.0.9")
