@@ -23,7 +23,7 @@ from orchestrator_service.credentials import METADATA_KEY
 from persistence_service.client import PersistenceClient
 from tierwriter import accounts
 from tierwriter.persistence.v1 import persistence_service_pb2 as db_pb
-from tierwriter.refused_calls import REFUSED, RefusedCalls, peer_address
+from tierwriter.refused_calls import REFUSED, RefusedCalls, canonical_ip, peer_address
 from tierwriter.runtime import ServiceCallError
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,8 @@ class Principal:
 
     username: str
     role: str
+    # The account's token version when the caller was authenticated (a new password raises it).
+    version: int = 0
 
     @property
     def is_admin(self) -> bool:
@@ -138,16 +140,19 @@ class TokenSigner:
         }
         return jwt.encode(claims, self._secret, algorithm=_ALGORITHM), float(int(expires))
 
-    def claims(self, token: str) -> TokenClaims:
-        """Whose token this is; NotAuthenticatedError when it expired or was not signed here
-        (wrong key, altered claims, `alg: none`, garbage)."""
+    def claims(self, token: str, *, check_expiry: bool = True) -> TokenClaims:
+        """Whose token this is; NotAuthenticatedError when it expired (unless `check_expiry` is
+        false) or was not signed here (wrong key, altered claims, `alg: none`, garbage)."""
         try:
             claims = jwt.decode(
                 token,
                 self._secret,
                 algorithms=[_ALGORITHM],
                 issuer=_ISSUER,
-                options={"require": ["sub", "ver", "jti", "iss", "iat", "exp"]},
+                options={
+                    "require": ["sub", "ver", "jti", "iss", "iat", "exp"],
+                    "verify_exp": check_expiry,
+                },
             )
         except jwt.ExpiredSignatureError as e:
             raise NotAuthenticatedError(
@@ -183,10 +188,10 @@ def client_address(
         for part in value.split(",")
     ]
     while address in trusted_proxies and forwarded:
-        try:
-            address = str(ipaddress.ip_address(forwarded.pop()))
-        except ValueError:
-            break  # garbage in the header: the last proxy is as far as we can trust
+        named = canonical_ip(forwarded.pop())
+        if named is None:
+            break  # not a bare IP (garbage, or with a port): the last proxy is as far as we trust
+        address = named
     return address
 
 
@@ -202,40 +207,47 @@ def brake_key(address: str) -> str:
     return address
 
 
+@dataclass
+class _Failures:
+    count: int  # failed logins in a row
+    last: float  # when the last one happened: the delay counts from it, and forgetting too
+    admitted: float = 0.0  # when the brake last let an attempt through: the delay counts anew
+
+
 class _FailureCounts:
-    """Failed logins in a row per key (an address or a username), with the time of the last;
-    forgotten after `forget_after` seconds without a failure, and the least recently failed
-    keys dropped beyond `max_tracked` so guesses at random names cannot grow it."""
+    """Failed logins in a row per key (an address or a username); forgotten after
+    `forget_after` seconds without a failure, and the least recently failed keys dropped beyond
+    `max_tracked` so guesses at random names cannot grow it."""
 
     def __init__(self, forget_after: float, max_tracked: int) -> None:
         self._forget_after = forget_after
         self._max_tracked = max_tracked
-        self._counts: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self._failures: OrderedDict[str, _Failures] = OrderedDict()
 
-    def get(self, key: str, now: float) -> tuple[int, float]:
-        """(failures in a row, time of the last); (0, 0.0) once forgotten."""
-        count, last = self._counts.get(key, (0, 0.0))
-        if count and now - last > self._forget_after:
-            del self._counts[key]
-            return 0, 0.0
-        return count, last
+    def get(self, key: str, now: float) -> _Failures | None:
+        """The key's failures; None when it has none (or they were forgotten)."""
+        failures = self._failures.get(key)
+        if failures is not None and now - failures.last > self._forget_after:
+            del self._failures[key]
+            return None
+        return failures
+
+    def count(self, key: str, now: float) -> int:
+        failures = self.get(key, now)
+        return failures.count if failures else 0
 
     def add(self, key: str, now: float) -> int:
-        count = self.get(key, now)[0] + 1
-        self._counts[key] = (count, now)
-        self._counts.move_to_end(key)
-        while len(self._counts) > self._max_tracked:
-            self._counts.popitem(last=False)
-        return count
-
-    def restart_wait(self, key: str, now: float) -> None:
-        """Count the delay from now, as if a failure had just happened (without one more)."""
-        count, _last = self._counts.get(key, (0, 0.0))
-        if count:
-            self._counts[key] = (count, now)
+        """One more failure; how many in a row."""
+        failures = self.get(key, now) or _Failures(0, now)
+        failures.count, failures.last = failures.count + 1, now
+        self._failures[key] = failures
+        self._failures.move_to_end(key)
+        while len(self._failures) > self._max_tracked:
+            self._failures.popitem(last=False)
+        return failures.count
 
     def clear(self, key: str) -> None:
-        self._counts.pop(key, None)
+        self._failures.pop(key, None)
 
 
 class LoginBrake:
@@ -277,12 +289,13 @@ class LoginBrake:
         self._accounts = _FailureCounts(forget_after, max_tracked)
 
     def _wait(self, counts: _FailureCounts, key: str, free: int, now: float) -> float | None:
-        """Seconds the key must still wait; None when it has fewer failures than `free`."""
-        count, last = counts.get(key, now)
-        if count < free:
+        """Seconds the key must still wait; None when it has fewer failures than `free`. The
+        delay runs from its last failure, or from the last attempt the brake let through."""
+        failures = counts.get(key, now)
+        if failures is None or failures.count < free:
             return None
-        delay = min(self._max, self._base * 2 ** (count - free))
-        return max(0.0, last + delay - now)
+        delay = min(self._max, self._base * 2 ** (failures.count - free))
+        return max(0.0, max(failures.last, failures.admitted) + delay - now)
 
     def check(self, address: str, username: str) -> None:
         """ThrottledError when an attempt at `username` from `address` must wait. Once a
@@ -291,7 +304,7 @@ class LoginBrake:
         key = brake_key(address)
         with self._lock:
             now = self._clock()
-            if self._addresses.get(key, now)[0] == 0:
+            if self._addresses.count(key, now) == 0:
                 return  # no failures from here: neither brake is for this caller
             brakes = [
                 (self._addresses, key, "from your address", self._address_free),
@@ -302,8 +315,9 @@ class LoginBrake:
                 if wait:
                     raise ThrottledError(where, wait)
             for (counts, name, _, _), wait in zip(brakes, waits, strict=True):
-                if wait is not None:  # braked, and the delay has passed: this one goes
-                    counts.restart_wait(name, now)
+                failures = counts.get(name, now)
+                if wait is not None and failures:  # braked, and the delay has passed
+                    failures.admitted = now
 
     def failed(self, address: str, username: str) -> tuple[int, int]:
         """Record a failure: (failures in a row from the address, at the account)."""
@@ -324,8 +338,8 @@ class LoginBrake:
         with self._lock:
             now = self._clock()
             return (
-                self._addresses.get(brake_key(address), now)[0],
-                self._accounts.get(username, now)[0],
+                self._addresses.count(brake_key(address), now),
+                self._accounts.count(username, now),
             )
 
 
@@ -351,6 +365,11 @@ class Authenticator:
         self._signer: TokenSigner | None = None
         self._signer_lock = threading.Lock()
 
+    def _refuse(self, address: str, kind: str, detail: str = "") -> None:
+        """Log a refusal, once a minute per client (an IPv6 one by its /64, as the brake
+        counts it) and kind."""
+        self._refused.note(brake_key(address), kind, detail)
+
     def address(self, peer: str, metadata: Iterable[tuple[str, str | bytes]]) -> str:
         """Where a call comes from (see client_address), for the login brake and the log."""
         return client_address(peer, metadata, self._trusted_proxies)
@@ -370,12 +389,12 @@ class Authenticator:
         if not accounts.could_be_credentials(username, password):
             # No account can match: refused without a lookup, a hash, or a brake entry (a
             # megabyte "username" must not become a key that stays in memory).
-            self._refused.note(address, "impossible credentials (too long, or empty)")
+            self._refuse(address, "impossible credentials (too long, or empty)")
             raise NotAuthenticatedError("invalid username or password")
         try:
             self._brake.check(address, username)
         except ThrottledError as e:
-            self._refused.note(address, "login held back by the brake", str(e))
+            self._refuse(address, "login held back by the brake", str(e))
             raise
         try:
             user = self._persistence.verify_credentials(username, password)
@@ -383,7 +402,7 @@ class Authenticator:
             if e.code != grpc.StatusCode.UNAUTHENTICATED:
                 raise  # busy or down: not a failed guess
             from_address, at_account = self._brake.failed(address, username)
-            self._refused.note(  # per address, not per name: rotating names floods nothing
+            self._refuse(  # per address, not per name: rotating names floods nothing
                 address,
                 "failed login",
                 f"{username!r}, {at_account} in a row at the account, {from_address} from the "
@@ -405,43 +424,58 @@ class Authenticator:
         account is looked up on every call, so disabling a user takes effect at once."""
         credentials = credentials_from_metadata(metadata)
         if credentials is None:
-            self._refused.note(address, "no credentials")
+            self._refuse(address, "no credentials")
             raise NotAuthenticatedError(
                 "credentials required: run `tierwriter login`, or pass -u/-p "
                 "(or set TIERWRITER_USER and TIERWRITER_PASSWORD)"
             )
         if isinstance(credentials, PasswordCredentials):
             user = self.check_password(credentials.username, credentials.password, address)
-            return Principal(user.username, user.role)
+            return Principal(user.username, user.role, user.token_version)
         try:
-            return self._token_holder(credentials)
+            return self._token_holder(self.signer().claims(credentials))
         except NotAuthenticatedError as e:
-            self._refused.note(address, "session token refused", str(e))
+            self._refuse(address, "session token refused", str(e))
             raise
 
-    def recheck(self, metadata: Iterable[tuple[str, str | bytes]], address: str) -> None:
-        """For a stream that runs long: NotAuthenticatedError once the credentials it opened
-        with no longer hold — its token logged out or expired, its account disabled or (for a
-        token) given a new password. A password is not hashed again (the costly part, and it
-        was right when the stream opened): only the account's state is read."""
+    def recheck(
+        self, metadata: Iterable[tuple[str, str | bytes]], address: str, opened: Principal
+    ) -> None:
+        """For a stream that runs long: NotAuthenticatedError once the credentials it was
+        `opened` with no longer hold — its token logged out, its account disabled, given a new
+        password or another role. A token that merely expires does not end a stream it opened
+        (a watch of a long job outlives TOKEN_TTL_SECONDS), and a password is not hashed again
+        (the costly part, and it was right when the stream opened): the account is read."""
         credentials = credentials_from_metadata(metadata)
-        if not isinstance(credentials, PasswordCredentials):
-            self.authenticate(metadata, address)
-            return
         try:
-            active = self._persistence.get_user(credentials.username).active
+            if isinstance(credentials, str):
+                now = self._token_holder(self.signer().claims(credentials, check_expiry=False))
+            else:  # a password (the stream opened, so there were credentials)
+                now = self._account_of(opened.username)
+            if now.role != opened.role or now.version != opened.version:
+                raise NotAuthenticatedError(
+                    "the account's password or role changed while this stream was open: log "
+                    "in again"
+                )
+        except NotAuthenticatedError as e:
+            self._refuse(address, "stream's credentials lapsed", str(e))
+            raise
+
+    def _account_of(self, username: str) -> Principal:
+        """The active account of that name, as a Principal; NotAuthenticatedError otherwise."""
+        try:
+            user = self._persistence.get_user(username)
         except ServiceCallError as e:
             if e.code != grpc.StatusCode.NOT_FOUND:
                 raise
-            active = False
-        if not active:
-            self._refused.note(address, "stream of a disabled account")
+            user = db_pb.User(active=False)
+        if not user.active:
             raise NotAuthenticatedError("the account is disabled: ask an admin")
+        return Principal(user.username, user.role, user.token_version)
 
-    def _token_holder(self, token: str) -> Principal:
-        """The caller a session token names, if it was signed here, has not expired or been
-        logged out, and its account is active with the same password."""
-        claims = self.signer().claims(token)
+    def _token_holder(self, claims: TokenClaims) -> Principal:
+        """The caller a signed session token names, if it was not logged out and its account
+        is active with the same password."""
         try:
             user, revoked = self._persistence.token_holder(claims.username, claims.token_id)
         except ServiceCallError as e:
@@ -461,7 +495,7 @@ class Authenticator:
                 "the password changed after this session token was issued: run "
                 "`tierwriter login` again"
             )
-        return Principal(user.username, user.role)
+        return Principal(user.username, user.role, user.token_version)
 
     def logout(self, metadata: Iterable[tuple[str, str | bytes]], address: str) -> str:
         """Revoke the session token the call carries, on every orchestrator on the database;
@@ -475,12 +509,12 @@ class Authenticator:
                 "out (change the password to stop it working)"
             )
         if credentials is None:
-            self._refused.note(address, "no credentials")
+            self._refuse(address, "no credentials")
             raise NotAuthenticatedError("no session token: there is nothing to log out")
         try:
             claims = self.signer().claims(credentials)
         except NotAuthenticatedError as e:
-            self._refused.note(address, "session token refused", str(e))
+            self._refuse(address, "session token refused", str(e))
             raise
         self._persistence.revoke_token(claims.token_id, claims.username, claims.expires)
         log.info("%r logged out from %s", claims.username, address)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
+from tierwriter.refused_calls import canonical_ip
 from tierwriter.settings import ServiceSettings
 
 
@@ -75,11 +76,8 @@ class Settings(ServiceSettings):
 
     def trusted_proxy_addresses(self) -> frozenset[str]:
         """ORCHESTRATOR_TRUSTED_PROXIES as a set, in the form gRPC's peer() shows them."""
-        return frozenset(
-            str(ipaddress.ip_address(p.strip()))
-            for p in self.trusted_proxies.split(",")
-            if p.strip()
-        )
+        named = (canonical_ip(p.strip()) for p in self.trusted_proxies.split(",") if p.strip())
+        return frozenset(ip for ip in named if ip)  # the validator let only IPs through
 
     @model_validator(mode="after")
     def _tls_needs_both_files(self) -> Settings:

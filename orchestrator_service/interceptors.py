@@ -41,7 +41,8 @@ _PASSED_THROUGH = {
 }
 
 _caller: contextvars.ContextVar[Principal] = contextvars.ContextVar("caller")
-# How often a stream (a watch, an export) checks again that its caller's credentials still hold.
+# How often a stream (a watch, an export) checks again that its caller's credentials still hold:
+# before each response, and from inside a watch that waits (recheck_caller).
 RECHECK_SECONDS = 30.0
 
 
@@ -156,26 +157,53 @@ class Authentication(grpc.ServerInterceptor):
         self, behavior: Behavior, request: Any, context: grpc.ServicerContext
     ) -> Iterator[Any]:
         principal = self._authenticate(context)
-        checked = time.monotonic()
+        still_allowed = _Recheck(self._auth, context, principal)
         responses = iter(behavior(request, context))
         try:
             while True:
                 # Set around each step: gRPC may resume the stream from another context.
-                token = _caller.set(principal)
+                tokens = (_caller.set(principal), _recheck.set(still_allowed))
                 try:
                     response = next(responses)
                 except StopIteration:
                     return
                 finally:
-                    _caller.reset(token)
-                # A watch may outlive its credentials: nothing more goes out once its token
-                # is logged out or its account disabled (checked every RECHECK_SECONDS).
-                if time.monotonic() - checked >= RECHECK_SECONDS:
-                    metadata = context.invocation_metadata()
-                    self._auth.recheck(metadata, self._auth.address(context.peer(), metadata))
-                    checked = time.monotonic()
+                    _recheck.reset(tokens[1])
+                    _caller.reset(tokens[0])
+                still_allowed()  # nothing more goes out once the credentials lapsed
                 yield response
         finally:
             close = getattr(responses, "close", None)
             if close is not None:
                 close()  # the method's own cleanup (a watch's slot) runs now, not at collection
+
+
+class _Recheck:
+    """A stream's check that its caller's credentials still hold, done at most every
+    RECHECK_SECONDS: NotAuthenticatedError once they lapsed (see Authenticator.recheck)."""
+
+    def __init__(
+        self, auth: Authenticator, context: grpc.ServicerContext, opened: Principal
+    ) -> None:
+        self._auth, self._context, self._opened = auth, context, opened
+        self._checked = time.monotonic()
+
+    def __call__(self) -> None:
+        if time.monotonic() - self._checked < RECHECK_SECONDS:
+            return
+        metadata = self._context.invocation_metadata()
+        address = self._auth.address(self._context.peer(), metadata)
+        self._auth.recheck(metadata, address, self._opened)
+        self._checked = time.monotonic()
+
+
+_recheck: contextvars.ContextVar[_Recheck] = contextvars.ContextVar("recheck")
+
+
+def recheck_caller() -> None:
+    """Inside a stream that may wait long between responses (a watch of a quiet job): end it
+    with NotAuthenticatedError once its caller's credentials lapsed (at most every
+    RECHECK_SECONDS; a no-op outside a stream)."""
+    check = _recheck.get(None)
+    if check is not None:
+        check()

@@ -16,6 +16,7 @@ from orchestrator_service import export, publish
 from orchestrator_service.auth import Authenticator, Principal
 from orchestrator_service.events import watch
 from orchestrator_service.interceptors import caller as current_caller
+from orchestrator_service.interceptors import recheck_caller
 from orchestrator_service.jobfile import parse_project_file
 from orchestrator_service.runner import JobRunner
 from orchestrator_service.scheduler import JobScheduler
@@ -224,13 +225,20 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                 f"{self._max_watches} job watches are open on this orchestrator; try again "
                 "later (the job runs on meanwhile)",
             )
+
+        def active() -> bool:
+            # Asked while the watch waits too, so a quiet job's watch also ends (raising
+            # NotAuthenticatedError) once its caller's credentials lapse.
+            recheck_caller()
+            return context.is_active() and not self._stopping.is_set()
+
         try:
             for event in watch(
                 job.id,
                 request.after_seq,
                 self._persistence,
                 self._runner.local_log,
-                lambda: context.is_active() and not self._stopping.is_set(),
+                active,
             ):
                 yield pb.WatchJobResponse(event=event)
         finally:

@@ -22,6 +22,18 @@ import grpc
 log = logging.getLogger("tierwriter.refused_calls")
 
 
+def canonical_ip(text: str) -> str | None:
+    """An IP address in one form whatever way it was written (an IPv4-mapped IPv6 address,
+    "::ffff:10.0.0.5" from a dual-stack socket, as its IPv4; no IPv6 zone); None if not one."""
+    try:
+        ip = ipaddress.ip_address(text.partition("%")[0])
+    except ValueError:
+        return None
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
 def peer_address(peer: str) -> str:
     """The address in gRPC's `peer()` ("ipv4:10.0.0.5:4711", "ipv6:%5B::1%5D:4711" — gRPC
     percent-encodes the brackets), without its port and in canonical form; anything else
@@ -33,10 +45,7 @@ def peer_address(peer: str) -> str:
         host = rest.rpartition(":")[0]
     else:
         return peer
-    try:
-        return str(ipaddress.ip_address(host.partition("%")[0]))  # without an IPv6 zone
-    except ValueError:
-        return peer
+    return canonical_ip(host) or peer
 
 
 class RefusedCalls:

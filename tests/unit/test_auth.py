@@ -166,6 +166,17 @@ def test_a_braked_address_gets_one_attempt_per_delay_however_many_it_sends() -> 
     assert waits.count(0.0) == 1 and all(w == 1.0 for w in waits if w)
 
 
+def test_attempts_let_through_do_not_keep_the_failures_from_being_forgotten() -> None:
+    clock = Clock()
+    brake = LoginBrake(account_free=100, address_free=3, clock=clock)
+    for n in range(3):
+        brake.failed("10.0.0.9", f"name-{n}")
+    for _ in range(4):  # correct logins keep coming, one per delay, and do not fail
+        clock.now += 600
+        assert _wait_of(brake, "10.0.0.9", "ann") == 0
+    assert brake.failures("10.0.0.9", "ann") == (0, 0)  # 15 minutes after the last failure
+
+
 def test_an_ipv6_client_counts_by_its_64_so_rotating_addresses_does_not_start_clean() -> None:
     brake = LoginBrake(account_free=100, address_free=3, clock=Clock())
     for n in range(3):
@@ -200,6 +211,8 @@ def test_the_brake_forgets_the_least_recent_keys_beyond_its_bound() -> None:
         ),
         ("ipv4:10.0.0.2:4711", (("x-forwarded-for", "203.0.113.9, not-an-ip"),), "10.0.0.2"),
         ("ipv6:%5B::1%5D:4711", (), "::1"),  # gRPC percent-encodes the brackets
+        ("ipv6:%5B::ffff:10.0.0.5%5D:4711", (), "10.0.0.5"),  # a dual-stack socket's IPv4
+        ("ipv4:10.0.0.2:4711", (("x-forwarded-for", "::ffff:203.0.113.9"),), "203.0.113.9"),
     ],
 )
 def test_the_client_address_is_the_peer_or_what_a_trusted_proxy_says(
@@ -273,21 +286,32 @@ def test_impossible_credentials_are_refused_without_a_lookup_or_a_brake_entry() 
     assert brake.failures("10.0.0.9", "ann") == (0, 0)
 
 
-def test_a_long_stream_rechecks_a_password_by_the_accounts_state_without_hashing() -> None:
+def test_a_long_stream_ends_when_its_account_changes_but_not_when_its_token_expires() -> None:
     class Accounts:
         def __init__(self) -> None:
-            self.active = True
+            self.user = db_pb.User(username="ann", role="user", active=True, token_version=1)
 
         def get_user(self, username: str) -> db_pb.User:
-            return db_pb.User(username=username, role="user", active=self.active)
+            return self.user
+
+        def token_holder(self, username: str, token_id: str) -> tuple[db_pb.User, bool]:
+            return self.user, False
 
         def verify_credentials(self, username: str, password: str) -> db_pb.User:
             raise AssertionError("a recheck must not hash the password again")
 
     accounts = Accounts()
     authenticator = Authenticator(accounts, SECRET, 600)  # type: ignore[arg-type]
-    metadata = basic_credentials("ann", "ann-password-1")
-    authenticator.recheck(metadata, "10.0.0.9")  # still active: goes on
-    accounts.active = False
-    with pytest.raises(NotAuthenticatedError, match="the account is disabled"):
-        authenticator.recheck(metadata, "10.0.0.9")
+    opened = Principal("ann", "user", 1)
+    expired, _ = TokenSigner(SECRET, 60, clock=lambda: time.time() - 3600).issue("ann", 1)
+    for metadata in (basic_credentials("ann", "ann-password-1"), bearer_credentials(expired)):
+        accounts.user = db_pb.User(username="ann", role="user", active=True, token_version=1)
+        authenticator.recheck(metadata, "10.0.0.9", opened)  # still hold: the stream goes on
+        for changed, reason in [
+            (db_pb.User(username="ann", role="user", active=False, token_version=1), "disabled"),
+            (db_pb.User(username="ann", role="user", active=True, token_version=2), "password"),
+            (db_pb.User(username="ann", role="admin", active=True, token_version=1), "role"),
+        ]:
+            accounts.user = changed
+            with pytest.raises(NotAuthenticatedError, match=reason):
+                authenticator.recheck(metadata, "10.0.0.9", opened)
