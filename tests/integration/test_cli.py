@@ -669,7 +669,9 @@ def test_a_terminal_gets_bars_per_tier_and_for_the_job_with_lines_above(
     # The bars' last state: done/total, rate, ETA, failed, tokens and cost of each.
     final = {
         name: re.findall(
-            rf"^{name} +\S* +(\d+)/(\d+) +(\d+)/min ETA \S+ (\d+) failed"
+            # Columns are as wide as their widest cell: a rate of 920/min beside 1585/min is
+            # padded, so any run of spaces between them.
+            rf"^{name} +\S* +(\d+)/(\d+) +(\d+)/min +ETA +\S+ +(\d+) failed"
             r" +([\d,]+) tokens +\$([\d.]+)",
             screen,
             re.MULTILINE,
