@@ -4,8 +4,9 @@ as status codes. The servicer's methods then hold only what differs between them
 - `ErrorCodes` maps the exceptions the layers under the servicer raise onto status codes, once
   for every method: a dependency's answer (ServiceCallError), a bad job or project file
   (JobFileError), failed credentials and the login brake.
-- `Authentication` checks the credentials of every call but Login (health and reflection stay
-  open) and hands the caller to the method: `caller()` inside it."""
+- `Authentication` checks the credentials of every call but Login and Logout (which checks the
+  token it ends itself; health and reflection stay open too) and hands the caller to the
+  method: `caller()` inside it. A stream checks them again as it goes (`recheck_caller()`)."""
 
 from __future__ import annotations
 
@@ -124,9 +125,10 @@ class ErrorCodes(grpc.ServerInterceptor):
 
 
 class Authentication(grpc.ServerInterceptor):
-    """The caller of every method but Login, from the call's credentials; UNAUTHENTICATED (or
-    RESOURCE_EXHAUSTED from the login brake) before the method runs. Registered after
-    ErrorCodes, so its errors are mapped there."""
+    """The caller of every method but the OPEN_METHODS, from the call's credentials;
+    UNAUTHENTICATED (or RESOURCE_EXHAUSTED from the login brake) before the method runs, and
+    for a stream also once they lapse while it runs. Registered after ErrorCodes, so its errors
+    are mapped there."""
 
     def __init__(self, authenticator: Authenticator) -> None:
         self._auth = authenticator
