@@ -288,12 +288,9 @@ class LoginBrake:
         self._addresses = _FailureCounts(forget_after, max_tracked)
         self._accounts = _FailureCounts(forget_after, max_tracked)
 
-    def _wait(self, counts: _FailureCounts, key: str, free: int, now: float) -> float | None:
-        """Seconds the key must still wait; None when it has fewer failures than `free`. The
-        delay runs from its last failure, or from the last attempt the brake let through."""
-        failures = counts.get(key, now)
-        if failures is None or failures.count < free:
-            return None
+    def _wait(self, failures: _Failures, free: int, now: float) -> float:
+        """Seconds a key braked with these failures must still wait. The delay runs from its
+        last failure, or from the last attempt the brake let through."""
         delay = min(self._max, self._base * 2 ** (failures.count - free))
         return max(0.0, max(failures.last, failures.admitted) + delay - now)
 
@@ -306,18 +303,20 @@ class LoginBrake:
             now = self._clock()
             if self._addresses.count(key, now) == 0:
                 return  # no failures from here: neither brake is for this caller
-            brakes = [
-                (self._addresses, key, "from your address", self._address_free),
-                (self._accounts, username, f"for {username!r}", self._account_free),
-            ]
-            waits = [self._wait(counts, name, free, now) for counts, name, _, free in brakes]
-            for (_, _, where, _), wait in zip(brakes, waits, strict=True):
-                if wait:
-                    raise ThrottledError(where, wait)
-            for (counts, name, _, _), wait in zip(brakes, waits, strict=True):
+            braked: list[_Failures] = []
+            for counts, name, free, where in (
+                (self._addresses, key, self._address_free, "from your address"),
+                (self._accounts, username, self._account_free, f"for {username!r}"),
+            ):
                 failures = counts.get(name, now)
-                if wait is not None and failures:  # braked, and the delay has passed
-                    failures.admitted = now
+                if failures is None or failures.count < free:
+                    continue
+                wait = self._wait(failures, free, now)
+                if wait > 0:
+                    raise ThrottledError(where, wait)
+                braked.append(failures)
+            for failures in braked:  # both let it through: their delays start again
+                failures.admitted = now
 
     def failed(self, address: str, username: str) -> tuple[int, int]:
         """Record a failure: (failures in a row from the address, at the account)."""

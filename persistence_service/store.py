@@ -769,8 +769,8 @@ class Store:
             return self._user(uow.session, username)
 
     def token_holder(self, username: str, token_id: str) -> tuple[User, bool]:
-        """The user a session token names, and whether Logout revoked that token (one read
-        for the check every call with a token makes)."""
+        """The user a session token names, and whether Logout revoked that token: both in the
+        one call to persistence that every request with a token makes."""
         with self._uow() as uow:
             return self._user(uow.session, username), repository.token_revoked(
                 uow.session, token_id
