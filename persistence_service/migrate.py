@@ -12,6 +12,8 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, inspect, text
 
 log = logging.getLogger(__name__)
@@ -61,3 +63,20 @@ def _upgrade(connection: Connection) -> None:
         log.info("database from the first release: marking it as revision %s", FIRST_RELEASE)
         command.stamp(config, FIRST_RELEASE)
     command.upgrade(config, "head")
+
+
+def schema_is_current(engine: Engine) -> bool:
+    """Whether the database is at the newest revision (a migration Job ran, or this release's
+    persistence migrated it)."""
+    with engine.connect() as connection:
+        current = set(MigrationContext.configure(connection).get_current_heads())
+        heads = set(ScriptDirectory.from_config(alembic_config(connection)).get_heads())
+    return current == heads
+
+
+if __name__ == "__main__":  # python -m persistence_service.migrate: the Kubernetes Job
+    from persistence_service.config import Settings
+    from persistence_service.server import migrate_and_exit
+    from tierwriter.settings import load_or_exit
+
+    migrate_and_exit(load_or_exit(Settings))

@@ -24,7 +24,11 @@ def trusted_roots() -> bytes | None:
     """The certificates a probe of this container's TLS service trusts; None without TLS."""
     if not os.environ.get("TLS_CERT_FILE"):
         return None
-    return Path(os.environ.get("TIERWRITER_CA_FILE") or os.environ["TLS_CERT_FILE"]).read_bytes()
+    ca = os.environ.get("TIERWRITER_CA_FILE")
+    # A CA file named but absent (a Kubernetes TLS Secret without ca.crt): the certificate.
+    if ca and Path(ca).is_file():
+        return Path(ca).read_bytes()
+    return Path(os.environ["TLS_CERT_FILE"]).read_bytes()
 
 
 def check(
