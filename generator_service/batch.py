@@ -15,7 +15,8 @@ from generator_service.domain import (
     EventKind,
     TierShape,
 )
-from generator_service.pipeline import ArticlePipeline, Emit
+from generator_service.lease import JobLease, LeaseLostError
+from generator_service.pipeline import ArticleCancelledError, ArticlePipeline, Emit
 
 
 class ArticleBatch:
@@ -30,18 +31,26 @@ class ArticleBatch:
 
     With a budget, an article starts only while what the batch spent, plus the estimate of
     those in flight, plus its own estimate stays within it; from the first that does not, every
-    article left is recorded as skipped (a resume with a higher budget writes them)."""
+    article left is recorded as skipped (a resume with a higher budget writes them).
+
+    Every article first asks whether the job's lease epoch is still the one the batch works
+    under (JobLease). Once it is not — or persistence refused a save as stale — the batch writes
+    nothing more: no article starts, those in flight stop before their next model call, and
+    each is reported SKIPPED without a record (the orchestrator now holding the job writes it)."""
 
     def __init__(
         self,
         pipeline: ArticlePipeline,
         context: BatchContext,
         more_tiers: Sequence[BatchContext] = (),
+        lease: JobLease | None = None,
     ) -> None:
         """`context` holds what the whole batch shares (job, workers, continue_on_error,
-        budget) and its first tier; `more_tiers` differ from it only in their tier."""
+        budget, lease epoch) and its first tier; `more_tiers` differ from it only in their
+        tier. `lease` checks the epoch (None: never checked)."""
         self._pipeline = pipeline
         self._context = context
+        self._lease = lease or JobLease.unchecked()
         self._tiers = {c.tier.name: c for c in (context, *more_tiers)}
         self._stopped = threading.Event()
         self._lock = threading.Lock()  # guards the stop state: workers and the feed may race
@@ -73,12 +82,25 @@ class ArticleBatch:
                 self._abandon_at = time.monotonic() + grace_seconds
         self._stopped.set()
 
-    def _abandoned(self) -> str:
-        """Why an in-flight article must stop now, or "" while it may go on."""
+    def _checkpoint(self) -> None:
+        """Before an in-flight article's next model call: LeaseLostError once the lease is
+        lost, ArticleCancelledError once a stop's grace period has run out."""
+        if lost := self._lease.lost:
+            raise LeaseLostError(lost)
         with self._lock:
             if self._abandon_at is not None and time.monotonic() >= self._abandon_at:
-                return "cancelled: " + self._stop_reason.removeprefix("not started: ")
-            return ""
+                reason = self._stop_reason.removeprefix("not started: ")
+                raise ArticleCancelledError(f"cancelled: {reason}")
+
+    def _lease_lost(
+        self, context: BatchContext, task: ArticleTask, reason: str, emit: Emit
+    ) -> None:
+        """The article is not written under this lease: nothing starts any more, and it is
+        reported SKIPPED without a record."""
+        self._lease.lose(reason)
+        self.stop(f"not started: {reason}")
+        emit(ArticleEvent(EventKind.SKIPPED, context.tier.name, task.index, title=task.title,
+                          error=f"not written here: {reason}"))  # fmt: skip
 
     def run(self, tasks: Iterable[ArticleTask], emit: Emit) -> None:
         """Run every task; returns when each has had its terminal event."""
@@ -141,6 +163,15 @@ class ArticleBatch:
             )
             return
 
+        if not self._lease.held():
+            self._lease_lost(context, task, self._lease.lost, emit)
+            return
+        try:
+            self._write(context, task, emit)
+        except LeaseLostError as e:  # a save refused as stale, or lost while it ran
+            self._lease_lost(context, task, str(e), emit)
+
+    def _write(self, context: BatchContext, task: ArticleTask, emit: Emit) -> None:
         if over_budget := self._admit(task):
             self._pipeline.skip(context, task, over_budget, emit)
             return
@@ -157,4 +188,4 @@ class ArticleBatch:
                 self._settle(event)
             emit(event)
 
-        self._pipeline.run(context, task, emit_and_stop, self._abandoned)
+        self._pipeline.run(context, task, emit_and_stop, self._checkpoint)

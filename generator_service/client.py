@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import queue
 import threading
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 
@@ -12,16 +13,11 @@ from tierwriter.article.v1 import article_event_pb2 as article_pb
 from tierwriter.generator.v1 import generator_service_pb2 as pb
 from tierwriter.generator.v1 import generator_service_pb2_grpc as pb_grpc
 from tierwriter.service_auth import token_metadata
-from tierwriter.statuses import TERMINAL_ARTICLE_EVENTS
 
 # A titles stream runs beside its tier's articles, on the same model: bounded, but generous.
 TITLES_DEADLINE = 3600.0
-# A stream carries a whole tier: long, but bounded, so a hung generator cannot hang a job forever.
+# A stream carries a whole job: long, but bounded, so a hung generator cannot hang it forever.
 ARTICLES_DEADLINE = 24 * 3600.0
-# How often an open request stream checks whether the caller asked to stop (cancel latency).
-STOP_POLL_SECONDS = 0.2
-# Articles sent ahead per worker, beyond those running (see generate_articles).
-QUEUED_PER_WORKER = 2
 
 
 class GeneratorClient:
@@ -62,95 +58,71 @@ class GeneratorClient:
             stream.cancel()  # a no-op once it ended
         return merged
 
-    def generate_articles(
-        self,
-        settings: pb.BatchSettings,
-        articles: Iterable[pb.ArticleRequest],
-        stop: Callable[[], bool],
-        stop_reason: Callable[[], str] = lambda: "the job was cancelled",
-        grace_seconds: Callable[[], float] = lambda: 0.0,
-    ) -> Generator[article_pb.ArticleEvent, None, None]:
-        """Send the settings and every article (of settings.tier, or of one of
-        settings.more_tiers, named by its `tier`); yield events as they come back until each
-        article has had its terminal event. `articles` may be a feed that blocks while it waits
-        for titles: each article goes out as it comes (at most QUEUED_PER_WORKER per worker
-        waiting in the generator at a time), and the stream ends once the feed has
-        ended and every article sent is terminal. Once `stop()` is true, a stop goes out before
-        any further article: the generator starts none of them (each is reported SKIPPED), and
-        the events of those in flight (failed as cancelled when they outlive `grace_seconds()`,
-        read when the stop goes out; 0: never) still come. A feed should stop waiting for
-        articles it does not have yet once `stop()` is true.
-        Closing the iterator early cancels the stream outright."""
-        lock = threading.Lock()  # guards the counts: the request thread sends, we receive
-        sent = terminal = 0
-        fed = False
-        all_terminal = threading.Event()
-        # Articles sent that have had no event yet wait in the generator's queue. Keeping at most
-        # QUEUED_PER_WORKER per worker there means a worker never waits for the next, while a
-        # tier of any size costs the generator the same memory.
-        unstarted: set[tuple[str, int]] = set()
-        room = threading.Condition(lock)
-        queue_limit = QUEUED_PER_WORKER * max(1, settings.max_workers)
+    def open_articles(self, settings: pb.BatchSettings) -> ArticleStream:
+        """A GenerateArticles stream that starts with `settings`; send articles to it as
+        workers are free, and read its events."""
+        return ArticleStream(self, settings)
 
-        def settle() -> None:
-            with lock:
-                if fed and terminal >= sent:
-                    all_terminal.set()
 
-        def stop_request() -> pb.GenerateArticlesRequest:
-            return pb.GenerateArticlesRequest(
-                stop=pb.StopBatch(reason=stop_reason(), grace_seconds=grace_seconds())
-            )
+_CLOSE = object()
 
-        def requests() -> Iterator[pb.GenerateArticlesRequest]:
-            nonlocal sent, fed
-            yield pb.GenerateArticlesRequest(settings=settings)
-            stop_sent = False
-            for article in articles:
-                if not stop_sent:
-                    with room:
-                        while (
-                            len(unstarted) >= queue_limit
-                            and not stop()
-                            and not all_terminal.is_set()  # the stream ended or was closed
-                        ):
-                            room.wait(STOP_POLL_SECONDS)
-                    if stop():
-                        # Before the rest: they are then reported SKIPPED, none starts.
-                        stop_sent = True
-                        yield stop_request()
-                with lock:
-                    sent += 1
-                    unstarted.add((article.tier or settings.tier.name, article.article_index))
-                yield pb.GenerateArticlesRequest(article=article)
-            with lock:
-                fed = True
-            settle()  # nothing sent, or all already terminal: close our side now
-            # Our side stays open so that a stop can still be sent; it closes once every
-            # article is terminal (the generator then ends the stream) or right after a stop.
-            # Wait on all_terminal, not on stop: the end of a tier must not wait out a poll.
-            while not stop_sent and not all_terminal.wait(STOP_POLL_SECONDS):
-                if stop():
-                    yield stop_request()
-                    return
 
-        responses = self._stub.GenerateArticles(
-            requests(), timeout=ARTICLES_DEADLINE, metadata=self._metadata
+class ArticleStream:
+    """One GenerateArticles call to one generator. Any thread may send() articles, stop() or
+    close() our side; one thread reads events(). cancel() ends the call outright."""
+
+    def __init__(self, client: GeneratorClient, settings: pb.BatchSettings) -> None:
+        self.address = client.address
+        self._client = client
+        self._requests: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._requests.put(pb.GenerateArticlesRequest(settings=settings))
+        self._closed = False
+        self._lock = threading.Lock()  # orders sends against close: nothing goes after it
+        self._call = client._stub.GenerateArticles(
+            self._outgoing(), timeout=ARTICLES_DEADLINE, metadata=client._metadata
         )
+
+    def _outgoing(self) -> Iterator[pb.GenerateArticlesRequest]:
+        while (item := self._requests.get()) is not _CLOSE:
+            assert isinstance(item, pb.GenerateArticlesRequest)
+            yield item
+
+    def _put(self, request: pb.GenerateArticlesRequest) -> bool:
+        with self._lock:
+            if self._closed:
+                return False
+            self._requests.put(request)
+            return True
+
+    def send(self, article: pb.ArticleRequest) -> bool:
+        """Send one article; False once our side is closed."""
+        return self._put(pb.GenerateArticlesRequest(article=article))
+
+    def stop(self, reason: str, grace_seconds: float) -> None:
+        """Start nothing more: the generator reports articles it has not started SKIPPED; those
+        in flight finish (failed as cancelled once they outlive `grace_seconds`; 0: never)."""
+        self._put(
+            pb.GenerateArticlesRequest(
+                stop=pb.StopBatch(reason=reason, grace_seconds=grace_seconds)
+            )
+        )
+
+    def close(self) -> None:
+        """No more articles: the generator ends the stream once those sent are terminal."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._requests.put(_CLOSE)
+
+    def cancel(self) -> None:
+        """End the call now (the generator lets articles in flight finish and save)."""
+        self.close()
+        self._call.cancel()
+
+    def events(self) -> Iterator[article_pb.ArticleEvent]:
+        """The stream's events until it ends; ServiceCallError when it breaks."""
         try:
-            for response in responses:
-                key = (response.event.tier, response.event.article_index)
-                with room:
-                    if key in unstarted:  # its first event: it left the queue
-                        unstarted.discard(key)
-                        room.notify()
-                if response.event.kind in TERMINAL_ARTICLE_EVENTS:
-                    with lock:
-                        terminal += 1
-                    settle()
+            for response in self._call:
                 yield response.event
         except grpc.RpcError as e:
-            raise self._error(e) from e
-        finally:
-            all_terminal.set()
-            responses.cancel()  # a no-op when the stream already ended
+            raise self._client._error(e) from e

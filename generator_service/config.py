@@ -38,10 +38,14 @@ class Settings(ServiceSettings):
     llm_backoff_max_seconds: float = Field(30.0, gt=0, alias="LLM_BACKOFF_MAX_SECONDS")
     # gRPC threads: each GenerateArticles stream holds one; articles run on the stream's own pool.
     generator_threads: int = Field(32, ge=2, alias="GENERATOR_THREADS")
-    # The provider's limits per model, enforced here (0: none): requests and tokens (prompt +
-    # max_tokens) per minute, shared by every job on this generator; divide by the replicas.
+    # The provider account's limits per model (0: none): requests and tokens (prompt +
+    # max_tokens) per minute, shared by every job and every generator on the database.
     llm_rpm_limit: int = Field(0, ge=0, alias="LLM_RPM_LIMIT")
     llm_tpm_limit: int = Field(0, ge=0, alias="LLM_TPM_LIMIT")
+    # While the shared limits cannot be reached (persistence away) a generator keeps to its
+    # share of them: the limit over the generators seen drawing on it, or over this many
+    # before it has seen any.
+    llm_limit_fallback_replicas: int = Field(4, ge=1, le=1000, alias="LLM_LIMIT_FALLBACK_REPLICAS")
     # No call asks for more max_tokens than this (budgets fit each call below it).
     llm_max_output_tokens: int = Field(8192, ge=16, alias="LLM_MAX_OUTPUT_TOKENS")
     # Per-model overrides, JSON: {"gpt-4o": {"rpm": 500, "tpm": 30000, "max_output_tokens": 16384}}

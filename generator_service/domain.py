@@ -54,6 +54,8 @@ class BatchContext:
     # USD the batch may still spend (the job's max_cost_usd less what it spent before); 0: no
     # limit. Articles that would pass it are recorded as skipped.
     budget_usd: float = 0.0
+    # The lease epoch the orchestrator runs the job under: every save carries it (fencing).
+    lease_epoch: int = 0
 
 
 @dataclass(frozen=True)
@@ -149,9 +151,12 @@ class ArticleRecord:
 
 class ArticleSaver(Protocol):
     """Where terminal records go; returns (record id, created). Must be thread-safe. A stored
-    skipped record of the same key is replaced, and with `replace_failed` a failed one too."""
+    skipped record of the same key is replaced, and with `replace_failed` a failed one too.
+    Raises LeaseLostError when `lease_epoch` is no longer the job's (nothing is stored)."""
 
-    def save(self, record: ArticleRecord, replace_failed: bool = False) -> tuple[int, bool]: ...
+    def save(
+        self, record: ArticleRecord, replace_failed: bool = False, lease_epoch: int = 0
+    ) -> tuple[int, bool]: ...
 
 
 class InvalidRequestError(ValueError):

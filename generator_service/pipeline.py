@@ -4,7 +4,9 @@ Every call asks for a token budget that fits it (budget.py); outlines ask for JS
 the content prompt's word bounds come from WordTargets (learned per model). An augmentation must
 lengthen the text or is asked once more; the longest text is kept, and one that stays below the
 minimum is recorded as `short`. A FatalApiError (rejected key, unknown model, no endpoint)
-fails the article as `fatal`, which stops the batch.
+fails the article as `fatal`, which stops the batch. A LeaseLostError (the job is run by
+another orchestrator now) is not a failure of the article: nothing is recorded, and it goes to
+the caller.
 
 No gRPC here: the servicer feeds tasks in and turns events into messages."""
 
@@ -28,6 +30,7 @@ from generator_service.domain import (
     InvalidRequestError,
     TierShape,
 )
+from generator_service.lease import LeaseLostError
 from generator_service.llm import Completion, LlmClient
 from generator_service.llm.budget import (
     TOKENS_PER_HEADING,
@@ -164,7 +167,9 @@ class ArticlePipeline:
         )
         article_id = 0
         try:
-            article_id, _created = self._saver.save(record, batch.replace_failed)
+            article_id, _created = self._saver.save(record, batch.replace_failed, batch.lease_epoch)
+        except LeaseLostError:
+            raise
         except Exception as e:  # still reported, like a failure whose record was lost
             reason += f" (and the skipped record could not be saved: {type(e).__name__}: {e})"
             log.error(
@@ -191,10 +196,12 @@ class ArticlePipeline:
         batch: BatchContext,
         task: ArticleTask,
         emit: Emit,
-        abandoned: Callable[[], str] = lambda: "",
+        checkpoint: Callable[[], None] = lambda: None,
     ) -> ArticleEvent:
-        """Write, store and report one article. Never raises: a failure becomes a failed record
-        and a FAILED event, which is also returned."""
+        """Write, store and report one article. `checkpoint()` runs before each model call and
+        raises when the article must stop there (ArticleCancelledError: cancelled and out of
+        grace; LeaseLostError). Raises only LeaseLostError: any other failure becomes a failed
+        record and a FAILED event, which is also returned."""
         tier, project = batch.tier, batch.project
         usage = _Usage()
         stage = "outline"
@@ -228,8 +235,7 @@ class ArticlePipeline:
             max_tokens: int,
             response_format: dict[str, Any] | None = None,
         ) -> Completion:
-            if why := abandoned():  # cancelled and out of grace: no further model call
-                raise ArticleCancelledError(why)
+            checkpoint()  # cancelled and out of grace, or the lease lost: no further model call
             retried = False
 
             def on_retry(notice: RetryNotice) -> None:
@@ -346,7 +352,7 @@ class ArticlePipeline:
             stage = "save"
             record.content, record.word_count = content, words
             self._fill_usage(record, usage)
-            article_id, _created = self._saver.save(record, batch.replace_failed)
+            article_id, _created = self._saver.save(record, batch.replace_failed, batch.lease_epoch)
             return event(
                 EventKind.SAVED,
                 article_id=article_id,
@@ -355,6 +361,8 @@ class ArticlePipeline:
                 cost_usd=record.cost_usd,
                 tokens=record.prompt_tokens + record.completion_tokens,
             )
+        except LeaseLostError:
+            raise  # not the article's failure: nothing of it may be recorded under this lease
         except Exception as e:  # one article's failure must never reach the other workers
             return self._fail(batch, task, record, usage, stage, e, event)
 
@@ -456,7 +464,9 @@ class ArticlePipeline:
         self._fill_usage(failed, usage)
         article_id = 0
         try:
-            article_id, _created = self._saver.save(failed, batch.replace_failed)
+            article_id, _created = self._saver.save(failed, batch.replace_failed, batch.lease_epoch)
+        except LeaseLostError:
+            raise
         except Exception as save_error:  # the failure is reported either way
             message += (
                 " (and the failure record could not be saved: "

@@ -18,6 +18,7 @@ from tenacity import (
 )
 
 from generator_service.domain import ArticleRecord
+from generator_service.lease import LeaseLostError
 from persistence_service.client import PersistenceClient, outline_to_proto
 from tierwriter.persistence.v1 import persistence_service_pb2 as persistence_pb
 from tierwriter.runtime import ServiceCallError
@@ -52,8 +53,7 @@ def _log_retry(state: RetryCallState) -> None:
 class _Save:
     """One save waiting for the writer: the record, and the future its worker waits on."""
 
-    article: persistence_pb.Article
-    replace_failed: bool
+    request: persistence_pb.SaveArticleRequest
     size: int
     done: Future[tuple[int, bool]] = field(default_factory=Future)
 
@@ -88,14 +88,21 @@ class PersistenceSaver:
         self._writer = threading.Thread(target=self._write, name="article-saver", daemon=True)
         self._writer.start()
 
-    def save(self, record: ArticleRecord, replace_failed: bool = False) -> tuple[int, bool]:
-        """Store one record; (article id, whether this save stored it). Blocks until stored."""
+    def save(
+        self, record: ArticleRecord, replace_failed: bool = False, lease_epoch: int = 0
+    ) -> tuple[int, bool]:
+        """Store one record written under the job's lease epoch `lease_epoch`; (article id,
+        whether this save stored it). Blocks until stored. LeaseLostError when persistence
+        refused the epoch as stale (another orchestrator holds the job)."""
         fields = asdict(record)
         outline, status = fields.pop("outline"), fields.pop("status")
         article = persistence_pb.Article(
             **fields, status=article_status(status), outline=outline_to_proto(outline)
         )
-        waiting = _Save(article, replace_failed, article.ByteSize())
+        request = persistence_pb.SaveArticleRequest(
+            article=article, replace_failed=replace_failed, lease_epoch=lease_epoch
+        )
+        waiting = _Save(request, request.ByteSize())
         with self._lock:
             if self._closed:
                 raise ArticleNotSavedError("the generator is shutting down")
@@ -115,14 +122,16 @@ class PersistenceSaver:
         while (batch := self._next_batch()) is not None:
             try:
                 results = self._retrying.copy()(
-                    self._client.save_articles, [(s.article, s.replace_failed) for s in batch]
+                    self._client.save_articles, [s.request for s in batch]
                 )
                 if len(results) != len(batch):
                     raise ArticleNotSavedError(
                         f"persistence answered {len(results)} saves for {len(batch)}"
                     )
                 for waiting, result in zip(batch, results, strict=True):
-                    if result.error:
+                    if result.lease_lost:
+                        waiting.done.set_exception(LeaseLostError(result.error))
+                    elif result.error:
                         waiting.done.set_exception(ArticleNotSavedError(result.error))
                     else:
                         waiting.done.set_result((result.article_id, result.created))

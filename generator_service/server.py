@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import uuid
 from collections.abc import Callable
 
 from generator_service.calibration import WordTargets
 from generator_service.config import Settings
 from generator_service.llm import LlmClient, OpenAiLlm
-from generator_service.llm.limits import ProviderGate
+from generator_service.llm.limits import BucketFactory, ProviderGate, SharedBucket
 from generator_service.llm.pricing import PriceTable
 from generator_service.llm.retry import RetryingLlm, RetryPolicy
 from generator_service.llm.simulator import LlmSimulator
@@ -19,12 +22,14 @@ from generator_service.titles import TitleWriter
 from persistence_service.client import PersistenceClient
 from tierwriter import runtime
 from tierwriter.generator.v1 import generator_service_pb2_grpc as pb_grpc
+from tierwriter.persistence.v1 import persistence_service_pb2 as pb_persistence
 from tierwriter.service_auth import ServiceTokenInterceptor, required_token
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "tierwriter.generator.v1.GeneratorService"
 # A key the SDK accepts for endpoints that need none (vLLM, the simulator); not a secret.
 NO_KEY = "no-key-needed"
+FAST_CALL_SECONDS = 5.0
 
 
 def build_llm(settings: Settings, closers: list[Callable[[], None]]) -> OpenAiLlm:
@@ -42,6 +47,28 @@ def build_llm(settings: Settings, closers: list[Callable[[], None]]) -> OpenAiLl
     return llm
 
 
+def shared_buckets(
+    settings: Settings,
+    endpoint: str,
+    reserve_rate: Callable[[str, float, float, str], pb_persistence.ReserveRateResponse],
+) -> BucketFactory:
+    """Each model's limits as buckets every generator on the database shares, one per endpoint
+    (`https://api.openai.com/v1 gpt-4o rpm`): the account's limit, however many replicas."""
+    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+    def reserve(name: str, per_minute: float, amount: float, who: str) -> tuple[float, int]:
+        answer = reserve_rate(name, per_minute, amount, who)
+        return answer.wait_seconds, answer.holders
+
+    return lambda model, kind, per_minute: SharedBucket(
+        f"{endpoint} {model} {kind}",
+        per_minute,
+        reserve,
+        holder,
+        settings.llm_limit_fallback_replicas,
+    )
+
+
 def build_server(
     settings: Settings, address: str | None = None, llm: LlmClient | None = None
 ) -> runtime.RunningServer:
@@ -54,22 +81,41 @@ def build_server(
         settings.persistence_address, service_token=settings.service_token_value()
     )
     closers.append(persistence.close)
+    # Lease checks and shared rate limits, before model calls, fail fast: persistence away counts
+    # as a lease held (the saves are fenced anyway) and as a fall back to this generator's share
+    # of the limits; a model call should not wait half a minute to learn that.
+    fast = PersistenceClient(
+        settings.persistence_address,
+        deadline=FAST_CALL_SECONDS,
+        service_token=settings.service_token_value(),
+        wait_for_ready=False,
+    )
+    closers.append(fast.close)
     try:
         policy = RetryPolicy(
             attempts=settings.llm_max_retries + 1,
             base_delay=settings.llm_backoff_seconds,
             max_delay=settings.llm_backoff_max_seconds,
         )
+        client = llm or build_llm(settings, closers)
         default_limits, model_limits = settings.model_limits()
-        gate = ProviderGate(default_limits, model_limits)
-        model = RetryingLlm(llm or build_llm(settings, closers), policy, gate=gate)
+        gate = ProviderGate(
+            default_limits,
+            model_limits,
+            buckets=shared_buckets(
+                settings, getattr(client, "endpoint", "custom"), fast.reserve_rate
+            ),
+        )
+        model = RetryingLlm(client, policy, gate=gate)
         prices = PriceTable.with_file(settings.llm_prices_file)
         targets = WordTargets(settings.word_count_compensation, persistence.word_samples)
         saver = PersistenceSaver(persistence)
         closers.append(saver.close)  # closers run last first: the saves end before the channel
         pipeline = ArticlePipeline(model, saver, targets, prices)
         titles = TitleWriter(model, prices, (settings.title_min_chars, settings.title_max_chars))
-        servicer = GeneratorServicer(pipeline, titles, settings.default_model)
+        servicer = GeneratorServicer(
+            pipeline, titles, settings.default_model, check_lease=fast.check_lease
+        )
         return runtime.build_server(
             listen,
             [(pb_grpc.add_GeneratorServiceServicer_to_server, servicer, SERVICE_NAME)],

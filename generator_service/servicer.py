@@ -22,6 +22,7 @@ from generator_service.domain import (
     validate_batch,
     validate_task,
 )
+from generator_service.lease import JobLease, LeaseCheck
 from generator_service.pipeline import ArticlePipeline
 from generator_service.titles import TitlesResult, TitleWriter
 from tierwriter import runtime
@@ -90,10 +91,20 @@ def _titles_totals(result: TitlesResult) -> pb.GenerateTitlesResponse:
 class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
     """Translates GeneratorService calls onto TitleWriter and ArticleBatch."""
 
-    def __init__(self, pipeline: ArticlePipeline, titles: TitleWriter, default_model: str) -> None:
+    def __init__(
+        self,
+        pipeline: ArticlePipeline,
+        titles: TitleWriter,
+        default_model: str,
+        check_lease: LeaseCheck | None = None,
+    ) -> None:
         self._pipeline = pipeline
         self._titles = titles
         self._default_model = default_model
+        self._check_lease = check_lease  # None: leases are not checked (unit tests)
+
+    def _lease(self, job_id: int, epoch: int) -> JobLease:
+        return JobLease(job_id, epoch, self._check_lease) if job_id else JobLease.unchecked()
 
     def _model(self, name: str) -> str:
         return name or self._default_model
@@ -117,6 +128,7 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
             "project %d %s: %d titles asked for", request.project.project_id, request.tier,
             request.count,
         )  # fmt: skip
+        lease = self._lease(request.job_id, request.lease_epoch)
         for item in self._titles.stream(
             project_from_proto(request.project),
             request.count,
@@ -124,7 +136,10 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
             parallel,
             list(request.existing_titles),
             stopped=lambda: not context.is_active(),
+            lease=lease,
         ):
+            if lease.lost:  # the caller's run of the job is over: it gets nothing more
+                runtime.abort(context, grpc.StatusCode.ABORTED, lease.lost)
             if isinstance(item, TitlesResult):
                 yield _titles_totals(item)
             else:
@@ -158,6 +173,7 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
                 continue_on_error=s.continue_on_error,
                 replace_failed=s.replace_failed,
                 budget_usd=s.budget_usd,
+                lease_epoch=s.lease_epoch,
             )
             validate_batch(context, field)
             if any(c.tier.name == t.name for c in contexts):
@@ -180,7 +196,8 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
             batch_context, *more_tiers = self._batch_contexts(first.settings)
         except InvalidRequestError as e:
             runtime.abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        batch = ArticleBatch(self._pipeline, batch_context, more_tiers)
+        lease = self._lease(batch_context.job_id, batch_context.lease_epoch)
+        batch = ArticleBatch(self._pipeline, batch_context, more_tiers, lease)
         log.info(
             "job %d: article stream for %s, %d workers",
             batch_context.job_id, ", ".join(batch.tier_names), batch_context.max_workers,

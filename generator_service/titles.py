@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from generator_service import prompts
 from generator_service.domain import ProjectInfo
+from generator_service.lease import JobLease
 from generator_service.llm import Completion, LlmClient
 from generator_service.llm.budget import titles_tokens
 from generator_service.llm.client import FatalApiError, RetryNotice
@@ -108,11 +109,14 @@ class TitleWriter:
         existing: list[str],
         on_titles: Callable[[list[str]], None] = lambda titles: None,
         stopped: Callable[[], bool] = lambda: False,
+        lease: JobLease | None = None,
     ) -> TitlesResult:
         """`count` titles distinct from each other and from `existing` (after normalisation).
         `on_titles` gets each reply's new titles as soon as they are taken, in their final
         order, so a caller can start on the first ones while the rest are asked for. Once
-        `stopped()` is true (the caller went away), no further round of calls starts."""
+        `stopped()` is true (the caller went away), no further round of calls starts; nor once
+        the job's `lease` is found lost, which each round checks first."""
+        lease = lease or JobLease.unchecked()
         result = TitlesResult()
         retries_lock = threading.Lock()
 
@@ -130,6 +134,9 @@ class TitleWriter:
                     break
                 if stopped():
                     result.error = "stopped: the caller went away"
+                    break
+                if not lease.held():
+                    result.error = f"stopped: {lease.lost}"
                     break
                 batches = [
                     min(TITLES_PER_CALL, missing - i) for i in range(0, missing, TITLES_PER_CALL)
@@ -182,6 +189,7 @@ class TitleWriter:
         max_parallel: int,
         existing: list[str],
         stopped: Callable[[], bool] = lambda: False,
+        lease: JobLease | None = None,
     ) -> Iterator[list[str] | TitlesResult]:
         """write() as an iterator: each reply's new titles as they are taken, then the
         TitlesResult. The calls run on a thread of their own, joined before this returns."""
@@ -190,7 +198,9 @@ class TitleWriter:
         def run() -> None:
             try:
                 items.put(
-                    self.write(project, count, model, max_parallel, existing, items.put, stopped)
+                    self.write(
+                        project, count, model, max_parallel, existing, items.put, stopped, lease
+                    )
                 )
             except BaseException as e:  # ends the iteration with the error, not a hang
                 items.put(e)

@@ -227,3 +227,19 @@ class OrchestratorClient:
     def set_password(self, username: str, password: str) -> pb.User:
         request = pb.SetPasswordRequest(username=username, password=password)
         return self._call(self._stub.SetPassword, request).user
+
+    def get_quota(self, username: str = "", default_quota: bool = False) -> pb.GetQuotaResponse:
+        request = pb.GetQuotaRequest(username=username, default_quota=default_quota)
+        return self._call(self._stub.GetQuota, request)
+
+    def set_quota(
+        self,
+        username: str,
+        quota: pb.Quota | None,
+        default_quota: bool = False,
+    ) -> pb.Quota:
+        """Set a user's quota (or the default's); None clears the user's own."""
+        request = pb.SetQuotaRequest(
+            username=username, default_quota=default_quota, quota=quota, clear=quota is None
+        )
+        return self._call(self._stub.SetQuota, request).quota

@@ -1,10 +1,12 @@
 """A job's event stream: numbered, stored, and readable from any point by any orchestrator.
 
 The orchestrator running a job appends its events to a JobEventLog: each gets the next sequence
-number, live watchers on this orchestrator get it at once, and a writer thread stores them in
-batches. A watcher anywhere reads the stored events after the last one it saw (WatchJob), then
-follows the live log when the job runs where it is connected, or polls the database when it
-runs on another orchestrator."""
+number, and a writer thread stores them in batches, under the run's lease epoch. Watchers are
+served stored events only: live watchers on this orchestrator get each batch as soon as it is
+stored, so nobody is ever shown an event the database refused (an orchestrator that lost its
+lease while paused finds its events refused, and its run ends: invariant 10). A watcher anywhere
+reads the stored events after the last one it saw (WatchJob), then follows the live log when
+the job runs where it is connected, or polls the database when it runs on another one."""
 
 from __future__ import annotations
 
@@ -21,9 +23,10 @@ from tierwriter.statuses import ACTIVE_JOB_STATUSES
 
 log = logging.getLogger(__name__)
 
-# How long the writer gathers events into one batch, and how often a watcher of a job that runs
-# elsewhere (or waits in the queue) asks the database for new ones.
-FLUSH_SECONDS = 0.2
+# How long the writer gathers events into one batch (what a live watcher waits at most, beyond
+# the store itself), and how often a watcher of a job that runs elsewhere (or waits in the
+# queue) asks the database for new ones.
+FLUSH_SECONDS = 0.1
 POLL_SECONDS = 1.0
 LOCAL_CHECK_SECONDS = 0.1
 # Stored events a log keeps in memory for watchers close behind; one further back reads the
@@ -40,10 +43,15 @@ class JobEventLog:
         job_id: int,
         first_seq: int,
         store: Callable[[int, Sequence[tuple[int, bytes]]], object],
+        on_fenced: Callable[[str], None] = lambda reason: None,
     ) -> None:
+        """`store(job_id, [(seq, payload), …])` stores a batch under the run's lease epoch;
+        `on_fenced(reason)` is told once persistence refuses that epoch."""
         self.job_id = job_id
         self.first_seq = first_seq  # numbers up to this one belong to earlier runs
         self._store = store
+        self._on_fenced = on_fenced
+        self._fenced = False  # the epoch was refused: nothing more is kept or shown
         self._cond = threading.Condition()
         # Events from seq first_seq + dropped + 1 on; the stored ones beyond the newest
         # KEPT_STORED_EVENTS are dropped.
@@ -73,8 +81,10 @@ class JobEventLog:
             return self._closed
 
     def emit(self, event: pb.JobEvent) -> pb.JobEvent:
-        """Number the event and publish it."""
+        """Number the event and hand it to the writer (watchers see it once it is stored)."""
         with self._cond:
+            if self._fenced:
+                return event  # the run is over: the database would refuse it
             event.seq = self._last_seq() + 1
             event.job_id = self.job_id
             self._events.append(event)
@@ -82,17 +92,18 @@ class JobEventLog:
         return event
 
     def read(self, after_seq: int, timeout: float) -> tuple[list[pb.JobEvent], bool] | None:
-        """Events after `after_seq` (waiting up to `timeout` for one), and whether the log is
-        closed with nothing more to come; None when events after `after_seq` were dropped from
-        memory (they are stored: read them from the database)."""
+        """Stored events after `after_seq` (waiting up to `timeout` for one), and whether the
+        log is closed with nothing more to come; None when events after `after_seq` were dropped
+        from memory (read them from the database)."""
         with self._cond:
             if self._index(max(after_seq, self.first_seq)) < 0:
                 return None
-            if self._index(after_seq) >= len(self._events) and not self._closed:
+            if after_seq >= self._stored and not self._closed:
                 self._cond.wait(timeout)
                 if self._index(max(after_seq, self.first_seq)) < 0:
                     return None
-            events = self._events[self._index(max(after_seq, self.first_seq)) :]
+            start = self._index(max(after_seq, self.first_seq))
+            events = self._events[start : max(start, self._index(self._stored))]
             return events, self._closed and not events
 
     def end(self) -> None:
@@ -111,6 +122,17 @@ class JobEventLog:
             self._closed = True
             self._cond.notify_all()
 
+    def _fence(self, reason: str) -> None:
+        """Another orchestrator holds the job: what was not stored is dropped, unseen, and the
+        watchers here go to the database, which has the other run's events."""
+        log.warning("job %d: events refused (%s): this run of the job ends", self.job_id, reason)
+        with self._cond:
+            self._fenced = True
+            del self._events[self._index(self._stored) :]
+            self._closed = True
+            self._cond.notify_all()
+        self._on_fenced(reason)
+
     def _write(self) -> None:
         while True:
             with self._cond:
@@ -126,15 +148,18 @@ class JobEventLog:
                 try:
                     self._store(self.job_id, [(e.seq, e.SerializeToString()) for e in batch])
                 except ServiceCallError as e:
-                    # The client retried for DATABASE_WAIT_SECONDS already; FAILED_PRECONDITION:
-                    # another orchestrator holds the job now and writes its events.
+                    if e.code == grpc.StatusCode.ABORTED:  # a stale lease epoch: fenced
+                        self._fence(str(e))
+                        return
+                    # The client retried for DATABASE_WAIT_SECONDS already.
                     log.error("job %d: could not store %d events: %s", self.job_id, len(batch), e)
-                    if ended or e.code == grpc.StatusCode.FAILED_PRECONDITION:
+                    if ended:
                         return
                     threading.Event().wait(FLUSH_SECONDS)
                     continue
                 with self._cond:
                     self._stored = batch[-1].seq
+                    self._cond.notify_all()  # live watchers: these are stored now
                     extra = self._index(self._stored) - KEPT_STORED_EVENTS
                     if extra > 0:  # stored and far behind: the database has them
                         del self._events[:extra]

@@ -1,10 +1,10 @@
-"""A job's files over the API: the orchestrator streams what post-processing wrote under
-OUTPUT_DIR/<job id>/ (pages, site indexes, title lists, the job's index) as chunks, and the
-client writes them under a folder of its own, each file checked against its SHA-256.
+"""A job's files over the API: any orchestrator streams what post-processing published (pages,
+site indexes, title lists, the job's index) from the database as chunks, and the client writes
+them under a folder of its own, each file checked against its SHA-256. The database rather than
+an orchestrator's disk: on a cluster the replica asked is seldom the one that published.
 
-Both sides guard the paths: the server sends only regular files that really lie inside the
-job's folder (no symlink out of it), and the client writes only relative paths that stay inside
-its folder, so neither a stray link nor a hostile server can reach a file elsewhere."""
+The client guards the paths: it writes only relative paths that stay inside its folder, so a
+hostile server cannot reach a file elsewhere."""
 
 from __future__ import annotations
 
@@ -26,48 +26,19 @@ class ExportError(Exception):
     match, or a stream that ended inside a file."""
 
 
-def job_files(job_dir: Path) -> list[Path]:
-    """The regular files inside `job_dir`, in path order; anything that is a symlink, resolves
-    outside the folder or is hidden (a half-written `.page.html.tmp`) is left out."""
-    root = job_dir.resolve()
-    files = []
-    for folder, dirs, names in os.walk(root):  # os.walk does not follow symlinked folders
-        dirs.sort()
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in sorted(names):
-            if name.startswith("."):
-                continue
-            path = Path(folder) / name
-            if path.is_symlink() or not path.is_file():
-                continue
-            if not path.resolve().is_relative_to(root):
-                continue
-            files.append(path)
-    return files
-
-
-def file_chunks(job_dir: Path, files: Iterable[Path]) -> Iterator[pb.ExportJobResponse]:
-    """`files` (job_files of the job's folder) as ExportJob messages."""
-    root = job_dir.resolve()
-    for path in files:
-        digest = hashlib.sha256()
-        relative = path.relative_to(root).as_posix()
-        with path.open("rb") as f:
-            first = True
-            data = f.read(CHUNK_BYTES)
-            while True:
-                digest.update(data)
-                following = f.read(CHUNK_BYTES) if data else b""
-                message = pb.ExportJobResponse(data=data)
-                if first:
-                    message.path, message.size = relative, os.fstat(f.fileno()).st_size
-                    first = False
-                if not following:
-                    message.sha256 = digest.hexdigest()
-                    yield message
-                    break
-                yield message
-                data = following
+def file_chunks(files: Iterable[tuple[str, bytes]]) -> Iterator[pb.ExportJobResponse]:
+    """Files, (relative path, bytes), as ExportJob messages: each in chunks, its path and size
+    on the first, its SHA-256 on the last."""
+    for path, content in files:
+        digest = hashlib.sha256(content).hexdigest()
+        chunks = [content[i : i + CHUNK_BYTES] for i in range(0, len(content), CHUNK_BYTES)]
+        for n, data in enumerate(chunks or [b""]):
+            message = pb.ExportJobResponse(data=data)
+            if n == 0:
+                message.path, message.size = path, len(content)
+            if n == max(0, len(chunks) - 1):
+                message.sha256 = digest
+            yield message
 
 
 def destination(root: Path, path: str) -> Path:

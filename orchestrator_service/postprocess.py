@@ -1,14 +1,18 @@
 """JobPublisher: a job's post-processing, in order, once every article of the job has its terminal
 record: URLs → interlinking → templating → export. Each step reports what it made as a
 PostProcessingStep; a step that fails reports its error and the later steps do not run (the
-articles stay stored either way, and `tierwriter jobs publish` runs it all again)."""
+articles stay stored either way, and `tierwriter jobs publish` runs it all again).
+
+A publication runs under the job's lease epoch: its URLs, pages and files are stored with it
+(persistence refuses a stale epoch: LeaseLostError, and the caller's run is over), its files are
+written into the run's own folder, which becomes OUTPUT_DIR/<job id> only if no newer run's is
+shown (run_folder). The database keeps every file (the pages in their records, the rest as
+job files), so any orchestrator serves `jobs export`."""
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -17,9 +21,10 @@ from pathlib import Path
 import grpc
 import jinja2
 
-from orchestrator_service import export, interlink, publish, report
+from orchestrator_service import interlink, publish, report, run_folder
 from orchestrator_service.interlink import Published
 from orchestrator_service.jobfile import JobSpec
+from orchestrator_service.run_folder import OutputWriteError, write_atomically
 from persistence_service.client import PersistenceClient
 from tierwriter.article.v1 import article_event_pb2 as article_pb
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
@@ -46,12 +51,22 @@ class _Page:
     published: Published
     links: list[interlink.Link] = field(default_factory=list)
     description: str = ""  # the page's meta description, for the site's index
-    path: Path = field(default_factory=Path)
+    path: Path = field(default_factory=Path)  # where it is shown: OUTPUT_DIR/<job>/<site>/…
 
 
 def tier_number(tier: str) -> int:
     """tier1 → 1."""
     return int(tier.removeprefix("tier"))
+
+
+class LeaseLostError(Exception):
+    """Persistence refused the publication's lease epoch: another run holds the job now, and
+    this one must write nothing more."""
+
+
+def lease_lost(error: ServiceCallError) -> bool:
+    """Whether a persistence call was refused for a stale lease epoch (ABORTED)."""
+    return error.service == "persistence_service" and error.code == grpc.StatusCode.ABORTED
 
 
 class JobPublisher:
@@ -69,8 +84,16 @@ class JobPublisher:
         self._output_root = output_root
         self._shown_root = shown_root or output_root  # where the user finds output_root
 
-    def publish(self, job_id: int) -> Iterator[pb.PostProcessingStep]:
-        """The four steps' reports, in order; stops after a step that failed."""
+    def publish(self, job_id: int, lease_epoch: int) -> Iterator[pb.PostProcessingStep]:
+        """The four steps' reports, in order, under the job's lease epoch `lease_epoch`; stops
+        after a step that failed. LeaseLostError once persistence refuses the epoch."""
+        try:
+            yield from self._publish(job_id, lease_epoch)
+        except LeaseLostError:
+            run_folder.discard_run(self._output_root, job_id, lease_epoch)
+            raise
+
+    def _publish(self, job_id: int, epoch: int) -> Iterator[pb.PostProcessingStep]:
         job = self._persistence.get_job(job_id)
         spec = JobSpec.from_proto(job.spec)
         project = self._persistence.get_project(job.project_id)
@@ -94,7 +117,7 @@ class JobPublisher:
 
         def urls() -> tuple[int, str]:
             nonlocal pages
-            pages, detail = self._urls(job_id, successful)
+            pages, detail = self._urls(job_id, successful, epoch)
             return len(pages), detail
 
         steps = [
@@ -103,7 +126,7 @@ class JobPublisher:
             (pb.POST_STEP_TEMPLATES, lambda: self._templates_of(pages, template_sets, templates)),
             (
                 pb.POST_STEP_EXPORT,
-                lambda: self._export(job, spec, project, pages, templates, records),
+                lambda: self._export(job, epoch, spec, project, pages, templates, records),
             ),
         ]
         for step, run in steps:
@@ -112,7 +135,17 @@ class JobPublisher:
                 step_report.skipped.extend(skipped)
             try:
                 step_report.count, step_report.detail = run()
-            except (ServiceCallError, OSError, jinja2.TemplateError, ValueError) as e:
+            except ServiceCallError as e:
+                if lease_lost(e):
+                    raise LeaseLostError(str(e)) from e
+                log.exception("job %d: post-processing failed", job_id)
+                step_report.error = (
+                    f"failed: {type(e).__name__}: {e}; the articles are stored, "
+                    f"`tierwriter jobs publish {job_id}` runs it again"
+                )
+                yield step_report
+                return
+            except (OSError, jinja2.TemplateError, ValueError) as e:
                 log.exception("job %d: post-processing failed", job_id)
                 step_report.error = (
                     f"failed: {type(e).__name__}: {e}; the articles are stored, "
@@ -133,7 +166,9 @@ class JobPublisher:
 
     # URLs -----------------------------------------------------------------------------------
 
-    def _urls(self, job_id: int, articles: list[db_pb.Article]) -> tuple[list[_Page], str]:
+    def _urls(
+        self, job_id: int, articles: list[db_pb.Article], epoch: int
+    ) -> tuple[list[_Page], str]:
         """Every successful article's URL. A URL stored before (an earlier run of this job) is
         kept, so URLs are stable across a resume or a re-publish; new slugs avoid every slug
         already used on the site, by this job or another."""
@@ -156,7 +191,7 @@ class JobPublisher:
             }
             try:
                 if new:
-                    self._persistence.set_urls(job_id, new)
+                    self._persistence.set_urls(job_id, new, epoch)
                 break
             except ServiceCallError as e:
                 if e.code != grpc.StatusCode.ALREADY_EXISTS or attempt == URL_ATTEMPTS:
@@ -236,10 +271,16 @@ class JobPublisher:
     # Export ---------------------------------------------------------------------------------
 
     def _write_pages(
-        self, job_id: int, pages: list[_Page], templates: dict[tuple[str, str], jinja2.Template]
+        self,
+        job_id: int,
+        epoch: int,
+        pages: list[_Page],
+        templates: dict[tuple[str, str], jinja2.Template],
     ) -> None:
-        """Each page rendered with its links and written, its record told where and what: the
-        records' text read a page of records at a time, so a job of any size fits in memory."""
+        """Each page rendered with its links and written into the run's folder, its record told
+        where it is shown and what it holds: the records' text read a page of records at a time,
+        so a job of any size fits in memory."""
+        folder = run_folder.run_dir(self._output_root, job_id, epoch)
         wanted = {page.record.id: page for page in pages}
         batch: list[db_pb.ArticlePublication] = []
         batch_bytes = 0
@@ -259,10 +300,9 @@ class JobPublisher:
                     tier=record.tier,
                 )
                 page.description = rendered.description
-                page.path = publish.output_path(
-                    self._output_root, job_id, site, page.published.slug
-                )
-                write_atomically(page.path, rendered.html)
+                relative = publish.page_path(site, page.published.slug)
+                page.path = publish.job_dir(self._output_root, job_id) / relative
+                write_atomically(folder / relative, rendered.html)
                 batch.append(
                     db_pb.ArticlePublication(
                         article_id=record.id, output_path=str(page.path), html=rendered.html
@@ -270,14 +310,15 @@ class JobPublisher:
                 )
                 batch_bytes += len(rendered.html)
                 if batch_bytes >= PUBLICATION_BATCH_BYTES:  # one commit per batch, not per page
-                    self._persistence.set_publications(batch)
+                    self._persistence.set_publications(job_id, batch, epoch)
                     batch, batch_bytes = [], 0
         if batch:
-            self._persistence.set_publications(batch)
+            self._persistence.set_publications(job_id, batch, epoch)
 
     def _export(
         self,
         job: db_pb.Job,
+        epoch: int,
         spec: JobSpec,
         project: db_pb.Project,
         pages: list[_Page],
@@ -285,8 +326,9 @@ class JobPublisher:
         records: list[db_pb.Article],
     ) -> tuple[int, str]:
         job_id = job.id
-        root = self._output_root
-        self._write_pages(job_id, pages, templates)
+        folder = run_folder.run_dir(self._output_root, job_id, epoch)
+        self._write_pages(job_id, epoch, pages, templates)
+        files: dict[str, str] = {}  # the job's files but its pages, by path inside its folder
         by_site: dict[str, list[_Page]] = {}
         for page in pages:
             by_site.setdefault(page.published.site, []).append(page)
@@ -306,29 +348,29 @@ class JobPublisher:
                 keyword=project.main_keyword,
                 entries=entries,
             )
-            write_atomically(site_pages[0].path.parent / "index.html", index)
-        job_dir = publish.job_dir(root, job_id)
+            files[f"{site_pages[0].path.parent.name}/index.html"] = index
         # Each tier's titles, from the database: the copy written as the tier ran may be
         # missing (the disk was full then) or out of date (a resume).
         for tier in job.titles:
-            write_atomically(
-                publish.titles_path(root, job_id, tier.tier),
-                "".join(f"{title}\n" for title in tier.titles),
-            )
-        titles_files = sorted(p.name for p in job_dir.glob("titles-*.txt"))
-        write_atomically(
-            job_dir / "index.html",
-            publish.render_job_index(
-                self._templates,
-                job_id=job_id,
-                project=project.name,
-                money_site_url=project.money_site_url,
-                sites=[(site, len(site_pages)) for site, site_pages in sorted(by_site.items())],
-                titles_files=titles_files,
-                report=self._report(job, spec, project, pages, records, job_dir),
-            ),
+            files[publish.titles_name(tier.tier)] = "".join(f"{t}\n" for t in tier.titles)
+        job_dir = publish.job_dir(self._output_root, job_id)
+        files["index.html"] = publish.render_job_index(
+            self._templates,
+            job_id=job_id,
+            project=project.name,
+            money_site_url=project.money_site_url,
+            sites=[(site, len(site_pages)) for site, site_pages in sorted(by_site.items())],
+            titles_files=sorted(publish.titles_name(t.tier) for t in job.titles),
+            report=self._report(job, spec, project, pages, records, job_dir),
+        )
+        for path, text in files.items():
+            write_atomically(folder / path, text)
+        self._persistence.set_job_files(
+            job_id, {path: text.encode() for path, text in files.items()}, epoch
         )
         shown = publish.job_dir(self._shown_root, job_id)
+        if not run_folder.link_run(self._output_root, job_id, epoch):
+            raise LeaseLostError(f"job {job_id}: a newer run of the job published it first")
         return len(pages), f"{len(by_site)} site indexes, under {shown}/"
 
     def _report(
@@ -392,56 +434,14 @@ class JobPublisher:
         )  # fmt: skip
 
 
-class OutputWriteError(Exception):
-    """A file under OUTPUT_DIR could not be written; the message names the file and the cause
-    in words a user acts on (the disk is full, permission denied, …)."""
-
-    def __init__(self, path: Path, cause: OSError) -> None:
-        self.path = path
-        self.cause = _cause_of(cause)
-        super().__init__(f"cannot write {path}: {self.cause}")
-
-    def seen_from(self, root: Path, shown_root: Path) -> str:
-        """The message with the path where the user finds it: under `shown_root`
-        (PUBLIC_OUTPUT_DIR, e.g. the host folder a container's OUTPUT_DIR is mounted from)."""
-        try:
-            path = shown_root / self.path.relative_to(root)
-        except ValueError:
-            path = self.path
-        return f"cannot write {path}: {self.cause}"
-
-
-# What a user does about each: free space, fix the owner/mode, remount; the rest in the OS's words.
-_CAUSES = {
-    errno.ENOSPC: "the disk is full",
-    errno.EDQUOT: "the disk quota is used up",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "permission denied",
-    errno.EROFS: "the file system is read-only",
-}
-
-
-def _cause_of(error: OSError) -> str:
-    reason = error.strerror or type(error).__name__
-    cause = _CAUSES.get(error.errno or 0)
-    return f"{cause} ({reason})" if cause else reason
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: no half-written page is ever seen.
-    OutputWriteError, naming `path`, when the disk or its permissions refuse."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise OutputWriteError(path, e) from e
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, export.PAGE_MODE)  # mkstemp makes it its owner's only
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise OutputWriteError(path, e) from e
-        raise
+def stored_files(persistence: PersistenceClient, job_id: int) -> Iterator[tuple[str, bytes]]:
+    """A job's published files as the database keeps them, (path inside the job's folder,
+    bytes): every page from its record (the final HTML post-processing wrote), read a page of
+    records at a time, then the site indexes, title lists and the job's index."""
+    for records in persistence.article_pages(job_id):
+        for record in records:
+            if record.url and record.html:
+                path = publish.page_path(record.site, publish.slug_of(record.url))
+                yield path, record.html.encode()
+    for stored in persistence.job_files(job_id):
+        yield stored.path, stored.content

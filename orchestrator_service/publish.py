@@ -210,11 +210,16 @@ def job_dir(output_root: Path, job_id: int) -> Path:
     return output_root / str(job_id)
 
 
+def page_path(site: str, slug: str) -> str:
+    """Where a page lies inside its job's folder: <site>/<slug>.html"""
+    return f"{site or NO_SITE}/{slug}.html"
+
+
 def output_path(output_root: Path, job_id: int, site: str, slug: str) -> Path:
     """output/<job id>/<site>/<slug>.html"""
-    return job_dir(output_root, job_id) / (site or NO_SITE) / f"{slug}.html"
+    return job_dir(output_root, job_id) / page_path(site, slug)
 
 
-def titles_path(output_root: Path, job_id: int, tier: str) -> Path:
-    """output/<job id>/titles-<tier>.txt"""
-    return job_dir(output_root, job_id) / f"titles-{tier}.txt"
+def titles_name(tier: str) -> str:
+    """A tier's title list inside its job's folder: titles-<tier>.txt"""
+    return f"titles-{tier}.txt"

@@ -3,26 +3,31 @@ persistence, as a stream of JobEvents. Per job: project and sites → job record
 stream for its tiers (only the articles without a terminal record; re-sent to a generator that
 answers again when one is lost), on which each tier's titles feed its articles and the next
 tier's follow the last tier's → per tier, once its articles are terminal: its stats; then
-(every article terminal) post-processing; then the run's summary, from the database."""
+(every article terminal) post-processing; then the run's summary, from the database.
+
+A run holds the job's lease under an epoch its claim raised, and writes everything under it.
+Once persistence refuses the epoch (another orchestrator claimed the job while this one was
+paused or cut off), the run is fenced: it stops at once and writes nothing more — no model
+call started for it, no file shown, no event, no final status."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
-from generator_service.client import GeneratorClient
-from orchestrator_service import publish
+from orchestrator_service import publish, run_folder
 from orchestrator_service.auth import Principal
 from orchestrator_service.config import Settings
+from orchestrator_service.dispatch import GeneratorPool
 from orchestrator_service.events import JobEventLog
 from orchestrator_service.jobfile import JobFile, JobFileError, JobSpec, parse_job_file
-from orchestrator_service.postprocess import JobPublisher
+from orchestrator_service.postprocess import JobPublisher, LeaseLostError, lease_lost
 from orchestrator_service.tier_group import Cancellation, TierGroup, TierRun
 from persistence_service.client import PersistenceClient
 from tierwriter.article.v1 import article_event_pb2 as article_pb
@@ -63,10 +68,12 @@ def _count_published(event: pb.JobEvent, published: pb.Summary) -> str:
 
 @dataclass
 class JobRun:
-    """One run of a job on this orchestrator: its thread, how it is stopped, its events."""
+    """One run of a job on this orchestrator: its lease epoch, its thread, how it is stopped,
+    its events."""
 
+    epoch: int
     cancellation: Cancellation
-    log: JobEventLog
+    log: JobEventLog = field(init=False)  # made once the run exists: it may fence the run
     thread: threading.Thread = field(init=False)  # made once the run exists: it runs it
 
 
@@ -78,13 +85,13 @@ class JobRunner:
         self,
         settings: Settings,
         persistence: PersistenceClient,
-        generator: GeneratorClient,
+        generators: GeneratorPool,
         owner: str,
         on_finished: Callable[[], None] = lambda: None,
     ) -> None:
         self._settings = settings
         self._persistence = persistence  # retries while persistence or the database is down
-        self._generator = generator
+        self._generators = generators
         self.owner = owner  # this orchestrator's id on the jobs' leases
         self._on_finished = on_finished
         self._templates = publish.template_environment(settings.templates_dir)
@@ -175,39 +182,43 @@ class JobRunner:
         return spec.max_workers or self._settings.concurrent_workers
 
     def submit(self, job_file: JobFile, caller: Principal) -> list[int]:
-        """Store every job of a validated file, queued, in its order; their ids. The sites of
-        all its jobs are stored first, in one step: a site another user took meanwhile refuses
-        the file before any job is written."""
-        owner = caller.username
+        """Store every job of a validated file, queued, in its order, with its sites and inline
+        projects, in one step: all of it or — another user took a site meanwhile, the file
+        would pass the caller's quota (RESOURCE_EXHAUSTED naming it) — nothing. Their ids."""
         sites: dict[str, str] = {}
         for site in (s for spec in job_file.jobs for s in spec.all_sites()):
             if site.template or site.hostname not in sites:  # a bare mention keeps a template
                 sites[site.hostname] = site.template
-        if sites:
-            self._persistence.ensure_sites(
-                [db_pb.Site(hostname=h, template=t) for h, t in sites.items()],
-                owner,
-                any_owner=caller.is_admin,
-            )
-        job_ids = []
+        request = db_pb.SubmitJobsRequest(
+            owner=caller.username,
+            sites=[db_pb.Site(hostname=h, template=t) for h, t in sites.items()],
+            any_owner=caller.is_admin,
+        )
         for spec in job_file.jobs:
-            project = self._project(spec, owner)
-            job = self._persistence.create_job(
-                db_pb.CreateJobRequest(
-                    project_id=project.id,
-                    spec=spec.to_proto(),
-                    max_workers=self.effective_workers(spec),
-                    requested_articles=spec.requested_articles(),
-                    owner=owner,
-                )
+            job = request.jobs.add(
+                spec=spec.to_proto(),
+                max_workers=self.effective_workers(spec),
+                requested_articles=spec.requested_articles(),
             )
-            job_ids.append(job.id)
-        return job_ids
+            if spec.project_id is not None:
+                job.project_id = spec.project_id
+            else:
+                assert spec.project is not None
+                job.inline_project.CopyFrom(db_pb.Project(**spec.project.model_dump()))
+        return [job.id for job in self._persistence.submit_jobs(request)]
 
     def running_ids(self) -> list[int]:
         """The jobs this orchestrator runs (and holds the lease of)."""
+        return list(self.running_leases())
+
+    def running_leases(self) -> dict[int, int]:
+        """The jobs this orchestrator runs, each with the lease epoch it runs it under."""
         with self._lock:
-            return [job_id for job_id, run in self._runs.items() if not run.cancellation.handoff]
+            return {
+                job_id: run.epoch
+                for job_id, run in self._runs.items()
+                if not run.cancellation.handoff
+            }
 
     def local_log(self, job_id: int) -> JobEventLog | None:
         """The job's events, when its latest run is on this orchestrator."""
@@ -223,7 +234,13 @@ class JobRunner:
             # Taken over: the orchestrator before may have streamed events it never stored, so
             # this run's numbers start past any a watcher can have seen (the gap holds none).
             first_seq = job.last_event_seq + (TAKEOVER_SEQ_GAP if previous_owner else 0)
-            run = JobRun(Cancellation(), JobEventLog(job.id, first_seq, self._store_events))
+            run = JobRun(job.lease_epoch, Cancellation())
+            run.log = JobEventLog(
+                job.id,
+                first_seq,
+                lambda job_id, events: self._persistence.append_events(job_id, events, run.epoch),
+                on_fenced=run.cancellation.fence,
+            )
             run.thread = threading.Thread(
                 target=self._run,
                 args=(job, previous_owner, run, previous.thread if previous else None),
@@ -231,9 +248,6 @@ class JobRunner:
             )
             self._runs[job.id] = run
         run.thread.start()
-
-    def _store_events(self, job_id: int, events: Sequence[tuple[int, bytes]]) -> object:
-        return self._persistence.append_events(job_id, events, self.owner)
 
     def cancel(self, job_id: int, reason: str) -> bool:
         """Cancel a job running here; False if it does not run here."""
@@ -243,6 +257,15 @@ class JobRunner:
             return False
         run.cancellation.cancel(reason)
         return True
+
+    def fence(self, job_id: int, reason: str) -> None:
+        """Another orchestrator holds the job's lease now: stop this run at once and write
+        nothing more for it (in-flight articles are not waited for; their saves are refused)."""
+        with self._lock:
+            run = self._runs.get(job_id)
+        if run is not None:
+            log.warning("job %d: fenced: %s", job_id, reason)
+            run.cancellation.fence(reason)
 
     def hand_off(self, job_id: int, reason: str) -> None:
         """Stop running a job without ending it (its lease is gone, or this orchestrator
@@ -254,16 +277,16 @@ class JobRunner:
             log.warning("job %d: handed off: %s", job_id, reason)
             run.cancellation.hand_off(reason)
 
-    def close(self, timeout: float = 60.0) -> list[int]:
+    def close(self, timeout: float = 60.0) -> dict[int, int]:
         """Hand off every job running here and wait (up to `timeout` each) for its in-flight
-        articles; returns their ids, for the caller to release their leases."""
+        articles; returns their leases ({job id: epoch}), for the caller to release them."""
         with self._lock:
             runs = dict(self._runs)
         for job_id in runs:
             self.hand_off(job_id, SERVER_STOPPING)
         for run in runs.values():
             run.thread.join(timeout)
-        return list(runs)
+        return {job_id: run.epoch for job_id, run in runs.items() if not run.cancellation.fenced}
 
     def _run(
         self,
@@ -322,12 +345,26 @@ class JobRunner:
                 if problem := _count_published(event, published):
                     unpublished.append(problem)
                 emit(event)
-        except (ServiceCallError, ValueError) as e:
+        except LeaseLostError as e:
+            cancellation.fence(str(e))
+        except ServiceCallError as e:
+            if lease_lost(e):
+                cancellation.fence(str(e))
+            error = f"cannot run: {e}"
+        except ValueError as e:
             error = f"cannot run: {e}"
         except Exception as e:  # a bug must still end the job with a status and a reason
             log.exception("job %d: unexpected error", job.id)
             error = f"internal error: {type(e).__name__}: {e}"
         try:
+            if cancellation.fenced:
+                run.log.close()  # refused already, or stored before the refusal: no more
+                run_folder.discard_run(self._settings.output_dir, job.id, run.epoch)
+                log.warning(
+                    "job %d: this run (lease epoch %d) ended without writing more: %s",
+                    job.id, run.epoch, cancellation.reason,
+                )  # fmt: skip
+                return
             if cancellation.handoff:
                 run.log.close()  # whoever takes the job over writes its end
                 return
@@ -338,8 +375,10 @@ class JobRunner:
             emit(pb.JobEvent(run_finished=finished))
             run.log.end()  # every event stored before the status says the job ended
             try:
-                self._persistence.finish_job(job.id, status, error, self.owner)
+                self._persistence.finish_job(job.id, status, error, run.epoch)
             except ServiceCallError as e:
+                if lease_lost(e):
+                    cancellation.fence(str(e))
                 log.error("job %d: could not record its final status: %s", job.id, e)
             run.log.close()  # watchers here find the job ended, with nothing more to read
         finally:
@@ -436,7 +475,7 @@ class JobRunner:
                     group,
                     used,
                     self._persistence,
-                    self._generator,
+                    self._generators,
                     self._settings.output_dir,
                     self._settings.shown_output_dir(),
                     self._settings.generator_reconnect_attempts,
@@ -455,7 +494,8 @@ class JobRunner:
                 yield self._not_published(job.id, "the job was cancelled")
             else:
                 yield from (
-                    pb.JobEvent(post_processing=step) for step in self.publisher.publish(job.id)
+                    pb.JobEvent(post_processing=step)
+                    for step in self.publisher.publish(job.id, job.lease_epoch)
                 )
             status = (
                 JobStatus.JOB_STATUS_CANCELLED
@@ -466,6 +506,8 @@ class JobRunner:
             )
             error = cancellation.message if cancellation.is_set() else error
         except ServiceCallError as e:
+            if lease_lost(e):
+                raise  # the run is over; _run fences it
             error = str(e)
         return status, error
 
@@ -505,14 +547,6 @@ class JobRunner:
             f"budget: {unwritten} articles not written to stay within max_cost_usd "
             f"${max_cost_usd:g} (spent ${spent:.4f}); `tierwriter jobs resume {job_id} "
             "--max-cost-usd N` with a higher N writes them"
-        )
-
-    def _project(self, spec: JobSpec, owner: str) -> db_pb.Project:
-        if spec.project_id is not None:
-            return self._persistence.get_project(spec.project_id)
-        assert spec.project is not None
-        return self._persistence.ensure_project(
-            db_pb.Project(**spec.project.model_dump(), owner=owner)
         )
 
     @staticmethod

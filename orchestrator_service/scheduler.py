@@ -1,7 +1,8 @@
 """JobScheduler: which jobs this orchestrator runs, through leases in the database.
 
 Every orchestrator on a database runs one scheduler. Each tick it renews the leases of the jobs
-it runs (learning which were asked to cancel, and which another orchestrator took over), then
+it runs (learning which were asked to cancel, and which another orchestrator took over: those
+runs are fenced, as their writes would be refused), then
 claims what it has room for: running jobs whose lease expired (their orchestrator died) and
 queued jobs, in order, within each user's limit. A submit, a resume or a finished job wakes it
 at once; otherwise it ticks every third of the lease."""
@@ -61,7 +62,7 @@ class JobScheduler:
             try:
                 self._persistence.renew_leases(self._runner.owner, handed_off, 0.0)
             except ServiceCallError as e:
-                log.warning("could not let go of the leases of jobs %s: %s", handed_off, e)
+                log.warning("could not let go of the leases of jobs %s: %s", list(handed_off), e)
 
     def _loop(self) -> None:
         interval = self._settings.lease_seconds / 3
@@ -78,11 +79,11 @@ class JobScheduler:
     def tick(self) -> None:
         """Renew, then claim."""
         owner, lease = self._runner.owner, self._settings.lease_seconds
-        running = self._runner.running_ids()
+        running = self._runner.running_leases()
         if running:
             renewed = self._persistence.renew_leases(owner, running, lease)
             for job_id in set(running) - set(renewed.held):
-                self._runner.hand_off(job_id, "another orchestrator took the job over")
+                self._runner.fence(job_id, "another orchestrator took the job over")
             for cancel in renewed.cancels:
                 self._runner.cancel(cancel.job_id, cancel.reason)
         room = self._settings.max_running_jobs - len(self._runner.running_ids())

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from generator_service.client import GeneratorClient
 from orchestrator_service.auth import Authenticator, LoginBrake
 from orchestrator_service.config import Settings
+from orchestrator_service.dispatch import GeneratorPool
 from orchestrator_service.interceptors import Authentication, ErrorCodes
 from orchestrator_service.runner import JobRunner
 from orchestrator_service.scheduler import JobScheduler, new_orchestrator_id
@@ -41,13 +41,13 @@ def build_server(settings: Settings, address: str | None = None) -> runtime.Runn
         service_token=token,
         wait_for_ready=False,
     )
-    generator = GeneratorClient(settings.generator_address, service_token=token)
+    generators = GeneratorPool(settings.generator_address, service_token=token)
     try:
         scheduler: JobScheduler | None = None
         runner = JobRunner(
             settings,
             job_persistence,
-            generator,
+            generators,
             new_orchestrator_id(),
             on_finished=lambda: scheduler.wake() if scheduler else None,
         )
@@ -75,7 +75,7 @@ def build_server(settings: Settings, address: str | None = None) -> runtime.Runn
                 persistence.close,
                 job_persistence.close,
                 scheduler_persistence.close,
-                generator.close,
+                generators.close,
                 scheduler.stop,
                 servicer.stop_watches,
             ],
@@ -85,7 +85,7 @@ def build_server(settings: Settings, address: str | None = None) -> runtime.Runn
         persistence.close()
         job_persistence.close()
         scheduler_persistence.close()
-        generator.close()
+        generators.close()
         raise
     scheduler.start()
     return server

@@ -3,6 +3,7 @@ means, are settled around it by the interceptors (interceptors.py)."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections import defaultdict
@@ -12,12 +13,13 @@ from typing import Any, Protocol, TypeVar
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from orchestrator_service import export, publish
+from orchestrator_service import export
 from orchestrator_service.auth import Authenticator, Principal
 from orchestrator_service.events import watch
 from orchestrator_service.interceptors import caller as current_caller
 from orchestrator_service.interceptors import recheck_caller
 from orchestrator_service.jobfile import parse_project_file
+from orchestrator_service.postprocess import LeaseLostError, stored_files
 from orchestrator_service.runner import JobRunner
 from orchestrator_service.scheduler import JobScheduler
 from orchestrator_service.tier_group import tier_finished
@@ -351,7 +353,17 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                 "articles are done",
             )
         self._require_sites_owned(context, job)
-        steps = list(self._runner.publisher.publish(job.id))
+        # A new lease epoch: a publication of the job still going elsewhere writes nothing more.
+        job = self._persistence.begin_publication(job.id)
+        try:
+            steps = list(self._runner.publisher.publish(job.id, job.lease_epoch))
+        except LeaseLostError:
+            runtime.abort(
+                context,
+                grpc.StatusCode.ABORTED,
+                f"job {job.id}: another publication of it began meanwhile (or it was resumed); "
+                "its files are that one's",
+            )
         return pb.PublishJobResponse(steps=steps)
 
     def ExportJob(
@@ -364,13 +376,15 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"job {job.id} is still {job_status_word(job.status)}: export it once it ends",
             )
-        folder = publish.job_dir(self._runner.output_dir, job.id)
-        files = export.job_files(folder)
-        if not files:
+        # The database holds what was published, whichever orchestrator published it.
+        files = stored_files(self._persistence, job.id)
+        first = next(files, None)
+        if first is None:
             runtime.abort(
                 context,
                 grpc.StatusCode.NOT_FOUND,
-                f"job {job.id} has no files here: `tierwriter jobs publish {job.id}` writes them",
+                f"job {job.id} has no published files: `tierwriter jobs publish {job.id}` "
+                "writes them",
             )
         # An export is a stream too: it takes a watch's slot, so the short calls keep threads.
         if not self._watch_slots.acquire(blocking=False):
@@ -381,7 +395,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                 "try again later",
             )
         try:
-            yield from export.file_chunks(folder, files)
+            yield from export.file_chunks(itertools.chain([first], files))
         finally:
             self._watch_slots.release()
 
@@ -486,3 +500,69 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         user = self._persistence.set_password(request.username, request.password)
         log.info("%r set a new password for %r", caller.username, user.username)
         return pb.SetPasswordResponse(user=user_to_public(user))
+
+    def GetQuota(
+        self, request: pb.GetQuotaRequest, context: grpc.ServicerContext
+    ) -> pb.GetQuotaResponse:
+        caller = current_caller()
+        username = "" if request.default_quota else request.username or caller.username
+        if request.default_quota and request.username:
+            runtime.abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "username: leave it out with default_quota",
+            )
+        if username != caller.username and not caller.is_admin:
+            runtime.abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                "you can see your own quota only; an admin can see anyone's",
+            )
+        found = self._persistence.get_quota(username)
+        return pb.GetQuotaResponse(
+            quota=pb.Quota(
+                max_active_articles=found.quota.max_active_articles,
+                max_queued_jobs=found.quota.max_queued_jobs,
+            ),
+            own=found.own,
+            active_articles=found.active_articles,
+            queued_jobs=found.queued_jobs,
+            username=username,
+        )
+
+    def SetQuota(
+        self, request: pb.SetQuotaRequest, context: grpc.ServicerContext
+    ) -> pb.SetQuotaResponse:
+        caller = current_caller()
+        if not caller.is_admin:
+            runtime.abort(
+                context, grpc.StatusCode.PERMISSION_DENIED, "only an admin can set quotas"
+            )
+        if request.default_quota == bool(request.username):
+            runtime.abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "username: name a user, or set default_quota (not both)",
+            )
+        q = request.quota
+        if q.max_active_articles < 0 or q.max_queued_jobs < 0:
+            runtime.abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "quota: max_active_articles and max_queued_jobs must not be negative (0: no limit)",
+            )
+        quota = (
+            None
+            if request.clear
+            else db_pb.Quota(
+                max_active_articles=q.max_active_articles, max_queued_jobs=q.max_queued_jobs
+            )
+        )
+        applied = self._persistence.set_quota(request.username, quota)
+        log.info("%r set the quota of %r", caller.username, request.username or "(default)")
+        return pb.SetQuotaResponse(
+            quota=pb.Quota(
+                max_active_articles=applied.max_active_articles,
+                max_queued_jobs=applied.max_queued_jobs,
+            )
+        )

@@ -1,28 +1,36 @@
-"""TierGroup: a job's tiers on one article stream to the generator, sharing its max_workers.
+"""TierGroup: a job's tiers on the generators' article streams, sharing its max_workers.
 
 The first tier begins at once; each next one begins (its titles asked for) once the titles of
 the one before are in, and its articles go out after that one's, so they start on the workers its
 last articles leave free. A tier's tier_started comes before its articles' events, its
 titles_ready once its titles are kept, its tier_finished once each of its articles is terminal.
-A lost generator gets the articles without a record again, on a new stream.
+The articles are spread over every generator replica (ArticleDispatch); those in flight on a
+replica that is lost are sent again, if they have no record, to the others.
 
-Two threads: the job's thread runs TierGroup.run() (it reads the stream and reports), and the
-stream's feeder, which gRPC runs in its own thread, sends articles and begins the next tiers."""
+Two threads: the job's thread runs TierGroup.run() (it reads the streams' events and reports),
+and the dispatcher, which pulls articles from the feed (_requests) and begins the next tiers.
+
+Everything the group writes carries the job's lease epoch; once persistence refuses it (another
+orchestrator took the job over), the run is fenced and the group ends at once."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Generator, Iterator
-from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-
-from generator_service.client import GeneratorClient
-from orchestrator_service import publish
+from orchestrator_service import publish, run_folder
+from orchestrator_service.dispatch import (
+    GENERATOR_LOST,
+    RECONNECT_MAX_DELAY,
+    ArticleDispatch,
+    GeneratorPool,
+    Reconnecting,
+    StreamLost,
+)
 from orchestrator_service.jobfile import JobSpec, TierSpec
-from orchestrator_service.postprocess import OutputWriteError, write_atomically
+from orchestrator_service.run_folder import OutputWriteError, write_atomically
 from orchestrator_service.title_feed import TitleFeed
 from persistence_service.client import PersistenceClient
 from tierwriter.article.v1 import article_event_pb2 as article_pb
@@ -31,28 +39,27 @@ from tierwriter.job.v1 import job_pb2
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 from tierwriter.persistence.v1 import persistence_service_pb2 as db_pb
 from tierwriter.runtime import ServiceCallError
-from tierwriter.statuses import TERMINAL_ARTICLE_EVENTS
-
-# A lost generator shows as one of these on the article stream; anything else is not retried.
-GENERATOR_LOST = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.INTERNAL,
-    grpc.StatusCode.UNKNOWN,
-    grpc.StatusCode.CANCELLED,
-}
-RECONNECT_MAX_DELAY = 30.0
 
 
 @dataclass
 class Cancellation:
     """How a run is stopped: the event its generator streams watch, and the first reason. A
     hand-off stops the run too, but the job goes on elsewhere: no grace period (in-flight
-    articles finish and are recorded) and no final status."""
+    articles finish and are recorded) and no final status. A fence is a hand-off forced on the
+    run: its lease epoch was refused (another orchestrator holds the job), so nothing of it may
+    be written any more — its streams are cancelled, no file, no event, no status."""
 
     event: threading.Event = field(default_factory=threading.Event)
     reason: str = ""
     handoff: bool = False
+    fenced: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def fence(self, reason: str) -> None:
+        with self._lock:
+            self.handoff = self.fenced = True
+            self.reason = self.reason or reason
+        self.event.set()
 
     def cancel(self, reason: str) -> None:
         with self._lock:
@@ -139,49 +146,20 @@ def tier_finished(job_id: int, stats: db_pb.TierStats) -> pb.TierFinished:
     )
 
 
-class StreamProgress:
-    """How far one article stream got with each tier: what its feeder sent, which tiers it is
-    done with, and the terminal events back. A stream that was lost keeps its own: its feeder
-    can outlive it, and must not count on the next one."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()  # the feeder writes, the job's thread reads
-        self._sent: dict[str, int] = {}
-        self._fed: set[str] = set()
-        self._terminal: dict[str, int] = {}  # the job's thread only
-        self.over = threading.Event()  # lost or ended: its feeder begins no further tier
-
-    def sent(self, tier: str) -> None:
-        with self._lock:
-            self._sent[tier] = self._sent.get(tier, 0) + 1
-
-    def fed(self, tier: str) -> None:
-        """The feeder sent every article of `tier` it will."""
-        with self._lock:
-            self._fed.add(tier)
-
-    def terminal(self, tier: str) -> None:
-        self._terminal[tier] = self._terminal.get(tier, 0) + 1
-
-    def all_terminal(self, tier: str) -> bool:
-        """Every article of `tier` this stream will carry had its terminal event."""
-        with self._lock:
-            return tier in self._fed and self._terminal.get(tier, 0) >= self._sent.get(tier, 0)
-
-
 class RunningTier:
     """One tier of a group. The job's thread begins the first and reads every tier's records
-    before the stream opens; a feeder begins each later one (asks for its titles), once. Fields
-    say which thread writes them."""
+    before the streams open; the feeder begins each later one (asks for its titles), once.
+    Fields say which thread writes them."""
 
     def __init__(self, run: TierRun, records: dict[int, db_pb.Article]) -> None:
         self.run = run
-        self.records = records  # the job's thread: read again after a lost generator
+        self.records = records  # read before the group runs: its articles are all terminal
         self.want = run.titles_wanted(records)
         self.feed = TitleFeed(run.stored_titles or [])  # its titles start in begin()
         self._begin_lock = threading.Lock()
         self._closed = False  # under _begin_lock: the group ended, nothing may begin
         self.began = threading.Event()
+        self.fed = threading.Event()  # the feeder sent every article of the tier it will
         # The job's thread only: what has been reported.
         self.announced = False  # tier_started
         self.titles_failure: str | None = None  # None until titles_ready; then why they stop it
@@ -227,15 +205,16 @@ class RunningTier:
 
 
 class TierGroup:
-    """Tiers of one job on one article stream (see the module's docstring). `used`: the titles
-    new ones must differ from; the tiers' kept titles are added to it (the job's thread)."""
+    """Tiers of one job on the generators' streams (see the module's docstring). `used`: the
+    titles new ones must differ from; the tiers' kept titles are added to it (the job's
+    thread)."""
 
     def __init__(
         self,
         runs: list[TierRun],
         used: list[str],
         persistence: PersistenceClient,
-        generator: GeneratorClient,
+        generators: GeneratorPool,
         output_dir: Path,
         shown_output_dir: Path,
         reconnect_attempts: int,
@@ -244,15 +223,16 @@ class TierGroup:
     ) -> None:
         first = runs[0]
         self._job, self._spec, self._cancellation = first.job, first.spec, first.cancellation
+        self._epoch = first.job.lease_epoch  # every write of the group carries it
         self._persistence = persistence
-        self._generator = generator
+        self._generators = generators
         self._output_dir = output_dir
         self._shown_output_dir = shown_output_dir  # where the user finds it, for messages
         self._reconnect_attempts = reconnect_attempts
         self._cancel_grace_seconds = cancel_grace_seconds
         self._budget = budget  # USD the job may still spend, read for every stream; 0: no limit
         self._used = used
-        self._before = list(used)  # the feeders' copy: `used` belongs to the job's thread
+        self._before = list(used)  # the feeder's copy: `used` belongs to the job's thread
         self._context = gen_pb.ProjectContext(
             project_id=first.project.id,
             main_keyword=first.project.main_keyword,
@@ -265,9 +245,9 @@ class TierGroup:
         # A resumed job's articles keep their titles, which new ones must differ from too (a
         # crash may have kept a later tier's articles but not an earlier tier's titles).
         self._before += [r.title for t in self._tiers for r in t.records.values() if r.title]
-        self._stop = threading.Event()  # titles failed: start no further article of the group
-        self._progress = StreamProgress()  # the current stream's
+        self._stop = threading.Event()  # titles failed, or the group ended: start nothing more
         self._failure = ""  # the first failure that stops the job (an article's)
+        self._dispatch: ArticleDispatch | None = None  # while the streams run
 
     # The job's thread -----------------------------------------------------------------------
 
@@ -280,30 +260,14 @@ class TierGroup:
                 # With a budget, the titles come first: what they cost counts before any article.
                 self._tiers[0].feed.wait()
                 yield from self._report_titles()
-            pending = list(range(len(self._tiers)))
-            for attempt in range(self._reconnect_attempts + 1):
-                if self._stopped():
-                    break
-                self._progress = StreamProgress()
-                try:
-                    yield from self._stream(pending)
-                    break
-                except ServiceCallError as e:
-                    self._progress.over.set()  # its feeder begins no further tier
-                    lost = e.service == "generator_service" and e.code in GENERATOR_LOST
-                    if not lost or self._cancellation.is_set() or self._failure:
-                        raise
-                    if attempt == self._reconnect_attempts:
-                        raise
-                    pending = yield from self._reconnect(e, attempt)
-                    if self._stopped():
-                        break  # titles were lost with it: the tiers end (a resume goes on)
-            self._progress.over.set()
+            if not self._stopped():
+                yield from self._articles()
             for tier in self._tiers:
                 if self._stopped():
                     tier.feed.stop()  # cancelled, or titles failed: no more titles are wanted
                 tier.feed.wait()
-            yield from self._report_titles()
+            if not self._cancellation.fenced:
+                yield from self._report_titles()
         finally:
             self._stop.set()  # a feed still waiting for titles ends
             for tier in self._tiers:
@@ -311,98 +275,121 @@ class TierGroup:
         failure = self._failure
         if self._cancellation.is_set() and not failure:
             failure = self._cancellation.message
-        for tier in self._tiers:
-            if tier.began.is_set() and not tier.finished:
-                tier.finished = True
-                yield self._tier_finished(tier.run.name)
+        if not self._cancellation.fenced:
+            for tier in self._tiers:
+                if tier.began.is_set() and not tier.finished:
+                    tier.finished = True
+                    yield self._tier_finished(tier.run.name)
         titles_failure = next((t.titles_failure for t in self._tiers if t.titles_failure), "")
         return TierOutcome(failure or titles_failure)
 
-    def _stream(self, pending: list[int]) -> Generator[pb.JobEvent, None, None]:
-        """One article stream for the pending tiers, read to its end."""
-        job_id, spec, cancellation = self._job.id, self._spec, self._cancellation
+    def _articles(self) -> Generator[pb.JobEvent, None, None]:
+        """Every tier's articles, over the generators' streams, to their terminal events."""
+        spec, cancellation = self._spec, self._cancellation
+        # A job that stops at its first failure, or keeps a budget, stays on one generator at a
+        # time: the generator decides those (no article starts after the failure; the books).
+        strict = not spec.continue_on_error or bool(spec.max_cost_usd)
+        dispatch = ArticleDispatch(
+            self._generators,
+            self._batch_settings,
+            self._requests(),
+            max_workers=self._job.max_workers,
+            max_replicas=1 if strict else None,
+            stopped=self._stopped,
+            # A cancel becomes a stop: nothing new starts, in-flight articles finish (or stop
+            # after the grace period) and are recorded.
+            stop_reason=lambda: (
+                cancellation.reason
+                or next((t.titles_failure for t in self._tiers if t.titles_failure), "")
+                or self._failure
+                or "the job was cancelled"
+            ),
+            # A hand-off lets in-flight articles finish: they are paid for already.
+            grace_seconds=lambda: (
+                self._cancel_grace_seconds
+                if cancellation.is_set() and not cancellation.handoff
+                else 0.0
+            ),
+            fenced=lambda: cancellation.fenced,
+            reconnect_attempts=self._reconnect_attempts,
+        )
+        self._dispatch = dispatch
+        try:
+            with dispatch:
+                try:
+                    for item in dispatch.items():
+                        if isinstance(item, StreamLost):
+                            yield from self._lost(item)
+                        elif isinstance(item, Reconnecting):
+                            yield self._notice(
+                                f"lost the generator ({item.error}); trying again in "
+                                f"{item.delay:g}s ({item.attempt}/{item.attempts})"
+                            )
+                        else:
+                            yield from self._article_event(item)
+                finally:
+                    self._stop.set()  # the feeder may be waiting for titles: let it end
+        finally:
+            self._dispatch = None
+
+    def _batch_settings(self) -> gen_pb.BatchSettings:
+        """What a new stream starts with (the budget read again: a lost generator spent some)."""
         first, *more = (tier.run for tier in self._tiers)
-        settings = gen_pb.BatchSettings(
-            job_id=job_id,
+        return gen_pb.BatchSettings(
+            job_id=self._job.id,
             project=self._context,
             tier=_tier_spec(first),
             more_tiers=[_tier_spec(run) for run in more],
-            models=job_pb2.ModelsSpec(**spec.models.model_dump()),
+            models=job_pb2.ModelsSpec(**self._spec.models.model_dump()),
             max_workers=self._job.max_workers,
-            continue_on_error=spec.continue_on_error,
+            continue_on_error=self._spec.continue_on_error,
             replace_failed=first.retry_failed,
             budget_usd=self._budget(),
+            lease_epoch=self._epoch,
         )
-        # A cancel becomes a stop message: nothing new starts, in-flight articles finish (or
-        # stop after the grace period) and are recorded; the stream still ends only when every
-        # article is terminal.
-        with closing(
-            self._generator.generate_articles(
-                settings,
-                self._requests(pending, self._progress),
-                stop=self._stopped,
-                stop_reason=lambda: (
-                    cancellation.reason
-                    or next((t.titles_failure for t in self._tiers if t.titles_failure), "")
-                    or "the job was cancelled"
-                ),
-                # A hand-off lets in-flight articles finish: they are paid for already.
-                grace_seconds=lambda: (
-                    self._cancel_grace_seconds
-                    if cancellation.is_set() and not cancellation.handoff
-                    else 0.0
-                ),
-            )
-        ) as events:
-            for event in events:
-                yield from self._report_titles()  # "titles ready" before what follows
-                yield pb.JobEvent(article=event)  # the generator's event, as it is
-                if event.kind in TERMINAL_ARTICLE_EVENTS:
-                    self._progress.terminal(event.tier)
-                if event.kind == article_pb.ARTICLE_EVENT_KIND_FAILED and not self._failure:
-                    if event.fatal:
-                        self._failure = f"stopped: {event.error}"
-                    elif not spec.continue_on_error:
-                        self._failure = (
-                            f"{event.tier} article {event.article_index + 1}/{event.tier_count} "
-                            f"failed and continue_on_error is false: {event.error}"
-                        )
-                yield from self._report_finished()
 
-    def _reconnect(
-        self, error: ServiceCallError, attempt: int
-    ) -> Generator[pb.JobEvent, None, list[int]]:
-        """After a lost generator: wait, take in what the titles calls made, read the records
-        again (what the lost generator saved is not redone); the tiers still pending."""
-        delay = min(RECONNECT_MAX_DELAY, 2.0**attempt)
-        unfinished = [t for t in self._tiers if not t.finished]
-        yield pb.JobEvent(
-            notice=pb.Notice(
-                job_id=self._job.id,
-                tier=unfinished[0].run.name if unfinished else self._tiers[-1].run.name,
-                message=f"lost the generator ({error.details}); trying again in {delay:g}s "
-                f"({attempt + 1}/{self._reconnect_attempts})",
-            )
-        )
-        self._cancellation.event.wait(delay)
-        begun = [t for t in unfinished if t.began.is_set()]
-        for tier in begun:
-            tier.feed.wait()  # its titles ended too (or went on elsewhere)
-        yield from self._report_titles()
-        if self._stopped():
-            return []
-        for tier in begun:
-            tier.records = self._stored(tier.run)
-            titles = tier.feed.titles()
-            missing = sum(1 for i in range(len(titles)) if tier.run.needed(i, tier.records))
-            yield pb.JobEvent(
-                notice=pb.Notice(
-                    job_id=self._job.id,
-                    tier=tier.run.name,
-                    message=f"sending the {missing} articles without a record again",
+    def _article_event(self, event: article_pb.ArticleEvent) -> Generator[pb.JobEvent, None, None]:
+        yield from self._report_titles()  # "titles ready" before what follows
+        yield pb.JobEvent(article=event)  # the generator's event, as it is
+        if event.kind == article_pb.ARTICLE_EVENT_KIND_FAILED and not self._failure:
+            if event.fatal:
+                self._failure = f"stopped: {event.error}"
+            elif not self._spec.continue_on_error:
+                self._failure = (
+                    f"{event.tier} article {event.article_index + 1}/{event.tier_count} "
+                    f"failed and continue_on_error is false: {event.error}"
                 )
+        yield from self._report_finished()
+
+    def _lost(self, lost: StreamLost) -> Generator[pb.JobEvent, None, None]:
+        """A generator was lost with articles in flight: those it saved before it went are
+        done; the others go to the generators that answer (each paid at most once more)."""
+        assert self._dispatch is not None
+        by_tier: dict[str, dict[int, db_pb.Article]] = {}
+        for article in lost.returned:
+            if article.tier not in by_tier:
+                tier = next(t for t in self._tiers if t.run.name == article.tier)
+                by_tier[article.tier] = self._stored(tier.run)
+        again = [
+            a
+            for a in lost.returned
+            if next(t for t in self._tiers if t.run.name == a.tier).run.needed(
+                a.article_index, by_tier[a.tier]
             )
-        return [n for n, t in enumerate(self._tiers) if not t.finished]
+        ]
+        self._dispatch.settle([(a.tier, a.article_index) for a in lost.returned if a not in again])
+        self._dispatch.resend(again)
+        where = f"the {lost.others} other generators" if lost.others else "a generator that answers"
+        yield self._notice(
+            f"lost the generator at {lost.address} ({lost.error.details}); its "
+            f"{len(again)} articles in flight without a record are sent again to {where}"
+        )
+        yield from self._report_finished()
+
+    def _notice(self, message: str) -> pb.JobEvent:
+        unfinished = [t for t in self._tiers if not t.finished]
+        tier = unfinished[0].run.name if unfinished else self._tiers[-1].run.name
+        return pb.JobEvent(notice=pb.Notice(job_id=self._job.id, tier=tier, message=message))
 
     def _report_titles(self) -> Generator[pb.JobEvent, None, None]:
         """Before an article's event: tier_started of the tiers that began, and titles_ready
@@ -416,7 +403,7 @@ class TierGroup:
             if tier.titles_failure is None and not tier.want:
                 tier.titles_failure = ""  # it asked for none
             elif tier.titles_failure is None and tier.feed.done:
-                # Read again: a lost generator may have saved records since it began.
+                # Read again: articles of the tier may have been saved since it began.
                 yield from self._titles_done(tier, self._stored(tier.run))
                 tier.titles_failure = tier.titles_failure_now()
                 if tier.titles_failure:
@@ -429,7 +416,10 @@ class TierGroup:
             if tier.finished:
                 continue
             reported = tier.began.is_set() and tier.titles_failure is not None
-            if not reported or not self._progress.all_terminal(tier.run.name):
+            done = tier.fed.is_set() and (
+                self._dispatch is None or not self._dispatch.in_flight(tier.run.name)
+            )
+            if not reported or not done:
                 return
             tier.finished = True
             yield self._tier_finished(tier.run.name)
@@ -462,6 +452,7 @@ class TierGroup:
                 completion_tokens=made.completion_tokens,
                 shortfall=made.shortfall,
                 cost_usd=made.cost_usd,
+                lease_epoch=self._epoch,
             )
         )
         for retry in made.retries:  # one line each, as article retries are
@@ -474,8 +465,10 @@ class TierGroup:
                 )
             )
         try:
+            # Into this run's own folder, which becomes the job's when the run publishes it.
             write_atomically(
-                publish.titles_path(self._output_dir, job.id, run.name),
+                run_folder.run_dir(self._output_dir, job.id, self._epoch)
+                / publish.titles_name(run.name),
                 "".join(f"{title}\n" for title in titles),
             )
         except OutputWriteError as e:
@@ -506,6 +499,7 @@ class TierGroup:
                     site=run.site(index),
                 ),
                 replace_failed=run.retry_failed,
+                lease_epoch=self._epoch,
             )
         yield pb.JobEvent(
             titles_ready=pb.TitlesReady(
@@ -566,32 +560,62 @@ class TierGroup:
                 model=self._spec.models.title,
                 max_parallel_calls=self._job.max_workers,
                 existing_titles=[*self._before, *earlier, *recorded, *tier.feed.titles()],
+                job_id=self._job.id,
+                lease_epoch=self._epoch,
             )
-            tier.feed.start(lambda on_titles: self._generator.generate_titles(request, on_titles))
+            tier.feed.start(lambda on_titles: self._titles(request, on_titles))
 
         self._tiers[n].begin(start_titles)
 
-    # The feeder (gRPC's request thread) -----------------------------------------------------
+    def _titles(
+        self, request: gen_pb.GenerateTitlesRequest, on_titles: Callable[[list[str]], None]
+    ) -> gen_pb.GenerateTitlesResponse:
+        """A tier's titles call (on the feed's thread), on whichever generator answers; when
+        that one is lost midway, the titles still missing are asked of another (the titles it
+        streamed are kept; what its calls cost is not known, as it reports that last)."""
+        got: list[str] = []
+        merged = gen_pb.GenerateTitlesResponse()
 
-    def _requests(
-        self, pending: list[int], stream: StreamProgress
-    ) -> Iterator[gen_pb.ArticleRequest]:
-        """Each needed article of the pending tiers as soon as its title is there (it blocks
-        while titles come); the next tier begins once this one's titles are in."""
-        for position, n in enumerate(pending):
-            tier = self._tiers[n]
+        def taken(titles: list[str]) -> None:
+            got.extend(titles)
+            on_titles(titles)
+
+        for attempt in range(self._reconnect_attempts + 1):
+            asked = gen_pb.GenerateTitlesRequest()
+            asked.CopyFrom(request)
+            asked.count = request.count - len(got)
+            asked.existing_titles.extend(got)
+            try:
+                result = self._generators.titles.generate_titles(asked, taken)
+            except ServiceCallError as e:
+                lost = e.code in GENERATOR_LOST and not self._stopped()
+                if not lost or attempt == self._reconnect_attempts:
+                    raise
+                self._cancellation.event.wait(min(RECONNECT_MAX_DELAY, 2.0**attempt))
+                if self._stopped():
+                    raise
+                continue
+            merged.MergeFrom(result)  # the totals add up over the attempts
+            del merged.titles[:]
+            merged.titles.extend(got)
+            return merged
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    # The feeder (the dispatcher's thread) -----------------------------------------------------
+
+    def _requests(self) -> Iterator[gen_pb.ArticleRequest]:
+        """Each needed article of the tiers as soon as its title is there (it blocks while
+        titles come); the next tier begins once this one's titles are in."""
+        for n, tier in enumerate(self._tiers):
             if not tier.began.is_set():
-                if self._stopped() or stream.over.is_set():
-                    return
-                if not self._tiers[n - 1].titles_allow_next():
+                if self._stopped() or not self._tiers[n - 1].titles_allow_next():
                     return
                 self._begin(n)
-            following = pending[position + 1] if position + 1 < len(pending) else None
+            following = n + 1 if n + 1 < len(self._tiers) else None
             try:
                 index = 0
                 while (title := tier.feed.wait_for(index, self._stopped)) is not None:
                     if tier.run.needed(index, tier.records):
-                        stream.sent(tier.run.name)
                         yield gen_pb.ArticleRequest(
                             article_index=index,
                             title=title,
@@ -599,15 +623,10 @@ class TierGroup:
                             tier=tier.run.name,
                         )
                     index += 1
-                    if (
-                        following is not None
-                        and tier.titles_allow_next()
-                        and not self._stopped()
-                        and not stream.over.is_set()
-                    ):
+                    if following is not None and tier.titles_allow_next() and not self._stopped():
                         self._begin(following)  # its titles come while these articles run
             finally:
-                stream.fed(tier.run.name)
+                tier.fed.set()
 
 
 def _tier_spec(run: TierRun) -> job_pb2.TierSpec:

@@ -151,10 +151,26 @@ class PersistenceClient:
         request.request_id = request.request_id or uuid.uuid4().hex
         return self._call(self._stub.RecordTitles, request).job
 
+    def submit_jobs(self, request: pb.SubmitJobsRequest) -> list[pb.Job]:
+        """A job file's sites, projects and jobs in one transaction; the request gets an id
+        (unless it has one), so a retry stores nothing twice."""
+        request.request_id = request.request_id or uuid.uuid4().hex
+        return list(self._call(self._stub.SubmitJobs, request).jobs)
+
+    def set_quota(self, username: str, quota: pb.Quota | None) -> pb.Quota:
+        """Set a user's quota ("": the default); None removes the user's own."""
+        request = pb.SetQuotaRequest(username=username, quota=quota, clear=quota is None)
+        return self._call(self._stub.SetQuota, request).quota
+
+    def get_quota(self, username: str) -> pb.GetQuotaResponse:
+        return self._call(self._stub.GetQuota, pb.GetQuotaRequest(username=username))
+
     def finish_job(
-        self, job_id: int, status: JobStatusValue, error: str = "", owner: str = ""
+        self, job_id: int, status: JobStatusValue, error: str = "", lease_epoch: int = 0
     ) -> pb.Job:
-        request = pb.FinishJobRequest(job_id=job_id, status=status, error=error, owner=owner)
+        request = pb.FinishJobRequest(
+            job_id=job_id, status=status, error=error, lease_epoch=lease_epoch
+        )
         return self._call(self._stub.FinishJob, request).job
 
     def reopen_job(
@@ -177,22 +193,37 @@ class PersistenceClient:
         return list(self._call(self._stub.ClaimJobs, request).jobs)
 
     def renew_leases(
-        self, owner: str, job_ids: Sequence[int], lease_seconds: float
+        self, owner: str, leases: dict[int, int], lease_seconds: float
     ) -> pb.RenewLeasesResponse:
-        request = pb.RenewLeasesRequest(owner=owner, job_ids=job_ids, lease_seconds=lease_seconds)
+        """Renew `owner`'s leases, {job id: the epoch it holds}."""
+        request = pb.RenewLeasesRequest(
+            owner=owner,
+            leases=[pb.JobLease(job_id=j, lease_epoch=e) for j, e in leases.items()],
+            lease_seconds=lease_seconds,
+        )
         return self._call(self._stub.RenewLeases, request)
+
+    def check_lease(self, job_id: int, lease_epoch: int) -> bool:
+        """Whether `lease_epoch` is still the job's."""
+        request = pb.CheckLeaseRequest(job_id=job_id, lease_epoch=lease_epoch)
+        return self._call(self._stub.CheckLease, request).current
+
+    def begin_publication(self, job_id: int) -> pb.Job:
+        """An ended job with a new lease epoch to publish it under."""
+        request = pb.BeginPublicationRequest(job_id=job_id)
+        return self._call(self._stub.BeginPublication, request).job
 
     def request_cancel(self, job_id: int, reason: str) -> pb.Job:
         request = pb.RequestCancelRequest(job_id=job_id, reason=reason)
         return self._call(self._stub.RequestCancel, request).job
 
     def append_events(
-        self, job_id: int, events: Sequence[tuple[int, bytes]], owner: str = ""
+        self, job_id: int, events: Sequence[tuple[int, bytes]], lease_epoch: int = 0
     ) -> int:
         request = pb.AppendJobEventsRequest(
             job_id=job_id,
             events=[pb.JobEventRecord(seq=s, payload=p) for s, p in events],
-            owner=owner,
+            lease_epoch=lease_epoch,
         )
         return self._call(self._stub.AppendJobEvents, request).last_seq
 
@@ -208,16 +239,16 @@ class PersistenceClient:
         return list(self._call(self._stub.ListJobs, request).jobs)
 
     def save_article(
-        self, article: pb.Article, replace_failed: bool = False
+        self, article: pb.Article, replace_failed: bool = False, lease_epoch: int = 0
     ) -> pb.SaveArticleResponse:
-        request = pb.SaveArticleRequest(article=article, replace_failed=replace_failed)
+        request = pb.SaveArticleRequest(
+            article=article, replace_failed=replace_failed, lease_epoch=lease_epoch
+        )
         return self._call(self._stub.SaveArticle, request)
 
-    def save_articles(self, saves: Sequence[tuple[pb.Article, bool]]) -> list[pb.SaveArticleResult]:
-        """Many (record, replace_failed) saves in one call; one result each, in order."""
-        request = pb.SaveArticlesRequest(
-            saves=[pb.SaveArticleRequest(article=a, replace_failed=r) for a, r in saves]
-        )
+    def save_articles(self, saves: Sequence[pb.SaveArticleRequest]) -> list[pb.SaveArticleResult]:
+        """Many saves in one call; one result each, in order."""
+        request = pb.SaveArticlesRequest(saves=saves)
         return list(self._call(self._stub.SaveArticles, request).results)
 
     def list_articles(
@@ -250,9 +281,11 @@ class PersistenceClient:
                 return
             request.page_token = page.next_page_token
 
-    def set_urls(self, job_id: int, urls: dict[int, str]) -> int:
+    def set_urls(self, job_id: int, urls: dict[int, str], lease_epoch: int = 0) -> int:
         request = pb.SetArticleUrlsRequest(
-            job_id=job_id, urls=[pb.ArticleUrl(article_id=i, url=u) for i, u in urls.items()]
+            job_id=job_id,
+            urls=[pb.ArticleUrl(article_id=i, url=u) for i, u in urls.items()],
+            lease_epoch=lease_epoch,
         )
         return self._call(self._stub.SetArticleUrls, request).updated
 
@@ -260,10 +293,42 @@ class PersistenceClient:
         request = pb.ListTakenUrlsRequest(hostnames=hostnames, exclude_job_id=exclude_job_id)
         return list(self._call(self._stub.ListTakenUrls, request).urls)
 
-    def set_publications(self, pages: Sequence[pb.ArticlePublication]) -> int:
-        """Record rendered pages, in one transaction per call."""
-        request = pb.SetArticlePublicationsRequest(publications=pages)
+    def set_publications(
+        self, job_id: int, pages: Sequence[pb.ArticlePublication], lease_epoch: int = 0
+    ) -> int:
+        """Record rendered pages of the job, in one transaction per call."""
+        request = pb.SetArticlePublicationsRequest(
+            job_id=job_id, publications=pages, lease_epoch=lease_epoch
+        )
         return self._call(self._stub.SetArticlePublications, request).count
+
+    def set_job_files(self, job_id: int, files: dict[str, bytes], lease_epoch: int = 0) -> int:
+        """Replace the job's stored files other than its pages."""
+        request = pb.SetJobFilesRequest(
+            job_id=job_id,
+            lease_epoch=lease_epoch,
+            files=[pb.JobFile(path=path, content=content) for path, content in files.items()],
+        )
+        return self._call(self._stub.SetJobFiles, request).count
+
+    def job_files(self, job_id: int) -> Iterator[pb.JobFile]:
+        """The job's stored files other than its pages, in path order, read a page at a time."""
+        request = pb.ListJobFilesRequest(job_id=job_id)
+        while True:
+            page = self._call(self._stub.ListJobFiles, request)
+            yield from page.files
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    def reserve_rate(
+        self, bucket: str, per_minute: float, amount: float, holder: str = ""
+    ) -> pb.ReserveRateResponse:
+        """Take `amount` from a shared rate bucket: how long to wait, and how many share it."""
+        request = pb.ReserveRateRequest(
+            bucket=bucket, per_minute=per_minute, amount=amount, holder=holder
+        )
+        return self._call(self._stub.ReserveRate, request)
 
     def word_samples(self, model: str, limit: int) -> list[tuple[int, int]]:
         """(asked, delivered) words of the model's latest drafts, oldest first."""

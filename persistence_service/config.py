@@ -25,6 +25,9 @@ class Settings(ServiceSettings):
     )
     # At start, how long to wait for the database to answer (health NOT_SERVING meanwhile).
     database_wait_seconds: float = Field(120.0, ge=0, alias="DATABASE_WAIT_SECONDS")
+    # Migrate the schema at start (true), or leave it to `python -m persistence_service.migrate`
+    # (a Kubernetes Job) and wait, NOT_SERVING, until the schema is the newest (false).
+    database_migrate: bool = Field(True, alias="DATABASE_MIGRATE")
     # PostgreSQL by parts (docker-compose sets these): a password may hold @ / : % and still
     # make a valid URL. Used when DATABASE_URL is not set.
     postgres_host: str | None = Field(None, alias="POSTGRES_HOST")

@@ -85,6 +85,9 @@ class Job(Base):
     cancel_reason: Mapped[str] = mapped_column(Text, default="")  # set by any orchestrator
     retry_failed: Mapped[bool] = mapped_column(default=False)  # the queued resume retries failed
     last_event_seq: Mapped[int] = mapped_column(Integer, default=0)
+    # The lease's fencing token: every claim (and every publication of an ended job) raises it,
+    # and a write for the job made under an older one is refused (invariant 10).
+    lease_epoch: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class JobEvent(Base):
@@ -210,3 +213,49 @@ class StoredSecret(Base):
     name: Mapped[str] = mapped_column(String(100), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class JobFile(Base):
+    """A published file of a job that is not an article page (the pages are the records'
+    `html`): a site's index, a tier's title list, the job's index page. With the pages, what
+    `jobs export` serves from any orchestrator."""
+
+    __tablename__ = "job_files"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    path: Mapped[str] = mapped_column(String(1000), primary_key=True)  # inside the job's folder
+    content: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class RateBucket(Base):
+    """One provider limit (a model's requests or tokens a minute at one endpoint) shared by
+    every generator: a continuously refilled bucket whose level may go below zero (reserved
+    ahead: the caller waits until it would be back at zero). Times are the database's clock, in
+    seconds since the epoch."""
+
+    __tablename__ = "rate_buckets"
+
+    bucket: Mapped[str] = mapped_column(String(500), primary_key=True)
+    level: Mapped[float] = mapped_column(Float)
+    updated: Mapped[float] = mapped_column(Float)
+
+
+class RateHolder(Base):
+    """A generator that reserved from a bucket, and when it last said so: how many share it."""
+
+    __tablename__ = "rate_holders"
+
+    bucket: Mapped[str] = mapped_column(String(500), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(200), primary_key=True)
+    seen: Mapped[float] = mapped_column(Float)
+
+
+class Quota(Base):
+    """How much one user (or, with username "", every user without a quota of their own) may
+    have queued and running at once; 0: no limit."""
+
+    __tablename__ = "quotas"
+
+    username: Mapped[str] = mapped_column(String(200), primary_key=True)
+    max_active_articles: Mapped[int] = mapped_column(Integer)
+    max_queued_jobs: Mapped[int] = mapped_column(Integer)

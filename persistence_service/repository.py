@@ -4,20 +4,54 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
-from sqlalchemy import and_, delete, func, or_, select, text, tuple_
+from sqlalchemy import and_, delete, func, or_, select, text, tuple_, update
 from sqlalchemy.orm import Session, defer
 
 from persistence_service.models import (
     Article,
     Job,
     JobEvent,
+    JobFile,
     Project,
+    RateBucket,
+    RateHolder,
     RevokedToken,
     Site,
     User,
+    utcnow,
 )
+from persistence_service.models import Quota as QuotaRow
+
+
+def _postgresql(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def database_now(session: Session) -> datetime:
+    """Now by the database's clock, which every service on it shares: leases are timed by it,
+    not by any service's clock. On PostgreSQL clock_timestamp(), the moment of the call rather
+    than of the transaction's start. SQLite is a file this process opens, so its clock is this
+    process's."""
+    if _postgresql(session):
+        moment = session.scalar(select(func.clock_timestamp()))
+        assert isinstance(moment, datetime)
+        return moment.astimezone(UTC)
+    return utcnow()
+
+
+def database_seconds(session: Session) -> float:
+    """database_now as seconds since the epoch."""
+    return database_now(session).timestamp()
+
+
+def _take_sqlite_write_lock(session: Session, job_id: int) -> None:
+    """On SQLite, take the database's write lock now with a write that changes nothing: its
+    driver begins a transaction only at the first write, so a job read before one could change
+    under us (a claim raising its epoch) before our own write lands."""
+    if not _postgresql(session):
+        session.execute(update(Job).where(Job.id == job_id).values(id=Job.id))
 
 
 def project_by_name(session: Session, owner: str, name: str) -> Project | None:
@@ -156,6 +190,18 @@ def lock_claims(session: Session) -> None:
         session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _CLAIM_LOCK_KEY})
 
 
+def job_under_lease(session: Session, job_id: int, exclusive: bool = False) -> Job | None:
+    """The job, held so that no claim can raise its lease epoch before this transaction ends. On
+    PostgreSQL a row lock: shared, so saves for one job still run side by side while a claim
+    waits for them, or `exclusive` for a write that changes the job's row itself (two shared
+    holders both upgrading would deadlock). On SQLite the write lock. A write checked against
+    the epoch read here is fenced."""
+    if _postgresql(session):
+        return session.get(Job, job_id, with_for_update=True if exclusive else {"read": True})
+    _take_sqlite_write_lock(session, job_id)
+    return session.get(Job, job_id)
+
+
 def jobs_with_expired_lease(session: Session, now: datetime, limit: int) -> Sequence[Job]:
     """Running jobs nobody holds a live lease on (their orchestrator is gone), oldest first."""
     return session.scalars(
@@ -182,13 +228,17 @@ def projects_with_running_jobs(session: Session) -> set[int]:
     return set(session.scalars(select(Job.project_id).where(Job.status == "running").distinct()))
 
 
-def leased_jobs(session: Session, owner: str, job_ids: Sequence[int]) -> Sequence[Job]:
-    """Of these jobs, the running ones whose lease `owner` holds."""
-    if not job_ids:
+def leased_jobs(session: Session, owner: str, leases: dict[int, int]) -> list[Job]:
+    """Of these jobs ({job id: lease epoch}), the running ones whose lease `owner` holds under
+    that epoch, locked so that no claim takes one between this check and the caller's write."""
+    if not leases:
         return []
-    return session.scalars(
-        select(Job).where(Job.id.in_(job_ids), Job.lease_owner == owner, Job.status == "running")
-    ).all()
+    query = select(Job).where(Job.id.in_(leases), Job.lease_owner == owner, Job.status == "running")
+    if _postgresql(session):
+        query = query.with_for_update()
+    else:
+        _take_sqlite_write_lock(session, next(iter(leases)))
+    return [job for job in session.scalars(query) if job.lease_epoch == leases[job.id]]
 
 
 def event_seqs(session: Session, job_id: int, first: int, last: int) -> set[int]:
@@ -319,3 +369,66 @@ def word_samples(session: Session, model: str, limit: int) -> list[tuple[int, in
         .limit(limit)
     )
     return [(int(asked), int(draft)) for asked, draft in session.execute(query)][::-1]
+
+
+def job_files(
+    session: Session, job_id: int, after: str = "", limit: int | None = None
+) -> Sequence[JobFile]:
+    """A job's stored files other than its pages, in path order, after the path `after`."""
+    query = select(JobFile).where(JobFile.job_id == job_id, JobFile.path > after)
+    return session.scalars(query.order_by(JobFile.path).limit(limit)).all()
+
+
+def delete_job_files(session: Session, job_id: int) -> None:
+    """Forget the job's stored files (a publication replaces them all)."""
+    session.execute(delete(JobFile).where(JobFile.job_id == job_id))
+
+
+def rate_bucket(session: Session, bucket: str) -> RateBucket | None:
+    """A shared rate bucket, its row locked on PostgreSQL until the transaction ends (SQLite
+    callers hold a lock of their own)."""
+    return session.get(RateBucket, bucket, with_for_update=_postgresql(session))
+
+
+def rate_holder(session: Session, bucket: str, holder: str) -> RateHolder | None:
+    """One holder's row of a bucket, if it drew on it before."""
+    return session.get(RateHolder, (bucket, holder))
+
+
+def count_holders(session: Session, bucket: str, since: float) -> int:
+    """Holders that drew on a bucket since `since` (database seconds)."""
+    query = select(func.count()).where(RateHolder.bucket == bucket, RateHolder.seen >= since)
+    return int(session.scalar(query) or 0)
+
+
+def quota_of(session: Session, username: str) -> QuotaRow | None:
+    """The user's own quota ("" for the default one), if one is set."""
+    return session.get(QuotaRow, username)
+
+
+def active_usage(session: Session, owner: str) -> tuple[int, int]:
+    """(articles requested by the owner's queued and running jobs, their queued jobs)."""
+    active = Job.owner == owner, Job.status.in_(("queued", "running"))
+    articles = session.scalar(
+        select(func.coalesce(func.sum(Job.requested_articles), 0)).where(*active)
+    )
+    queued = session.scalar(select(func.count()).where(Job.owner == owner, Job.status == "queued"))
+    return int(articles or 0), int(queued or 0)
+
+
+_SUBMIT_LOCK_KEY = 7_305_120  # with the username's hash: one user's submissions, one at a time
+
+
+def lock_submissions(session: Session, username: str) -> None:
+    """Serialize one user's submissions until the transaction ends, so two at once cannot pass
+    a quota together: an advisory lock on PostgreSQL, the write lock on SQLite (through the
+    user's row, which a submitter has)."""
+    if _postgresql(session):
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(:k, hashtext(:u))"),
+            {"k": _SUBMIT_LOCK_KEY, "u": username},
+        )
+    else:
+        session.execute(
+            update(User).where(User.username == username).values(username=User.username)
+        )

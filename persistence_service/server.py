@@ -9,7 +9,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
 from persistence_service.config import Settings
-from persistence_service.migrate import upgrade_schema
+from persistence_service.migrate import schema_is_current, upgrade_schema
 from persistence_service.servicer import PersistenceServicer
 from persistence_service.store import Store
 from persistence_service.unit_of_work import make_engine, make_session_factory
@@ -53,7 +53,11 @@ def build_server(
         engine.dispose()
         raise
     try:
-        _migrate(engine, settings.database_wait_seconds if wait_for_database else 0.0)
+        wait = settings.database_wait_seconds if wait_for_database else 0.0
+        if settings.database_migrate:
+            _migrate(engine, wait)
+        else:
+            _wait_for_schema(engine, wait)
     except BaseException:
         running.stop(0)
         raise
@@ -75,6 +79,38 @@ def _migrate(engine: Engine, wait_seconds: float) -> None:
             log.warning("the database does not answer yet (%s); trying again", e.orig)
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
+
+
+def _wait_for_schema(engine: Engine, wait_seconds: float) -> None:
+    """Until the database answers with the newest schema (a migration Job is running), for up
+    to `wait_seconds`; RuntimeError naming what to run when it never does."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            if schema_is_current(engine):
+                return
+            problem = "its schema is not the newest yet"
+        except OperationalError as e:
+            problem = f"it does not answer yet ({e.orig})"
+        if time.monotonic() + 2.0 > deadline:
+            raise RuntimeError(
+                f"the database: {problem}, and DATABASE_MIGRATE is false: run "
+                "`python -m persistence_service.migrate` (the migration Job) first"
+            )
+        log.warning("the database: %s; waiting for the migration", problem)
+        time.sleep(2.0)
+
+
+def migrate_and_exit(settings: Settings) -> None:
+    """`python -m persistence_service.migrate`: bring the database to the newest schema
+    (waiting up to DATABASE_WAIT_SECONDS for it to answer), then exit."""
+    runtime.configure_logging(settings.log_level)
+    engine = make_engine(settings.database_url, pool_size=1, migrate=False)
+    try:
+        _migrate(engine, settings.database_wait_seconds)
+    finally:
+        engine.dispose()
+    log.info("the database schema is the newest")
 
 
 def bootstrap_admin(store: Store, settings: Settings) -> str | None:

@@ -15,12 +15,17 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from persistence_service.client import outline_to_proto
 from persistence_service.models import Article, Job, Project, Site, User
 from persistence_service.store import (
+    ArticleSave,
     AuthenticationError,
     BusyError,
     ConflictError,
     Counts,
     InvalidRecordError,
+    NewJobRecord,
     NotFoundError,
+    QuotaExceededError,
+    QuotaLimits,
+    StaleLeaseError,
     StateError,
     Store,
 )
@@ -59,6 +64,10 @@ def _status_codes(context: grpc.ServicerContext) -> Iterator[None]:
         runtime.abort(context, grpc.StatusCode.UNAUTHENTICATED, str(e))
     except BusyError as e:
         runtime.abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+    except QuotaExceededError as e:
+        runtime.abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+    except StaleLeaseError as e:  # a fencing token refused: a sequencer check, in gRPC's words
+        runtime.abort(context, grpc.StatusCode.ABORTED, str(e))
 
 
 def timestamp(moment: datetime | None) -> Timestamp | None:
@@ -147,6 +156,7 @@ def job_to_proto(j: Job) -> pb.Job:
         cancel_reason=j.cancel_reason,
         last_event_seq=j.last_event_seq,
         retry_failed=j.retry_failed,
+        lease_epoch=j.lease_epoch,
     )
 
 
@@ -198,6 +208,7 @@ DEFAULT_PAGE_SIZE = 500
 MAX_PAGE_SIZE = 5000
 MAX_SAVES = 1000  # records one SaveArticles call may carry
 PAGE_BYTES = 4 * 1024 * 1024
+JOB_FILES_PAGE = 100  # job files per ListJobFiles page (a page also ends at PAGE_BYTES)
 
 
 def _page_position(context: grpc.ServicerContext, token: str) -> tuple[str, int] | None:
@@ -322,6 +333,51 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
         )
         return pb.CreateJobResponse(job=job_to_proto(job))
 
+    def SubmitJobs(
+        self, request: pb.SubmitJobsRequest, context: grpc.ServicerContext
+    ) -> pb.SubmitJobsResponse:
+        sites = [(s.hostname.strip().lower(), s.template.strip()) for s in request.sites]
+        jobs = [
+            NewJobRecord(
+                spec=spec_to_dict(j.spec),
+                max_workers=j.max_workers,
+                requested=j.requested_articles,
+                project_id=j.project_id,
+                project=project_fields(j.inline_project)
+                if j.WhichOneof("project") == "inline_project"
+                else None,
+            )
+            for j in request.jobs
+        ]
+        created = self._call(
+            context,
+            lambda: self._store.submit_jobs(
+                request.owner, sites, jobs, request.any_owner, request.request_id
+            ),
+        )
+        return pb.SubmitJobsResponse(jobs=[job_to_proto(j) for j in created])
+
+    def SetQuota(
+        self, request: pb.SetQuotaRequest, context: grpc.ServicerContext
+    ) -> pb.SetQuotaResponse:
+        limits = (
+            None
+            if request.clear
+            else QuotaLimits(request.quota.max_active_articles, request.quota.max_queued_jobs)
+        )
+        quota = self._call(context, lambda: self._store.set_quota(request.username, limits))
+        return pb.SetQuotaResponse(quota=pb.Quota(**vars(quota)))
+
+    def GetQuota(
+        self, request: pb.GetQuotaRequest, context: grpc.ServicerContext
+    ) -> pb.GetQuotaResponse:
+        quota, own, (articles, queued) = self._call(
+            context, lambda: self._store.quota(request.username)
+        )
+        return pb.GetQuotaResponse(
+            quota=pb.Quota(**vars(quota)), own=own, active_articles=articles, queued_jobs=queued
+        )
+
     def RecordTitles(
         self, request: pb.RecordTitlesRequest, context: grpc.ServicerContext
     ) -> pb.RecordTitlesResponse:
@@ -337,6 +393,7 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
                 request.shortfall,
                 request.cost_usd,
                 request.request_id,
+                request.lease_epoch,
             ),
         )
         return pb.RecordTitlesResponse(job=job_to_proto(job))
@@ -347,7 +404,7 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
         job = self._call(
             context,
             lambda: self._store.finish_job(
-                request.job_id, job_status_word(request.status), request.error, request.owner
+                request.job_id, job_status_word(request.status), request.error, request.lease_epoch
             ),
         )
         return pb.FinishJobResponse(job=job_to_proto(job))
@@ -401,13 +458,29 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
         held, cancels = self._call(
             context,
             lambda: self._store.renew_leases(
-                request.owner, list(request.job_ids), request.lease_seconds
+                request.owner,
+                {lease.job_id: lease.lease_epoch for lease in request.leases},
+                request.lease_seconds,
             ),
         )
         return pb.RenewLeasesResponse(
             held=held,
             cancels=[pb.CancelRequest(job_id=j, reason=r) for j, r in cancels.items()],
         )
+
+    def CheckLease(
+        self, request: pb.CheckLeaseRequest, context: grpc.ServicerContext
+    ) -> pb.CheckLeaseResponse:
+        current, epoch = self._call(
+            context, lambda: self._store.check_lease(request.job_id, request.lease_epoch)
+        )
+        return pb.CheckLeaseResponse(current=current, lease_epoch=epoch)
+
+    def BeginPublication(
+        self, request: pb.BeginPublicationRequest, context: grpc.ServicerContext
+    ) -> pb.BeginPublicationResponse:
+        job = self._call(context, lambda: self._store.begin_publication(request.job_id))
+        return pb.BeginPublicationResponse(job=job_to_proto(job))
 
     def RequestCancel(
         self, request: pb.RequestCancelRequest, context: grpc.ServicerContext
@@ -433,7 +506,7 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
         last = self._call(
             context,
             lambda: self._store.append_events(
-                request.job_id, [(e.seq, e.payload) for e in request.events], request.owner
+                request.job_id, [(e.seq, e.payload) for e in request.events], request.lease_epoch
             ),
         )
         return pb.AppendJobEventsResponse(last_seq=last)
@@ -477,7 +550,7 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
         article, created = self._call(
             context,
             lambda: self._store.save_article(
-                article_from_proto(request.article), request.replace_failed
+                article_from_proto(request.article), request.replace_failed, request.lease_epoch
             ),
         )
         return pb.SaveArticleResponse(article=article_to_proto(article), created=created)
@@ -491,14 +564,20 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"saves: at most {MAX_SAVES} records a call, got {len(request.saves)}",
             )
-        saves = [(article_from_proto(s.article), s.replace_failed) for s in request.saves]
+        saves = [
+            ArticleSave(article_from_proto(s.article), s.replace_failed, s.lease_epoch)
+            for s in request.saves
+        ]
         results = self._call(context, lambda: self._store.save_articles(saves))
         return pb.SaveArticlesResponse(
             results=[
-                pb.SaveArticleResult(article_id=r.article_id, created=r.created, error=r.error)
+                pb.SaveArticleResult(
+                    article_id=r.article_id, created=r.created, error=r.error,
+                    lease_lost=r.lease_lost,
+                )
                 for r in results
             ]
-        )
+        )  # fmt: skip
 
     def ListArticles(
         self, request: pb.ListArticlesRequest, context: grpc.ServicerContext
@@ -540,7 +619,9 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
         urls = {u.article_id: u.url for u in request.urls}
         if len(urls) != len(request.urls):
             runtime.abort(context, grpc.StatusCode.INVALID_ARGUMENT, "urls: an article repeats")
-        updated = self._call(context, lambda: self._store.set_urls(request.job_id, urls))
+        updated = self._call(
+            context, lambda: self._store.set_urls(request.job_id, urls, request.lease_epoch)
+        )
         return pb.SetArticleUrlsResponse(updated=updated)
 
     def ListTakenUrls(
@@ -556,8 +637,50 @@ class PersistenceServicer(pb_grpc.PersistenceServiceServicer):
         self, request: pb.SetArticlePublicationsRequest, context: grpc.ServicerContext
     ) -> pb.SetArticlePublicationsResponse:
         pages = {p.article_id: (p.output_path, p.html) for p in request.publications}
-        count = self._call(context, lambda: self._store.set_publications(pages))
+        count = self._call(
+            context,
+            lambda: self._store.set_publications(request.job_id, pages, request.lease_epoch),
+        )
         return pb.SetArticlePublicationsResponse(count=count)
+
+    def SetJobFiles(
+        self, request: pb.SetJobFilesRequest, context: grpc.ServicerContext
+    ) -> pb.SetJobFilesResponse:
+        files = {f.path: f.content for f in request.files}
+        if len(files) != len(request.files):
+            runtime.abort(context, grpc.StatusCode.INVALID_ARGUMENT, "files: a path repeats")
+        count = self._call(
+            context, lambda: self._store.set_job_files(request.job_id, files, request.lease_epoch)
+        )
+        return pb.SetJobFilesResponse(count=count)
+
+    def ListJobFiles(
+        self, request: pb.ListJobFilesRequest, context: grpc.ServicerContext
+    ) -> pb.ListJobFilesResponse:
+        files = self._call(
+            context,
+            lambda: self._store.list_job_files(request.job_id, request.page_token, JOB_FILES_PAGE),
+        )
+        page, page_bytes = pb.ListJobFilesResponse(), 0
+        for f in files:
+            page.files.append(pb.JobFile(path=f.path, content=f.content))
+            page_bytes += len(f.content)
+            if page_bytes >= PAGE_BYTES:
+                break
+        if len(page.files) == JOB_FILES_PAGE or len(page.files) < len(files):
+            page.next_page_token = page.files[-1].path
+        return page
+
+    def ReserveRate(
+        self, request: pb.ReserveRateRequest, context: grpc.ServicerContext
+    ) -> pb.ReserveRateResponse:
+        wait, holders = self._call(
+            context,
+            lambda: self._store.reserve_rate(
+                request.bucket, request.per_minute, request.amount, request.holder
+            ),
+        )
+        return pb.ReserveRateResponse(wait_seconds=wait, holders=holders)
 
     def GetJobStats(
         self, request: pb.GetJobStatsRequest, context: grpc.ServicerContext

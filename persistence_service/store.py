@@ -25,7 +25,11 @@ from persistence_service.models import (
     Article,
     Job,
     JobEvent,
+    JobFile,
     Project,
+    Quota,
+    RateBucket,
+    RateHolder,
     RevokedToken,
     Site,
     StoredSecret,
@@ -66,6 +70,15 @@ class BusyError(Exception):
     """Too many of one costly thing at once (password hashes); try again in a moment."""
 
 
+class StaleLeaseError(Exception):
+    """A write for a job carried a lease epoch that is no longer the job's: another orchestrator
+    claimed the job since (a fencing token refused). Nothing of the write was stored."""
+
+
+class QuotaExceededError(Exception):
+    """A submission would take its owner past a quota; the message names it."""
+
+
 class _HashSlots:
     """At most `at_once` password hashes run at a time; a wait longer than `wait_seconds` is
     BusyError."""
@@ -89,13 +102,63 @@ class AuthenticationError(Exception):
 
 
 @dataclass(frozen=True)
+class ArticleSave:
+    """One record to store, with how: replacing a failed record (a resume retrying failures),
+    under the lease epoch of the run that wrote it."""
+
+    fields: dict[str, Any]
+    replace_failed: bool = False
+    lease_epoch: int = 0
+
+
+@dataclass(frozen=True)
 class SaveResult:
     """What became of one record of save_articles: its id and whether this save stored it, or
-    why it was not stored."""
+    why it was not stored (`lease_lost`: its lease epoch is stale)."""
 
     article_id: int = 0
     created: bool = False
     error: str = ""
+    lease_lost: bool = False
+
+
+@dataclass(frozen=True)
+class QuotaLimits:
+    """How much one user may have waiting and running at once (0: no limit)."""
+
+    max_active_articles: int
+    max_queued_jobs: int
+
+
+# The quota of a user who has none of their own, until an admin sets another default: a job
+# file's largest job (10 tiers of 10,000) fits, a runaway script's millions do not.
+DEFAULT_QUOTA = QuotaLimits(max_active_articles=100_000, max_queued_jobs=100)
+
+
+@dataclass(frozen=True)
+class NewJobRecord:
+    """One job of a submission: its project (inline fields, or an existing id) and its spec."""
+
+    spec: dict[str, Any]
+    max_workers: int
+    requested: int
+    project_id: int = 0
+    project: dict[str, Any] | None = None  # inline: found by name, else created
+
+
+def _fenced(session: Session, job_id: int, lease_epoch: int, exclusive: bool = False) -> Job:
+    """The job, held against claims until the transaction ends (`exclusive`: to change its own
+    row), if `lease_epoch` is still its own; StaleLeaseError otherwise (invariant 10: a stale
+    writer writes nothing)."""
+    job = repository.job_under_lease(session, job_id, exclusive)
+    if job is None:
+        raise NotFoundError(f"job {job_id} does not exist")
+    if job.lease_epoch != lease_epoch:
+        raise StaleLeaseError(
+            f"job {job_id}: lease epoch {lease_epoch} is stale; the job is held under epoch "
+            f"{job.lease_epoch} now (another orchestrator took it over)"
+        )
+    return job
 
 
 def _check_article(fields: dict[str, Any]) -> None:
@@ -193,6 +256,48 @@ class Stats:
     title_cost_usd: float = 0.0
 
 
+def _put_sites(
+    session: Session, sites: Sequence[tuple[str, str]], owner: str, any_owner: bool
+) -> list[Site]:
+    """ensure_sites' work inside a transaction (not committed): the stored sites, in order."""
+    for hostname, _template in sites:
+        if not hostname:
+            raise InvalidRecordError("site.hostname: must not be empty")
+    stored = {s.hostname: s for s in repository.sites_by_hostname(session, sites)}
+    for hostname, template in sites:
+        site = stored.get(hostname)
+        if site is None:
+            site = Site(hostname=hostname, template=template, owner=owner)
+            stored[hostname] = site
+            session.add(site)
+            continue
+        if site.owner != owner and not any_owner:
+            raise ConflictError(
+                f"site {hostname} belongs to another user: use a hostname of your own"
+            )
+        if template:
+            site.template = template
+    return [stored[hostname] for hostname, _ in sites]
+
+
+def _quota_problem(limits: QuotaLimits, used: tuple[int, int], adding: tuple[int, int]) -> str:
+    """Why adding (articles, queued jobs) to what a user has passes their quota, or ""."""
+    (articles, queued), (new_articles, new_jobs) = used, adding
+    if limits.max_active_articles and articles + new_articles > limits.max_active_articles:
+        return (
+            f"quota: {new_articles:,} more articles would make {articles + new_articles:,} queued "
+            f"and running, past your quota of {limits.max_active_articles:,} (you have "
+            f"{articles:,}); wait for your jobs to finish, or ask an admin for a larger quota"
+        )
+    if limits.max_queued_jobs and queued + new_jobs > limits.max_queued_jobs:
+        return (
+            f"quota: {new_jobs} more jobs would make {queued + new_jobs} queued, past your quota "
+            f"of {limits.max_queued_jobs} (you have {queued}); wait for them to start, or ask "
+            "an admin for a larger quota"
+        )
+    return ""
+
+
 class Store:
     """Projects, jobs, articles and users; one fresh session per method call."""
 
@@ -203,6 +308,9 @@ class Store:
     ) -> None:
         self._session_factory = session_factory
         self._hashes = _HashSlots(password_hashes_at_once, HASH_WAIT_SECONDS)
+        # SQLite writes one transaction at a time anyway; this keeps a bucket's read and write
+        # together (PostgreSQL locks the bucket's row instead).
+        self._rate_lock = threading.Lock()
 
     def _uow(self) -> UnitOfWork:
         return UnitOfWork(self._session_factory)
@@ -289,31 +397,15 @@ class Store:
         `any_owner` (an admin: the site keeps its owner)."""
         if not owner:
             raise InvalidRecordError("owner: required")
-        for hostname, _template in sites:
-            if not hostname:
-                raise InvalidRecordError("site.hostname: must not be empty")
         for _attempt in range(2):  # a concurrent job may create one of them between read and write
             with self._uow() as uow:
-                stored = {s.hostname: s for s in repository.sites_by_hostname(uow.session, sites)}
-                for hostname, template in sites:
-                    site = stored.get(hostname)
-                    if site is None:
-                        site = Site(hostname=hostname, template=template, owner=owner)
-                        stored[hostname] = site
-                        uow.session.add(site)
-                        continue
-                    if site.owner != owner and not any_owner:
-                        raise ConflictError(
-                            f"site {hostname} belongs to another user: use a hostname of your own"
-                        )
-                    if template:
-                        site.template = template
+                stored = _put_sites(uow.session, sites, owner, any_owner)
                 try:
                     uow.commit()
                 except IntegrityError as e:
                     conflict = e
                     continue
-                return [stored[hostname] for hostname, _ in sites]
+                return stored
         raise InvalidRecordError(f"sites: not stored: {conflict.orig}") from conflict
 
     def list_sites(self, owner: str = "", hostnames: Sequence[str] = ()) -> Sequence[Site]:
@@ -369,6 +461,129 @@ class Store:
             uow.commit()
             return job
 
+    def submit_jobs(
+        self,
+        owner: str,
+        sites: Sequence[tuple[str, str]],
+        jobs: Sequence[NewJobRecord],
+        any_owner: bool = False,
+        request_id: str = "",
+    ) -> list[Job]:
+        """A job file's sites, inline projects and jobs (queued), in one transaction: all of
+        it, or (a quota passed, another user's site, a project that does not exist) nothing.
+        One user's submissions are checked one at a time, so two at once cannot pass a quota
+        together. With `request_id`, a retry after a lost answer returns the same jobs."""
+        if not owner:
+            raise InvalidRecordError("owner: required")
+        if not jobs:
+            raise InvalidRecordError("jobs: at least one")
+        for n, new in enumerate(jobs):
+            if new.max_workers < 1:
+                raise InvalidRecordError(f"jobs[{n}].max_workers: must be at least 1")
+        keys = [f"{request_id}:{n}" for n in range(len(jobs))] if request_id else []
+        for _attempt in range(2):  # a project or site made by a concurrent call: try once more
+            with self._uow() as uow:
+                session = uow.session
+                done = session.get(AppliedRequest, keys[0]) if keys else None
+                if done is not None:  # stored with the jobs, so all of them are
+                    applied = [session.get(AppliedRequest, key) for key in keys]
+                    return [self._job(session, a.job_id) for a in applied if a]
+                repository.lock_submissions(session, owner)
+                limits, _own = self._limits(session, owner)
+                adding = (sum(j.requested for j in jobs), len(jobs))
+                used = repository.active_usage(session, owner)
+                if problem := _quota_problem(limits, used, adding):
+                    raise QuotaExceededError(problem)
+                if sites:
+                    _put_sites(session, sites, owner, any_owner)
+                created: list[Job] = []
+                for n, new in enumerate(jobs):
+                    project_id = self._project_for(session, new, owner, n)
+                    job = Job(
+                        project_id=project_id,
+                        spec=new.spec,
+                        max_workers=new.max_workers,
+                        requested_articles=new.requested,
+                        owner=owner,
+                        status="queued",
+                        titles={},
+                    )
+                    session.add(job)
+                    session.flush()
+                    if keys:
+                        session.add(AppliedRequest(request_id=keys[n], job_id=job.id))
+                    created.append(job)
+                try:
+                    uow.commit()
+                except IntegrityError as e:
+                    conflict = e
+                    continue
+                return created
+        raise InvalidRecordError(f"jobs: not stored: {conflict.orig}") from conflict
+
+    @staticmethod
+    def _project_for(session: Session, new: NewJobRecord, owner: str, n: int) -> int:
+        """The id of job n's project: the one it names, or its inline one (created if the
+        owner has none of that name)."""
+        if new.project is None:
+            if session.get(Project, new.project_id) is None:
+                raise NotFoundError(
+                    f"jobs[{n}].project_id: project {new.project_id} does not exist"
+                )
+            return new.project_id
+        fields = {**new.project, "owner": owner}
+        if not fields.get("name"):
+            raise InvalidRecordError(f"jobs[{n}].project.name: must not be empty")
+        found = repository.project_by_name(session, owner, fields["name"])
+        if found is None:
+            found = Project(**fields)
+            session.add(found)
+            session.flush()
+        return found.id
+
+    # Quotas ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _limits(session: Session, username: str) -> tuple[QuotaLimits, bool]:
+        """The quota that applies to the user, and whether it is their own."""
+        own = repository.quota_of(session, username) if username else None
+        row = own or repository.quota_of(session, "")
+        if row is None:
+            return DEFAULT_QUOTA, False
+        return QuotaLimits(row.max_active_articles, row.max_queued_jobs), own is not None
+
+    def quota(self, username: str) -> tuple[QuotaLimits, bool, tuple[int, int]]:
+        """The user's quota ("": the default one), whether it is their own, and what they use
+        of it now: (articles of their queued and running jobs, their queued jobs)."""
+        with self._uow() as uow:
+            if username:
+                self._user(uow.session, username)
+            limits, own = self._limits(uow.session, username)
+            used = repository.active_usage(uow.session, username) if username else (0, 0)
+            return limits, own, used
+
+    def set_quota(self, username: str, limits: QuotaLimits | None) -> QuotaLimits:
+        """Set a user's own quota ("": the default of everyone without one); None removes a
+        user's own, so the default applies again. Returns the quota that applies now."""
+        if limits is not None and (limits.max_active_articles < 0 or limits.max_queued_jobs < 0):
+            raise InvalidRecordError("quota: the limits must not be negative (0: no limit)")
+        if limits is None and not username:
+            raise InvalidRecordError("username: the default quota can be changed, not removed")
+        with self._uow() as uow:
+            if username:
+                self._user(uow.session, username)
+            row = repository.quota_of(uow.session, username)
+            if limits is None:
+                if row is not None:
+                    uow.session.delete(row)
+            elif row is None:
+                uow.session.add(Quota(username=username, **vars(limits)))
+            else:
+                row.max_active_articles = limits.max_active_articles
+                row.max_queued_jobs = limits.max_queued_jobs
+            uow.commit()
+            return self._limits(uow.session, username)[0]
+
     def record_titles(
         self,
         job_id: int,
@@ -380,11 +595,13 @@ class Store:
         shortfall: int = 0,
         cost_usd: float = 0.0,
         request_id: str = "",
+        lease_epoch: int = 0,
     ) -> Job:
-        """Keep a tier's titles with the job and add what they cost and how many are missing.
-        With `request_id`, a second call (a retry after a lost answer) changes nothing."""
+        """Keep a tier's titles with the job and add what they cost and how many are missing,
+        under the job's current lease epoch (StaleLeaseError otherwise). With `request_id`, a
+        second call (a retry after a lost answer) changes nothing."""
         with self._uow() as uow:
-            job = self._job(uow.session, job_id)
+            job = _fenced(uow.session, job_id, lease_epoch, exclusive=True)
             if request_id:
                 if uow.session.get(AppliedRequest, request_id):
                     return job
@@ -398,15 +615,15 @@ class Store:
             uow.commit()
             return job
 
-    def finish_job(self, job_id: int, status: str, error: str, owner: str = "") -> Job:
-        """Set a job's final status and end its lease. With `owner`, only while that
-        orchestrator holds the lease (StateError once another one took the job over)."""
+    def finish_job(self, job_id: int, status: str, error: str, lease_epoch: int = 0) -> Job:
+        """Set a job's final status and end its lease, under the lease epoch the run held
+        (StaleLeaseError once another orchestrator took the job over)."""
         if status not in FINAL_JOB_STATUSES:
             raise InvalidRecordError(f"status: must be one of {', '.join(FINAL_JOB_STATUSES)}")
         with self._uow() as uow:
-            job = self._job(uow.session, job_id, for_update=True)
-            self._check_lease(job, owner)
-            job.status, job.error, job.finished_at = status, error, utcnow()
+            job = _fenced(uow.session, job_id, lease_epoch, exclusive=True)
+            job.status, job.error = status, error
+            job.finished_at = repository.database_now(uow.session)
             job.lease_owner, job.lease_expires_at, job.cancel_reason = "", None, ""
             uow.commit()
             return job
@@ -436,15 +653,18 @@ class Store:
         died or lost the database), then queued jobs in order while their user runs fewer than
         `per_user_limit` (0: no limit). Claims are serialized, so two orchestrators never take
         the same job and the limit holds across them. A project runs one job at a time (its
-        jobs' titles must all differ), so a queued job waits for its project's running one."""
-        now = utcnow()
-        until = now + timedelta(seconds=lease_seconds)
+        jobs' titles must all differ), so a queued job waits for its project's running one.
+        Every claim raises the job's lease epoch: writes made under the one before are refused
+        from now on. Leases are timed by the database's clock."""
         claimed: list[tuple[Job, str]] = []
         with self._uow() as uow:
             repository.lock_claims(uow.session)
+            now = repository.database_now(uow.session)
+            until = now + timedelta(seconds=lease_seconds)
             for job in repository.jobs_with_expired_lease(uow.session, now, max_jobs):
                 claimed.append((job, job.lease_owner))
                 job.lease_owner, job.lease_expires_at = owner, until
+                job.lease_epoch += 1
             running = repository.running_jobs_per_user(uow.session)
             # One job of a project at a time: each job's titles must differ from the others'.
             busy_projects = repository.projects_with_running_jobs(uow.session)
@@ -458,22 +678,42 @@ class Store:
                 running[job.owner] = running.get(job.owner, 0) + 1
                 busy_projects.add(job.project_id)
                 job.status, job.lease_owner, job.lease_expires_at = "running", owner, until
+                job.lease_epoch += 1
                 claimed.append((job, ""))
             uow.commit()
             return claimed
 
     def renew_leases(
-        self, owner: str, job_ids: Sequence[int], lease_seconds: float
+        self, owner: str, leases: dict[int, int], lease_seconds: float
     ) -> tuple[list[int], dict[int, str]]:
-        """Extend `owner`'s leases on these jobs: the ids it still holds, and the cancel
-        reasons asked for any of them."""
-        until = utcnow() + timedelta(seconds=lease_seconds)
+        """Extend `owner`'s leases on these jobs ({job id: the epoch it holds}): the ids it still
+        holds under that epoch, and the cancel reasons asked for any of them."""
         with self._uow() as uow:
-            held = repository.leased_jobs(uow.session, owner, job_ids)
+            held = repository.leased_jobs(uow.session, owner, leases)
+            until = repository.database_now(uow.session) + timedelta(seconds=lease_seconds)
             for job in held:
                 job.lease_expires_at = until
             uow.commit()
             return [j.id for j in held], {j.id: j.cancel_reason for j in held if j.cancel_reason}
+
+    def check_lease(self, job_id: int, lease_epoch: int) -> tuple[bool, int]:
+        """Whether `lease_epoch` is still the job's, and the job's epoch now. Only advice (the
+        writes are fenced themselves): a generator asks before it starts an article."""
+        with self._uow() as uow:
+            job = self._job(uow.session, job_id)
+            return job.lease_epoch == lease_epoch, job.lease_epoch
+
+    def begin_publication(self, job_id: int) -> Job:
+        """A new lease epoch for publishing an ended job again: a publication of it still
+        writing under an older epoch is refused from now on. StateError while it is queued or
+        running (its run publishes it)."""
+        with self._uow() as uow:
+            job = self._job(uow.session, job_id, for_update=True)
+            if job.status in ("queued", "running"):
+                raise StateError(f"job {job_id} is {job.status}: its run publishes it")
+            job.lease_epoch += 1
+            uow.commit()
+            return job
 
     def request_cancel(self, job_id: int, reason: str) -> Job:
         """Cancel a queued job at once; ask the orchestrator holding a running one to cancel it
@@ -491,14 +731,13 @@ class Store:
             return job
 
     def append_events(
-        self, job_id: int, events: Sequence[tuple[int, bytes]], owner: str = ""
+        self, job_id: int, events: Sequence[tuple[int, bytes]], lease_epoch: int = 0
     ) -> int:
-        """Store a job's events (sequence number, payload); ones stored already (a retried
-        call) are kept as they are. With `owner`, only while that orchestrator holds the job's
-        lease (StateError once another took it over). Returns the last sequence number."""
+        """Store a job's events (sequence number, payload) emitted under `lease_epoch`; ones
+        stored already (a retried call) are kept as they are. StaleLeaseError, and nothing
+        stored, once another orchestrator took the job over. Returns the last sequence number."""
         with self._uow() as uow:
-            job = self._job(uow.session, job_id, for_update=True)
-            self._check_lease(job, owner)
+            job = _fenced(uow.session, job_id, lease_epoch, exclusive=True)
             if events:
                 stored = repository.event_seqs(
                     uow.session, job_id, min(s for s, _ in events), max(s for s, _ in events)
@@ -529,12 +768,6 @@ class Store:
             return repository.recent_jobs(uow.session, limit, owner)
 
     @staticmethod
-    def _check_lease(job: Job, owner: str) -> None:
-        """StateError unless orchestrator `owner` holds the job's lease ("" checks nothing)."""
-        if owner and job.lease_owner != owner:
-            raise StateError(f"job {job.id} is now run by another orchestrator")
-
-    @staticmethod
     def _job(session: Session, job_id: int, for_update: bool = False) -> Job:
         job = session.get(Job, job_id, with_for_update=for_update)
         if job is None:
@@ -544,9 +777,11 @@ class Store:
     # Articles -------------------------------------------------------------------------------
 
     def save_article(
-        self, fields: dict[str, Any], replace_failed: bool = False
+        self, fields: dict[str, Any], replace_failed: bool = False, lease_epoch: int = 0
     ) -> tuple[Article, bool]:
-        """Store an article's terminal record; (record, created).
+        """Store an article's terminal record, written under the job's lease epoch
+        `lease_epoch` (StaleLeaseError, and nothing stored, once another orchestrator holds
+        the job); (record, created).
 
         Idempotent on (job, tier, index): when the record exists — a retried call, a restarted
         generator — the stored one is returned unchanged and created is False. With
@@ -556,8 +791,7 @@ class Store:
         _check_article(fields)
         key = _article_key(fields)
         with self._uow() as uow:
-            if uow.session.get(Job, fields["job_id"]) is None:
-                raise NotFoundError(f"job {fields['job_id']} does not exist")
+            _fenced(uow.session, fields["job_id"], lease_epoch)
             existing = repository.article_by_key(uow.session, *key)
             article, created = _put_article(uow.session, existing, fields, replace_failed)
             if not created:
@@ -573,37 +807,45 @@ class Store:
                 raise InvalidRecordError(f"article: not stored: {conflict.orig}") from conflict
             return found, False
 
-    def save_articles(self, saves: Sequence[tuple[dict[str, Any], bool]]) -> list[SaveResult]:
-        """Store many terminal records (fields, replace_failed) in one transaction: one commit
-        and one lookup for all, each judged as save_article judges it alone. An invalid record
-        or one whose job does not exist gets its error and the others are stored. Should the
-        transaction conflict (a concurrent save of the same key, a bad reference), each record
-        is saved on its own instead, so one cannot take the others down with it."""
+    def save_articles(self, saves: Sequence[ArticleSave]) -> list[SaveResult]:
+        """Store many terminal records in one transaction: one commit and one lookup for all,
+        each judged as save_article judges it alone. An invalid record, one whose job does not
+        exist or whose lease epoch is stale gets its error and the others are stored. Should
+        the transaction conflict (a concurrent save of the same key, a bad reference), each
+        record is saved on its own instead, so one cannot take the others down with it."""
         results: dict[int, SaveResult] = {}  # by position in `saves`
         valid: list[int] = []
-        for i, (fields, _replace) in enumerate(saves):
+        for i, save in enumerate(saves):
             try:
-                _check_article(fields)
+                _check_article(save.fields)
                 valid.append(i)
             except InvalidRecordError as e:
                 results[i] = SaveResult(error=str(e))
         try:
             with self._uow() as uow:
-                jobs = repository.existing_job_ids(
-                    uow.session, {saves[i][0]["job_id"] for i in valid}
-                )
+                jobs: dict[int, Job | None] = {}  # each held against claims until the commit
+                for job_id in sorted({saves[i].fields["job_id"] for i in valid}):
+                    jobs[job_id] = repository.job_under_lease(uow.session, job_id)
                 stored = repository.articles_by_keys(
-                    uow.session, [_article_key(saves[i][0]) for i in valid]
+                    uow.session, [_article_key(saves[i].fields) for i in valid]
                 )
                 written: list[tuple[int, Article, bool]] = []
                 for i in valid:
-                    fields, replace_failed = saves[i]
-                    if fields["job_id"] not in jobs:
-                        results[i] = SaveResult(error=f"job {fields['job_id']} does not exist")
+                    save = saves[i]
+                    job = jobs[save.fields["job_id"]]
+                    if job is None:
+                        results[i] = SaveResult(error=f"job {save.fields['job_id']} does not exist")
                         continue
-                    key = _article_key(fields)
+                    if job.lease_epoch != save.lease_epoch:
+                        results[i] = SaveResult(
+                            error=f"job {job.id}: lease epoch {save.lease_epoch} is stale; the "
+                            f"job is held under epoch {job.lease_epoch} now",
+                            lease_lost=True,
+                        )
+                        continue
+                    key = _article_key(save.fields)
                     article, created = _put_article(
-                        uow.session, stored.get(key), fields, replace_failed
+                        uow.session, stored.get(key), save.fields, save.replace_failed
                     )
                     stored[key] = article  # a key given twice: the second finds the first
                     written.append((i, article, created))
@@ -611,16 +853,18 @@ class Store:
         except IntegrityError:
             for i in valid:
                 if i not in results:
-                    results[i] = self._save_alone(*saves[i])
+                    results[i] = self._save_alone(saves[i])
         else:
             for i, article, created in written:
                 results[i] = SaveResult(article.id, created)
         return [results[i] for i in range(len(saves))]
 
-    def _save_alone(self, fields: dict[str, Any], replace_failed: bool) -> SaveResult:
+    def _save_alone(self, save: ArticleSave) -> SaveResult:
         try:
-            article, created = self.save_article(fields, replace_failed)
+            article, created = self.save_article(save.fields, save.replace_failed, save.lease_epoch)
             return SaveResult(article.id, created)
+        except StaleLeaseError as e:
+            return SaveResult(error=str(e), lease_lost=True)
         except (InvalidRecordError, NotFoundError) as e:
             return SaveResult(error=str(e))
 
@@ -641,11 +885,12 @@ class Store:
                 uow.session, job_id, tier, after, limit, metadata_only, status
             )
 
-    def set_urls(self, job_id: int, urls: dict[int, str]) -> int:
-        """Give the job's articles their URLs, all in one commit or none. ConflictError when a
-        URL is held by another article (a concurrent job on the same site took it first)."""
+    def set_urls(self, job_id: int, urls: dict[int, str], lease_epoch: int = 0) -> int:
+        """Give the job's articles their URLs, all in one commit or none, under the job's lease
+        epoch (StaleLeaseError otherwise). ConflictError when a URL is held by another article
+        (a concurrent job on the same site took it first)."""
         with self._uow() as uow:
-            self._job(uow.session, job_id)
+            _fenced(uow.session, job_id, lease_epoch)
             articles = {a.id: a for a in repository.articles_by_ids(uow.session, list(urls))}
             for article_id, url in urls.items():
                 article = articles.get(article_id)
@@ -665,18 +910,90 @@ class Store:
         with self._uow() as uow:
             return repository.urls_on_sites(uow.session, hostnames, exclude_job_id)
 
-    def set_publications(self, pages: dict[int, tuple[str, str]]) -> int:
-        """Record the pages post-processing rendered, {article id: (output path, html)}, in one
-        transaction: all or, when an article does not exist, none."""
+    def set_publications(
+        self, job_id: int, pages: dict[int, tuple[str, str]], lease_epoch: int = 0
+    ) -> int:
+        """Record the pages post-processing rendered, {article id: (output path, html)}, all
+        of articles of `job_id`, in one transaction under the job's lease epoch: all or none
+        (NotFoundError when an article is not the job's, StaleLeaseError when the epoch is
+        stale)."""
         with self._uow() as uow:
+            _fenced(uow.session, job_id, lease_epoch)
             articles = repository.articles_by_ids(uow.session, list(pages))
-            missing = set(pages) - {a.id for a in articles}
+            missing = set(pages) - {a.id for a in articles if a.job_id == job_id}
             if missing:
-                raise NotFoundError(f"article {min(missing)} does not exist")
+                raise NotFoundError(f"article {min(missing)} of job {job_id} does not exist")
             for article in articles:
                 article.output_path, article.html = pages[article.id]
             uow.commit()
             return len(articles)
+
+    def set_job_files(self, job_id: int, files: dict[str, bytes], lease_epoch: int = 0) -> int:
+        """Replace the job's stored files other than its pages with `files` ({path inside the
+        job's folder: bytes}), under its lease epoch (StaleLeaseError otherwise)."""
+        for path in files:
+            if not path or path.startswith("/") or ".." in path.split("/"):
+                raise InvalidRecordError(f"files.path: {path!r} is not a path inside the job")
+        with self._uow() as uow:
+            _fenced(uow.session, job_id, lease_epoch)
+            repository.delete_job_files(uow.session, job_id)
+            uow.session.add_all(
+                JobFile(job_id=job_id, path=path, content=content)
+                for path, content in files.items()
+            )
+            uow.commit()
+            return len(files)
+
+    def list_job_files(self, job_id: int, after: str = "", limit: int = 100) -> Sequence[JobFile]:
+        """The job's stored files other than its pages, in path order, after the path `after`."""
+        with self._uow() as uow:
+            self._job(uow.session, job_id)
+            return repository.job_files(uow.session, job_id, after, limit)
+
+    # Shared provider limits -----------------------------------------------------------------
+
+    def reserve_rate(
+        self, bucket: str, per_minute: float, amount: float, holder: str = ""
+    ) -> tuple[float, int]:
+        """Take `amount` from a bucket shared by every generator: it holds `per_minute` and
+        refills that much a minute, continuously, by the database's clock; its level may go
+        below zero (taken ahead), and the caller waits until it would be back at zero. Returns
+        (seconds to wait, holders that drew on it in the last minute; 0 without `holder`)."""
+        if not bucket:
+            raise InvalidRecordError("bucket: must not be empty")
+        if per_minute <= 0 or amount < 0:
+            raise InvalidRecordError("per_minute: must be positive; amount: must not be negative")
+        if amount > per_minute:
+            raise InvalidRecordError(
+                f"amount: {amount:,.0f} is more than the bucket holds ({per_minute:,.0f})"
+            )
+        rate = per_minute / 60.0
+        for _attempt in range(2):  # two first reservations of a new bucket may race its insert
+            with self._rate_lock, self._uow() as uow:
+                now = repository.database_seconds(uow.session)
+                row = repository.rate_bucket(uow.session, bucket)
+                if row is None:
+                    row = RateBucket(bucket=bucket, level=per_minute, updated=now)
+                    uow.session.add(row)
+                elapsed = max(0.0, now - row.updated)
+                row.level = min(per_minute, row.level + elapsed * rate) - amount
+                row.updated = max(row.updated, now)
+                wait = max(0.0, -row.level / rate)
+                holders = 0
+                if holder:
+                    seen = repository.rate_holder(uow.session, bucket, holder)
+                    if seen is None:
+                        uow.session.add(RateHolder(bucket=bucket, holder=holder, seen=now))
+                    else:
+                        seen.seen = now
+                    uow.session.flush()
+                    holders = repository.count_holders(uow.session, bucket, now - 60.0)
+                try:
+                    uow.commit()
+                except IntegrityError:
+                    continue
+                return wait, holders
+        raise BusyError(f"rate bucket {bucket!r}: could not be created; try again")
 
     def job_stats(self, job_ids: Sequence[int]) -> Stats:
         """Counts over the given jobs, computed from the records in one read."""

@@ -17,6 +17,7 @@ from generator_service.domain import (
     StageModels,
     TierShape,
 )
+from generator_service.lease import LeaseLostError
 from generator_service.llm import Completion
 from generator_service.llm.client import OnRetry, OnThrottle, ResponseFormat, RetryNotice
 
@@ -135,9 +136,16 @@ class MemorySaver:
     fail: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def save(self, record: ArticleRecord, replace_failed: bool = False) -> tuple[int, bool]:
+    # The job's lease epoch, as persistence holds it: a save under another is refused.
+    epoch: int = 0
+
+    def save(
+        self, record: ArticleRecord, replace_failed: bool = False, lease_epoch: int = 0
+    ) -> tuple[int, bool]:
         if self.fail:
             raise ConnectionError("persistence is down")
+        if lease_epoch != self.epoch:
+            raise LeaseLostError(f"lease epoch {lease_epoch} is stale (now {self.epoch})")
         key = (record.job_id, record.tier, record.article_index)
         with self._lock:
             created = key not in self.records

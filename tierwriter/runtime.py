@@ -254,6 +254,22 @@ def configure_logging(level: str = "INFO") -> None:
     root.setLevel(level.upper())
 
 
+class CallFailure(grpc.RpcError):
+    """A failure a client decides itself, with a status code as if the service had answered it
+    (no replica answers; a stream ended with work in flight): ServiceCallError reads it as it
+    reads a grpc.Call's."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
 class ServiceCallError(Exception):
     """A call to one of our services failed; the message says which service, where, and what
     to do. `code` is the gRPC status code for callers that branch on it."""
@@ -261,8 +277,9 @@ class ServiceCallError(Exception):
     def __init__(self, service: str, address: str, error: grpc.RpcError) -> None:
         self.service = service
         self.address = address
-        self.code: grpc.StatusCode | None = error.code() if isinstance(error, grpc.Call) else None
-        self.details: str = (error.details() if isinstance(error, grpc.Call) else str(error)) or ""
+        call = isinstance(error, grpc.Call | CallFailure)
+        self.code: grpc.StatusCode | None = error.code() if call else None  # type: ignore[union-attr]
+        self.details: str = (error.details() if call else str(error)) or ""  # type: ignore[union-attr]
         super().__init__(self._describe())
 
     def _describe(self) -> str:

@@ -1,19 +1,26 @@
 """Provider limits, enforced by us rather than discovered by failing (invariant 9).
 
-Per model, shared by every job on this generator:
+Per model:
 - token buckets for requests and tokens per minute, counted the way providers count them (one
-  request; prompt tokens + max_tokens), so a provider with the same limits never refuses us;
-- adaptive concurrency (AIMD): a 429 halves the calls in flight for the model, each round of
-  successes adds one back, until it is where it was before the first 429.
+  request; prompt tokens + max_tokens), so a provider with the same limits never refuses us.
+  The limits are the account's: the buckets are shared by every generator on the database
+  (SharedBucket, through persistence), so N replicas together stay within one limit, and a
+  replica that cannot reach persistence falls back to its share of it rather than to none;
+- adaptive concurrency (AIMD), per generator: a 429 halves the calls in flight for the model,
+  each round of successes adds one back, until it is where it was before the first 429.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
+
+log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 
@@ -37,17 +44,25 @@ class RequestTooLargeError(ValueError):
 PACING = 0.98
 
 
+class Bucket(Protocol):
+    """Takes what a call costs and says how long to wait before it goes."""
+
+    def reserve(self, amount: float) -> float: ...
+
+
 class TokenBucket:
     """A continuously refilling bucket, full at start, holding one minute's limit: the shape
     OpenAI and PyPI's llmock enforce. Ours never holds more than the provider's (a little
     smaller, a little slower, started later), so what it lets out the provider accepts."""
 
-    def __init__(self, per_minute: int, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self, per_minute: float, clock: Clock = time.monotonic, start_empty: bool = False
+    ) -> None:
         self.limit = per_minute
         self.capacity = per_minute * PACING
         self._rate = per_minute / 60.0 * PACING
         self._clock = clock
-        self._level = self.capacity
+        self._level = 0.0 if start_empty else self.capacity
         self._updated = clock()
         self._lock = threading.Lock()
 
@@ -65,6 +80,97 @@ class TokenBucket:
             self._updated = now
             self._level -= amount
             return max(0.0, -self._level / self._rate)
+
+
+# Takes `amount` from the shared bucket `name` of `per_minute`, for `holder` (a generator's id,
+# or "" not to be counted): (seconds to wait, generators drawing on it; 0 when not counted).
+Reserve = Callable[[str, float, float, str], tuple[float, int]]
+
+# How often a generator says it draws on a bucket (so the others' count of holders is fresh).
+HOLDER_REFRESH_SECONDS = 10.0
+# After the shared bucket could not be reached, how long the local share is used before it is
+# asked again (each try of an unreachable persistence costs the call its deadline).
+FALLBACK_SECONDS = 10.0
+
+
+class SharedBucket:
+    """One limit of the account, shared by every generator: each call's cost is taken from one
+    bucket in the database (through persistence), timed by the database's clock, so the
+    generators together let out what one bucket would. When persistence cannot be reached, the
+    generator falls back to a bucket of its own holding its share of the limit (the limit over
+    the generators that drew on it in the last minute, or `assumed_holders` before it knew),
+    started empty so that the switch adds no burst."""
+
+    def __init__(
+        self,
+        name: str,
+        per_minute: float,
+        reserve: Reserve,
+        holder: str,
+        assumed_holders: int = 4,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.name = name
+        self.limit = per_minute
+        self.capacity = per_minute * PACING
+        self._reserve = reserve
+        self._holder = holder
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.holders = 0  # generators drawing on it, as persistence last said; 0: not known
+        self._assumed = max(1, assumed_holders)
+        self._said_at = float("-inf")  # when we last told persistence we draw on it
+        self._fallback: TokenBucket | None = None
+        self._fallback_until = float("-inf")
+
+    def reserve(self, amount: float) -> float:
+        if amount > self.capacity:
+            raise RequestTooLargeError(
+                f"a call needs {amount:,.0f}, more than the limit of {self.limit:,.0f} a minute "
+                f"allows at once ({PACING:.0%} of it)"
+            )
+        now = self._clock()
+        with self._lock:
+            local = self._fallback if now < self._fallback_until else None
+            say = now - self._said_at >= HOLDER_REFRESH_SECONDS
+            if say:
+                self._said_at = now
+        if local is None:
+            try:
+                wait, holders = self._reserve(
+                    self.name, self.capacity, amount, self._holder if say else ""
+                )
+            except Exception as e:  # persistence away: our share, not no limit
+                local = self._fall_back(e, now)
+            else:
+                with self._lock:
+                    if holders:
+                        self.holders = holders
+                    self._fallback = None
+                return wait
+        return local.reserve(amount)
+
+    def _fall_back(self, error: Exception, now: float) -> TokenBucket:
+        with self._lock:
+            share = self.holders or self._assumed
+            if self._fallback is None:
+                log.warning(
+                    "%s: the shared limit cannot be reached (%s): using this generator's share, "
+                    "1/%d of it, until it can", self.name, error, share,
+                )  # fmt: skip
+                self._fallback = TokenBucket(self.limit / share, self._clock, start_empty=True)
+            self._fallback_until = now + FALLBACK_SECONDS
+            self._said_at = float("-inf")  # say so again once it answers
+            return self._fallback
+
+
+# Makes the bucket of one limit ("rpm" or "tpm") of one model.
+BucketFactory = Callable[[str, str, int], Bucket]
+
+
+def local_buckets(clock: Clock = time.monotonic) -> BucketFactory:
+    """Buckets of this process only (tests, and a generator told to keep its limits to itself)."""
+    return lambda _model, _kind, per_minute: TokenBucket(per_minute, clock)
 
 
 @dataclass(frozen=True)
@@ -157,8 +263,8 @@ class AdaptiveConcurrency:
 class _ModelGate:
     limits: ModelLimits
     concurrency: AdaptiveConcurrency
-    requests: TokenBucket | None = None
-    tokens: TokenBucket | None = None
+    requests: Bucket | None = None
+    tokens: Bucket | None = None
 
 
 @dataclass
@@ -171,12 +277,14 @@ class GateTicket:
 
 @dataclass
 class ProviderGate:
-    """Every model's buckets and throttle; thread-safe, one per generator."""
+    """Every model's buckets and throttle; thread-safe, one per generator. `buckets` makes each
+    model's buckets: shared by every generator in production, this process's own by default."""
 
     default: ModelLimits = field(default_factory=ModelLimits)
     per_model: dict[str, ModelLimits] = field(default_factory=dict)
     clock: Clock = time.monotonic
     sleep: Callable[[float], None] = time.sleep
+    buckets: BucketFactory | None = None
     _gates: dict[str, _ModelGate] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -189,11 +297,12 @@ class ProviderGate:
             gate = self._gates.get(model)
             if gate is None:
                 limits = self.limits(model)
+                make = self.buckets or local_buckets(self.clock)
                 gate = self._gates[model] = _ModelGate(
                     limits,
                     AdaptiveConcurrency(model),
-                    TokenBucket(limits.rpm, self.clock) if limits.rpm else None,
-                    TokenBucket(limits.tpm, self.clock) if limits.tpm else None,
+                    make(model, "rpm", limits.rpm) if limits.rpm else None,
+                    make(model, "tpm", limits.tpm) if limits.tpm else None,
                 )
             return gate
 

@@ -310,3 +310,90 @@ def users_passwd(connection: Connection, username: str) -> int:
         return EXIT_OK
 
     return connection.run(passwd)
+
+
+def _limit(n: int) -> str:
+    return f"{n:,}" if n else "no limit"
+
+
+@users.command("quota")
+@click.argument("username", required=False, default="")
+@click.option(
+    "--default",
+    "default_quota",
+    is_flag=True,
+    help="The default quota of users without one of their own.",
+)
+@click.option(
+    "--articles",
+    type=click.IntRange(min=0),
+    help="Articles queued and running at once, at most (0: no limit).",
+)
+@click.option("--jobs", type=click.IntRange(min=0), help="Queued jobs at most (0: no limit).")
+@click.option(
+    "--clear", is_flag=True, help="Remove the user's own quota: the default applies again."
+)
+@json_option
+@connection_options
+def users_quota(
+    connection: Connection,
+    username: str,
+    default_quota: bool,
+    articles: int | None,
+    jobs: int | None,
+    clear: bool,
+    as_json_output: bool,
+) -> int:
+    """Show or set a quota: how many articles (queued and running) and queued jobs a user may
+    have at once. A job file past it is refused (exit 5) and nothing of it is stored.
+
+    Without --articles, --jobs or --clear it shows the quota (yours, by default); setting one is
+    for admins.
+
+    \b
+    Examples:
+      tierwriter users quota                          # yours, and what you use of it
+      tierwriter users quota ann --articles 5000 --jobs 20
+      tierwriter users quota --default --articles 100000 --jobs 100
+      tierwriter users quota ann --clear              # back to the default
+    """
+    if default_quota and username:
+        raise CliError("name a user or give --default, not both", EXIT_BAD_INPUT)
+    setting = clear or articles is not None or jobs is not None
+    if clear and (articles is not None or jobs is not None):
+        raise CliError(
+            "--clear removes a quota: give it without --articles or --jobs", EXIT_BAD_INPUT
+        )
+
+    def quota(client: OrchestratorClient) -> int:
+        who = username or ("" if default_quota else connection.user)
+        if setting:
+            if not who and not default_quota:
+                raise CliError(
+                    "name the user whose quota to set, or give --default", EXIT_BAD_INPUT
+                )
+            current = client.get_quota(who, default_quota).quota
+            new = None
+            if not clear:
+                new = pb.Quota(
+                    max_active_articles=current.max_active_articles
+                    if articles is None
+                    else articles,
+                    max_queued_jobs=current.max_queued_jobs if jobs is None else jobs,
+                )
+            client.set_quota(who, new, default_quota)
+        found = client.get_quota(who, default_quota)
+        if as_json_output:
+            print(as_json(found))
+            return EXIT_OK
+        q = found.quota
+        whose = "the default quota" if default_quota else f"{found.username or 'your'}'s quota"
+        if not default_quota and not found.own:
+            whose += " (the default)"
+        print(f"{whose[0].upper()}{whose[1:]}: {_limit(q.max_active_articles)} articles queued and "
+              f"running, {_limit(q.max_queued_jobs)} queued jobs")  # fmt: skip
+        if not default_quota:
+            print(f"In use: {found.active_articles:,} articles, {found.queued_jobs} queued jobs")
+        return EXIT_OK
+
+    return connection.run(quota)

@@ -36,7 +36,7 @@ EXIT_RUN_FAILED = 1  # the run stopped early or a service failed during it
 EXIT_BAD_INPUT = 2  # a bad job file or bad arguments; nothing was written
 EXIT_UNAUTHENTICATED = 3  # not logged in, wrong credentials, or not allowed to do that
 EXIT_UNAVAILABLE = 4  # a service could not be reached
-EXIT_BUSY = 5  # the orchestrator refused for now (too many watches, login brake): try later
+EXIT_BUSY = 5  # refused for now (too many watches, login brake, a quota): try later
 EXIT_INTERRUPTED = 130
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"  # ORCHESTRATOR_ADDRESS's default, as the services have it
@@ -77,6 +77,8 @@ def exit_code_for(error: runtime.ServiceCallError) -> int:
 def error_text(error: runtime.ServiceCallError) -> str:
     """What to print for a failed call: the server's words when they are meant for the user."""
     if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        if error.details.startswith("quota:"):  # not busy: the caller's own limit
+            return error.details
         return f"the orchestrator is busy: {error.details}"
     if error.code in _SHOWN_AS_IS:
         return error.details
@@ -169,20 +171,27 @@ def watch_and_print(
                 continue
             except KeyboardInterrupt:
                 if cancelling:
-                    print(
-                        "\nLeft at once: the jobs are cancelled on the server; in-flight "
-                        "articles are still recorded.",
-                        file=sys.stderr,
-                    )
-                    return EXIT_INTERRUPTED
+                    return _left_at_once()
                 cancelling = True
-                _cancel(client, [j for j in stream.job_ids if j not in finished])
+                try:
+                    _cancel(client, [j for j in stream.job_ids if j not in finished])
+                except KeyboardInterrupt:  # the second press came while the first was answered
+                    return _left_at_once()
     if cancelling:
         return EXIT_INTERRUPTED
     if len(finished) < len(stream.job_ids):
         # A job cancelled while queued never ran: its watch ends without a summary.
         return EXIT_RUN_FAILED
     return exit_code
+
+
+def _left_at_once() -> int:
+    print(
+        "\nLeft at once: the jobs are cancelled on the server; in-flight "
+        "articles are still recorded.",
+        file=sys.stderr,
+    )
+    return EXIT_INTERRUPTED
 
 
 def _cancel(client: OrchestratorClient, job_ids: Sequence[int]) -> None:

@@ -95,16 +95,19 @@ def test_injection_strings_in_every_text_field_are_stored_as_data_and_rendered_h
     assert all(any(s in r["title"] for s in INJECTIONS) for r in rows)  # the model's titles
     assert all(INJECTIONS[0] in r["content"] for r in rows)  # and bodies carried them
 
-    # Every file was written under the job's output folder, named by job id, slug and site.
+    # Every file was written under the job's output folder (its runs' folders, which the job's
+    # folder shows), named by job id, slug and site.
     output = handle.output_dir.resolve()
     written = [p for p in output.rglob("*") if p.is_file()]
-    assert written and all(p.resolve().is_relative_to(output / str(job_id)) for p in written)
+    runs = output / ".runs" / str(job_id)
+    assert (output / str(job_id)).resolve().is_relative_to(runs)
+    assert written and all(p.resolve().is_relative_to(runs) for p in written)
     assert all(".." not in p.relative_to(output).parts for p in written)
     assert not PWNED.exists()  # no shell ever saw a field
 
     pages = [p for p in written if p.suffix == ".html"]
     assert len(pages) == len(rows) + 1 + 1  # the articles, the site's index, the job's index
-    report = output / str(job_id) / "index.html"
+    report = (output / str(job_id) / "index.html").resolve()
     for page in pages:
         content = page.read_text(encoding="utf-8")
         # The job's report draws its own SVGs (no script, no handler: active_content checks).

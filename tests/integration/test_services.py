@@ -310,11 +310,16 @@ def test_save_articles_answers_each_record_and_stores_the_good_ones(start_stack)
                 status=status,
             )
 
+        epoch = client.get_job(job_id).lease_epoch  # the saves are fenced by it
+
+        def save(article: db_pb.Article) -> db_pb.SaveArticleRequest:
+            return db_pb.SaveArticleRequest(article=article, lease_epoch=epoch)
+
         results = client.save_articles(
             [
-                (record(0, stored.status), False),  # the job's own article: stored already
-                (record(1, ArticleStatus.ARTICLE_STATUS_GENERATED), False),
-                (record(2, ArticleStatus.ValueType(99)), False),
+                save(record(0, stored.status)),  # the job's own article: stored already
+                save(record(1, ArticleStatus.ARTICLE_STATUS_GENERATED)),
+                save(record(2, ArticleStatus.ValueType(99))),
             ]
         )
         assert [(r.article_id, r.created) for r in results[:2]] == [
@@ -376,7 +381,11 @@ def test_generator_rejects_an_article_sent_twice_and_writes_it_once(start_stack)
         handle, job_file({"tier1": {"count": 1, "min_word_count": 100, "max_word_count": 200}})
     )
     job_id = events[0].job_started.job_id
-    settings = _settings(job_id=job_id)
+    with PersistenceClient(
+        handle.stack.persistence_address, service_token=handle.stack.service_token
+    ) as client:
+        epoch = client.get_job(job_id).lease_epoch  # else the generator writes nothing for it
+    settings = _settings(job_id=job_id, lease_epoch=epoch)
     article = gen_pb.ArticleRequest(article_index=1, title="Twice")
     messages = [
         gen_pb.GenerateArticlesRequest(settings=settings),

@@ -351,8 +351,9 @@ def test_a_tier_can_have_its_own_sites(start_stack) -> None:
 
 def test_a_failed_export_is_reported_and_publish_runs_it_again(start_stack) -> None:
     handle = start_stack(simulator=SimulatorConfig(latency=0.0))
-    # The fresh database's first job is job 1; a file where its site folder must go breaks export.
-    blocker = handle.output_dir / "1" / SITES[0]
+    # The fresh database's first job is job 1, and its first run writes under lease epoch 1: a
+    # file where that run's site folder must go breaks the export.
+    blocker = handle.output_dir / ".runs" / "1" / "1" / SITES[0]
     blocker.parent.mkdir(parents=True)
     blocker.write_text("not a folder")
     events, finished = run_job(handle, job_file({"tier1": tier(2)}, deployment_targets=SITES[:1]))

@@ -19,6 +19,7 @@ from generator_service.llm.limits import (
     ModelLimits,
     ProviderGate,
     RequestTooLargeError,
+    SharedBucket,
     TokenBucket,
 )
 from generator_service.llm.pricing import PricesFileError, PriceTable
@@ -262,3 +263,65 @@ def test_budgets_shrink_to_fit_a_tokens_per_minute_limit() -> None:
     llm = RetryingLlm(inner, RetryPolicy(), Sleeps(), ProviderGate(ModelLimits(tpm=3000)))
     llm.complete(model="m", system="s", prompt="x" * 300, max_tokens=8000, temperature=0)
     assert inner.asked[0]["max_tokens"] == 3000 * PACING - (300 + 1 + 2) // 3 - 16
+
+
+class FakeSharedStore:
+    """persistence's ReserveRate over one bucket per name, on a fake clock; can be 'down'."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.down = False
+        self.levels: dict[str, tuple[float, float]] = {}  # name: (level, updated)
+        self.holders: dict[str, set[str]] = {}
+
+    def reserve(
+        self, name: str, per_minute: float, amount: float, holder: str
+    ) -> tuple[float, int]:
+        if self.down:
+            raise ConnectionError("persistence is down")
+        level, updated = self.levels.get(name, (per_minute, self.clock.now))
+        level = min(per_minute, level + (self.clock.now - updated) * per_minute / 60) - amount
+        self.levels[name] = (level, self.clock.now)
+        if holder:
+            self.holders.setdefault(name, set()).add(holder)
+        return max(0.0, -level / (per_minute / 60)), len(
+            self.holders.get(name, ())
+        ) if holder else 0
+
+
+def test_generators_sharing_a_bucket_together_get_one_limit() -> None:
+    clock = FakeClock()
+    store = FakeSharedStore(clock)
+    a, b = (SharedBucket("m rpm", 100, store.reserve, who, clock=clock) for who in "ab")
+    # The bucket holds 98: between them, the two get 98 at once, not 98 each.
+    waits = [bucket.reserve(1) for _ in range(49) for bucket in (a, b)]
+    assert waits == [0.0] * 98
+    assert b.reserve(1) == pytest.approx(60 / (100 * PACING))
+    assert a.holders == 2 or b.holders == 2
+    with pytest.raises(RequestTooLargeError):
+        a.reserve(99)
+
+
+def test_a_generator_that_cannot_reach_the_shared_bucket_keeps_to_its_share() -> None:
+    clock = FakeClock()
+    store = FakeSharedStore(clock)
+    buckets = [SharedBucket("m rpm", 60, store.reserve, who, clock=clock) for who in "abc"]
+    for bucket in buckets:
+        bucket.reserve(1)  # each says it draws on the bucket: 3 holders
+    store.down = True
+    a = buckets[2]
+    # Its share: 60/3 a minute, started empty (no burst at the switch): one every 3 s or so.
+    first = a.reserve(1)
+    assert first == pytest.approx(60 / (20 * PACING))
+    assert a.reserve(1) == pytest.approx(2 * 60 / (20 * PACING))
+    store.down = False
+    clock.now += 11  # after a while it asks the shared bucket again, and is back on it
+    assert a.reserve(1) == 0.0
+
+
+def test_before_it_knows_the_holders_a_cut_off_generator_assumes_several() -> None:
+    clock = FakeClock()
+    store = FakeSharedStore(clock)
+    store.down = True
+    bucket = SharedBucket("m rpm", 60, store.reserve, "a", assumed_holders=4, clock=clock)
+    assert bucket.reserve(1) == pytest.approx(60 / (15 * PACING))  # 60/4 a minute

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator_service.postprocess import OutputWriteError, write_atomically
 from orchestrator_service.publish import (
     ARTICLE_TEMPLATE,
     INDEX_TEMPLATE,
@@ -18,6 +17,7 @@ from orchestrator_service.publish import (
     slugify,
     template_environment,
 )
+from orchestrator_service.run_folder import OutputWriteError, write_atomically
 from tests.xss_payloads import PAYLOADS, active_content
 
 

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from generator_service.domain import ArticleRecord
+from generator_service.lease import LeaseLostError
 from generator_service.saver import ArticleNotSavedError, PersistenceSaver
 from tierwriter.persistence.v1 import persistence_service_pb2 as pb
 
@@ -16,25 +17,28 @@ from tierwriter.persistence.v1 import persistence_service_pb2 as pb
 class FakePersistence:
     """save_articles that records each call's titles; the first call can be held open."""
 
-    def __init__(self, hold_first: bool = False, refuse: str = "") -> None:
+    def __init__(self, hold_first: bool = False, refuse: str = "", epoch: int = 0) -> None:
         self.calls: list[list[str]] = []
         self.first_call_started = threading.Event()
         self.release = threading.Event()
         if not hold_first:
             self.release.set()
         self._refuse = refuse
+        self._epoch = epoch  # the job's lease epoch: saves under another are refused
         self._ids = iter(range(1, 1000))
 
-    def save_articles(self, saves: Sequence[tuple[pb.Article, bool]]) -> list[pb.SaveArticleResult]:
-        self.calls.append([article.title for article, _ in saves])
+    def save_articles(self, saves: Sequence[pb.SaveArticleRequest]) -> list[pb.SaveArticleResult]:
+        self.calls.append([save.article.title for save in saves])
         self.first_call_started.set()
         self.release.wait()
-        return [
-            pb.SaveArticleResult(error="article.status: bad")
-            if article.title == self._refuse
-            else pb.SaveArticleResult(article_id=next(self._ids), created=True)
-            for article, _ in saves
-        ]
+        return [self._result(save) for save in saves]
+
+    def _result(self, save: pb.SaveArticleRequest) -> pb.SaveArticleResult:
+        if save.lease_epoch != self._epoch:
+            return pb.SaveArticleResult(error="lease epoch is stale", lease_lost=True)
+        if save.article.title == self._refuse:
+            return pb.SaveArticleResult(error="article.status: bad")
+        return pb.SaveArticleResult(article_id=next(self._ids), created=True)
 
 
 def _record(index: int) -> ArticleRecord:
@@ -113,3 +117,13 @@ def test_close_finishes_queued_saves_and_refuses_new_ones() -> None:
     with pytest.raises(ArticleNotSavedError, match="shutting down"):
         saver.save(_record(1))
     assert persistence.calls == [["t0"]]
+
+
+def test_a_save_under_a_stale_lease_epoch_raises_lease_lost_and_the_others_are_stored() -> None:
+    saver = PersistenceSaver(FakePersistence(epoch=4))  # type: ignore[arg-type]
+    try:
+        with pytest.raises(LeaseLostError, match="stale"):
+            saver.save(_record(0), lease_epoch=3)
+        assert saver.save(_record(1), lease_epoch=4) == (1, True)
+    finally:
+        saver.close()

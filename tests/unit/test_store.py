@@ -9,10 +9,15 @@ from argon2 import extract_parameters
 
 from persistence_service import store as store_module
 from persistence_service.store import (
+    ArticleSave,
     AuthenticationError,
     ConflictError,
     InvalidRecordError,
+    NewJobRecord,
     NotFoundError,
+    QuotaExceededError,
+    QuotaLimits,
+    StaleLeaseError,
     StateError,
     Store,
 )
@@ -107,12 +112,12 @@ def test_saving_many_judges_each_record_as_a_lone_save_would(store: Store) -> No
     skipped, _ = store.save_article(_article(project_id, job_id, 1, "skipped"))
     results = store.save_articles(
         [
-            (_article(project_id, job_id, 0, "failed"), False),  # stored already: unchanged
-            (_article(project_id, job_id, 1, "generated"), False),  # a skipped one is replaced
-            (_article(project_id, job_id, 2, "generated"), False),
-            (_article(project_id, job_id, 3, "done"), False),  # no such status
-            (_article(project_id, job_id + 99, 4, "generated"), False),  # no such job
-            (_article(project_id, job_id, 2, "failed"), False),  # key given twice: once stored
+            ArticleSave(_article(project_id, job_id, 0, "failed")),  # stored already: unchanged
+            ArticleSave(_article(project_id, job_id, 1, "generated")),  # a skipped one is replaced
+            ArticleSave(_article(project_id, job_id, 2, "generated")),
+            ArticleSave(_article(project_id, job_id, 3, "done")),  # no such status
+            ArticleSave(_article(project_id, job_id + 99, 4, "generated")),  # no such job
+            ArticleSave(_article(project_id, job_id, 2, "failed")),  # key given twice: once stored
         ]
     )
     assert [(r.created, r.error) for r in results] == [
@@ -133,9 +138,9 @@ def test_one_bad_reference_in_many_saves_costs_only_its_own_record(store: Store)
     project_id, job_id = _job(store, 3)
     results = store.save_articles(
         [
-            (_article(project_id, job_id, 0, "generated"), False),
-            (_article(project_id + 99, job_id, 1, "generated"), False),  # the commit fails
-            (_article(project_id, job_id, 2, "generated"), False),
+            ArticleSave(_article(project_id, job_id, 0, "generated")),
+            ArticleSave(_article(project_id + 99, job_id, 1, "generated")),  # the commit fails
+            ArticleSave(_article(project_id, job_id, 2, "generated")),
         ]
     )
     assert [r.created for r in results] == [True, False, True]
@@ -145,7 +150,7 @@ def test_one_bad_reference_in_many_saves_costs_only_its_own_record(store: Store)
 
 def test_concurrent_batches_of_the_same_keys_store_each_once(store: Store) -> None:
     project_id, job_id = _job(store, 20)
-    batch = [(_article(project_id, job_id, i, "generated"), False) for i in range(20)]
+    batch = [ArticleSave(_article(project_id, job_id, i, "generated")) for i in range(20)]
     with ThreadPoolExecutor(max_workers=4) as pool:
         runs = list(pool.map(lambda _: store.save_articles(batch), range(4)))
     for i in range(20):
@@ -345,8 +350,128 @@ def test_a_url_belongs_to_one_article_and_a_conflict_changes_nothing(store: Stor
 def test_pages_are_recorded_together_or_not_at_all(store: Store) -> None:
     project_id, job_id = _job(store, 2)
     ids = [store.save_article(_article(project_id, job_id, i, "generated"))[0].id for i in range(2)]
-    with pytest.raises(NotFoundError, match="article 424242 does not exist"):
-        store.set_publications({ids[0]: ("a.html", "<p>a</p>"), 424242: ("x.html", "x")})
+    with pytest.raises(NotFoundError, match=f"article 424242 of job {job_id} does not exist"):
+        store.set_publications(job_id, {ids[0]: ("a.html", "<p>a</p>"), 424242: ("x.html", "x")})
     assert [a.html for a in store.list_articles(job_id)] == ["", ""]
-    assert store.set_publications({i: (f"{i}.html", f"<p>{i}</p>") for i in ids}) == 2
+    assert store.set_publications(job_id, {i: (f"{i}.html", f"<p>{i}</p>") for i in ids}) == 2
     assert [a.output_path for a in store.list_articles(job_id)] == [f"{i}.html" for i in ids]
+
+
+def _claim(store: Store, owner: str = "orch-a") -> int:
+    """Claim the one queued (or expired) job for `owner`; its new lease epoch."""
+    [(job, _previous)] = store.claim_jobs(owner, 30.0, 0, 10)
+    return job.lease_epoch
+
+
+def test_every_claim_raises_the_epoch_and_a_stale_epoch_writes_nothing(store: Store) -> None:
+    project_id, job_id = _job(store, 3)
+    first = _claim(store, "orch-a")
+    store.renew_leases("orch-a", {job_id: first}, 0.0)  # its lease runs out at once
+    second = _claim(store, "orch-b")  # taken over, as after a pause past the lease
+    assert second == first + 1
+    stale = [
+        lambda: store.save_article(_article(project_id, job_id, 0, "generated"), False, first),
+        lambda: store.record_titles(job_id, "tier1", ["A"], 1, 1, 1, lease_epoch=first),
+        lambda: store.append_events(job_id, [(1, b"x")], first),
+        lambda: store.set_job_files(job_id, {"index.html": b"x"}, first),
+        lambda: store.finish_job(job_id, "completed", "", first),
+    ]
+    for write in stale:
+        with pytest.raises(StaleLeaseError, match=f"epoch {first} is stale"):
+            write()
+    [result] = store.save_articles([ArticleSave(_article(project_id, job_id, 1, "generated"),
+                                                lease_epoch=first)])  # fmt: skip
+    assert result.lease_lost and not result.article_id
+    assert store.list_articles(job_id) == [] and store.get_job(job_id).titles == {}
+    assert store.renew_leases("orch-a", {job_id: first}, 30.0) == ([], {})
+    assert store.check_lease(job_id, first) == (False, second)
+    # The holder's writes go through.
+    store.save_article(_article(project_id, job_id, 0, "generated"), False, second)
+    assert store.renew_leases("orch-b", {job_id: second}, 30.0)[0] == [job_id]
+    assert store.finish_job(job_id, "completed", "", second).status == "completed"
+
+
+def test_a_publication_of_an_ended_job_takes_a_new_epoch(store: Store) -> None:
+    _project_id, job_id = _job(store, 1)
+    with pytest.raises(StateError, match="queued"):
+        store.begin_publication(job_id)
+    epoch = _claim(store)
+    store.finish_job(job_id, "completed", "", epoch)
+    publishing = store.begin_publication(job_id).lease_epoch
+    assert publishing == epoch + 1
+    assert store.set_job_files(job_id, {"index.html": b"<p>1</p>"}, publishing) == 1
+    newer = store.begin_publication(job_id).lease_epoch  # a second publish, elsewhere
+    with pytest.raises(StaleLeaseError):
+        store.set_job_files(job_id, {"index.html": b"<p>old</p>"}, publishing)
+    store.set_job_files(job_id, {"index.html": b"<p>2</p>", "s/index.html": b"s"}, newer)
+    assert [(f.path, f.content) for f in store.list_job_files(job_id)] == [
+        ("index.html", b"<p>2</p>"),
+        ("s/index.html", b"s"),
+    ]
+    with pytest.raises(InvalidRecordError, match="not a path inside the job"):
+        store.set_job_files(job_id, {"../x": b""}, newer)
+
+
+def test_a_shared_rate_bucket_lets_out_its_size_then_its_refill(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [1000.0]  # the database's clock, standing still unless the test moves it
+    monkeypatch.setattr(store_module.repository, "database_seconds", lambda _session: now[0])
+    # 60 a minute: a full bucket of 60, then one a second.
+    waits = [store.reserve_rate("m rpm", 60.0, 1.0, "gen-a")[0] for _ in range(60)]
+    assert waits == [0.0] * 60
+    wait, holders = store.reserve_rate("m rpm", 60.0, 1.0, "gen-b")
+    assert wait == pytest.approx(1.0) and holders == 2
+    assert store.reserve_rate("m rpm", 60.0, 1.0)[0] == pytest.approx(2.0)  # reserved ahead
+    now[0] += 30.0  # half a minute refills 30: the 2 owed, then 28 at once
+    assert [store.reserve_rate("m rpm", 60.0, 1.0)[0] for _ in range(28)] == [0.0] * 28
+    assert store.reserve_rate("m rpm", 60.0, 1.0)[0] == pytest.approx(1.0)
+    assert store.reserve_rate("other rpm", 60.0, 1.0)[0] == 0.0  # buckets are apart
+    with pytest.raises(InvalidRecordError, match="more than the bucket holds"):
+        store.reserve_rate("m tpm", 100.0, 101.0)
+
+
+def _new_job(requested: int, name: str = "p") -> NewJobRecord:
+    project = {"name": name, "main_keyword": "k", "entities": [], "related_searches": [],
+               "money_site_url": ""}  # fmt: skip
+    return NewJobRecord(spec={"tiers": []}, max_workers=5, requested=requested, project=project)
+
+
+def test_a_submission_past_a_quota_is_refused_whole_and_writes_nothing(store: Store) -> None:
+    store.ensure_admin("admin-password")
+    store.create_user("ann", "ann-password", "user")
+    store.set_quota("", QuotaLimits(max_active_articles=100, max_queued_jobs=3))
+    store.submit_jobs("ann", [("ann.net", "")], [_new_job(60)])
+    with pytest.raises(QuotaExceededError, match=r"past your quota of 100 \(you have 60\)"):
+        store.submit_jobs("ann", [("new.net", "")], [_new_job(30, "q"), _new_job(30, "r")])
+    assert [s.hostname for s in store.list_sites()] == ["ann.net"]  # nothing of it written
+    assert [p.name for p in store.list_projects("ann")] == ["p"]
+    store.submit_jobs("ann", [], [_new_job(20), _new_job(20)])  # the quota exactly: fine
+    with pytest.raises(QuotaExceededError, match="jobs would make 4 queued, past your quota of 3"):
+        store.set_quota("ann", QuotaLimits(max_active_articles=0, max_queued_jobs=3))
+        store.submit_jobs("ann", [], [_new_job(1)])
+    limits, own, used = store.quota("ann")
+    assert (limits, own, used) == (QuotaLimits(0, 3), True, (100, 3))
+    assert store.set_quota("ann", None) == QuotaLimits(100, 3)  # back to the default
+    # A retried submission (the answer was lost) returns the jobs it made, once.
+    store.set_quota("", QuotaLimits(0, 0))
+    first = store.submit_jobs("ann", [], [_new_job(1), _new_job(1)], request_id="r1")
+    again = store.submit_jobs("ann", [], [_new_job(1), _new_job(1)], request_id="r1")
+    assert [j.id for j in again] == [j.id for j in first]
+
+
+def test_one_users_submissions_at_once_cannot_pass_the_quota_together(store: Store) -> None:
+    store.ensure_admin("admin-password")
+    store.create_user("ann", "ann-password", "user")
+    store.set_quota("ann", QuotaLimits(max_active_articles=0, max_queued_jobs=5))
+
+    def submit(n: int) -> bool:
+        try:
+            store.submit_jobs("ann", [], [_new_job(1, f"p{n}")])
+            return True
+        except QuotaExceededError:
+            return False
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        accepted = sum(pool.map(submit, range(12)))
+    assert accepted == 5 and store.quota("ann")[2] == (5, 5)

@@ -26,7 +26,7 @@ from tierwriter.article.v1 import article_event_pb2 as tierwriter_dot_article_do
 from tierwriter.job.v1 import job_pb2 as tierwriter_dot_job_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n/tierwriter/generator/v1/generator_service.proto\x12\x17tierwriter.generator.v1\x1a)tierwriter/article/v1/article_event.proto\x1a\x1btierwriter/job/v1/job.proto\"f\n\x0eProjectContext\x12\x12\n\nproject_id\x18\x01 \x01(\x03\x12\x14\n\x0cmain_keyword\x18\x02 \x01(\t\x12\x10\n\x08\x65ntities\x18\x03 \x03(\t\x12\x18\n\x10related_searches\x18\x04 \x03(\t\"\xb2\x01\n\x15GenerateTitlesRequest\x12\x38\n\x07project\x18\x01 \x01(\x0b\x32\'.tierwriter.generator.v1.ProjectContext\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12\r\n\x05model\x18\x04 \x01(\t\x12\x1a\n\x12max_parallel_calls\x18\x05 \x01(\x05\x12\x17\n\x0f\x65xisting_titles\x18\x06 \x03(\t\"\xf8\x01\n\x16GenerateTitlesResponse\x12\x0e\n\x06titles\x18\x01 \x03(\t\x12\x11\n\tshortfall\x18\x02 \x01(\x05\x12\x11\n\tapi_calls\x18\x03 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x03\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\r\n\x05\x66\x61tal\x18\x07 \x01(\x08\x12\x10\n\x08\x63ost_usd\x18\x08 \x01(\x01\x12\x10\n\x08rejected\x18\t \x01(\x05\x12\x34\n\x07retries\x18\n \x03(\x0b\x32#.tierwriter.generator.v1.TitleRetry\"<\n\nTitleRetry\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x64\x65lay\x18\x03 \x01(\x01\"\xc0\x02\n\rBatchSettings\x12\x0e\n\x06job_id\x18\x01 \x01(\x03\x12\x38\n\x07project\x18\x02 \x01(\x0b\x32\'.tierwriter.generator.v1.ProjectContext\x12)\n\x04tier\x18\x03 \x01(\x0b\x32\x1b.tierwriter.job.v1.TierSpec\x12/\n\nmore_tiers\x18\t \x03(\x0b\x32\x1b.tierwriter.job.v1.TierSpec\x12-\n\x06models\x18\x04 \x01(\x0b\x32\x1d.tierwriter.job.v1.ModelsSpec\x12\x13\n\x0bmax_workers\x18\x05 \x01(\x05\x12\x19\n\x11\x63ontinue_on_error\x18\x06 \x01(\x08\x12\x16\n\x0ereplace_failed\x18\x07 \x01(\x08\x12\x12\n\nbudget_usd\x18\x08 \x01(\x01\"R\n\x0e\x41rticleRequest\x12\x15\n\rarticle_index\x18\x01 \x01(\x05\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04site\x18\x03 \x01(\t\x12\x0c\n\x04tier\x18\x04 \x01(\t\"\xcd\x01\n\x17GenerateArticlesRequest\x12:\n\x08settings\x18\x01 \x01(\x0b\x32&.tierwriter.generator.v1.BatchSettingsH\x00\x12:\n\x07\x61rticle\x18\x02 \x01(\x0b\x32\'.tierwriter.generator.v1.ArticleRequestH\x00\x12\x32\n\x04stop\x18\x03 \x01(\x0b\x32\".tierwriter.generator.v1.StopBatchH\x00\x42\x06\n\x04kind\"2\n\tStopBatch\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x15\n\rgrace_seconds\x18\x02 \x01(\x01\"N\n\x18GenerateArticlesResponse\x12\x32\n\x05\x65vent\x18\x01 \x01(\x0b\x32#.tierwriter.article.v1.ArticleEvent2\x84\x02\n\x10GeneratorService\x12s\n\x0eGenerateTitles\x12..tierwriter.generator.v1.GenerateTitlesRequest\x1a/.tierwriter.generator.v1.GenerateTitlesResponse0\x01\x12{\n\x10GenerateArticles\x12\x30.tierwriter.generator.v1.GenerateArticlesRequest\x1a\x31.tierwriter.generator.v1.GenerateArticlesResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n/tierwriter/generator/v1/generator_service.proto\x12\x17tierwriter.generator.v1\x1a)tierwriter/article/v1/article_event.proto\x1a\x1btierwriter/job/v1/job.proto\"f\n\x0eProjectContext\x12\x12\n\nproject_id\x18\x01 \x01(\x03\x12\x14\n\x0cmain_keyword\x18\x02 \x01(\t\x12\x10\n\x08\x65ntities\x18\x03 \x03(\t\x12\x18\n\x10related_searches\x18\x04 \x03(\t\"\xd7\x01\n\x15GenerateTitlesRequest\x12\x38\n\x07project\x18\x01 \x01(\x0b\x32\'.tierwriter.generator.v1.ProjectContext\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12\r\n\x05model\x18\x04 \x01(\t\x12\x1a\n\x12max_parallel_calls\x18\x05 \x01(\x05\x12\x17\n\x0f\x65xisting_titles\x18\x06 \x03(\t\x12\x0e\n\x06job_id\x18\x07 \x01(\x03\x12\x13\n\x0blease_epoch\x18\x08 \x01(\x03\"\xf8\x01\n\x16GenerateTitlesResponse\x12\x0e\n\x06titles\x18\x01 \x03(\t\x12\x11\n\tshortfall\x18\x02 \x01(\x05\x12\x11\n\tapi_calls\x18\x03 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x03\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\r\n\x05\x66\x61tal\x18\x07 \x01(\x08\x12\x10\n\x08\x63ost_usd\x18\x08 \x01(\x01\x12\x10\n\x08rejected\x18\t \x01(\x05\x12\x34\n\x07retries\x18\n \x03(\x0b\x32#.tierwriter.generator.v1.TitleRetry\"<\n\nTitleRetry\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x64\x65lay\x18\x03 \x01(\x01\"\xd5\x02\n\rBatchSettings\x12\x0e\n\x06job_id\x18\x01 \x01(\x03\x12\x38\n\x07project\x18\x02 \x01(\x0b\x32\'.tierwriter.generator.v1.ProjectContext\x12)\n\x04tier\x18\x03 \x01(\x0b\x32\x1b.tierwriter.job.v1.TierSpec\x12/\n\nmore_tiers\x18\t \x03(\x0b\x32\x1b.tierwriter.job.v1.TierSpec\x12-\n\x06models\x18\x04 \x01(\x0b\x32\x1d.tierwriter.job.v1.ModelsSpec\x12\x13\n\x0bmax_workers\x18\x05 \x01(\x05\x12\x19\n\x11\x63ontinue_on_error\x18\x06 \x01(\x08\x12\x16\n\x0ereplace_failed\x18\x07 \x01(\x08\x12\x12\n\nbudget_usd\x18\x08 \x01(\x01\x12\x13\n\x0blease_epoch\x18\n \x01(\x03\"R\n\x0e\x41rticleRequest\x12\x15\n\rarticle_index\x18\x01 \x01(\x05\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04site\x18\x03 \x01(\t\x12\x0c\n\x04tier\x18\x04 \x01(\t\"\xcd\x01\n\x17GenerateArticlesRequest\x12:\n\x08settings\x18\x01 \x01(\x0b\x32&.tierwriter.generator.v1.BatchSettingsH\x00\x12:\n\x07\x61rticle\x18\x02 \x01(\x0b\x32\'.tierwriter.generator.v1.ArticleRequestH\x00\x12\x32\n\x04stop\x18\x03 \x01(\x0b\x32\".tierwriter.generator.v1.StopBatchH\x00\x42\x06\n\x04kind\"2\n\tStopBatch\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x15\n\rgrace_seconds\x18\x02 \x01(\x01\"N\n\x18GenerateArticlesResponse\x12\x32\n\x05\x65vent\x18\x01 \x01(\x0b\x32#.tierwriter.article.v1.ArticleEvent2\x84\x02\n\x10GeneratorService\x12s\n\x0eGenerateTitles\x12..tierwriter.generator.v1.GenerateTitlesRequest\x1a/.tierwriter.generator.v1.GenerateTitlesResponse0\x01\x12{\n\x10GenerateArticles\x12\x30.tierwriter.generator.v1.GenerateArticlesRequest\x1a\x31.tierwriter.generator.v1.GenerateArticlesResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,21 +36,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROJECTCONTEXT']._serialized_start=148
   _globals['_PROJECTCONTEXT']._serialized_end=250
   _globals['_GENERATETITLESREQUEST']._serialized_start=253
-  _globals['_GENERATETITLESREQUEST']._serialized_end=431
-  _globals['_GENERATETITLESRESPONSE']._serialized_start=434
-  _globals['_GENERATETITLESRESPONSE']._serialized_end=682
-  _globals['_TITLERETRY']._serialized_start=684
-  _globals['_TITLERETRY']._serialized_end=744
-  _globals['_BATCHSETTINGS']._serialized_start=747
-  _globals['_BATCHSETTINGS']._serialized_end=1067
-  _globals['_ARTICLEREQUEST']._serialized_start=1069
-  _globals['_ARTICLEREQUEST']._serialized_end=1151
-  _globals['_GENERATEARTICLESREQUEST']._serialized_start=1154
-  _globals['_GENERATEARTICLESREQUEST']._serialized_end=1359
-  _globals['_STOPBATCH']._serialized_start=1361
-  _globals['_STOPBATCH']._serialized_end=1411
-  _globals['_GENERATEARTICLESRESPONSE']._serialized_start=1413
-  _globals['_GENERATEARTICLESRESPONSE']._serialized_end=1491
-  _globals['_GENERATORSERVICE']._serialized_start=1494
-  _globals['_GENERATORSERVICE']._serialized_end=1754
+  _globals['_GENERATETITLESREQUEST']._serialized_end=468
+  _globals['_GENERATETITLESRESPONSE']._serialized_start=471
+  _globals['_GENERATETITLESRESPONSE']._serialized_end=719
+  _globals['_TITLERETRY']._serialized_start=721
+  _globals['_TITLERETRY']._serialized_end=781
+  _globals['_BATCHSETTINGS']._serialized_start=784
+  _globals['_BATCHSETTINGS']._serialized_end=1125
+  _globals['_ARTICLEREQUEST']._serialized_start=1127
+  _globals['_ARTICLEREQUEST']._serialized_end=1209
+  _globals['_GENERATEARTICLESREQUEST']._serialized_start=1212
+  _globals['_GENERATEARTICLESREQUEST']._serialized_end=1417
+  _globals['_STOPBATCH']._serialized_start=1419
+  _globals['_STOPBATCH']._serialized_end=1469
+  _globals['_GENERATEARTICLESRESPONSE']._serialized_start=1471
+  _globals['_GENERATEARTICLESRESPONSE']._serialized_end=1549
+  _globals['_GENERATORSERVICE']._serialized_start=1552
+  _globals['_GENERATORSERVICE']._serialized_end=1812
 # @@protoc_insertion_point(module_scope)

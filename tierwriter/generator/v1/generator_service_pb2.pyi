@@ -70,6 +70,8 @@ class GenerateTitlesRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     MAX_PARALLEL_CALLS_FIELD_NUMBER: _builtins.int
     EXISTING_TITLES_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    LEASE_EPOCH_FIELD_NUMBER: _builtins.int
     tier: _builtins.str
     """The tier's name."""
     count: _builtins.int
@@ -78,6 +80,12 @@ class GenerateTitlesRequest(_message.Message):
     """The title model; empty means the configured default."""
     max_parallel_calls: _builtins.int
     """At most this many title calls run at once (the job's concurrency)."""
+    job_id: _builtins.int
+    """The job the titles are for; 0 for a call outside any job (its lease is then not checked)."""
+    lease_epoch: _builtins.int
+    """The job's lease epoch: checked before each round of title calls, and the stream ends
+    ABORTED once another orchestrator holds the job.
+    """
     @_builtins.property
     def project(self) -> Global___ProjectContext:
         """The project the titles are for."""
@@ -95,10 +103,12 @@ class GenerateTitlesRequest(_message.Message):
         model: _builtins.str = ...,
         max_parallel_calls: _builtins.int = ...,
         existing_titles: _abc.Iterable[_builtins.str] | None = ...,
+        job_id: _builtins.int = ...,
+        lease_epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["project", b"project"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "existing_titles", b"existing_titles", "max_parallel_calls", b"max_parallel_calls", "model", b"model", "project", b"project", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "existing_titles", b"existing_titles", "job_id", b"job_id", "lease_epoch", b"lease_epoch", "max_parallel_calls", b"max_parallel_calls", "model", b"model", "project", b"project", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -215,6 +225,7 @@ class BatchSettings(_message.Message):
     CONTINUE_ON_ERROR_FIELD_NUMBER: _builtins.int
     REPLACE_FAILED_FIELD_NUMBER: _builtins.int
     BUDGET_USD_FIELD_NUMBER: _builtins.int
+    LEASE_EPOCH_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     """The job the articles belong to."""
     max_workers: _builtins.int
@@ -225,6 +236,11 @@ class BatchSettings(_message.Message):
     """A resume retrying failures: a stored failed record of an article is replaced by the new one."""
     budget_usd: _builtins.float
     """USD the batch may spend; an article that would pass it is recorded as skipped. 0: no limit."""
+    lease_epoch: _builtins.int
+    """The job's lease epoch (the fencing token the orchestrator runs the job under): checked
+    before each article's first model call and carried by every save; once stale, nothing more
+    of the stream is written (its articles are reported SKIPPED).
+    """
     @_builtins.property
     def project(self) -> Global___ProjectContext:
         """The project context for the prompts."""
@@ -256,10 +272,11 @@ class BatchSettings(_message.Message):
         continue_on_error: _builtins.bool = ...,
         replace_failed: _builtins.bool = ...,
         budget_usd: _builtins.float = ...,
+        lease_epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["models", b"models", "project", b"project", "tier", b"tier"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_usd", b"budget_usd", "continue_on_error", b"continue_on_error", "job_id", b"job_id", "max_workers", b"max_workers", "models", b"models", "more_tiers", b"more_tiers", "project", b"project", "replace_failed", b"replace_failed", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_usd", b"budget_usd", "continue_on_error", b"continue_on_error", "job_id", b"job_id", "lease_epoch", b"lease_epoch", "max_workers", b"max_workers", "models", b"models", "more_tiers", b"more_tiers", "project", b"project", "replace_failed", b"replace_failed", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

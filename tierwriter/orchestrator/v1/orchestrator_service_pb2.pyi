@@ -319,6 +319,158 @@ class SetPasswordRequest(_message.Message):
 Global___SetPasswordRequest: _TypeAlias = SetPasswordRequest  # noqa: Y015
 
 @_typing.final
+class Quota(_message.Message):
+    """How much one user may have waiting and running at once."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_ACTIVE_ARTICLES_FIELD_NUMBER: _builtins.int
+    MAX_QUEUED_JOBS_FIELD_NUMBER: _builtins.int
+    max_active_articles: _builtins.int
+    """Articles of the user's queued and running jobs, at most; 0: no limit."""
+    max_queued_jobs: _builtins.int
+    """Queued jobs of the user, at most; 0: no limit."""
+    def __init__(
+        self,
+        *,
+        max_active_articles: _builtins.int = ...,
+        max_queued_jobs: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_active_articles", b"max_active_articles", "max_queued_jobs", b"max_queued_jobs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Quota: _TypeAlias = Quota  # noqa: Y015
+
+@_typing.final
+class GetQuotaRequest(_message.Message):
+    """Request for GetQuota."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USERNAME_FIELD_NUMBER: _builtins.int
+    DEFAULT_QUOTA_FIELD_NUMBER: _builtins.int
+    username: _builtins.str
+    """The user; empty for the caller."""
+    default_quota: _builtins.bool
+    """The default quota instead of a user's."""
+    def __init__(
+        self,
+        *,
+        username: _builtins.str = ...,
+        default_quota: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_quota", b"default_quota", "username", b"username"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetQuotaRequest: _TypeAlias = GetQuotaRequest  # noqa: Y015
+
+@_typing.final
+class GetQuotaResponse(_message.Message):
+    """Response of GetQuota."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUOTA_FIELD_NUMBER: _builtins.int
+    OWN_FIELD_NUMBER: _builtins.int
+    ACTIVE_ARTICLES_FIELD_NUMBER: _builtins.int
+    QUEUED_JOBS_FIELD_NUMBER: _builtins.int
+    USERNAME_FIELD_NUMBER: _builtins.int
+    own: _builtins.bool
+    """Whether it is the user's own (false: the default applies to them)."""
+    active_articles: _builtins.int
+    """Articles of the user's queued and running jobs now."""
+    queued_jobs: _builtins.int
+    """Queued jobs of the user now."""
+    username: _builtins.str
+    """Whose quota it is; empty for the default."""
+    @_builtins.property
+    def quota(self) -> Global___Quota:
+        """The quota that applies."""
+
+    def __init__(
+        self,
+        *,
+        quota: Global___Quota | None = ...,
+        own: _builtins.bool = ...,
+        active_articles: _builtins.int = ...,
+        queued_jobs: _builtins.int = ...,
+        username: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quota", b"quota"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_articles", b"active_articles", "own", b"own", "queued_jobs", b"queued_jobs", "quota", b"quota", "username", b"username"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetQuotaResponse: _TypeAlias = GetQuotaResponse  # noqa: Y015
+
+@_typing.final
+class SetQuotaRequest(_message.Message):
+    """Request for SetQuota."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USERNAME_FIELD_NUMBER: _builtins.int
+    DEFAULT_QUOTA_FIELD_NUMBER: _builtins.int
+    QUOTA_FIELD_NUMBER: _builtins.int
+    CLEAR_FIELD_NUMBER: _builtins.int
+    username: _builtins.str
+    """The user; leave empty with `default_quota`."""
+    default_quota: _builtins.bool
+    """The default quota instead of a user's."""
+    clear: _builtins.bool
+    """Remove the user's own quota: the default applies to them again."""
+    @_builtins.property
+    def quota(self) -> Global___Quota:
+        """The new quota (ignored with `clear`)."""
+
+    def __init__(
+        self,
+        *,
+        username: _builtins.str = ...,
+        default_quota: _builtins.bool = ...,
+        quota: Global___Quota | None = ...,
+        clear: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quota", b"quota"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clear", b"clear", "default_quota", b"default_quota", "quota", b"quota", "username", b"username"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetQuotaRequest: _TypeAlias = SetQuotaRequest  # noqa: Y015
+
+@_typing.final
+class SetQuotaResponse(_message.Message):
+    """Response of SetQuota."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUOTA_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def quota(self) -> Global___Quota:
+        """The quota that applies now."""
+
+    def __init__(
+        self,
+        *,
+        quota: Global___Quota | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quota", b"quota"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["quota", b"quota"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetQuotaResponse: _TypeAlias = SetQuotaResponse  # noqa: Y015
+
+@_typing.final
 class SubmitJobRequest(_message.Message):
     """Request for SubmitJob."""
 

@@ -465,6 +465,7 @@ class Job(_message.Message):
     CANCEL_REASON_FIELD_NUMBER: _builtins.int
     LAST_EVENT_SEQ_FIELD_NUMBER: _builtins.int
     RETRY_FAILED_FIELD_NUMBER: _builtins.int
+    LEASE_EPOCH_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Database id."""
     project_id: _builtins.int
@@ -497,6 +498,11 @@ class Job(_message.Message):
     """Sequence number of the job's last stored event; 0 before any."""
     retry_failed: _builtins.bool
     """The queued resume also generates the failed articles."""
+    lease_epoch: _builtins.int
+    """The lease's fencing token: raised by every claim of the job (and every publication of it
+    once ended). Each write made for the job carries the epoch it was made under; persistence
+    refuses a stale one with ABORTED.
+    """
     @_builtins.property
     def spec(self) -> _job_pb2.JobSpec:
         """The job's entry of the job file."""
@@ -536,10 +542,11 @@ class Job(_message.Message):
         cancel_reason: _builtins.str = ...,
         last_event_seq: _builtins.int = ...,
         retry_failed: _builtins.bool = ...,
+        lease_epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "finish_time", b"finish_time", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_reason", b"cancel_reason", "create_time", b"create_time", "error", b"error", "finish_time", b"finish_time", "id", b"id", "last_event_seq", b"last_event_seq", "lease_owner", b"lease_owner", "max_workers", b"max_workers", "owner", b"owner", "project_id", b"project_id", "requested_articles", b"requested_articles", "retry_failed", b"retry_failed", "spec", b"spec", "status", b"status", "title_api_calls", b"title_api_calls", "title_completion_tokens", b"title_completion_tokens", "title_cost_usd", b"title_cost_usd", "title_prompt_tokens", b"title_prompt_tokens", "title_shortfall", b"title_shortfall", "titles", b"titles"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_reason", b"cancel_reason", "create_time", b"create_time", "error", b"error", "finish_time", b"finish_time", "id", b"id", "last_event_seq", b"last_event_seq", "lease_epoch", b"lease_epoch", "lease_owner", b"lease_owner", "max_workers", b"max_workers", "owner", b"owner", "project_id", b"project_id", "requested_articles", b"requested_articles", "retry_failed", b"retry_failed", "spec", b"spec", "status", b"status", "title_api_calls", b"title_api_calls", "title_completion_tokens", b"title_completion_tokens", "title_cost_usd", b"title_cost_usd", "title_prompt_tokens", b"title_prompt_tokens", "title_shortfall", b"title_shortfall", "titles", b"titles"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -590,6 +597,256 @@ class CreateJobRequest(_message.Message):
 Global___CreateJobRequest: _TypeAlias = CreateJobRequest  # noqa: Y015
 
 @_typing.final
+class NewJob(_message.Message):
+    """One job of a SubmitJobs call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INLINE_PROJECT_FIELD_NUMBER: _builtins.int
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    SPEC_FIELD_NUMBER: _builtins.int
+    MAX_WORKERS_FIELD_NUMBER: _builtins.int
+    REQUESTED_ARTICLES_FIELD_NUMBER: _builtins.int
+    project_id: _builtins.int
+    """An existing project's id."""
+    max_workers: _builtins.int
+    """The effective concurrency."""
+    requested_articles: _builtins.int
+    """Articles requested over all tiers."""
+    @_builtins.property
+    def inline_project(self) -> Global___Project:
+        """An inline project, created for the owner unless they have one of that name."""
+
+    @_builtins.property
+    def spec(self) -> _job_pb2.JobSpec:
+        """The job's entry of the job file."""
+
+    def __init__(
+        self,
+        *,
+        inline_project: Global___Project | None = ...,
+        project_id: _builtins.int = ...,
+        spec: _job_pb2.JobSpec | None = ...,
+        max_workers: _builtins.int = ...,
+        requested_articles: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["inline_project", b"inline_project", "project", b"project", "project_id", b"project_id", "spec", b"spec"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inline_project", b"inline_project", "max_workers", b"max_workers", "project", b"project", "project_id", b"project_id", "requested_articles", b"requested_articles", "spec", b"spec"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_project: _TypeAlias = _typing.Literal["inline_project", "project_id"]  # noqa: Y015
+    _WhichOneofArgType_project: _TypeAlias = _typing.Literal["project", b"project"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_project) -> _WhichOneofReturnType_project | None: ...
+
+Global___NewJob: _TypeAlias = NewJob  # noqa: Y015
+
+@_typing.final
+class SubmitJobsRequest(_message.Message):
+    """Request for SubmitJobs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OWNER_FIELD_NUMBER: _builtins.int
+    SITES_FIELD_NUMBER: _builtins.int
+    ANY_OWNER_FIELD_NUMBER: _builtins.int
+    JOBS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    owner: _builtins.str
+    """The owner's username."""
+    any_owner: _builtins.bool
+    """The owner is an admin: anyone's stored site may be used (it keeps its owner)."""
+    request_id: _builtins.str
+    """Makes a retried call safe: a second call with the same id returns the first one's jobs."""
+    @_builtins.property
+    def sites(self) -> _containers.RepeatedCompositeFieldContainer[Global___Site]:
+        """The sites the jobs name; new ones become the owner's, an empty template keeps a stored one."""
+
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___NewJob]:
+        """The jobs, in the file's order."""
+
+    def __init__(
+        self,
+        *,
+        owner: _builtins.str = ...,
+        sites: _abc.Iterable[Global___Site] | None = ...,
+        any_owner: _builtins.bool = ...,
+        jobs: _abc.Iterable[Global___NewJob] | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["any_owner", b"any_owner", "jobs", b"jobs", "owner", b"owner", "request_id", b"request_id", "sites", b"sites"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitJobsRequest: _TypeAlias = SubmitJobsRequest  # noqa: Y015
+
+@_typing.final
+class SubmitJobsResponse(_message.Message):
+    """Response of SubmitJobs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOBS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Job]:
+        """The jobs created, queued, in request order."""
+
+    def __init__(
+        self,
+        *,
+        jobs: _abc.Iterable[Global___Job] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitJobsResponse: _TypeAlias = SubmitJobsResponse  # noqa: Y015
+
+@_typing.final
+class Quota(_message.Message):
+    """How much one user may have waiting and running at once."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_ACTIVE_ARTICLES_FIELD_NUMBER: _builtins.int
+    MAX_QUEUED_JOBS_FIELD_NUMBER: _builtins.int
+    max_active_articles: _builtins.int
+    """Articles of the user's queued and running jobs, at most; 0: no limit."""
+    max_queued_jobs: _builtins.int
+    """Queued jobs of the user, at most; 0: no limit."""
+    def __init__(
+        self,
+        *,
+        max_active_articles: _builtins.int = ...,
+        max_queued_jobs: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_active_articles", b"max_active_articles", "max_queued_jobs", b"max_queued_jobs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Quota: _TypeAlias = Quota  # noqa: Y015
+
+@_typing.final
+class SetQuotaRequest(_message.Message):
+    """Request for SetQuota."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USERNAME_FIELD_NUMBER: _builtins.int
+    QUOTA_FIELD_NUMBER: _builtins.int
+    CLEAR_FIELD_NUMBER: _builtins.int
+    username: _builtins.str
+    """The user; empty sets the default quota."""
+    clear: _builtins.bool
+    """Remove the user's own quota instead of setting one."""
+    @_builtins.property
+    def quota(self) -> Global___Quota:
+        """The quota. A user's own quota may be removed (`clear`) to fall back to the default."""
+
+    def __init__(
+        self,
+        *,
+        username: _builtins.str = ...,
+        quota: Global___Quota | None = ...,
+        clear: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quota", b"quota"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clear", b"clear", "quota", b"quota", "username", b"username"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetQuotaRequest: _TypeAlias = SetQuotaRequest  # noqa: Y015
+
+@_typing.final
+class SetQuotaResponse(_message.Message):
+    """Response of SetQuota."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUOTA_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def quota(self) -> Global___Quota:
+        """The quota that applies to the user now."""
+
+    def __init__(
+        self,
+        *,
+        quota: Global___Quota | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quota", b"quota"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["quota", b"quota"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetQuotaResponse: _TypeAlias = SetQuotaResponse  # noqa: Y015
+
+@_typing.final
+class GetQuotaRequest(_message.Message):
+    """Request for GetQuota."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USERNAME_FIELD_NUMBER: _builtins.int
+    username: _builtins.str
+    """The user; empty for the default quota."""
+    def __init__(
+        self,
+        *,
+        username: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["username", b"username"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetQuotaRequest: _TypeAlias = GetQuotaRequest  # noqa: Y015
+
+@_typing.final
+class GetQuotaResponse(_message.Message):
+    """Response of GetQuota."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUOTA_FIELD_NUMBER: _builtins.int
+    OWN_FIELD_NUMBER: _builtins.int
+    ACTIVE_ARTICLES_FIELD_NUMBER: _builtins.int
+    QUEUED_JOBS_FIELD_NUMBER: _builtins.int
+    own: _builtins.bool
+    """Whether it is the user's own (false: the default)."""
+    active_articles: _builtins.int
+    """Articles of the user's queued and running jobs now."""
+    queued_jobs: _builtins.int
+    """Queued jobs of the user now."""
+    @_builtins.property
+    def quota(self) -> Global___Quota:
+        """The quota that applies."""
+
+    def __init__(
+        self,
+        *,
+        quota: Global___Quota | None = ...,
+        own: _builtins.bool = ...,
+        active_articles: _builtins.int = ...,
+        queued_jobs: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quota", b"quota"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_articles", b"active_articles", "own", b"own", "queued_jobs", b"queued_jobs", "quota", b"quota"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetQuotaResponse: _TypeAlias = GetQuotaResponse  # noqa: Y015
+
+@_typing.final
 class RecordTitlesRequest(_message.Message):
     """Request for RecordTitles."""
 
@@ -604,6 +861,7 @@ class RecordTitlesRequest(_message.Message):
     SHORTFALL_FIELD_NUMBER: _builtins.int
     COST_USD_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    LEASE_EPOCH_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     """The job's id."""
     tier: _builtins.str
@@ -620,6 +878,8 @@ class RecordTitlesRequest(_message.Message):
     """USD spent on them."""
     request_id: _builtins.str
     """Makes a retried call safe: a second call with the same id changes nothing."""
+    lease_epoch: _builtins.int
+    """The lease epoch the titles were made under (ABORTED when stale)."""
     @_builtins.property
     def titles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The tier's titles in article order."""
@@ -636,10 +896,11 @@ class RecordTitlesRequest(_message.Message):
         shortfall: _builtins.int = ...,
         cost_usd: _builtins.float = ...,
         request_id: _builtins.str = ...,
+        lease_epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "completion_tokens", b"completion_tokens", "cost_usd", b"cost_usd", "job_id", b"job_id", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "shortfall", b"shortfall", "tier", b"tier", "titles", b"titles"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "completion_tokens", b"completion_tokens", "cost_usd", b"cost_usd", "job_id", b"job_id", "lease_epoch", b"lease_epoch", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "shortfall", b"shortfall", "tier", b"tier", "titles", b"titles"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -654,26 +915,26 @@ class FinishJobRequest(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
-    OWNER_FIELD_NUMBER: _builtins.int
+    LEASE_EPOCH_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     """The job's id."""
     status: _job_pb2.JobStatus.ValueType
     """Completed, failed, cancelled or interrupted."""
     error: _builtins.str
     """Why the job failed; empty when it did not."""
-    owner: _builtins.str
-    """The orchestrator holding the job's lease."""
+    lease_epoch: _builtins.int
+    """The lease epoch the run ended under (ABORTED when another orchestrator took the job over)."""
     def __init__(
         self,
         *,
         job_id: _builtins.int = ...,
         status: _job_pb2.JobStatus.ValueType = ...,
         error: _builtins.str = ...,
-        owner: _builtins.str = ...,
+        lease_epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "job_id", b"job_id", "owner", b"owner", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "job_id", b"job_id", "lease_epoch", b"lease_epoch", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -995,8 +1256,11 @@ class SaveArticleRequest(_message.Message):
 
     ARTICLE_FIELD_NUMBER: _builtins.int
     REPLACE_FAILED_FIELD_NUMBER: _builtins.int
+    LEASE_EPOCH_FIELD_NUMBER: _builtins.int
     replace_failed: _builtins.bool
     """Replace a stored record of the same key if it is `failed` (a resume retrying failures)."""
+    lease_epoch: _builtins.int
+    """The lease epoch of the job the article was written under (ABORTED when stale)."""
     @_builtins.property
     def article(self) -> Global___Article:
         """The record; `id`, `url` and `output_path` are ignored."""
@@ -1006,10 +1270,11 @@ class SaveArticleRequest(_message.Message):
         *,
         article: Global___Article | None = ...,
         replace_failed: _builtins.bool = ...,
+        lease_epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["article", b"article"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["article", b"article", "replace_failed", b"replace_failed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["article", b"article", "lease_epoch", b"lease_epoch", "replace_failed", b"replace_failed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1100,22 +1365,28 @@ class SaveArticleResult(_message.Message):
     ARTICLE_ID_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    LEASE_LOST_FIELD_NUMBER: _builtins.int
     article_id: _builtins.int
     """The stored record's id (0 when `error` is set)."""
     created: _builtins.bool
     """False when the record already existed and this save changed nothing."""
     error: _builtins.str
-    """Why this record was not stored (invalid, or its job does not exist); empty when it was."""
+    """Why this record was not stored (invalid, its job does not exist, a stale lease epoch);
+    empty when it was.
+    """
+    lease_lost: _builtins.bool
+    """Not stored because its lease epoch is no longer the job's (another orchestrator runs it)."""
     def __init__(
         self,
         *,
         article_id: _builtins.int = ...,
         created: _builtins.bool = ...,
         error: _builtins.str = ...,
+        lease_lost: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["article_id", b"article_id", "created", b"created", "error", b"error"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["article_id", b"article_id", "created", b"created", "error", b"error", "lease_lost", b"lease_lost"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1229,8 +1500,11 @@ class SetArticleUrlsRequest(_message.Message):
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     URLS_FIELD_NUMBER: _builtins.int
+    LEASE_EPOCH_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     """The job the articles belong to."""
+    lease_epoch: _builtins.int
+    """The lease epoch the publication runs under (ABORTED when stale)."""
     @_builtins.property
     def urls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ArticleUrl]:
         """The URLs to set."""
@@ -1240,10 +1514,11 @@ class SetArticleUrlsRequest(_message.Message):
         *,
         job_id: _builtins.int = ...,
         urls: _abc.Iterable[Global___ArticleUrl] | None = ...,
+        lease_epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "urls", b"urls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "lease_epoch", b"lease_epoch", "urls", b"urls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1360,22 +1635,224 @@ class SetArticlePublicationsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PUBLICATIONS_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    LEASE_EPOCH_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.int
+    """The job they belong to."""
+    lease_epoch: _builtins.int
+    """The lease epoch the publication runs under (ABORTED when stale)."""
     @_builtins.property
     def publications(self) -> _containers.RepeatedCompositeFieldContainer[Global___ArticlePublication]:
-        """The pages."""
+        """The pages, all of articles of `job_id`."""
 
     def __init__(
         self,
         *,
         publications: _abc.Iterable[Global___ArticlePublication] | None = ...,
+        job_id: _builtins.int = ...,
+        lease_epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["publications", b"publications"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "lease_epoch", b"lease_epoch", "publications", b"publications"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetArticlePublicationsRequest: _TypeAlias = SetArticlePublicationsRequest  # noqa: Y015
+
+@_typing.final
+class JobFile(_message.Message):
+    """A published file of a job that is not an article page."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """Its path inside the job's folder, e.g. `index.html` or `blog-one.example.net/index.html`."""
+    content: _builtins.bytes
+    """Its bytes."""
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        content: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "path", b"path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobFile: _TypeAlias = JobFile  # noqa: Y015
+
+@_typing.final
+class SetJobFilesRequest(_message.Message):
+    """Request for SetJobFiles."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    LEASE_EPOCH_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.int
+    """The job's id."""
+    lease_epoch: _builtins.int
+    """The lease epoch the publication runs under (ABORTED when stale)."""
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobFile]:
+        """Every such file of the job: those stored before and not named here are removed."""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.int = ...,
+        lease_epoch: _builtins.int = ...,
+        files: _abc.Iterable[Global___JobFile] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "job_id", b"job_id", "lease_epoch", b"lease_epoch"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetJobFilesRequest: _TypeAlias = SetJobFilesRequest  # noqa: Y015
+
+@_typing.final
+class SetJobFilesResponse(_message.Message):
+    """Response of SetJobFiles."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    """Files stored."""
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetJobFilesResponse: _TypeAlias = SetJobFilesResponse  # noqa: Y015
+
+@_typing.final
+class ListJobFilesRequest(_message.Message):
+    """Request for ListJobFiles."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.int
+    """The job's id."""
+    page_token: _builtins.str
+    """Where the previous page ended (its `next_page_token`); empty for the first page."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJobFilesRequest: _TypeAlias = ListJobFilesRequest  # noqa: Y015
+
+@_typing.final
+class ListJobFilesResponse(_message.Message):
+    """Response of ListJobFiles."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass it as `page_token` for the next page; empty after the last one."""
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobFile]:
+        """Files in path order; a page ends at about 4 MiB."""
+
+    def __init__(
+        self,
+        *,
+        files: _abc.Iterable[Global___JobFile] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJobFilesResponse: _TypeAlias = ListJobFilesResponse  # noqa: Y015
+
+@_typing.final
+class ReserveRateRequest(_message.Message):
+    """Request for ReserveRate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUCKET_FIELD_NUMBER: _builtins.int
+    PER_MINUTE_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    HOLDER_FIELD_NUMBER: _builtins.int
+    bucket: _builtins.str
+    """The bucket: one limit of one model at one endpoint, e.g. `api.openai.com gpt-4o rpm`."""
+    per_minute: _builtins.float
+    """The bucket's size, refilled over a minute (the caller's paced share of the provider's limit)."""
+    amount: _builtins.float
+    """What the call costs: 1 request, or its tokens."""
+    holder: _builtins.str
+    """Who reserves (a generator's id), counted among the bucket's holders; empty: not counted."""
+    def __init__(
+        self,
+        *,
+        bucket: _builtins.str = ...,
+        per_minute: _builtins.float = ...,
+        amount: _builtins.float = ...,
+        holder: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "bucket", b"bucket", "holder", b"holder", "per_minute", b"per_minute"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReserveRateRequest: _TypeAlias = ReserveRateRequest  # noqa: Y015
+
+@_typing.final
+class ReserveRateResponse(_message.Message):
+    """Response of ReserveRate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WAIT_SECONDS_FIELD_NUMBER: _builtins.int
+    HOLDERS_FIELD_NUMBER: _builtins.int
+    wait_seconds: _builtins.float
+    """Seconds the caller waits before it spends what it reserved (0: at once)."""
+    holders: _builtins.int
+    """Holders that reserved from the bucket in the last minute (when `holder` was given)."""
+    def __init__(
+        self,
+        *,
+        wait_seconds: _builtins.float = ...,
+        holders: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["holders", b"holders", "wait_seconds", b"wait_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReserveRateResponse: _TypeAlias = ReserveRateResponse  # noqa: Y015
 
 @_typing.final
 class ArticleCounts(_message.Message):
@@ -1993,30 +2470,154 @@ class RenewLeasesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     OWNER_FIELD_NUMBER: _builtins.int
-    JOB_IDS_FIELD_NUMBER: _builtins.int
     LEASE_SECONDS_FIELD_NUMBER: _builtins.int
+    LEASES_FIELD_NUMBER: _builtins.int
     owner: _builtins.str
     """The calling orchestrator's id."""
     lease_seconds: _builtins.float
-    """New lease length from now."""
+    """New lease length from now (the database's now)."""
     @_builtins.property
-    def job_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Jobs it runs."""
+    def leases(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobLease]:
+        """The jobs it runs, each with the lease epoch it runs it under."""
 
     def __init__(
         self,
         *,
         owner: _builtins.str = ...,
-        job_ids: _abc.Iterable[_builtins.int] | None = ...,
         lease_seconds: _builtins.float = ...,
+        leases: _abc.Iterable[Global___JobLease] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_ids", b"job_ids", "lease_seconds", b"lease_seconds", "owner", b"owner"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_seconds", b"lease_seconds", "leases", b"leases", "owner", b"owner"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RenewLeasesRequest: _TypeAlias = RenewLeasesRequest  # noqa: Y015
+
+@_typing.final
+class JobLease(_message.Message):
+    """A job's lease as one orchestrator holds it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    LEASE_EPOCH_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.int
+    """The job's id."""
+    lease_epoch: _builtins.int
+    """The epoch its claim gave it."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.int = ...,
+        lease_epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "lease_epoch", b"lease_epoch"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobLease: _TypeAlias = JobLease  # noqa: Y015
+
+@_typing.final
+class CheckLeaseRequest(_message.Message):
+    """Request for CheckLease."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    LEASE_EPOCH_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.int
+    """The job's id."""
+    lease_epoch: _builtins.int
+    """The epoch the caller works under."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.int = ...,
+        lease_epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "lease_epoch", b"lease_epoch"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckLeaseRequest: _TypeAlias = CheckLeaseRequest  # noqa: Y015
+
+@_typing.final
+class CheckLeaseResponse(_message.Message):
+    """Response of CheckLease."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURRENT_FIELD_NUMBER: _builtins.int
+    LEASE_EPOCH_FIELD_NUMBER: _builtins.int
+    current: _builtins.bool
+    """The epoch is still the job's own: work under it may go on."""
+    lease_epoch: _builtins.int
+    """The job's epoch now."""
+    def __init__(
+        self,
+        *,
+        current: _builtins.bool = ...,
+        lease_epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current", b"current", "lease_epoch", b"lease_epoch"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckLeaseResponse: _TypeAlias = CheckLeaseResponse  # noqa: Y015
+
+@_typing.final
+class BeginPublicationRequest(_message.Message):
+    """Request for BeginPublication."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.int
+    """The job's id."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BeginPublicationRequest: _TypeAlias = BeginPublicationRequest  # noqa: Y015
+
+@_typing.final
+class BeginPublicationResponse(_message.Message):
+    """Response of BeginPublication."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> Global___Job:
+        """The job, with its new lease epoch."""
+
+    def __init__(
+        self,
+        *,
+        job: Global___Job | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BeginPublicationResponse: _TypeAlias = BeginPublicationResponse  # noqa: Y015
 
 @_typing.final
 class RenewLeasesResponse(_message.Message):
@@ -2028,7 +2629,7 @@ class RenewLeasesResponse(_message.Message):
     CANCELS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def held(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Jobs whose lease the caller still holds (now renewed)."""
+        """Jobs whose lease the caller still holds under the epoch it gave (now renewed)."""
 
     @_builtins.property
     def cancels(self) -> _containers.RepeatedCompositeFieldContainer[Global___CancelRequest]:
@@ -2134,11 +2735,11 @@ class AppendJobEventsRequest(_message.Message):
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
-    OWNER_FIELD_NUMBER: _builtins.int
+    LEASE_EPOCH_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     """The job's id."""
-    owner: _builtins.str
-    """The orchestrator holding the job's lease (FAILED_PRECONDITION when it no longer does)."""
+    lease_epoch: _builtins.int
+    """The lease epoch they were emitted under (ABORTED when stale: none is stored)."""
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobEventRecord]:
         """Events in sequence order."""
@@ -2148,11 +2749,11 @@ class AppendJobEventsRequest(_message.Message):
         *,
         job_id: _builtins.int = ...,
         events: _abc.Iterable[Global___JobEventRecord] | None = ...,
-        owner: _builtins.str = ...,
+        lease_epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "job_id", b"job_id", "owner", b"owner"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "job_id", b"job_id", "lease_epoch", b"lease_epoch"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -81,6 +81,21 @@ class PersistenceServiceStub:
                 request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.CreateJobRequest.SerializeToString,
                 response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.CreateJobResponse.FromString,
                 _registered_method=True)
+        self.SubmitJobs = channel.unary_unary(
+                '/tierwriter.persistence.v1.PersistenceService/SubmitJobs',
+                request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SubmitJobsRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SubmitJobsResponse.FromString,
+                _registered_method=True)
+        self.SetQuota = channel.unary_unary(
+                '/tierwriter.persistence.v1.PersistenceService/SetQuota',
+                request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetQuotaRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetQuotaResponse.FromString,
+                _registered_method=True)
+        self.GetQuota = channel.unary_unary(
+                '/tierwriter.persistence.v1.PersistenceService/GetQuota',
+                request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetQuotaRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetQuotaResponse.FromString,
+                _registered_method=True)
         self.RecordTitles = channel.unary_unary(
                 '/tierwriter.persistence.v1.PersistenceService/RecordTitles',
                 request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.RecordTitlesRequest.SerializeToString,
@@ -105,6 +120,16 @@ class PersistenceServiceStub:
                 '/tierwriter.persistence.v1.PersistenceService/RenewLeases',
                 request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.RenewLeasesRequest.SerializeToString,
                 response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.RenewLeasesResponse.FromString,
+                _registered_method=True)
+        self.CheckLease = channel.unary_unary(
+                '/tierwriter.persistence.v1.PersistenceService/CheckLease',
+                request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.CheckLeaseRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.CheckLeaseResponse.FromString,
+                _registered_method=True)
+        self.BeginPublication = channel.unary_unary(
+                '/tierwriter.persistence.v1.PersistenceService/BeginPublication',
+                request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.BeginPublicationRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.BeginPublicationResponse.FromString,
                 _registered_method=True)
         self.RequestCancel = channel.unary_unary(
                 '/tierwriter.persistence.v1.PersistenceService/RequestCancel',
@@ -160,6 +185,21 @@ class PersistenceServiceStub:
                 '/tierwriter.persistence.v1.PersistenceService/SetArticlePublications',
                 request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetArticlePublicationsRequest.SerializeToString,
                 response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetArticlePublicationsResponse.FromString,
+                _registered_method=True)
+        self.SetJobFiles = channel.unary_unary(
+                '/tierwriter.persistence.v1.PersistenceService/SetJobFiles',
+                request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetJobFilesRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetJobFilesResponse.FromString,
+                _registered_method=True)
+        self.ListJobFiles = channel.unary_unary(
+                '/tierwriter.persistence.v1.PersistenceService/ListJobFiles',
+                request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListJobFilesRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListJobFilesResponse.FromString,
+                _registered_method=True)
+        self.ReserveRate = channel.unary_unary(
+                '/tierwriter.persistence.v1.PersistenceService/ReserveRate',
+                request_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ReserveRateRequest.SerializeToString,
+                response_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ReserveRateResponse.FromString,
                 _registered_method=True)
         self.GetJobStats = channel.unary_unary(
                 '/tierwriter.persistence.v1.PersistenceService/GetJobStats',
@@ -281,6 +321,29 @@ class PersistenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitJobs(self, request, context):
+        """Stores a whole job file in one transaction: its sites, its inline projects and its jobs
+        (queued), after checking the owner's quota; RESOURCE_EXHAUSTED naming the quota, or
+        ALREADY_EXISTS naming another user's site, and nothing is written.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetQuota(self, request, context):
+        """Sets a user's quota, or the default quota of users without one of their own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetQuota(self, request, context):
+        """A user's quota as it applies (their own or the default), and what they use of it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RecordTitles(self, request, context):
         """Records a tier's titles and what they cost.
         """
@@ -314,6 +377,23 @@ class PersistenceServiceServicer:
 
     def RenewLeases(self, request, context):
         """Extends the caller's leases; says which it still holds and which jobs were asked to stop.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckLease(self, request, context):
+        """Whether a lease epoch is still the job's: a generator asks before each article's first model
+        call, so what it holds for an orchestrator that lost the job is written by nobody twice.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BeginPublication(self, request, context):
+        """Gives an ended job a new lease epoch to publish it again under (PublishJob): a publication
+        still writing under an older epoch is refused from then on. FAILED_PRECONDITION while the
+        job is queued or running.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -395,6 +475,30 @@ class PersistenceServiceServicer:
     def SetArticlePublications(self, request, context):
         """Records the pages post-processed articles were rendered into and where they were written,
         in one transaction; NOT_FOUND (and nothing recorded) when an article does not exist.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetJobFiles(self, request, context):
+        """Replaces a job's published files other than its article pages (site indexes, title lists,
+        the job's index page) with these, in one transaction.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobFiles(self, request, context):
+        """A job's published files other than its article pages, in path order, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReserveRate(self, request, context):
+        """Takes `amount` from a bucket of one provider limit shared by every generator on the
+        database (requests or tokens a minute, refilled continuously, timed by the database's
+        clock) and says how long the caller waits before spending it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -520,6 +624,21 @@ def add_PersistenceServiceServicer_to_server(servicer, server):
                     request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.CreateJobRequest.FromString,
                     response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.CreateJobResponse.SerializeToString,
             ),
+            'SubmitJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitJobs,
+                    request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SubmitJobsRequest.FromString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SubmitJobsResponse.SerializeToString,
+            ),
+            'SetQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetQuota,
+                    request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetQuotaRequest.FromString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetQuotaResponse.SerializeToString,
+            ),
+            'GetQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetQuota,
+                    request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetQuotaRequest.FromString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetQuotaResponse.SerializeToString,
+            ),
             'RecordTitles': grpc.unary_unary_rpc_method_handler(
                     servicer.RecordTitles,
                     request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.RecordTitlesRequest.FromString,
@@ -544,6 +663,16 @@ def add_PersistenceServiceServicer_to_server(servicer, server):
                     servicer.RenewLeases,
                     request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.RenewLeasesRequest.FromString,
                     response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.RenewLeasesResponse.SerializeToString,
+            ),
+            'CheckLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckLease,
+                    request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.CheckLeaseRequest.FromString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.CheckLeaseResponse.SerializeToString,
+            ),
+            'BeginPublication': grpc.unary_unary_rpc_method_handler(
+                    servicer.BeginPublication,
+                    request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.BeginPublicationRequest.FromString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.BeginPublicationResponse.SerializeToString,
             ),
             'RequestCancel': grpc.unary_unary_rpc_method_handler(
                     servicer.RequestCancel,
@@ -599,6 +728,21 @@ def add_PersistenceServiceServicer_to_server(servicer, server):
                     servicer.SetArticlePublications,
                     request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetArticlePublicationsRequest.FromString,
                     response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetArticlePublicationsResponse.SerializeToString,
+            ),
+            'SetJobFiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetJobFiles,
+                    request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetJobFilesRequest.FromString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetJobFilesResponse.SerializeToString,
+            ),
+            'ListJobFiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobFiles,
+                    request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListJobFilesRequest.FromString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListJobFilesResponse.SerializeToString,
+            ),
+            'ReserveRate': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReserveRate,
+                    request_deserializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ReserveRateRequest.FromString,
+                    response_serializer=tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ReserveRateResponse.SerializeToString,
             ),
             'GetJobStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJobStats,
@@ -907,6 +1051,87 @@ class PersistenceService:
             _registered_method=True)
 
     @staticmethod
+    def SubmitJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.persistence.v1.PersistenceService/SubmitJobs',
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SubmitJobsRequest.SerializeToString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SubmitJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.persistence.v1.PersistenceService/SetQuota',
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetQuotaRequest.SerializeToString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetQuotaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.persistence.v1.PersistenceService/GetQuota',
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetQuotaRequest.SerializeToString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.GetQuotaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def RecordTitles(request,
             target,
             options=(),
@@ -1031,6 +1256,60 @@ class PersistenceService:
             '/tierwriter.persistence.v1.PersistenceService/RenewLeases',
             tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.RenewLeasesRequest.SerializeToString,
             tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.RenewLeasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.persistence.v1.PersistenceService/CheckLease',
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.CheckLeaseRequest.SerializeToString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.CheckLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BeginPublication(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.persistence.v1.PersistenceService/BeginPublication',
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.BeginPublicationRequest.SerializeToString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.BeginPublicationResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1328,6 +1607,87 @@ class PersistenceService:
             '/tierwriter.persistence.v1.PersistenceService/SetArticlePublications',
             tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetArticlePublicationsRequest.SerializeToString,
             tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetArticlePublicationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetJobFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.persistence.v1.PersistenceService/SetJobFiles',
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetJobFilesRequest.SerializeToString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.SetJobFilesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.persistence.v1.PersistenceService/ListJobFiles',
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListJobFilesRequest.SerializeToString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ListJobFilesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReserveRate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierwriter.persistence.v1.PersistenceService/ReserveRate',
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ReserveRateRequest.SerializeToString,
+            tierwriter_dot_persistence_dot_v1_dot_persistence__service__pb2.ReserveRateResponse.FromString,
             options,
             channel_credentials,
             insecure,
