@@ -387,10 +387,11 @@ def users_quota(
             print(as_json(found))
             return EXIT_OK
         q = found.quota
-        whose = "the default quota" if default_quota else f"{found.username or 'your'}'s quota"
+        # "Quota of ann", not "Ann's quota": a username keeps its case.
+        whose = "Default quota" if default_quota else f"Quota of {found.username or 'you'}"
         if not default_quota and not found.own:
             whose += " (the default)"
-        print(f"{whose[0].upper()}{whose[1:]}: {_limit(q.max_active_articles)} articles queued and "
+        print(f"{whose}: {_limit(q.max_active_articles)} articles queued and "
               f"running, {_limit(q.max_queued_jobs)} queued jobs")  # fmt: skip
         if not default_quota:
             print(f"In use: {found.active_articles:,} articles, {found.queued_jobs} queued jobs")

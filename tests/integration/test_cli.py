@@ -19,7 +19,14 @@ import trustme
 
 from generator_service.llm.simulator import SimulatorConfig
 from orchestrator_service.client import OrchestratorClient
-from tests.helpers import article_pages, article_rows, free_port, job_file, rows_by_status
+from tests.helpers import (
+    article_pages,
+    article_rows,
+    count_rows,
+    free_port,
+    job_file,
+    rows_by_status,
+)
 from tierwriter.job.v1.job_pb2 import JobStatus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -764,3 +771,50 @@ def test_a_rejected_setting_is_one_error_line_naming_the_variable(
     )
     assert alone.returncode == 2 and alone.stderr.startswith(f"Error: {variable}: ")
     assert "Traceback" not in alone.stderr
+
+
+def test_a_job_file_past_the_users_quota_is_refused_with_exit_5_and_writes_nothing(
+    start_stack, tmp_path: Path
+) -> None:
+    handle = start_stack(simulator=SimulatorConfig(latency=0.0))
+    admin = {
+        "TIERWRITER_USER": "admin",
+        "TIERWRITER_PASSWORD": handle.password,
+        "ORCHESTRATOR_ADDRESS": handle.stack.orchestrator_address,
+    }
+    created = subprocess.run(
+        [sys.executable, "-m", "orchestrator_service.cli", "users", "create", "ann"],
+        input="ann-password-1\n", env={**os.environ, **admin}, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    quota = tierwriter("users", "quota", "ann", "--articles", "10", "--jobs", "2", cwd=tmp_path,
+                       env=admin)  # fmt: skip
+    assert quota.returncode == 0, quota.stderr
+    assert "10 articles queued and running, 2 queued jobs" in quota.stdout
+    ann = {**admin, "TIERWRITER_USER": "ann", "TIERWRITER_PASSWORD": "ann-password-1"}
+    tier = {"count": 6, "min_word_count": 300, "max_word_count": 400}
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    first.write_text(job_file({"tier1": tier}, deployment_targets=["ann-one.example.net"]))
+    second.write_text(job_file({"tier1": tier}, deployment_targets=["ann-two.example.net"]))
+    handle.stack.simulator.hold("outline")  # the first job runs on, its articles active
+    try:
+        accepted = tierwriter("generate-batch", "-j", str(first), "--detach", cwd=tmp_path,
+                              env=ann)  # fmt: skip
+        assert accepted.returncode == 0, accepted.stderr
+        tables = ("jobs", "projects", "sites")
+        before = {t: count_rows(handle.database_url, t) for t in tables}
+        refused = tierwriter("generate-batch", "-j", str(second), cwd=tmp_path, env=ann)
+        assert refused.returncode == 5, refused.stdout + refused.stderr
+        assert "Error: quota: 6 more articles would make 12 queued and running" in refused.stderr
+        assert "past your quota of 10 (you have 6)" in refused.stderr
+        assert "busy" not in refused.stderr  # a limit of the user's, not of the server
+        # Nothing of the refused file was written: no job, no project, no site.
+        assert {t: count_rows(handle.database_url, t) for t in tables} == before
+        shown = tierwriter("users", "quota", cwd=tmp_path, env=ann)
+        assert shown.returncode == 0 and "Quota of ann: 10 articles" in shown.stdout, shown.stdout
+        # Not an admin: a user cannot raise their own quota.
+        raised = tierwriter("users", "quota", "ann", "--articles", "100", cwd=tmp_path, env=ann)
+        assert raised.returncode == 3 and "only an admin can set quotas" in raised.stderr
+    finally:
+        handle.stack.simulator.release()
