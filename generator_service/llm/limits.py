@@ -99,7 +99,9 @@ class SharedBucket:
     generators together let out what one bucket would. When persistence cannot be reached, the
     generator falls back to a bucket of its own holding its share of the limit (the limit over
     the generators that drew on it in the last minute, or `assumed_holders` before it knew),
-    started empty so that the switch adds no burst."""
+    started empty so that the switch adds no burst. What it spent meanwhile reached the
+    provider but not the shared bucket: it is taken from the shared bucket once that answers
+    (as part of the next reservations), so the shared bucket is not fuller than the provider's."""
 
     def __init__(
         self,
@@ -122,6 +124,7 @@ class SharedBucket:
         self._said_at = float("-inf")  # when we last told persistence we draw on it
         self._fallback: TokenBucket | None = None
         self._fallback_until = float("-inf")
+        self._owed = 0.0  # spent on the local share, not yet taken from the shared bucket
 
     def reserve(self, amount: float) -> float:
         if amount > self.capacity:
@@ -136,11 +139,16 @@ class SharedBucket:
             if say:
                 self._said_at = now
         if local is None:
+            with self._lock:  # a reservation holds at most the bucket: the rest waits its turn
+                paid = min(self._owed, self.capacity - amount)
+                self._owed -= paid
             try:
                 wait, holders = self._reserve(
-                    self.name, self.capacity, amount, self._holder if say else ""
+                    self.name, self.capacity, amount + paid, self._holder if say else ""
                 )
             except Exception as e:  # persistence away: our share, not no limit
+                with self._lock:
+                    self._owed += paid
                 local = self._fall_back(e, now)
             else:
                 with self._lock:
@@ -148,7 +156,10 @@ class SharedBucket:
                         self.holders = holders
                     self._fallback = None
                 return wait
-        return local.reserve(amount)
+        wait = local.reserve(amount)
+        with self._lock:
+            self._owed += amount
+        return wait
 
     def _fall_back(self, error: Exception, now: float) -> TokenBucket:
         with self._lock:

@@ -319,6 +319,27 @@ def test_a_generator_that_cannot_reach_the_shared_bucket_keeps_to_its_share() ->
     assert a.reserve(1) == 0.0
 
 
+def test_what_a_cut_off_generator_spent_is_taken_from_the_shared_bucket_once_it_answers() -> None:
+    clock = FakeClock()
+    store = FakeSharedStore(clock)
+    a, b = (SharedBucket("m rpm", 60, store.reserve, who, clock=clock) for who in "ab")
+    a.reserve(1)
+    b.reserve(1)
+    store.down = True
+    for _ in range(5):
+        clock.now += 3.5  # a steady trickle on its share (30 a minute) for 17.5 s
+        a.reserve(1)
+    store.down = False
+    clock.now += 11  # it asks the shared bucket again
+    # The shared bucket refilled to full meanwhile, but the provider saw 5 requests it did not:
+    # they are taken from it now, so its level is the provider's (a fuller one would let a
+    # burst through to 429s), and only once.
+    full = 60 * PACING
+    a.reserve(1)
+    assert store.levels["m rpm"][0] == pytest.approx(full - 6)
+    assert a.reserve(1) == 0.0 and store.levels["m rpm"][0] == pytest.approx(full - 7)
+
+
 def test_before_it_knows_the_holders_a_cut_off_generator_assumes_several() -> None:
     clock = FakeClock()
     store = FakeSharedStore(clock)
