@@ -119,10 +119,12 @@ def run_tierwriter(
     compensation: int | None = None,
     processes: bool = True,
     job_text: str = "",
+    generators: int = 1,
+    generator_settings: dict[str, object] | None = None,
 ) -> Run:
     """The job (`job_text`, else one tier of `articles`) through the real services, on a fresh
-    stack and database: one process per service as `tierwriter up` runs them, or
-    (processes=False) threads of this process."""
+    stack and database: one process per service as `tierwriter up` runs them (`generators`
+    generator processes), or (processes=False) threads of this process."""
     with tempfile.TemporaryDirectory(prefix="tierwriter-bench-") as tmp:
         password = uuid.uuid4().hex
         config = StackConfig.on_loopback(
@@ -133,7 +135,8 @@ def run_tierwriter(
             word_count_compensation=compensation,
             admin_password=password,
             processes=processes,
-            generator_settings={"log_level": "WARNING"},
+            generators=generators,
+            generator_settings={"log_level": "WARNING", **(generator_settings or {})},
         )
         with (
             LocalStack(config) as stack,

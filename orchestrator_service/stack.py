@@ -61,6 +61,9 @@ class StackConfig:
     # One process per service (python -m <service>), each started with this environment plus
     # the settings above; False: threads of this process.
     processes: bool = False
+    # With processes: this many generator processes, each on a port of its own, all given to
+    # the orchestrator as one GENERATOR_ADDRESS (ipv4:a,b,c), as a cluster's DNS name would be.
+    generators: int = 1
 
     @classmethod
     def on_loopback(cls, **fields: Any) -> StackConfig:
@@ -116,6 +119,8 @@ class LocalStack:
         if c.processes:
             self._start_processes()
             return
+        if c.generators != 1:
+            raise ValueError("StackConfig.generators: more than one generator needs processes=True")
         generator_settings = GeneratorSettings(
             **_given(  # type: ignore[arg-type]
                 word_count_compensation=c.word_count_compensation, service_token=token
@@ -185,7 +190,12 @@ class LocalStack:
             env.pop("OPENAI_API_KEY", None)
             env["OPENAI_BASE_URL"] = self.simulator.base_url
         self.persistence_address = _bindable(c.persistence_address, "PERSISTENCE_ADDRESS")
-        self.generator_address = _bindable(c.generator_address, "GENERATOR_ADDRESS")
+        generators = [_bindable(c.generator_address, "GENERATOR_ADDRESS")]
+        generators += [_bindable(f"{generators[0].rpartition(':')[0]}:0", "GENERATOR_ADDRESS")
+                       for _ in range(c.generators - 1)]  # fmt: skip
+        self.generator_address = generators[0] if len(generators) == 1 else (
+            "ipv4:" + ",".join(generators)
+        )  # fmt: skip
         self.orchestrator_address = _bindable(c.orchestrator_address, "ORCHESTRATOR_ADDRESS")
         env.update(
             PERSISTENCE_ADDRESS=self.persistence_address,
@@ -206,18 +216,27 @@ class LocalStack:
             **_environment(GeneratorSettings, c.generator_settings),
             **_environment(OrchestratorSettings, c.orchestrator_settings),
         )
-        for package, address in (
+        # Keyed by package; the second generator on is "generator_service.2", and so on.
+        services = [
             ("persistence_service", self.persistence_address),
-            ("generator_service", self.generator_address),
+            *(
+                (f"generator_service{f'.{n}' if n > 1 else ''}", address)
+                for n, address in enumerate(generators, 1)
+            ),
             ("orchestrator_service", self.orchestrator_address),
-        ):
+        ]
+        for name, address in services:
+            package = name.partition(".")[0]
             # Output and logs go where ours go; persistence prints a generated admin password.
-            process = subprocess.Popen([sys.executable, "-m", package], env=env)
-            self._processes[package] = process
+            # A generator listens on its own address; the orchestrator is given them all.
+            own = {"GENERATOR_ADDRESS": address} if package == "generator_service" else {}
+            process = subprocess.Popen([sys.executable, "-m", package], env={**env, **own})
+            self._processes[name] = process
             _wait_until_serving(process, package, address)
 
     def service_pids(self) -> dict[str, int]:
-        """The service processes' PIDs by package (processes=True; empty otherwise)."""
+        """The service processes' PIDs by name: the package's, the second generator on
+        "generator_service.2" … (processes=True; empty otherwise)."""
         return {package: process.pid for package, process in self._processes.items()}
 
     def stop(self, grace: float = 5.0) -> None:
