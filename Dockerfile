@@ -12,7 +12,8 @@ COPY generator_service ./generator_service
 COPY orchestrator_service ./orchestrator_service
 COPY persistence_service ./persistence_service
 RUN pip install --no-cache-dir --no-deps . \
-    && useradd --system --home /app tierwriter \
+    && groupadd --system --gid 10001 tierwriter \
+    && useradd --system --uid 10001 --gid 10001 --home /app tierwriter \
     && mkdir -p /app/data /app/output \
     && chown tierwriter /app/data /app/output
 
@@ -22,6 +23,7 @@ ENV ORCHESTRATOR_ADDRESS=0.0.0.0:50051 \
     PERSISTENCE_ADDRESS=0.0.0.0:50053 \
     PYTHONUNBUFFERED=1
 
+# The manifests in deploy/kubernetes run the image as this user's uid 10001 directly.
 # The entrypoint starts as root only to hand bind-mounted folders and TLS files to the
 # `tierwriter` user, then runs the service as that user (tierwriter/container.py).
 ENTRYPOINT ["python", "-m", "tierwriter.container"]

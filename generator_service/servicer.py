@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import Counter
 from collections.abc import Iterator
 
 import grpc
@@ -15,6 +16,7 @@ from generator_service.domain import (
     ArticleEvent,
     ArticleTask,
     BatchContext,
+    EventKind,
     InvalidRequestError,
     ProjectInfo,
     StageModels,
@@ -34,6 +36,7 @@ from tierwriter.statuses import article_status
 log = logging.getLogger(__name__)
 MAX_TITLES = 10_000
 _DONE = object()
+_ENDINGS = (EventKind.SAVED, EventKind.FAILED, EventKind.SKIPPED)
 
 
 def project_from_proto(p: pb.ProjectContext) -> ProjectInfo:
@@ -249,14 +252,22 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
             target=produce, name=f"job{batch_context.job_id}-feed", daemon=True
         )
         producer.start()
+        ended: Counter[EventKind] = Counter()  # articles by how they ended here (this thread's)
         try:
             while (item := events.get()) is not _DONE:
                 assert isinstance(item, ArticleEvent)
                 shape = batch.tier(item.tier)
                 assert shape is not None  # events are of tasks, and tasks of the stream's tiers
+                if item.kind in _ENDINGS:
+                    ended[item.kind] += 1
                 yield pb.GenerateArticlesResponse(event=event_to_proto(item, shape.count))
         finally:
             # Also on cancellation: in-flight articles finish and are recorded before we return.
             producer.join()
+            # With several generators, these lines say which one wrote how many of a job.
+            log.info(
+                "job %d: article stream ended: %d saved, %d failed, %d skipped here",
+                batch_context.job_id, *(ended[kind] for kind in _ENDINGS),
+            )  # fmt: skip
         if problems:
             runtime.abort(context, grpc.StatusCode.INVALID_ARGUMENT, problems[0])

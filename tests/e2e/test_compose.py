@@ -32,6 +32,9 @@ USER_UID = 4242  # stands for the host user who made ./output
 COMPOSE = ["docker-compose"]
 ADMIN_PASSWORD = "admin-" + uuid.uuid4().hex[:12]
 # Every character a URL cares about: the database password must still work.
+# The simulated provider's limit, told to the generators as the account's: low enough that a
+# job that ignored it would be refused with 429 within seconds.
+SIMULATOR_RPM = 120
 POSTGRES_PASSWORD = "p@ss/w:rd%20#?&" + uuid.uuid4().hex[:6]
 COPY_IGNORE = shutil.ignore_patterns(
     ".git", "data", "output", "tls", ".env", "*.egg-info", "__pycache__", ".*_cache", ".venv"
@@ -123,6 +126,15 @@ class Deployment:
     def logs(self, service: str) -> str:
         return self.compose("logs", "--no-color", service).stdout
 
+    def simulator(self, path: str, post: bool = False) -> str:
+        """The shared simulator's answer at `path` (it is published nowhere: asked from inside)."""
+        method = "data=b''" if post else "data=None"
+        ask = (
+            "import urllib.request; print(urllib.request.urlopen("
+            f"'http://127.0.0.1:8900{path}', {method}, timeout=10).read().decode())"
+        )
+        return self.compose("exec", "-T", "simulator", "python", "-c", ask).stdout
+
 
 @pytest.fixture
 def deployment(tmp_path: Path) -> Iterator[Deployment]:
@@ -148,6 +160,8 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
         "ORCHESTRATOR_LEASE_SECONDS=5\n"
         "COMPOSE_FILE=docker-compose.yml:docker-compose.simulator.yml\n"
         "SIMULATOR_LATENCY=0.2\n"
+        f"SIMULATOR_RPM={SIMULATOR_RPM}\n"
+        f"LLM_RPM_LIMIT={SIMULATOR_RPM}\n"
     )
     running = Deployment(
         folder, f"twe2e{uuid.uuid4().hex[:8]}", port, tmp_path / "token.json", port2
@@ -175,6 +189,12 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
             text=True,
         ).stdout.split()
         assert down.returncode == 0 and not left, f"not cleaned up: {down.stderr} {left}"
+
+
+def _written(shown: str) -> int:
+    """Articles written (generated + augmented + failed) by `jobs show`'s output; 0 if none."""
+    found = re.search(r"articles: (\d+) generated, (\d+) augmented, (\d+) failed", shown)
+    return sum(int(n) for n in found.groups()) if found else 0
 
 
 def _job(name: str, max_workers: int = 5, **tiers: int) -> str:
@@ -257,7 +277,8 @@ def test_the_compose_deployment_works_as_the_readme_says(deployment: Deployment)
     # Two orchestrators on one database (profile `replica`): the one running a job is killed
     # (SIGKILL) mid-job; the other takes the job over when its lease expires, and a watcher on
     # it sees the job to its end with every article once.
-    d.compose("--profile", "replica", "up", "-d", "--build", "orchestrator-2")
+    # --no-deps: compose v1's `up` of one service would scale the generators back to one.
+    d.compose("--profile", "replica", "up", "-d", "--build", "--no-deps", "orchestrator-2")
     d.wait_healthy("--profile", "replica")
     # One at a time (~20 s), so the kill lands well inside the job.
     (d.folder / "job-takeover.json").write_text(_job("compose-takeover", max_workers=1, tier1=30))
@@ -300,6 +321,45 @@ def test_the_compose_deployment_works_as_the_readme_says(deployment: Deployment)
     shown = d.cli("jobs", "show", job_id, "-u", "admin", "-p", ADMIN_PASSWORD, port=port)
     written = re.search(r"articles: (\d+) generated, (\d+) augmented, (\d+) failed", shown.stdout)
     assert written and sum(int(n) for n in written.groups()) == 30, shown.stdout
+
+    # One job over all three generators, with both orchestrators up (the killed one back), under
+    # the account's limit (the simulator refuses past SIMULATOR_RPM with 429, as a provider
+    # would; the generators are told the same LLM_RPM_LIMIT and share it): each generator writes
+    # a share, one is killed (SIGKILL) mid-job, the others finish it, every article once.
+    d.compose("--profile", "replica", "up", "-d", "--no-deps", victim)  # both orchestrators
+    d.wait_healthy("--profile", "replica")
+    d.simulator("/_simulator/reset", post=True)
+    (d.folder / "job-spread.json").write_text(_job("compose-spread", max_workers=6, tier1=65))
+    submitted = d.cli("generate-batch", "-j", "job-spread.json", "--detach")
+    found = re.search(r"Submitted: job (\d+)", submitted.stdout)
+    assert submitted.returncode == 0 and found, submitted.stdout + submitted.stderr
+    job_id = found.group(1)
+    opened = rf"(generator_\d+)\s+\|.*job {job_id}: article stream for"
+    deadline = time.monotonic() + 240
+    while (
+        len(streams := set(re.findall(opened, d.logs("generator")))) < 3
+        or _written(d.cli("jobs", "show", job_id).stdout) < 6
+    ):
+        assert time.monotonic() < deadline, f"the job did not reach every generator: {streams}"
+        time.sleep(1)
+    killed_generator = sorted(streams)[0]
+    subprocess.run(["docker", "kill", "-s", "KILL", f"{d.project}_{killed_generator}"],
+                   check=True, capture_output=True)  # fmt: skip
+    watched = d.cli("jobs", "watch", job_id)
+    assert watched.returncode == 0, watched.stdout[-2000:] + watched.stderr
+    shown = d.cli("jobs", "show", job_id).stdout
+    assert "status completed" in shown and " 0 failed" in shown and _written(shown) == 65, shown
+    ending = rf"(generator_\d+)\s+\|.*job {job_id}: article stream ended: (\d+) saved"
+    ended = re.findall(ending, d.logs("generator"))
+    saved = {name: 0 for name in streams - {killed_generator}}
+    for name, count in ended:
+        saved[name] = saved.get(name, 0) + int(count)
+    # The survivors each wrote some.
+    assert killed_generator not in saved and all(saved.values()), saved
+    stats = json.loads(d.simulator("/_simulator/stats"))
+    assert stats["rate_limited"] == 0, stats  # never past the account's limit
+    assert stats["requests"] > SIMULATOR_RPM, stats  # more than the bucket held: it paced them
+
     d.compose("--profile", "replica", "rm", "-s", "-f", "orchestrator-2")
 
     # An output folder the user made (README: mkdir -p output): the pages are the user's.
