@@ -417,15 +417,19 @@ class ArticleDispatch:
             with self._cond:
                 if self._stopped() or self._done:
                     return  # not sent: no record, a resume writes it
+                if self._streams.get(stream.stream.address) is not stream:
+                    continue  # it ended since it was chosen: choose again (`pending` is kept)
                 stream.in_flight[key] = pending
                 stream.sent += 1
                 self._owner[key] = stream
             if stream.stream.send(pending):
                 pending = None
-            else:  # its side closed meanwhile (it broke): another stream takes it
-                with self._cond:
-                    stream.in_flight.pop(key, None)
-                    self._owner.pop(key, None)
+                continue
+            with self._cond:  # its side closed meanwhile (it broke)
+                if stream.in_flight.pop(key, None) is not None:
+                    self._owner.pop(key, None)  # another stream takes it
+                else:
+                    pending = None  # its end returned it already: the job's thread resends it
 
     def _room(self) -> bool:
         return len(self._owner) + len(self._returned) < self._cap

@@ -215,11 +215,6 @@ def page_path(site: str, slug: str) -> str:
     return f"{site or NO_SITE}/{slug}.html"
 
 
-def output_path(output_root: Path, job_id: int, site: str, slug: str) -> Path:
-    """output/<job id>/<site>/<slug>.html"""
-    return job_dir(output_root, job_id) / page_path(site, slug)
-
-
 def titles_name(tier: str) -> str:
     """A tier's title list inside its job's folder: titles-<tier>.txt"""
     return f"titles-{tier}.txt"

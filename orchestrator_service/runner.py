@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 
@@ -100,11 +99,6 @@ class JobRunner:
         )
         self._lock = threading.Lock()  # guards _runs
         self._runs: dict[int, JobRun] = {}  # by job id: running here, or winding down
-
-    @property
-    def output_dir(self) -> Path:
-        """Where the jobs' files are written (OUTPUT_DIR)."""
-        return self._settings.output_dir
 
     def validate(self, text: str, caller: Principal) -> JobFile:
         """The job file, checked completely before anything is written: schema, that every

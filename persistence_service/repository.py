@@ -137,13 +137,6 @@ def articles_by_keys(
     return {(a.job_id, a.tier, a.article_index): a for a in found}
 
 
-def existing_job_ids(session: Session, job_ids: set[int]) -> set[int]:
-    """Which of these job ids name a job."""
-    if not job_ids:
-        return set()
-    return set(session.scalars(select(Job.id).where(Job.id.in_(job_ids))))
-
-
 def articles_of_job(
     session: Session,
     job_id: int,

@@ -7,7 +7,7 @@ import logging
 import secrets
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -308,9 +308,7 @@ class Store:
     ) -> None:
         self._session_factory = session_factory
         self._hashes = _HashSlots(password_hashes_at_once, HASH_WAIT_SECONDS)
-        # SQLite writes one transaction at a time anyway; this keeps a bucket's read and write
-        # together (PostgreSQL locks the bucket's row instead).
-        self._rate_lock = threading.Lock()
+        self._rate_lock = threading.Lock()  # see _rate_guard
 
     def _uow(self) -> UnitOfWork:
         return UnitOfWork(self._session_factory)
@@ -631,13 +629,19 @@ class Store:
     def reopen_job(self, job_id: int, max_cost_usd: float = 0.0, retry_failed: bool = False) -> Job:
         """Queue a job that is not running, to resume it (with `retry_failed`, its failed
         articles too), with a new budget in its spec when `max_cost_usd` is given. StateError
-        when it is queued or running already: one job never runs twice at once."""
+        when it is queued or running already: one job never runs twice at once;
+        QuotaExceededError when queueing it again would pass its owner's quota."""
         if max_cost_usd < 0:
             raise InvalidRecordError("max_cost_usd: must not be negative")
         with self._uow() as uow:
             job = self._job(uow.session, job_id, for_update=True)
             if job.status in ("running", "queued"):
                 raise StateError(f"job {job_id} is {job.status}; cancel it first or wait for it")
+            repository.lock_submissions(uow.session, job.owner)  # as submit_jobs checks it
+            limits, _own = self._limits(uow.session, job.owner)
+            used = repository.active_usage(uow.session, job.owner)
+            if problem := _quota_problem(limits, used, (job.requested_articles, 1)):
+                raise QuotaExceededError(problem)
             job.status, job.error, job.finished_at = "queued", "", None
             job.cancel_reason, job.retry_failed = "", retry_failed
             if max_cost_usd:
@@ -968,8 +972,10 @@ class Store:
                 f"amount: {amount:,.0f} is more than the bucket holds ({per_minute:,.0f})"
             )
         rate = per_minute / 60.0
-        for _attempt in range(2):  # two first reservations of a new bucket may race its insert
-            with self._rate_lock, self._uow() as uow:
+        # Two first reservations of a new bucket (or holder) may race its insert, on two
+        # persistence replicas too: the loser's flush or commit fails, and it tries once more.
+        for _attempt in range(2):
+            with self._uow() as uow, self._rate_guard(uow.session):
                 now = repository.database_seconds(uow.session)
                 row = repository.rate_bucket(uow.session, bucket)
                 if row is None:
@@ -980,20 +986,28 @@ class Store:
                 row.updated = max(row.updated, now)
                 wait = max(0.0, -row.level / rate)
                 holders = 0
-                if holder:
-                    seen = repository.rate_holder(uow.session, bucket, holder)
-                    if seen is None:
-                        uow.session.add(RateHolder(bucket=bucket, holder=holder, seen=now))
-                    else:
-                        seen.seen = now
-                    uow.session.flush()
-                    holders = repository.count_holders(uow.session, bucket, now - 60.0)
                 try:
+                    if holder:
+                        seen = repository.rate_holder(uow.session, bucket, holder)
+                        if seen is None:
+                            uow.session.add(RateHolder(bucket=bucket, holder=holder, seen=now))
+                        else:
+                            seen.seen = now
+                        uow.session.flush()
+                        holders = repository.count_holders(uow.session, bucket, now - 60.0)
                     uow.commit()
                 except IntegrityError:
                     continue
                 return wait, holders
         raise BusyError(f"rate bucket {bucket!r}: could not be created; try again")
+
+    def _rate_guard(self, session: Session) -> AbstractContextManager[object]:
+        """SQLite: the process's lock keeps a bucket's read and write together (a transaction
+        that read could not write after another's commit). PostgreSQL locks the bucket's row
+        instead, so buckets never wait for each other there."""
+        if session.get_bind().dialect.name == "sqlite":
+            return self._rate_lock
+        return nullcontext()
 
     def job_stats(self, job_ids: Sequence[int]) -> Stats:
         """Counts over the given jobs, computed from the records in one read."""

@@ -56,10 +56,17 @@ class TokenBucket:
     smaller, a little slower, started later), so what it lets out the provider accepts."""
 
     def __init__(
-        self, per_minute: float, clock: Clock = time.monotonic, start_empty: bool = False
+        self,
+        per_minute: float,
+        clock: Clock = time.monotonic,
+        start_empty: bool = False,
+        largest: float | None = None,
     ) -> None:
         self.limit = per_minute
         self.capacity = per_minute * PACING
+        # The largest call it takes (the rest of it is waited for); a share of a bigger limit
+        # takes that limit's calls.
+        self.largest = self.capacity if largest is None else largest
         self._rate = per_minute / 60.0 * PACING
         self._clock = clock
         self._level = 0.0 if start_empty else self.capacity
@@ -69,7 +76,7 @@ class TokenBucket:
     def reserve(self, amount: float) -> float:
         """Take `amount` now and return the seconds to wait before using it. Reservations may
         run the bucket into debt; later ones wait longer, so callers go out in order."""
-        if amount > self.capacity:
+        if amount > self.largest:
             raise RequestTooLargeError(
                 f"a call needs {amount:,.0f}, more than the limit of {self.limit:,} a minute "
                 f"allows at once ({PACING:.0%} of it)"
@@ -169,7 +176,9 @@ class SharedBucket:
                     "%s: the shared limit cannot be reached (%s): using this generator's share, "
                     "1/%d of it, until it can", self.name, error, share,
                 )  # fmt: skip
-                self._fallback = TokenBucket(self.limit / share, self._clock, start_empty=True)
+                self._fallback = TokenBucket(
+                    self.limit / share, self._clock, start_empty=True, largest=self.capacity
+                )
             self._fallback_until = now + FALLBACK_SECONDS
             self._said_at = float("-inf")  # say so again once it answers
             return self._fallback

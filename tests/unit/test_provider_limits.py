@@ -340,6 +340,15 @@ def test_what_a_cut_off_generator_spent_is_taken_from_the_shared_bucket_once_it_
     assert a.reserve(1) == 0.0 and store.levels["m rpm"][0] == pytest.approx(full - 7)
 
 
+def test_a_cut_off_generator_still_takes_a_call_bigger_than_its_share_and_waits_for_it() -> None:
+    clock = FakeClock()
+    store = FakeSharedStore(clock)
+    store.down = True
+    tokens = SharedBucket("m tpm", 30_000, store.reserve, "a", assumed_holders=4, clock=clock)
+    # Its share is 7,500 tokens a minute; an 8,000-token call is the account's to make, paced.
+    assert tokens.reserve(8_000) == pytest.approx(8_000 / (7_500 * PACING / 60))
+
+
 def test_before_it_knows_the_holders_a_cut_off_generator_assumes_several() -> None:
     clock = FakeClock()
     store = FakeSharedStore(clock)

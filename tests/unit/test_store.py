@@ -460,6 +460,20 @@ def test_a_submission_past_a_quota_is_refused_whole_and_writes_nothing(store: St
     assert [j.id for j in again] == [j.id for j in first]
 
 
+def test_resuming_a_job_past_the_quota_is_refused_and_leaves_it_as_it_was(store: Store) -> None:
+    store.ensure_admin("admin-password")
+    store.create_user("ann", "ann-password", "user")
+    store.set_quota("ann", QuotaLimits(max_active_articles=100, max_queued_jobs=0))
+    [first] = store.submit_jobs("ann", [], [_new_job(60)])
+    store.finish_job(first.id, "failed", "the key was rejected")
+    store.submit_jobs("ann", [], [_new_job(50, "q")])
+    with pytest.raises(QuotaExceededError, match=r"past your quota of 100 \(you have 50\)"):
+        store.reopen_job(first.id)
+    assert store.get_job(first.id).status == "failed"
+    store.set_quota("ann", QuotaLimits(max_active_articles=110, max_queued_jobs=0))
+    assert store.reopen_job(first.id).status == "queued"
+
+
 def test_one_users_submissions_at_once_cannot_pass_the_quota_together(store: Store) -> None:
     store.ensure_admin("admin-password")
     store.create_user("ann", "ann-password", "user")
