@@ -2,7 +2,7 @@
 
     python bench/cluster_bench.py                     # all three parts (about 10 minutes)
     python bench/cluster_bench.py --part scaling --repeats 1
-    python bench/cluster_bench.py --part limit --rpm 600 --limit-articles 200
+    python bench/cluster_bench.py --part limit --rpm 600 --limit-articles 500
 
 1. Scaling: one job (one tier, 800-1,200 words) through 1, 2 and 3 generator processes (one
    process per service, SQLite, as `tierwriter up` runs them), at 0.25 s a call and at zero
@@ -217,7 +217,7 @@ def main() -> None:
     parser.add_argument("--articles", type=int, default=600, help="scaling and cost job size")
     parser.add_argument("--workers", type=int, default=100, help="the scaling job's max_workers")
     parser.add_argument("--rpm", type=int, default=600, help="the shared limit R")
-    parser.add_argument("--limit-articles", type=int, default=240, help="each limit job's size")
+    parser.add_argument("--limit-articles", type=int, default=500, help="each limit job's size")
     args = parser.parse_args()
     parts = args.part or ["scaling", "limit", "cost"]
     if "scaling" in parts:
