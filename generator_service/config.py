@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from generator_service.llm.limits import ModelLimits
+from generator_service.outline import HEADING_MAX_CHARS
 from generator_service.titles import DEFAULT_LENGTH
 from tierwriter.settings import ServiceSettings
 
@@ -54,6 +55,11 @@ class Settings(ServiceSettings):
     )
     # JSON prices, USD per million tokens: {"my-model": {"input": 0.5, "output": 1.5}}.
     llm_prices_file: str | None = Field(None, alias="LLM_PRICES_FILE")
+    # Outline headings longer than this (characters) are sentences, not headings: dropped (too
+    # few left and the outline is asked for once more).
+    outline_heading_max_chars: int = Field(
+        HEADING_MAX_CHARS, ge=20, le=500, alias="OUTLINE_HEADING_MAX_CHARS"
+    )
     # Titles outside this length (characters) are dropped and asked for again.
     title_min_chars: int = Field(DEFAULT_LENGTH[0], ge=1, alias="TITLE_MIN_CHARS")
     title_max_chars: int = Field(DEFAULT_LENGTH[1], ge=1, le=1000, alias="TITLE_MAX_CHARS")

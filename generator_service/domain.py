@@ -108,6 +108,8 @@ class ArticleEvent:
     attempt: int = 0
     retry_delay: float = 0.0
     fatal: bool = False  # FAILED by an API error that ends the job (key, model, endpoint)
+    error_type: str = ""  # FAILED: the error's class name
+    endpoint: str = ""  # FAILED: the model API the generator called
     cost_usd: float = 0.0
     tokens: int = 0  # prompt + completion (SAVED, FAILED)
     concurrency_before: int = 0  # THROTTLED

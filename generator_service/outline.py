@@ -15,10 +15,16 @@ from typing import Any
 
 from generator_service.domain import ProjectInfo, TierShape
 from generator_service.text import strip_fences
+from generator_service.titles import NUMBERING, normalise_title
 
 Outline = list[dict[str, Any]]
 
 _JSON_OBJECT = re.compile(r"\{.*\}", re.DOTALL)
+# Longer than this (characters), a heading is a sentence: OUTLINE_HEADING_MAX_CHARS.
+HEADING_MAX_CHARS = 100
+# Markdown emphasis around a whole heading ("**Costs**"); inside it, `*` and backticks are the
+# heading's own (the project's related searches may hold anything).
+_WRAPPED = re.compile(r"^(\*\*|__|\*|`)(.+)\1$")
 # Sections with more H3s get more words; every section gets at least this share of one "unit".
 _SECTION_BASE_WEIGHT = 2
 
@@ -48,9 +54,9 @@ def h3_total(outline: Outline) -> int:
     return sum(len(section["h3"]) for section in outline)
 
 
-def parse_outline(reply: str) -> Outline:
-    """The outline sections from a model reply. Accepts fences and prose around the JSON;
-    raises OutlineError naming what is wrong."""
+def parse_outline(reply: str, max_heading_chars: int = HEADING_MAX_CHARS) -> Outline:
+    """The outline sections from a model reply, its headings cleaned (clean_outline). Accepts
+    fences and prose around the JSON; raises OutlineError naming what is wrong."""
     text = strip_fences(reply)
     match = _JSON_OBJECT.search(text)
     snippet = " ".join(text.split())[:80]
@@ -73,7 +79,49 @@ def parse_outline(reply: str) -> Outline:
         if not section["h2"].strip():
             raise OutlineError(f"outline section {i} has an empty H2")
         outline.append({"h2": section["h2"].strip(), "h3": [h.strip() for h in h3 if h.strip()]})
-    return outline
+    return clean_outline(outline, max_heading_chars)
+
+
+def clean_heading(text: str) -> str:
+    """A heading without the list marker, numbering ("1.", "2.3", "## ") or emphasis a model
+    put around it, nor a trailing full stop ("1. **Costs**." → "Costs")."""
+    text = text.strip()
+    for _ in range(2):  # "**1. Costs**" has its number inside the emphasis
+        text = NUMBERING.sub("", text).strip()
+        if wrapped := _WRAPPED.match(text):
+            text = wrapped.group(2).strip()
+    return text.removesuffix(".").strip()
+
+
+def clean_outline(outline: Outline, max_chars: int = HEADING_MAX_CHARS) -> Outline:
+    """Headings as headings (clean_heading: list markers, numbering such as "1." and wrapping
+    markdown removed); dropped: a heading longer than `max_chars` (a sentence, not a
+    heading; an H2's section goes with it), an H2 the outline has already, and an H3 that
+    repeats its H2 or another H3 of its section (the same H3 under two H2s may be right:
+    "Common Mistakes" of each). Too few left is the repair request's to fix
+    (outline_shortfall). OutlineError when no section is left."""
+    h2_seen: set[str] = set()
+    cleaned: Outline = []
+    for section in outline:
+        h2 = clean_heading(section["h2"])
+        key = normalise_title(h2)
+        if not key or key in h2_seen or len(h2) > max_chars:
+            continue
+        h2_seen.add(key)
+        in_section = {key}  # an H3 equal to its H2 is a repeat too
+        h3s = []
+        for heading in section["h3"]:
+            h3 = clean_heading(heading)
+            h3_key = normalise_title(h3)
+            if h3_key and h3_key not in in_section and len(h3) <= max_chars:
+                in_section.add(h3_key)
+                h3s.append(h3)
+        cleaned.append({"h2": h2, "h3": h3s})
+    if not cleaned:
+        raise OutlineError(
+            f"outline has no usable H2: each was empty, a repeat or over {max_chars} characters"
+        )
+    return cleaned
 
 
 def outline_shortfall(outline: Outline, tier: TierShape) -> str:

@@ -13,10 +13,13 @@ No gRPC here: the servicer feeds tasks in and turns events into messages."""
 from __future__ import annotations
 
 import logging
+import re
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
+
+import openai
 
 from generator_service import prompts
 from generator_service.calibration import WordTargets
@@ -42,6 +45,7 @@ from generator_service.llm.client import FatalApiError, RetryNotice
 from generator_service.llm.limits import ConcurrencyChange
 from generator_service.llm.pricing import PriceTable
 from generator_service.outline import (
+    HEADING_MAX_CHARS,
     FittedOutline,
     Outline,
     OutlineError,
@@ -68,6 +72,31 @@ class EmptyContentError(ValueError):
     """The model's content reply has no visible words."""
 
 
+# A failure's reason is one console line; its traceback is in the record and the log.
+MAX_REASON_CHARS = 300
+# A server's own traceback frames, which some put into their error messages.
+_SERVER_FRAME = re.compile(r'File "[^"]*", line \d+(?:, in [\w<>.]+)?')
+
+
+def failure_reason(error: Exception) -> str:
+    """Why an article failed, on one line of at most MAX_REASON_CHARS: the error's class and
+    message — for an API error its status and the server's own message, for a FatalApiError the
+    message alone (it says what to fix) — without the server's file names and line numbers."""
+    if isinstance(error, FatalApiError):
+        text = str(error)
+    elif isinstance(error, openai.APIStatusError):
+        body = error.body if isinstance(error.body, dict) else {}
+        inner = body.get("error", body)
+        said = str(inner.get("message") or "") if isinstance(inner, dict) else ""
+        if "Traceback (most recent call last)" in said:  # a server's own: its last line says it
+            said = [line for line in said.splitlines() if line.strip()][-1]
+        text = f"{type(error).__name__}: {error.status_code} {said or error.message}"
+    else:
+        text = f"{type(error).__name__}: {error}"
+    text = " ".join(_SERVER_FRAME.sub("", text).split())
+    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 1] + "…"
+
+
 class ArticleCancelledError(Exception):
     """The job was cancelled and the in-flight article's grace period ran out."""
 
@@ -76,10 +105,10 @@ class TruncatedReplyError(ValueError):
     """The model's reply stayed cut off by the token limit after the bounded continuations."""
 
 
-def _parse(reply: Completion) -> Outline:
+def _parse(reply: Completion, max_heading_chars: int) -> Outline:
     """parse_outline, saying so when the reply was cut off by the token limit."""
     try:
-        return parse_outline(reply.text)
+        return parse_outline(reply.text, max_heading_chars)
     except OutlineError as e:
         if reply.finish_reason == "length":
             raise OutlineError(f"outline reply was cut off by the token limit: {e}") from e
@@ -113,11 +142,15 @@ class ArticlePipeline:
         saver: ArticleSaver,
         targets: WordTargets,
         prices: PriceTable | None = None,
+        endpoint: str = "",
+        max_heading_chars: int = HEADING_MAX_CHARS,
     ) -> None:
         self._llm = llm
         self._saver = saver
         self._targets = targets
         self._prices = prices or PriceTable()
+        self._endpoint = endpoint  # the model API's address, named in failures
+        self._max_heading_chars = max_heading_chars  # longer: a sentence, not a heading
 
     def check_budget(self, batch: BatchContext) -> None:
         """InvalidRequestError when a budget is set but a model of the batch has no price:
@@ -309,8 +342,9 @@ class ArticlePipeline:
                 )
 
             fitted = self._usable_outline(
-                batch, task, ask_outline(outline_request), ask_outline, event
-            )
+                batch, task, ask_outline(outline_request), ask_outline, event,
+                self._max_heading_chars,
+            )  # fmt: skip
             outline = record.outline = fitted.sections
             event(
                 EventKind.OUTLINE_DONE,
@@ -345,9 +379,11 @@ class ArticlePipeline:
             if words < tier.min_word_count:
                 stage = "augmentation"
                 event(EventKind.AUGMENTING, min_word_count=tier.min_word_count)
-                content, words = self._augmented(content, words, tier, model, ask)
+                content, words, problem = self._augmented(content, words, tier, model, ask)
                 record.status = "augmented" if words >= tier.min_word_count else "short"
-                event(EventKind.AUGMENTED, word_count=words, status=record.status)
+                if problem:  # the record says why it is short
+                    record.error_stage, record.error = stage, problem
+                event(EventKind.AUGMENTED, word_count=words, status=record.status, error=problem)
 
             stage = "save"
             record.content, record.word_count = content, words
@@ -373,6 +409,7 @@ class ArticlePipeline:
         reply: Completion,
         ask_outline: Callable[[prompts.Prompt], Completion],
         event: Callable[..., ArticleEvent],
+        max_heading_chars: int,
     ) -> FittedOutline:
         """The outline from `reply`; when it is not JSON (cut off included) or has too few
         headings, one repair request, and then whatever parsed is fitted to the tier (extra
@@ -380,7 +417,7 @@ class ArticlePipeline:
         tier = batch.tier
         outline: Outline | None = None
         try:
-            outline = _parse(reply)
+            outline = _parse(reply, max_heading_chars)
             # Too many headings are trimmed locally; only too few are worth a call.
             problem = outline_shortfall(outline, tier)
         except OutlineError as e:
@@ -395,7 +432,7 @@ class ArticlePipeline:
                 reply.text,
             )
             try:
-                outline = _parse(ask_outline(repair))
+                outline = _parse(ask_outline(repair), max_heading_chars)
             except OutlineError as e:
                 if outline is None:  # neither reply parsed: nothing to fit
                     raise OutlineError(f"{e} (also after one repair request)") from e
@@ -409,22 +446,30 @@ class ArticlePipeline:
         tier: TierShape,
         model: str,
         ask: Callable[[str, prompts.Prompt, int], str],
-    ) -> tuple[str, int]:
+    ) -> tuple[str, int, str]:
         """The longest of `content` and up to MAX_AUGMENTATIONS lengthened versions, asking for
         the gap up to the tier's range (never past its maximum); stops at the minimum. A reply
-        no longer than what it was to lengthen is never kept."""
+        no longer than what it was to lengthen is never kept. A call that fails (cut off past
+        its continuations, an API error after its retries) ends the augmenting but loses no
+        draft: (text, words, why it stopped short or ""). A stop of the article or the job
+        (cancelled, the lease lost, a fatal API error) is raised."""
         best, best_words = content, words
         for _ in range(MAX_AUGMENTATIONS):
             request = prompts.augment_prompt(
                 best, best_words, tier.min_word_count, tier.max_word_count
             )
-            reply = strip_fences(ask(model, request, content_tokens(tier.max_word_count)))
+            try:
+                reply = strip_fences(ask(model, request, content_tokens(tier.max_word_count)))
+            except (ArticleCancelledError, LeaseLostError, FatalApiError):
+                raise
+            except Exception as e:
+                return best, best_words, f"augmentation failed ({failure_reason(e)})"
             reply_words = count_words(reply)
             if reply_words > best_words:
                 best, best_words = reply, reply_words
             if best_words >= tier.min_word_count:
                 break
-        return best, best_words
+        return best, best_words, ""
 
     def _fail(
         self,
@@ -436,9 +481,7 @@ class ArticlePipeline:
         error: Exception,
         event: Callable[..., ArticleEvent],
     ) -> ArticleEvent:
-        message = f"{type(error).__name__}: {error}"
-        if isinstance(error, FatalApiError):
-            message = str(error)  # it says what to fix; the class name adds nothing
+        message = failure_reason(error)
         # Its end says where it was raised; a chain of retries can make the rest long.
         trace = traceback.format_exc()[-MAX_TRACEBACK_CHARS:]
         log.warning(
@@ -486,6 +529,8 @@ class ArticlePipeline:
             status="failed",
             stage=stage,
             error=message,
+            error_type=type(error).__name__,
+            endpoint=self._endpoint,
             fatal=isinstance(error, FatalApiError),
             cost_usd=failed.cost_usd,
             tokens=failed.prompt_tokens + failed.completion_tokens,

@@ -44,6 +44,7 @@ def build_llm(settings: Settings, closers: list[Callable[[], None]]) -> OpenAiLl
         log.info("no OPENAI_API_KEY set: using the bundled LLM simulator at %s", base_url)
     llm = OpenAiLlm(base_url, key, settings.llm_timeout_seconds)
     closers.append(llm.close)
+    log.info("model endpoint %s, default model %s", llm.endpoint, settings.default_model)
     return llm
 
 
@@ -98,20 +99,21 @@ def build_server(
             max_delay=settings.llm_backoff_max_seconds,
         )
         client = llm or build_llm(settings, closers)
+        endpoint = getattr(client, "endpoint", "custom")  # without credentials
         default_limits, model_limits = settings.model_limits()
         gate = ProviderGate(
             default_limits,
             model_limits,
-            buckets=shared_buckets(
-                settings, getattr(client, "endpoint", "custom"), fast.reserve_rate
-            ),
+            buckets=shared_buckets(settings, endpoint, fast.reserve_rate),
         )
         model = RetryingLlm(client, policy, gate=gate)
         prices = PriceTable.with_file(settings.llm_prices_file)
         targets = WordTargets(settings.word_count_compensation, persistence.word_samples)
         saver = PersistenceSaver(persistence)
         closers.append(saver.close)  # closers run last first: the saves end before the channel
-        pipeline = ArticlePipeline(model, saver, targets, prices)
+        pipeline = ArticlePipeline(
+            model, saver, targets, prices, endpoint, settings.outline_heading_max_chars
+        )
         titles = TitleWriter(model, prices, (settings.title_min_chars, settings.title_max_chars))
         servicer = GeneratorServicer(
             pipeline, titles, settings.default_model, check_lease=fast.check_lease

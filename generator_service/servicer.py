@@ -65,6 +65,8 @@ def event_to_proto(e: ArticleEvent, tier_count: int) -> article_pb.ArticleEvent:
         attempt=e.attempt,
         retry_delay=e.retry_delay,
         fatal=e.fatal,
+        error_type=e.error_type,
+        endpoint=e.endpoint,
         cost_usd=e.cost_usd,
         tokens=e.tokens,
         concurrency_before=e.concurrency_before,

@@ -29,7 +29,10 @@ TITLES_PER_CALL = 25
 TOP_UP_ROUNDS = 3
 _END = object()  # closes a stream()
 DEFAULT_LENGTH = (20, 120)  # characters: TITLE_MIN_CHARS, TITLE_MAX_CHARS
-_NUMBERING = re.compile(r"^\s*(?:[-*•]|\d+\s*[.):]|#+|title\s*\d*\s*:)\s*", re.IGNORECASE)
+# List markers and numbering: "- ", "3. ", "2) ", "1.2 " (an outline's), "## ", "Title 4:".
+NUMBERING = re.compile(
+    r"^\s*(?:[-*•]|\d+(?:\.\d+)+\.?|\d+\s*[.):]|#+|title\s*\d*\s*:)\s*", re.IGNORECASE
+)
 _EMPHASIS = re.compile(r"\*\*|__|\*|`")
 _QUOTES = "\"'\u201c\u201d\u2018\u2019"
 _PREAMBLE = re.compile(
@@ -50,7 +53,7 @@ def clean_title(line: str) -> str:
     or surrounding space ("3. **How to Dial In a Grinder**." → "How to Dial In a Grinder")."""
     text = line
     for _ in range(2):  # "**1. Title**" has its number inside the emphasis
-        text = _NUMBERING.sub("", text)
+        text = NUMBERING.sub("", text)
         text = _EMPHASIS.sub("", text).strip().strip(_QUOTES).strip()
         text = text.rstrip(".,;").strip().strip(_QUOTES).strip()
     return text

@@ -29,6 +29,9 @@ class Settings(ServiceSettings):
     # After a cancel, articles in flight get this long to finish before they are recorded as
     # failed with reason "cancelled" (checked before each model call).
     cancel_grace_seconds: float = Field(30.0, gt=0, alias="CANCEL_GRACE_SECONDS")
+    # A run whose first this many articles all fail at the same stage with the same kind of
+    # error, none written between, is stopped: the endpoint cannot serve the job (0: never).
+    stop_after_same_failures: int = Field(5, ge=0, le=1000, alias="STOP_AFTER_SAME_FAILURES")
     # When the generator is lost mid-tier, wait for one to answer again this many times (with
     # exponential backoff from 1 s, at most 30 s apart) before the job fails.
     generator_reconnect_attempts: int = Field(6, ge=0, le=30, alias="GENERATOR_RECONNECT_ATTEMPTS")

@@ -52,6 +52,8 @@ def _article_lines(a: article_pb.ArticleEvent) -> list[str]:
     outline_fix = f" ({a.outline_fix})" if a.outline_fix else ""
     status = article_status_word(a.status)
     short = ", still below the minimum (short)" if status == "short" else ""
+    if short and a.error:  # the augmenting stopped on a failure: the draft was kept
+        short += f": {a.error}"
     text = {
         "OUTLINE_STARTED": "Generating outline...",
         "OUTLINE_REPAIRING": f"Outline unusable ({a.error}), asking once more...",

@@ -27,7 +27,7 @@ from orchestrator_service.dispatch import GeneratorPool
 from orchestrator_service.events import JobEventLog
 from orchestrator_service.jobfile import JobFile, JobFileError, JobSpec, parse_job_file
 from orchestrator_service.postprocess import JobPublisher, LeaseLostError, lease_lost
-from orchestrator_service.tier_group import Cancellation, TierGroup, TierRun
+from orchestrator_service.tier_group import Cancellation, FailureStreak, TierGroup, TierRun
 from persistence_service.client import PersistenceClient
 from tierwriter.article.v1 import article_event_pb2 as article_pb
 from tierwriter.job.v1.job_pb2 import JobStatus
@@ -445,6 +445,7 @@ class JobRunner:
             # keeps a budget runs them one after the other instead, so nothing of a tier is paid
             # for once the tier before has stopped the job or spent the budget.
             shared = spec.continue_on_error and not spec.max_cost_usd
+            streak = FailureStreak(self._settings.stop_after_same_failures, job.id)
             for group in [tiers] if shared else [[t] for t in tiers]:
                 if cancellation.is_set():
                     error = cancellation.message
@@ -475,6 +476,7 @@ class JobRunner:
                     self._settings.generator_reconnect_attempts,
                     self._settings.cancel_grace_seconds,
                     lambda: self._budget_usd(job.id, spec.max_cost_usd or 0.0),
+                    streak,
                 ).run()
                 if outcome.failure:
                     error = outcome.failure

@@ -204,6 +204,42 @@ class RunningTier:
         return self.began.is_set() and self.feed.done and not self.titles_failure_now()
 
 
+class FailureStreak:
+    """A run's first articles, watched for a systemic failure: `limit` of them FAILED in a row
+    at one stage with one kind of error, before any article was written, say the endpoint
+    cannot serve the job as asked (a refused format, a broken model), and the run stops as at a
+    fatal API error rather than paying for every article to fail the same way. Once an article
+    is written it watches no more. Owned by the job's thread."""
+
+    def __init__(self, limit: int, job_id: int) -> None:
+        self._limit = limit
+        self._job_id = job_id
+        self._kind: tuple[str, str] | None = None  # (stage, error type) of the streak
+        self._count = 0
+        self._written = False
+
+    def saw(self, event: article_pb.ArticleEvent) -> str:
+        """After a terminal event: why the run must stop, or ""."""
+        if not self._limit or self._written:
+            return ""
+        if event.kind == article_pb.ARTICLE_EVENT_KIND_SAVED:
+            self._written = True
+            return ""
+        if event.kind != article_pb.ARTICLE_EVENT_KIND_FAILED or event.fatal:
+            return ""
+        kind = (event.stage, event.error_type)
+        self._count = self._count + 1 if kind == self._kind else 1
+        self._kind = kind
+        if self._count < self._limit:
+            return ""
+        at = f" at {event.endpoint}" if event.endpoint else ""
+        return (
+            f"stopped: the first {self._count} articles all failed at {event.stage} the same "
+            f"way ({event.error}): the model{at} cannot serve this job as it is asked; fix the "
+            f"cause, then `tierwriter jobs resume {self._job_id} --retry-failed`"
+        )
+
+
 class TierGroup:
     """Tiers of one job on the generators' streams (see the module's docstring). `used`: the
     titles new ones must differ from; the tiers' kept titles are added to it (the job's
@@ -220,6 +256,7 @@ class TierGroup:
         reconnect_attempts: int,
         cancel_grace_seconds: float,
         budget: Callable[[], float],
+        streak: FailureStreak,
     ) -> None:
         first = runs[0]
         self._job, self._spec, self._cancellation = first.job, first.spec, first.cancellation
@@ -231,6 +268,7 @@ class TierGroup:
         self._reconnect_attempts = reconnect_attempts
         self._cancel_grace_seconds = cancel_grace_seconds
         self._budget = budget  # USD the job may still spend, read for every stream; 0: no limit
+        self._streak = streak  # the run's, over its groups of tiers
         self._used = used
         self._before = list(used)  # the feeder's copy: `used` belongs to the job's thread
         self._context = gen_pb.ProjectContext(
@@ -351,6 +389,8 @@ class TierGroup:
     def _article_event(self, event: article_pb.ArticleEvent) -> Generator[pb.JobEvent, None, None]:
         yield from self._report_titles()  # "titles ready" before what follows
         yield pb.JobEvent(article=event)  # the generator's event, as it is
+        # After a cancel, articles fail as cancelled: that says nothing of the endpoint.
+        systemic = "" if self._cancellation.is_set() else self._streak.saw(event)
         if event.kind == article_pb.ARTICLE_EVENT_KIND_FAILED and not self._failure:
             if event.fatal:
                 self._failure = f"stopped: {event.error}"
@@ -359,6 +399,9 @@ class TierGroup:
                     f"{event.tier} article {event.article_index + 1}/{event.tier_count} "
                     f"failed and continue_on_error is false: {event.error}"
                 )
+            elif systemic:  # the generators stop themselves only on their own errors
+                self._failure = systemic
+                self._stop.set()  # nothing new starts on any of them; in-flight ones finish
         yield from self._report_finished()
 
     def _lost(self, lost: StreamLost) -> Generator[pb.JobEvent, None, None]:

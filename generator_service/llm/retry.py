@@ -4,9 +4,11 @@ retry-after-ms; every retry is reported to the caller (the pipeline turns it int
 Errors that another try cannot fix (400, 401, 403, 404, 422) fail at once.
 
 Every try first passes the ProviderGate (the model's rate buckets and adaptive concurrency);
-its max_tokens is capped at the model's max_output_tokens. A request with a response_format
-that the endpoint refuses (400) is sent once more without it, and the model is remembered as
-having no JSON mode, so later calls skip the refused try.
+its max_tokens is capped at the model's max_output_tokens. A request whose response_format the
+endpoint refuses — 400, or 422 or 500 whose message is about the format (llama-cpp-python's
+server answers a `json_schema` with 500) — steps down at once, outside the retry budget:
+`json_schema` → `json_object` → no response_format. The step that then goes through is
+remembered for the model, so later calls start there.
 
 tenacity does the loop (stop, wait, before-sleep hook); this module decides what is retryable,
 how long to wait, and how a retry reads on a console."""
@@ -44,6 +46,11 @@ MAX_SERVER_DELAY = 120.0
 # The smallest reply budget worth a call under a tokens-per-minute limit.
 MIN_REPLY_TOKENS = 64
 _RETRYABLE_STATUS = {408, 409, 429}  # and every 5xx
+# How servers that cannot do a response_format say so: OpenAI and vLLM with 400; others with 422
+# or 500 and a message naming what they cannot do (then only with such a message).
+_FORMAT_REFUSAL_STATUS = {400, 422, 500}
+_FORMAT_WORDS = ("response_format", "json_schema", "json_object", "'text'", "schema", "grammar")
+JSON_OBJECT: ResponseFormat = {"type": "json_object"}
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,29 @@ def is_retryable(error: BaseException) -> bool:
         return error.status_code in _RETRYABLE_STATUS or error.status_code >= 500
     # A lost connection (a timeout included), or an endpoint not reached yet
     return isinstance(error, openai.APIConnectionError | EndpointUnreachableError)
+
+
+def refuses_response_format(error: BaseException) -> bool:
+    """Whether an API error may be the endpoint refusing the response_format it was sent: any
+    400, or a 422 or 500 whose message is about the format."""
+    if not isinstance(error, openai.APIStatusError):
+        return False
+    if error.status_code not in _FORMAT_REFUSAL_STATUS:
+        return False
+    if error.status_code == 400:
+        return True  # a 400 for another reason fails again one step down, and is not remembered
+    said = f"{error.message} {error.body}".lower()
+    return any(word in said for word in _FORMAT_WORDS)
+
+
+def format_steps(asked: ResponseFormat | None) -> list[ResponseFormat | None]:
+    """The formats to try for `asked`, each a step down from the one before: a JSON schema, then
+    plain JSON mode, then none."""
+    if asked is None:
+        return [None]
+    if asked.get("type") == "json_schema":
+        return [asked, JSON_OBJECT, None]
+    return [asked, None]
 
 
 def reason_of(error: BaseException) -> str:
@@ -113,7 +143,8 @@ class RetryingLlm:
         self._sleep = sleep
         self._gate = gate or ProviderGate(sleep=sleep)
         self._backoff = wait_random_exponential(multiplier=policy.base_delay, max=policy.max_delay)
-        self._no_json_mode: set[str] = set()  # models whose endpoint refused response_format
+        # Per model, how many steps down its endpoint's response_format went (format_steps).
+        self._format_step: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def _wait(self, state: RetryCallState) -> float:
@@ -133,9 +164,10 @@ class RetryingLlm:
         on_retry: OnRetry | None = None,
         on_throttle: OnThrottle | None = None,
     ) -> Completion:
+        steps = format_steps(response_format)
         with self._lock:
-            schema = None if model in self._no_json_mode else response_format
-        max_tokens = self._fitted_budget(model, system, prompt, schema, max_tokens)
+            step = min(self._format_step.get(model, 0), len(steps) - 1)
+        max_tokens = self._fitted_budget(model, system, prompt, steps[step], max_tokens)
 
         def before_sleep(state: RetryCallState) -> None:
             error = state.outcome.exception() if state.outcome else None
@@ -151,22 +183,22 @@ class RetryingLlm:
                 on_retry(notice)
 
         def attempt() -> Completion:
-            nonlocal schema
-            try:
-                return self._try(
-                    model, system, prompt, max_tokens, temperature, schema, on_throttle
-                )
-            except openai.BadRequestError:
-                if schema is None:
-                    raise
-            # Asked again without response_format: when that goes through, the endpoint has no
-            # JSON mode (a 400 for another reason fails again and is not remembered).
-            reply = self._try(model, system, prompt, max_tokens, temperature, None, on_throttle)
-            schema = None
-            with self._lock:
-                if model not in self._no_json_mode:
-                    self._no_json_mode.add(model)
-                    log.warning("model %s refused response_format: asking without it", model)
+            nonlocal step
+            tried = step
+            while True:
+                try:
+                    reply = self._try(
+                        model, system, prompt, max_tokens, temperature, steps[tried], on_throttle
+                    )
+                except openai.APIStatusError as e:
+                    if tried + 1 >= len(steps) or not refuses_response_format(e):
+                        raise
+                    tried += 1  # the same try one step down: no retry is spent on it
+                    continue
+                break
+            if tried > step:  # what went through is where this model's calls start now
+                step = tried
+                self._remember_step(model, tried, steps[tried])
             return reply
 
         retrying = Retrying(
@@ -178,6 +210,15 @@ class RetryingLlm:
             reraise=True,
         )
         return retrying(attempt)
+
+    def _remember_step(self, model: str, step: int, now: ResponseFormat | None) -> None:
+        with self._lock:
+            if self._format_step.get(model, 0) >= step:
+                return
+            self._format_step[model] = step
+        asked = now["type"] if now else "no response_format"
+        log.warning("model %s: the endpoint refused the structured format; asking with %s", model,
+                    asked)  # fmt: skip
 
     def _fitted_budget(
         self,

@@ -9,6 +9,7 @@ tests can check concurrency from the outside.
 Each off by default, it can also imitate what real providers and weak models do:
 
 - providers: API keys (401), a fixed model list (404), no JSON mode (400 on `response_format`),
+  no schemas (`json_schema` refused with a status of its own, as llama-cpp-python's 500),
   RPM/TPM token buckets (429 with the real wait), `max_tokens` cutting replies off ("length");
 - faults: shares or every n-th request refused (429), failed (500), stalled or cut off;
 - weak models: prose outlines without JSON mode, chatty numbered markdown titles, outlines that
@@ -311,6 +312,9 @@ class SimulatorConfig:
     # Test hook: every n-th outline request has one H2 section too few (0: never): the repair
     # request gets a good outline.
     short_outline_every: int = 0
+    # A small model's outlines: numbered, markdown H2s ("1. **…**"), and in every section an H3
+    # that repeats its H2 and one that is a whole sentence of 200+ characters, besides the rest.
+    sloppy_outlines: bool = False
     # Test hook: every titles reply is the same few titles, as a model stuck in a loop.
     repeat_titles: bool = False
     # Test hook: hostile markup (XSS payloads) placed in every article and title the model writes.
@@ -336,12 +340,17 @@ class SimulatorConfig:
     tpm_limit: int = 0
     # A server without JSON mode: requests with `response_format` get 400.
     refuse_response_format: bool = False
+    # A server that knows `json_object` but not `json_schema`: requests asking for a schema get
+    # this status with a validation message (llama-cpp-python's server: 500, "Input should be
+    # 'text' or 'json_object'"); 0: schemas are served.
+    refuse_json_schema_status: int = 0
     # A weak model: outlines asked for without `response_format` come back as markdown headings.
     prose_outlines: bool = False
     # A chatty model: titles as a numbered markdown list with a preamble and non-title lines.
     markdown_titles: bool = False
-    # Augmentations: "reach" the asked minimum, "shrink" (drop the last paragraph) or
-    # "overshoot" (twice the missing words past the asked maximum).
+    # Augmentations: "reach" the asked minimum, "shrink" (drop the last paragraph),
+    # "overshoot" (twice the missing words past the asked maximum) or "truncate" (every
+    # augmentation, and every continuation of one, cut off at the token limit).
     augment_mode: str = "reach"
     # A provider's key: requests without `Authorization: Bearer <api_key>` get 401 (None: any).
     api_key: str | None = None
@@ -349,7 +358,7 @@ class SimulatorConfig:
     models: list[str] | None = None
 
 
-_AUGMENT_MODES = ("reach", "shrink", "overshoot")
+_AUGMENT_MODES = ("reach", "shrink", "overshoot", "truncate")
 
 
 @dataclass
@@ -362,8 +371,8 @@ class SimulatorStats:
     peak_in_flight: int = 0
     rate_limited: int = 0  # requests refused with 429 (not counted in `requests`)
     # Injected faults by kind: rate_limit, rpm, tpm, server_error, stall, unauthorized,
-    # model_not_found, response_format_refused (not counted in `requests`), truncated,
-    # garbage_outline (answered, so counted in `requests` too).
+    # model_not_found, response_format_refused, json_schema_refused (not counted in `requests`),
+    # truncated, garbage_outline (answered, so counted in `requests` too).
     faults: dict[str, int] = field(default_factory=dict)
     # The largest max_tokens (or max_completion_tokens) answered, by request kind.
     max_tokens_by_kind: dict[str, int] = field(default_factory=dict)
@@ -546,6 +555,19 @@ class LlmSimulator:
             message = "response_format is not supported by this server (simulated)"
             refusal = _error(message, param="response_format", code=None)
             return self._refuse("response_format_refused", HTTPStatus.BAD_REQUEST, refusal)
+        asked = body.get("response_format")
+        if (
+            config.refuse_json_schema_status
+            and isinstance(asked, dict)
+            and asked.get("type") == "json_schema"
+        ):
+            message = (
+                "1 validation error for CreateChatCompletionRequest\nresponse_format.type\n  "
+                "Input should be 'text' or 'json_object' [type=literal_error, input_value="
+                "'json_schema'] (simulated)"
+            )
+            refusal = _error(message, param=None, code=None)
+            return self._refuse("json_schema_refused", config.refuse_json_schema_status, refusal)
         return None
 
     def _charge(self, tokens: int) -> tuple[dict[str, Any] | None, dict[str, str]]:
@@ -676,7 +698,11 @@ class LlmSimulator:
             self._leave()
         text += " " * self.config.reply_padding
         finish_reason = "stop"
-        if fault == "truncate":
+        truncated_augment = self.config.augment_mode == "truncate" and kind in (
+            "augment",
+            "continue",
+        )
+        if fault == "truncate" or truncated_augment:
             with self._lock:
                 self._faults["truncated"] += 1
             text, finish_reason = text[: len(text) // 2], "length"
@@ -757,12 +783,15 @@ class LlmSimulator:
             n2 = rng.randint(*h2)
             n3 = rng.randint(max(h3[0], 0), max(h3[1], h3[0]))
             h3s: list[list[str]] = [[] for _ in range(n2)]
-            for i in range(n3):
-                h3s[i % n2].append(_fill(rng.choice(_H3_PATTERNS), rng, ctx))
+            # Distinct headings, as a good model writes them (repeats only past the patterns).
+            for i, pattern in enumerate(_draw(rng, _H3_PATTERNS, n3)):
+                h3s[i % n2].append(_fill(pattern, rng, ctx))
             sections = [
-                {"h2": _fill(rng.choice(_H2_PATTERNS), rng, ctx, headline=True), "h3": h3}
-                for h3 in h3s
+                {"h2": _fill(pattern, rng, ctx, headline=True), "h3": h3}
+                for pattern, h3 in zip(_draw(rng, _H2_PATTERNS, n2), h3s, strict=True)
             ]
+            if config.sloppy_outlines:
+                sections = sloppy(sections, ctx)
             if json_mode:  # JSON mode answers bare JSON, no fence
                 return json.dumps({"outline": sections})
             if config.prose_outlines:
@@ -875,6 +904,29 @@ def _json_mode(body: dict[str, Any]) -> bool:
     return isinstance(response_format, dict) and response_format.get("type") != "text"
 
 
+def _draw(rng: random.Random, patterns: list[str], n: int) -> list[str]:
+    """n of the patterns, each once while there are enough, in random order."""
+    drawn = rng.sample(patterns, min(n, len(patterns)))
+    return drawn + [rng.choice(patterns) for _ in range(n - len(drawn))]
+
+
+def sloppy(sections: list[dict[str, Any]], ctx: dict[str, Any]) -> list[dict[str, Any]]:
+    """An outline as a small model writes one: numbered markdown H2s, each section with an H3
+    that repeats its H2 and an H3 that is a whole sentence."""
+    sentence = (
+        f"In this part of the article we will explain in considerable detail how {ctx['keyword']} "
+        "works in practice, why it matters to every reader who wants to understand it, and what "
+        "the most common mistakes are that people make when they first try it out themselves"
+    )
+    return [
+        {
+            "h2": f"{n}. **{section['h2']}**",
+            "h3": [section["h2"], *section["h3"], sentence],
+        }
+        for n, section in enumerate(sections, 1)
+    ]
+
+
 def _error(message: str, kind: str = "invalid_request_error", **extra: Any) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, **extra}}
 
@@ -955,6 +1007,13 @@ def main() -> None:
         "--refuse-response-format", action="store_true", help="400 on response_format"
     )
     parser.add_argument(
+        "--refuse-json-schema",
+        type=int,
+        default=0,
+        metavar="STATUS",
+        help="answer a json_schema response_format with this status (500: llama-cpp-python)",
+    )
+    parser.add_argument(
         "--prose-outlines", action="store_true", help="markdown outlines without JSON mode"
     )
     parser.add_argument(
@@ -973,6 +1032,7 @@ def main() -> None:
         rpm_limit=args.rpm,
         tpm_limit=args.tpm,
         refuse_response_format=args.refuse_response_format,
+        refuse_json_schema_status=args.refuse_json_schema,
         prose_outlines=args.prose_outlines,
         markdown_titles=args.markdown_titles,
         augment_mode=args.augment_mode,

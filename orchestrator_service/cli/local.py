@@ -24,6 +24,7 @@ from tierwriter import runtime
 
 DEMO_DATABASE = Path("data/demo.db")
 DEMO_OUTPUT = Path("output/demo")
+OPENAI_API = "https://api.openai.com/v1"  # the openai SDK's endpoint without OPENAI_BASE_URL
 
 
 def demo_job() -> str:
@@ -75,8 +76,13 @@ def up() -> int:
             "Next: tierwriter login -u admin",
             flush=True,
         )
-        if stack.simulator:
-            print(f"LLM simulator {stack.simulator.base_url} (no OPENAI_API_KEY set)", flush=True)
+        model = GeneratorSettings()
+        endpoint = (
+            f"the bundled LLM simulator at {stack.simulator.base_url} (no OPENAI_API_KEY set)"
+            if stack.simulator
+            else model.openai_base_url or OPENAI_API
+        )
+        print(f"model         {model.default_model} at {endpoint}", flush=True)
         print("tierwriter is up. Ctrl-C stops every service.", flush=True)
         runtime.wait_for_stop_signal()
         print("Stopping: in-flight calls get a few seconds to finish...", flush=True)

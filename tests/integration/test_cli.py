@@ -265,7 +265,9 @@ def test_up_serves_until_ctrl_c_and_prints_the_generated_password_once(tmp_path:
             banner = output.until("tierwriter is up")
             password = re.search(r"generated password: (\S+)", banner)
             assert password, banner
-            assert "LLM simulator http://127.0.0.1:" in banner
+            # It says which model it uses, and where.
+            said = "model         gpt-4o-mini at the bundled LLM simulator at http://127.0.0.1:"
+            assert said in banner
             # One process per service, so the three use every core.
             assert _child_modules(process.pid) == {
                 "persistence_service", "generator_service", "orchestrator_service"

@@ -5,6 +5,8 @@ markdown titles, shrinking augmentations), to reject a key or not know a model."
 from __future__ import annotations
 
 import io
+import json
+import re
 from typing import Any
 
 import openai
@@ -111,8 +113,24 @@ def test_an_endpoint_that_refuses_json_mode_is_asked_without_it_and_remembered(
     _events, finished = run_job(handle, job_file({"tier1": tier(8)}, max_workers=1))
     assert finished.ok and finished.summary.failed_articles == 0
     stats = handle.stack.simulator.stats()
-    assert stats.faults["response_format_refused"] == 1  # once, then remembered
+    # Once a step (a schema, then JSON mode), then the plain prompt is remembered.
+    assert stats.faults["response_format_refused"] == 2
     assert stats.by_kind["outline"] == 8
+
+
+def test_an_endpoint_that_answers_a_schema_with_500_gets_json_mode_without_a_retry(
+    start_stack,
+) -> None:
+    # llama-cpp-python's server: 500 "Input should be 'text' or 'json_object'" for a schema.
+    handle = start_stack(simulator=SimulatorConfig(refuse_json_schema_status=500))
+    events, finished = run_job(handle, job_file({"tier1": tier(8)}, max_workers=1))
+    assert finished.ok and finished.summary.failed_articles == 0
+    stats = handle.stack.simulator.stats()
+    assert stats.faults == {"json_schema_refused": 1}  # once, then remembered
+    assert stats.response_format_requests == stats.by_kind["outline"] == 8  # JSON mode
+    assert stats.by_kind.get("outline_repair", 0) == 0
+    retried = [e for e in events if e.article.kind == article_pb.ARTICLE_EVENT_KIND_RETRYING]
+    assert retried == []  # no retry was spent on it
 
 
 def test_markdown_titles_and_preambles_never_become_articles(start_stack) -> None:
@@ -144,6 +162,51 @@ def test_augmentations_that_do_not_help_leave_the_article_short_not_augmented(
     assert handle.stack.simulator.stats().by_kind["augment"] == 8  # asked twice each
     text = console(events)
     assert "Short:              4" in text and "still below the minimum (short)" in text
+
+
+def test_an_augmentation_cut_off_every_time_keeps_the_draft_as_short(start_stack) -> None:
+    # Every augmentation, and every continuation of it, is cut off at the token limit.
+    handle = start_stack(simulator=SimulatorConfig(undershoot_mean=500, augment_mode="truncate"))
+    events, finished = run_job(handle, job_file({"tier1": tier(3)}))
+    [job_id] = job_ids_of(events)
+    assert rows_by_status(handle.database_url, job_id) == {"short": 3}  # never failed
+    for row in article_rows(handle.database_url, job_id):
+        assert row["word_count"] == row["draft_words"] > 0  # the draft, kept
+        assert row["error"].startswith("augmentation failed (TruncatedReplyError: the reply")
+    assert finished.summary.short_articles == 3 and finished.summary.failed_articles == 0
+    assert "still below the minimum (short): augmentation failed" in console(events)
+
+
+def test_a_job_whose_first_articles_all_fail_the_same_way_stops_naming_the_cause(
+    start_stack,
+) -> None:
+    # A model that never writes an outline that parses: every article would fail at `outline`.
+    handle = start_stack(simulator=SimulatorConfig(garbage_outline_every=1))
+    events, finished = run_job(handle, job_file({"tier1": tier(12)}, max_workers=1))
+    assert not finished.ok
+    assert "the first 5 articles all failed at outline the same way (OutlineError:" in (
+        finished.error
+    )
+    assert handle.stack.simulator.base_url in finished.error  # the endpoint, named
+    [job_id] = job_ids_of(events)
+    assert rows_by_status(handle.database_url, job_id) == {"failed": 5}  # no more were paid for
+    assert handle.stack.simulator.stats().by_kind["outline"] == 5
+    job = sql_rows(handle.database_url, "SELECT status FROM jobs WHERE id = :j", j=job_id)
+    assert job == [{"status": "failed"}]
+
+
+def test_a_small_models_outlines_are_cleaned_before_the_article_is_written(start_stack) -> None:
+    # Numbered markdown H2s, an H3 repeating its H2 and a sentence as an H3 in every section.
+    handle = start_stack(simulator=SimulatorConfig(sloppy_outlines=True))
+    events, finished = run_job(handle, job_file({"tier1": tier(4)}))
+    assert finished.ok, finished.error
+    for row in article_rows(handle.database_url, job_ids_of(events)[0]):
+        outline = row["outline"] if isinstance(row["outline"], list) else json.loads(row["outline"])
+        headings = [s["h2"] for s in outline] + [h for s in outline for h in s["h3"]]
+        assert not any(re.match(r"\d+\.|\*|#", h) or "**" in h for h in headings), headings
+        assert all(len(h) <= 100 for h in headings), headings  # no sentence
+        assert all(s["h2"].casefold() not in {h.casefold() for h in s["h3"]} for s in outline)
+        assert re.findall(r"<h2>(.*?)</h2>", row["content"]) == [s["h2"] for s in outline]
 
 
 def test_a_rejected_api_key_stops_the_job_at_once_with_a_clear_message(start_stack) -> None:

@@ -9,6 +9,7 @@ from generator_service.calibration import WordTargets
 from generator_service.domain import ArticleTask, EventKind, ProjectInfo, TierShape
 from generator_service.outline import (
     OutlineError,
+    clean_outline,
     fit_outline,
     outline_shortfall,
     parse_outline,
@@ -107,6 +108,28 @@ def test_a_failure_whose_record_cannot_be_saved_is_still_reported() -> None:
 def test_outline_parsing_accepts_fences_and_prose() -> None:
     outline = parse_outline('Sure! ```json\n{"outline": [{"h2": " A ", "h3": ["x"]}]}\n``` Enjoy.')
     assert outline == [{"h2": "A", "h3": ["x"]}]
+
+
+def test_outline_headings_are_cleaned_and_sentences_repeats_and_echoes_dropped() -> None:
+    sentence = "This subsection explains in great detail why " + "tolerances matter " * 10
+    outline = clean_outline(
+        [
+            {"h2": "1. **Introduction to CNC**", "h3": ["1.1 What it is", "Introduction to CNC"]},
+            {
+                "h2": "## Costs",
+                "h3": [sentence, "- What drives the price", "what drives the PRICE?"],
+            },
+            {"h2": "Introduction to CNC.", "h3": ["Lathes"]},  # the first H2 again: dropped
+            {"h2": sentence, "h3": ["Spindles"]},  # a sentence as an H2: its section goes
+        ],
+        max_chars=100,
+    )
+    assert outline == [
+        {"h2": "Introduction to CNC", "h3": ["What it is"]},
+        {"h2": "Costs", "h3": ["What drives the price"]},
+    ]
+    with pytest.raises(OutlineError, match="no usable H2"):
+        clean_outline([{"h2": sentence, "h3": []}], max_chars=100)
 
 
 @pytest.mark.parametrize(

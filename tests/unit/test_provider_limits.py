@@ -178,7 +178,7 @@ class ScriptedCalls:
         return Completion("{}", 1, 1, "stop")
 
 
-def test_an_endpoint_without_json_mode_is_asked_again_without_it_and_remembered() -> None:
+def test_an_endpoint_refusing_a_schema_is_asked_in_json_mode_and_remembered() -> None:
     inner = ScriptedCalls([status_error(400)])
     llm = RetryingLlm(inner, RetryPolicy(attempts=1), Sleeps())
     schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}
@@ -186,7 +186,8 @@ def test_an_endpoint_without_json_mode_is_asked_again_without_it_and_remembered(
         llm.complete(
             model="m", system="s", prompt="p", max_tokens=10, temperature=0, response_format=schema
         )
-    assert [a["response_format"] for a in inner.asked] == [schema, None, None]
+    json_mode = {"type": "json_object"}
+    assert [a["response_format"] for a in inner.asked] == [schema, json_mode, json_mode]
 
 
 def test_max_tokens_are_capped_per_model() -> None:

@@ -15,7 +15,7 @@ from generator_service.domain import ArticleTask, EventKind
 from generator_service.llm import Completion
 from generator_service.llm.client import OnRetry, RetryNotice
 from generator_service.llm.retry import RetryingLlm, RetryPolicy, is_retryable, server_delay
-from generator_service.pipeline import MAX_CONTINUATIONS, ArticlePipeline
+from generator_service.pipeline import MAX_CONTINUATIONS, ArticlePipeline, failure_reason
 from tests.fakes import EventLog, FakeLlm, MemorySaver, batch_context
 
 REQUEST = httpx.Request("POST", "http://127.0.0.1/v1/chat/completions")
@@ -171,3 +171,79 @@ def test_a_reply_that_stays_cut_off_fails_the_article_with_that_reason() -> None
 
 def test_notices_are_plain_data() -> None:
     assert RetryNotice(1, "x", 0.5) == RetryNotice(1, "x", 0.5)
+
+
+@dataclass
+class FormatServer:
+    """Refuses the response_format types in `refused` with (status, message), answers the rest;
+    records the format of every call."""
+
+    refused: dict[str | None, tuple[int, str]]
+    asked: list[str | None] = field(default_factory=list)
+
+    def complete(self, **kwargs: Any) -> Completion:
+        kind = (kwargs.get("response_format") or {}).get("type")
+        self.asked.append(kind)
+        if kind in self.refused:
+            status, message = self.refused[kind]
+            error = status_error(status)
+            error.message = message
+            raise error
+        return Completion("{}", 1, 1, "stop")
+
+
+SCHEMA = {"type": "json_schema", "json_schema": {"name": "outline", "schema": {}}}
+LLAMA_CPP_PYTHON = "response_format.type: Input should be 'text' or 'json_object'"
+
+
+def ask_outline(llm: RetryingLlm) -> Completion:
+    return llm.complete(
+        model="m", system="s", prompt="p", max_tokens=10, temperature=0, response_format=SCHEMA
+    )
+
+
+@pytest.mark.parametrize(
+    "refused, then_asked",
+    [
+        # llama-cpp-python's server: 500 for a schema, JSON mode served.
+        ({"json_schema": (500, LLAMA_CPP_PYTHON)}, "json_object"),
+        ({"json_schema": (422, "response_format json_schema is not supported")}, "json_object"),
+        # No structured output at all: 400 for both, the plain prompt served.
+        ({"json_schema": (400, "bad"), "json_object": (400, "bad")}, None),
+    ],
+)
+def test_a_refused_response_format_steps_down_at_once_and_is_remembered(
+    refused: dict[str | None, tuple[int, str]], then_asked: str | None
+) -> None:
+    server, sleeps = FormatServer(refused), Sleeps()
+    llm = RetryingLlm(server, RetryPolicy(attempts=4), sleep=sleeps)
+    ask_outline(llm)
+    assert server.asked[-1] == then_asked and sleeps.waits == []  # no retry spent on it
+    refusals = len(server.asked) - 1
+    ask_outline(llm)
+    assert server.asked[refusals + 1 :] == [then_asked]  # the next call starts where it worked
+
+
+def test_a_500_that_says_nothing_of_the_format_is_retried_as_a_server_error() -> None:
+    server, sleeps = FormatServer({"json_schema": (500, "CUDA out of memory")}), Sleeps()
+    llm = RetryingLlm(server, RetryPolicy(attempts=3), sleep=sleeps)
+    with pytest.raises(openai.InternalServerError):
+        ask_outline(llm)
+    assert server.asked == ["json_schema"] * 3 and len(sleeps.waits) == 2
+
+
+def test_a_failure_reason_is_one_line_without_the_servers_internals() -> None:
+    server_said = (
+        "Traceback (most recent call last):\n"
+        '  File "/usr/lib/python3/dist-packages/llama_cpp/server/app.py", line 312, in handler\n'
+        "    raise ValueError(x)\n"
+        "ValueError: Input should be 'text' or 'json_object'"
+    )
+    response = httpx.Response(500, request=REQUEST)
+    error = openai.InternalServerError(
+        "Error code: 500", response=response, body={"error": {"message": server_said}}
+    )
+    reason = failure_reason(error)
+    assert "\n" not in reason and "app.py" not in reason and "line 312" not in reason
+    assert reason == "InternalServerError: 500 ValueError: Input should be 'text' or 'json_object'"
+    assert len(failure_reason(ValueError("x" * 1000))) == 300

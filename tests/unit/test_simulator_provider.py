@@ -83,6 +83,16 @@ def test_a_server_without_json_mode_refuses_response_format_with_400() -> None:
         assert simulator.stats().faults == {"response_format_refused": 1}
 
 
+def test_a_server_without_schemas_refuses_json_schema_as_llama_cpp_python_does() -> None:
+    with served(refuse_json_schema_status=500) as (simulator, client):
+        with pytest.raises(openai.InternalServerError) as caught:
+            ask(client, OUTLINE, response_format=JSON_SCHEMA)
+        assert "Input should be 'text' or 'json_object'" in caught.value.message
+        plain_json = {"type": "json_object"}
+        assert json.loads(text_of(ask(client, OUTLINE, response_format=plain_json)))["outline"]
+        assert simulator.stats().faults == {"json_schema_refused": 1}
+
+
 def test_requests_past_the_rpm_limit_get_429_with_the_real_wait() -> None:
     with served(rpm_limit=3) as (simulator, client):
         for _ in range(3):

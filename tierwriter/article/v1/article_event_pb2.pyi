@@ -169,6 +169,8 @@ class ArticleEvent(_message.Message):
     RESTORED_FIELD_NUMBER: _builtins.int
     TIER_COUNT_FIELD_NUMBER: _builtins.int
     TOKENS_FIELD_NUMBER: _builtins.int
+    ERROR_TYPE_FIELD_NUMBER: _builtins.int
+    ENDPOINT_FIELD_NUMBER: _builtins.int
     kind: Global___ArticleEventKind.ValueType
     """What happened."""
     tier: _builtins.str
@@ -223,6 +225,12 @@ class ArticleEvent(_message.Message):
     """Articles in the tier (every event): what "[tier1][3/10]" counts to."""
     tokens: _builtins.int
     """Tokens the article's model calls used, prompt and completion (SAVED, FAILED)."""
+    error_type: _builtins.str
+    """The kind of error, e.g. `InternalServerError`, `OutlineError` (FAILED): a run whose first
+    articles all fail at the same stage with the same kind is stopped.
+    """
+    endpoint: _builtins.str
+    """The model endpoint the generator called, without credentials (FAILED)."""
     def __init__(
         self,
         *,
@@ -250,10 +258,12 @@ class ArticleEvent(_message.Message):
         restored: _builtins.bool = ...,
         tier_count: _builtins.int = ...,
         tokens: _builtins.int = ...,
+        error_type: _builtins.str = ...,
+        endpoint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["article_id", b"article_id", "article_index", b"article_index", "attempt", b"attempt", "concurrency_after", b"concurrency_after", "concurrency_before", b"concurrency_before", "cost_usd", b"cost_usd", "error", b"error", "fatal", b"fatal", "h2_count", b"h2_count", "h3_count", b"h3_count", "kind", b"kind", "min_word_count", b"min_word_count", "model", b"model", "outline_fix", b"outline_fix", "restored", b"restored", "retry_delay", b"retry_delay", "site", b"site", "stage", b"stage", "status", b"status", "tier", b"tier", "tier_count", b"tier_count", "title", b"title", "tokens", b"tokens", "word_count", b"word_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["article_id", b"article_id", "article_index", b"article_index", "attempt", b"attempt", "concurrency_after", b"concurrency_after", "concurrency_before", b"concurrency_before", "cost_usd", b"cost_usd", "endpoint", b"endpoint", "error", b"error", "error_type", b"error_type", "fatal", b"fatal", "h2_count", b"h2_count", "h3_count", b"h3_count", "kind", b"kind", "min_word_count", b"min_word_count", "model", b"model", "outline_fix", b"outline_fix", "restored", b"restored", "retry_delay", b"retry_delay", "site", b"site", "stage", b"stage", "status", b"status", "tier", b"tier", "tier_count", b"tier_count", "title", b"title", "tokens", b"tokens", "word_count", b"word_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
