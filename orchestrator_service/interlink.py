@@ -24,6 +24,10 @@ _LEADS = [
     "Learn more about {a}.",
 ]
 _PARAGRAPH = re.compile(r"(<p\b[^>]*>)(.*?)(</p>)", re.DOTALL | re.IGNORECASE)
+_TAG = re.compile(r"<[^>]+>")
+# A paragraph a sentence may follow ends with a full sentence: ". ! ?" (then quotes or brackets),
+# not a list's lead-in ("… include:") or a fragment.
+_SENTENCE_END = re.compile(r"[.!?][\"'\u201d\u2019)\]]*$")
 
 
 @dataclass(frozen=True)
@@ -199,20 +203,26 @@ def _wrap_phrase(paragraph: str, link: Link) -> str | None:
     return None
 
 
+def _ends_a_sentence(text: str) -> bool:
+    return bool(_SENTENCE_END.search(_TAG.sub("", text).rstrip()))
+
+
 def place_links(body: str, links: Sequence[Link], seed: int = 0) -> str:
     """`body` with each link inside a paragraph, the links spread over the body's paragraphs
     (one per paragraph while there are enough). Where the anchor text already occurs in the
-    paragraph it becomes the link; otherwise a short sentence with the link closes the paragraph.
-    A body without paragraphs gets one paragraph of links at its end."""
+    paragraph it becomes the link; otherwise a short sentence with the link closes the
+    paragraph — only one that ends with a full sentence (never a list's lead-in such as
+    "… include:"): else the link moves on to the next such paragraph. A body without one, and
+    links left over, get a paragraph of links at its end."""
     if not links:
         return body
+
+    def sentence(i: int, link: Link) -> str:
+        return _LEADS[(seed + i) % len(_LEADS)].format(a=_link_html(link))
+
     paragraphs = list(_PARAGRAPH.finditer(body))
     if not paragraphs:
-        sentences = " ".join(
-            _LEADS[(seed + i) % len(_LEADS)].format(a=_link_html(link))
-            for i, link in enumerate(links)
-        )
-        return f"{body}\n<p>{sentences}</p>"
+        return f"{body}\n<p>{' '.join(sentence(i, link) for i, link in enumerate(links))}</p>"
     # Paragraph k of n for link i: evenly spaced, skipping the first paragraph when there is room.
     count = len(paragraphs)
     slots: dict[int, list[tuple[int, Link]]] = {}
@@ -221,17 +231,22 @@ def place_links(body: str, links: Sequence[Link], seed: int = 0) -> str:
         slots.setdefault(position, []).append((i, link))
     pieces: list[str] = []
     last = 0
+    carried: list[tuple[int, Link]] = []  # links whose paragraph could not take a sentence
     for k, match in enumerate(paragraphs):
         pieces.append(body[last : match.start()])
         opening, text, closing = match.groups()
-        for i, link in slots.get(k, []):
+        waiting, carried = carried + slots.get(k, []), []
+        for i, link in waiting:
             wrapped = _wrap_phrase(text, link)
-            if wrapped is None:
-                sentence = _LEADS[(seed + i) % len(_LEADS)].format(a=_link_html(link))
-                text = f"{text.rstrip()} {sentence}"
-            else:
+            if wrapped is not None:
                 text = wrapped
+            elif _ends_a_sentence(text):
+                text = f"{text.rstrip()} {sentence(i, link)}"
+            else:
+                carried.append((i, link))
         pieces.append(opening + text + closing)
         last = match.end()
     pieces.append(body[last:])
+    if carried:
+        pieces.append(f"\n<p>{' '.join(sentence(i, link) for i, link in carried)}</p>")
     return "".join(pieces)

@@ -315,6 +315,9 @@ class SimulatorConfig:
     # A small model's outlines: numbered, markdown H2s ("1. **…**"), and in every section an H3
     # that repeats its H2 and one that is a whole sentence of 200+ characters, besides the rest.
     sloppy_outlines: bool = False
+    # A model fond of lists: every other paragraph ends in a lead-in ("… include:") followed by
+    # a bulleted list.
+    list_lead_ins: bool = False
     # Test hook: every titles reply is the same few titles, as a model stuck in a loop.
     repeat_titles: bool = False
     # Test hook: hostile markup (XSS payloads) placed in every article and title the model writes.
@@ -807,6 +810,8 @@ class LlmSimulator:
             except json.JSONDecodeError:
                 outline = []
             article = write_article(rng, ctx, outline, max(50, round(low - shortfall)))
+            if config.list_lead_ins:
+                article = with_list_lead_ins(article)
             return inject(article, config.payloads)
         if kind == "continue":  # the rest of a reply that was cut off: a few more paragraphs
             return "\n".join(_paragraph(rng, ctx, 60) for _ in range(rng.randint(1, 3)))
@@ -902,6 +907,23 @@ def _max_tokens(body: dict[str, Any]) -> int:
 def _json_mode(body: dict[str, Any]) -> bool:
     response_format = body.get("response_format")
     return isinstance(response_format, dict) and response_format.get("type") != "text"
+
+
+def with_list_lead_ins(html: str) -> str:
+    """`html` with every other paragraph ending in a list's lead-in, the list after it."""
+    count = 0
+
+    def lead_in(match: re.Match[str]) -> str:
+        nonlocal count
+        count += 1
+        if count % 2:
+            return match.group(0)
+        return (
+            f"<p>{match.group(1).rstrip()} The basic concepts include:</p>\n"
+            "<ul><li>planning the job</li><li>setting up the machine</li></ul>"
+        )
+
+    return re.sub(r"<p>(.*?)</p>", lead_in, html, flags=re.DOTALL)
 
 
 def _draw(rng: random.Random, patterns: list[str], n: int) -> list[str]:

@@ -120,6 +120,20 @@ def test_the_interlink_graph_of_a_three_tier_job(start_stack) -> None:
         assert lines == [r["title"] for r in rows if r["tier"] == f"tier{n}"]
 
 
+def test_a_link_sentence_never_lands_in_a_lists_lead_in(start_stack) -> None:
+    # A model fond of lists: every other paragraph ends "… The basic concepts include:".
+    handle = start_stack(simulator=SimulatorConfig(latency=0.0, list_lead_ins=True))
+    tiers = {"tier1": tier(3), "tier2": tier(6)}
+    events, finished = run_job(handle, job_file(tiers, deployment_targets=SITES))
+    assert finished.ok, finished.error
+    rows = article_rows(handle.database_url, job_ids_of(events)[0])
+    linked = [r for r in rows if "<a " in r["html"]]
+    assert len(linked) == len(rows)  # every page links (up, or to its siblings)
+    for row in rows:
+        assert row["html"].count("include:</p>") == row["content"].count("include:</p>")
+        assert not re.search(r"include:\s*(?:<[^>]+>\s*)*[A-Z][^<]*<a ", row["html"]), row["title"]
+
+
 def test_relative_links_let_a_reader_click_through_the_export(start_stack) -> None:
     handle = start_stack(simulator=SimulatorConfig(latency=0.01))
     tiers = {"tier1": tier(2), "tier2": tier(3)}

@@ -143,3 +143,21 @@ def test_anchor_text_and_href_are_escaped() -> None:
 def test_a_body_without_paragraphs_gets_one_at_the_end() -> None:
     html = place_links("<h2>Only a heading</h2>", [Link(1, "https://x.net/t.html", "t", "up")])
     assert html.startswith("<h2>Only a heading</h2>") and html.endswith("</a>.</p>")
+
+
+def test_a_link_sentence_never_follows_a_lists_lead_in_or_a_fragment() -> None:
+    body = (
+        "<h2>Basics</h2><p>Basic concepts of CNC machinery include:</p><ul><li>axes</li></ul>"
+        "<p>The spindle turns the tool.</p><p>and then the</p>"
+    )
+    links = [Link(i, f"https://x.net/{i}.html", f"anchor {i}", "up") for i in range(3)]
+    html = place_links(body, links)
+    assert "<p>Basic concepts of CNC machinery include:</p>" in html  # the lead-in untouched
+    assert "<p>and then the</p>" in html  # so is a fragment
+    assert html.count("https://x.net/") == 3  # every link placed: after the full sentence
+    assert "<p>The spindle turns the tool. " in html
+
+
+def test_links_no_paragraph_can_take_go_to_a_paragraph_of_their_own() -> None:
+    html = place_links("<p>Tools include:</p>", [Link(1, "https://x.net/t.html", "t", "up")])
+    assert html.startswith("<p>Tools include:</p>") and html.endswith("</a>.</p>")
