@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import signal
 import socket
 import subprocess
 import time
@@ -153,6 +155,22 @@ def wait_until_serving(address: str, timeout: float = 60.0) -> None:
             if status == health_pb2.HealthCheckResponse.SERVING:
                 return
             time.sleep(0.1)
+
+
+def stop_processes(processes: dict[str, subprocess.Popen[bytes]]) -> None:
+    """Stop every service process the test started (emptying `processes`): SIGCONT first (a
+    paused one would not hear SIGTERM), then SIGTERM, and SIGKILL for one still there after
+    30 s."""
+    for process in processes.values():
+        os.kill(process.pid, signal.SIGCONT)
+    for name in list(processes):
+        process = processes.pop(name)
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def internal_channel(address: str, service_token: str) -> Any:

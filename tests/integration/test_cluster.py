@@ -21,7 +21,14 @@ import pytest
 from generator_service.llm.simulator import LlmSimulator, SimulatorConfig
 from orchestrator_service.client import OrchestratorClient
 from orchestrator_service.export import write_files
-from tests.helpers import article_rows, free_port, job_file, sql_rows, wait_until_serving
+from tests.helpers import (
+    article_rows,
+    free_port,
+    job_file,
+    sql_rows,
+    stop_processes,
+    wait_until_serving,
+)
 from tierwriter.article.v1 import article_event_pb2 as article_pb
 from tierwriter.job.v1.job_pb2 import JobStatus
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
@@ -110,16 +117,7 @@ class Cluster:
         process.wait(timeout=30)
 
     def stop_all(self) -> None:
-        for process in self.processes.values():
-            os.kill(process.pid, signal.SIGCONT)  # a stopped process would not hear SIGTERM
-        for name in list(self.processes):
-            process = self.processes.pop(name)
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_processes(self.processes)
 
     def client(self, orchestrator: str) -> OrchestratorClient:
         return OrchestratorClient(self.address(orchestrator), "admin", PASSWORD)

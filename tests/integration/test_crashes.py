@@ -25,6 +25,7 @@ from tests.helpers import (
     free_port,
     job_file,
     rows_by_status,
+    stop_processes,
     wait_until_serving,
 )
 from tests.integration.test_failures import duplicate_keys
@@ -91,14 +92,7 @@ class Services:
         process.wait(timeout=30)
 
     def stop_all(self) -> None:
-        for name in list(self.processes):
-            process = self.processes.pop(name)
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_processes(self.processes)
 
 
 @pytest.fixture
