@@ -13,13 +13,10 @@ No gRPC here: the servicer feeds tasks in and turns events into messages."""
 from __future__ import annotations
 
 import logging
-import re
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
-
-import openai
 
 from generator_service import prompts
 from generator_service.calibration import WordTargets
@@ -41,7 +38,7 @@ from generator_service.llm.budget import (
     content_tokens,
     outline_tokens,
 )
-from generator_service.llm.client import FatalApiError, RetryNotice
+from generator_service.llm.client import FatalApiError, RetryNotice, failure_reason
 from generator_service.llm.limits import ConcurrencyChange
 from generator_service.llm.pricing import PriceTable
 from generator_service.outline import (
@@ -70,31 +67,6 @@ MAX_TRACEBACK_CHARS = 16_000  # kept with a failed record
 
 class EmptyContentError(ValueError):
     """The model's content reply has no visible words."""
-
-
-# A failure's reason is one console line; its traceback is in the record and the log.
-MAX_REASON_CHARS = 300
-# A server's own traceback frames, which some put into their error messages.
-_SERVER_FRAME = re.compile(r'File "[^"]*", line \d+(?:, in [\w<>.]+)?')
-
-
-def failure_reason(error: Exception) -> str:
-    """Why an article failed, on one line of at most MAX_REASON_CHARS: the error's class and
-    message — for an API error its status and the server's own message, for a FatalApiError the
-    message alone (it says what to fix) — without the server's file names and line numbers."""
-    if isinstance(error, FatalApiError):
-        text = str(error)
-    elif isinstance(error, openai.APIStatusError):
-        body = error.body if isinstance(error.body, dict) else {}
-        inner = body.get("error", body)
-        said = str(inner.get("message") or "") if isinstance(inner, dict) else ""
-        if "Traceback (most recent call last)" in said:  # a server's own: its last line says it
-            said = [line for line in said.splitlines() if line.strip()][-1]
-        text = f"{type(error).__name__}: {error.status_code} {said or error.message}"
-    else:
-        text = f"{type(error).__name__}: {error}"
-    text = " ".join(_SERVER_FRAME.sub("", text).split())
-    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 1] + "…"
 
 
 class ArticleCancelledError(Exception):

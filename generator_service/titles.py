@@ -21,7 +21,7 @@ from generator_service.domain import ProjectInfo
 from generator_service.lease import JobLease
 from generator_service.llm import Completion, LlmClient
 from generator_service.llm.budget import titles_tokens
-from generator_service.llm.client import FatalApiError, RetryNotice
+from generator_service.llm.client import FatalApiError, RetryNotice, failure_reason
 from generator_service.llm.pricing import PriceTable
 
 TITLES_PER_CALL = 25
@@ -154,7 +154,7 @@ class TitleWriter:
                     except Exception as e:  # retries are spent: the missing titles fail
                         if not result.error:
                             result.fatal = isinstance(e, FatalApiError)
-                            result.error = str(e) if result.fatal else f"{type(e).__name__}: {e}"
+                            result.error = failure_reason(e)
                         continue
                     result.api_calls += 1
                     result.prompt_tokens += reply.prompt_tokens

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -186,3 +187,29 @@ class OpenAiLlm:
     def close(self) -> None:
         """Close the SDK's connection pool."""
         self._client.close()
+
+
+# A failure's reason is one console line; its traceback is in the record and the log.
+MAX_REASON_CHARS = 300
+# A server's own traceback frames, which some put into their error messages.
+_SERVER_FRAME = re.compile(r'File "[^"]*", line \d+(?:, in [\w<>.]+)?')
+
+
+def failure_reason(error: Exception) -> str:
+    """Why a model call failed (an article's, or a tier's titles), on one line of at most
+    MAX_REASON_CHARS: the error's class and message — for an API error its status and the
+    server's own message, for a FatalApiError the message alone (it says what to fix) —
+    without the server's file names and line numbers."""
+    if isinstance(error, FatalApiError):
+        text = str(error)
+    elif isinstance(error, openai.APIStatusError):
+        body = error.body if isinstance(error.body, dict) else {}
+        inner = body.get("error", body)
+        said = str(inner.get("message") or "") if isinstance(inner, dict) else ""
+        if "Traceback (most recent call last)" in said:  # a server's own: its last line says it
+            said = [line for line in said.splitlines() if line.strip()][-1]
+        text = f"{type(error).__name__}: {error.status_code} {said or error.message}"
+    else:
+        text = f"{type(error).__name__}: {error}"
+    text = " ".join(_SERVER_FRAME.sub("", text).split())
+    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 1] + "…"

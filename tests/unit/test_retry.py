@@ -13,9 +13,9 @@ import pytest
 from generator_service.calibration import WordTargets
 from generator_service.domain import ArticleTask, EventKind
 from generator_service.llm import Completion
-from generator_service.llm.client import OnRetry, RetryNotice
+from generator_service.llm.client import OnRetry, RetryNotice, failure_reason
 from generator_service.llm.retry import RetryingLlm, RetryPolicy, is_retryable, server_delay
-from generator_service.pipeline import MAX_CONTINUATIONS, ArticlePipeline, failure_reason
+from generator_service.pipeline import MAX_CONTINUATIONS, ArticlePipeline
 from tests.fakes import EventLog, FakeLlm, MemorySaver, batch_context
 
 REQUEST = httpx.Request("POST", "http://127.0.0.1/v1/chat/completions")
