@@ -85,6 +85,8 @@ class EventKind(Enum):
     RETRYING = "RETRYING"
     RETRY_SUCCEEDED = "RETRY_SUCCEEDED"
     THROTTLED = "THROTTLED"
+    CONTENT_REJECTED = "CONTENT_REJECTED"
+    SHORTENING = "SHORTENING"
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,9 @@ class ArticleEvent:
     concurrency_after: int = 0
     model: str = ""  # THROTTLED
     restored: bool = False  # THROTTLED: the throttle was lifted
+    gate: str = ""  # CONTENT_REJECTED, FAILED: the quality gate that fired (gates.py)
+    quality_gates: str = ""  # SAVED, FAILED: every gate that fired, comma-separated
+    max_word_count: int = 0  # SHORTENING
 
     @property
     def terminal(self) -> bool:
@@ -149,6 +154,7 @@ class ArticleRecord:
     content_model: str = ""
     asked_words: int = 0  # the lower word bound the content prompt asked for
     draft_words: int = 0  # words of the content reply, before any augmentation
+    quality_gates: str = ""  # the content gates that fired, comma-separated (gates.py)
 
 
 class ArticleSaver(Protocol):

@@ -1,12 +1,16 @@
-"""ArticlePipeline: one article, outline → content → augmentation if short → saved record.
+"""ArticlePipeline: one article, outline → content → augmentation if short, shortening if long →
+saved record.
 
 Every call asks for a token budget that fits it (budget.py); outlines ask for JSON of a schema;
-the content prompt's word bounds come from WordTargets (learned per model). An augmentation must
+the content prompt's word bounds come from WordTargets (learned per model). A content reply must
+pass the quality gates (gates.py: prose in HTML that follows its outline) or is asked for once
+more with the reason; failing again, the article fails naming the gate. An augmentation must
 lengthen the text or is asked once more; the longest text is kept, and one that stays below the
-minimum is recorded as `short`. A FatalApiError (rejected key, unknown model, no endpoint)
-fails the article as `fatal`, which stops the batch. A LeaseLostError (the job is run by
-another orchestrator now) is not a failure of the article: nothing is recorded, and it goes to
-the caller.
+minimum is recorded as `short`. A draft over the maximum is cut at a section boundary, else asked
+once to shorten; still over, it is recorded as `long`. A FatalApiError (rejected key, unknown
+model, no endpoint) fails the article as `fatal`, which stops the batch. A LeaseLostError (the
+job is run by another orchestrator now) is not a failure of the article: nothing is recorded,
+and it goes to the caller.
 
 No gRPC here: the servicer feeds tasks in and turns events into messages."""
 
@@ -18,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from generator_service import prompts
+from generator_service import gates, prompts
 from generator_service.calibration import WordTargets
 from generator_service.domain import (
     ArticleEvent,
@@ -30,6 +34,7 @@ from generator_service.domain import (
     InvalidRequestError,
     TierShape,
 )
+from generator_service.gates import ContentGateError
 from generator_service.lease import LeaseLostError
 from generator_service.llm import Completion, LlmClient
 from generator_service.llm.budget import (
@@ -65,10 +70,6 @@ _TYPICAL_PROMPT_TOKENS = 400  # the system message, the project context and the 
 MAX_TRACEBACK_CHARS = 16_000  # kept with a failed record
 
 
-class EmptyContentError(ValueError):
-    """The model's content reply has no visible words."""
-
-
 class ArticleCancelledError(Exception):
     """The job was cancelled and the in-flight article's grace period ran out."""
 
@@ -91,14 +92,16 @@ def _parse(reply: Completion, max_heading_chars: int) -> Outline:
 class _Usage:
     """What one article cost; owned by the one thread that writes the article."""
 
-    calls: int = 0
+    calls: int = 0  # every request sent: retries, refused formats and failures included
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
     rate_limited: int = 0  # 429 answers, each retried
 
-    def add(self, completion: Completion, cost_usd: float) -> None:
+    def request_sent(self) -> None:
         self.calls += 1
+
+    def add(self, completion: Completion, cost_usd: float) -> None:
         self.prompt_tokens += completion.prompt_tokens
         self.completion_tokens += completion.completion_tokens
         self.cost_usd += cost_usd
@@ -275,6 +278,7 @@ class ArticlePipeline:
                 response_format=response_format,
                 on_retry=on_retry,
                 on_throttle=on_throttle,
+                on_request=usage.request_sent,  # the worker's own thread: no lock needed
             )
             if retried:
                 event(EventKind.RETRY_SUCCEEDED, stage=stage)
@@ -292,6 +296,7 @@ class ArticlePipeline:
             status="generated",
             site=task.site,
         )
+        gates_fired: list[str] = []  # the quality gates that fired, in order (gates.py)
         event(EventKind.STARTED, title=task.title, site=task.site)
         try:
             event(EventKind.OUTLINE_STARTED)
@@ -339,10 +344,12 @@ class ArticlePipeline:
                 asked.low,
                 asked.high,
             )
-            content = strip_fences(ask(model, content_request, content_tokens(asked.high)))
+
+            def ask_content(request: prompts.Prompt) -> str:
+                return strip_fences(ask(model, request, content_tokens(asked.high)))
+
+            content = self._article_reply(ask_content, content_request, outline, gates_fired, event)
             words = count_words(content)
-            if words == 0:
-                raise EmptyContentError("content reply has no visible words")
             record.asked_words, record.draft_words = asked.low, words
             self._targets.observe(model, asked.low, words)
             event(EventKind.CONTENT_DONE, word_count=words)
@@ -351,14 +358,25 @@ class ArticlePipeline:
             if words < tier.min_word_count:
                 stage = "augmentation"
                 event(EventKind.AUGMENTING, min_word_count=tier.min_word_count)
-                content, words, problem = self._augmented(content, words, tier, model, ask)
+                content, words, problem = self._augmented(
+                    content, words, tier, model, ask, outline, gates_fired, event
+                )
                 record.status = "augmented" if words >= tier.min_word_count else "short"
                 if problem:  # the record says why it is short
                     record.error_stage, record.error = stage, problem
                 event(EventKind.AUGMENTED, word_count=words, status=record.status, error=problem)
+            if words > tier.max_word_count:
+                stage = "shortening"
+                content, words, problem = self._within_max(
+                    content, words, tier, model, ask, outline, gates_fired, event
+                )
+                if problem:  # kept, and the record says why it is long
+                    record.status = "long"
+                    record.error_stage, record.error = stage, problem
 
             stage = "save"
             record.content, record.word_count = content, words
+            record.quality_gates = ",".join(gates_fired)
             self._fill_usage(record, usage)
             article_id, _created = self._saver.save(record, batch.replace_failed, batch.lease_epoch)
             return event(
@@ -366,12 +384,15 @@ class ArticlePipeline:
                 article_id=article_id,
                 status=record.status,
                 word_count=words,
+                error=record.error,
+                quality_gates=record.quality_gates,
                 cost_usd=record.cost_usd,
                 tokens=record.prompt_tokens + record.completion_tokens,
             )
         except LeaseLostError:
             raise  # not the article's failure: nothing of it may be recorded under this lease
         except Exception as e:  # one article's failure must never reach the other workers
+            record.quality_gates = ",".join(gates_fired)
             return self._fail(batch, task, record, usage, stage, e, event)
 
     @staticmethod
@@ -412,19 +433,70 @@ class ArticlePipeline:
         return fit_outline(outline, tier, batch.project)
 
     @staticmethod
+    def _article_reply(
+        ask_content: Callable[[prompts.Prompt], str],
+        request: prompts.Prompt,
+        outline: Outline,
+        gates_fired: list[str],
+        event: Callable[..., ArticleEvent],
+    ) -> str:
+        """The content reply once it passes the quality gates (gates.py), repeated paragraphs
+        dropped. A reply that fails a gate is asked for once more with the reason;
+        ContentGateError when that one fails too."""
+        failure: gates.GateFailure | None = None
+        for prompt in (request, None):
+            if prompt is None:  # the first reply failed: once more, saying why
+                assert failure is not None
+                prompt = prompts.content_retry_prompt(request, failure.reason)
+            content, dropped = gates.drop_repeated_paragraphs(ask_content(prompt))
+            if dropped and gates.REPEATED_PARAGRAPHS not in gates_fired:
+                gates_fired.append(gates.REPEATED_PARAGRAPHS)
+            failure = gates.check_reply(content, outline, prompts.instructions_of(prompt.user))
+            if failure is None:
+                return content
+            gates_fired.append(failure.gate)
+            event(EventKind.CONTENT_REJECTED, gate=failure.gate, error=str(failure))
+        assert failure is not None
+        raise ContentGateError(failure)
+
+    @staticmethod
+    def _gated_rewrite(
+        reply: str,
+        outline: Outline,
+        request: prompts.Prompt,
+        gates_fired: list[str],
+        event: Callable[..., ArticleEvent],
+    ) -> str | None:
+        """An augmentation's or shortening's reply, repeated paragraphs dropped; None when it
+        fails a quality gate (it is then not kept; the text it was to rewrite stays)."""
+        reply, dropped = gates.drop_repeated_paragraphs(reply)
+        if dropped and gates.REPEATED_PARAGRAPHS not in gates_fired:
+            gates_fired.append(gates.REPEATED_PARAGRAPHS)
+        failure = gates.check_reply(reply, outline, prompts.instructions_of(request.user))
+        if failure is None:
+            return reply
+        gates_fired.append(failure.gate)
+        event(EventKind.CONTENT_REJECTED, gate=failure.gate, error=f"{failure}; not kept")
+        return None
+
+    @classmethod
     def _augmented(
+        cls,
         content: str,
         words: int,
         tier: TierShape,
         model: str,
         ask: Callable[[str, prompts.Prompt, int], str],
+        outline: Outline,
+        gates_fired: list[str],
+        event: Callable[..., ArticleEvent],
     ) -> tuple[str, int, str]:
         """The longest of `content` and up to MAX_AUGMENTATIONS lengthened versions, asking for
         the gap up to the tier's range (never past its maximum); stops at the minimum. A reply
-        no longer than what it was to lengthen is never kept. A call that fails (cut off past
-        its continuations, an API error after its retries) ends the augmenting but loses no
-        draft: (text, words, why it stopped short or ""). A stop of the article or the job
-        (cancelled, the lease lost, a fatal API error) is raised."""
+        no longer than what it was to lengthen, or failing a quality gate, is never kept. A call
+        that fails (cut off past its continuations, an API error after its retries) ends the
+        augmenting but loses no draft: (text, words, why it stopped short or ""). A stop of the
+        article or the job (cancelled, the lease lost, a fatal API error) is raised."""
         best, best_words = content, words
         for _ in range(MAX_AUGMENTATIONS):
             request = prompts.augment_prompt(
@@ -436,12 +508,58 @@ class ArticlePipeline:
                 raise
             except Exception as e:
                 return best, best_words, f"augmentation failed ({failure_reason(e)})"
-            reply_words = count_words(reply)
-            if reply_words > best_words:
-                best, best_words = reply, reply_words
+            kept = cls._gated_rewrite(reply, outline, request, gates_fired, event)
+            reply_words = count_words(kept) if kept is not None else 0
+            if kept is not None and reply_words > best_words:
+                best, best_words = kept, reply_words
             if best_words >= tier.min_word_count:
                 break
         return best, best_words, ""
+
+    @classmethod
+    def _within_max(
+        cls,
+        content: str,
+        words: int,
+        tier: TierShape,
+        model: str,
+        ask: Callable[[str, prompts.Prompt, int], str],
+        outline: Outline,
+        gates_fired: list[str],
+        event: Callable[..., ArticleEvent],
+    ) -> tuple[str, int, str]:
+        """A draft over the tier's maximum brought into its range: cut at a section boundary
+        when one does it (no call), else asked once to shorten. (text, words, why it is still
+        over the maximum or ""); the shortest text within the minimum is kept. A failed call
+        keeps the draft; a stop of the article or the job is raised."""
+        low, high = tier.min_word_count, tier.max_word_count
+        trimmed = gates.trim_to_max(content, high, low, tier.min_h2)
+        if trimmed is not None:
+            gates_fired.append(gates.TRIMMED)
+            return trimmed, count_words(trimmed), ""
+        gates_fired.append(gates.SHORTENED)
+        event(EventKind.SHORTENING, word_count=words, max_word_count=high)
+        request = prompts.shorten_prompt(content, words, low, high)
+        why = ""
+        try:
+            reply = strip_fences(ask(model, request, content_tokens(high)))
+        except (ArticleCancelledError, LeaseLostError, FatalApiError):
+            raise
+        except Exception as e:
+            why = f"; shortening failed ({failure_reason(e)})"
+        else:
+            kept = cls._gated_rewrite(reply, outline, request, gates_fired, event)
+            kept_words = count_words(kept) if kept is not None else 0
+            if kept is not None and low <= kept_words < words:
+                content, words = kept, kept_words
+        if words <= high:
+            return content, words, ""
+        gates_fired.append(gates.LONG)
+        return (
+            content,
+            words,
+            (f"{words} words, over the maximum of {high} after one request to shorten{why}"),
+        )
 
     def _fail(
         self,
@@ -503,6 +621,8 @@ class ArticlePipeline:
             error=message,
             error_type=type(error).__name__,
             endpoint=self._endpoint,
+            gate=error.failure.gate if isinstance(error, ContentGateError) else "",
+            quality_gates=failed.quality_gates,
             fatal=isinstance(error, FatalApiError),
             cost_usd=failed.cost_usd,
             tokens=failed.prompt_tokens + failed.completion_tokens,

@@ -153,6 +153,38 @@ def augment_prompt(content: str, word_count: int, min_words: int, max_words: int
     )
 
 
+def content_retry_prompt(original: Prompt, problem: str) -> Prompt:
+    """Ask once more for an article whose reply failed a quality gate, saying why. The original
+    request comes after the reason, unchanged (its outline JSON last)."""
+    return Prompt(
+        original.system,
+        f"Your previous reply could not be used: {problem}. Write the article itself: prose in "
+        "<p> elements under the outline's <h2> and <h3> headings, as an HTML fragment; no JSON, "
+        "no markdown, no code fences, and do not repeat these instructions.\n" + original.user,
+    )
+
+
+def shorten_prompt(content: str, word_count: int, min_words: int, max_words: int) -> Prompt:
+    """Ask to shorten an article that came out over the tier's maximum and that no section
+    boundary cuts into its range, to the middle of the range."""
+    target = (min_words + max_words) // 2
+    return Prompt(
+        SYSTEM,
+        f"The article below has {word_count} words; it must have between {min_words} and "
+        f"{max_words} words. Shorten it to about {target} words by tightening its paragraphs, "
+        "keeping every heading. Return the whole article as an HTML fragment."
+        "\n<article>\n" + content + "\n</article>",
+    )
+
+
+def instructions_of(prompt: str) -> str:
+    """The instructions of a user prompt, without the outline JSON or the article it carries:
+    what a reply must not say back."""
+    for marker in ("{", "<article>"):
+        prompt = prompt.split(marker, 1)[0]
+    return prompt
+
+
 def continuation_prompt(original: Prompt, text_so_far: str) -> Prompt:
     """Ask to go on with a reply that the token limit cut off."""
     return Prompt(

@@ -73,6 +73,9 @@ def event_to_proto(e: ArticleEvent, tier_count: int) -> article_pb.ArticleEvent:
         concurrency_after=e.concurrency_after,
         model=e.model,
         restored=e.restored,
+        gate=e.gate,
+        quality_gates=e.quality_gates,
+        max_word_count=e.max_word_count,
     )
 
 

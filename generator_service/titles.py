@@ -121,11 +121,15 @@ class TitleWriter:
         the job's `lease` is found lost, which each round checks first."""
         lease = lease or JobLease.unchecked()
         result = TitlesResult()
-        retries_lock = threading.Lock()
+        lock = threading.Lock()  # the pool's threads report retries and requests
 
         def on_retry(notice: RetryNotice) -> None:
-            with retries_lock:
+            with lock:
                 result.retries.append(notice)
+
+        def on_request() -> None:  # from the pool's threads
+            with lock:
+                result.api_calls += 1
 
         seen = {normalise_title(t) for t in existing}
         with ThreadPoolExecutor(
@@ -146,7 +150,8 @@ class TitleWriter:
                 ]
                 avoid = [*existing, *result.titles]
                 futures = [
-                    pool.submit(self._ask, project, n, model, avoid, on_retry) for n in batches
+                    pool.submit(self._ask, project, n, model, avoid, on_retry, on_request)
+                    for n in batches
                 ]
                 for future in futures:  # in submission order, so the result is deterministic
                     try:
@@ -156,7 +161,6 @@ class TitleWriter:
                             result.fatal = isinstance(e, FatalApiError)
                             result.error = failure_reason(e)
                         continue
-                    result.api_calls += 1
                     result.prompt_tokens += reply.prompt_tokens
                     result.completion_tokens += reply.completion_tokens
                     result.cost_usd += self._prices.cost(
@@ -228,6 +232,7 @@ class TitleWriter:
         model: str,
         avoid: list[str],
         on_retry: Callable[[RetryNotice], None],
+        on_request: Callable[[], None],
     ) -> Completion:
         prompt = prompts.titles_prompt(
             project.keyword, project.entities, project.related_searches, n, avoid, self._length
@@ -239,4 +244,5 @@ class TitleWriter:
             max_tokens=titles_tokens(n),
             temperature=0.9,
             on_retry=on_retry,
+            on_request=on_request,
         )

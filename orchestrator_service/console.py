@@ -9,10 +9,10 @@ from tierwriter.statuses import article_status_word
 RULE = "=" * 60
 
 
-def augmentation_rate(generated: int, augmented: int, short: int = 0) -> float:
+def augmentation_rate(generated: int, augmented: int, short: int = 0, long: int = 0) -> float:
     """Share of the articles that got content which needed augmentation, whether it reached the
     minimum (augmented) or not (short); 0.0 when none got content."""
-    written = generated + augmented + short
+    written = generated + augmented + short + long
     return (augmented + short) / written if written else 0.0
 
 
@@ -51,6 +51,11 @@ def _article_lines(a: article_pb.ArticleEvent) -> list[str]:
     )
     outline_fix = f" ({a.outline_fix})" if a.outline_fix else ""
     status = article_status_word(a.status)
+    saved = f"Saved (ID: {a.article_id}, Status: {status})"
+    if status == "long" and a.error:
+        saved += f": {a.error}"
+    if a.quality_gates:
+        saved += f" [gates: {a.quality_gates}]"
     short = ", still below the minimum (short)" if status == "short" else ""
     if short and a.error:  # the augmenting stopped on a failure: the draft was kept
         short += f": {a.error}"
@@ -64,7 +69,11 @@ def _article_lines(a: article_pb.ArticleEvent) -> list[str]:
         "CONTENT_DONE": f"Generated content: {a.word_count:,} words",
         "AUGMENTING": f"Below minimum ({a.min_word_count:,}), augmenting...",
         "AUGMENTED": f"Augmented content: {a.word_count:,} words{short}",
-        "SAVED": f"Saved (ID: {a.article_id}, Status: {status})",
+        "SAVED": saved,
+        "CONTENT_REJECTED": f"Content rejected ({a.error})"
+        + ("" if a.error.endswith("not kept") else ", asking once more..."),
+        "SHORTENING": f"Over maximum ({a.word_count:,} of {a.max_word_count:,} words), "
+        "shortening...",
         "SKIPPED": f"Skipped ({a.error})",
         "THROTTLED": throttled,
     }.get(step, f"step {a.kind}")
@@ -105,7 +114,9 @@ def post_processing_lines(step: pb.PostProcessingStep) -> list[str]:
 def summary_lines(finished: pb.RunFinished) -> list[str]:
     """The final summary: totals from the database, the cost, the time, where the files are."""
     s = finished.summary
-    rate = augmentation_rate(s.generated_articles, s.augmented_articles, s.short_articles)
+    rate = augmentation_rate(
+        s.generated_articles, s.augmented_articles, s.short_articles, s.long_articles
+    )
     lines = [
         RULE,
         "Summary" + ("" if finished.ok else " (run stopped early)"),
@@ -119,6 +130,8 @@ def summary_lines(finished: pb.RunFinished) -> list[str]:
         lines.append(
             f"  Short:              {s.short_articles} (below the minimum after augmenting)"
         )
+    if s.long_articles:
+        lines.append(f"  Long:               {s.long_articles} (over the maximum after shortening)")
     if s.skipped_articles:
         lines.append(f"  Skipped (budget):   {s.skipped_articles}")
     if s.title_shortfall:
@@ -131,6 +144,7 @@ def summary_lines(finished: pb.RunFinished) -> list[str]:
         - s.generated_articles
         - s.augmented_articles
         - s.short_articles
+        - s.long_articles
         - s.failed_articles
         - s.skipped_articles
         - s.title_shortfall
@@ -208,7 +222,9 @@ def event_lines(event: pb.JobEvent) -> list[str]:
     if kind == "tier_finished":
         done = event.tier_finished
         extra = "".join(
-            f", {n} {what}" for n, what in ((done.short, "short"), (done.skipped, "skipped")) if n
+            f", {n} {what}"
+            for n, what in ((done.short, "short"), (done.long, "long"), (done.skipped, "skipped"))
+            if n
         )
         return [
             f"[{done.tier}] Done: {done.generated} generated, {done.augmented} augmented, "

@@ -396,7 +396,8 @@ class JobPublisher:
             ]
             tiers.append(
                 report.TierReport(
-                    name, tier.count, c.generated, c.augmented, c.short, c.failed, c.skipped,
+                    name, tier.count, c.generated, c.augmented, c.short, c.long, c.failed,
+                    c.skipped,
                     c.cost_usd, tier.min_word_count, tier.max_word_count, words,
                     report.word_histogram(words, tier.min_word_count, tier.max_word_count),
                 )

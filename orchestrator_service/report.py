@@ -28,6 +28,7 @@ class TierReport:
     generated: int
     augmented: int
     short: int
+    long: int
     failed: int
     skipped: int
     cost_usd: float

@@ -404,6 +404,7 @@ class JobRunner:
                     augmented_articles=t.augmented,
                     failed_articles=t.failed,
                     short_articles=t.short,
+                    long_articles=t.long,
                     skipped_articles=t.skipped,
                     api_calls=t.api_calls + stats.title_api_calls,
                     prompt_tokens=t.prompt_tokens + stats.title_prompt_tokens,
@@ -512,7 +513,7 @@ class JobRunner:
         before any was written)."""
         stats = self._persistence.job_stats([job_id])
         t = stats.totals
-        written = t.generated + t.augmented + t.short + t.failed
+        written = t.generated + t.augmented + t.short + t.long + t.failed
         average = t.cost_usd / written if written else 0.0
         return max_cost_usd - t.cost_usd - stats.title_cost_usd, average
 
@@ -534,7 +535,7 @@ class JobRunner:
         (skipped ones, and those of tiers it did not start); else ""."""
         stats = self._persistence.job_stats([job_id])
         t = stats.totals
-        recorded = t.generated + t.augmented + t.short + t.failed + t.skipped
+        recorded = t.generated + t.augmented + t.short + t.long + t.failed + t.skipped
         unwritten = t.skipped + max(0, t.requested - recorded - stats.title_shortfall)
         if not unwritten:
             return ""

@@ -127,6 +127,7 @@ def job_info(
         info.augmented_articles += t.counts.augmented
         info.failed_articles += t.counts.failed
         info.short_articles += t.counts.short
+        info.long_articles += t.counts.long
         info.skipped_articles += t.counts.skipped
         info.cost_usd += t.counts.cost_usd
         info.api_calls += t.counts.api_calls

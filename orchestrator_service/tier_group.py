@@ -141,6 +141,7 @@ def tier_finished(job_id: int, stats: db_pb.TierStats) -> pb.TierFinished:
         augmented=c.augmented,
         failed=c.failed,
         short=c.short,
+        long=c.long,
         skipped=c.skipped,
         cost_usd=c.cost_usd,
     )

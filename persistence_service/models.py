@@ -20,9 +20,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-# short: still below the minimum after augmentation; skipped: over the job's budget (a resume
-# writes it, replacing the record).
-ARTICLE_STATUSES = ("generated", "augmented", "short", "failed", "skipped")
+# short: still below the minimum after augmentation; long: over the maximum after trimming and
+# one request to shorten; skipped: over the job's budget (a resume writes it, replacing the
+# record).
+ARTICLE_STATUSES = ("generated", "augmented", "short", "long", "failed", "skipped")
 # queued: stored, waiting for an orchestrator to claim it (ClaimJobs) under its owner's limit.
 JOB_STATUSES = ("queued", "running", "completed", "failed", "cancelled", "interrupted")
 # A job in one of these is not running; all but `completed` can be resumed.
@@ -160,6 +161,8 @@ class Article(Base):
     content_model: Mapped[str] = mapped_column(String(200), default="")
     asked_words: Mapped[int] = mapped_column(Integer, default=0)
     draft_words: Mapped[int] = mapped_column(Integer, default=0)
+    # The content gates that fired, comma-separated in order (generator_service/gates.py).
+    quality_gates: Mapped[str] = mapped_column(String(300), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

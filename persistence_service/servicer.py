@@ -165,6 +165,7 @@ ARTICLE_FIELDS = (
     "job_id", "project_id", "tier", "article_index", "keyword", "title", "content", "word_count",
     "error_stage", "error", "site", "api_calls", "prompt_tokens", "completion_tokens",
     "cost_usd", "rate_limited", "content_model", "asked_words", "draft_words", "error_traceback",
+    "quality_gates",
 )  # fmt: skip
 _TEXT_FIELDS = ("content", "error_traceback")  # with the html and outline: not metadata
 

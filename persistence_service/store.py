@@ -231,6 +231,7 @@ class Counts:
     completion_tokens: int = 0
     words: int = 0
     short: int = 0
+    long: int = 0
     skipped: int = 0
     cost_usd: float = 0.0
     rate_limited: int = 0

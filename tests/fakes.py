@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +20,14 @@ from generator_service.domain import (
 )
 from generator_service.lease import LeaseLostError
 from generator_service.llm import Completion
-from generator_service.llm.client import OnRetry, OnThrottle, ResponseFormat, RetryNotice
+from generator_service.llm.client import (
+    OnRequest,
+    OnRetry,
+    OnThrottle,
+    ResponseFormat,
+    RetryNotice,
+)
+from generator_service.text import count_words
 
 OUTLINE = json.dumps(
     {
@@ -32,9 +40,36 @@ OUTLINE = json.dumps(
 )
 
 
-def html_with_words(n: int) -> str:
-    """An HTML fragment with exactly n visible words (the heading counts 2)."""
-    return "<h2>Heading here</h2><p>" + " ".join(["word"] * (n - 2)) + "</p>"
+def html_with_words(n: int, headings: list[tuple[str, str]] | None = None) -> str:
+    """An HTML fragment with exactly n visible words: the headings ((tag, text): an outline's,
+    so that the article follows it; one H2 of 2 words when none are given), each followed by a
+    paragraph of its own words, the words shared evenly."""
+    headings = headings or [("h2", "Heading here")]
+    left = n - sum(count_words(text) for _tag, text in headings)
+    blocks = []
+    for i, (tag, text) in enumerate(headings):
+        words = left // (len(headings) - i)
+        left -= words
+        blocks.append(f"<{tag}>{text}</{tag}><p>" + " ".join([f"w{i}"] * words) + "</p>")
+    return "".join(blocks)
+
+
+def headings_of(prompt: str) -> list[tuple[str, str]]:
+    """The headings a content prompt's outline JSON asks for, or an augmentation prompt's article
+    has, in order."""
+    start = prompt.find('{\n  "outline"')
+    if start >= 0:
+        sections = json.loads(prompt[start:])["outline"]
+        return [
+            heading
+            for s in sections
+            for heading in [("h2", s["h2"]), *(("h3", h) for h in s["h3"])]
+        ]
+    return [(m.group(1), m.group(2)) for m in re.finditer(r"<(h[23])>(.*?)</\1>", prompt)]
+
+
+# A content request, and its repeat after a reply failed a quality gate.
+_CONTENT_PROMPTS = ("Write the article titled", "Your previous reply could not be used")
 
 
 @dataclass
@@ -50,6 +85,12 @@ class FakeLlm:
     fail_when: Callable[[str], bool] = lambda _prompt: False
     # Replies to outline and outline-repair prompts, in order; OUTLINE once they run out.
     outlines: list[str] = field(default_factory=list)
+    # Replies to content prompts (and their repeats after a quality gate), in order; an article
+    # of `content_words` following the outline once they run out.
+    content_replies: list[str] = field(default_factory=list)
+    # Words of each reply to a request to shorten, in turn; the article unchanged once they run
+    # out.
+    shortened: list[int] = field(default_factory=list)
     # Content calls report this many retries to on_retry first, as a retrying client would.
     content_retries: int = 0
     # The first this-many content replies (continuations included) end with finish_reason
@@ -84,7 +125,10 @@ class FakeLlm:
         response_format: ResponseFormat | None = None,
         on_retry: OnRetry | None = None,
         on_throttle: OnThrottle | None = None,
+        on_request: OnRequest | None = None,
     ) -> Completion:
+        if on_request:
+            on_request()
         with self._changed:
             self.prompts.append(prompt)
             self.formats.append(response_format)
@@ -98,7 +142,7 @@ class FakeLlm:
             if self.fail_when(prompt):
                 raise self.failure()
             finish = "stop"
-            if prompt.startswith(("Write the article titled", "Continue the text")):
+            if prompt.startswith((*_CONTENT_PROMPTS, "Continue the text")):
                 for attempt in range(1, self.content_retries + 1):
                     if on_retry:
                         on_retry(RetryNotice(attempt, "Rate limit exceeded", 2.0))
@@ -117,14 +161,23 @@ class FakeLlm:
             with self._lock:
                 scripted = self.outlines.pop(0) if self.outlines else None
             return scripted if scripted is not None else "```json\n" + OUTLINE + "\n```"
-        if prompt.startswith("Write the article titled"):
-            return "```html\n" + html_with_words(self.content_words) + "\n```"
+        if prompt.startswith(_CONTENT_PROMPTS):
+            with self._lock:
+                scripted = self.content_replies.pop(0) if self.content_replies else None
+            if scripted is not None:
+                return scripted
+            return "```html\n" + html_with_words(self.content_words, headings_of(prompt)) + "\n```"
+        if "Shorten it to about" in prompt:
+            with self._lock:
+                words = self.shortened.pop(0) if self.shortened else None
+            article = prompt.split("<article>\n", 1)[1].rsplit("\n</article>", 1)[0]
+            return article if words is None else html_with_words(words, headings_of(prompt))
         if prompt.startswith("Continue the text"):
             return "<p>" + " ".join(["more"] * 50) + "</p>"
         if "<article>" in prompt:
             with self._lock:
                 words = self.augmentations.pop(0) if self.augmentations else self.augmented_words
-            return html_with_words(words)
+            return html_with_words(words, headings_of(prompt))
         return "Title"
 
 

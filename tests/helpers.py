@@ -131,7 +131,8 @@ def article_rows(database_url: str, job_id: int) -> list[dict[str, Any]]:
     return sql_rows(
         database_url,
         "SELECT id, tier, article_index, title, status, error, site, url, output_path, outline,"
-        " content, html, word_count, asked_words, draft_words, cost_usd, error_traceback"
+        " content, html, word_count, asked_words, draft_words, cost_usd, error_traceback,"
+        " error_stage, quality_gates"
         " FROM generated_content WHERE job_id = :j ORDER BY tier, article_index",
         j=job_id,
     )

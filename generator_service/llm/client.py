@@ -37,6 +37,9 @@ class RetryNotice:
 
 OnRetry = Callable[[RetryNotice], None]
 OnThrottle = Callable[[ConcurrencyChange], None]
+# Called once for every request sent to the endpoint: a retry, a refused response_format and a
+# failure are requests too, and the endpoint counts (and may bill) each.
+OnRequest = Callable[[], None]
 # A JSON schema for the reply, as the API's `response_format` takes it.
 ResponseFormat = dict[str, Any]
 
@@ -44,7 +47,8 @@ ResponseFormat = dict[str, Any]
 class LlmClient(Protocol):
     """One chat completion; must be safe to call from many threads at once. A client that
     retries tells `on_retry` about each retry before it waits, and `on_throttle` about every
-    change of the model's concurrency. `response_format` asks for JSON of a schema where the
+    change of the model's concurrency; `on_request` hears of every request sent, however it
+    ends. `response_format` asks for JSON of a schema where the
     endpoint supports it (a client may drop it for endpoints that do not)."""
 
     def complete(
@@ -58,6 +62,7 @@ class LlmClient(Protocol):
         response_format: ResponseFormat | None = None,
         on_retry: OnRetry | None = None,
         on_throttle: OnThrottle | None = None,
+        on_request: OnRequest | None = None,
     ) -> Completion: ...
 
 
@@ -120,8 +125,11 @@ class OpenAiLlm:
         response_format: ResponseFormat | None = None,
         on_retry: OnRetry | None = None,
         on_throttle: OnThrottle | None = None,
+        on_request: OnRequest | None = None,
     ) -> Completion:
         extra: dict[str, Any] = {"response_format": response_format} if response_format else {}
+        if on_request:
+            on_request()
         try:
             response = self._client.chat.completions.create(
                 model=model,

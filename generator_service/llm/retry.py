@@ -32,6 +32,7 @@ from generator_service.llm.client import (
     EndpointUnreachableError,
     FatalApiError,
     LlmClient,
+    OnRequest,
     OnRetry,
     OnThrottle,
     ResponseFormat,
@@ -163,6 +164,7 @@ class RetryingLlm:
         response_format: ResponseFormat | None = None,
         on_retry: OnRetry | None = None,
         on_throttle: OnThrottle | None = None,
+        on_request: OnRequest | None = None,
     ) -> Completion:
         steps = format_steps(response_format)
         with self._lock:
@@ -188,8 +190,9 @@ class RetryingLlm:
             while True:
                 try:
                     reply = self._try(
-                        model, system, prompt, max_tokens, temperature, steps[tried], on_throttle
-                    )
+                        model, system, prompt, max_tokens, temperature, steps[tried],
+                        on_throttle, on_request,
+                    )  # fmt: skip
                 except openai.APIStatusError as e:
                     if tried + 1 >= len(steps) or not refuses_response_format(e):
                         raise
@@ -255,6 +258,7 @@ class RetryingLlm:
         temperature: float,
         response_format: ResponseFormat | None,
         on_throttle: OnThrottle | None,
+        on_request: OnRequest | None,
     ) -> Completion:
         """One call through the gate: charged as providers charge it (prompt + max_tokens)."""
         schema_text = json.dumps(response_format) if response_format else ""
@@ -269,6 +273,7 @@ class RetryingLlm:
                 max_tokens=max_tokens,
                 temperature=temperature,
                 response_format=response_format,
+                on_request=on_request,
             )
         except openai.RateLimitError:
             rate_limited = True

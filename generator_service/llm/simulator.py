@@ -355,6 +355,17 @@ class SimulatorConfig:
     # "overshoot" (twice the missing words past the asked maximum) or "truncate" (every
     # augmentation, and every continuation of one, cut off at the token limit).
     augment_mode: str = "reach"
+    # A weak model's content replies (""): "echo_outline" (the prompt's outline JSON said back,
+    # as a 0.5B model did), "markdown" (a markdown article in a fence), "headings_prose" (every
+    # paragraph an <h3>), "ignore_outline" (headings of its own), "repeat_paragraphs" (each
+    # paragraph twice). Every `bad_content_every`-th content request; the request that asks
+    # again with the reason gets a good article, unless `bad_content_stubborn`.
+    bad_content: str = ""
+    bad_content_every: int = 1
+    bad_content_stubborn: bool = False
+    # Requests to shorten: "reach" (every paragraph tightened to the asked length) or "ignore"
+    # (the article back as it was).
+    shorten_mode: str = "reach"
     # A provider's key: requests without `Authorization: Bearer <api_key>` get 401 (None: any).
     api_key: str | None = None
     # The models served: a request for another gets 404 (None: any name).
@@ -362,6 +373,9 @@ class SimulatorConfig:
 
 
 _AUGMENT_MODES = ("reach", "shrink", "overshoot", "truncate")
+_BAD_CONTENT = ("", "echo_outline", "markdown", "headings_prose", "ignore_outline",
+                "repeat_paragraphs")  # fmt: skip
+_SHORTEN_MODES = ("reach", "ignore")
 
 
 @dataclass
@@ -383,6 +397,9 @@ class SimulatorStats:
     # Tokens the admitted requests were charged against the TPM bucket (prompt bytes / 4 +
     # max_tokens), when rpm_limit or tpm_limit is set.
     tokens_charged: int = 0
+    # Chat completion requests received, whatever the answer (refused, failed or served): what
+    # a provider counts and bills.
+    received: int = 0
 
 
 @dataclass
@@ -411,6 +428,10 @@ class LlmSimulator:
         self.config = config or SimulatorConfig()
         if self.config.augment_mode not in _AUGMENT_MODES:
             raise ValueError(f"augment_mode must be one of {_AUGMENT_MODES}")
+        if self.config.bad_content not in _BAD_CONTENT:
+            raise ValueError(f"bad_content must be one of {_BAD_CONTENT}")
+        if self.config.shorten_mode not in _SHORTEN_MODES:
+            raise ValueError(f"shorten_mode must be one of {_SHORTEN_MODES}")
         self._lock = threading.Lock()
         self._stats = SimulatorStats()
         self._kinds: Counter[str] = Counter()
@@ -421,6 +442,7 @@ class LlmSimulator:
         self._outline_draws = 0  # outline requests that could be answered with garbage
         self._titles_written: dict[str, set[str]] = {}  # per keyword, lowercased
         self._broken_titles: set[str] = set()  # garbage outlines, repair included
+        self._bad_content_titles: set[str] = set()  # bad content replies, stubborn repeats too
         now = time.monotonic()
         self._buckets = {
             name: _Bucket(limit, limit, now)
@@ -478,6 +500,7 @@ class LlmSimulator:
                 dict(self._stats.max_tokens_by_kind),
                 self._stats.response_format_requests,
                 self._stats.tokens_charged,
+                self._stats.received,
             )
 
     def hold(self, *kinds: str, after: int = 0) -> None:
@@ -646,6 +669,20 @@ class LlmSimulator:
                 u -= share
             return ""
 
+    def _bad_content(self, kind: str, prompt: str, number: int) -> bool:
+        """Whether this content request (the `number`-th of its kind) gets a spoiled reply: every
+        bad_content_every-th first request, and with bad_content_stubborn its repeat too."""
+        title = _search(r'article titled "(.*?)"', prompt, "")
+        with self._lock:
+            if kind == "content" and _nth(number, self.config.bad_content_every):
+                self._bad_content_titles.add(title)
+                self._faults["bad_content"] += 1
+                return True
+            if self.config.bad_content_stubborn and title in self._bad_content_titles:
+                self._faults["bad_content"] += 1
+                return True
+            return False
+
     def _garbage_outline(self) -> bool:
         with self._lock:
             self._outline_draws += 1
@@ -659,6 +696,8 @@ class LlmSimulator:
     ) -> _Answer:
         """Answer one chat completion request (its JSON body, HTTP headers and body size in
         bytes): (HTTP status, JSON body, extra headers)."""
+        with self._lock:
+            self._stats.received += 1
         refused = self._refusal(body, headers or {})
         if refused:
             return refused
@@ -696,7 +735,7 @@ class LlmSimulator:
             if kind in ("outline", "outline_repair") and self._garbage_outline():
                 text = "Here is an outline: {'outline': [ oops"
             else:
-                text = self._reply(kind, prompt, rng, outline_number, _json_mode(body))
+                text = self._reply(kind, prompt, rng, outline_number, _json_mode(body), number)
         finally:
             self._leave()
         text += " " * self.config.reply_padding
@@ -740,6 +779,7 @@ class LlmSimulator:
         rng: random.Random,
         outline_number: int,
         json_mode: bool = False,
+        number: int = 0,
     ) -> str:
         ctx = _context_of(prompt)
         config = self.config
@@ -800,19 +840,27 @@ class LlmSimulator:
             if config.prose_outlines:
                 return prose_outline(sections)
             return "```json\n" + json.dumps({"outline": sections}) + "\n```"
-        if kind == "content":
+        if kind in ("content", "content_repair"):
             low, _high = _range(r"Length: between (\d+) and (\d+) words", prompt, (800, 1200))
             # Negative when the model overshoots: it writes past the lower bound.
             shortfall = rng.gauss(self.config.undershoot_mean, self.config.undershoot_jitter)
-            outline_json = prompt[prompt.find("{") :] if "{" in prompt else "{}"
+            start = prompt.find('{\n  "outline"')
             try:
-                outline = json.loads(outline_json).get("outline", [])
+                outline = json.loads(prompt[start:]).get("outline", []) if start >= 0 else []
             except json.JSONDecodeError:
                 outline = []
             article = write_article(rng, ctx, outline, max(50, round(low - shortfall)))
             if config.list_lead_ins:
                 article = with_list_lead_ins(article)
+            if config.bad_content and self._bad_content(kind, prompt, number):
+                article = bad_article(config.bad_content, article, outline, rng, ctx)
             return inject(article, config.payloads)
+        if kind == "shorten":
+            original = _search(r"<article>\n(.*)\n</article>", prompt, "", flags=re.DOTALL)
+            if config.shorten_mode == "ignore":
+                return original
+            target = int(_search(r"Shorten it to about (\d+) words", prompt, "0"))
+            return tightened(original, target)
         if kind == "continue":  # the rest of a reply that was cut off: a few more paragraphs
             return "\n".join(_paragraph(rng, ctx, 60) for _ in range(rng.randint(1, 3)))
         if kind == "augment":
@@ -860,6 +908,48 @@ class LlmSimulator:
         return titles
 
 
+def bad_article(
+    mode: str,
+    article: str,
+    outline: list[dict[str, Any]],
+    rng: random.Random,
+    ctx: dict[str, Any],
+) -> str:
+    """`article` as a weak model spoils it (SimulatorConfig.bad_content)."""
+    if mode == "echo_outline":
+        return json.dumps({"outline": outline}, indent=2)
+    if mode == "markdown":
+        text = re.sub(r"<h2>(.*?)</h2>", r"## \1\n", article)
+        text = re.sub(r"<h3>(.*?)</h3>", r"### \1\n", text)
+        text = re.sub(r"<p>(.*?)</p>", r"\1\n", text, flags=re.DOTALL)
+        return "```markdown\n" + text + "\n```"
+    if mode == "headings_prose":
+        return re.sub(r"<p>(.*?)</p>", r"<h3>\1</h3>", article, flags=re.DOTALL)
+    if mode == "ignore_outline":
+        own = [{"h2": f"Part {n} of the story", "h3": []} for n in range(1, len(outline) + 1)]
+        return write_article(rng, ctx, own, count_words(article))
+    # repeat_paragraphs
+    return re.sub(r"(<p>.*?</p>)", r"\1\n\1", article, flags=re.DOTALL)
+
+
+def tightened(html: str, target: int) -> str:
+    """`html` near `target` words: paragraphs left out evenly spaced, the headings all kept."""
+    have = count_words(html)
+    if not target or have <= target:
+        return html
+    ratio = target / have
+    number = 0
+
+    def keep_some(match: re.Match[str]) -> str:
+        nonlocal number
+        number += 1  # kept when the running share of kept paragraphs steps up
+        return (
+            match.group(0) if math.floor(number * ratio) > math.floor((number - 1) * ratio) else ""
+        )
+
+    return re.sub(r"<p>.*?</p>\n?", keep_some, html, flags=re.DOTALL)
+
+
 def _nth(number: int, every: int) -> bool:
     return bool(every) and number % every == 0
 
@@ -875,6 +965,10 @@ def _kind_of(prompt: str) -> str:
         return "outline_repair"
     if prompt.startswith("Write the article titled"):
         return "content"
+    if prompt.startswith("Your previous reply could not be used"):
+        return "content_repair"
+    if "Shorten it to about" in prompt and "<article>" in prompt:
+        return "shorten"
     if "<article>" in prompt:
         return "augment"
     return "other"

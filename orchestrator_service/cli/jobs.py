@@ -157,6 +157,7 @@ def jobs_show(connection: Connection, job_id: int, errors: bool, as_json_output:
             f"{n} {what}"
             for n, what in (
                 (j.short_articles, "short"),
+                (j.long_articles, "long"),
                 (j.skipped_articles, "skipped for the budget"),
             )
             if n
@@ -169,6 +170,7 @@ def jobs_show(connection: Connection, job_id: int, errors: bool, as_json_output:
         for t in response.tiers:
             counts = f"{t.generated} generated, {t.augmented} augmented, {t.failed} failed"
             counts += f", {t.short} short" if t.short else ""
+            counts += f", {t.long} long" if t.long else ""
             counts += f", {t.skipped} skipped" if t.skipped else ""
             print(f"  {t.tier}: {counts}; {format_cost(t.cost_usd)}")
         if j.runner:

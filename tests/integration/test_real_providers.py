@@ -131,6 +131,9 @@ def test_an_endpoint_that_answers_a_schema_with_500_gets_json_mode_without_a_ret
     assert stats.by_kind.get("outline_repair", 0) == 0
     retried = [e for e in events if e.article.kind == article_pb.ARTICLE_EVENT_KIND_RETRYING]
     assert retried == []  # no retry was spent on it
+    # …but the refused request was sent, and is counted as the endpoint counts it.
+    assert finished.summary.api_calls == stats.received == stats.requests + 1
+    assert "API calls:          " + f"{stats.received:,}" in console(events)
 
 
 def test_markdown_titles_and_preambles_never_become_articles(start_stack) -> None:

@@ -209,7 +209,7 @@ def test_generator_rejects_a_bad_title_count(start_stack) -> None:
                 timeout=10,
             ),
             grpc.StatusCode.INVALID_ARGUMENT,
-            "article.status: must be one of generated, augmented, short, failed, skipped",
+            "article.status: must be one of generated, augmented, short, long, failed, skipped",
         ),
         (
             lambda s: s.SaveArticles(

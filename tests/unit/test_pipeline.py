@@ -93,7 +93,8 @@ def test_an_exception_becomes_a_failed_record_and_event() -> None:
     assert outcome.kind is EventKind.FAILED and outcome.stage == "content"
     assert record.status == "failed" and record.error_stage == "content"
     assert record.error == "ConnectionError: simulated connection reset"
-    assert record.api_calls == 1 and record.outline is not None  # the outline call was paid for
+    # The outline call and the content request that failed: both were sent, so both count.
+    assert record.api_calls == 2 and record.outline is not None
     assert "Traceback" in record.error_traceback and outcome.article_id > 0
 
 

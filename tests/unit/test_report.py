@@ -16,7 +16,7 @@ def test_titles_and_reasons_are_text_in_the_graph_and_the_page() -> None:
         [(1, 0)],
     )
     tier = report.TierReport(
-        "tier1", 2, 1, 0, 0, 1, 0, 0.01, 300, 500, [420], report.word_histogram([420], 300, 500)
+        "tier1", 2, 1, 0, 0, 0, 1, 0, 0.01, 300, 500, [420], report.word_histogram([420], 300, 500)
     )
     html = publish.render_job_index(
         publish.template_environment(None),

@@ -124,7 +124,10 @@ def test_saving_many_judges_each_record_as_a_lone_save_would(store: Store) -> No
         (False, ""),
         (True, ""),
         (True, ""),
-        (False, "article.status: must be one of generated, augmented, short, failed, skipped"),
+        (
+            False,
+            "article.status: must be one of generated, augmented, short, long, failed, skipped",
+        ),
         (False, f"job {job_id + 99} does not exist"),
         (False, ""),
     ]

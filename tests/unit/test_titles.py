@@ -1,6 +1,7 @@
 """TitleWriter: normalised deduplication, top-ups, and a bounded shortfall."""
 
 import threading
+from typing import Any
 
 from generator_service.domain import ProjectInfo
 from generator_service.llm import Completion
@@ -23,7 +24,9 @@ class ScriptedTitles:
         self.replies, self.calls = list(replies), 0
         self._lock = threading.Lock()
 
-    def complete(self, **_kwargs: object) -> Completion:
+    def complete(self, **kwargs: Any) -> Completion:
+        if kwargs.get("on_request"):
+            kwargs["on_request"]()  # a request sent, as the real client reports it
         with self._lock:
             reply = self.replies[min(self.calls, len(self.replies) - 1)]
             self.calls += 1

@@ -35,6 +35,8 @@ class _ArticleStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Article
     """Failed at a stage; the record says which and why."""
     ARTICLE_STATUS_SKIPPED: _ArticleStatus.ValueType  # 5
     """Not written, to stay within the job's budget; a resume with a higher one writes it."""
+    ARTICLE_STATUS_LONG: _ArticleStatus.ValueType  # 6
+    """Over the maximum after trimming and one request to shorten; kept, with the reason."""
 
 class ArticleStatus(_ArticleStatus, metaclass=_ArticleStatusEnumTypeWrapper):
     """The status an article's record has."""
@@ -51,6 +53,8 @@ ARTICLE_STATUS_FAILED: ArticleStatus.ValueType  # 4
 """Failed at a stage; the record says which and why."""
 ARTICLE_STATUS_SKIPPED: ArticleStatus.ValueType  # 5
 """Not written, to stay within the job's budget; a resume with a higher one writes it."""
+ARTICLE_STATUS_LONG: ArticleStatus.ValueType  # 6
+"""Over the maximum after trimming and one request to shorten; kept, with the reason."""
 Global___ArticleStatus: _TypeAlias = ArticleStatus  # noqa: Y015
 
 class _ArticleEventKind:
@@ -95,6 +99,14 @@ class _ArticleEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Arti
     """The model's concurrency changed: halved after a 429, or back where it was (`restored`);
     `model`, `concurrency_before` and `concurrency_after` are set.
     """
+    ARTICLE_EVENT_KIND_CONTENT_REJECTED: _ArticleEventKind.ValueType  # 15
+    """A content (or augmentation, or shortening) reply failed a quality gate; `gate` and `error`
+    (why) are set. A content reply is asked for once more with the reason.
+    """
+    ARTICLE_EVENT_KIND_SHORTENING: _ArticleEventKind.ValueType  # 16
+    """The draft is over `max_word_count` and no section boundary cuts it into the range; one
+    request to shorten it started. `word_count` and `max_word_count` are set.
+    """
 
 class ArticleEventKind(_ArticleEventKind, metaclass=_ArticleEventKindEnumTypeWrapper):
     """What happened to an article."""
@@ -135,6 +147,14 @@ ARTICLE_EVENT_KIND_THROTTLED: ArticleEventKind.ValueType  # 14
 """The model's concurrency changed: halved after a 429, or back where it was (`restored`);
 `model`, `concurrency_before` and `concurrency_after` are set.
 """
+ARTICLE_EVENT_KIND_CONTENT_REJECTED: ArticleEventKind.ValueType  # 15
+"""A content (or augmentation, or shortening) reply failed a quality gate; `gate` and `error`
+(why) are set. A content reply is asked for once more with the reason.
+"""
+ARTICLE_EVENT_KIND_SHORTENING: ArticleEventKind.ValueType  # 16
+"""The draft is over `max_word_count` and no section boundary cuts it into the range; one
+request to shorten it started. `word_count` and `max_word_count` are set.
+"""
 Global___ArticleEventKind: _TypeAlias = ArticleEventKind  # noqa: Y015
 
 @_typing.final
@@ -171,6 +191,9 @@ class ArticleEvent(_message.Message):
     TOKENS_FIELD_NUMBER: _builtins.int
     ERROR_TYPE_FIELD_NUMBER: _builtins.int
     ENDPOINT_FIELD_NUMBER: _builtins.int
+    GATE_FIELD_NUMBER: _builtins.int
+    QUALITY_GATES_FIELD_NUMBER: _builtins.int
+    MAX_WORD_COUNT_FIELD_NUMBER: _builtins.int
     kind: Global___ArticleEventKind.ValueType
     """What happened."""
     tier: _builtins.str
@@ -194,11 +217,11 @@ class ArticleEvent(_message.Message):
     article_id: _builtins.int
     """The stored record's id (SAVED, FAILED when the failure record was saved)."""
     status: Global___ArticleStatus.ValueType
-    """The stored status: generated, augmented, short or failed (SAVED, FAILED); skipped (SKIPPED
-    for the budget, with a record); short or augmented (AUGMENTED).
+    """The stored status: generated, augmented, short, long or failed (SAVED, FAILED); skipped
+    (SKIPPED for the budget, with a record); short or augmented (AUGMENTED).
     """
     stage: _builtins.str
-    """The stage that failed: outline, content, augmentation or save (FAILED)."""
+    """The stage that failed: outline, content, augmentation, shortening or save (FAILED)."""
     error: _builtins.str
     """Error class and message (FAILED, SKIPPED); the outline's problem (OUTLINE_REPAIRING)."""
     attempt: _builtins.int
@@ -231,6 +254,14 @@ class ArticleEvent(_message.Message):
     """
     endpoint: _builtins.str
     """The model endpoint the generator called, without credentials (FAILED)."""
+    gate: _builtins.str
+    """The quality gate that fired (CONTENT_REJECTED), e.g. `json`, `outline_not_followed`; for a
+    failure by a gate (FAILED) too.
+    """
+    quality_gates: _builtins.str
+    """Every gate that fired on the way, comma-separated, as the record keeps them (SAVED, FAILED)."""
+    max_word_count: _builtins.int
+    """The tier's upper word bound (SHORTENING)."""
     def __init__(
         self,
         *,
@@ -260,10 +291,13 @@ class ArticleEvent(_message.Message):
         tokens: _builtins.int = ...,
         error_type: _builtins.str = ...,
         endpoint: _builtins.str = ...,
+        gate: _builtins.str = ...,
+        quality_gates: _builtins.str = ...,
+        max_word_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["article_id", b"article_id", "article_index", b"article_index", "attempt", b"attempt", "concurrency_after", b"concurrency_after", "concurrency_before", b"concurrency_before", "cost_usd", b"cost_usd", "endpoint", b"endpoint", "error", b"error", "error_type", b"error_type", "fatal", b"fatal", "h2_count", b"h2_count", "h3_count", b"h3_count", "kind", b"kind", "min_word_count", b"min_word_count", "model", b"model", "outline_fix", b"outline_fix", "restored", b"restored", "retry_delay", b"retry_delay", "site", b"site", "stage", b"stage", "status", b"status", "tier", b"tier", "tier_count", b"tier_count", "title", b"title", "tokens", b"tokens", "word_count", b"word_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["article_id", b"article_id", "article_index", b"article_index", "attempt", b"attempt", "concurrency_after", b"concurrency_after", "concurrency_before", b"concurrency_before", "cost_usd", b"cost_usd", "endpoint", b"endpoint", "error", b"error", "error_type", b"error_type", "fatal", b"fatal", "gate", b"gate", "h2_count", b"h2_count", "h3_count", b"h3_count", "kind", b"kind", "max_word_count", b"max_word_count", "min_word_count", b"min_word_count", "model", b"model", "outline_fix", b"outline_fix", "quality_gates", b"quality_gates", "restored", b"restored", "retry_delay", b"retry_delay", "site", b"site", "stage", b"stage", "status", b"status", "tier", b"tier", "tier_count", b"tier_count", "title", b"title", "tokens", b"tokens", "word_count", b"word_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -712,6 +712,7 @@ class TierFinished(_message.Message):
     SHORT_FIELD_NUMBER: _builtins.int
     SKIPPED_FIELD_NUMBER: _builtins.int
     COST_USD_FIELD_NUMBER: _builtins.int
+    LONG_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     """The job's id."""
     tier: _builtins.str
@@ -727,7 +728,10 @@ class TierFinished(_message.Message):
     skipped: _builtins.int
     """Records skipped for the budget."""
     cost_usd: _builtins.float
-    """USD spent on the tier's articles."""
+    """USD spent on the tier's articles.
+    Records over the maximum after trimming and one request to shorten.
+    """
+    long: _builtins.int
     def __init__(
         self,
         *,
@@ -739,10 +743,11 @@ class TierFinished(_message.Message):
         short: _builtins.int = ...,
         skipped: _builtins.int = ...,
         cost_usd: _builtins.float = ...,
+        long: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["augmented", b"augmented", "cost_usd", b"cost_usd", "failed", b"failed", "generated", b"generated", "job_id", b"job_id", "short", b"short", "skipped", b"skipped", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["augmented", b"augmented", "cost_usd", b"cost_usd", "failed", b"failed", "generated", b"generated", "job_id", b"job_id", "long", b"long", "short", b"short", "skipped", b"skipped", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -847,6 +852,7 @@ class Summary(_message.Message):
     COST_USD_FIELD_NUMBER: _builtins.int
     RATE_LIMITED_FIELD_NUMBER: _builtins.int
     LOWEST_CONCURRENCY_FIELD_NUMBER: _builtins.int
+    LONG_ARTICLES_FIELD_NUMBER: _builtins.int
     total_jobs: _builtins.int
     """Jobs in the job file."""
     processed_jobs: _builtins.int
@@ -883,6 +889,8 @@ class Summary(_message.Message):
     """429 answers the articles' model calls got, each retried."""
     lowest_concurrency: _builtins.int
     """The lowest concurrency a 429 brought a model down to; 0 when none did."""
+    long_articles: _builtins.int
+    """Articles over the maximum after trimming and one request to shorten (status long)."""
     @_builtins.property
     def output_dirs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Where the HTML files were written, one folder per job."""
@@ -909,10 +917,11 @@ class Summary(_message.Message):
         cost_usd: _builtins.float = ...,
         rate_limited: _builtins.int = ...,
         lowest_concurrency: _builtins.int = ...,
+        long_articles: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "augmented_articles", b"augmented_articles", "completion_tokens", b"completion_tokens", "cost_usd", b"cost_usd", "execution_seconds", b"execution_seconds", "failed_articles", b"failed_articles", "generated_articles", b"generated_articles", "links_placed", b"links_placed", "lowest_concurrency", b"lowest_concurrency", "output_dirs", b"output_dirs", "pages_written", b"pages_written", "processed_jobs", b"processed_jobs", "prompt_tokens", b"prompt_tokens", "rate_limited", b"rate_limited", "requested_articles", b"requested_articles", "short_articles", b"short_articles", "skipped_articles", b"skipped_articles", "title_shortfall", b"title_shortfall", "total_jobs", b"total_jobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "augmented_articles", b"augmented_articles", "completion_tokens", b"completion_tokens", "cost_usd", b"cost_usd", "execution_seconds", b"execution_seconds", "failed_articles", b"failed_articles", "generated_articles", b"generated_articles", "links_placed", b"links_placed", "long_articles", b"long_articles", "lowest_concurrency", b"lowest_concurrency", "output_dirs", b"output_dirs", "pages_written", b"pages_written", "processed_jobs", b"processed_jobs", "prompt_tokens", b"prompt_tokens", "rate_limited", b"rate_limited", "requested_articles", b"requested_articles", "short_articles", b"short_articles", "skipped_articles", b"skipped_articles", "title_shortfall", b"title_shortfall", "total_jobs", b"total_jobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1079,6 +1088,7 @@ class JobInfo(_message.Message):
     SKIPPED_ARTICLES_FIELD_NUMBER: _builtins.int
     COST_USD_FIELD_NUMBER: _builtins.int
     MAX_COST_USD_FIELD_NUMBER: _builtins.int
+    LONG_ARTICLES_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     """The job's id."""
     project: _builtins.str
@@ -1112,7 +1122,10 @@ class JobInfo(_message.Message):
     cost_usd: _builtins.float
     """USD spent, titles included."""
     max_cost_usd: _builtins.float
-    """The job's max_cost_usd; 0 for none."""
+    """The job's max_cost_usd; 0 for none.
+    Records over the maximum after trimming and one request to shorten.
+    """
+    long_articles: _builtins.int
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When it was submitted."""
@@ -1143,10 +1156,11 @@ class JobInfo(_message.Message):
         skipped_articles: _builtins.int = ...,
         cost_usd: _builtins.float = ...,
         max_cost_usd: _builtins.float = ...,
+        long_articles: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "finish_time", b"finish_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "augmented_articles", b"augmented_articles", "cost_usd", b"cost_usd", "create_time", b"create_time", "error", b"error", "failed_articles", b"failed_articles", "finish_time", b"finish_time", "generated_articles", b"generated_articles", "job_id", b"job_id", "max_cost_usd", b"max_cost_usd", "max_workers", b"max_workers", "owner", b"owner", "project", b"project", "requested_articles", b"requested_articles", "runner", b"runner", "short_articles", b"short_articles", "skipped_articles", b"skipped_articles", "status", b"status", "tokens", b"tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "augmented_articles", b"augmented_articles", "cost_usd", b"cost_usd", "create_time", b"create_time", "error", b"error", "failed_articles", b"failed_articles", "finish_time", b"finish_time", "generated_articles", b"generated_articles", "job_id", b"job_id", "long_articles", b"long_articles", "max_cost_usd", b"max_cost_usd", "max_workers", b"max_workers", "owner", b"owner", "project", b"project", "requested_articles", b"requested_articles", "runner", b"runner", "short_articles", b"short_articles", "skipped_articles", b"skipped_articles", "status", b"status", "tokens", b"tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

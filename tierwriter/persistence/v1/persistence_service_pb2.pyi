@@ -1154,6 +1154,7 @@ class Article(_message.Message):
     ASKED_WORDS_FIELD_NUMBER: _builtins.int
     DRAFT_WORDS_FIELD_NUMBER: _builtins.int
     ERROR_TRACEBACK_FIELD_NUMBER: _builtins.int
+    QUALITY_GATES_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Database id."""
     job_id: _builtins.int
@@ -1173,8 +1174,9 @@ class Article(_message.Message):
     word_count: _builtins.int
     """Words counted on the visible text."""
     status: _article_event_pb2.ArticleStatus.ValueType
-    """Generated, augmented, short (still below the minimum after augmentation), failed or
-    skipped (over the job's budget; a resume writes it).
+    """Generated, augmented, short (still below the minimum after augmentation), long (over the
+    maximum after trimming and shortening), failed or skipped (over the job's budget; a resume
+    writes it).
     """
     error_stage: _builtins.str
     """The stage that failed, for failed records."""
@@ -1205,7 +1207,11 @@ class Article(_message.Message):
     draft_words: _builtins.int
     """Words of the content reply before any augmentation."""
     error_traceback: _builtins.str
-    """A failed article's traceback, for its job's owner and admins (left out with metadata_only)."""
+    """A failed article's traceback, for its job's owner and admins (left out with metadata_only).
+    The quality gates that fired on the way, comma-separated in the order they fired (e.g.
+    """
+    quality_gates: _builtins.str
+    """"json,trimmed"); the README lists them."""
     @_builtins.property
     def outline(self) -> Global___Outline:
         """The outline; unset when the article failed before it had one."""
@@ -1239,10 +1245,11 @@ class Article(_message.Message):
         asked_words: _builtins.int = ...,
         draft_words: _builtins.int = ...,
         error_traceback: _builtins.str = ...,
+        quality_gates: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["outline", b"outline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "article_index", b"article_index", "asked_words", b"asked_words", "completion_tokens", b"completion_tokens", "content", b"content", "content_model", b"content_model", "cost_usd", b"cost_usd", "draft_words", b"draft_words", "error", b"error", "error_stage", b"error_stage", "error_traceback", b"error_traceback", "html", b"html", "id", b"id", "job_id", b"job_id", "keyword", b"keyword", "outline", b"outline", "output_path", b"output_path", "project_id", b"project_id", "prompt_tokens", b"prompt_tokens", "rate_limited", b"rate_limited", "site", b"site", "status", b"status", "tier", b"tier", "title", b"title", "url", b"url", "word_count", b"word_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "article_index", b"article_index", "asked_words", b"asked_words", "completion_tokens", b"completion_tokens", "content", b"content", "content_model", b"content_model", "cost_usd", b"cost_usd", "draft_words", b"draft_words", "error", b"error", "error_stage", b"error_stage", "error_traceback", b"error_traceback", "html", b"html", "id", b"id", "job_id", b"job_id", "keyword", b"keyword", "outline", b"outline", "output_path", b"output_path", "project_id", b"project_id", "prompt_tokens", b"prompt_tokens", "quality_gates", b"quality_gates", "rate_limited", b"rate_limited", "site", b"site", "status", b"status", "tier", b"tier", "title", b"title", "url", b"url", "word_count", b"word_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1872,6 +1879,7 @@ class ArticleCounts(_message.Message):
     SKIPPED_FIELD_NUMBER: _builtins.int
     COST_USD_FIELD_NUMBER: _builtins.int
     RATE_LIMITED_FIELD_NUMBER: _builtins.int
+    LONG_FIELD_NUMBER: _builtins.int
     requested: _builtins.int
     """Articles the job file asked for."""
     generated: _builtins.int
@@ -1895,7 +1903,10 @@ class ArticleCounts(_message.Message):
     cost_usd: _builtins.float
     """USD spent on the articles."""
     rate_limited: _builtins.int
-    """429 answers the articles' model calls got."""
+    """429 answers the articles' model calls got.
+    Records with status long.
+    """
+    long: _builtins.int
     def __init__(
         self,
         *,
@@ -1911,10 +1922,11 @@ class ArticleCounts(_message.Message):
         skipped: _builtins.int = ...,
         cost_usd: _builtins.float = ...,
         rate_limited: _builtins.int = ...,
+        long: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "augmented", b"augmented", "completion_tokens", b"completion_tokens", "cost_usd", b"cost_usd", "failed", b"failed", "generated", b"generated", "prompt_tokens", b"prompt_tokens", "rate_limited", b"rate_limited", "requested", b"requested", "short", b"short", "skipped", b"skipped", "words", b"words"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "augmented", b"augmented", "completion_tokens", b"completion_tokens", "cost_usd", b"cost_usd", "failed", b"failed", "generated", b"generated", "long", b"long", "prompt_tokens", b"prompt_tokens", "rate_limited", b"rate_limited", "requested", b"requested", "short", b"short", "skipped", b"skipped", "words", b"words"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

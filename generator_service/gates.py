@@ -1,0 +1,221 @@
+"""Content gates: what a content reply must be before it may become an article.
+
+A reply is an article when it is prose in HTML (not JSON, not markdown, not the prompt said
+back), follows its outline (enough of the outline's H2s and H3s as headings, the prose in
+paragraphs rather than in headings) and has no paragraph twice. The pipeline asks once more,
+with the reason, for a reply that fails a gate; a second failure fails the article with the
+gate's name. Two gates mend the reply instead of refusing it: repeated paragraphs are dropped,
+and a draft over the tier's maximum is trimmed at a section boundary (trim_to_max).
+
+Each gate has a name that the record keeps (ArticleRecord.quality_gates) when it fires; the
+README lists them. Plain functions of the text: no model, no I/O."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from generator_service.outline import HEADING_MAX_CHARS, Outline
+from generator_service.text import count_text_words, visible_text
+from generator_service.titles import normalise_title
+
+# Gate names, as records and the README spell them.
+JSON_REPLY = "json"  # the reply is JSON (a model echoing the outline it was given)
+MARKDOWN = "markdown"  # markdown headings or code fences instead of HTML
+NO_PARAGRAPHS = "no_paragraphs"  # no <p> (or list) prose at all
+ECHO = "echo"  # the prompt's instructions said back
+PROSE_IN_HEADINGS = "prose_in_headings"  # the text sits in <h2>/<h3>, not in paragraphs
+OUTLINE_NOT_FOLLOWED = "outline_not_followed"  # too few of the outline's headings used
+REPEATED_PARAGRAPHS = "repeated_paragraphs"  # mended: the repeats are dropped
+TRIMMED = "trimmed"  # mended: over the maximum, trailing sections cut
+SHORTENED = "shortened"  # over the maximum after trimming: asked once to shorten
+LONG = "long"  # still over the maximum: recorded with status `long`
+
+# A share of the outline's H2s must appear as <h2> (the H3s: half that share), matched on their
+# normalised words (OUTLINE_MATCH_JACCARD of them shared is the same heading).
+OUTLINE_SHARE = 0.5
+OUTLINE_MATCH_JACCARD = 0.6
+# Past this share of the words in sentences inside headings, the prose is in the headings. A
+# heading is a sentence when longer than an outline's heading may be, or when it ends in a full
+# stop after SENTENCE_WORDS words or more.
+HEADING_WORD_SHARE = 0.35
+SENTENCE_WORDS = 12
+# A paragraph this short ("Read more.") may repeat; a longer one may not.
+REPEAT_MIN_WORDS = 6
+# Prompt lines at least this long are instructions; one of them in the reply is an echo.
+ECHO_MIN_CHARS = 30
+
+_TAG = re.compile(r"<\s*/?\s*([a-zA-Z][a-zA-Z0-9]*)")
+_HEADING = re.compile(r"<h([1-6])\b[^>]*>(.*?)</h\1\s*>", re.IGNORECASE | re.DOTALL)
+_PARAGRAPH = re.compile(r"<p\b[^>]*>(.*?)</p\s*>", re.IGNORECASE | re.DOTALL)
+_PROSE = re.compile(r"<(p|li)\b[^>]*>(.*?)</\1\s*>", re.IGNORECASE | re.DOTALL)
+_MARKDOWN_HEADING = re.compile(r"^\s{0,3}#{1,6}\s+\S", re.MULTILINE)
+_H2_START = re.compile(r"<h2\b", re.IGNORECASE)
+_WORDS = re.compile(r"[^\W_]+")
+
+
+@dataclass(frozen=True)
+class GateFailure:
+    """A reply that is not an article: the gate's name and why, in words for the record and for
+    the model (the second request quotes it)."""
+
+    gate: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"quality gate {self.gate}: {self.reason}"
+
+
+class ContentGateError(ValueError):
+    """A content reply failed a gate, and so did the one reply asked for with the reason."""
+
+    def __init__(self, failure: GateFailure) -> None:
+        super().__init__(f"{failure} (also after one more request with the reason)")
+        self.failure = failure
+
+
+def check_reply(html: str, outline: Outline, instructions: str) -> GateFailure | None:
+    """The first gate the reply fails, or None when it is an article. `instructions` are those
+    of the prompt it answers (prompts.instructions_of), for the echo gate."""
+    for gate in (_json_reply, _markdown, _prose_in_headings, _no_paragraphs, _echo):
+        failure = gate(html, instructions)
+        if failure:
+            return failure
+    return _outline_not_followed(html, outline)
+
+
+def _json_reply(html: str, _prompt: str) -> GateFailure | None:
+    text = html.strip()
+    if text[:1] in "{[":
+        try:
+            json.loads(text)
+        except json.JSONDecodeError:
+            pass  # starts like JSON, is not: the later gates judge it
+        else:
+            return GateFailure(JSON_REPLY, "the reply is JSON, not an article in HTML")
+    if re.search(r'[{,]\s*"(outline|h2|h3)"\s*:', text):
+        return GateFailure(JSON_REPLY, "the reply contains the outline's JSON instead of prose")
+    return None
+
+
+def _markdown(html: str, _prompt: str) -> GateFailure | None:
+    if "```" in html:
+        return GateFailure(MARKDOWN, "the reply has markdown code fences; write plain HTML")
+    if _MARKDOWN_HEADING.search(html) and not _H2_START.search(html):
+        return GateFailure(MARKDOWN, "the reply uses markdown headings (#) instead of <h2>/<h3>")
+    return None
+
+
+def _no_paragraphs(html: str, _prompt: str) -> GateFailure | None:
+    if not any(count_text_words(visible_text(m.group(2))) for m in _PROSE.finditer(html)):
+        tags = sorted({t.lower() for t in _TAG.findall(html)})
+        found = f"(tags found: {', '.join(tags[:8])})" if tags else "(no HTML tags at all)"
+        return GateFailure(NO_PARAGRAPHS, f"the reply has no prose in <p> elements {found}")
+    return None
+
+
+def _echo(html: str, instructions: str) -> GateFailure | None:
+    """A line of the prompt's instructions (not its outline, whose headings belong in the
+    article) found in the reply's text."""
+    text = _squash(visible_text(html))
+    for line in instructions.splitlines():
+        line = _squash(line)
+        if len(line) >= ECHO_MIN_CHARS and line in text:
+            return GateFailure(ECHO, "the reply repeats the prompt's instructions")
+    return None
+
+
+def _prose_in_headings(html: str, _prompt: str) -> GateFailure | None:
+    """Sentences in headings (longer than a heading may be, or a full sentence of many words)
+    carrying more than HEADING_WORD_SHARE of the words. Headings of a short draft are many of
+    its words, and that is no fault."""
+    total = count_text_words(visible_text(html))
+    in_sentences = 0
+    for match in _HEADING.finditer(html):
+        text = " ".join(visible_text(match.group(2)).split())
+        words = count_text_words(text)
+        if len(text) > HEADING_MAX_CHARS or (text.endswith(".") and words >= SENTENCE_WORDS):
+            in_sentences += words
+    if total and in_sentences / total > HEADING_WORD_SHARE:
+        return GateFailure(
+            PROSE_IN_HEADINGS,
+            f"{in_sentences} of its {total} words are sentences inside headings; prose belongs "
+            "in <p>",
+        )
+    return None
+
+
+def _outline_not_followed(html: str, outline: Outline) -> GateFailure | None:
+    found: dict[str, list[set[str]]] = {"2": [], "3": []}  # the reply's H2s and H3s
+    for match in _HEADING.finditer(html):
+        if match.group(1) in found:
+            found[match.group(1)].append(_word_set(visible_text(match.group(2))))
+    h2s = [section["h2"] for section in outline]
+    h3s = [h3 for section in outline for h3 in section["h3"]]
+    for level, wanted, share in (("2", h2s, OUTLINE_SHARE), ("3", h3s, OUTLINE_SHARE / 2)):
+        if not wanted:
+            continue
+        used = sum(any(_same_heading(_word_set(w), f) for f in found[level]) for w in wanted)
+        if used < share * len(wanted):
+            return GateFailure(
+                OUTLINE_NOT_FOLLOWED,
+                f"{used} of the outline's {len(wanted)} H{level} headings are in the reply as "
+                f"<h{level}>; use the outline's headings, in order",
+            )
+    return None
+
+
+def drop_repeated_paragraphs(html: str) -> tuple[str, int]:
+    """`html` without the second and later copies of any paragraph of REPEAT_MIN_WORDS or more
+    words (compared on their words, case and markup aside); and how many were dropped."""
+    seen: set[str] = set()
+    dropped = 0
+
+    def keep_first(match: re.Match[str]) -> str:
+        nonlocal dropped
+        words = _WORDS.findall(visible_text(match.group(1)).lower())
+        if len(words) < REPEAT_MIN_WORDS:
+            return match.group(0)
+        key = " ".join(words)
+        if key in seen:
+            dropped += 1
+            return ""
+        seen.add(key)
+        return match.group(0)
+
+    mended = _PARAGRAPH.sub(keep_first, html)
+    if not dropped:
+        return html, 0
+    return re.sub(r"\n{3,}", "\n\n", mended).strip(), dropped
+
+
+def trim_to_max(html: str, max_words: int, min_words: int, min_sections: int) -> str | None:
+    """`html` cut at a section boundary (before an <h2>) to at most `max_words` words, keeping
+    at least `min_words` words and `min_sections` H2 sections; None when no cut does that.
+    Sections go from the end: the start of an article carries its subject."""
+    starts = [m.start() for m in _H2_START.finditer(html)]
+    for sections in range(len(starts) - 1, max(min_sections, 1) - 1, -1):
+        kept = html[: starts[sections]].rstrip()
+        words = count_text_words(visible_text(kept))
+        if words <= max_words:
+            return kept if words >= min_words else None
+    return None
+
+
+def _squash(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def _word_set(heading: str) -> set[str]:
+    return set(_WORDS.findall(normalise_title(heading)))
+
+
+def _same_heading(wanted: set[str], found: set[str]) -> bool:
+    """The outline's heading and one in the reply are the same: equal words, one's words all in
+    the other's, or enough of them shared (a model rewords a little)."""
+    if not wanted or not found:
+        return False
+    if wanted <= found or found <= wanted:
+        return True
+    return len(wanted & found) / len(wanted | found) >= OUTLINE_MATCH_JACCARD
