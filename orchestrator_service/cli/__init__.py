@@ -23,6 +23,7 @@ from orchestrator_service.cli.app import cli
 from orchestrator_service.cli.common import (
     EXIT_BAD_INPUT,
     EXIT_BUSY,
+    EXIT_INCOMPLETE,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_RUN_FAILED,
@@ -35,6 +36,7 @@ from orchestrator_service.cli.common import (
 __all__ = [
     "EXIT_BAD_INPUT",
     "EXIT_BUSY",
+    "EXIT_INCOMPLETE",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
     "EXIT_RUN_FAILED",

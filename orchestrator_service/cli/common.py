@@ -37,6 +37,9 @@ EXIT_BAD_INPUT = 2  # a bad job file or bad arguments; nothing was written
 EXIT_UNAUTHENTICATED = 3  # not logged in, wrong credentials, or not allowed to do that
 EXIT_UNAVAILABLE = 4  # a service could not be reached
 EXIT_BUSY = 5  # refused for now (too many watches, login brake, a quota): try later
+# Every job completed, but not every requested article was written within its range: some
+# failed, are short or long, were skipped for the budget or got no title (the summary says).
+EXIT_INCOMPLETE = 6
 EXIT_INTERRUPTED = 130
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"  # ORCHESTRATOR_ADDRESS's default, as the services have it
@@ -126,7 +129,8 @@ def watch_and_print(
     client: OrchestratorClient, stream: EventStream, out: TextIO, ndjson: bool = False
 ) -> int:
     """Print every event of the watched jobs as it arrives (as console lines, or with `ndjson`
-    as one JSON object each); return the exit code (the worst over the jobs). The first Ctrl-C
+    as one JSON object each); return the exit code (the worst over the jobs: a run that stopped
+    early, then one that completed without every article written in range). The first Ctrl-C
     cancels the watched jobs (queued ones at once, running ones cleanly) and waits for their
     summaries; a second leaves at once, and the cancelled jobs wind down on the server.
     Leaving any other way cancels nothing: the jobs run on.
@@ -147,7 +151,7 @@ def watch_and_print(
     reader = threading.Thread(target=read, name="events", daemon=True)
     position = {job_id: n for n, job_id in enumerate(stream.job_ids)}
     finished: set[int] = set()
-    exit_code, cancelling = EXIT_OK, False
+    exit_code, cancelling, incomplete = EXIT_OK, False, False
     with stream, event_view(out, ndjson) as show:
         reader.start()
         while True:
@@ -167,6 +171,7 @@ def watch_and_print(
                     finished.add(item.job_id)
                     if not item.run_finished.ok:
                         exit_code = EXIT_RUN_FAILED
+                    incomplete = incomplete or not all_written(item.run_finished.summary)
             except queue.Empty:
                 continue
             except KeyboardInterrupt:
@@ -182,7 +187,15 @@ def watch_and_print(
     if len(finished) < len(stream.job_ids):
         # A job cancelled while queued never ran: its watch ends without a summary.
         return EXIT_RUN_FAILED
+    if exit_code == EXIT_OK and incomplete:
+        return EXIT_INCOMPLETE
     return exit_code
+
+
+def all_written(summary: pb.Summary) -> bool:
+    """Whether every requested article was written within its tier's range (generated or
+    augmented): none failed, short, long, skipped, untitled or not started."""
+    return summary.generated_articles + summary.augmented_articles >= summary.requested_articles
 
 
 def _left_at_once() -> int:

@@ -560,7 +560,7 @@ def test_a_failure_is_one_console_line_and_its_traceback_is_for_the_owner(
     job = tmp_path / "job.json"
     job.write_text(job_file({"tier1": {"count": 4, "min_word_count": 300, "max_word_count": 500}}))
     ran = tierwriter("generate-batch", "-j", str(job), *admin, cwd=tmp_path)
-    assert ran.returncode == 0, ran.stderr
+    assert ran.returncode == 6, ran.stderr  # completed, but not every article was written
     failed = [line for line in ran.stdout.splitlines() if "FAILED" in line]
     assert len(failed) == 2, ran.stdout
     assert all(
@@ -570,6 +570,8 @@ def test_a_failure_is_one_console_line_and_its_traceback_is_for_the_owner(
         for line in failed
     )
     assert "Traceback" not in ran.stdout + ran.stderr
+    watched = tierwriter("jobs", "watch", "1", *admin, cwd=tmp_path)  # a script asking later
+    assert watched.returncode == 6, watched.stderr
 
     shown = tierwriter("jobs", "show", "1", "--errors", *admin, cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
@@ -595,6 +597,19 @@ def test_a_failure_is_one_console_line_and_its_traceback_is_for_the_owner(
     assert exported.returncode == 3 and not (tmp_path / "bob").exists()
 
 
+def test_a_title_shortfall_exits_6_with_the_missing_articles_counted(
+    start_stack, tmp_path: Path
+) -> None:
+    # A model stuck on three titles, for a tier of five: two articles get no title.
+    handle = start_stack(simulator=SimulatorConfig(repeat_titles=True))
+    admin = ["-u", "admin", "-p", handle.password, "--address", handle.stack.orchestrator_address]
+    job = tmp_path / "job.json"
+    job.write_text(job_file({"tier1": {"count": 5, "min_word_count": 300, "max_word_count": 500}}))
+    ran = tierwriter("generate-batch", "-j", str(job), *admin, cwd=tmp_path)
+    assert ran.returncode == 6, ran.stdout + ran.stderr
+    assert "Title shortfall:    2" in ran.stdout and "Failed:             0" in ran.stdout
+
+
 def test_json_output_is_one_object_per_event_and_one_document_per_listing(
     start_stack, tmp_path: Path
 ) -> None:
@@ -608,7 +623,7 @@ def test_json_output_is_one_object_per_event_and_one_document_per_listing(
         )
     )
     ran = tierwriter("generate-batch", "-j", str(job), "--json", *admin, cwd=tmp_path)
-    assert ran.returncode == 0, ran.stderr
+    assert ran.returncode == 6, ran.stderr  # the 3rd outline is garbage: one article failed
     events = [json.loads(line) for line in ran.stdout.splitlines()]  # every line is JSON
     assert "job_started" in events[0] and "run_finished" in events[-1]
     assert [e["seq"] for e in events] == sorted(e["seq"] for e in events)
@@ -626,7 +641,7 @@ def test_json_output_is_one_object_per_event_and_one_document_per_listing(
     job_id = events[0]["job_id"]
 
     watched = tierwriter("jobs", "watch", str(job_id), "--json", *admin, cwd=tmp_path)
-    assert watched.returncode == 0, watched.stderr
+    assert watched.returncode == 6, watched.stderr
     assert [json.loads(line) for line in watched.stdout.splitlines()] == events
 
     listed = tierwriter("jobs", "list", "--json", *admin, cwd=tmp_path)
@@ -670,7 +685,7 @@ def test_a_terminal_gets_bars_per_tier_and_for_the_job_with_lines_above(
         cwd=tmp_path,
         env={"TTY_COMPATIBLE": "1", "COLUMNS": "160", "NO_COLOR": "1"},
     )
-    assert ran.returncode == 0, ran.stderr
+    assert ran.returncode == 6, ran.stderr  # one of the six failed, on purpose
     # Without cursor moves and styles, each redraw (which starts with a carriage return) on a
     # line of its own.
     screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", ran.stdout).replace("\r", "\n")
