@@ -6,6 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from generator_service.llm.limits import ModelLimits
 from generator_service.outline import HEADING_MAX_CHARS
+from generator_service.similar_titles import TITLE_SIMILARITY
 from generator_service.titles import DEFAULT_LENGTH
 from tierwriter.settings import ServiceSettings
 
@@ -63,6 +64,8 @@ class Settings(ServiceSettings):
     # Titles outside this length (characters) are dropped and asked for again.
     title_min_chars: int = Field(DEFAULT_LENGTH[0], ge=1, alias="TITLE_MIN_CHARS")
     title_max_chars: int = Field(DEFAULT_LENGTH[1], ge=1, le=1000, alias="TITLE_MAX_CHARS")
+    # Titles sharing this share of their content words (token Jaccard) are the same title.
+    title_similarity: float = Field(TITLE_SIMILARITY, gt=0, le=1, alias="TITLE_SIMILARITY")
 
     def model_limits(self) -> tuple[ModelLimits, dict[str, ModelLimits]]:
         """The default limits and each overridden model's, defaults filled in."""

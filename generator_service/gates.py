@@ -15,19 +15,23 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from html.parser import HTMLParser
+
+from markdown_it import MarkdownIt
 
 from generator_service.outline import HEADING_MAX_CHARS, Outline
-from generator_service.text import count_text_words, visible_text
-from generator_service.titles import normalise_title
+from generator_service.text import count_text_words, normalise_title, visible_text
 
 # Gate names, as records and the README spell them.
 JSON_REPLY = "json"  # the reply is JSON (a model echoing the outline it was given)
-MARKDOWN = "markdown"  # markdown headings or code fences instead of HTML
+MARKDOWN = "markdown"  # a code fence left in the reply (markdown itself is mended)
 NO_PARAGRAPHS = "no_paragraphs"  # no <p> (or list) prose at all
 ECHO = "echo"  # the prompt's instructions said back
 PROSE_IN_HEADINGS = "prose_in_headings"  # the text sits in <h2>/<h3>, not in paragraphs
 OUTLINE_NOT_FOLLOWED = "outline_not_followed"  # too few of the outline's headings used
 REPEATED_PARAGRAPHS = "repeated_paragraphs"  # mended: the repeats are dropped
+MARKUP_MENDED = "markup_mended"  # mended: markdown, or text loose under headings, made HTML
+WORD_COUNTS_DROPPED = "word_counts_dropped"  # mended: the outline's "(about N words)" removed
 TRIMMED = "trimmed"  # mended: over the maximum, trailing sections cut
 SHORTENED = "shortened"  # over the maximum after trimming: asked once to shorten
 LONG = "long"  # still over the maximum: recorded with status `long`
@@ -46,13 +50,87 @@ REPEAT_MIN_WORDS = 6
 # Prompt lines at least this long are instructions; one of them in the reply is an echo.
 ECHO_MIN_CHARS = 30
 
-_TAG = re.compile(r"<\s*/?\s*([a-zA-Z][a-zA-Z0-9]*)")
-_HEADING = re.compile(r"<h([1-6])\b[^>]*>(.*?)</h\1\s*>", re.IGNORECASE | re.DOTALL)
 _PARAGRAPH = re.compile(r"<p\b[^>]*>(.*?)</p\s*>", re.IGNORECASE | re.DOTALL)
-_PROSE = re.compile(r"<(p|li)\b[^>]*>(.*?)</\1\s*>", re.IGNORECASE | re.DOTALL)
-_MARKDOWN_HEADING = re.compile(r"^\s{0,3}#{1,6}\s+\S", re.MULTILINE)
+# A line that starts (or ends) an HTML block: kept as it is when markup is mended.
+_BLOCK_LINE = re.compile(
+    r"^\s*</?(h[1-6]|p|ul|ol|li|div|section|article|blockquote|table|tr|td|th|pre|hr|br)\b",
+    re.IGNORECASE,
+)
+_BUDGET_ECHO = re.compile(r"[ \t]*\(about \d+ words\)")  # the outline's word budgets said back
 _H2_START = re.compile(r"<h2\b", re.IGNORECASE)
 _WORDS = re.compile(r"[^\W_]+")
+
+
+_HEADINGS = frozenset({"h1", "h2", "h3", "h4", "h5", "h6"})
+_PROSE = frozenset({"p", "li"})
+# Tags that start a block of their own; text outside any of them is loose (not in a paragraph).
+_BLOCKS = _HEADINGS | _PROSE | {"ul", "ol", "div", "section", "article", "blockquote", "table",
+                                "tr", "td", "th", "pre", "br", "hr"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Block:
+    """A run of text and the block element it sits in ("" outside any: loose text)."""
+
+    tag: str
+    text: str
+
+    @property
+    def words(self) -> int:
+        return count_text_words(self.text)
+
+
+class _Blocks(HTMLParser):
+    """An HTML fragment as blocks, forgiving as browsers are: a model's `<p>` is often never
+    closed, and the next block's start closes it."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.blocks: list[Block] = []
+        self.tags: set[str] = set()
+        self._tag = ""  # the open block's tag, "" for loose text
+        self._parts: list[str] = []  # its text so far
+        self._hidden = 0  # inside script or style
+
+    def _close(self) -> None:
+        text = " ".join("".join(self._parts).split())
+        if text:
+            self.blocks.append(Block(self._tag, text))
+        self._tag, self._parts = "", []
+
+    def close(self) -> None:
+        super().close()
+        self._close()  # the last block has no tag after it to close it
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.add(tag)
+        if tag in ("script", "style"):
+            self._hidden += 1
+        elif tag in _BLOCKS:
+            self._close()
+            self._tag = tag if tag in _HEADINGS | _PROSE else ""
+        else:
+            self._parts.append(" ")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("script", "style"):
+            self._hidden = max(0, self._hidden - 1)
+        elif tag in _BLOCKS:
+            self._close()
+        else:
+            self._parts.append(" ")
+
+    def handle_data(self, data: str) -> None:
+        if not self._hidden:
+            self._parts.append(data)
+
+
+def blocks_of(html: str) -> tuple[list[Block], set[str]]:
+    """The fragment's blocks in order, and the tags it uses."""
+    parser = _Blocks()
+    parser.feed(html)
+    parser.close()
+    return parser.blocks, parser.tags
 
 
 @dataclass(frozen=True)
@@ -86,7 +164,7 @@ def check_reply(html: str, outline: Outline, instructions: str) -> GateFailure |
 
 
 def _json_reply(html: str, _prompt: str) -> GateFailure | None:
-    text = html.strip()
+    text = visible_text(html).strip()  # JSON a mend wrapped in <p> (and escaped) is still JSON
     if text[:1] in "{[":
         try:
             json.loads(text)
@@ -102,15 +180,13 @@ def _json_reply(html: str, _prompt: str) -> GateFailure | None:
 def _markdown(html: str, _prompt: str) -> GateFailure | None:
     if "```" in html:
         return GateFailure(MARKDOWN, "the reply has markdown code fences; write plain HTML")
-    if _MARKDOWN_HEADING.search(html) and not _H2_START.search(html):
-        return GateFailure(MARKDOWN, "the reply uses markdown headings (#) instead of <h2>/<h3>")
     return None
 
 
 def _no_paragraphs(html: str, _prompt: str) -> GateFailure | None:
-    if not any(count_text_words(visible_text(m.group(2))) for m in _PROSE.finditer(html)):
-        tags = sorted({t.lower() for t in _TAG.findall(html)})
-        found = f"(tags found: {', '.join(tags[:8])})" if tags else "(no HTML tags at all)"
+    blocks, tags = blocks_of(html)
+    if not any(b.words for b in blocks if b.tag in _PROSE):
+        found = f"(tags found: {', '.join(sorted(tags)[:8])})" if tags else "(no HTML tags at all)"
         return GateFailure(NO_PARAGRAPHS, f"the reply has no prose in <p> elements {found}")
     return None
 
@@ -130,13 +206,14 @@ def _prose_in_headings(html: str, _prompt: str) -> GateFailure | None:
     """Sentences in headings (longer than a heading may be, or a full sentence of many words)
     carrying more than HEADING_WORD_SHARE of the words. Headings of a short draft are many of
     its words, and that is no fault."""
-    total = count_text_words(visible_text(html))
+    blocks, _tags = blocks_of(html)
+    total = sum(b.words for b in blocks)
     in_sentences = 0
-    for match in _HEADING.finditer(html):
-        text = " ".join(visible_text(match.group(2)).split())
-        words = count_text_words(text)
-        if len(text) > HEADING_MAX_CHARS or (text.endswith(".") and words >= SENTENCE_WORDS):
-            in_sentences += words
+    for b in blocks:
+        if b.tag not in _HEADINGS:
+            continue
+        if len(b.text) > HEADING_MAX_CHARS or (b.text.endswith(".") and b.words >= SENTENCE_WORDS):
+            in_sentences += b.words
     if total and in_sentences / total > HEADING_WORD_SHARE:
         return GateFailure(
             PROSE_IN_HEADINGS,
@@ -148,9 +225,9 @@ def _prose_in_headings(html: str, _prompt: str) -> GateFailure | None:
 
 def _outline_not_followed(html: str, outline: Outline) -> GateFailure | None:
     found: dict[str, list[set[str]]] = {"2": [], "3": []}  # the reply's H2s and H3s
-    for match in _HEADING.finditer(html):
-        if match.group(1) in found:
-            found[match.group(1)].append(_word_set(visible_text(match.group(2))))
+    for b in blocks_of(html)[0]:
+        if b.tag in ("h2", "h3"):
+            found[b.tag[1]].append(_word_set(b.text))
     h2s = [section["h2"] for section in outline]
     h3s = [h3 for section in outline for h3 in section["h3"]]
     for level, wanted, share in (("2", h2s, OUTLINE_SHARE), ("3", h3s, OUTLINE_SHARE / 2)):
@@ -164,6 +241,47 @@ def _outline_not_followed(html: str, outline: Outline) -> GateFailure | None:
                 f"<h{level}>; use the outline's headings, in order",
             )
     return None
+
+
+def mend(reply: str) -> tuple[str, list[str]]:
+    """What is wrong with a reply that needs no call to put right: the outline's word counts
+    copied after its headings dropped, markdown (or text loose under its headings) made HTML,
+    repeated paragraphs dropped. (the reply, the mends' gate names). A code fence is left: it
+    fails the markdown gate."""
+    fired = []
+    reply, copied = _BUDGET_ECHO.subn("", reply)
+    if copied:
+        fired.append(WORD_COUNTS_DROPPED)
+    if "```" not in reply and any(b.tag == "" and b.words for b in blocks_of(reply)[0]):
+        reply = _markup_as_html(reply)
+        fired.append(MARKUP_MENDED)
+    reply, dropped = drop_repeated_paragraphs(reply)
+    if dropped:
+        fired.append(REPEATED_PARAGRAPHS)
+    return reply, fired
+
+
+def _markup_as_html(reply: str) -> str:
+    """Every run of lines outside HTML blocks rendered as CommonMark (paragraphs, `##`
+    headings, lists, emphasis; inline HTML kept); HTML block lines as they are."""
+    parser = MarkdownIt("commonmark", {"html": True})
+    out: list[str] = []
+    run: list[str] = []
+
+    def flush() -> None:
+        text = "\n".join(run).strip()
+        run.clear()
+        if text:
+            out.append(parser.render(text).strip())
+
+    for line in reply.splitlines():
+        if _BLOCK_LINE.match(line):
+            flush()
+            out.append(line)
+        else:
+            run.append(line)
+    flush()
+    return "\n".join(out)
 
 
 def drop_repeated_paragraphs(html: str) -> tuple[str, int]:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from generator_service.domain import ProjectInfo, TierShape
-from generator_service.text import strip_fences
-from generator_service.titles import NUMBERING, normalise_title
+from generator_service.text import normalise_title, strip_fences
+from generator_service.titles import NUMBERING
 
 Outline = list[dict[str, Any]]
 

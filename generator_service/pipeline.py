@@ -440,19 +440,18 @@ class ArticlePipeline:
         gates_fired: list[str],
         event: Callable[..., ArticleEvent],
     ) -> str:
-        """The content reply once it passes the quality gates (gates.py), repeated paragraphs
-        dropped. A reply that fails a gate is asked for once more with the reason;
-        ContentGateError when that one fails too."""
+        """The content reply once it passes the quality gates (gates.py), mended first (markdown
+        made HTML, repeated paragraphs dropped). A reply that fails a gate is asked for once
+        more with the reason; ContentGateError when that one fails too."""
         failure: gates.GateFailure | None = None
         for prompt in (request, None):
             if prompt is None:  # the first reply failed: once more, saying why
                 assert failure is not None
                 prompt = prompts.content_retry_prompt(request, failure.reason)
-            content, dropped = gates.drop_repeated_paragraphs(ask_content(prompt))
-            if dropped and gates.REPEATED_PARAGRAPHS not in gates_fired:
-                gates_fired.append(gates.REPEATED_PARAGRAPHS)
+            content, mends = gates.mend(ask_content(prompt))
             failure = gates.check_reply(content, outline, prompts.instructions_of(prompt.user))
-            if failure is None:
+            if failure is None:  # what was mended is the record's only for the reply it keeps
+                gates_fired += [m for m in mends if m not in gates_fired]
                 return content
             gates_fired.append(failure.gate)
             event(EventKind.CONTENT_REJECTED, gate=failure.gate, error=str(failure))
@@ -467,13 +466,12 @@ class ArticlePipeline:
         gates_fired: list[str],
         event: Callable[..., ArticleEvent],
     ) -> str | None:
-        """An augmentation's or shortening's reply, repeated paragraphs dropped; None when it
-        fails a quality gate (it is then not kept; the text it was to rewrite stays)."""
-        reply, dropped = gates.drop_repeated_paragraphs(reply)
-        if dropped and gates.REPEATED_PARAGRAPHS not in gates_fired:
-            gates_fired.append(gates.REPEATED_PARAGRAPHS)
+        """An augmentation's or shortening's reply, mended; None when it fails a quality gate
+        (it is then not kept; the text it was to rewrite stays)."""
+        reply, mends = gates.mend(reply)
         failure = gates.check_reply(reply, outline, prompts.instructions_of(request.user))
         if failure is None:
+            gates_fired += [m for m in mends if m not in gates_fired]
             return reply
         gates_fired.append(failure.gate)
         event(EventKind.CONTENT_REJECTED, gate=failure.gate, error=f"{failure}; not kept")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,20 +123,50 @@ def content_prompt(
     max_words: int,
 ) -> Prompt:
     """Ask for the article body: the outline's headings in order, each H2 section with its own
-    word budget. The bounds given here already include the compensation."""
-    sections = [
-        {**section, "words": words} for section, words in zip(outline, budgets, strict=True)
-    ]
+    word budget. The bounds given here already include the compensation.
+
+    The outline goes as the HTML skeleton to fill, not as JSON: a small model (Qwen2.5 0.5B)
+    answered a JSON outline with the JSON itself in one reply of five, never a skeleton."""
+    skeleton = "".join(
+        f"<h2>{section['h2']}</h2> (about {words} words)\n"
+        + "".join(f"<h3>{h3}</h3>\n" for h3 in section["h3"])
+        for section, words in zip(outline, budgets, strict=True)
+    )
     return Prompt(
         SYSTEM,
         f'Write the article titled "{title}" as an HTML fragment using only h2, h3, p, ul, ol, '
         "li, strong and em tags (no html, head or body).\n"
         + _context(keyword, entities, related)
         + f"Length: between {min_words} and {max_words} words.\n"
-        + "Use exactly these headings, in order, as <h2> and <h3> elements. Give each H2 section "
-        '(with its H3s) about the number of words in its "words" field:\n'
-        + json.dumps({"outline": sections}, indent=2),
+        + "Use exactly the headings of the outline below, in order, as <h2> and <h3> elements, "
+        "and write the prose under each in <p> elements. Give each H2 section (with its H3s) "
+        "about the number of words in brackets after it; do not write the brackets."
+        + OUTLINE_MARKER
+        + skeleton,
     )
+
+
+# Where a content prompt's outline starts: what comes before it are the instructions.
+OUTLINE_MARKER = "\nOutline:\n"
+_SKELETON_LINE = re.compile(r"^<(h[23])>(.*)</\1>(?: \(about (\d+) words\))?$")
+
+
+def outline_in_prompt(prompt: str) -> list[dict[str, Any]]:
+    """The outline (sections with their "words" budgets) a content prompt asks for; [] when it
+    has none. For the simulator and the tests: the one place that reads the skeleton."""
+    if OUTLINE_MARKER not in prompt:
+        return []
+    sections: list[dict[str, Any]] = []
+    for line in prompt.split(OUTLINE_MARKER, 1)[1].splitlines():
+        match = _SKELETON_LINE.match(line)
+        if not match:
+            break
+        tag, heading, words = match.groups()
+        if tag == "h2":
+            sections.append({"h2": heading, "h3": [], "words": int(words or 0)})
+        elif sections:
+            sections[-1]["h3"].append(heading)
+    return sections
 
 
 def augment_prompt(content: str, word_count: int, min_words: int, max_words: int) -> Prompt:
@@ -155,7 +185,7 @@ def augment_prompt(content: str, word_count: int, min_words: int, max_words: int
 
 def content_retry_prompt(original: Prompt, problem: str) -> Prompt:
     """Ask once more for an article whose reply failed a quality gate, saying why. The original
-    request comes after the reason, unchanged (its outline JSON last)."""
+    request comes after the reason, unchanged (its outline last)."""
     return Prompt(
         original.system,
         f"Your previous reply could not be used: {problem}. Write the article itself: prose in "
@@ -178,9 +208,9 @@ def shorten_prompt(content: str, word_count: int, min_words: int, max_words: int
 
 
 def instructions_of(prompt: str) -> str:
-    """The instructions of a user prompt, without the outline JSON or the article it carries:
-    what a reply must not say back."""
-    for marker in ("{", "<article>"):
+    """The instructions of a user prompt, without the outline or the article it carries: what a
+    reply must not say back."""
+    for marker in (OUTLINE_MARKER, "<article>"):
         prompt = prompt.split(marker, 1)[0]
     return prompt
 

@@ -114,7 +114,12 @@ def build_server(
         pipeline = ArticlePipeline(
             model, saver, targets, prices, endpoint, settings.outline_heading_max_chars
         )
-        titles = TitleWriter(model, prices, (settings.title_min_chars, settings.title_max_chars))
+        titles = TitleWriter(
+            model,
+            prices,
+            (settings.title_min_chars, settings.title_max_chars),
+            settings.title_similarity,
+        )
         servicer = GeneratorServicer(
             pipeline, titles, settings.default_model, check_lease=fast.check_lease
         )

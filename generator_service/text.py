@@ -1,8 +1,10 @@
-"""Text helpers the pipeline and the simulator share: word counting and fence cleanup."""
+"""Text helpers the pipeline and the simulator share: word counting, fence cleanup, and the
+comparison key of a title or heading."""
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from html.parser import HTMLParser
 
 _WORD = re.compile(r"[^\W_]+(?:['\u2019\-][^\W_]+)*")  # CNC's, CNC\u2019s, high-speed
@@ -64,3 +66,11 @@ def strip_fences(text: str) -> str:
     if match:
         return match.group("body").strip()
     return _OPENING_FENCE.sub("", _CLOSING_FENCE.sub("", text)).strip()
+
+
+def normalise_title(title: str) -> str:
+    """The comparison key of a title (or heading): case, punctuation and spacing do not make it
+    new."""
+    text = unicodedata.normalize("NFKC", title).casefold()
+    text = re.sub(r"[^\w\s]", " ", text)
+    return " ".join(text.split())

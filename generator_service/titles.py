@@ -11,7 +11,6 @@ from __future__ import annotations
 import queue
 import re
 import threading
-import unicodedata
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from generator_service.llm import Completion, LlmClient
 from generator_service.llm.budget import titles_tokens
 from generator_service.llm.client import FatalApiError, RetryNotice, failure_reason
 from generator_service.llm.pricing import PriceTable
+from generator_service.similar_titles import TITLE_SIMILARITY, TitleIndex, keyword_list
 
 TITLES_PER_CALL = 25
 # Rounds after the first that ask only for what is still missing; then the shortfall is reported.
@@ -39,13 +39,6 @@ _PREAMBLE = re.compile(
     r"^(?:sure|certainly|of course|okay|ok|here (?:are|is)|here's|below (?:are|is))\b",
     re.IGNORECASE,
 )
-
-
-def normalise_title(title: str) -> str:
-    """The comparison key of a title: case, punctuation and spacing do not make it new."""
-    text = unicodedata.normalize("NFKC", title).casefold()
-    text = re.sub(r"[^\w\s]", " ", text)
-    return " ".join(text.split())
 
 
 def clean_title(line: str) -> str:
@@ -98,10 +91,12 @@ class TitleWriter:
         llm: LlmClient,
         prices: PriceTable | None = None,
         length: tuple[int, int] = DEFAULT_LENGTH,
+        similarity: float = TITLE_SIMILARITY,
     ) -> None:
         self._llm = llm
         self._prices = prices or PriceTable()
         self._length = length
+        self._similarity = similarity  # token Jaccard at which two titles are the same
 
     def write(
         self,
@@ -131,7 +126,9 @@ class TitleWriter:
             with lock:
                 result.api_calls += 1
 
-        seen = {normalise_title(t) for t in existing}
+        seen = TitleIndex(self._similarity)  # near-duplicates of these are asked for again
+        for title in existing:
+            seen.add(title)
         with ThreadPoolExecutor(
             max_workers=max(1, max_parallel), thread_name_prefix="titles"
         ) as pool:
@@ -174,12 +171,11 @@ class TitleWriter:
                         title = clean_title(line)
                         if not title:
                             continue
-                        if title_problem(title, self._length):
+                        if title_problem(title, self._length) or keyword_list(title, project):
                             result.rejected += 1
                             continue
-                        key = normalise_title(title)
-                        if key and key not in seen and len(result.titles) < count:
-                            seen.add(key)
+                        if len(result.titles) < count and not seen.same_as(title):
+                            seen.add(title)
                             result.titles.append(title)
                     if len(result.titles) > taken:
                         on_titles(result.titles[taken:])

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from generator_service import prompts
 from generator_service.domain import (
     ArticleEvent,
     ArticleRecord,
@@ -57,9 +58,8 @@ def html_with_words(n: int, headings: list[tuple[str, str]] | None = None) -> st
 def headings_of(prompt: str) -> list[tuple[str, str]]:
     """The headings a content prompt's outline JSON asks for, or an augmentation prompt's article
     has, in order."""
-    start = prompt.find('{\n  "outline"')
-    if start >= 0:
-        sections = json.loads(prompt[start:])["outline"]
+    sections = prompts.outline_in_prompt(prompt)
+    if sections:
         return [
             heading
             for s in sections

@@ -37,6 +37,8 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from generator_service import prompts
+from generator_service.similar_titles import TitleIndex
 from generator_service.text import count_words
 
 # --- what the simulator writes --------------------------------------------------------------
@@ -320,6 +322,9 @@ class SimulatorConfig:
     list_lead_ins: bool = False
     # Test hook: every titles reply is the same few titles, as a model stuck in a loop.
     repeat_titles: bool = False
+    # A weak model's titles: after each title a near-duplicate of it (plurals, case and little
+    # words changed), and first of all the related searches pasted together as a "title".
+    near_duplicate_titles: bool = False
     # Test hook: hostile markup (XSS payloads) placed in every article and title the model writes.
     payloads: list[str] = field(default_factory=list)
     # Test hook: every n-th chat request is refused with 429 and `retry-after-ms` (0: never).
@@ -440,7 +445,7 @@ class LlmSimulator:
         self._faults: Counter[str] = Counter()
         self._fault_draws = 0  # requests that could get a fault
         self._outline_draws = 0  # outline requests that could be answered with garbage
-        self._titles_written: dict[str, set[str]] = {}  # per keyword, lowercased
+        self._titles_written: dict[str, TitleIndex] = {}  # per keyword
         self._broken_titles: set[str] = set()  # garbage outlines, repair included
         self._bad_content_titles: set[str] = set()  # bad content replies, stubborn repeats too
         now = time.monotonic()
@@ -805,6 +810,8 @@ class LlmSimulator:
                     if line.startswith("- ")
                 }
                 titles = self._new_titles(rng, ctx, count, listed)
+                if config.near_duplicate_titles:
+                    titles = near_duplicates(titles, ctx)
                 if config.payloads:
                     titles = [
                         f"{t} {config.payloads[i % len(config.payloads)]}"
@@ -844,11 +851,7 @@ class LlmSimulator:
             low, _high = _range(r"Length: between (\d+) and (\d+) words", prompt, (800, 1200))
             # Negative when the model overshoots: it writes past the lower bound.
             shortfall = rng.gauss(self.config.undershoot_mean, self.config.undershoot_jitter)
-            start = prompt.find('{\n  "outline"')
-            try:
-                outline = json.loads(prompt[start:]).get("outline", []) if start >= 0 else []
-            except json.JSONDecodeError:
-                outline = []
+            outline = prompts.outline_in_prompt(prompt)
             article = write_article(rng, ctx, outline, max(50, round(low - shortfall)))
             if config.list_lead_ins:
                 article = with_list_lead_ins(article)
@@ -888,11 +891,12 @@ class LlmSimulator:
     def _new_titles(
         self, rng: random.Random, ctx: dict[str, Any], count: int, listed: set[str]
     ) -> list[str]:
-        """Titles this simulator never wrote before for the keyword and the prompt does not list:
-        a good model does not repeat itself. Past its phrase space it numbers the parts."""
+        """Titles this simulator never wrote before for the keyword, nor one like them, and the
+        prompt does not list: a good model does not repeat itself. Past its phrase space it
+        numbers the parts."""
         titles: list[str] = []
         with self._lock:
-            written = self._titles_written.setdefault(ctx["keyword"].lower(), set())
+            written = self._titles_written.setdefault(ctx["keyword"].lower(), TitleIndex())
             for _ in range(count):
                 for attempt in range(50):
                     pattern = rng.choice(_TITLE_PATTERNS)
@@ -900,12 +904,29 @@ class LlmSimulator:
                         pattern += rng.choice(_SUBTITLES)
                     title = _fill(pattern, rng, ctx, headline=True)
                     if attempt == 49:
-                        title += f", Part {len(written) + 1}"
-                    if title.lower() not in written and title.lower() not in listed:
+                        title = f"Part {rng.randint(1, 10**6)} of {title}"
+                    if not written.same_as(title) and title.lower() not in listed:
                         break
-                written.add(title.lower())
+                written.add(title)
                 titles.append(title)
         return titles
+
+
+def _plural_turned(match: re.Match[str]) -> str:
+    word = match.group(1)
+    return word[:-1] if word.endswith("s") else word + "s"
+
+
+def near_duplicates(titles: list[str], ctx: dict[str, Any]) -> list[str]:
+    """`titles`, each followed by a variant that is the same title to a reader, the related
+    searches pasted together first (SimulatorConfig.near_duplicate_titles)."""
+    pasted = ", ".join(_headline(r) for r in ctx["related"])
+    varied = []
+    for title in titles:
+        variant = re.sub(r"\b([A-Za-z]{4,})\b", _plural_turned, title, count=1)
+        variant = variant.replace(" and ", " vs ").replace(" for ", " For ").upper()
+        varied += [title, variant]
+    return ([pasted] if len(ctx["related"]) > 1 else []) + varied
 
 
 def bad_article(

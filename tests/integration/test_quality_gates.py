@@ -5,9 +5,11 @@ many words) never becomes a page, and every article that is not one says why."""
 from __future__ import annotations
 
 import re
+import uuid
 from typing import Any
 
 from generator_service.llm.simulator import SimulatorConfig
+from generator_service.similar_titles import TitleIndex
 from orchestrator_service.console import event_lines
 from tests.helpers import (
     TIER,
@@ -22,6 +24,16 @@ from tests.helpers import (
 
 def tier(count: int, **shape: int) -> dict[str, Any]:
     return {**TIER, "count": count, "min_word_count": 300, "max_word_count": 450, **shape}
+
+
+def project(related: list[str]) -> dict[str, Any]:
+    return {
+        "name": f"gates-{uuid.uuid4().hex[:10]}",
+        "main_keyword": "cnc machining",
+        "entities": ["lathe", "spindle"],
+        "related_searches": related,
+        "money_site_url": "https://example.com/cnc",
+    }
 
 
 def console(events: list[Any]) -> str:
@@ -57,7 +69,6 @@ def test_a_model_that_never_writes_an_article_fails_each_one_naming_the_gate(sta
     handle = start_stack(simulator=SimulatorConfig(bad_content_stubborn=True))
     expected = {
         "echo_outline": "json",
-        "markdown": "markdown",
         "headings_prose": "prose_in_headings",
         "ignore_outline": "outline_not_followed",
     }
@@ -73,6 +84,20 @@ def test_a_model_that_never_writes_an_article_fails_each_one_naming_the_gate(sta
         assert article_pages(handle.output_dir / str(job_id)) == []  # no page, no index entry
         assert finished.summary.failed_articles == 2
         assert f"FAILED at content: ContentGateError: quality gate {gate}:" in console(events)
+
+
+def test_markdown_is_made_html_and_published_as_an_article(start_stack) -> None:
+    handle = start_stack(simulator=SimulatorConfig(undershoot_mean=-50, bad_content="markdown",
+                                                   bad_content_stubborn=True))  # fmt: skip
+    events, finished = run_job(handle, job_file({"tier1": tier(2, max_word_count=2000)}))
+    assert finished.ok, finished.error
+    [job_id] = job_ids_of(events)
+    assert rows_by_status(handle.database_url, job_id) == {"generated": 2}
+    for row in article_rows(handle.database_url, job_id):
+        assert row["quality_gates"].startswith("markup_mended")
+        assert "## " not in row["content"] and row["content"].count("<h2>") >= 2
+        assert "<p>" in row["content"]
+    assert handle.stack.simulator.stats().by_kind.get("content_repair", 0) == 0  # no call
 
 
 def test_repeated_paragraphs_are_dropped_before_the_article_is_saved(start_stack) -> None:
@@ -122,3 +147,22 @@ def test_a_draft_that_stays_over_the_maximum_is_kept_as_long_and_said_so(start_s
     assert "Long:               3 (over the maximum after shortening)" in text
     assert "Status: long): " in text and "shortening..." in text
     assert len(article_pages(handle.output_dir / str(job_id))) == 3  # kept, as short ones are
+
+
+def test_near_duplicate_titles_and_keyword_lists_never_become_articles(start_stack) -> None:
+    # Each title the model writes comes with a variant that is the same title, and each reply
+    # starts with the related searches pasted together.
+    handle = start_stack(simulator=SimulatorConfig(near_duplicate_titles=True))
+    related = ["cnc machining cost", "cnc tolerances", "cnc vs 3d printing"]
+    events, finished = run_job(
+        handle, job_file({"tier1": tier(4), "tier2": tier(6)}, project=project(related))
+    )
+    assert finished.ok, finished.error
+    titles = [row["title"] for row in article_rows(handle.database_url, job_ids_of(events)[0])]
+    assert len(titles) == 10 and finished.summary.title_shortfall == 0
+    index = TitleIndex()
+    for title in titles:
+        assert not index.same_as(title), (title, index.same_as(title))
+        index.add(title)
+        assert "Cnc Machining Cost, Cnc Tolerances" not in title
+    assert "Dropped 1 reply lines that were not titles" in console(events)

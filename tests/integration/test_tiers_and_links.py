@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 from generator_service.llm.simulator import SimulatorConfig
-from generator_service.titles import normalise_title
+from generator_service.text import normalise_title
 from orchestrator_service.client import OrchestratorClient
 from tests.helpers import (
     TIER,

@@ -33,15 +33,40 @@ def test_an_article_that_follows_its_outline_passes() -> None:
     assert gate_of(ARTICLE) == ""
 
 
+def test_paragraphs_a_model_never_closed_are_still_paragraphs() -> None:
+    assert gate_of(ARTICLE.replace("</p>", "")) == ""
+
+
 def test_the_outline_echoed_as_json_is_no_article() -> None:
     assert gate_of(json.dumps({"outline": SECTIONS}, indent=2)) == gates.JSON_REPLY
     # …also inside a paragraph, as a 0.5B model wrapped it
     assert gate_of('<p>{ "outline": [ { "h2": "One", "h3": ["a"] } ] }</p>') == gates.JSON_REPLY
 
 
-def test_markdown_is_no_article() -> None:
-    assert gate_of("## One\n\nMilling removes material.\n\n## Two\n\nMore.") == gates.MARKDOWN
+def test_markdown_is_made_html_without_a_call_and_a_fence_left_in_is_no_article() -> None:
+    markdown = "## One\n\nMilling removes **material**.\n\n### a\n\n- first\n- second\n\n## Two"
+    html, mends = gates.mend(markdown)
+    assert mends == [gates.MARKUP_MENDED]
+    assert "<h2>One</h2>" in html and "<p>Milling removes <strong>material</strong>.</p>" in html
+    assert "<li>first</li>" in html and "<h3>a</h3>" in html
     assert gate_of(ARTICLE + "\n```") == gates.MARKDOWN
+
+
+def test_text_loose_under_headings_is_wrapped_in_paragraphs() -> None:
+    # As Qwen2.5 0.5B wrote it: headings as HTML, the prose after them bare.
+    reply = "<h2>One</h2>\nMilling removes material.\nIt is precise.\n<h3>a</h3>\nFirst point."
+    html, mends = gates.mend(reply)
+    assert mends == [gates.MARKUP_MENDED]
+    assert html == (
+        "<h2>One</h2>\n<p>Milling removes material.\nIt is precise.</p>\n<h3>a</h3>\n"
+        "<p>First point.</p>"
+    )
+    assert gates.mend(ARTICLE) == (ARTICLE, [])  # HTML as it should be is left alone
+
+
+def test_the_outlines_word_counts_copied_after_its_headings_are_dropped() -> None:
+    copied = ARTICLE.replace("<h2>One</h2>", "<h2>One</h2> (about 120 words)")
+    assert gates.mend(copied) == (ARTICLE, [gates.WORD_COUNTS_DROPPED])
 
 
 def test_a_reply_without_paragraphs_is_no_article() -> None:
@@ -115,7 +140,8 @@ def test_a_reply_that_fails_a_gate_is_asked_for_once_more_with_the_reason() -> N
 
 def test_a_second_reply_that_fails_fails_the_article_naming_the_gate() -> None:
     echo = json.dumps({"outline": SECTIONS})
-    llm = FakeLlm(content_replies=[echo, "## One\n\nstill markdown"])
+    fenced = "<h2>One</h2>\n```\n<p>a code block in the article</p>\n```\n<h2>Two</h2>"
+    llm = FakeLlm(content_replies=[echo, fenced])
     log, saver = _run(llm)
     record = saver.records[(1, "tier1", 0)]
     assert record.status == "failed" and record.content == "" and record.error_stage == "content"

@@ -5,6 +5,7 @@ import re
 
 import pytest
 
+from generator_service import prompts
 from generator_service.calibration import WordTargets
 from generator_service.domain import ArticleTask, EventKind, ProjectInfo, TierShape
 from generator_service.outline import (
@@ -262,8 +263,13 @@ def test_the_content_prompt_gives_each_section_its_word_budget() -> None:
         batch_context(), ArticleTask(0, "T"), EventLog()
     )
     prompt = next(p for p in llm.prompts if p.startswith("Write the article titled"))
-    sections = json.loads(prompt[prompt.index("{") :])["outline"]
-    assert [s["h2"] for s in sections] == ["One", "Two", "Three"]
+    assert "<h2>One</h2> (about " in prompt and "<h3>a</h3>\n<h3>b</h3>\n<h2>Two</h2>" in prompt
+    sections = prompts.outline_in_prompt(prompt)
+    assert [(s["h2"], s["h3"]) for s in sections] == [
+        ("One", ["a", "b"]),
+        ("Two", ["c"]),
+        ("Three", []),
+    ]
     budgets = [s["words"] for s in sections]
     assert sum(budgets) == (1200 + 1700) // 2 and budgets[0] > budgets[1] > budgets[2]
 

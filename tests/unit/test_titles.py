@@ -5,12 +5,12 @@ from typing import Any
 
 from generator_service.domain import ProjectInfo
 from generator_service.llm import Completion
+from generator_service.text import normalise_title
 from generator_service.titles import (
     TOP_UP_ROUNDS,
     TitlesResult,
     TitleWriter,
     clean_title,
-    normalise_title,
 )
 
 PROJECT = ProjectInfo(1, "cnc machining")
