@@ -164,6 +164,7 @@ class RunningTier:
         # The job's thread only: what has been reported.
         self.announced = False  # tier_started
         self.titles_failure: str | None = None  # None until titles_ready; then why they stop it
+        self.shortfall = 0  # titles the model did not give: articles the tier will not have
         self.finished = False  # tier_finished
 
     def begin(self, start_titles: Callable[[RunningTier], None]) -> None:
@@ -389,7 +390,9 @@ class TierGroup:
 
     def _article_event(self, event: article_pb.ArticleEvent) -> Generator[pb.JobEvent, None, None]:
         yield from self._report_titles()  # "titles ready" before what follows
-        yield pb.JobEvent(article=event)  # the generator's event, as it is
+        # The generator counts the tier as asked; after a title shortfall, "[3/4]" not "[3/6]".
+        event.tier_count -= next(t.shortfall for t in self._tiers if t.run.name == event.tier)
+        yield pb.JobEvent(article=event)  # the generator's event, otherwise as it is
         # After a cancel, articles fail as cancelled: that says nothing of the endpoint.
         systemic = "" if self._cancellation.is_set() else self._streak.saw(event)
         if event.kind == article_pb.ARTICLE_EVENT_KIND_FAILED and not self._failure:
@@ -479,6 +482,7 @@ class TierGroup:
         if made is None:  # the call failed: titles_failure_now() says why
             return
         job, project = run.job, run.project
+        tier.shortfall = made.shortfall
         titles = feed.titles()
         first_new = len(titles) - len(made.titles)
         # An article recorded before a crash cut its tier's titles off keeps the title it has.

@@ -608,6 +608,9 @@ def test_a_title_shortfall_exits_6_with_the_missing_articles_counted(
     ran = tierwriter("generate-batch", "-j", str(job), *admin, cwd=tmp_path)
     assert ran.returncode == 6, ran.stdout + ran.stderr
     assert "Title shortfall:    2" in ran.stdout and "Failed:             0" in ran.stdout
+    # Once the shortfall is known, the progress counts to the articles the tier will have.
+    after = ran.stdout.split("distinct titles too few", 1)[1]
+    assert "[tier1][3/3] " in after and "/5]" not in after, after
 
 
 def test_json_output_is_one_object_per_event_and_one_document_per_listing(

@@ -218,7 +218,10 @@ def test_no_xss_payload_reaches_an_exported_page(start_stack) -> None:
     )
     assert finished.ok, finished.error
     rows = article_rows(handle.database_url, job_ids_of(events)[0])
-    assert all(payload in r["content"] for r in rows for payload in PAYLOADS[:3])  # they were there
+    # They were there: text around them loose under headings is mended into paragraphs (which
+    # may re-quote them), and a draft cut at a section boundary may lose its last ones.
+    for marker in ("alert('xss-1')", "evil.example/x.js", "xss-3"):
+        assert any(marker in r["content"] for r in rows), marker
     job_dir = handle.output_dir / str(job_ids_of(events)[0])
     pages = list(job_dir.rglob("*.html"))
     assert len(pages) == 7 + 2 + 1
