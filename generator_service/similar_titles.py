@@ -42,24 +42,19 @@ def title_words(title: str) -> frozenset[str]:
     return frozenset(_singular(w) for w in normalise_title(title).split() if w not in _STOP_WORDS)
 
 
-def _order(word: str) -> tuple[int, str]:
-    return (-len(word), word)  # longer words first: they are the rarer ones
-
-
-def _prefix(words: frozenset[str], threshold: float) -> list[str]:
-    """The words a set similar to `words` must share at least one of."""
-    ordered = sorted(words, key=_order)
-    return ordered[: len(ordered) - math.ceil(threshold * len(ordered)) + 1]
-
-
 class TitleIndex:
     """Titles seen so far (a job's and its project's earlier ones), to refuse a new title that
     repeats one: the same normalised form, or a near-duplicate. Not thread-safe: one writer."""
 
-    def __init__(self, threshold: float = TITLE_SIMILARITY) -> None:
+    def __init__(
+        self, threshold: float = TITLE_SIMILARITY, common: frozenset[str] = frozenset()
+    ) -> None:
+        """`common`: words most titles will have (the project's keyword and entities); they go
+        last in the order, so that an index of thousands of titles is not one long list."""
         if not 0 < threshold <= 1:
             raise ValueError("threshold must be in (0, 1]")
         self._threshold = threshold
+        self._common = common
         self._keys: dict[str, str] = {}  # normalised form → the title
         self._titles: list[tuple[str, frozenset[str]]] = []
         self._by_word: defaultdict[str, list[int]] = defaultdict(list)
@@ -73,7 +68,7 @@ class TitleIndex:
         if not words:
             return ""
         seen: set[int] = set()
-        for word in _prefix(words, self._threshold):
+        for word in self._prefix(words):
             for i in self._by_word.get(word, ()):
                 if i in seen:
                     continue
@@ -89,17 +84,23 @@ class TitleIndex:
         if not words:
             return
         self._titles.append((title, words))
-        for word in _prefix(words, self._threshold):
+        for word in self._prefix(words):
             self._by_word[word].append(len(self._titles) - 1)
+
+    def _prefix(self, words: frozenset[str]) -> list[str]:
+        """The words a set similar to `words` must share at least one of, in one fixed order:
+        the rarer words first (not common, longer)."""
+        ordered = sorted(words, key=lambda w: (w in self._common, -len(w), w))
+        return ordered[: len(ordered) - math.ceil(self._threshold * len(ordered)) + 1]
 
 
 def keyword_list(title: str, project: ProjectInfo) -> bool:
     """Whether the title is only the project's keyword, entities and related searches pasted
     together: every word one of theirs, and two or more entities or related searches whole in
     it."""
-    words = title_words(title)
+    words, keyword = title_words(title), title_words(project.keyword)
     listed = [t for t in map(title_words, (*project.entities, *project.related_searches)) if t]
-    terms = [title_words(project.keyword), *listed]
-    if not words or not words <= frozenset().union(*terms):
+    if not words or not words <= keyword.union(*listed):
         return False
-    return sum(t <= words for t in listed) >= 2  # the keyword alone is a title's subject
+    # The keyword alone is a title's subject, and so are terms that are parts of it.
+    return sum(t <= words and not t <= keyword for t in listed) >= 2

@@ -22,7 +22,12 @@ from generator_service.llm import Completion, LlmClient
 from generator_service.llm.budget import titles_tokens
 from generator_service.llm.client import FatalApiError, RetryNotice, failure_reason
 from generator_service.llm.pricing import PriceTable
-from generator_service.similar_titles import TITLE_SIMILARITY, TitleIndex, keyword_list
+from generator_service.similar_titles import (
+    TITLE_SIMILARITY,
+    TitleIndex,
+    keyword_list,
+    title_words,
+)
 
 TITLES_PER_CALL = 25
 # Rounds after the first that ask only for what is still missing; then the shortfall is reported.
@@ -126,7 +131,8 @@ class TitleWriter:
             with lock:
                 result.api_calls += 1
 
-        seen = TitleIndex(self._similarity)  # near-duplicates of these are asked for again
+        common = title_words(project.keyword).union(*map(title_words, project.entities))
+        seen = TitleIndex(self._similarity, common)  # near-duplicates of these are asked again
         for title in existing:
             seen.add(title)
         with ThreadPoolExecutor(

@@ -70,8 +70,9 @@ def _article_lines(a: article_pb.ArticleEvent) -> list[str]:
         "AUGMENTING": f"Below minimum ({a.min_word_count:,}), augmenting...",
         "AUGMENTED": f"Augmented content: {a.word_count:,} words{short}",
         "SAVED": saved,
+        # A content reply is asked for again; an augmentation's or shortening's is not kept.
         "CONTENT_REJECTED": f"Content rejected ({a.error})"
-        + ("" if a.error.endswith("not kept") else ", asking once more..."),
+        + (", asking once more..." if a.stage == "content" else f"; the {a.stage} not kept"),
         "SHORTENING": f"Over maximum ({a.word_count:,} of {a.max_word_count:,} words), "
         "shortening...",
         "SKIPPED": f"Skipped ({a.error})",

@@ -164,7 +164,10 @@ class RunningTier:
         # The job's thread only: what has been reported.
         self.announced = False  # tier_started
         self.titles_failure: str | None = None  # None until titles_ready; then why they stop it
-        self.shortfall = 0  # titles the model did not give: articles the tier will not have
+        # Titles the model did not give: articles the tier will not have (a resumed tier's, from
+        # the titles it kept, unless it asks for more).
+        stored = run.stored_titles
+        self.shortfall = run.tier.count - len(stored) if stored and not self.want else 0
         self.finished = False  # tier_finished
 
     def begin(self, start_titles: Callable[[RunningTier], None]) -> None:
@@ -391,7 +394,12 @@ class TierGroup:
     def _article_event(self, event: article_pb.ArticleEvent) -> Generator[pb.JobEvent, None, None]:
         yield from self._report_titles()  # "titles ready" before what follows
         # The generator counts the tier as asked; after a title shortfall, "[3/4]" not "[3/6]".
-        event.tier_count -= next(t.shortfall for t in self._tiers if t.run.name == event.tier)
+        shortfall = next(t.shortfall for t in self._tiers if t.run.name == event.tier)
+        if shortfall:
+            counted = article_pb.ArticleEvent()
+            counted.CopyFrom(event)
+            counted.tier_count -= shortfall
+            event = counted
         yield pb.JobEvent(article=event)  # the generator's event, otherwise as it is
         # After a cancel, articles fail as cancelled: that says nothing of the endpoint.
         systemic = "" if self._cancellation.is_set() else self._streak.saw(event)

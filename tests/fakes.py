@@ -91,6 +91,8 @@ class FakeLlm:
     # Words of each reply to a request to shorten, in turn; the article unchanged once they run
     # out.
     shortened: list[int] = field(default_factory=list)
+    # Replies to augmentation prompts, in order, before `augmentations` and `augmented_words`.
+    augmented_replies: list[str] = field(default_factory=list)
     # Content calls report this many retries to on_retry first, as a retrying client would.
     content_retries: int = 0
     # The first this-many content replies (continuations included) end with finish_reason
@@ -176,6 +178,8 @@ class FakeLlm:
             return "<p>" + " ".join(["more"] * 50) + "</p>"
         if "<article>" in prompt:
             with self._lock:
+                if self.augmented_replies:
+                    return self.augmented_replies.pop(0)
                 words = self.augmentations.pop(0) if self.augmentations else self.augmented_words
             return html_with_words(words, headings_of(prompt))
         return "Title"

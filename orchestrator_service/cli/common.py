@@ -126,11 +126,16 @@ def event_view(out: TextIO, ndjson: bool) -> Iterator[Callable[[pb.JobEvent], No
 
 
 def watch_and_print(
-    client: OrchestratorClient, stream: EventStream, out: TextIO, ndjson: bool = False
+    client: OrchestratorClient,
+    stream: EventStream,
+    out: TextIO,
+    ndjson: bool = False,
+    written: Callable[[pb.Summary], bool] | None = None,
 ) -> int:
     """Print every event of the watched jobs as it arrives (as console lines, or with `ndjson`
     as one JSON object each); return the exit code (the worst over the jobs: a run that stopped
-    early, then one that completed without every article written in range). The first Ctrl-C
+    early, then one that completed without every article written in range: all_written, or
+    `written` when given). The first Ctrl-C
     cancels the watched jobs (queued ones at once, running ones cleanly) and waits for their
     summaries; a second leaves at once, and the cancelled jobs wind down on the server.
     Leaving any other way cancels nothing: the jobs run on.
@@ -171,7 +176,9 @@ def watch_and_print(
                     finished.add(item.job_id)
                     if not item.run_finished.ok:
                         exit_code = EXIT_RUN_FAILED
-                    incomplete = incomplete or not all_written(item.run_finished.summary)
+                    incomplete = incomplete or not (written or all_written)(
+                        item.run_finished.summary
+                    )
             except queue.Empty:
                 continue
             except KeyboardInterrupt:

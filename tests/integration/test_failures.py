@@ -106,7 +106,7 @@ def test_a_batch_of_200_under_a_failing_api_ends_with_one_record_each(
     assert all(
         ("after one repair request" in a.error or "cut off by the token limit" in a.error)
         # a reply cut off and continued without its last headings fails the outline gate
-        or "after one more request with the reason" in a.error
+        or "quality gate outline_not_followed" in a.error
         for a in failures
     ), {a.error for a in failures}
 

@@ -182,3 +182,41 @@ def test_a_shortened_draft_within_the_range_is_saved_as_generated() -> None:
         1300,
         "shortened",
     )
+
+
+def test_html_as_it_should_be_is_never_rewritten_by_the_mend() -> None:
+    multi_line = "<h2>One</h2>\nLoose intro.\n<p>Sentence one.\nSentence two.</p>"
+    assert gates.mend(multi_line)[0] == (
+        "<h2>One</h2>\n<p>Loose intro.</p>\n<p>Sentence one.\nSentence two.</p>"
+    )
+    assert gates.mend("<p>a line<br>and the next</p>") == ("<p>a line<br>and the next</p>", [])
+
+
+def test_repeated_paragraphs_a_model_never_closed_are_dropped_too() -> None:
+    same = "<p>Milling removes material with a rotating cutter"
+    assert gates.drop_repeated_paragraphs(f"<h2>One</h2>{same}{same}<h2>Two</h2>") == (
+        f"<h2>One</h2>{same}\n<h2>Two</h2>",
+        1,
+    )
+
+
+def test_a_trim_that_would_no_longer_follow_the_outline_is_not_made() -> None:
+    # Six H2s of ~667 words, 1,000-1,500 wanted: only a cut to two sections lands in the range,
+    # and two are a third of the outline (the tier would take them: min_h2 is 2).
+    sections = [{"h2": f"Part {n}", "h3": []} for n in "ABCDEF"]
+    outline = json.dumps({"outline": sections})
+    llm = FakeLlm(outlines=[outline], content_words=4000, shortened=[1400])
+    _log, saver = _run(llm, max_h2=6, min_h3=0)
+    record = saver.records[(1, "tier1", 0)]
+    assert record.quality_gates == "shortened" and record.content.count("<h2>") == 6
+
+
+def test_an_augmentation_that_fails_a_gate_is_not_kept() -> None:
+    echo = json.dumps({"outline": SECTIONS})
+    llm = FakeLlm(content_words=700, augmentations=[], augmented_words=1200)
+    llm.augmented_replies = [echo, echo]
+    log, saver = _run(llm)
+    record = saver.records[(1, "tier1", 0)]
+    assert (record.status, record.word_count, record.quality_gates) == ("short", 700, "json,json")
+    rejected = [e for e in log.events if e.kind is EventKind.CONTENT_REJECTED]
+    assert [e.stage for e in rejected] == ["augmentation", "augmentation"]

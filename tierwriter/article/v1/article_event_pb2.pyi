@@ -221,9 +221,14 @@ class ArticleEvent(_message.Message):
     (SKIPPED for the budget, with a record); short or augmented (AUGMENTED).
     """
     stage: _builtins.str
-    """The stage that failed: outline, content, augmentation, shortening or save (FAILED)."""
+    """The stage that failed: outline, content, augmentation, shortening or save (FAILED); the
+    stage whose reply a gate rejected (CONTENT_REJECTED: content is asked again, the others
+    are not kept).
+    """
     error: _builtins.str
-    """Error class and message (FAILED, SKIPPED); the outline's problem (OUTLINE_REPAIRING)."""
+    """Error class and message (FAILED, SKIPPED); the outline's problem (OUTLINE_REPAIRING); the
+    gate's reason (CONTENT_REJECTED); why a kept article is short or long (AUGMENTED, SAVED).
+    """
     attempt: _builtins.int
     """The try of a model call that failed, from 1 (RETRYING)."""
     retry_delay: _builtins.float

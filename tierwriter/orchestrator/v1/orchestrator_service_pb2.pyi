@@ -728,10 +728,9 @@ class TierFinished(_message.Message):
     skipped: _builtins.int
     """Records skipped for the budget."""
     cost_usd: _builtins.float
-    """USD spent on the tier's articles.
-    Records over the maximum after trimming and one request to shorten.
-    """
+    """USD spent on the tier's articles."""
     long: _builtins.int
+    """Records over the maximum after trimming and one request to shorten."""
     def __init__(
         self,
         *,
@@ -1122,10 +1121,9 @@ class JobInfo(_message.Message):
     cost_usd: _builtins.float
     """USD spent, titles included."""
     max_cost_usd: _builtins.float
-    """The job's max_cost_usd; 0 for none.
-    Records over the maximum after trimming and one request to shorten.
-    """
+    """The job's max_cost_usd; 0 for none."""
     long_articles: _builtins.int
+    """Records over the maximum after trimming and one request to shorten."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When it was submitted."""

@@ -1207,11 +1207,11 @@ class Article(_message.Message):
     draft_words: _builtins.int
     """Words of the content reply before any augmentation."""
     error_traceback: _builtins.str
-    """A failed article's traceback, for its job's owner and admins (left out with metadata_only).
-    The quality gates that fired on the way, comma-separated in the order they fired (e.g.
-    """
+    """A failed article's traceback, for its job's owner and admins (left out with metadata_only)."""
     quality_gates: _builtins.str
-    """"json,trimmed"); the README lists them."""
+    """The quality gates that fired on the way, comma-separated in the order they fired (e.g.
+    "json,trimmed"); the README lists them.
+    """
     @_builtins.property
     def outline(self) -> Global___Outline:
         """The outline; unset when the article failed before it had one."""
@@ -1903,10 +1903,9 @@ class ArticleCounts(_message.Message):
     cost_usd: _builtins.float
     """USD spent on the articles."""
     rate_limited: _builtins.int
-    """429 answers the articles' model calls got.
-    Records with status long.
-    """
+    """429 answers the articles' model calls got."""
     long: _builtins.int
+    """Records with status long."""
     def __init__(
         self,
         *,
