@@ -2,10 +2,11 @@
 
     python bench/real_model.py --server /path/to/llama-server --gguf /path/to/model.gguf
 
-Starts llama.cpp's own `llama-server` on 127.0.0.1 with the given GGUF, points the generator at it with
-OPENAI_BASE_URL, and runs a two-tier job of 10 articles at 150-300 words with a site, so pages
-and links are exported. Reported: records by status, the gates that fired by name, the failures'
-reasons, the calls the model got, and each exported page's text for a reader to judge.
+Starts llama.cpp's own `llama-server` on 127.0.0.1 with the given GGUF, points the generator
+at it with OPENAI_BASE_URL, and runs a two-tier job of 10 articles at 150-300 words with a
+site, so pages and links are exported. Reported: records by status, the gates that fired by
+name, the failures' reasons, the calls the model got, and each exported page's text for a
+reader to judge.
 
 The measurement in the README used Qwen2.5-Coder-0.5B-Instruct Q4_K_M (491 MB; its official
 source is Hugging Face's Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF, Apache-2.0). The machine it ran
