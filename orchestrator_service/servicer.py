@@ -118,10 +118,10 @@ def job_info(
         api_calls=title_calls,
         tokens=title_tokens,
         owner=job.owner,
-        cost_usd=job.title_cost_usd,
         max_cost_usd=job.spec.max_cost_usd,
         runner=job.lease_owner if job.status == JobStatus.JOB_STATUS_RUNNING else "",
     )
+    articles_cost = 0.0
     for t in tiers:
         info.generated_articles += t.counts.generated
         info.augmented_articles += t.counts.augmented
@@ -129,9 +129,12 @@ def job_info(
         info.short_articles += t.counts.short
         info.long_articles += t.counts.long
         info.skipped_articles += t.counts.skipped
-        info.cost_usd += t.counts.cost_usd
+        articles_cost += t.counts.cost_usd
         info.api_calls += t.counts.api_calls
         info.tokens += t.counts.prompt_tokens + t.counts.completion_tokens
+    # Summed in the summary's order (the tiers, then the titles): floats added in another order
+    # can differ in the last digit, and the two must be the same number.
+    info.cost_usd = articles_cost + job.title_cost_usd
     return info
 
 

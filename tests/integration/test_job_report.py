@@ -61,17 +61,22 @@ def test_the_job_report_shows_the_run_and_renders_cleanly(start_stack) -> None:
     assert console == []
     assert dom.count('<svg class="histogram"') == 2 and dom.count('<svg class="link-graph"') == 1
     # One node per page plus the money site; one edge per link placed.
-    pages = summary.generated_articles + summary.augmented_articles + summary.short_articles
+    pages = (
+        summary.generated_articles
+        + summary.augmented_articles
+        + summary.short_articles
+        + summary.long_articles
+    )
     assert dom.count('class="node"') == pages and dom.count('class="node money"') == 1
     assert dom.count('<line class="edge"') == summary.links_placed
     # Per-tier counts, the failures, and the run's numbers, as the summary has them.
     table = dom.split('<table class="tier-counts">')[1].split("</table>")[0]
     rows = re.findall(r"<tr><td>(tier\d)</td>((?:<td[^>]*>[^<]*</td>)+)</tr>", table)
     counts = {tier: [int(n) for n in re.findall(r">(\d+)</td>", cells)] for tier, cells in rows}
-    # requested, generated, augmented, short, failed, skipped
+    # requested, generated, augmented, short, long, failed, skipped
     assert [counts[t][0] for t in ("tier1", "tier2")] == [3, 6]
-    assert all(c[0] == sum(c[1:6]) for c in counts.values())
-    failed = sum(c[4] for c in counts.values())
+    assert all(c[0] == sum(c[1:7]) for c in counts.values())
+    failed = sum(c[5] for c in counts.values())
     assert failed == summary.failed_articles >= 1
     assert dom.count("OutlineError") == failed
     assert f"{summary.prompt_tokens + summary.completion_tokens:,}" in dom
