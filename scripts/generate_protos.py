@@ -20,8 +20,13 @@ def generate(out_dir: Path) -> None:
     """Write *_pb2.py, *_pb2_grpc.py and *.pyi for every proto into out_dir (package tree)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     include = Path(protoc.__file__).parent / "_proto"  # well-known types bundled with grpcio-tools
+    # The .pyi plugin (mypy-protobuf) beside this interpreter: `.venv/bin/pytest` run without
+    # activating the venv has no .venv/bin on PATH, where protoc looks by default.
+    beside = Path(sys.executable).parent / "protoc-gen-mypy"
+    plugin = [f"--plugin=protoc-gen-mypy={beside}"] if beside.exists() else []
     args = [
         "grpc_tools.protoc",
+        *plugin,
         f"-I{PROTO_ROOT}",
         f"-I{include}",
         f"--python_out={out_dir}",

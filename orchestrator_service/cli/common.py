@@ -29,6 +29,7 @@ from orchestrator_service.console import (
     event_lines,
 )
 from tierwriter import runtime
+from tierwriter.job.v1.job_pb2 import JobStatus
 from tierwriter.orchestrator.v1 import orchestrator_service_pb2 as pb
 
 EXIT_OK = 0
@@ -191,9 +192,17 @@ def watch_and_print(
                     return _left_at_once()
     if cancelling:
         return EXIT_INTERRUPTED
-    if len(finished) < len(stream.job_ids):
-        # A job cancelled while queued never ran: its watch ends without a summary.
-        return EXIT_RUN_FAILED
+    for job_id in stream.job_ids:
+        if job_id in finished:
+            continue
+        # No summary came: a watch --after past the job's last event, or a job cancelled while
+        # queued (it never ran). The job's stored state says how it ended.
+        job = client.get_job(job_id).job
+        if job.status != JobStatus.JOB_STATUS_COMPLETED:
+            return EXIT_RUN_FAILED
+        incomplete = incomplete or job.generated_articles + job.augmented_articles < (
+            job.requested_articles
+        )
     if exit_code == EXIT_OK and incomplete:
         return EXIT_INCOMPLETE
     return exit_code

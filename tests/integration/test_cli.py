@@ -646,6 +646,10 @@ def test_json_output_is_one_object_per_event_and_one_document_per_listing(
     watched = tierwriter("jobs", "watch", str(job_id), "--json", *admin, cwd=tmp_path)
     assert watched.returncode == 6, watched.stderr
     assert [json.loads(line) for line in watched.stdout.splitlines()] == events
+    # A script resuming after the last event it printed: nothing more, and how the job ended.
+    after = ["--after", str(events[-1]["seq"])]
+    resumed = tierwriter("jobs", "watch", str(job_id), *after, "--json", *admin, cwd=tmp_path)
+    assert (resumed.returncode, resumed.stdout) == (6, ""), resumed.stderr
 
     listed = tierwriter("jobs", "list", "--json", *admin, cwd=tmp_path)
     (listed_job,) = json.loads(listed.stdout)["jobs"]
