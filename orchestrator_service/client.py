@@ -116,9 +116,10 @@ class OrchestratorClient:
     def _error(self, error: grpc.RpcError) -> runtime.ServiceCallError:
         return runtime.ServiceCallError("orchestrator_service", self.address, error)
 
-    def submit_job(self, job_file: str) -> list[int]:
-        """Store the file's jobs (they run on the server from now on); their ids, in order."""
-        request = pb.SubmitJobRequest(job_file=job_file)
+    def submit_job(self, job_file: str, request_id: str = "") -> list[int]:
+        """Store the file's jobs (they run on the server from now on); their ids, in order. The
+        same `request_id` again (a retry after a lost answer) returns the same jobs."""
+        request = pb.SubmitJobRequest(job_file=job_file, request_id=request_id)
         return list(self._call(self._stub.SubmitJob, request).job_ids)
 
     def watch_job(self, job_id: int, after_seq: int = 0) -> EventStream:

@@ -12,6 +12,7 @@ call started for it, no file shown, no event, no final status."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -175,10 +176,11 @@ class JobRunner:
         """The job's max_workers, else CONCURRENT_WORKERS (default 5)."""
         return spec.max_workers or self._settings.concurrent_workers
 
-    def submit(self, job_file: JobFile, caller: Principal) -> list[int]:
+    def submit(self, job_file: JobFile, caller: Principal, request_id: str = "") -> list[int]:
         """Store every job of a validated file, queued, in its order, with its sites and inline
         projects, in one step: all of it or — another user took a site meanwhile, the file
-        would pass the caller's quota (RESOURCE_EXHAUSTED naming it) — nothing. Their ids."""
+        would pass the caller's quota (RESOURCE_EXHAUSTED naming it) — nothing. Their ids.
+        With the caller's `request_id`, a retry returns the first call's jobs."""
         sites: dict[str, str] = {}
         for site in (s for spec in job_file.jobs for s in spec.all_sites()):
             if site.template or site.hostname not in sites:  # a bare mention keeps a template
@@ -187,6 +189,12 @@ class JobRunner:
             owner=caller.username,
             sites=[db_pb.Site(hostname=h, template=t) for h, t in sites.items()],
             any_owner=caller.is_admin,
+            # Per user, and of a size the store keeps: another user's id is another request.
+            request_id=hashlib.sha256(
+                f"submit\0{caller.username}\0{request_id}".encode()
+            ).hexdigest()[:48]
+            if request_id
+            else "",
         )
         for spec in job_file.jobs:
             job = request.jobs.add(

@@ -35,6 +35,7 @@ from tierwriter.statuses import ACTIVE_JOB_STATUSES, job_status_word
 
 log = logging.getLogger(__name__)
 MAX_LIST_LIMIT = 1000
+MAX_REQUEST_ID_CHARS = 100  # SubmitJob's request_id: a UUID and then some
 # GetJob with errors: the first failures, tracebacks and all, well within a message's 16 MiB.
 MAX_FAILURES_SHOWN = 500
 
@@ -209,8 +210,14 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         self, request: pb.SubmitJobRequest, context: grpc.ServicerContext
     ) -> pb.SubmitJobResponse:
         caller = current_caller()
+        if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+            runtime.abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request_id: at most {MAX_REQUEST_ID_CHARS} characters",
+            )
         job_file = self._runner.validate(request.job_file, caller)
-        job_ids = self._runner.submit(job_file, caller)
+        job_ids = self._runner.submit(job_file, caller, request.request_id)
         self._scheduler.wake()
         return pb.SubmitJobResponse(job_ids=job_ids)
 

@@ -37,10 +37,17 @@ from tierwriter.statuses import job_status_word
     is_flag=True,
     help="Print the job ids and return at once; `tierwriter jobs watch ID` follows a job.",
 )
+@click.option(
+    "--request-id",
+    default="",
+    metavar="ID",
+    help="Makes a retry safe: the same ID again (e.g. after a lost connection) submits nothing "
+    "new and follows the jobs the first submit stored. Any string, e.g. a UUID.",
+)
 @json_option
 @connection_options
 def generate_batch(
-    connection: Connection, job_file: str, detach: bool, as_json_output: bool
+    connection: Connection, job_file: str, detach: bool, request_id: str, as_json_output: bool
 ) -> int:
     """Submit a job file and watch its jobs.
 
@@ -51,6 +58,7 @@ def generate_batch(
     Examples:
       tierwriter generate-batch -j jobs/cnc.json
       tierwriter generate-batch -j jobs/cnc.json --detach
+      tierwriter generate-batch -j jobs/cnc.json --request-id "$(uuidgen)"
       tierwriter generate-batch -j jobs/cnc.json --json | jq -c 'select(.run_finished)'
     """
     try:
@@ -60,7 +68,7 @@ def generate_batch(
         return EXIT_BAD_INPUT
 
     def submit(client: OrchestratorClient) -> int:
-        job_ids = client.submit_job(text)
+        job_ids = client.submit_job(text, request_id)
         if detach and as_json_output:
             print(as_json(pb.SubmitJobResponse(job_ids=job_ids)))
             return EXIT_OK

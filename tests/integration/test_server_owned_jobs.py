@@ -181,3 +181,31 @@ def test_two_hundred_watch_streams_and_twenty_jobs_leave_every_short_call_answer
             thread.join(120)
         assert len(ended) == WATCHERS
         assert {client.get_job(j).job.status for j in job_ids} == {JobStatus.JOB_STATUS_CANCELLED}
+
+
+def test_a_submit_retried_with_its_request_id_stores_one_job_and_pays_once(start_stack) -> None:
+    # The answer to the first submit was lost; the client sends the same request again.
+    handle = start_stack(simulator=SimulatorConfig())
+    text = job_file({"tier1": tier(3)})
+    address = handle.stack.orchestrator_address
+    with OrchestratorClient(address, "admin", handle.password) as client:
+        first = client.submit_job(text, request_id="7f1c-retry")
+        list(client.watch_jobs(first))  # ran to its end
+        calls = handle.stack.simulator.stats().received
+        again = client.submit_job(text, request_id="7f1c-retry")
+        events = list(client.watch_jobs(again))
+        assert again == first and events[-1].run_finished.ok
+        assert handle.stack.simulator.stats().received == calls  # no model call was made twice
+        assert sql_rows(handle.database_url, "SELECT COUNT(*) AS n FROM jobs") == [{"n": 1}]
+        # Without an id, a submit stores new jobs (a file of another project: names are unique).
+        assert client.submit_job(job_file({"tier1": tier(1)})) != first
+        with pytest.raises(ServiceCallError) as too_long:
+            client.submit_job(text, request_id="x" * 101)
+        assert too_long.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "request_id: at most 100 characters" in too_long.value.details
+
+    # Another user's request with the same id is theirs, not the admin's.
+    with OrchestratorClient(address, "admin", handle.password) as client:
+        client.create_user("bob", "bob-password-123", "user")
+    with OrchestratorClient(address, "bob", "bob-password-123") as bob:
+        assert bob.submit_job(job_file({"tier1": tier(1)}), request_id="7f1c-retry") != first

@@ -477,16 +477,23 @@ class SubmitJobRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_FILE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     job_file: _builtins.str
     """The job file's content (JSON)."""
+    request_id: _builtins.str
+    """Makes a retried submit safe: a second call by the same user with the same id (up to 100
+    characters, e.g. a UUID) stores nothing and returns the first call's job ids, whatever its
+    job file. Empty: every call stores new jobs.
+    """
     def __init__(
         self,
         *,
         job_file: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_file", b"job_file"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_file", b"job_file", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
