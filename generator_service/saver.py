@@ -38,9 +38,13 @@ class ArticleNotSavedError(Exception):
 
 
 def _persistence_down(error: BaseException) -> bool:
+    """Persistence is away for now: not there, too slow, or stopping with the call in flight (a
+    server that stops cancels what it serves: CANCELLED, though this side cancelled nothing).
+    A save is idempotent on its key, so trying again is safe."""
     return isinstance(error, ServiceCallError) and error.code in (
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
     )
 
 

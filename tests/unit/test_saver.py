@@ -6,12 +6,14 @@ import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import pytest
 
 from generator_service.domain import ArticleRecord
 from generator_service.lease import LeaseLostError
 from generator_service.saver import ArticleNotSavedError, PersistenceSaver
 from tierwriter.persistence.v1 import persistence_service_pb2 as pb
+from tierwriter.runtime import CallFailure, ServiceCallError
 
 
 class FakePersistence:
@@ -106,6 +108,27 @@ def test_when_persistence_fails_every_waiting_save_hears_it(pool: ThreadPoolExec
                 future.result(10)
     finally:
         saver.close()
+
+
+def test_a_save_cut_off_by_a_persistence_restart_is_tried_again() -> None:
+    # A server that stops cancels the calls it serves: the saver sees CANCELLED, once.
+    class Restarting(FakePersistence):
+        def save_articles(
+            self, saves: Sequence[pb.SaveArticleRequest]
+        ) -> list[pb.SaveArticleResult]:
+            if not self.calls:
+                self.calls.append([])
+                stopped = CallFailure(grpc.StatusCode.CANCELLED, "CANCELLED")
+                raise ServiceCallError("persistence_service", "persistence:50053", stopped)
+            return super().save_articles(saves)
+
+    persistence = Restarting()
+    saver = PersistenceSaver(persistence)  # type: ignore[arg-type]
+    try:
+        assert saver.save(_record(0)) == (1, True)
+    finally:
+        saver.close()
+    assert persistence.calls == [[], ["t0"]]
 
 
 def test_close_finishes_queued_saves_and_refuses_new_ones() -> None:
