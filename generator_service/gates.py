@@ -2,10 +2,11 @@
 
 A reply is an article when it is prose in HTML (not JSON, not markdown, not the prompt said
 back), follows its outline (enough of the outline's H2s and H3s as headings, the prose in
-paragraphs rather than in headings) and has no paragraph twice. The pipeline asks once more,
-with the reason, for a reply that fails a gate; a second failure fails the article with the
-gate's name. Two gates mend the reply instead of refusing it: repeated paragraphs are dropped,
-and a draft over the tier's maximum is trimmed at a section boundary (trim_to_max).
+paragraphs rather than in headings) and has no paragraph twice. What needs no call is mended
+first (mend: copied word counts dropped, markdown or loose text made HTML, repeated paragraphs
+dropped); the pipeline asks once more, with the reason, for a reply that then fails a gate
+(check_reply), and a second failure fails the article with the gate's name. A draft over the
+tier's maximum is cut at a section boundary where that lands in the range (trim_to_max).
 
 Each gate has a name that the record keeps (ArticleRecord.quality_gates) when it fires; the
 README lists them. Plain functions of the text: no model, no I/O."""
@@ -50,6 +51,8 @@ REPEAT_MIN_WORDS = 6
 # Prompt lines at least this long are instructions; one of them in the reply is an echo.
 ECHO_MIN_CHARS = 30
 
+# Built once: render() keeps its state per call, so the parser serves every thread.
+_COMMONMARK = MarkdownIt("commonmark", {"html": True})
 _BUDGET_ECHO = re.compile(r"[ \t]*\(about \d+ words\)")  # the outline's word budgets said back
 _H2_START = re.compile(r"<h2\b", re.IGNORECASE)
 _WORDS = re.compile(r"[^\W_]+")
@@ -168,13 +171,14 @@ def check_reply(
     """The first gate the reply fails, or None when it is an article. `instructions` are those
     of the prompt it answers (prompts.instructions_of), for the echo gate; a heading longer
     than `max_heading_chars` (OUTLINE_HEADING_MAX_CHARS) is a sentence."""
+    if failure := _json_reply(html) or _markdown(html):
+        return failure
+    blocks, tags = blocks_of(html)  # parsed once for the gates that read the blocks
     return (
-        _json_reply(html)
-        or _markdown(html)
-        or _prose_in_headings(html, max_heading_chars)
-        or _no_paragraphs(html)
+        _prose_in_headings(blocks, max_heading_chars)
+        or _no_paragraphs(blocks, tags)
         or _echo(html, instructions)
-        or _outline_not_followed(html, outline)
+        or _outline_not_followed(blocks, outline)
     )
 
 
@@ -198,8 +202,7 @@ def _markdown(html: str) -> GateFailure | None:
     return None
 
 
-def _no_paragraphs(html: str) -> GateFailure | None:
-    blocks, tags = blocks_of(html)
+def _no_paragraphs(blocks: list[Block], tags: set[str]) -> GateFailure | None:
     if not any(b.words for b in blocks if b.tag in _PROSE):
         found = f"(tags found: {', '.join(sorted(tags)[:8])})" if tags else "(no HTML tags at all)"
         return GateFailure(NO_PARAGRAPHS, f"the reply has no prose in <p> elements {found}")
@@ -217,11 +220,10 @@ def _echo(html: str, instructions: str) -> GateFailure | None:
     return None
 
 
-def _prose_in_headings(html: str, max_heading_chars: int) -> GateFailure | None:
+def _prose_in_headings(blocks: list[Block], max_heading_chars: int) -> GateFailure | None:
     """Sentences in headings (longer than a heading may be, or a full sentence of many words)
     carrying more than HEADING_WORD_SHARE of the words. Headings of a short draft are many of
     its words, and that is no fault."""
-    blocks, _tags = blocks_of(html)
     total = sum(b.words for b in blocks)
     in_sentences = 0
     for b in blocks:
@@ -238,9 +240,9 @@ def _prose_in_headings(html: str, max_heading_chars: int) -> GateFailure | None:
     return None
 
 
-def _outline_not_followed(html: str, outline: Outline) -> GateFailure | None:
+def _outline_not_followed(blocks: list[Block], outline: Outline) -> GateFailure | None:
     found: dict[str, list[set[str]]] = {"2": [], "3": []}  # the reply's H2s and H3s
-    for b in blocks_of(html)[0]:
+    for b in blocks:
         if b.tag in ("h2", "h3"):
             found[b.tag[1]].append(_word_set(b.text))
     h2s = [section["h2"] for section in outline]
@@ -281,10 +283,9 @@ def mend(reply: str) -> tuple[str, list[str]]:
 def _loose_text_as_html(html: str) -> str:
     """Every run of text outside a block element rendered as CommonMark (paragraphs, `##`
     headings, lists, emphasis; inline HTML in it kept); the blocks as they are."""
-    parser = MarkdownIt("commonmark", {"html": True})
     for block in reversed(blocks_of(html)[0]):  # from the end: earlier offsets stay right
         if block.tag == "" and block.words:
-            rendered = parser.render(html[block.start : block.end].strip()).strip()
+            rendered = _COMMONMARK.render(html[block.start : block.end].strip()).strip()
             html = f"{html[: block.start].rstrip()}\n{rendered}\n{html[block.end :].lstrip()}"
     return html.strip()
 

@@ -135,6 +135,25 @@ class _Gates:
                        error=str(failure))  # fmt: skip
         return mended, failure
 
+    def rewrite(
+        self,
+        ask: Callable[[prompts.Prompt, int], str],
+        request: prompts.Prompt,
+        max_tokens: int,
+        stage: str,
+    ) -> tuple[str | None, str]:
+        """One augmentation or shortening call: its reply, mended, when it passes the gates
+        (None when it fails one: it is not kept), and why the call itself failed ("" when it
+        did not). A stop of the article or the job is raised."""
+        try:
+            reply = strip_fences(ask(request, max_tokens))
+        except (ArticleCancelledError, LeaseLostError, FatalApiError):
+            raise
+        except Exception as e:
+            return None, failure_reason(e)
+        kept, failure = self.check(reply, request, stage)
+        return (kept if failure is None else None), ""
+
     def passes(self, html: str) -> bool:
         """Whether text made here (a trimmed draft) still passes the gates."""
         return gates.check_reply(html, self.outline, "", self.max_heading_chars) is None
@@ -502,15 +521,12 @@ class ArticlePipeline:
             request = prompts.augment_prompt(
                 best, best_words, tier.min_word_count, tier.max_word_count
             )
-            try:
-                reply = strip_fences(ask(request, content_tokens(tier.max_word_count)))
-            except (ArticleCancelledError, LeaseLostError, FatalApiError):
-                raise
-            except Exception as e:
-                return best, best_words, f"augmentation failed ({failure_reason(e)})"
-            kept, failure = checks.check(reply, request, "augmentation")
-            kept_words = count_words(kept) if failure is None else 0
-            if kept_words > best_words:
+            budget = content_tokens(tier.max_word_count)
+            kept, error = checks.rewrite(ask, request, budget, "augmentation")
+            if error:
+                return best, best_words, f"augmentation failed ({error})"
+            kept_words = count_words(kept) if kept is not None else 0
+            if kept is not None and kept_words > best_words:
                 best, best_words = kept, kept_words
             if best_words >= tier.min_word_count:
                 break
@@ -539,18 +555,11 @@ class ArticlePipeline:
         checks.fired.append(gates.SHORTENED)
         checks.event(EventKind.SHORTENING, word_count=words, max_word_count=high)
         request = prompts.shorten_prompt(content, words, low, high)
-        why = ""
-        try:
-            reply = strip_fences(ask(request, content_tokens(high)))
-        except (ArticleCancelledError, LeaseLostError, FatalApiError):
-            raise
-        except Exception as e:
-            why = f"; shortening failed ({failure_reason(e)})"
-        else:
-            kept, failure = checks.check(reply, request, "shortening")
-            kept_words = count_words(kept) if failure is None else 0
-            if low <= kept_words < words:
-                content, words = kept, kept_words
+        kept, error = checks.rewrite(ask, request, content_tokens(high), "shortening")
+        why = f"; shortening failed ({error})" if error else ""
+        kept_words = count_words(kept) if kept is not None else 0
+        if kept is not None and low <= kept_words < words:
+            content, words = kept, kept_words
         if words <= high:
             return content, words, ""
         checks.fired.append(gates.LONG)

@@ -200,18 +200,17 @@ def watch_and_print(
         job = client.get_job(job_id).job
         if job.status != JobStatus.JOB_STATUS_COMPLETED:
             return EXIT_RUN_FAILED
-        incomplete = incomplete or job.generated_articles + job.augmented_articles < (
-            job.requested_articles
-        )
+        incomplete = incomplete or not all_written(job)
     if exit_code == EXIT_OK and incomplete:
         return EXIT_INCOMPLETE
     return exit_code
 
 
-def all_written(summary: pb.Summary) -> bool:
+def all_written(counts: pb.Summary | pb.JobInfo) -> bool:
     """Whether every requested article was written within its tier's range (generated or
-    augmented): none failed, short, long, skipped, untitled or not started."""
-    return summary.generated_articles + summary.augmented_articles >= summary.requested_articles
+    augmented): none failed, short, long, skipped, untitled or not started. A run's summary
+    and a stored job's info count alike."""
+    return counts.generated_articles + counts.augmented_articles >= counts.requested_articles
 
 
 def _left_at_once() -> int:
